@@ -1,0 +1,566 @@
+//! The project's own PKI: a CA, one leaf certificate per identity, and the token key files.
+//!
+//! `securesrv certs init` and `certs issue` call into [`init`] and [`issue`]. Every private key
+//! and token key is written with mode 0600 into a 0700 directory, and every secret read back goes
+//! through [`read_secret_file`], which refuses a file readable by group or others (as ssh does)
+//! and holds the bytes in a zeroizing buffer. Certificates made by other tools (openssl, step,
+//! cfssl) load the same way as ours. No network code here.
+
+use crate::identity::{IdentityError, Role, SpiffeId};
+use crate::token::{KeyFile, KeyFileError, SecretKey};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use time::{Duration, OffsetDateTime};
+use zeroize::Zeroizing;
+
+/// CA certificate file name.
+pub const CA_CERT: &str = "ca.crt";
+/// CA private key file name.
+pub const CA_KEY: &str = "ca.key";
+/// The dispatcher's master token key file name.
+pub const MASTER_TOKEN_KEY: &str = "token.key";
+/// Default validity of leaf certificates, in days.
+pub const DEFAULT_DAYS: u32 = 365;
+/// Validity of the CA certificate, in days.
+pub const CA_DAYS: u32 = 3650;
+
+/// What can go wrong with certificate and key files. Messages name the file and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A secret file is readable by group or others.
+    #[error(
+        "{path} is accessible by group or others (mode {mode:04o}); private keys must be \
+         readable by their owner only: run `chmod 600 {path}`"
+    )]
+    KeyTooOpen {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// Refusing to replace an existing file.
+    #[error("{0} already exists; pass --force to replace it{1}")]
+    Exists(PathBuf, &'static str),
+    /// A file holds no PEM object of the expected kind.
+    #[error("{path}: {what}")]
+    BadPem {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        what: String,
+    },
+    /// rcgen could not build a certificate.
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// A bad identity was requested.
+    #[error("{0}")]
+    Identity(#[from] IdentityError),
+    /// A token key file is malformed.
+    #[error("{path}: {source}")]
+    KeyFile {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong (never key bytes).
+        source: KeyFileError,
+    },
+    /// Token key generation failed.
+    #[error("cannot generate a token key: {0}")]
+    Token(#[from] crate::token::TokenError),
+    /// A host name for the certificate is not valid.
+    #[error("invalid --host {0:?}")]
+    BadHost(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CertError + '_ {
+    move |source| CertError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The file stem for an identity's certificate and key: `dispatcher`, `worker-1`, `watchdog`,
+/// `client` (for `client/default`), `client-alice`.
+pub fn file_stem(id: &SpiffeId) -> String {
+    match (id.role(), id.name()) {
+        (Role::Dispatcher, "main") | (Role::Watchdog, "main") | (Role::Client, "default") => {
+            id.role().as_str().to_string()
+        }
+        (role, name) => format!("{}-{}", role.as_str(), name),
+    }
+}
+
+/// The token key file of worker `id` in `dir`.
+pub fn worker_token_path(dir: &Path, id: &SpiffeId) -> PathBuf {
+    dir.join(format!("{}.token", file_stem(id)))
+}
+
+/// `(certificate, key)` paths of an identity in `dir`.
+pub fn identity_paths(dir: &Path, id: &SpiffeId) -> (PathBuf, PathBuf) {
+    let stem = file_stem(id);
+    (
+        dir.join(format!("{stem}.crt")),
+        dir.join(format!("{stem}.key")),
+    )
+}
+
+/// Options of `certs init`.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// Trust domain of every identity.
+    pub trust_domain: String,
+    /// How many workers to issue certificates and token keys for.
+    pub workers: u32,
+    /// Validity of leaf certificates.
+    pub days: u32,
+    /// Extra DNS names or IP addresses for the server certificates.
+    pub hosts: Vec<String>,
+    /// Replace an existing CA.
+    pub force: bool,
+}
+
+/// What a leaf certificate should contain. Tests use the fields to build odd certificates.
+#[derive(Debug, Clone)]
+pub struct LeafSpec {
+    /// URI SANs (normally exactly one SPIFFE ID).
+    pub uris: Vec<String>,
+    /// DNS names and IP addresses.
+    pub hosts: Vec<String>,
+    /// Extended key usages.
+    pub eku: Vec<ExtendedKeyUsagePurpose>,
+    /// Start of validity.
+    pub not_before: OffsetDateTime,
+    /// End of validity.
+    pub not_after: OffsetDateTime,
+    /// Subject common name.
+    pub common_name: String,
+}
+
+impl LeafSpec {
+    /// The standard certificate for `id`: one URI SAN, EKUs by role, server names for listeners.
+    pub fn for_identity(id: &SpiffeId, days: u32, extra_hosts: &[String]) -> Self {
+        let (eku, serves) = match id.role() {
+            Role::Dispatcher => (
+                vec![
+                    ExtendedKeyUsagePurpose::ServerAuth,
+                    ExtendedKeyUsagePurpose::ClientAuth,
+                ],
+                true,
+            ),
+            Role::Worker => (vec![ExtendedKeyUsagePurpose::ServerAuth], true),
+            Role::Watchdog | Role::Client => (vec![ExtendedKeyUsagePurpose::ClientAuth], false),
+        };
+        let mut hosts = Vec::new();
+        if serves {
+            hosts.push("localhost".to_string());
+            hosts.push("127.0.0.1".to_string());
+            hosts.extend(extra_hosts.iter().cloned());
+        }
+        let now = OffsetDateTime::now_utc();
+        LeafSpec {
+            uris: vec![id.to_string()],
+            hosts,
+            eku,
+            not_before: now - Duration::minutes(5),
+            not_after: now + Duration::days(days.into()),
+            common_name: format!("securesrv {} {}", id.role(), id.name()),
+        }
+    }
+}
+
+/// A leaf certificate and its key, as PEM.
+pub struct IssuedLeaf {
+    /// The certificate.
+    pub cert_pem: String,
+    /// The PKCS#8 private key, zeroized on drop.
+    pub key_pem: Zeroizing<String>,
+}
+
+/// A loaded CA that can issue leaves.
+pub struct CertAuthority {
+    cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl CertAuthority {
+    /// A new self-signed CA for `trust_domain`.
+    pub fn generate(trust_domain: &str) -> Result<Self, CertError> {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "securesrv");
+        dn.push(
+            DnType::CommonName,
+            format!("securesrv CA ({trust_domain})"),
+        );
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.subject_alt_names = vec![SanType::URI(
+            format!("spiffe://{trust_domain}").try_into()?,
+        )];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::minutes(5);
+        params.not_after = now + Duration::days(CA_DAYS.into());
+        params.serial_number = Some(random_serial()?);
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok(CertAuthority {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Loads `ca.crt` and `ca.key` from `dir` (the key must be mode 0600).
+    pub fn load(dir: &Path) -> Result<Self, CertError> {
+        let cert_path = dir.join(CA_CERT);
+        let key_path = dir.join(CA_KEY);
+        let cert_pem = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+        let key_pem = read_secret_file(&key_path)?;
+        let key_str = std::str::from_utf8(&key_pem).map_err(|_| CertError::BadPem {
+            path: key_path.clone(),
+            what: "not a PEM file".into(),
+        })?;
+        let key = KeyPair::from_pem(key_str).map_err(|e| CertError::BadPem {
+            path: key_path.clone(),
+            what: format!("cannot load CA key: {e}"),
+        })?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| CertError::BadPem {
+            path: cert_path.clone(),
+            what: format!("cannot load CA certificate: {e}"),
+        })?;
+        Ok(CertAuthority { cert_pem, issuer })
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA private key, PEM (zeroized on drop).
+    pub fn key_pem(&self) -> Zeroizing<String> {
+        Zeroizing::new(self.issuer.key().serialize_pem())
+    }
+
+    /// Issues a leaf certificate with a fresh P-256 key.
+    pub fn issue(&self, spec: &LeafSpec) -> Result<IssuedLeaf, CertError> {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "securesrv");
+        dn.push(DnType::CommonName, spec.common_name.clone());
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = spec.eku.clone();
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = spec.not_before;
+        params.not_after = spec.not_after;
+        params.serial_number = Some(random_serial()?);
+        let mut sans = Vec::new();
+        for uri in &spec.uris {
+            sans.push(SanType::URI(uri.clone().try_into()?));
+        }
+        for host in &spec.hosts {
+            sans.push(match host.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(
+                    host.clone()
+                        .try_into()
+                        .map_err(|_| CertError::BadHost(host.clone()))?,
+                ),
+            });
+        }
+        params.subject_alt_names = sans;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(IssuedLeaf {
+            cert_pem: cert.pem(),
+            key_pem: Zeroizing::new(key.serialize_pem()),
+        })
+    }
+}
+
+fn random_serial() -> Result<SerialNumber, CertError> {
+    let mut bytes = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| crate::token::TokenError::Random)?;
+    bytes[0] &= 0x7f; // positive
+    bytes[0] |= 0x01; // and no leading zero byte to strip
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+/// Creates `dir` with mode 0700 (or tightens an existing one to 0700).
+pub fn create_private_dir(dir: &Path) -> Result<(), CertError> {
+    if !dir.exists() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err(dir))?;
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))
+}
+
+/// Writes `data` to `path` with `mode`, never through an existing file's permissions: an
+/// existing file is refused unless `overwrite`, in which case it is removed first.
+pub fn write_file(path: &Path, data: &[u8], mode: u32, overwrite: bool) -> Result<(), CertError> {
+    if overwrite {
+        match fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(path)(e)),
+        }
+    }
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                CertError::Exists(path.to_path_buf(), "")
+            } else {
+                io_err(path)(e)
+            }
+        })?;
+    f.write_all(data).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
+}
+
+/// Reads a secret (private key or token key) after checking that only its owner can read it.
+pub fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, CertError> {
+    let meta = fs::metadata(path).map_err(io_err(path))?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(CertError::KeyTooOpen {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    Ok(Zeroizing::new(fs::read(path).map_err(io_err(path))?))
+}
+
+/// Loads every certificate in a PEM file (leaf first, then any intermediates).
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let data = fs::read(path).map_err(io_err(path))?;
+    let certs = CertificateDer::pem_slice_iter(&data)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CertError::BadPem {
+            path: path.to_path_buf(),
+            what: format!("not a PEM certificate file: {e}"),
+        })?;
+    if certs.is_empty() {
+        return Err(CertError::BadPem {
+            path: path.to_path_buf(),
+            what: "no CERTIFICATE in file".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Loads a private key (PKCS#8, PKCS#1 or SEC1 PEM), refusing a file others can read.
+pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
+    let data = read_secret_file(path)?;
+    PrivateKeyDer::from_pem_slice(&data).map_err(|_| CertError::BadPem {
+        path: path.to_path_buf(),
+        what: "no private key (PKCS#8, PKCS#1 or SEC1 PEM) in file".into(),
+    })
+}
+
+/// Loads a token key file, refusing a file others can read.
+pub fn load_key_file(path: &Path) -> Result<KeyFile, CertError> {
+    let data = read_secret_file(path)?;
+    let text = std::str::from_utf8(&data).map_err(|_| CertError::KeyFile {
+        path: path.to_path_buf(),
+        source: KeyFileError::BadLine(0),
+    })?;
+    KeyFile::parse(text).map_err(|source| CertError::KeyFile {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn write_leaf(
+    dir: &Path,
+    ca: &CertAuthority,
+    id: &SpiffeId,
+    days: u32,
+    hosts: &[String],
+    force: bool,
+) -> Result<Vec<PathBuf>, CertError> {
+    let (crt, key) = identity_paths(dir, id);
+    let leaf = ca.issue(&LeafSpec::for_identity(id, days, hosts))?;
+    write_file(&key, leaf.key_pem.as_bytes(), 0o600, force)?;
+    write_file(&crt, leaf.cert_pem.as_bytes(), 0o644, force)?;
+    Ok(vec![crt, key])
+}
+
+fn write_worker_token(
+    dir: &Path,
+    master: &KeyFile,
+    id: &SpiffeId,
+    force: bool,
+) -> Result<PathBuf, CertError> {
+    let path = worker_token_path(dir, id);
+    let derived = master.map_keys(|k| k.derive_for(id));
+    write_file(&path, derived.render().as_bytes(), 0o600, force)?;
+    Ok(path)
+}
+
+/// `certs init`: a new CA, every component's certificate and key, and the token keys.
+/// Returns the paths written.
+pub fn init(dir: &Path, opts: &InitOptions) -> Result<Vec<PathBuf>, CertError> {
+    let td = &opts.trust_domain;
+    // Validate identities before touching the disk.
+    let dispatcher = SpiffeId::dispatcher(td)?;
+    let watchdog = SpiffeId::watchdog(td)?;
+    let client = SpiffeId::new(td, Role::Client, "default")?;
+    let workers = (1..=opts.workers)
+        .map(|n| SpiffeId::worker(td, n))
+        .collect::<Result<Vec<_>, _>>()?;
+    create_private_dir(dir)?;
+    for existing in [CA_CERT, CA_KEY] {
+        let p = dir.join(existing);
+        if p.exists() && !opts.force {
+            return Err(CertError::Exists(
+                p,
+                " (a new CA invalidates every certificate the old one signed)",
+            ));
+        }
+    }
+    let ca = CertAuthority::generate(td)?;
+    let mut written = Vec::new();
+    let ca_key = dir.join(CA_KEY);
+    write_file(&ca_key, ca.key_pem().as_bytes(), 0o600, opts.force)?;
+    let ca_cert = dir.join(CA_CERT);
+    write_file(&ca_cert, ca.cert_pem().as_bytes(), 0o644, opts.force)?;
+    written.extend([ca_cert, ca_key]);
+    for id in [&dispatcher, &watchdog, &client].into_iter().chain(&workers) {
+        written.extend(write_leaf(dir, &ca, id, opts.days, &opts.hosts, true)?);
+    }
+    let master = KeyFile::single(1, SecretKey::generate()?);
+    let master_path = dir.join(MASTER_TOKEN_KEY);
+    write_file(&master_path, master.render().as_bytes(), 0o600, true)?;
+    written.push(master_path);
+    for id in &workers {
+        written.push(write_worker_token(dir, &master, id, true)?);
+    }
+    Ok(written)
+}
+
+/// Options of `certs issue`.
+#[derive(Debug, Clone)]
+pub struct IssueOptions {
+    /// Role of the new identity.
+    pub role: Role,
+    /// Name within the role (a worker's name is its number).
+    pub name: String,
+    /// Trust domain; `None` reads it from the CA certificate.
+    pub trust_domain: Option<String>,
+    /// Validity in days.
+    pub days: u32,
+    /// Extra DNS names or IPs (listeners only).
+    pub hosts: Vec<String>,
+    /// Replace existing files for this identity.
+    pub force: bool,
+}
+
+/// `certs issue`: one more identity signed by the existing CA in `dir` (and, for a worker, its
+/// token key derived from `token.key`).
+pub fn issue(dir: &Path, opts: &IssueOptions) -> Result<Vec<PathBuf>, CertError> {
+    let ca = CertAuthority::load(dir)?;
+    let td = match &opts.trust_domain {
+        Some(td) => td.clone(),
+        None => ca_trust_domain(ca.cert_pem()).unwrap_or_else(|| {
+            crate::identity::DEFAULT_TRUST_DOMAIN.to_string()
+        }),
+    };
+    if opts.role == Role::Worker && opts.name.parse::<u32>().map_or(true, |n| n == 0) {
+        return Err(CertError::Identity(IdentityError::BadName(format!(
+            "{} (a worker's name is its number, 1 or more)",
+            opts.name
+        ))));
+    }
+    let id = SpiffeId::new(&td, opts.role, &opts.name)?;
+    let (crt, _) = identity_paths(dir, &id);
+    if crt.exists() && !opts.force {
+        return Err(CertError::Exists(crt, ""));
+    }
+    let mut written = write_leaf(dir, &ca, &id, opts.days, &opts.hosts, opts.force)?;
+    if opts.role == Role::Worker {
+        let master = load_key_file(&dir.join(MASTER_TOKEN_KEY))?;
+        written.push(write_worker_token(dir, &master, &id, opts.force)?);
+    }
+    Ok(written)
+}
+
+/// `certs rotate-token-key`: a new master key; previous keys stay valid for `keep_ms`. Every
+/// `worker-*.token` in `dir` is re-derived. Returns the paths written.
+pub fn rotate_token_key(
+    dir: &Path,
+    trust_domain: &str,
+    keep_ms: u64,
+) -> Result<Vec<PathBuf>, CertError> {
+    let master_path = dir.join(MASTER_TOKEN_KEY);
+    let master = load_key_file(&master_path)?;
+    let now = crate::token::now_ms();
+    let rotated = master
+        .rotated(SecretKey::generate()?, now, now.saturating_add(keep_ms))
+        .map_err(|source| CertError::KeyFile {
+            path: master_path.clone(),
+            source,
+        })?;
+    let mut written = Vec::new();
+    let entries = fs::read_dir(dir).map_err(io_err(dir))?;
+    for entry in entries {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(n) = name
+            .strip_prefix("worker-")
+            .and_then(|s| s.strip_suffix(".token"))
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let id = SpiffeId::worker(trust_domain, n)?;
+        written.push(write_worker_token(dir, &rotated, &id, true)?);
+    }
+    write_file(&master_path, rotated.render().as_bytes(), 0o600, true)?;
+    written.push(master_path);
+    Ok(written)
+}
+
+/// The trust domain named by a CA certificate's `spiffe://<td>` URI SAN, if any.
+fn ca_trust_domain(pem: &str) -> Option<String> {
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => u
+            .strip_prefix("spiffe://")
+            .filter(|td| !td.contains('/'))
+            .map(str::to_string),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests;

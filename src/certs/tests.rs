@@ -1,0 +1,303 @@
+//! Unit tests for certificate issuance and secret file handling.
+
+use super::*;
+use crate::identity::DEFAULT_TRUST_DOMAIN;
+use rustls::server::danger::ClientCertVerifier;
+use rustls_pki_types::UnixTime;
+use std::sync::Arc;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+
+fn opts(workers: u32) -> InitOptions {
+    InitOptions {
+        trust_domain: DEFAULT_TRUST_DOMAIN.into(),
+        workers,
+        days: 30,
+        hosts: vec!["svc.example".into()],
+        force: false,
+    }
+}
+
+fn mode(p: &Path) -> u32 {
+    fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+struct Parsed {
+    uris: Vec<String>,
+    dns: Vec<String>,
+    ips: usize,
+    server_auth: bool,
+    client_auth: bool,
+    is_ca: bool,
+    cert_sign: bool,
+    crl_sign: bool,
+    digital_signature: bool,
+}
+
+fn parse_cert(path: &Path) -> Parsed {
+    let der = load_certs(path).unwrap().remove(0);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let mut p = Parsed {
+        uris: vec![],
+        dns: vec![],
+        ips: 0,
+        server_auth: false,
+        client_auth: false,
+        is_ca: false,
+        cert_sign: false,
+        crl_sign: false,
+        digital_signature: false,
+    };
+    for ext in cert.extensions() {
+        match ext.parsed_extension() {
+            ParsedExtension::SubjectAlternativeName(san) => {
+                for n in &san.general_names {
+                    match n {
+                        GeneralName::URI(u) => p.uris.push(u.to_string()),
+                        GeneralName::DNSName(d) => p.dns.push(d.to_string()),
+                        GeneralName::IPAddress(_) => p.ips += 1,
+                        _ => {}
+                    }
+                }
+            }
+            ParsedExtension::ExtendedKeyUsage(eku) => {
+                p.server_auth = eku.server_auth;
+                p.client_auth = eku.client_auth;
+            }
+            ParsedExtension::BasicConstraints(bc) => p.is_ca = bc.ca,
+            ParsedExtension::KeyUsage(ku) => {
+                p.cert_sign = ku.key_cert_sign();
+                p.crl_sign = ku.crl_sign();
+                p.digital_signature = ku.digital_signature();
+            }
+            _ => {}
+        }
+    }
+    p
+}
+
+#[test]
+fn init_writes_every_file_with_the_right_modes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("certs");
+    let written = init(&dir, &opts(3)).unwrap();
+    assert_eq!(mode(&dir), 0o700);
+    let mut expected = vec!["ca.crt", "ca.key", "token.key"];
+    for stem in [
+        "dispatcher",
+        "watchdog",
+        "client",
+        "worker-1",
+        "worker-2",
+        "worker-3",
+    ] {
+        expected.push(Box::leak(format!("{stem}.crt").into_boxed_str()));
+        expected.push(Box::leak(format!("{stem}.key").into_boxed_str()));
+    }
+    for n in 1..=3 {
+        expected.push(Box::leak(format!("worker-{n}.token").into_boxed_str()));
+    }
+    assert_eq!(written.len(), expected.len());
+    for name in expected {
+        let p = dir.join(name);
+        assert!(p.exists(), "{name} missing");
+        let want = if name.ends_with(".crt") { 0o644 } else { 0o600 };
+        assert_eq!(mode(&p), want, "{name}");
+    }
+}
+
+#[test]
+fn identities_sans_and_key_usages() {
+    let tmp = tempfile::tempdir().unwrap();
+    init(tmp.path(), &opts(2)).unwrap();
+    let ca = parse_cert(&tmp.path().join("ca.crt"));
+    assert!(ca.is_ca && ca.cert_sign && ca.crl_sign);
+    assert_eq!(ca.uris, vec!["spiffe://securesrv"]);
+
+    let cases = [
+        ("dispatcher.crt", "spiffe://securesrv/dispatcher/main", true, true),
+        ("worker-1.crt", "spiffe://securesrv/worker/1", true, false),
+        ("worker-2.crt", "spiffe://securesrv/worker/2", true, false),
+        ("watchdog.crt", "spiffe://securesrv/watchdog/main", false, true),
+        ("client.crt", "spiffe://securesrv/client/default", false, true),
+    ];
+    for (file, uri, server, client) in cases {
+        let p = parse_cert(&tmp.path().join(file));
+        assert_eq!(p.uris, vec![uri.to_string()], "{file}");
+        assert_eq!(p.server_auth, server, "{file} serverAuth");
+        assert_eq!(p.client_auth, client, "{file} clientAuth");
+        assert!(!p.is_ca && !p.cert_sign && p.digital_signature, "{file}");
+        if server {
+            assert!(p.dns.contains(&"localhost".to_string()), "{file}");
+            assert!(p.dns.contains(&"svc.example".to_string()), "{file}");
+            assert_eq!(p.ips, 1, "{file}");
+        } else {
+            assert!(p.dns.is_empty() && p.ips == 0, "{file}");
+        }
+        let id = SpiffeId::from_certificate_der(
+            &load_certs(&tmp.path().join(file)).unwrap()[0],
+        )
+        .unwrap();
+        assert_eq!(id.to_string(), uri);
+    }
+}
+
+#[test]
+fn init_refuses_to_replace_a_ca_without_force() {
+    let tmp = tempfile::tempdir().unwrap();
+    init(tmp.path(), &opts(1)).unwrap();
+    let before = fs::read(tmp.path().join("ca.crt")).unwrap();
+    let err = init(tmp.path(), &opts(1)).unwrap_err();
+    assert!(matches!(err, CertError::Exists(..)), "{err}");
+    assert!(err.to_string().contains("--force"));
+    assert_eq!(fs::read(tmp.path().join("ca.crt")).unwrap(), before);
+    let mut force = opts(1);
+    force.force = true;
+    init(tmp.path(), &force).unwrap();
+    assert_ne!(fs::read(tmp.path().join("ca.crt")).unwrap(), before);
+    assert_eq!(mode(&tmp.path().join("ca.key")), 0o600);
+}
+
+fn client_verifier(dir: &Path) -> Arc<dyn ClientCertVerifier> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in load_certs(&dir.join("ca.crt")).unwrap() {
+        roots.add(c).unwrap();
+    }
+    rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .unwrap()
+}
+
+#[test]
+fn issue_adds_identities_signed_by_the_existing_ca() {
+    let tmp = tempfile::tempdir().unwrap();
+    init(tmp.path(), &opts(1)).unwrap();
+    let alice = issue(
+        tmp.path(),
+        &IssueOptions {
+            role: Role::Client,
+            name: "alice".into(),
+            trust_domain: None,
+            days: 10,
+            hosts: vec![],
+            force: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        alice,
+        vec![
+            tmp.path().join("client-alice.crt"),
+            tmp.path().join("client-alice.key")
+        ]
+    );
+    let der = load_certs(&alice[0]).unwrap().remove(0);
+    client_verifier(tmp.path())
+        .verify_client_cert(&der, &[], UnixTime::now())
+        .expect("client-alice.crt verifies against ca.crt");
+    assert_eq!(
+        SpiffeId::from_certificate_der(&der).unwrap().to_string(),
+        "spiffe://securesrv/client/alice"
+    );
+
+    // A certificate from another CA does not verify.
+    let other = tempfile::tempdir().unwrap();
+    init(other.path(), &opts(1)).unwrap();
+    let foreign = load_certs(&other.path().join("client.crt")).unwrap().remove(0);
+    assert!(
+        client_verifier(tmp.path())
+            .verify_client_cert(&foreign, &[], UnixTime::now())
+            .is_err()
+    );
+
+    let w3 = issue(
+        tmp.path(),
+        &IssueOptions {
+            role: Role::Worker,
+            name: "3".into(),
+            trust_domain: None,
+            days: 10,
+            hosts: vec![],
+            force: false,
+        },
+    )
+    .unwrap();
+    assert!(w3.contains(&tmp.path().join("worker-3.token")));
+    assert_eq!(mode(&tmp.path().join("worker-3.token")), 0o600);
+    // The worker's token file is derived from the master key.
+    let master = load_key_file(&tmp.path().join("token.key")).unwrap();
+    let w3_keys = load_key_file(&tmp.path().join("worker-3.token")).unwrap();
+    let w3_id = SpiffeId::worker(DEFAULT_TRUST_DOMAIN, 3).unwrap();
+    assert_eq!(
+        w3_keys.current().key.expose(),
+        master.current().key.derive_for(&w3_id).expose()
+    );
+
+    let again = issue(
+        tmp.path(),
+        &IssueOptions {
+            role: Role::Client,
+            name: "alice".into(),
+            trust_domain: None,
+            days: 10,
+            hosts: vec![],
+            force: false,
+        },
+    );
+    assert!(matches!(again, Err(CertError::Exists(..))));
+    let bad_worker = issue(
+        tmp.path(),
+        &IssueOptions {
+            role: Role::Worker,
+            name: "bob".into(),
+            trust_domain: None,
+            days: 10,
+            hosts: vec![],
+            force: false,
+        },
+    );
+    assert!(bad_worker.is_err());
+}
+
+#[test]
+fn readable_key_files_are_refused_with_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    init(tmp.path(), &opts(1)).unwrap();
+    let key = tmp.path().join("client.key");
+    assert!(load_private_key(&key).is_ok());
+    for bad in [0o640, 0o604, 0o644, 0o666] {
+        fs::set_permissions(&key, fs::Permissions::from_mode(bad)).unwrap();
+        let err = load_private_key(&key).unwrap_err().to_string();
+        assert!(err.contains(&key.display().to_string()), "{err}");
+        assert!(err.contains("chmod 600"), "{err}");
+    }
+    let token = tmp.path().join("worker-1.token");
+    fs::set_permissions(&token, fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(matches!(
+        load_key_file(&token),
+        Err(CertError::KeyTooOpen { .. })
+    ));
+}
+
+#[test]
+fn rotation_rederives_every_worker_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    init(tmp.path(), &opts(2)).unwrap();
+    let before = load_key_file(&tmp.path().join("token.key")).unwrap();
+    rotate_token_key(tmp.path(), DEFAULT_TRUST_DOMAIN, 60_000).unwrap();
+    let after = load_key_file(&tmp.path().join("token.key")).unwrap();
+    assert_eq!(after.current().id, 2);
+    assert_eq!(after.entries()[1].key.expose(), before.current().key.expose());
+    for n in 1..=2 {
+        let w = load_key_file(&tmp.path().join(format!("worker-{n}.token"))).unwrap();
+        let id = SpiffeId::worker(DEFAULT_TRUST_DOMAIN, n).unwrap();
+        assert_eq!(w.current().id, 2);
+        assert_eq!(
+            w.current().key.expose(),
+            after.current().key.derive_for(&id).expose()
+        );
+        assert_eq!(w.entries().len(), 2);
+    }
+}

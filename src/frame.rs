@@ -1,0 +1,353 @@
+//! The wire frame: a 4-byte big-endian length, then a MessagePack body of exactly that length.
+//!
+//! Everything here is pure: bytes in, a value or an error out. No I/O, no TLS, no identities.
+//! [`decode`] tells "need more bytes" ([`Decoded::Incomplete`]) apart from "these bytes can never
+//! be a frame" ([`FrameError`]), checks the declared length against the cap *before* anything is
+//! allocated for the body, refuses trailing bytes inside a frame and never panics, whatever the
+//! input (fuzzed by `fuzz/fuzz_targets/frame.rs`).
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Bytes in the length prefix.
+pub const HEADER_LEN: usize = 4;
+
+/// Default cap on a frame body (1 MiB). Configurable with `limits.max_frame_bytes`.
+pub const DEFAULT_MAX_FRAME: usize = 1 << 20;
+
+/// Hard ceiling for the configurable cap: a length prefix is a `u32`, and 64 MiB is already far
+/// beyond what a request-dispatch service should buffer per connection.
+pub const MAX_FRAME_CEILING: usize = 64 << 20;
+
+/// MessagePack nesting allowed inside a frame. Our messages nest three levels; anything deeper
+/// is hostile and is refused before the decoder recurses into it.
+pub const MAX_DEPTH: usize = 16;
+
+/// Why bytes can never become a frame. Each variant ends the connection that sent them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The length prefix declares more than the configured cap.
+    #[error("frame of {declared} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// What the peer declared (or what we tried to send).
+        declared: u64,
+        /// The configured cap.
+        max: usize,
+    },
+    /// A frame must carry a body; an empty one is a protocol violation.
+    #[error("empty frame")]
+    Empty,
+    /// The body is not valid MessagePack of the expected shape.
+    #[error("malformed frame body: {0}")]
+    Malformed(String),
+    /// The body holds a complete value followed by extra bytes.
+    #[error("{0} unexpected bytes after the message inside the frame")]
+    TrailingBytes(usize),
+    /// A value could not be serialized (only on the sending side).
+    #[error("cannot encode message: {0}")]
+    Encode(String),
+}
+
+/// The result of a successful call to [`decode`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decoded<T> {
+    /// A whole frame was present: the value and how many bytes of the input it used.
+    Complete {
+        /// The decoded message.
+        value: T,
+        /// Header plus body length; the caller advances its buffer by this much.
+        consumed: usize,
+    },
+    /// The input is a valid prefix of a frame; read more bytes and call again.
+    Incomplete {
+        /// The total number of bytes the frame needs, once the header is known.
+        frame_len: Option<usize>,
+    },
+}
+
+/// Checks the header at the start of `buf` against `max`.
+///
+/// Returns `Ok(Some(total))` when the header is present (total = header + body length, which is
+/// within the cap), `Ok(None)` when fewer than [`HEADER_LEN`] bytes are there.
+pub fn check_header(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
+    let Some(header) = buf.get(..HEADER_LEN) else {
+        return Ok(None);
+    };
+    let mut len_bytes = [0u8; HEADER_LEN];
+    len_bytes.copy_from_slice(header);
+    let declared = u32::from_be_bytes(len_bytes);
+    if declared as u64 > max as u64 {
+        return Err(FrameError::TooLarge {
+            declared: declared.into(),
+            max,
+        });
+    }
+    if declared == 0 {
+        return Err(FrameError::Empty);
+    }
+    Ok(Some(HEADER_LEN + declared as usize))
+}
+
+/// Decodes one frame from the start of `buf`.
+///
+/// Never allocates for a body before its declared length has passed the cap, never panics.
+pub fn decode<T: DeserializeOwned>(buf: &[u8], max: usize) -> Result<Decoded<T>, FrameError> {
+    let Some(total) = check_header(buf, max)? else {
+        return Ok(Decoded::Incomplete { frame_len: None });
+    };
+    let Some(body) = buf.get(HEADER_LEN..total) else {
+        return Ok(Decoded::Incomplete {
+            frame_len: Some(total),
+        });
+    };
+    let value = decode_body(body)?;
+    Ok(Decoded::Complete {
+        value,
+        consumed: total,
+    })
+}
+
+/// Decodes a frame body (no header) that must hold exactly one value.
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    let mut rest = body;
+    let mut de = rmp_serde::Deserializer::new(&mut rest);
+    de.set_max_depth(MAX_DEPTH);
+    let value = T::deserialize(&mut de).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    drop(de);
+    if !rest.is_empty() {
+        return Err(FrameError::TrailingBytes(rest.len()));
+    }
+    Ok(value)
+}
+
+/// Appends one frame holding `value` to `out`. Structs are encoded as maps with field names, so
+/// that a peer written from docs/PROTOCOL.md can read them without knowing field order.
+///
+/// On error `out` is left as it was.
+pub fn encode<T: Serialize>(value: &T, max: usize, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; HEADER_LEN]);
+    if let Err(e) = rmp_serde::encode::write_named(out, value) {
+        out.truncate(start);
+        return Err(FrameError::Encode(e.to_string()));
+    }
+    let body_len = out.len() - start - HEADER_LEN;
+    if body_len > max || body_len > u32::MAX as usize {
+        out.truncate(start);
+        return Err(FrameError::TooLarge {
+            declared: body_len as u64,
+            max,
+        });
+    }
+    let len = (body_len as u32).to_be_bytes();
+    out[start..start + HEADER_LEN].copy_from_slice(&len);
+    Ok(())
+}
+
+/// Encodes `value` into a fresh buffer holding one frame.
+pub fn encode_to_vec<T: Serialize>(value: &T, max: usize) -> Result<Vec<u8>, FrameError> {
+    let mut out = Vec::new();
+    encode(value, max, &mut out)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{ErrorCode, ErrorReply, Message, Ping, Reply, Request};
+    use proptest::prelude::*;
+
+    fn request(op: &str, payload: &[u8]) -> Message {
+        Message::Request(Request {
+            id: 7,
+            op: op.to_string(),
+            payload: payload.to_vec(),
+            timeout_ms: Some(1500),
+        })
+    }
+
+    #[test]
+    fn round_trip_request() {
+        let msg = request("echo", b"hello");
+        let bytes = encode_to_vec(&msg, DEFAULT_MAX_FRAME).unwrap();
+        let decoded: Decoded<Message> = decode(&bytes, DEFAULT_MAX_FRAME).unwrap();
+        assert_eq!(
+            decoded,
+            Decoded::Complete {
+                value: msg,
+                consumed: bytes.len()
+            }
+        );
+    }
+
+    #[test]
+    fn every_strict_prefix_is_incomplete() {
+        let bytes = encode_to_vec(&request("sha256", &[9u8; 300]), DEFAULT_MAX_FRAME).unwrap();
+        for cut in 0..bytes.len() {
+            match decode::<Message>(&bytes[..cut], DEFAULT_MAX_FRAME) {
+                Ok(Decoded::Incomplete { frame_len }) => {
+                    if cut >= HEADER_LEN {
+                        assert_eq!(frame_len, Some(bytes.len()), "cut at {cut}");
+                    } else {
+                        assert_eq!(frame_len, None, "cut at {cut}");
+                    }
+                }
+                other => panic!("prefix of {cut} bytes gave {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn oversize_length_is_refused_from_the_header_alone() {
+        // A declared 4 GiB - 1 body with only the header present: refused at once, without
+        // waiting for (or allocating) the body.
+        let header = u32::MAX.to_be_bytes();
+        assert_eq!(
+            decode::<Message>(&header, DEFAULT_MAX_FRAME),
+            Err(FrameError::TooLarge {
+                declared: u32::MAX as u64,
+                max: DEFAULT_MAX_FRAME
+            })
+        );
+        let just_over = ((DEFAULT_MAX_FRAME + 1) as u32).to_be_bytes();
+        assert!(matches!(
+            check_header(&just_over, DEFAULT_MAX_FRAME),
+            Err(FrameError::TooLarge { .. })
+        ));
+        let at_cap = (DEFAULT_MAX_FRAME as u32).to_be_bytes();
+        assert_eq!(
+            check_header(&at_cap, DEFAULT_MAX_FRAME),
+            Ok(Some(DEFAULT_MAX_FRAME + HEADER_LEN))
+        );
+    }
+
+    #[test]
+    fn sender_refuses_to_build_an_oversize_frame() {
+        let mut out = vec![1, 2, 3];
+        let err = encode(&request("echo", &[0u8; 2048]), 1024, &mut out).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { max: 1024, .. }));
+        assert_eq!(out, vec![1, 2, 3], "a failed encode leaves the buffer alone");
+    }
+
+    #[test]
+    fn garbage_is_invalid_not_incomplete() {
+        let cases: &[(&str, &[u8])] = &[
+            ("empty body", &[0, 0, 0, 0]),
+            ("not msgpack", &[0, 0, 0, 3, 0xc1, 0xc1, 0xc1]),
+            ("a bare integer", &[0, 0, 0, 1, 0x05]),
+            ("unknown message kind", &[0, 0, 0, 5, 0x81, 0xa3, b'f', b'o', b'o', 0xc0][..]),
+            ("truncated map inside a complete frame", &[0, 0, 0, 1, 0x81]),
+        ];
+        for (name, bytes) in cases {
+            match decode::<Message>(bytes, DEFAULT_MAX_FRAME) {
+                Err(FrameError::Empty | FrameError::Malformed(_)) => {}
+                other => panic!("{name}: expected invalid, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_inside_a_frame_are_refused() {
+        let mut bytes = encode_to_vec(&Message::Ping(Ping { nonce: vec![1; 16] }), 1024).unwrap();
+        bytes.push(0xc0); // a msgpack nil after the message
+        let body_len = (bytes.len() - HEADER_LEN) as u32;
+        bytes[..HEADER_LEN].copy_from_slice(&body_len.to_be_bytes());
+        assert_eq!(
+            decode::<Message>(&bytes, 1024),
+            Err(FrameError::TrailingBytes(1))
+        );
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_recursing() {
+        // 100_000 nested one-element arrays: must fail fast and not overflow the stack.
+        let depth = 100_000;
+        let mut body = vec![0x91u8; depth];
+        body.push(0xc0);
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        assert!(matches!(
+            decode::<Message>(&frame, DEFAULT_MAX_FRAME),
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode::<serde_json::Value>(&frame, DEFAULT_MAX_FRAME),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn two_frames_back_to_back_decode_one_at_a_time() {
+        let a = request("echo", b"a");
+        let b = Message::Error(ErrorReply {
+            id: 3,
+            code: ErrorCode::Denied,
+            message: "no".into(),
+        });
+        let mut buf = Vec::new();
+        encode(&a, 1024, &mut buf).unwrap();
+        encode(&b, 1024, &mut buf).unwrap();
+        let Decoded::Complete { value, consumed } = decode::<Message>(&buf, 1024).unwrap() else {
+            panic!("first frame incomplete");
+        };
+        assert_eq!(value, a);
+        let Decoded::Complete { value, consumed: c2 } =
+            decode::<Message>(&buf[consumed..], 1024).unwrap()
+        else {
+            panic!("second frame incomplete");
+        };
+        assert_eq!(value, b);
+        assert_eq!(consumed + c2, buf.len());
+    }
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            (
+                any::<u64>(),
+                "[a-z0-9_]{0,12}",
+                proptest::collection::vec(any::<u8>(), 0..512),
+                proptest::option::of(any::<u32>())
+            )
+                .prop_map(|(id, op, payload, timeout_ms)| Message::Request(Request {
+                    id,
+                    op,
+                    payload,
+                    timeout_ms
+                })),
+            (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..512))
+                .prop_map(|(id, payload)| Message::Reply(Reply { id, payload })),
+            (any::<u64>(), ".{0,40}").prop_map(|(id, message)| Message::Error(ErrorReply {
+                id,
+                code: ErrorCode::Timeout,
+                message
+            })),
+            proptest::collection::vec(any::<u8>(), 0..64)
+                .prop_map(|nonce| Message::Ping(Ping { nonce })),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn prop_round_trip(msg in arb_message()) {
+            let bytes = encode_to_vec(&msg, DEFAULT_MAX_FRAME).unwrap();
+            let decoded = decode::<Message>(&bytes, DEFAULT_MAX_FRAME).unwrap();
+            prop_assert_eq!(decoded, Decoded::Complete { value: msg, consumed: bytes.len() });
+        }
+
+        #[test]
+        fn prop_decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode::<Message>(&bytes, 128);
+        }
+
+        #[test]
+        fn prop_split_anywhere_is_incomplete_then_complete(msg in arb_message(), cut in 0usize..600) {
+            let bytes = encode_to_vec(&msg, DEFAULT_MAX_FRAME).unwrap();
+            let cut = cut.min(bytes.len() - 1);
+            let is_incomplete = matches!(
+                decode::<Message>(&bytes[..cut], DEFAULT_MAX_FRAME),
+                Ok(Decoded::Incomplete { .. })
+            );
+            prop_assert!(is_incomplete);
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! Who a peer is and what it may do.
+//!
+//! An identity is the single URI SAN of a verified certificate,
+//! `spiffe://<trust-domain>/<role>/<name>`, parsed into a [`SpiffeId`]. [`PeerPolicy`] holds the
+//! who-may-call-whom matrix: a dispatcher serves clients and the watchdog, a worker serves the
+//! dispatcher and the watchdog, and a dialler accepts only the exact identity it meant to reach.
+//! Chain verification is rustls's job (`tls.rs`); this module runs after it.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Default trust domain.
+pub const DEFAULT_TRUST_DOMAIN: &str = "securesrv";
+
+/// The four roles of the system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// Accepts client requests and forwards them to workers.
+    Dispatcher,
+    /// Runs operations for the dispatcher.
+    Worker,
+    /// Starts and probes the other components.
+    Watchdog,
+    /// Sends requests.
+    Client,
+}
+
+impl Role {
+    /// The path segment used in SPIFFE IDs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Dispatcher => "dispatcher",
+            Role::Worker => "worker",
+            Role::Watchdog => "watchdog",
+            Role::Client => "client",
+        }
+    }
+
+    /// The roles allowed to connect to a listener of this role.
+    pub fn allowed_peers(self) -> &'static [Role] {
+        match self {
+            Role::Dispatcher => &[Role::Client, Role::Watchdog],
+            Role::Worker => &[Role::Dispatcher, Role::Watchdog],
+            Role::Watchdog | Role::Client => &[],
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = IdentityError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "dispatcher" => Ok(Role::Dispatcher),
+            "worker" => Ok(Role::Worker),
+            "watchdog" => Ok(Role::Watchdog),
+            "client" => Ok(Role::Client),
+            other => Err(IdentityError::UnknownRole(truncate(other))),
+        }
+    }
+}
+
+/// A verified peer identity: `spiffe://<trust_domain>/<role>/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SpiffeId {
+    trust_domain: String,
+    role: Role,
+    name: String,
+}
+
+impl SpiffeId {
+    /// Builds an identity after checking each part.
+    pub fn new(trust_domain: &str, role: Role, name: &str) -> Result<Self, IdentityError> {
+        validate_trust_domain(trust_domain)?;
+        validate_name(name)?;
+        Ok(SpiffeId {
+            trust_domain: trust_domain.to_string(),
+            role,
+            name: name.to_string(),
+        })
+    }
+
+    /// The dispatcher's identity in `trust_domain` (`.../dispatcher/main`).
+    pub fn dispatcher(trust_domain: &str) -> Result<Self, IdentityError> {
+        Self::new(trust_domain, Role::Dispatcher, "main")
+    }
+
+    /// Worker `id`'s identity (`.../worker/<id>`).
+    pub fn worker(trust_domain: &str, id: u32) -> Result<Self, IdentityError> {
+        Self::new(trust_domain, Role::Worker, &id.to_string())
+    }
+
+    /// The watchdog's identity (`.../watchdog/main`).
+    pub fn watchdog(trust_domain: &str) -> Result<Self, IdentityError> {
+        Self::new(trust_domain, Role::Watchdog, "main")
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The name within the role.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Parses the single URI SAN of a DER certificate. Does not verify the chain.
+    pub fn from_certificate_der(der: &[u8]) -> Result<Self, IdentityError> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+        let san = cert
+            .subject_alternative_name()
+            .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+        let mut uris = san.iter().flat_map(|ext| {
+            ext.value.general_names.iter().filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+                _ => None,
+            })
+        });
+        let first = uris.next().ok_or(IdentityError::NoUriSan)?;
+        let extra = uris.count();
+        if extra > 0 {
+            return Err(IdentityError::SeveralUriSans(extra + 1));
+        }
+        first.parse()
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "spiffe://{}/{}/{}",
+            self.trust_domain, self.role, self.name
+        )
+    }
+}
+
+impl FromStr for SpiffeId {
+    type Err = IdentityError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let rest = s
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| IdentityError::NotSpiffe(truncate(s)))?;
+        let mut parts = rest.split('/');
+        let (Some(td), Some(role), Some(name), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(IdentityError::NotSpiffe(truncate(s)));
+        };
+        let role: Role = role.parse()?;
+        SpiffeId::new(td, role, name)
+    }
+}
+
+/// Why a peer identity was refused. Printed in logs as the reason for a refusal.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    /// The certificate could not be parsed.
+    #[error("certificate cannot be parsed: {0}")]
+    BadCertificate(String),
+    /// No URI SAN: not a securesrv identity.
+    #[error("certificate has no URI subject alternative name (spiffe://...)")]
+    NoUriSan,
+    /// More than one URI SAN: ambiguous identity.
+    #[error("certificate has {0} URI subject alternative names; exactly one is required")]
+    SeveralUriSans(usize),
+    /// The URI is not of the form `spiffe://td/role/name`.
+    #[error("URI SAN {0:?} is not of the form spiffe://<trust-domain>/<role>/<name>")]
+    NotSpiffe(String),
+    /// The trust domain is malformed.
+    #[error("invalid trust domain {0:?}")]
+    BadTrustDomain(String),
+    /// The name is malformed.
+    #[error("invalid name {0:?} (1-64 of A-Z a-z 0-9 . _ -)")]
+    BadName(String),
+    /// The role segment is not one of ours.
+    #[error("unknown role {0:?}")]
+    UnknownRole(String),
+    /// The peer belongs to another trust domain.
+    #[error("peer {peer} is not in trust domain {expected:?}")]
+    WrongTrustDomain {
+        /// Our trust domain.
+        expected: String,
+        /// The peer's identity.
+        peer: String,
+    },
+    /// The peer's role may not use this endpoint.
+    #[error("role {role} may not connect to a {endpoint} (peer {peer})")]
+    RoleNotAllowed {
+        /// The peer's role.
+        role: Role,
+        /// The role of the endpoint refusing it.
+        endpoint: Role,
+        /// The peer's identity.
+        peer: String,
+    },
+    /// We dialled one identity and another answered.
+    #[error("expected peer {expected} but {found} answered")]
+    UnexpectedPeer {
+        /// Whom we meant to reach.
+        expected: String,
+        /// Who answered.
+        found: String,
+    },
+}
+
+/// Which peers an endpoint accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerPolicy {
+    /// A listener of role `endpoint`: any identity of the trust domain whose role may call it.
+    Serve {
+        /// The trust domain peers must belong to.
+        trust_domain: String,
+        /// The listener's own role, which decides the allowed peer roles.
+        endpoint: Role,
+    },
+    /// A dialler: exactly this identity.
+    Exactly(SpiffeId),
+}
+
+impl PeerPolicy {
+    /// Checks a parsed peer identity against the policy.
+    pub fn check(&self, peer: &SpiffeId) -> Result<(), IdentityError> {
+        match self {
+            PeerPolicy::Serve {
+                trust_domain,
+                endpoint,
+            } => {
+                if peer.trust_domain != *trust_domain {
+                    return Err(IdentityError::WrongTrustDomain {
+                        expected: trust_domain.clone(),
+                        peer: peer.to_string(),
+                    });
+                }
+                if !endpoint.allowed_peers().contains(&peer.role) {
+                    return Err(IdentityError::RoleNotAllowed {
+                        role: peer.role,
+                        endpoint: *endpoint,
+                        peer: peer.to_string(),
+                    });
+                }
+                Ok(())
+            }
+            PeerPolicy::Exactly(expected) => {
+                if peer != expected {
+                    return Err(IdentityError::UnexpectedPeer {
+                        expected: expected.to_string(),
+                        found: peer.to_string(),
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Parses the leaf certificate's identity and checks it.
+    pub fn check_certificate(&self, der: &[u8]) -> Result<SpiffeId, IdentityError> {
+        let id = SpiffeId::from_certificate_der(der)?;
+        self.check(&id)?;
+        Ok(id)
+    }
+}
+
+fn validate_trust_domain(td: &str) -> Result<(), IdentityError> {
+    let ok = !td.is_empty()
+        && td.len() <= 255
+        && td.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(IdentityError::BadTrustDomain(truncate(td)))
+    }
+}
+
+fn validate_name(name: &str) -> Result<(), IdentityError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(IdentityError::BadName(truncate(name)))
+    }
+}
+
+/// Keeps attacker-chosen strings short in error messages and logs.
+fn truncate(s: &str) -> String {
+    s.chars().take(80).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_display_round_trip() {
+        for s in [
+            "spiffe://securesrv/dispatcher/main",
+            "spiffe://securesrv/worker/1",
+            "spiffe://example.org/client/alice-2",
+            "spiffe://securesrv/watchdog/main",
+        ] {
+            let id: SpiffeId = s.parse().unwrap();
+            assert_eq!(id.to_string(), s);
+        }
+    }
+
+    #[test]
+    fn malformed_ids_are_refused_with_a_reason() {
+        let cases = [
+            ("https://securesrv/client/a", "not of the form"),
+            ("spiffe://securesrv/client", "not of the form"),
+            ("spiffe://securesrv/client/a/b", "not of the form"),
+            ("spiffe://securesrv/admin/a", "unknown role"),
+            ("spiffe://SecureSrv/client/a", "invalid trust domain"),
+            ("spiffe:///client/a", "invalid trust domain"),
+            ("spiffe://securesrv/client/", "invalid name"),
+            ("spiffe://securesrv/client/..", "invalid name"),
+            ("spiffe://securesrv/client/a b", "invalid name"),
+        ];
+        for (input, reason) in cases {
+            let err = input.parse::<SpiffeId>().unwrap_err().to_string();
+            assert!(err.contains(reason), "{input}: {err}");
+        }
+    }
+
+    #[test]
+    fn role_matrix() {
+        let td = DEFAULT_TRUST_DOMAIN;
+        let id = |role, name: &str| SpiffeId::new(td, role, name).unwrap();
+        let serve = |endpoint| PeerPolicy::Serve {
+            trust_domain: td.into(),
+            endpoint,
+        };
+        let table = [
+            (Role::Dispatcher, Role::Client, true),
+            (Role::Dispatcher, Role::Watchdog, true),
+            (Role::Dispatcher, Role::Worker, false),
+            (Role::Dispatcher, Role::Dispatcher, false),
+            (Role::Worker, Role::Dispatcher, true),
+            (Role::Worker, Role::Watchdog, true),
+            (Role::Worker, Role::Client, false),
+            (Role::Worker, Role::Worker, false),
+        ];
+        for (endpoint, peer, allowed) in table {
+            let res = serve(endpoint).check(&id(peer, "x"));
+            assert_eq!(res.is_ok(), allowed, "{peer} -> {endpoint}: {res:?}");
+        }
+        let other_domain = SpiffeId::new("other", Role::Client, "x").unwrap();
+        assert!(matches!(
+            serve(Role::Dispatcher).check(&other_domain),
+            Err(IdentityError::WrongTrustDomain { .. })
+        ));
+    }
+
+    #[test]
+    fn dialler_accepts_only_the_exact_identity() {
+        let w1 = SpiffeId::worker(DEFAULT_TRUST_DOMAIN, 1).unwrap();
+        let w2 = SpiffeId::worker(DEFAULT_TRUST_DOMAIN, 2).unwrap();
+        let policy = PeerPolicy::Exactly(w1.clone());
+        assert!(policy.check(&w1).is_ok());
+        let err = policy.check(&w2).unwrap_err();
+        assert!(err.to_string().contains("expected peer spiffe://securesrv/worker/1"));
+    }
+}

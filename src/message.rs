@@ -1,0 +1,269 @@
+//! The messages that travel inside frames, and the error codes a peer may receive.
+//!
+//! A message is a MessagePack map with exactly one key, the message kind in snake_case
+//! (`request`, `forward`, `reply`, `error`, `ping`, `pong`), whose value is a map of named
+//! fields. Unknown fields and unknown kinds are refused: docs/PROTOCOL.md is the contract.
+//! No I/O and no cryptography happen here.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Every message of the protocol, on every link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Message {
+    /// client -> dispatcher: run `op` on some worker.
+    Request(Request),
+    /// dispatcher -> worker: a client's request with the dispatcher's signed token.
+    Forward(Forward),
+    /// answer to a `request` or `forward` with the same id.
+    Reply(Reply),
+    /// refusal or failure of the request with this id (id 0: the connection itself).
+    Error(ErrorReply),
+    /// liveness probe (watchdog -> any component, dispatcher -> worker).
+    Ping(Ping),
+    /// answer to a `ping`, echoing its nonce.
+    Pong(Pong),
+}
+
+/// A client's request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    /// Chosen by the client, unique among its requests in flight on this connection; the
+    /// answer carries the same id.
+    pub id: u64,
+    /// The operation, e.g. `echo`, `sha256`, `sleep` or a configured job.
+    pub op: String,
+    /// Opaque input for the operation (MessagePack `bin`).
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+    /// Deadline the client wants, in milliseconds; the dispatcher caps it at its own maximum.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u32>,
+}
+
+/// A request forwarded by the dispatcher to a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Forward {
+    /// Dispatcher-chosen id, unique on this dispatcher-to-worker connection.
+    pub id: u64,
+    /// The operation; must equal the op inside the token.
+    pub op: String,
+    /// The client's payload; its SHA-256 must equal the digest inside the token.
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+    /// The request token (layout in docs/PROTOCOL.md and `token.rs`).
+    #[serde(with = "serde_bytes")]
+    pub token: Vec<u8>,
+    /// Time left before the dispatcher gives up on this request, in milliseconds.
+    pub timeout_ms: u32,
+}
+
+/// A successful answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reply {
+    /// The id of the request or forward this answers.
+    pub id: u64,
+    /// The operation's output (MessagePack `bin`).
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+/// A failed or refused request, or (id 0) a reason the connection is being closed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorReply {
+    /// The id of the request this answers; 0 for a connection-level error.
+    pub id: u64,
+    /// Machine-readable cause.
+    pub code: ErrorCode,
+    /// Human-readable detail, safe to show to the peer (never internal state or secrets).
+    pub message: String,
+}
+
+/// A liveness probe carrying a fresh random nonce.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ping {
+    /// 16 to 64 random bytes; the pong must echo them.
+    #[serde(with = "serde_bytes")]
+    pub nonce: Vec<u8>,
+}
+
+/// The answer to a ping.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pong {
+    /// The ping's nonce, unchanged.
+    #[serde(with = "serde_bytes")]
+    pub nonce: Vec<u8>,
+    /// Requests in progress in the answering component.
+    pub in_flight: u32,
+    /// For a dispatcher: how many workers are available right now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers_available: Option<u32>,
+}
+
+/// Smallest nonce a ping may carry.
+pub const MIN_NONCE_LEN: usize = 16;
+/// Largest nonce a ping may carry.
+pub const MAX_NONCE_LEN: usize = 64;
+
+/// Why a request failed, as the peer sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The message was malformed or broke the protocol.
+    BadRequest,
+    /// No such operation.
+    UnknownOp,
+    /// The caller's identity may not call this operation.
+    Denied,
+    /// No worker could take the request within the wait bound.
+    Unavailable,
+    /// The request's deadline passed.
+    Timeout,
+    /// A frame or payload is over a size limit.
+    TooLarge,
+    /// A limit on connections or requests in flight was reached.
+    Overloaded,
+    /// The worker went away while running a non-idempotent request; it may or may not have run.
+    WorkerLost,
+    /// The operation ran and failed (for a job: a non-zero exit status).
+    OpFailed,
+    /// The worker refused the dispatcher's token.
+    InvalidToken,
+    /// The component is shutting down.
+    ShuttingDown,
+    /// Something went wrong inside the component; details are in its log only.
+    Internal,
+    /// A code this version does not know (sent by a newer peer).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    /// The snake_case wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::Denied => "denied",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::WorkerLost => "worker_lost",
+            ErrorCode::OpFailed => "op_failed",
+            ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Message {
+    /// A connection-level error (id 0), sent just before closing.
+    pub fn connection_error(code: ErrorCode, message: impl Into<String>) -> Message {
+        Message::Error(ErrorReply {
+            id: 0,
+            code,
+            message: message.into(),
+        })
+    }
+
+    /// The kind name as it appears on the wire, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Request(_) => "request",
+            Message::Forward(_) => "forward",
+            Message::Reply(_) => "reply",
+            Message::Error(_) => "error",
+            Message::Ping(_) => "ping",
+            Message::Pong(_) => "pong",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_shape_is_a_single_key_map_of_named_fields() {
+        let msg = Message::Reply(Reply {
+            id: 1,
+            payload: b"hi".to_vec(),
+        });
+        let bytes = rmp_serde::to_vec_named(&msg).unwrap();
+        // fixmap(1) "reply" fixmap(2) "id" 1 "payload" bin8(2) "hi"
+        let expected: Vec<u8> = [
+            &[0x81, 0xa5][..],
+            b"reply",
+            &[0x82, 0xa2],
+            b"id",
+            &[0x01, 0xa7],
+            b"payload",
+            &[0xc4, 0x02],
+            b"hi",
+        ]
+        .concat();
+        assert_eq!(bytes, expected);
+    }
+
+    #[test]
+    fn unknown_error_codes_from_newer_peers_decode() {
+        let bytes = rmp_serde::to_vec_named(&serde_json::json!({
+            "error": {"id": 4, "code": "quota_exceeded", "message": "later"}
+        }))
+        .unwrap();
+        let msg: Message = rmp_serde::from_slice(&bytes).unwrap();
+        assert!(matches!(
+            msg,
+            Message::Error(ErrorReply {
+                code: ErrorCode::Unknown,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let bytes = rmp_serde::to_vec_named(&serde_json::json!({
+            "ping": {"nonce": [1, 2], "admin": true}
+        }))
+        .unwrap();
+        assert!(rmp_serde::from_slice::<Message>(&bytes).is_err());
+    }
+
+    #[test]
+    fn error_code_names_match_serde() {
+        for code in [
+            ErrorCode::BadRequest,
+            ErrorCode::UnknownOp,
+            ErrorCode::Denied,
+            ErrorCode::Unavailable,
+            ErrorCode::Timeout,
+            ErrorCode::TooLarge,
+            ErrorCode::Overloaded,
+            ErrorCode::WorkerLost,
+            ErrorCode::OpFailed,
+            ErrorCode::InvalidToken,
+            ErrorCode::ShuttingDown,
+            ErrorCode::Internal,
+        ] {
+            let v = serde_json::to_value(code).unwrap();
+            assert_eq!(v, serde_json::Value::String(code.as_str().into()));
+        }
+    }
+}
