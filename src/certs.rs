@@ -203,9 +203,14 @@ impl CertAuthority {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "securesrv");
+        // A random suffix keeps two deployments' CAs apart: with equal subject names a
+        // foreign certificate would be matched to our CA and fail on its signature instead of
+        // being reported as coming from an unknown issuer.
+        let serial = random_serial()?;
+        let tag = hex::encode(&serial.to_bytes()[..4]);
         dn.push(
             DnType::CommonName,
-            format!("securesrv CA ({trust_domain})"),
+            format!("securesrv CA {trust_domain} {tag}"),
         );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -220,7 +225,7 @@ impl CertAuthority {
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::minutes(5);
         params.not_after = now + Duration::days(CA_DAYS.into());
-        params.serial_number = Some(random_serial()?);
+        params.serial_number = Some(serial);
         let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
         Ok(CertAuthority {

@@ -3,4 +3,5 @@ pub mod certs;
 pub mod frame;
 pub mod identity;
 pub mod message;
+pub mod tls;
 pub mod token;

@@ -1,0 +1,440 @@
+//! Mutual TLS for every link: rustls with the `ring` provider, TLS 1.3 only, client certificates
+//! required, ALPN `securesrv/1` required, and a deadline on every handshake.
+//!
+//! Identity is checked in two steps (as linkerd's meshtls does): rustls/webpki verifies the
+//! chain to our CA, then [`PeerPolicy`] checks the single SPIFFE URI SAN against what this
+//! endpoint allows — inside the verifier, so a refused peer gets a TLS alert, and once more after
+//! the handshake, because a resumed session skips the verifier. Server certificates are matched
+//! on their SPIFFE ID, not on DNS names: a dialler names the identity it expects.
+//!
+//! This module knows roles only as far as [`PeerPolicy`] needs them; it knows nothing of ops,
+//! tokens or frames.
+
+use crate::certs::{self, CertError};
+use crate::identity::{IdentityError, PeerPolicy, Role, SpiffeId};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError};
+use rustls::{RootCertStore, SignatureScheme};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+
+/// The one application protocol both sides must agree on.
+pub const ALPN: &[u8] = b"securesrv/1";
+/// Default deadline for a TLS handshake (and for the TCP connect before it).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A TLS stream accepted by a listener.
+pub type ServerStream = tokio_rustls::server::TlsStream<TcpStream>;
+/// A TLS stream opened by a dialler.
+pub type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Why a handshake did not produce an authorised peer.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// The peer did not finish within the handshake deadline.
+    #[error("handshake not finished within {0:?}")]
+    Timeout(Duration),
+    /// TCP or TLS I/O failed (including the peer closing mid-handshake).
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// rustls refused the handshake (bad chain, expired certificate, no certificate, ...).
+    #[error("TLS: {0}")]
+    Tls(rustls::Error),
+    /// The peer's identity is not acceptable here.
+    #[error("identity refused: {0}")]
+    Identity(IdentityError),
+    /// The peer did not negotiate ALPN `securesrv/1`.
+    #[error("peer did not negotiate ALPN securesrv/1")]
+    NoAlpn,
+    /// The peer presented no certificate (cannot happen with client auth required; checked
+    /// anyway).
+    #[error("peer presented no certificate")]
+    NoCertificate,
+}
+
+impl HandshakeError {
+    /// Unwraps the rustls and identity errors that tokio-rustls hides inside `io::Error`.
+    fn from_io(e: std::io::Error) -> Self {
+        let Some(inner) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+            return HandshakeError::Io(e);
+        };
+        if let rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(other))) =
+            inner
+        {
+            if let Some(id_err) = other.downcast_ref::<IdentityError>() {
+                return HandshakeError::Identity(id_err.clone());
+            }
+        }
+        HandshakeError::Tls(inner.clone())
+    }
+}
+
+/// Errors while building TLS configurations.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsConfigError {
+    /// A certificate or key file could not be loaded.
+    #[error("{0}")]
+    Files(#[from] CertError),
+    /// rustls refused the configuration (e.g. key does not match certificate).
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The CA file holds no usable trust anchor.
+    #[error("{0}: no usable CA certificate")]
+    NoRoots(String),
+    /// Our own certificate does not carry a valid identity.
+    #[error("own certificate {path}: {err}")]
+    OwnIdentity {
+        /// The certificate file.
+        path: String,
+        /// Why its identity is unusable.
+        err: IdentityError,
+    },
+    /// Building the client certificate verifier failed.
+    #[error("client verifier: {0}")]
+    Verifier(String),
+}
+
+/// The `ring` provider, restricted to TLS 1.3 suites.
+pub fn provider() -> Arc<CryptoProvider> {
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites
+        .retain(|s| matches!(s, rustls::SupportedCipherSuite::Tls13(_)));
+    Arc::new(p)
+}
+
+/// Everything one endpoint needs for mTLS: the CA to trust and its own certificate and key.
+pub struct TlsMaterial {
+    roots: Arc<RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    own_id: SpiffeId,
+    provider: Arc<CryptoProvider>,
+}
+
+impl std::fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsMaterial")
+            .field("own_id", &self.own_id)
+            .field("chain_len", &self.chain.len())
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+impl TlsMaterial {
+    /// Loads the CA certificate(s), our certificate chain and our private key (mode 0600).
+    pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsConfigError> {
+        let mut roots = RootCertStore::empty();
+        let (added, _ignored) = roots.add_parsable_certificates(certs::load_certs(ca)?);
+        if added == 0 {
+            return Err(TlsConfigError::NoRoots(ca.display().to_string()));
+        }
+        let chain = certs::load_certs(cert)?;
+        let own_id = SpiffeId::from_certificate_der(&chain[0]).map_err(|err| {
+            TlsConfigError::OwnIdentity {
+                path: cert.display().to_string(),
+                err,
+            }
+        })?;
+        let key = certs::load_private_key(key)?;
+        Ok(TlsMaterial {
+            roots: Arc::new(roots),
+            chain,
+            key,
+            own_id,
+            provider: provider(),
+        })
+    }
+
+    /// Loads the identity named `stem` (`dispatcher`, `worker-1`, ...) from a certs directory.
+    pub fn load_from_dir(dir: &Path, id: &SpiffeId) -> Result<Self, TlsConfigError> {
+        let (cert, key) = certs::identity_paths(dir, id);
+        Self::load(&dir.join(certs::CA_CERT), &cert, &key)
+    }
+
+    /// The identity in our own certificate.
+    pub fn own_id(&self) -> &SpiffeId {
+        &self.own_id
+    }
+
+    /// A server configuration for a listener of role `endpoint`.
+    pub fn server_config(&self, endpoint: Role) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
+        let inner = WebPkiClientVerifier::builder_with_provider(
+            self.roots.clone(),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| TlsConfigError::Verifier(e.to_string()))?;
+        let verifier = Arc::new(IdentityClientVerifier {
+            inner,
+            policy: PeerPolicy::Serve {
+                trust_domain: self.own_id.trust_domain().to_string(),
+                endpoint,
+            },
+        });
+        let mut cfg = rustls::ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        // Stateless, encrypted, rotating tickets: clients that reconnect resume without a full
+        // handshake and the server keeps no per-session memory.
+        cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;
+        Ok(Arc::new(cfg))
+    }
+
+    /// A client configuration that accepts only the server `expected`.
+    pub fn client_config(&self, expected: &SpiffeId) -> Result<Arc<rustls::ClientConfig>, TlsConfigError> {
+        let verifier = Arc::new(IdentityServerVerifier {
+            roots: self.roots.clone(),
+            policy: PeerPolicy::Exactly(expected.clone()),
+            algs: self.provider.signature_verification_algorithms,
+        });
+        let mut cfg = rustls::ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        Ok(Arc::new(cfg))
+    }
+
+    /// An acceptor for a listener of role `endpoint`.
+    pub fn acceptor(&self, endpoint: Role, handshake_timeout: Duration) -> Result<Acceptor, TlsConfigError> {
+        Ok(Acceptor::new(
+            self.server_config(endpoint)?,
+            PeerPolicy::Serve {
+                trust_domain: self.own_id.trust_domain().to_string(),
+                endpoint,
+            },
+            handshake_timeout,
+        ))
+    }
+
+    /// A connector that reaches only `expected`.
+    pub fn connector(&self, expected: &SpiffeId, handshake_timeout: Duration) -> Result<Connector, TlsConfigError> {
+        Ok(Connector {
+            tls: tokio_rustls::TlsConnector::from(self.client_config(expected)?),
+            policy: PeerPolicy::Exactly(expected.clone()),
+            handshake_timeout,
+        })
+    }
+}
+
+/// Accepts TLS connections and returns them with the peer's verified, authorised identity.
+#[derive(Clone)]
+pub struct Acceptor {
+    tls: tokio_rustls::TlsAcceptor,
+    policy: PeerPolicy,
+    handshake_timeout: Duration,
+}
+
+impl Acceptor {
+    /// An acceptor from a prepared server configuration.
+    pub fn new(cfg: Arc<rustls::ServerConfig>, policy: PeerPolicy, handshake_timeout: Duration) -> Self {
+        Acceptor {
+            tls: tokio_rustls::TlsAcceptor::from(cfg),
+            policy,
+            handshake_timeout,
+        }
+    }
+
+    /// Runs the server side of the handshake under the deadline, then checks ALPN and identity.
+    pub async fn accept(&self, tcp: TcpStream) -> Result<(ServerStream, SpiffeId), HandshakeError> {
+        let _ = tcp.set_nodelay(true);
+        let stream = tokio::time::timeout(self.handshake_timeout, self.tls.accept(tcp))
+            .await
+            .map_err(|_| HandshakeError::Timeout(self.handshake_timeout))?
+            .map_err(HandshakeError::from_io)?;
+        let (_, conn) = stream.get_ref();
+        let id = check_session(conn.alpn_protocol(), conn.peer_certificates(), &self.policy)?;
+        Ok((stream, id))
+    }
+}
+
+/// Opens TLS connections to one expected identity.
+#[derive(Clone)]
+pub struct Connector {
+    tls: tokio_rustls::TlsConnector,
+    policy: PeerPolicy,
+    handshake_timeout: Duration,
+}
+
+impl Connector {
+    /// Connects to `addr` (TCP connect and handshake share the deadline) and checks that the
+    /// server is the identity this connector expects.
+    pub async fn connect(&self, addr: SocketAddr) -> Result<(ClientStream, SpiffeId), HandshakeError> {
+        let fut = async {
+            let tcp = TcpStream::connect(addr).await?;
+            let _ = tcp.set_nodelay(true);
+            // The name is used for SNI and the session cache only; the identity check is
+            // done on the SPIFFE ID by our verifier.
+            let name = ServerName::IpAddress(addr.ip().into());
+            self.tls
+                .connect(name, tcp)
+                .await
+                .map_err(HandshakeError::from_io)
+        };
+        let stream = tokio::time::timeout(self.handshake_timeout, fut)
+            .await
+            .map_err(|_| HandshakeError::Timeout(self.handshake_timeout))??;
+        let (_, conn) = stream.get_ref();
+        let id = check_session(conn.alpn_protocol(), conn.peer_certificates(), &self.policy)?;
+        Ok((stream, id))
+    }
+}
+
+/// After the handshake (fresh or resumed): ALPN agreed, leaf present, still valid, allowed.
+fn check_session(
+    alpn: Option<&[u8]>,
+    certs: Option<&[CertificateDer<'static>]>,
+    policy: &PeerPolicy,
+) -> Result<SpiffeId, HandshakeError> {
+    if alpn != Some(ALPN) {
+        return Err(HandshakeError::NoAlpn);
+    }
+    let leaf = certs
+        .and_then(|c| c.first())
+        .ok_or(HandshakeError::NoCertificate)?;
+    check_validity(leaf)?;
+    policy
+        .check_certificate(leaf)
+        .map_err(HandshakeError::Identity)
+}
+
+/// A resumed session skips chain verification; refuse a leaf that has expired since.
+fn check_validity(leaf: &CertificateDer<'_>) -> Result<(), HandshakeError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| HandshakeError::Identity(IdentityError::BadCertificate(e.to_string())))?;
+    if !cert.validity().is_valid() {
+        return Err(HandshakeError::Tls(rustls::Error::InvalidCertificate(
+            CertificateError::Expired,
+        )));
+    }
+    Ok(())
+}
+
+fn identity_refusal(e: IdentityError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+}
+
+/// webpki's client verifier plus our role check.
+#[derive(Debug)]
+struct IdentityClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    policy: PeerPolicy,
+}
+
+impl ClientCertVerifier for IdentityClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        self.policy
+            .check_certificate(end_entity)
+            .map_err(identity_refusal)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Chain verification to our CA plus an exact SPIFFE ID match; DNS names are not consulted.
+#[derive(Debug)]
+struct IdentityServerVerifier {
+    roots: Arc<RootCertStore>,
+    policy: PeerPolicy,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for IdentityServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algs.all,
+        )?;
+        self.policy
+            .check_certificate(end_entity)
+            .map_err(identity_refusal)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,365 @@
+//! Handshakes over real sockets on 127.0.0.1: who is let in, who is refused and why, and that
+//! the listener keeps serving good peers after each refusal.
+
+use super::*;
+use crate::certs::{CertAuthority, InitOptions, LeafSpec};
+use crate::identity::DEFAULT_TRUST_DOMAIN;
+use rustls::AlertDescription;
+use std::path::PathBuf;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+const TD: &str = DEFAULT_TRUST_DOMAIN;
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Pki {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    other_dir: PathBuf,
+}
+
+fn pki() -> Pki {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("certs");
+    let other_dir = tmp.path().join("other");
+    let opts = InitOptions {
+        trust_domain: TD.into(),
+        workers: 2,
+        days: 30,
+        hosts: vec![],
+        force: false,
+    };
+    crate::certs::init(&dir, &opts).unwrap();
+    crate::certs::init(&other_dir, &opts).unwrap();
+    Pki {
+        _tmp: tmp,
+        dir,
+        other_dir,
+    }
+}
+
+fn material(dir: &Path, stem: &str) -> TlsMaterial {
+    TlsMaterial::load(
+        &dir.join("ca.crt"),
+        &dir.join(format!("{stem}.crt")),
+        &dir.join(format!("{stem}.key")),
+    )
+    .unwrap()
+}
+
+/// Writes a custom leaf signed by the CA in `dir`, returns its stem.
+fn custom_leaf(dir: &Path, stem: &str, spec: LeafSpec) -> String {
+    let ca = CertAuthority::load(dir).unwrap();
+    let leaf = ca.issue(&spec).unwrap();
+    crate::certs::write_file(
+        &dir.join(format!("{stem}.key")),
+        leaf.key_pem.as_bytes(),
+        0o600,
+        true,
+    )
+    .unwrap();
+    crate::certs::write_file(
+        &dir.join(format!("{stem}.crt")),
+        leaf.cert_pem.as_bytes(),
+        0o644,
+        true,
+    )
+    .unwrap();
+    stem.to_string()
+}
+
+fn client_spec(uris: &[&str]) -> LeafSpec {
+    let id = SpiffeId::new(TD, Role::Client, "x").unwrap();
+    let mut spec = LeafSpec::for_identity(&id, 1, &[]);
+    spec.uris = uris.iter().map(|s| s.to_string()).collect();
+    spec
+}
+
+/// A worker-role listener: reports each handshake result, answers "ok" to good peers.
+async fn start_worker_listener(
+    m: &TlsMaterial,
+    handshake_timeout: Duration,
+) -> (SocketAddr, mpsc::UnboundedReceiver<Result<SpiffeId, HandshakeError>>) {
+    let acceptor = m.acceptor(Role::Worker, handshake_timeout).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match acceptor.accept(tcp).await {
+                    Ok((mut s, id)) => {
+                        let _ = tx.send(Ok(id));
+                        let _ = s.write_all(b"ok").await;
+                        let _ = s.flush().await;
+                        let mut sink = [0u8; 16];
+                        let _ = tokio::time::timeout(WAIT, s.read(&mut sink)).await;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+async fn next(
+    rx: &mut mpsc::UnboundedReceiver<Result<SpiffeId, HandshakeError>>,
+) -> Result<SpiffeId, HandshakeError> {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("listener reported within the wait")
+        .expect("listener alive")
+}
+
+/// Connects with `m` expecting worker 1 and reads the server's "ok".
+async fn good_peer_is_served(addr: SocketAddr, m: &TlsMaterial, rx: &mut mpsc::UnboundedReceiver<Result<SpiffeId, HandshakeError>>) {
+    let w1 = SpiffeId::worker(TD, 1).unwrap();
+    let (mut s, id) = m.connector(&w1, WAIT).unwrap().connect(addr).await.unwrap();
+    assert_eq!(id, w1);
+    let mut buf = [0u8; 2];
+    tokio::time::timeout(WAIT, s.read_exact(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf, b"ok");
+    let server_saw = next(rx).await.unwrap();
+    assert_eq!(server_saw, *m.own_id());
+}
+
+/// Connects with a raw rustls client config and returns what the first read brings.
+async fn raw_attempt(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>) -> std::io::Result<usize> {
+    let tcp = TcpStream::connect(addr).await?;
+    let mut s = tokio_rustls::TlsConnector::from(cfg)
+        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .await?;
+    let mut buf = [0u8; 8];
+    tokio::time::timeout(WAIT, s.read(&mut buf)).await?
+}
+
+fn alert_of(e: &std::io::Error) -> Option<AlertDescription> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::AlertReceived(a) => Some(*a),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn allowed_role_with_the_right_ca_is_accepted() {
+    let pki = pki();
+    let worker = material(&pki.dir, "worker-1");
+    let (addr, mut rx) = start_worker_listener(&worker, WAIT).await;
+    good_peer_is_served(addr, &material(&pki.dir, "dispatcher"), &mut rx).await;
+    good_peer_is_served(addr, &material(&pki.dir, "watchdog"), &mut rx).await;
+}
+
+#[tokio::test]
+async fn refusals_with_reasons_and_service_continues() {
+    let pki = pki();
+    let worker = material(&pki.dir, "worker-1");
+    let dispatcher = material(&pki.dir, "dispatcher");
+    let (addr, mut rx) = start_worker_listener(&worker, WAIT).await;
+    let w1 = SpiffeId::worker(TD, 1).unwrap();
+
+    // 1. A client certificate presented to a worker: wrong role.
+    let client = material(&pki.dir, "client");
+    let err = client.connector(&w1, WAIT).unwrap().connect(addr).await;
+    // TLS 1.3: the client may finish before the server judges it; either way no session.
+    if let Ok((mut s, _)) = err {
+        let mut b = [0u8; 1];
+        assert!(s.read(&mut b).await.is_err(), "refused client must not read data");
+    }
+    match next(&mut rx).await {
+        Err(HandshakeError::Identity(IdentityError::RoleNotAllowed { role, endpoint, .. })) => {
+            assert_eq!((role, endpoint), (Role::Client, Role::Worker));
+        }
+        other => panic!("expected role refusal, got {other:?}"),
+    }
+    good_peer_is_served(addr, &dispatcher, &mut rx).await;
+
+    // 2. No client certificate at all.
+    let no_cert = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(IdentityServerVerifier {
+            roots: dispatcher.roots.clone(),
+            policy: PeerPolicy::Exactly(w1.clone()),
+            algs: provider().signature_verification_algorithms,
+        }))
+        .with_no_client_auth();
+    let mut no_cert = no_cert;
+    no_cert.alpn_protocols = vec![ALPN.to_vec()];
+    let e = raw_attempt(addr, Arc::new(no_cert)).await.unwrap_err();
+    assert_eq!(alert_of(&e), Some(AlertDescription::CertificateRequired), "{e}");
+    assert!(matches!(
+        next(&mut rx).await,
+        Err(HandshakeError::Tls(rustls::Error::NoCertificatesPresented))
+    ));
+    good_peer_is_served(addr, &dispatcher, &mut rx).await;
+
+    // 3. A dispatcher certificate from another CA.
+    let foreign = material(&pki.other_dir, "dispatcher");
+    let e = foreign.connector(&w1, WAIT).unwrap().connect(addr).await;
+    assert!(e.is_err(), "foreign client must not trust our worker either");
+    assert!(matches!(
+        next(&mut rx).await,
+        Err(HandshakeError::Tls(rustls::Error::AlertReceived(AlertDescription::UnknownCA)))
+    ));
+    let mut foreign_trusting_us = material(&pki.other_dir, "dispatcher");
+    foreign_trusting_us.roots = dispatcher.roots.clone();
+    let res = foreign_trusting_us.connector(&w1, WAIT).unwrap().connect(addr).await;
+    if let Ok((mut s, _)) = res {
+        let mut b = [0u8; 1];
+        let e = s.read(&mut b).await.unwrap_err();
+        assert_eq!(alert_of(&e), Some(AlertDescription::UnknownCA), "{e}");
+    }
+    match next(&mut rx).await {
+        Err(HandshakeError::Tls(rustls::Error::InvalidCertificate(
+            CertificateError::UnknownIssuer,
+        ))) => {}
+        other => panic!("expected unknown issuer, got {other:?}"),
+    }
+    good_peer_is_served(addr, &dispatcher, &mut rx).await;
+
+    // 4. An expired dispatcher certificate from our CA.
+    let did = SpiffeId::dispatcher(TD).unwrap();
+    let mut spec = LeafSpec::for_identity(&did, 1, &[]);
+    spec.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(10);
+    spec.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+    let stem = custom_leaf(&pki.dir, "expired", spec);
+    let expired = material(&pki.dir, &stem);
+    if let Ok((mut s, _)) = expired.connector(&w1, WAIT).unwrap().connect(addr).await {
+        let mut b = [0u8; 1];
+        let e = s.read(&mut b).await.unwrap_err();
+        assert_eq!(alert_of(&e), Some(AlertDescription::CertificateExpired), "{e}");
+    }
+    match next(&mut rx).await {
+        Err(HandshakeError::Tls(rustls::Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ))) => {}
+        other => panic!("expected expired, got {other:?}"),
+    }
+    good_peer_is_served(addr, &dispatcher, &mut rx).await;
+
+    // 5. The dispatcher dials worker 2's identity but worker 1 answers.
+    let w2 = SpiffeId::worker(TD, 2).unwrap();
+    match dispatcher.connector(&w2, WAIT).unwrap().connect(addr).await {
+        Err(HandshakeError::Identity(IdentityError::UnexpectedPeer { expected, found })) => {
+            assert_eq!(expected, w2.to_string());
+            assert_eq!(found, w1.to_string());
+        }
+        other => panic!("expected unexpected-peer refusal, got {:?}", other.map(|x| x.1)),
+    }
+    assert!(next(&mut rx).await.is_err(), "server sees the client's alert");
+    good_peer_is_served(addr, &dispatcher, &mut rx).await;
+
+    // 6. No ALPN offered.
+    let mut no_alpn = (*dispatcher.client_config(&w1).unwrap()).clone();
+    no_alpn.alpn_protocols.clear();
+    let r = raw_attempt(addr, Arc::new(no_alpn)).await;
+    assert!(matches!(r, Ok(0) | Err(_)), "no data for a peer without ALPN: {r:?}");
+    assert!(matches!(next(&mut rx).await, Err(HandshakeError::NoAlpn)));
+    // ... and a wrong ALPN is refused by rustls itself.
+    let mut wrong_alpn = (*dispatcher.client_config(&w1).unwrap()).clone();
+    wrong_alpn.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let e = raw_attempt(addr, Arc::new(wrong_alpn)).await.unwrap_err();
+    assert_eq!(alert_of(&e), Some(AlertDescription::NoApplicationProtocol), "{e}");
+    assert!(next(&mut rx).await.is_err());
+    good_peer_is_served(addr, &dispatcher, &mut rx).await;
+}
+
+#[tokio::test]
+async fn odd_identities_are_refused_with_a_readable_reason() {
+    let pki = pki();
+    let worker = material(&pki.dir, "worker-1");
+    let (addr, mut rx) = start_worker_listener(&worker, WAIT).await;
+    let w1 = SpiffeId::worker(TD, 1).unwrap();
+    let cases: Vec<(&str, LeafSpec, &str)> = vec![
+        ("no-uri", client_spec(&[]), "no URI subject alternative name"),
+        (
+            "two-uris",
+            client_spec(&[
+                "spiffe://securesrv/dispatcher/main",
+                "spiffe://securesrv/dispatcher/b",
+            ]),
+            "2 URI subject alternative names",
+        ),
+        (
+            "other-td",
+            client_spec(&["spiffe://elsewhere/dispatcher/main"]),
+            "not in trust domain",
+        ),
+        (
+            "odd-role",
+            client_spec(&["spiffe://securesrv/admin/root"]),
+            "unknown role",
+        ),
+    ];
+    for (stem, spec, reason) in cases {
+        let stem = custom_leaf(&pki.dir, stem, spec);
+        let m = TlsMaterial {
+            // TlsMaterial::load refuses a certificate without a valid identity for itself,
+            // so build this hostile peer by hand.
+            roots: material(&pki.dir, "dispatcher").roots.clone(),
+            chain: crate::certs::load_certs(&pki.dir.join(format!("{stem}.crt"))).unwrap(),
+            key: crate::certs::load_private_key(&pki.dir.join(format!("{stem}.key"))).unwrap(),
+            own_id: SpiffeId::dispatcher(TD).unwrap(),
+            provider: provider(),
+        };
+        if let Ok((mut s, _)) = m.connector(&w1, WAIT).unwrap().connect(addr).await {
+            let mut b = [0u8; 1];
+            assert!(s.read(&mut b).await.is_err(), "{stem}");
+        }
+        match next(&mut rx).await {
+            Err(HandshakeError::Identity(e)) => {
+                assert!(e.to_string().contains(reason), "{stem}: {e}");
+            }
+            other => panic!("{stem}: expected identity refusal, got {other:?}"),
+        }
+    }
+    good_peer_is_served(addr, &material(&pki.dir, "dispatcher"), &mut rx).await;
+}
+
+#[tokio::test]
+async fn silent_peer_is_cut_off_at_the_handshake_deadline() {
+    let pki = pki();
+    let worker = material(&pki.dir, "worker-1");
+    let deadline = Duration::from_millis(300);
+    let (addr, mut rx) = start_worker_listener(&worker, deadline).await;
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    // Slow-drip: a few bytes of a ClientHello, then nothing.
+    silent.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+    match next(&mut rx).await {
+        Err(HandshakeError::Timeout(d)) => assert_eq!(d, deadline),
+        other => panic!("expected timeout, got {other:?}"),
+    }
+    let mut b = [0u8; 1];
+    let n = tokio::time::timeout(WAIT, silent.read(&mut b)).await.unwrap();
+    assert!(matches!(n, Ok(0) | Err(_)), "server closed the silent connection");
+    good_peer_is_served(addr, &material(&pki.dir, "dispatcher"), &mut rx).await;
+}
+
+#[tokio::test]
+async fn resumed_sessions_still_carry_the_identity() {
+    let pki = pki();
+    let worker = material(&pki.dir, "worker-1");
+    let (addr, mut rx) = start_worker_listener(&worker, WAIT).await;
+    let dispatcher = material(&pki.dir, "dispatcher");
+    let w1 = SpiffeId::worker(TD, 1).unwrap();
+    let connector = dispatcher.connector(&w1, WAIT).unwrap();
+    for round in 0..3 {
+        let (mut s, id) = connector.connect(addr).await.unwrap();
+        assert_eq!(id, w1);
+        let mut buf = [0u8; 2];
+        s.read_exact(&mut buf).await.unwrap();
+        let resumed = s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        assert_eq!(resumed, round > 0, "round {round}");
+        assert_eq!(next(&mut rx).await.unwrap(), *dispatcher.own_id());
+    }
+}
