@@ -1,5 +1,7 @@
 #![forbid(unsafe_code)]
 pub mod certs;
+pub mod config;
+pub mod connection;
 pub mod frame;
 pub mod identity;
 pub mod message;

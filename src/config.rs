@@ -1,0 +1,707 @@
+//! The one optional TOML configuration shared by every component.
+//!
+//! Every setting has a built-in default (the `DEFAULT_*` constants), so no file is needed.
+//! Unknown keys are refused (`deny_unknown_fields`), and [`Config::validate`] reports every
+//! problem at once rather than the first. The CLI maps [`ConfigError`] to exit code 64.
+//! This module knows no sockets and never reads key bytes.
+
+use crate::identity::{DEFAULT_TRUST_DOMAIN, Role, SpiffeId};
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default dispatcher address (the original's port 2222).
+pub const DEFAULT_DISPATCHER_LISTEN: &str = "127.0.0.1:2222";
+/// Default number of workers; worker N listens on the dispatcher's port + N.
+pub const DEFAULT_WORKERS: u32 = 2;
+/// Default certificate directory.
+pub const DEFAULT_CERTS_DIR: &str = "certs";
+/// Operations every worker has.
+pub const BUILTIN_OPS: &[&str] = &["echo", "sha256", "sleep"];
+
+/// Ceiling on `workers` (each is a process and a port).
+pub const MAX_WORKERS: u32 = 256;
+
+/// Problems with a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML of the expected shape.
+    #[error("config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (with line and column).
+        message: String,
+    },
+    /// The values are inconsistent; every problem is listed.
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Trust domain of all identities.
+    pub trust_domain: String,
+    /// Where certificates, keys and token keys live.
+    pub certs_dir: PathBuf,
+    /// Dispatcher settings.
+    pub dispatcher: DispatcherConfig,
+    /// Number of workers when no `[[worker]]` list is given.
+    pub workers: u32,
+    /// Explicit worker list (overrides `workers`).
+    pub worker: Vec<WorkerEntry>,
+    /// Limits on every endpoint.
+    pub limits: Limits,
+    /// Request token settings.
+    pub token: TokenConfig,
+    /// Watchdog settings.
+    pub watchdog: WatchdogConfig,
+    /// Operator-declared jobs.
+    pub jobs: Vec<JobConfig>,
+    /// Ops registered by a program embedding the worker library.
+    pub custom_ops: Vec<CustomOp>,
+    /// Which client identities may call which op (`"*"` = any client).
+    pub acl: BTreeMap<String, Vec<String>>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            trust_domain: DEFAULT_TRUST_DOMAIN.into(),
+            certs_dir: DEFAULT_CERTS_DIR.into(),
+            dispatcher: DispatcherConfig::default(),
+            workers: DEFAULT_WORKERS,
+            worker: Vec::new(),
+            limits: Limits::default(),
+            token: TokenConfig::default(),
+            watchdog: WatchdogConfig::default(),
+            jobs: Vec::new(),
+            custom_ops: Vec::new(),
+            acl: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[dispatcher]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatcherConfig {
+    /// Address the dispatcher listens on.
+    pub listen: SocketAddr,
+    /// How long a request waits for an available worker before `unavailable`.
+    pub unavailable_wait_ms: u64,
+    /// Requests outstanding on one worker before it counts as unavailable.
+    pub max_in_flight_per_worker: usize,
+    /// Interval of the dispatcher's own pings to each worker.
+    pub worker_ping_interval_ms: u64,
+    /// Longest pause between reconnection attempts to a worker.
+    pub reconnect_backoff_max_ms: u64,
+}
+
+impl Default for DispatcherConfig {
+    fn default() -> Self {
+        DispatcherConfig {
+            listen: DEFAULT_DISPATCHER_LISTEN
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 2222))),
+            unavailable_wait_ms: 2_000,
+            max_in_flight_per_worker: 1_024,
+            worker_ping_interval_ms: 1_000,
+            reconnect_backoff_max_ms: 2_000,
+        }
+    }
+}
+
+/// One `[[worker]]` entry.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerEntry {
+    /// Worker number (its identity is `.../worker/<id>`).
+    pub id: u32,
+    /// Address it listens on.
+    pub listen: SocketAddr,
+}
+
+/// `[limits]`: every bound on every endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest frame body accepted or sent.
+    pub max_frame_bytes: usize,
+    /// Deadline for TCP connect + TLS handshake.
+    pub handshake_timeout_ms: u64,
+    /// A connection that sends no frame for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Once a frame has started, all of it must arrive within this time.
+    pub frame_timeout_ms: u64,
+    /// A peer that does not read our frames within this time is dropped.
+    pub write_timeout_ms: u64,
+    /// Connections a listener holds at once.
+    pub max_connections: usize,
+    /// Connections one peer identity may hold at once.
+    pub max_connections_per_identity: usize,
+    /// Requests in flight on one connection.
+    pub max_in_flight_per_connection: usize,
+    /// Deadline of a request that does not ask for one.
+    pub request_timeout_ms: u64,
+    /// Longest deadline a client may ask for.
+    pub max_request_timeout_ms: u64,
+    /// Longest `sleep` op.
+    pub max_sleep_ms: u64,
+    /// Requests one worker runs at once, over all its connections.
+    pub worker_max_concurrent: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_bytes: crate::frame::DEFAULT_MAX_FRAME,
+            handshake_timeout_ms: 5_000,
+            idle_timeout_ms: 60_000,
+            frame_timeout_ms: 10_000,
+            write_timeout_ms: 10_000,
+            max_connections: 4_096,
+            max_connections_per_identity: 2_048,
+            max_in_flight_per_connection: 256,
+            request_timeout_ms: 10_000,
+            max_request_timeout_ms: 60_000,
+            max_sleep_ms: 30_000,
+            worker_max_concurrent: 4_096,
+        }
+    }
+}
+
+impl Limits {
+    /// The handshake deadline.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    /// The per-connection I/O limits.
+    pub fn io(&self) -> crate::connection::IoLimits {
+        crate::connection::IoLimits {
+            max_frame: self.max_frame_bytes,
+            frame_timeout: Duration::from_millis(self.frame_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            write_timeout: Duration::from_millis(self.write_timeout_ms),
+        }
+    }
+}
+
+/// `[token]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenConfig {
+    /// Lifetime of a minted token (and the longest a worker accepts).
+    pub lifetime_ms: u64,
+    /// Tolerated clock difference between dispatcher and worker.
+    pub clock_skew_ms: u64,
+    /// Replay cache capacity per worker, in request ids.
+    pub replay_cache_entries: usize,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        TokenConfig {
+            lifetime_ms: crate::token::DEFAULT_LIFETIME_MS,
+            clock_skew_ms: crate::token::DEFAULT_CLOCK_SKEW_MS,
+            replay_cache_entries: crate::token::DEFAULT_REPLAY_CAPACITY,
+        }
+    }
+}
+
+/// `[watchdog]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchdogConfig {
+    /// Time between heartbeats.
+    pub heartbeat_interval_ms: u64,
+    /// How long one heartbeat may take (connect + ping + pong).
+    pub heartbeat_timeout_ms: u64,
+    /// Failed heartbeats in a row before a component is restarted.
+    pub max_missed: u32,
+    /// First restart delay; doubles on each restart.
+    pub restart_backoff_initial_ms: u64,
+    /// Cap on the restart delay.
+    pub restart_backoff_max_ms: u64,
+    /// After running this long without trouble, the backoff resets.
+    pub stable_after_ms: u64,
+    /// More restarts than this within `restart_limit_window_ms` marks a component failed.
+    pub restart_limit_burst: u32,
+    /// The restart-intensity window.
+    pub restart_limit_window_ms: u64,
+    /// How long a component may take to stop after SIGTERM before SIGKILL.
+    pub stop_grace_ms: u64,
+    /// How long a started component may take to answer its first heartbeat.
+    pub start_timeout_ms: u64,
+}
+
+impl Default for WatchdogConfig {
+    fn default() -> Self {
+        WatchdogConfig {
+            heartbeat_interval_ms: 1_000,
+            heartbeat_timeout_ms: 1_000,
+            max_missed: 3,
+            restart_backoff_initial_ms: 100,
+            restart_backoff_max_ms: 5_000,
+            stable_after_ms: 30_000,
+            restart_limit_burst: 5,
+            restart_limit_window_ms: 60_000,
+            stop_grace_ms: 5_000,
+            start_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// One `[[jobs]]` entry: a program run without a shell, payload on stdin.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// The op name clients call.
+    pub name: String,
+    /// Absolute path of the program.
+    pub program: PathBuf,
+    /// Fixed arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Killed when it runs longer than this.
+    #[serde(default = "default_job_timeout")]
+    pub timeout_ms: u64,
+    /// Stdout beyond this many bytes fails the job.
+    #[serde(default = "default_job_output")]
+    pub max_output_bytes: usize,
+    /// Safe to run twice (retried on another worker if one dies mid-request).
+    #[serde(default)]
+    pub idempotent: bool,
+}
+
+fn default_job_timeout() -> u64 {
+    10_000
+}
+
+fn default_job_output() -> usize {
+    64 * 1024
+}
+
+/// One `[[custom_ops]]` entry: an op a program embedding the worker registers itself.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CustomOp {
+    /// The op name.
+    pub name: String,
+    /// Safe to run twice.
+    #[serde(default)]
+    pub idempotent: bool,
+}
+
+/// What kind of op a name refers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    /// echo, sha256, sleep.
+    Builtin,
+    /// A `[[jobs]]` entry.
+    Job,
+    /// A `[[custom_ops]]` entry.
+    Custom,
+}
+
+/// What the dispatcher needs to know about an op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpInfo {
+    /// Where it comes from.
+    pub kind: OpKind,
+    /// Whether a lost request may be retried elsewhere.
+    pub idempotent: bool,
+}
+
+impl Config {
+    /// Reads `path` (or the defaults for `None`) and validates it.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let cfg = match path {
+            None => Config::default(),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                Self::parse(&text).map_err(|message| ConfigError::Parse {
+                    path: p.to_path_buf(),
+                    message,
+                })?
+            }
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text (no validation).
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Checks every value; lists all problems.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut p = Vec::new();
+        if crate::identity::SpiffeId::new(&self.trust_domain, Role::Client, "x").is_err() {
+            p.push(format!("trust_domain {:?} is not valid", self.trust_domain));
+        }
+        let l = &self.limits;
+        for (name, v) in [
+            ("limits.handshake_timeout_ms", l.handshake_timeout_ms),
+            ("limits.idle_timeout_ms", l.idle_timeout_ms),
+            ("limits.frame_timeout_ms", l.frame_timeout_ms),
+            ("limits.write_timeout_ms", l.write_timeout_ms),
+            ("limits.request_timeout_ms", l.request_timeout_ms),
+            ("limits.max_request_timeout_ms", l.max_request_timeout_ms),
+            ("limits.max_connections", l.max_connections as u64),
+            (
+                "limits.max_connections_per_identity",
+                l.max_connections_per_identity as u64,
+            ),
+            (
+                "limits.max_in_flight_per_connection",
+                l.max_in_flight_per_connection as u64,
+            ),
+            ("limits.worker_max_concurrent", l.worker_max_concurrent as u64),
+            ("token.lifetime_ms", self.token.lifetime_ms),
+            ("token.replay_cache_entries", self.token.replay_cache_entries as u64),
+            (
+                "dispatcher.max_in_flight_per_worker",
+                self.dispatcher.max_in_flight_per_worker as u64,
+            ),
+            (
+                "dispatcher.worker_ping_interval_ms",
+                self.dispatcher.worker_ping_interval_ms,
+            ),
+            (
+                "watchdog.heartbeat_interval_ms",
+                self.watchdog.heartbeat_interval_ms,
+            ),
+            (
+                "watchdog.heartbeat_timeout_ms",
+                self.watchdog.heartbeat_timeout_ms,
+            ),
+            ("watchdog.max_missed", self.watchdog.max_missed.into()),
+            (
+                "watchdog.restart_limit_burst",
+                self.watchdog.restart_limit_burst.into(),
+            ),
+            ("watchdog.start_timeout_ms", self.watchdog.start_timeout_ms),
+        ] {
+            if v == 0 {
+                p.push(format!("{name} must be greater than 0"));
+            }
+        }
+        if l.max_frame_bytes < 1024 || l.max_frame_bytes > crate::frame::MAX_FRAME_CEILING {
+            p.push(format!(
+                "limits.max_frame_bytes must be between 1024 and {}",
+                crate::frame::MAX_FRAME_CEILING
+            ));
+        }
+        if l.request_timeout_ms > l.max_request_timeout_ms {
+            p.push("limits.request_timeout_ms exceeds limits.max_request_timeout_ms".into());
+        }
+        if l.max_connections_per_identity > l.max_connections {
+            p.push("limits.max_connections_per_identity exceeds limits.max_connections".into());
+        }
+        if self.watchdog.restart_backoff_initial_ms > self.watchdog.restart_backoff_max_ms {
+            p.push(
+                "watchdog.restart_backoff_initial_ms exceeds watchdog.restart_backoff_max_ms"
+                    .into(),
+            );
+        }
+        self.validate_workers(&mut p);
+        self.validate_ops(&mut p);
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(p))
+        }
+    }
+
+    fn validate_workers(&self, p: &mut Vec<String>) {
+        if self.worker.is_empty() {
+            if self.workers == 0 || self.workers > MAX_WORKERS {
+                p.push(format!("workers must be between 1 and {MAX_WORKERS}"));
+            } else if u32::from(self.dispatcher.listen.port()) + self.workers > 65_535 {
+                p.push("dispatcher port + workers exceeds 65535".into());
+            }
+            return;
+        }
+        let mut ids = HashSet::new();
+        let mut addrs = HashSet::from([self.dispatcher.listen]);
+        for w in &self.worker {
+            if w.id == 0 {
+                p.push("worker id 0 is not allowed (workers are numbered from 1)".into());
+            }
+            if !ids.insert(w.id) {
+                p.push(format!("worker {} is listed twice", w.id));
+            }
+            if !addrs.insert(w.listen) {
+                p.push(format!("address {} is used twice", w.listen));
+            }
+        }
+    }
+
+    fn validate_ops(&self, p: &mut Vec<String>) {
+        let mut names: HashSet<&str> = BUILTIN_OPS.iter().copied().collect();
+        let declared = self
+            .jobs
+            .iter()
+            .map(|j| (j.name.as_str(), "job"))
+            .chain(self.custom_ops.iter().map(|c| (c.name.as_str(), "custom op")));
+        for (name, what) in declared {
+            if !valid_op_name(name) {
+                p.push(format!(
+                    "{what} name {name:?} is not valid (1-64 of a-z 0-9 _ - .)"
+                ));
+            }
+            if !names.insert(name) {
+                p.push(format!("{what} {name:?} clashes with another op of that name"));
+            }
+        }
+        for j in &self.jobs {
+            if !j.program.is_absolute() {
+                p.push(format!(
+                    "job {:?}: program {:?} must be an absolute path (jobs run without a shell or PATH)",
+                    j.name, j.program
+                ));
+            }
+            if j.timeout_ms == 0 {
+                p.push(format!("job {:?}: timeout_ms must be greater than 0", j.name));
+            }
+            if j.max_output_bytes == 0 || j.max_output_bytes > self.limits.max_frame_bytes {
+                p.push(format!(
+                    "job {:?}: max_output_bytes must be between 1 and limits.max_frame_bytes",
+                    j.name
+                ));
+            }
+        }
+        for (op, who) in &self.acl {
+            if !names.contains(op.as_str()) {
+                p.push(format!("acl names unknown op {op:?}"));
+            }
+            for entry in who {
+                if entry == "*" {
+                    continue;
+                }
+                match entry.parse::<SpiffeId>() {
+                    Ok(id) if id.role() == Role::Client && id.trust_domain() == self.trust_domain => {}
+                    Ok(_) => p.push(format!(
+                        "acl {op:?}: {entry:?} is not a client identity of trust domain {:?}",
+                        self.trust_domain
+                    )),
+                    Err(e) => p.push(format!("acl {op:?}: {entry:?}: {e}")),
+                }
+            }
+        }
+    }
+
+    /// The workers the dispatcher forwards to: `(id, address)`.
+    pub fn worker_addresses(&self) -> Vec<(u32, SocketAddr)> {
+        if !self.worker.is_empty() {
+            return self.worker.iter().map(|w| (w.id, w.listen)).collect();
+        }
+        (1..=self.workers)
+            .map(|n| {
+                let mut a = self.dispatcher.listen;
+                a.set_port(self.dispatcher.listen.port().saturating_add(n as u16));
+                (n, a)
+            })
+            .collect()
+    }
+
+    /// The address of worker `id` (configured or derived from the dispatcher's port).
+    pub fn worker_address(&self, id: u32) -> Option<SocketAddr> {
+        if let Some(w) = self.worker.iter().find(|w| w.id == id) {
+            return Some(w.listen);
+        }
+        if self.worker.is_empty() {
+            let port = u32::from(self.dispatcher.listen.port()) + id;
+            let mut a = self.dispatcher.listen;
+            a.set_port(u16::try_from(port).ok()?);
+            return Some(a);
+        }
+        None
+    }
+
+    /// What an op is, if this configuration knows it.
+    pub fn op_info(&self, op: &str) -> Option<OpInfo> {
+        if BUILTIN_OPS.contains(&op) {
+            return Some(OpInfo {
+                kind: OpKind::Builtin,
+                idempotent: true,
+            });
+        }
+        if let Some(j) = self.jobs.iter().find(|j| j.name == op) {
+            return Some(OpInfo {
+                kind: OpKind::Job,
+                idempotent: j.idempotent,
+            });
+        }
+        self.custom_ops.iter().find(|c| c.name == op).map(|c| OpInfo {
+            kind: OpKind::Custom,
+            idempotent: c.idempotent,
+        })
+    }
+
+    /// The ACL decision: listed ops allow `"*"` or the exact client identity; unlisted
+    /// built-ins are open to every client; unlisted jobs and custom ops are closed.
+    pub fn acl_allows(&self, client: &SpiffeId, op: &str) -> bool {
+        if client.role() != Role::Client {
+            return false;
+        }
+        match self.acl.get(op) {
+            Some(who) => {
+                let me = client.to_string();
+                who.iter().any(|w| w == "*" || *w == me)
+            }
+            None => matches!(self.op_info(op), Some(OpInfo { kind: OpKind::Builtin, .. })),
+        }
+    }
+
+    /// A job by name.
+    pub fn job(&self, op: &str) -> Option<&JobConfig> {
+        self.jobs.iter().find(|j| j.name == op)
+    }
+}
+
+/// Op names: 1-64 of `a-z 0-9 _ - .`.
+pub fn valid_op_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_need_no_file() {
+        let cfg = Config::load(None).unwrap();
+        assert_eq!(cfg.dispatcher.listen.to_string(), "127.0.0.1:2222");
+        assert_eq!(
+            cfg.worker_addresses(),
+            vec![
+                (1, "127.0.0.1:2223".parse().unwrap()),
+                (2, "127.0.0.1:2224".parse().unwrap())
+            ]
+        );
+        assert_eq!(cfg.certs_dir, PathBuf::from("certs"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = Config::parse("[limits]\nmax_frame = 5\n").unwrap_err();
+        assert!(err.contains("max_frame"), "{err}");
+        assert!(Config::parse("listen = \"x\"").is_err());
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let cfg = Config::parse(
+            r#"
+            workers = 0
+            [limits]
+            max_frame_bytes = 10
+            request_timeout_ms = 0
+            [[jobs]]
+            name = "echo"
+            program = "bin/date"
+            [acl]
+            nosuch = ["*"]
+            echo = ["spiffe://securesrv/worker/1", "bogus"]
+            "#,
+        )
+        .unwrap();
+        let Err(ConfigError::Invalid(problems)) = cfg.validate() else {
+            panic!("expected invalid");
+        };
+        let all = problems.join("\n");
+        for needle in [
+            "workers must be",
+            "max_frame_bytes",
+            "request_timeout_ms must be greater than 0",
+            "clashes",
+            "absolute path",
+            "unknown op \"nosuch\"",
+            "not a client identity",
+            "\"bogus\"",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn acl_defaults_and_grants() {
+        let cfg = Config::parse(
+            r#"
+            [[jobs]]
+            name = "report"
+            program = "/bin/cat"
+            [[jobs]]
+            name = "open-job"
+            program = "/bin/cat"
+            [acl]
+            report = ["spiffe://securesrv/client/alice"]
+            open-job = ["*"]
+            sleep = ["spiffe://securesrv/client/alice"]
+            "#,
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        let alice: SpiffeId = "spiffe://securesrv/client/alice".parse().unwrap();
+        let bob: SpiffeId = "spiffe://securesrv/client/bob".parse().unwrap();
+        let watchdog = SpiffeId::watchdog("securesrv").unwrap();
+        let table = [
+            (&alice, "echo", true),
+            (&bob, "echo", true),
+            (&alice, "report", true),
+            (&bob, "report", false),
+            (&bob, "open-job", true),
+            (&alice, "sleep", true),
+            (&bob, "sleep", false),
+            (&bob, "nosuch", false),
+            (&watchdog, "echo", false),
+        ];
+        for (who, op, allowed) in table {
+            assert_eq!(cfg.acl_allows(who, op), allowed, "{who} {op}");
+        }
+        assert_eq!(cfg.op_info("report").map(|i| i.idempotent), Some(false));
+        assert_eq!(cfg.op_info("echo").map(|i| i.idempotent), Some(true));
+    }
+
+    #[test]
+    fn explicit_worker_list() {
+        let cfg = Config::parse(
+            r#"
+            [[worker]]
+            id = 7
+            listen = "127.0.0.1:4000"
+            [[worker]]
+            id = 7
+            listen = "127.0.0.1:4000"
+            "#,
+        )
+        .unwrap();
+        let Err(ConfigError::Invalid(p)) = cfg.validate() else {
+            panic!("duplicates must be refused");
+        };
+        assert_eq!(p.len(), 2, "{p:?}");
+    }
+}

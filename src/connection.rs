@@ -1,0 +1,347 @@
+//! A framed message stream over any `AsyncRead + AsyncWrite`, with every wait bounded.
+//!
+//! [`Connection::read_message`] is cancel-safe (all state lives in the struct), so components
+//! can `select!` between reading and writing on one task. Reads are bounded three ways: an idle
+//! deadline while waiting for a frame to start, a per-frame deadline once its first byte has
+//! arrived (a peer dripping one byte a second is cut off), and the frame size cap, checked on
+//! the header before the body is buffered. Outgoing frames are queued and written together, so
+//! several replies share TLS records and syscalls. No TLS types, roles or tokens here.
+
+use crate::frame::{self, Decoded, FrameError};
+use crate::message::Message;
+use bytes::{Buf, BytesMut};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+/// Initial read buffer; grows only as bytes actually arrive.
+const READ_CHUNK: usize = 4 * 1024;
+/// Larger growth step once a big frame is on its way.
+const BIG_READ_CHUNK: usize = 64 * 1024;
+/// Buffers larger than this are released once empty, so one big frame does not pin memory.
+const KEEP_BUFFER: usize = 64 * 1024;
+
+/// Bounds on one connection's I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoLimits {
+    /// Largest frame body accepted.
+    pub max_frame: usize,
+    /// Time allowed for a frame, from its first byte to its last.
+    pub frame_timeout: Duration,
+    /// Time allowed between frames.
+    pub idle_timeout: Duration,
+    /// Time allowed to write queued frames.
+    pub write_timeout: Duration,
+}
+
+impl Default for IoLimits {
+    fn default() -> Self {
+        crate::config::Limits::default().io()
+    }
+}
+
+/// Why a connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// The peer sent bytes that are not a frame.
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    /// A frame started but did not finish in time.
+    #[error("frame not completed within {0:?}")]
+    FrameTimeout(Duration),
+    /// No frame started in time.
+    #[error("idle for {0:?}")]
+    Idle(Duration),
+    /// The peer did not take our data in time.
+    #[error("write not completed within {0:?}")]
+    WriteTimeout(Duration),
+    /// The peer closed in the middle of a frame.
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
+    /// Transport failure.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ConnError {
+    /// A wire error to send the peer before closing, if this cause deserves one.
+    pub fn to_message(&self) -> Option<Message> {
+        use crate::message::ErrorCode;
+        match self {
+            ConnError::Frame(FrameError::TooLarge { .. }) => Some(Message::connection_error(
+                ErrorCode::TooLarge,
+                self.to_string(),
+            )),
+            ConnError::Frame(_) => Some(Message::connection_error(
+                ErrorCode::BadRequest,
+                self.to_string(),
+            )),
+            ConnError::FrameTimeout(_) | ConnError::Idle(_) => Some(Message::connection_error(
+                ErrorCode::Timeout,
+                self.to_string(),
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// A framed stream.
+pub struct Connection<S> {
+    stream: S,
+    read_buf: BytesMut,
+    write_buf: Vec<u8>,
+    /// When the first byte of the frame now being received arrived.
+    frame_started: Option<Instant>,
+    /// When the last complete frame arrived (or the connection opened).
+    last_frame: Instant,
+    limits: IoLimits,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    /// Wraps a stream.
+    pub fn new(stream: S, limits: IoLimits) -> Self {
+        Connection {
+            stream,
+            read_buf: BytesMut::new(),
+            write_buf: Vec::new(),
+            frame_started: None,
+            last_frame: Instant::now(),
+            limits,
+        }
+    }
+
+    /// The underlying stream.
+    pub fn get_ref(&self) -> &S {
+        &self.stream
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> IoLimits {
+        self.limits
+    }
+
+    /// Reads the next message. `Ok(None)` is a clean close between frames.
+    ///
+    /// Cancel-safe: dropping the future loses no bytes.
+    pub async fn read_message(&mut self) -> Result<Option<Message>, ConnError> {
+        loop {
+            match frame::decode::<Message>(&self.read_buf, self.limits.max_frame)? {
+                Decoded::Complete { value, consumed } => {
+                    self.read_buf.advance(consumed);
+                    let now = Instant::now();
+                    self.last_frame = now;
+                    self.frame_started = (!self.read_buf.is_empty()).then_some(now);
+                    if self.read_buf.is_empty() && self.read_buf.capacity() > KEEP_BUFFER {
+                        self.read_buf = BytesMut::new();
+                    }
+                    return Ok(Some(value));
+                }
+                Decoded::Incomplete { frame_len } => {
+                    let missing = frame_len.map_or(READ_CHUNK, |n| n - self.read_buf.len());
+                    let want = missing.clamp(READ_CHUNK, BIG_READ_CHUNK);
+                    if self.read_buf.capacity() - self.read_buf.len() < want {
+                        self.read_buf.reserve(want);
+                    }
+                }
+            }
+            let (deadline, err) = match self.frame_started {
+                Some(t) => (
+                    t + self.limits.frame_timeout,
+                    ConnError::FrameTimeout(self.limits.frame_timeout),
+                ),
+                None => (
+                    self.last_frame + self.limits.idle_timeout,
+                    ConnError::Idle(self.limits.idle_timeout),
+                ),
+            };
+            let n = match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.read_buf)).await {
+                Ok(r) => r?,
+                Err(_) => return Err(err),
+            };
+            if n == 0 {
+                return if self.read_buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(ConnError::Truncated)
+                };
+            }
+            if self.frame_started.is_none() {
+                self.frame_started = Some(Instant::now());
+            }
+        }
+    }
+
+    /// Queues a message to be written by the next [`flush`](Self::flush).
+    pub fn queue(&mut self, msg: &Message) -> Result<(), FrameError> {
+        frame::encode(msg, self.limits.max_frame, &mut self.write_buf)
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued(&self) -> usize {
+        self.write_buf.len()
+    }
+
+    /// Writes everything queued, under the write deadline.
+    pub async fn flush(&mut self) -> Result<(), ConnError> {
+        if self.write_buf.is_empty() {
+            return Ok(());
+        }
+        let limit = self.limits.write_timeout;
+        let fut = async {
+            self.stream.write_all(&self.write_buf).await?;
+            self.stream.flush().await
+        };
+        match tokio::time::timeout(limit, fut).await {
+            Ok(r) => r?,
+            Err(_) => return Err(ConnError::WriteTimeout(limit)),
+        }
+        self.write_buf.clear();
+        if self.write_buf.capacity() > KEEP_BUFFER {
+            self.write_buf = Vec::new();
+        }
+        Ok(())
+    }
+
+    /// Queues and writes one message.
+    pub async fn send(&mut self, msg: &Message) -> Result<(), ConnError> {
+        self.queue(msg)?;
+        self.flush().await
+    }
+
+    /// Best effort: writes what is queued plus `last` (if any) and shuts the stream down
+    /// (a TLS close_notify), all within the write deadline. Errors are ignored: the
+    /// connection is going away either way.
+    pub async fn close(&mut self, last: Option<&Message>) {
+        if let Some(m) = last {
+            let _ = self.queue(m);
+        }
+        let limit = self.limits.write_timeout;
+        let _ = tokio::time::timeout(limit, async {
+            let _ = self.flush().await;
+            let _ = self.stream.shutdown().await;
+        })
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{Ping, Reply};
+
+    fn limits() -> IoLimits {
+        IoLimits {
+            max_frame: 1024,
+            frame_timeout: Duration::from_millis(200),
+            idle_timeout: Duration::from_millis(400),
+            write_timeout: Duration::from_millis(200),
+        }
+    }
+
+    fn ping(n: u8) -> Message {
+        Message::Ping(Ping { nonce: vec![n; 16] })
+    }
+
+    #[tokio::test]
+    async fn messages_round_trip_and_batch() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let mut tx = Connection::new(a, limits());
+        let mut rx = Connection::new(b, limits());
+        for n in 0..5 {
+            tx.queue(&ping(n)).unwrap();
+        }
+        tx.flush().await.unwrap();
+        for n in 0..5 {
+            assert_eq!(rx.read_message().await.unwrap(), Some(ping(n)));
+        }
+        drop(tx);
+        assert_eq!(rx.read_message().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn oversize_header_ends_the_connection_at_once() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let mut rx = Connection::new(b, limits());
+        a.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        let err = rx.read_message().await.unwrap_err();
+        assert!(matches!(err, ConnError::Frame(FrameError::TooLarge { .. })), "{err}");
+        assert!(rx.read_buf.capacity() <= READ_CHUNK * 2, "nothing allocated for the body");
+        assert!(matches!(
+            err.to_message(),
+            Some(Message::Error(e)) if e.code == crate::message::ErrorCode::TooLarge
+        ));
+    }
+
+    #[tokio::test]
+    async fn slow_frame_is_cut_off() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let mut rx = Connection::new(b, limits());
+        let frame = frame::encode_to_vec(&ping(1), 1024).unwrap();
+        let started = Instant::now();
+        let drip = tokio::spawn(async move {
+            for byte in frame {
+                if a.write_all(&[byte]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let err = rx.read_message().await.unwrap_err();
+        assert!(matches!(err, ConnError::FrameTimeout(_)), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drip.abort();
+    }
+
+    #[tokio::test]
+    async fn idle_peer_is_cut_off() {
+        let (_a, b) = tokio::io::duplex(1024);
+        let mut rx = Connection::new(b, limits());
+        let err = rx.read_message().await.unwrap_err();
+        assert!(matches!(err, ConnError::Idle(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn truncated_frame_is_an_error_not_a_clean_close() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let mut rx = Connection::new(b, limits());
+        let frame = frame::encode_to_vec(&ping(1), 1024).unwrap();
+        a.write_all(&frame[..frame.len() - 1]).await.unwrap();
+        drop(a);
+        assert!(matches!(rx.read_message().await, Err(ConnError::Truncated)));
+    }
+
+    #[tokio::test]
+    async fn read_is_cancel_safe() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let mut rx = Connection::new(b, limits());
+        let frame = frame::encode_to_vec(
+            &Message::Reply(Reply {
+                id: 9,
+                payload: vec![7; 100],
+            }),
+            1024,
+        )
+        .unwrap();
+        a.write_all(&frame[..50]).await.unwrap();
+        // Cancel a read half-way through the frame.
+        let r = tokio::time::timeout(Duration::from_millis(20), rx.read_message()).await;
+        assert!(r.is_err());
+        a.write_all(&frame[50..]).await.unwrap();
+        assert!(matches!(
+            rx.read_message().await.unwrap(),
+            Some(Message::Reply(Reply { id: 9, .. }))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_never_reads_hits_the_write_deadline() {
+        let (_a, b) = tokio::io::duplex(64);
+        let mut tx = Connection::new(b, limits());
+        tx.queue(&Message::Reply(Reply {
+            id: 1,
+            payload: vec![0; 900],
+        }))
+        .unwrap();
+        assert!(matches!(tx.flush().await, Err(ConnError::WriteTimeout(_))));
+    }
+}
