@@ -9,8 +9,8 @@
 use crate::identity::{IdentityError, Role, SpiffeId};
 use crate::token::{KeyFile, KeyFileError, SecretKey};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -219,9 +219,8 @@ impl CertAuthority {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        params.subject_alt_names = vec![SanType::URI(
-            format!("spiffe://{trust_domain}").try_into()?,
-        )];
+        params.subject_alt_names =
+            vec![SanType::URI(format!("spiffe://{trust_domain}").try_into()?)];
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::minutes(5);
         params.not_after = now + Duration::days(CA_DAYS.into());
@@ -458,7 +457,10 @@ pub fn init(dir: &Path, opts: &InitOptions) -> Result<Vec<PathBuf>, CertError> {
     let ca_cert = dir.join(CA_CERT);
     write_file(&ca_cert, ca.cert_pem().as_bytes(), 0o644, opts.force)?;
     written.extend([ca_cert, ca_key]);
-    for id in [&dispatcher, &watchdog, &client].into_iter().chain(&workers) {
+    for id in [&dispatcher, &watchdog, &client]
+        .into_iter()
+        .chain(&workers)
+    {
         written.extend(write_leaf(dir, &ca, id, opts.days, &opts.hosts, true)?);
     }
     let master = KeyFile::single(1, SecretKey::generate()?);
@@ -494,9 +496,8 @@ pub fn issue(dir: &Path, opts: &IssueOptions) -> Result<Vec<PathBuf>, CertError>
     let ca = CertAuthority::load(dir)?;
     let td = match &opts.trust_domain {
         Some(td) => td.clone(),
-        None => ca_trust_domain(ca.cert_pem()).unwrap_or_else(|| {
-            crate::identity::DEFAULT_TRUST_DOMAIN.to_string()
-        }),
+        None => ca_trust_domain(ca.cert_pem())
+            .unwrap_or_else(|| crate::identity::DEFAULT_TRUST_DOMAIN.to_string()),
     };
     if opts.role == Role::Worker && opts.name.parse::<u32>().map_or(true, |n| n == 0) {
         return Err(CertError::Identity(IdentityError::BadName(format!(

@@ -374,9 +374,15 @@ impl Config {
                 "limits.max_in_flight_per_connection",
                 l.max_in_flight_per_connection as u64,
             ),
-            ("limits.worker_max_concurrent", l.worker_max_concurrent as u64),
+            (
+                "limits.worker_max_concurrent",
+                l.worker_max_concurrent as u64,
+            ),
             ("token.lifetime_ms", self.token.lifetime_ms),
-            ("token.replay_cache_entries", self.token.replay_cache_entries as u64),
+            (
+                "token.replay_cache_entries",
+                self.token.replay_cache_entries as u64,
+            ),
             (
                 "dispatcher.max_in_flight_per_worker",
                 self.dispatcher.max_in_flight_per_worker as u64,
@@ -457,11 +463,11 @@ impl Config {
 
     fn validate_ops(&self, p: &mut Vec<String>) {
         let mut names: HashSet<&str> = BUILTIN_OPS.iter().copied().collect();
-        let declared = self
-            .jobs
-            .iter()
-            .map(|j| (j.name.as_str(), "job"))
-            .chain(self.custom_ops.iter().map(|c| (c.name.as_str(), "custom op")));
+        let declared = self.jobs.iter().map(|j| (j.name.as_str(), "job")).chain(
+            self.custom_ops
+                .iter()
+                .map(|c| (c.name.as_str(), "custom op")),
+        );
         for (name, what) in declared {
             if !valid_op_name(name) {
                 p.push(format!(
@@ -469,7 +475,9 @@ impl Config {
                 ));
             }
             if !names.insert(name) {
-                p.push(format!("{what} {name:?} clashes with another op of that name"));
+                p.push(format!(
+                    "{what} {name:?} clashes with another op of that name"
+                ));
             }
         }
         for j in &self.jobs {
@@ -480,7 +488,10 @@ impl Config {
                 ));
             }
             if j.timeout_ms == 0 {
-                p.push(format!("job {:?}: timeout_ms must be greater than 0", j.name));
+                p.push(format!(
+                    "job {:?}: timeout_ms must be greater than 0",
+                    j.name
+                ));
             }
             if j.max_output_bytes == 0 || j.max_output_bytes > self.limits.max_frame_bytes {
                 p.push(format!(
@@ -498,7 +509,8 @@ impl Config {
                     continue;
                 }
                 match entry.parse::<SpiffeId>() {
-                    Ok(id) if id.role() == Role::Client && id.trust_domain() == self.trust_domain => {}
+                    Ok(id)
+                        if id.role() == Role::Client && id.trust_domain() == self.trust_domain => {}
                     Ok(_) => p.push(format!(
                         "acl {op:?}: {entry:?} is not a client identity of trust domain {:?}",
                         self.trust_domain
@@ -551,10 +563,13 @@ impl Config {
                 idempotent: j.idempotent,
             });
         }
-        self.custom_ops.iter().find(|c| c.name == op).map(|c| OpInfo {
-            kind: OpKind::Custom,
-            idempotent: c.idempotent,
-        })
+        self.custom_ops
+            .iter()
+            .find(|c| c.name == op)
+            .map(|c| OpInfo {
+                kind: OpKind::Custom,
+                idempotent: c.idempotent,
+            })
     }
 
     /// The ACL decision: listed ops allow `"*"` or the exact client identity; unlisted
@@ -568,7 +583,13 @@ impl Config {
                 let me = client.to_string();
                 who.iter().any(|w| w == "*" || *w == me)
             }
-            None => matches!(self.op_info(op), Some(OpInfo { kind: OpKind::Builtin, .. })),
+            None => matches!(
+                self.op_info(op),
+                Some(OpInfo {
+                    kind: OpKind::Builtin,
+                    ..
+                })
+            ),
         }
     }
 
@@ -582,9 +603,9 @@ impl Config {
 pub fn valid_op_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'.'))
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'.')
+        })
 }
 
 #[cfg(test)]

@@ -154,10 +154,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     ConnError::Idle(self.limits.idle_timeout),
                 ),
             };
-            let n = match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.read_buf)).await {
-                Ok(r) => r?,
-                Err(_) => return Err(err),
-            };
+            let n =
+                match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.read_buf))
+                    .await
+                {
+                    Ok(r) => r?,
+                    Err(_) => return Err(err),
+                };
             if n == 0 {
                 return if self.read_buf.is_empty() {
                     Ok(None)
@@ -174,6 +177,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Queues a message to be written by the next [`flush`](Self::flush).
     pub fn queue(&mut self, msg: &Message) -> Result<(), FrameError> {
         frame::encode(msg, self.limits.max_frame, &mut self.write_buf)
+    }
+
+    /// Queues a frame that was already encoded (header included) by [`frame::encode`].
+    pub fn queue_encoded(&mut self, frame: &[u8]) {
+        self.write_buf.extend_from_slice(frame);
     }
 
     /// Bytes queued and not yet written.
@@ -264,8 +272,14 @@ mod tests {
         let mut rx = Connection::new(b, limits());
         a.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
         let err = rx.read_message().await.unwrap_err();
-        assert!(matches!(err, ConnError::Frame(FrameError::TooLarge { .. })), "{err}");
-        assert!(rx.read_buf.capacity() <= READ_CHUNK * 2, "nothing allocated for the body");
+        assert!(
+            matches!(err, ConnError::Frame(FrameError::TooLarge { .. })),
+            "{err}"
+        );
+        assert!(
+            rx.read_buf.capacity() <= READ_CHUNK * 2,
+            "nothing allocated for the body"
+        );
         assert!(matches!(
             err.to_message(),
             Some(Message::Error(e)) if e.code == crate::message::ErrorCode::TooLarge

@@ -226,7 +226,11 @@ mod tests {
         let mut out = vec![1, 2, 3];
         let err = encode(&request("echo", &[0u8; 2048]), 1024, &mut out).unwrap_err();
         assert!(matches!(err, FrameError::TooLarge { max: 1024, .. }));
-        assert_eq!(out, vec![1, 2, 3], "a failed encode leaves the buffer alone");
+        assert_eq!(
+            out,
+            vec![1, 2, 3],
+            "a failed encode leaves the buffer alone"
+        );
     }
 
     #[test]
@@ -235,7 +239,10 @@ mod tests {
             ("empty body", &[0, 0, 0, 0]),
             ("not msgpack", &[0, 0, 0, 3, 0xc1, 0xc1, 0xc1]),
             ("a bare integer", &[0, 0, 0, 1, 0x05]),
-            ("unknown message kind", &[0, 0, 0, 5, 0x81, 0xa3, b'f', b'o', b'o', 0xc0][..]),
+            (
+                "unknown message kind",
+                &[0, 0, 0, 5, 0x81, 0xa3, b'f', b'o', b'o', 0xc0][..],
+            ),
             ("truncated map inside a complete frame", &[0, 0, 0, 1, 0x81]),
         ];
         for (name, bytes) in cases {
@@ -291,8 +298,10 @@ mod tests {
             panic!("first frame incomplete");
         };
         assert_eq!(value, a);
-        let Decoded::Complete { value, consumed: c2 } =
-            decode::<Message>(&buf[consumed..], 1024).unwrap()
+        let Decoded::Complete {
+            value,
+            consumed: c2,
+        } = decode::<Message>(&buf[consumed..], 1024).unwrap()
         else {
             panic!("second frame incomplete");
         };

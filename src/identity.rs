@@ -303,7 +303,16 @@ fn validate_name(name: &str) -> Result<(), IdentityError> {
 
 /// Keeps attacker-chosen strings short in error messages and logs.
 fn truncate(s: &str) -> String {
-    s.chars().take(80).collect()
+    printable(s)
+}
+
+/// A peer-supplied string made safe for one log line: at most 80 characters, control
+/// characters replaced, so that nobody can forge a log line with a newline.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .take(80)
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect()
 }
 
 #[cfg(test)]
@@ -378,6 +387,9 @@ mod tests {
         let policy = PeerPolicy::Exactly(w1.clone());
         assert!(policy.check(&w1).is_ok());
         let err = policy.check(&w2).unwrap_err();
-        assert!(err.to_string().contains("expected peer spiffe://securesrv/worker/1"));
+        assert!(
+            err.to_string()
+                .contains("expected peer spiffe://securesrv/worker/1")
+        );
     }
 }

@@ -107,6 +107,28 @@ pub struct Pong {
     pub workers_available: Option<u32>,
 }
 
+/// A borrowed `forward` message: encodes exactly like [`Message::Forward`] without copying the
+/// payload, so the dispatcher can keep the payload for a retry.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForwardRef<'a> {
+    /// See [`Forward`].
+    Forward {
+        /// See [`Forward::id`].
+        id: u64,
+        /// See [`Forward::op`].
+        op: &'a str,
+        /// See [`Forward::payload`].
+        #[serde(with = "serde_bytes")]
+        payload: &'a [u8],
+        /// See [`Forward::token`].
+        #[serde(with = "serde_bytes")]
+        token: &'a [u8],
+        /// See [`Forward::timeout_ms`].
+        timeout_ms: u32,
+    },
+}
+
 /// Smallest nonce a ping may carry.
 pub const MIN_NONCE_LEN: usize = 16;
 /// Largest nonce a ping may carry.
@@ -219,6 +241,28 @@ mod tests {
         ]
         .concat();
         assert_eq!(bytes, expected);
+    }
+
+    #[test]
+    fn forward_ref_encodes_like_forward() {
+        let owned = Message::Forward(Forward {
+            id: 9,
+            op: "echo".into(),
+            payload: vec![1, 2, 3],
+            token: vec![4; 40],
+            timeout_ms: 1234,
+        });
+        let borrowed = ForwardRef::Forward {
+            id: 9,
+            op: "echo",
+            payload: &[1, 2, 3],
+            token: &[4; 40],
+            timeout_ms: 1234,
+        };
+        assert_eq!(
+            rmp_serde::to_vec_named(&owned).unwrap(),
+            rmp_serde::to_vec_named(&borrowed).unwrap()
+        );
     }
 
     #[test]

@@ -14,8 +14,8 @@ use crate::certs::{self, CertError};
 use crate::identity::{IdentityError, PeerPolicy, Role, SpiffeId};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError};
 use rustls::{RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -65,8 +65,7 @@ impl HandshakeError {
         let Some(inner) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
             return HandshakeError::Io(e);
         };
-        if let rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(other))) =
-            inner
+        if let rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(other))) = inner
         {
             if let Some(id_err) = other.downcast_ref::<IdentityError>() {
                 return HandshakeError::Identity(id_err.clone());
@@ -165,13 +164,14 @@ impl TlsMaterial {
     }
 
     /// A server configuration for a listener of role `endpoint`.
-    pub fn server_config(&self, endpoint: Role) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
-        let inner = WebPkiClientVerifier::builder_with_provider(
-            self.roots.clone(),
-            self.provider.clone(),
-        )
-        .build()
-        .map_err(|e| TlsConfigError::Verifier(e.to_string()))?;
+    pub fn server_config(
+        &self,
+        endpoint: Role,
+    ) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
+        let inner =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
+                .build()
+                .map_err(|e| TlsConfigError::Verifier(e.to_string()))?;
         let verifier = Arc::new(IdentityClientVerifier {
             inner,
             policy: PeerPolicy::Serve {
@@ -191,7 +191,10 @@ impl TlsMaterial {
     }
 
     /// A client configuration that accepts only the server `expected`.
-    pub fn client_config(&self, expected: &SpiffeId) -> Result<Arc<rustls::ClientConfig>, TlsConfigError> {
+    pub fn client_config(
+        &self,
+        expected: &SpiffeId,
+    ) -> Result<Arc<rustls::ClientConfig>, TlsConfigError> {
         let verifier = Arc::new(IdentityServerVerifier {
             roots: self.roots.clone(),
             policy: PeerPolicy::Exactly(expected.clone()),
@@ -207,7 +210,11 @@ impl TlsMaterial {
     }
 
     /// An acceptor for a listener of role `endpoint`.
-    pub fn acceptor(&self, endpoint: Role, handshake_timeout: Duration) -> Result<Acceptor, TlsConfigError> {
+    pub fn acceptor(
+        &self,
+        endpoint: Role,
+        handshake_timeout: Duration,
+    ) -> Result<Acceptor, TlsConfigError> {
         Ok(Acceptor::new(
             self.server_config(endpoint)?,
             PeerPolicy::Serve {
@@ -219,7 +226,11 @@ impl TlsMaterial {
     }
 
     /// A connector that reaches only `expected`.
-    pub fn connector(&self, expected: &SpiffeId, handshake_timeout: Duration) -> Result<Connector, TlsConfigError> {
+    pub fn connector(
+        &self,
+        expected: &SpiffeId,
+        handshake_timeout: Duration,
+    ) -> Result<Connector, TlsConfigError> {
         Ok(Connector {
             tls: tokio_rustls::TlsConnector::from(self.client_config(expected)?),
             policy: PeerPolicy::Exactly(expected.clone()),
@@ -238,7 +249,11 @@ pub struct Acceptor {
 
 impl Acceptor {
     /// An acceptor from a prepared server configuration.
-    pub fn new(cfg: Arc<rustls::ServerConfig>, policy: PeerPolicy, handshake_timeout: Duration) -> Self {
+    pub fn new(
+        cfg: Arc<rustls::ServerConfig>,
+        policy: PeerPolicy,
+        handshake_timeout: Duration,
+    ) -> Self {
         Acceptor {
             tls: tokio_rustls::TlsAcceptor::from(cfg),
             policy,
@@ -270,7 +285,10 @@ pub struct Connector {
 impl Connector {
     /// Connects to `addr` (TCP connect and handshake share the deadline) and checks that the
     /// server is the identity this connector expects.
-    pub async fn connect(&self, addr: SocketAddr) -> Result<(ClientStream, SpiffeId), HandshakeError> {
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(ClientStream, SpiffeId), HandshakeError> {
         let fut = async {
             let tcp = TcpStream::connect(addr).await?;
             let _ = tcp.set_nodelay(true);

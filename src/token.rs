@@ -390,7 +390,10 @@ impl fmt::Debug for Verifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Verifier")
             .field("me", &self.me)
-            .field("key_ids", &self.keys.iter().map(|k| k.0).collect::<Vec<_>>())
+            .field(
+                "key_ids",
+                &self.keys.iter().map(|k| k.0).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }

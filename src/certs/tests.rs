@@ -114,11 +114,26 @@ fn identities_sans_and_key_usages() {
     assert_eq!(ca.uris, vec!["spiffe://securesrv"]);
 
     let cases = [
-        ("dispatcher.crt", "spiffe://securesrv/dispatcher/main", true, true),
+        (
+            "dispatcher.crt",
+            "spiffe://securesrv/dispatcher/main",
+            true,
+            true,
+        ),
         ("worker-1.crt", "spiffe://securesrv/worker/1", true, false),
         ("worker-2.crt", "spiffe://securesrv/worker/2", true, false),
-        ("watchdog.crt", "spiffe://securesrv/watchdog/main", false, true),
-        ("client.crt", "spiffe://securesrv/client/default", false, true),
+        (
+            "watchdog.crt",
+            "spiffe://securesrv/watchdog/main",
+            false,
+            true,
+        ),
+        (
+            "client.crt",
+            "spiffe://securesrv/client/default",
+            false,
+            true,
+        ),
     ];
     for (file, uri, server, client) in cases {
         let p = parse_cert(&tmp.path().join(file));
@@ -133,10 +148,8 @@ fn identities_sans_and_key_usages() {
         } else {
             assert!(p.dns.is_empty() && p.ips == 0, "{file}");
         }
-        let id = SpiffeId::from_certificate_der(
-            &load_certs(&tmp.path().join(file)).unwrap()[0],
-        )
-        .unwrap();
+        let id = SpiffeId::from_certificate_der(&load_certs(&tmp.path().join(file)).unwrap()[0])
+            .unwrap();
         assert_eq!(id.to_string(), uri);
     }
 }
@@ -205,7 +218,9 @@ fn issue_adds_identities_signed_by_the_existing_ca() {
     // A certificate from another CA does not verify.
     let other = tempfile::tempdir().unwrap();
     init(other.path(), &opts(1)).unwrap();
-    let foreign = load_certs(&other.path().join("client.crt")).unwrap().remove(0);
+    let foreign = load_certs(&other.path().join("client.crt"))
+        .unwrap()
+        .remove(0);
     assert!(
         client_verifier(tmp.path())
             .verify_client_cert(&foreign, &[], UnixTime::now())
@@ -289,7 +304,10 @@ fn rotation_rederives_every_worker_file() {
     rotate_token_key(tmp.path(), DEFAULT_TRUST_DOMAIN, 60_000).unwrap();
     let after = load_key_file(&tmp.path().join("token.key")).unwrap();
     assert_eq!(after.current().id, 2);
-    assert_eq!(after.entries()[1].key.expose(), before.current().key.expose());
+    assert_eq!(
+        after.entries()[1].key.expose(),
+        before.current().key.expose()
+    );
     for n in 1..=2 {
         let w = load_key_file(&tmp.path().join(format!("worker-{n}.token"))).unwrap();
         let id = SpiffeId::worker(DEFAULT_TRUST_DOMAIN, n).unwrap();

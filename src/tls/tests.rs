@@ -80,7 +80,10 @@ fn client_spec(uris: &[&str]) -> LeafSpec {
 async fn start_worker_listener(
     m: &TlsMaterial,
     handshake_timeout: Duration,
-) -> (SocketAddr, mpsc::UnboundedReceiver<Result<SpiffeId, HandshakeError>>) {
+) -> (
+    SocketAddr,
+    mpsc::UnboundedReceiver<Result<SpiffeId, HandshakeError>>,
+) {
     let acceptor = m.acceptor(Role::Worker, handshake_timeout).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -121,12 +124,19 @@ async fn next(
 }
 
 /// Connects with `m` expecting worker 1 and reads the server's "ok".
-async fn good_peer_is_served(addr: SocketAddr, m: &TlsMaterial, rx: &mut mpsc::UnboundedReceiver<Result<SpiffeId, HandshakeError>>) {
+async fn good_peer_is_served(
+    addr: SocketAddr,
+    m: &TlsMaterial,
+    rx: &mut mpsc::UnboundedReceiver<Result<SpiffeId, HandshakeError>>,
+) {
     let w1 = SpiffeId::worker(TD, 1).unwrap();
     let (mut s, id) = m.connector(&w1, WAIT).unwrap().connect(addr).await.unwrap();
     assert_eq!(id, w1);
     let mut buf = [0u8; 2];
-    tokio::time::timeout(WAIT, s.read_exact(&mut buf)).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, s.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&buf, b"ok");
     let server_saw = next(rx).await.unwrap();
     assert_eq!(server_saw, *m.own_id());
@@ -172,7 +182,10 @@ async fn refusals_with_reasons_and_service_continues() {
     // TLS 1.3: the client may finish before the server judges it; either way no session.
     if let Ok((mut s, _)) = err {
         let mut b = [0u8; 1];
-        assert!(s.read(&mut b).await.is_err(), "refused client must not read data");
+        assert!(
+            s.read(&mut b).await.is_err(),
+            "refused client must not read data"
+        );
     }
     match next(&mut rx).await {
         Err(HandshakeError::Identity(IdentityError::RoleNotAllowed { role, endpoint, .. })) => {
@@ -196,7 +209,11 @@ async fn refusals_with_reasons_and_service_continues() {
     let mut no_cert = no_cert;
     no_cert.alpn_protocols = vec![ALPN.to_vec()];
     let e = raw_attempt(addr, Arc::new(no_cert)).await.unwrap_err();
-    assert_eq!(alert_of(&e), Some(AlertDescription::CertificateRequired), "{e}");
+    assert_eq!(
+        alert_of(&e),
+        Some(AlertDescription::CertificateRequired),
+        "{e}"
+    );
     assert!(matches!(
         next(&mut rx).await,
         Err(HandshakeError::Tls(rustls::Error::NoCertificatesPresented))
@@ -206,14 +223,23 @@ async fn refusals_with_reasons_and_service_continues() {
     // 3. A dispatcher certificate from another CA.
     let foreign = material(&pki.other_dir, "dispatcher");
     let e = foreign.connector(&w1, WAIT).unwrap().connect(addr).await;
-    assert!(e.is_err(), "foreign client must not trust our worker either");
+    assert!(
+        e.is_err(),
+        "foreign client must not trust our worker either"
+    );
     assert!(matches!(
         next(&mut rx).await,
-        Err(HandshakeError::Tls(rustls::Error::AlertReceived(AlertDescription::UnknownCA)))
+        Err(HandshakeError::Tls(rustls::Error::AlertReceived(
+            AlertDescription::UnknownCA
+        )))
     ));
     let mut foreign_trusting_us = material(&pki.other_dir, "dispatcher");
     foreign_trusting_us.roots = dispatcher.roots.clone();
-    let res = foreign_trusting_us.connector(&w1, WAIT).unwrap().connect(addr).await;
+    let res = foreign_trusting_us
+        .connector(&w1, WAIT)
+        .unwrap()
+        .connect(addr)
+        .await;
     if let Ok((mut s, _)) = res {
         let mut b = [0u8; 1];
         let e = s.read(&mut b).await.unwrap_err();
@@ -237,7 +263,11 @@ async fn refusals_with_reasons_and_service_continues() {
     if let Ok((mut s, _)) = expired.connector(&w1, WAIT).unwrap().connect(addr).await {
         let mut b = [0u8; 1];
         let e = s.read(&mut b).await.unwrap_err();
-        assert_eq!(alert_of(&e), Some(AlertDescription::CertificateExpired), "{e}");
+        assert_eq!(
+            alert_of(&e),
+            Some(AlertDescription::CertificateExpired),
+            "{e}"
+        );
     }
     match next(&mut rx).await {
         Err(HandshakeError::Tls(rustls::Error::InvalidCertificate(
@@ -254,22 +284,35 @@ async fn refusals_with_reasons_and_service_continues() {
             assert_eq!(expected, w2.to_string());
             assert_eq!(found, w1.to_string());
         }
-        other => panic!("expected unexpected-peer refusal, got {:?}", other.map(|x| x.1)),
+        other => panic!(
+            "expected unexpected-peer refusal, got {:?}",
+            other.map(|x| x.1)
+        ),
     }
-    assert!(next(&mut rx).await.is_err(), "server sees the client's alert");
+    assert!(
+        next(&mut rx).await.is_err(),
+        "server sees the client's alert"
+    );
     good_peer_is_served(addr, &dispatcher, &mut rx).await;
 
     // 6. No ALPN offered.
     let mut no_alpn = (*dispatcher.client_config(&w1).unwrap()).clone();
     no_alpn.alpn_protocols.clear();
     let r = raw_attempt(addr, Arc::new(no_alpn)).await;
-    assert!(matches!(r, Ok(0) | Err(_)), "no data for a peer without ALPN: {r:?}");
+    assert!(
+        matches!(r, Ok(0) | Err(_)),
+        "no data for a peer without ALPN: {r:?}"
+    );
     assert!(matches!(next(&mut rx).await, Err(HandshakeError::NoAlpn)));
     // ... and a wrong ALPN is refused by rustls itself.
     let mut wrong_alpn = (*dispatcher.client_config(&w1).unwrap()).clone();
     wrong_alpn.alpn_protocols = vec![b"http/1.1".to_vec()];
     let e = raw_attempt(addr, Arc::new(wrong_alpn)).await.unwrap_err();
-    assert_eq!(alert_of(&e), Some(AlertDescription::NoApplicationProtocol), "{e}");
+    assert_eq!(
+        alert_of(&e),
+        Some(AlertDescription::NoApplicationProtocol),
+        "{e}"
+    );
     assert!(next(&mut rx).await.is_err());
     good_peer_is_served(addr, &dispatcher, &mut rx).await;
 }
@@ -281,7 +324,11 @@ async fn odd_identities_are_refused_with_a_readable_reason() {
     let (addr, mut rx) = start_worker_listener(&worker, WAIT).await;
     let w1 = SpiffeId::worker(TD, 1).unwrap();
     let cases: Vec<(&str, LeafSpec, &str)> = vec![
-        ("no-uri", client_spec(&[]), "no URI subject alternative name"),
+        (
+            "no-uri",
+            client_spec(&[]),
+            "no URI subject alternative name",
+        ),
         (
             "two-uris",
             client_spec(&[
@@ -340,8 +387,13 @@ async fn silent_peer_is_cut_off_at_the_handshake_deadline() {
         other => panic!("expected timeout, got {other:?}"),
     }
     let mut b = [0u8; 1];
-    let n = tokio::time::timeout(WAIT, silent.read(&mut b)).await.unwrap();
-    assert!(matches!(n, Ok(0) | Err(_)), "server closed the silent connection");
+    let n = tokio::time::timeout(WAIT, silent.read(&mut b))
+        .await
+        .unwrap();
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "server closed the silent connection"
+    );
     good_peer_is_served(addr, &material(&pki.dir, "dispatcher"), &mut rx).await;
 }
 

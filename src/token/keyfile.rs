@@ -189,7 +189,9 @@ mod tests {
     #[test]
     fn render_parse_round_trip() {
         let f = KeyFile::single(1, SecretKey::from_bytes([7; 32]));
-        let rotated = f.rotated(SecretKey::from_bytes([9; 32]), 1_000, 5_000).unwrap();
+        let rotated = f
+            .rotated(SecretKey::from_bytes([9; 32]), 1_000, 5_000)
+            .unwrap();
         let text = rotated.render();
         let back = KeyFile::parse(&text).unwrap();
         assert_eq!(back.current().id, 2);
@@ -197,7 +199,9 @@ mod tests {
         assert_eq!(back.entries()[1].id, 1);
         assert_eq!(back.entries()[1].not_after_ms, Some(5_000));
         // A second rotation after the first window ended drops key 1.
-        let again = back.rotated(SecretKey::from_bytes([3; 32]), 6_000, 9_000).unwrap();
+        let again = back
+            .rotated(SecretKey::from_bytes([3; 32]), 6_000, 9_000)
+            .unwrap();
         let ids: Vec<u32> = again.entries().iter().map(|e| e.id).collect();
         assert_eq!(ids, vec![3, 2]);
     }
@@ -225,7 +229,10 @@ mod tests {
     fn debug_never_shows_key_bytes() {
         let f = KeyFile::single(1, SecretKey::from_bytes([0xab; 32]));
         let dbg = format!("{f:?}");
-        assert!(!dbg.contains("171") && !dbg.to_lowercase().contains("abab"), "{dbg}");
+        assert!(
+            !dbg.contains("171") && !dbg.to_lowercase().contains("abab"),
+            "{dbg}"
+        );
         assert!(dbg.contains("redacted"));
     }
 }

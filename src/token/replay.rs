@@ -39,7 +39,12 @@ impl ReplayCache {
     }
 
     /// Records `id` until `forget_after_ms`; refuses an id already present.
-    pub fn insert(&mut self, id: u128, forget_after_ms: u64, now_ms: u64) -> Result<(), TokenError> {
+    pub fn insert(
+        &mut self,
+        id: u128,
+        forget_after_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), TokenError> {
         self.prune(now_ms);
         if self.seen.contains(&id) {
             return Err(TokenError::Replayed);

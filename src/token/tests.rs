@@ -136,7 +136,10 @@ fn refusals() {
             now,
         )
         .unwrap();
-    assert_eq!(f.verifier.verify(&t, "echo", b"", now), Err(TokenError::BadTag));
+    assert_eq!(
+        f.verifier.verify(&t, "echo", b"", now),
+        Err(TokenError::BadTag)
+    );
 
     // The refusals above did not poison the replay cache: a good token still works.
     assert!(f.verifier.verify(&good(), "echo", b"pay", now).is_ok());
@@ -190,7 +193,10 @@ fn rotation_accepts_previous_key_until_its_window_ends() {
     assert!(v.verify(&mint(&new_minter, now), "echo", b"", now).is_ok());
     assert!(v.verify(&mint(&f.minter, now), "echo", b"", now).is_ok());
     let late = now + 10_001;
-    assert!(v.verify(&mint(&new_minter, late), "echo", b"", late).is_ok());
+    assert!(
+        v.verify(&mint(&new_minter, late), "echo", b"", late)
+            .is_ok()
+    );
     assert_eq!(
         v.verify(&mint(&f.minter, late), "echo", b"", late),
         Err(TokenError::UnknownKey(1))

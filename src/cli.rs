@@ -1,0 +1,373 @@
+//! Command-line parsing, the original's menu, and the mapping from errors to exit codes.
+//!
+//! Exit codes: 0 success; 1 other failure; 2 usage; 3 request refused (ACL, unknown op, bad
+//! input, too large); 4 unavailable (no worker, overloaded, timeout, worker lost); 5 connection
+//! or TLS failure; 6 the op ran and failed; 64 bad configuration; 130 interrupted.
+
+mod client_cmd;
+mod components;
+
+use clap::{Args, Parser, Subcommand};
+use securesrv::config::{Config, ConfigError};
+use securesrv::identity::Role;
+use std::io::{BufRead, IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit code for a bad configuration (EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// securesrv: a hardened request-dispatch service over mutual TLS.
+#[derive(Parser, Debug)]
+#[command(name = "securesrv", version, about, long_about = None)]
+pub struct Cli {
+    /// Optional TOML configuration (every setting has a built-in default).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Log filter (e.g. `info`, `debug`, `securesrv::audit=info,warn`). Also SECURESRV_LOG.
+    #[arg(long, global = true, value_name = "FILTER")]
+    log: Option<String>,
+    /// Show the menu even when stdin is not a terminal.
+    #[arg(long, hide = true)]
+    menu: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create or extend the certificates and token keys.
+    #[command(subcommand)]
+    Certs(CertsCmd),
+    /// Run the dispatcher alone (for systemd or Kubernetes supervision).
+    Dispatcher(DispatcherArgs),
+    /// Run one worker alone.
+    Worker(WorkerArgs),
+    /// Run the dispatcher and the workers, restarting any that stops answering.
+    Watchdog(WatchdogArgs),
+    /// Send one request (or, without OP, read `op payload` lines).
+    Client(client_cmd::ClientArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum CertsCmd {
+    /// Make a CA, every component's certificate and key, and the token keys.
+    Init {
+        /// Directory to write into (created with mode 0700).
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Number of workers to issue for.
+        #[arg(long, default_value_t = 2)]
+        workers: u32,
+        /// Validity of the leaf certificates in days.
+        #[arg(long, default_value_t = securesrv::certs::DEFAULT_DAYS)]
+        days: u32,
+        /// Trust domain of the identities.
+        #[arg(long, default_value = securesrv::identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// Extra DNS name or IP for the server certificates (repeatable).
+        #[arg(long = "host", value_name = "NAME")]
+        hosts: Vec<String>,
+        /// Replace an existing CA (invalidates everything it signed).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue one more identity from the existing CA.
+    Issue {
+        /// Directory holding ca.crt and ca.key.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// dispatcher, worker, watchdog or client.
+        #[arg(long)]
+        role: String,
+        /// Name within the role (a worker's number).
+        #[arg(long)]
+        name: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = securesrv::certs::DEFAULT_DAYS)]
+        days: u32,
+        /// Trust domain (default: the CA's).
+        #[arg(long)]
+        trust_domain: Option<String>,
+        /// Extra DNS name or IP (repeatable).
+        #[arg(long = "host", value_name = "NAME")]
+        hosts: Vec<String>,
+        /// Replace existing files of this identity.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Start a new token key; previous keys stay accepted for a while.
+    RotateTokenKey {
+        /// Directory holding token.key and worker-N.token.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// How long workers keep accepting the previous key, in seconds.
+        #[arg(long, default_value_t = 600)]
+        keep_previous_secs: u64,
+        /// Trust domain of the workers.
+        #[arg(long, default_value = securesrv::identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+    },
+}
+
+/// Settings every component accepts on the command line (they override the config file).
+#[derive(Args, Debug, Clone, Default)]
+pub struct CommonArgs {
+    /// Certificate directory.
+    #[arg(long, value_name = "DIR")]
+    certs: Option<PathBuf>,
+    /// Started by the watchdog: exit when stdin closes.
+    #[arg(long, hide = true)]
+    supervised: bool,
+}
+
+#[derive(Args, Debug)]
+struct DispatcherArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Address to listen on.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Number of workers (worker N at the dispatcher's port + N).
+    #[arg(long)]
+    workers: Option<u32>,
+}
+
+#[derive(Args, Debug)]
+struct WorkerArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Worker number (1, 2, ...).
+    #[arg(long)]
+    id: u32,
+    /// Address to listen on (default: the dispatcher's port + id).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+struct WatchdogArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Number of workers.
+    #[arg(long)]
+    workers: Option<u32>,
+    /// Dispatcher address (workers at its port + N).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let _log = init_logging(cli.log.as_deref());
+    match cli.command {
+        Some(cmd) => run_command(cmd, cli.config),
+        None if cli.menu || std::io::stdin().is_terminal() => menu(cli.config),
+        None => {
+            eprintln!("securesrv: no command given; run `securesrv --help`");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run_command(cmd: Command, config: Option<PathBuf>) -> ExitCode {
+    match cmd {
+        Command::Certs(c) => certs(c),
+        Command::Dispatcher(a) => {
+            let cfg = load_config(config.as_deref(), |cfg| {
+                if let Some(l) = a.listen {
+                    cfg.dispatcher.listen = l;
+                }
+                if let Some(w) = a.workers {
+                    cfg.workers = w;
+                    cfg.worker.clear();
+                }
+                apply_common(cfg, &a.common);
+            });
+            match cfg {
+                Ok(cfg) => components::dispatcher(cfg, a.common.supervised),
+                Err(code) => code,
+            }
+        }
+        Command::Worker(a) => {
+            let cfg = load_config(config.as_deref(), |cfg| apply_common(cfg, &a.common));
+            let cfg = match cfg {
+                Ok(cfg) => cfg,
+                Err(code) => return code,
+            };
+            let Some(listen) = a.listen.or_else(|| cfg.worker_address(a.id)) else {
+                eprintln!(
+                    "securesrv: worker {} is not in the configuration; give --listen",
+                    a.id
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            };
+            components::worker(cfg, a.id, listen, a.common.supervised)
+        }
+        Command::Watchdog(a) => watchdog(config, a),
+        Command::Client(a) => client_cmd::run(a, config),
+    }
+}
+
+fn watchdog(config: Option<PathBuf>, a: WatchdogArgs) -> ExitCode {
+    let cfg = load_config(config.as_deref(), |cfg| {
+        if let Some(l) = a.listen {
+            cfg.dispatcher.listen = l;
+        }
+        if let Some(w) = a.workers {
+            cfg.workers = w;
+            cfg.worker.clear();
+        }
+        apply_common(cfg, &a.common);
+    });
+    match cfg {
+        Ok(cfg) => components::watchdog(cfg, config),
+        Err(code) => code,
+    }
+}
+
+fn apply_common(cfg: &mut Config, common: &CommonArgs) {
+    if let Some(c) = &common.certs {
+        cfg.certs_dir = c.clone();
+    }
+}
+
+/// Loads the configuration, applies the command-line overrides and validates the result;
+/// on failure prints every problem and returns exit code 64.
+pub fn load_config(
+    path: Option<&std::path::Path>,
+    overrides: impl FnOnce(&mut Config),
+) -> Result<Config, ExitCode> {
+    let result = Config::load(path).and_then(|mut cfg| {
+        overrides(&mut cfg);
+        cfg.validate().map(|()| cfg)
+    });
+    result.map_err(|e: ConfigError| {
+        eprintln!("securesrv: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn certs(cmd: CertsCmd) -> ExitCode {
+    let result = match cmd {
+        CertsCmd::Init {
+            dir,
+            workers,
+            days,
+            trust_domain,
+            hosts,
+            force,
+        } => securesrv::certs::init(
+            &dir,
+            &securesrv::certs::InitOptions {
+                trust_domain,
+                workers,
+                days,
+                hosts,
+                force,
+            },
+        ),
+        CertsCmd::Issue {
+            dir,
+            role,
+            name,
+            days,
+            trust_domain,
+            hosts,
+            force,
+        } => match role.parse::<Role>() {
+            Ok(role) => securesrv::certs::issue(
+                &dir,
+                &securesrv::certs::IssueOptions {
+                    role,
+                    name,
+                    trust_domain,
+                    days,
+                    hosts,
+                    force,
+                },
+            ),
+            Err(e) => {
+                eprintln!("securesrv: {e} (use dispatcher, worker, watchdog or client)");
+                return ExitCode::from(2);
+            }
+        },
+        CertsCmd::RotateTokenKey {
+            dir,
+            keep_previous_secs,
+            trust_domain,
+        } => securesrv::certs::rotate_token_key(
+            &dir,
+            &trust_domain,
+            keep_previous_secs.saturating_mul(1000),
+        ),
+    };
+    match result {
+        Ok(paths) => {
+            for p in paths {
+                println!("wrote {}", p.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("securesrv: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The original's menu.
+fn menu(config: Option<PathBuf>) -> ExitCode {
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        println!("1. Run Watchdog (and servers)");
+        println!("2. Run Client");
+        print!("Choose an option: ");
+        let _ = std::io::stdout().flush();
+        let Some(Ok(line)) = lines.next() else {
+            println!();
+            return ExitCode::SUCCESS;
+        };
+        match line.trim() {
+            "1" => {
+                drop(lines);
+                return watchdog(config, WatchdogArgs::default());
+            }
+            "2" => {
+                drop(lines);
+                return client_cmd::run(client_cmd::ClientArgs::default(), config);
+            }
+            "q" | "quit" | "exit" => return ExitCode::SUCCESS,
+            other => println!("Invalid option {other:?}; enter 1 or 2."),
+        }
+    }
+}
+
+/// Logs go to stderr through a non-blocking writer (audit lines must not slow requests down);
+/// nothing is dropped: when the writer falls behind, logging waits.
+fn init_logging(filter: Option<&str>) -> tracing_appender::non_blocking::WorkerGuard {
+    use tracing_subscriber::EnvFilter;
+    let filter = filter
+        .map(str::to_string)
+        .or_else(|| std::env::var("SECURESRV_LOG").ok())
+        .unwrap_or_else(|| "info".into());
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(writer)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(true)
+        .try_init();
+    guard
+}

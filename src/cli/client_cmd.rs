@@ -1,0 +1,236 @@
+//! `securesrv client`: one request with the answer on stdout, or an interactive loop.
+
+use super::{EXIT_CONFIG, load_config};
+use clap::Args;
+use securesrv::client::{CallOptions, Client, ClientConfig, ClientError, FailureKind};
+use securesrv::identity::SpiffeId;
+use securesrv::tls::TlsMaterial;
+use std::io::{BufRead, IsTerminal, Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Arguments of `securesrv client`.
+#[derive(Args, Debug, Default)]
+pub struct ClientArgs {
+    /// Client certificate.
+    #[arg(long, value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// Client private key (must be mode 0600).
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// CA certificate (default: ca.crt beside --cert).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// Dispatcher address (default: from the config, 127.0.0.1:2222).
+    #[arg(long, value_name = "ADDR")]
+    connect: Option<SocketAddr>,
+    /// The dispatcher identity to accept (default: spiffe://<trust-domain>/dispatcher/main).
+    #[arg(long, value_name = "SPIFFE_ID")]
+    server_id: Option<String>,
+    /// Deadline of each request in milliseconds.
+    #[arg(long, default_value_t = 15_000)]
+    timeout_ms: u64,
+    /// Treat OP as idempotent (retried after a lost connection); built-ins always are.
+    #[arg(long)]
+    idempotent: bool,
+    /// Read the payload from this file.
+    #[arg(long, value_name = "PATH", conflicts_with = "payload")]
+    data_file: Option<PathBuf>,
+    /// Operation: echo, sha256, sleep or a configured job. Without it: read `op payload` lines.
+    op: Option<String>,
+    /// Payload (`-` reads stdin).
+    payload: Option<String>,
+}
+
+/// Exit code for a failed call.
+fn exit_for(e: &ClientError) -> ExitCode {
+    ExitCode::from(match e.kind() {
+        FailureKind::Refused => 3,
+        FailureKind::Unavailable => 4,
+        FailureKind::Connection => 5,
+        FailureKind::OpFailed => 6,
+        FailureKind::Other => 1,
+    })
+}
+
+/// Runs the client command.
+pub fn run(args: ClientArgs, config: Option<PathBuf>) -> ExitCode {
+    let cfg = match load_config(config.as_deref(), |_| {}) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let cert = args
+        .cert
+        .clone()
+        .unwrap_or_else(|| cfg.certs_dir.join("client.crt"));
+    let key = args
+        .key
+        .clone()
+        .unwrap_or_else(|| cfg.certs_dir.join("client.key"));
+    let ca = args.ca.clone().unwrap_or_else(|| {
+        cert.parent()
+            .map_or_else(|| PathBuf::from("ca.crt"), |d| d.join("ca.crt"))
+    });
+    let server_id = match &args.server_id {
+        Some(s) => s.parse::<SpiffeId>(),
+        None => SpiffeId::dispatcher(&cfg.trust_domain),
+    };
+    let server_id = match server_id {
+        Ok(id) => id,
+        Err(e) => {
+            eprintln!("securesrv: --server-id: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let addr = args.connect.unwrap_or(cfg.dispatcher.listen);
+    let material = match TlsMaterial::load(&ca, &cert, &key) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("securesrv: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let mut client_cfg = match ClientConfig::new(&material, addr, server_id) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("securesrv: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    client_cfg.call_timeout = Duration::from_millis(args.timeout_ms.max(1));
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("securesrv: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match args.op.clone() {
+        Some(op) => {
+            let payload = match read_payload(&args) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("securesrv: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            rt.block_on(one_request(client_cfg, &op, &payload, args.idempotent))
+        }
+        None => rt.block_on(interactive(client_cfg)),
+    }
+}
+
+fn read_payload(args: &ClientArgs) -> std::io::Result<Vec<u8>> {
+    if let Some(path) = &args.data_file {
+        return std::fs::read(path)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())));
+    }
+    match args.payload.as_deref() {
+        None => Ok(Vec::new()),
+        Some("-") => {
+            let mut buf = Vec::new();
+            std::io::stdin().read_to_end(&mut buf)?;
+            Ok(buf)
+        }
+        Some(p) => Ok(p.as_bytes().to_vec()),
+    }
+}
+
+async fn one_request(cfg: ClientConfig, op: &str, payload: &[u8], idempotent: bool) -> ExitCode {
+    let timeout = cfg.call_timeout;
+    let client = match Client::connect(cfg).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("securesrv: {e}");
+            return exit_for(&e);
+        }
+    };
+    let opts = CallOptions {
+        idempotent: idempotent || securesrv::config::BUILTIN_OPS.contains(&op),
+        timeout,
+    };
+    let result = client.call_with(op, payload, opts).await;
+    client.close().await;
+    match result {
+        Ok(out) => {
+            let mut stdout = std::io::stdout().lock();
+            let _ = stdout.write_all(&out);
+            if op == "sha256" {
+                let _ = stdout.write_all(b"\n");
+            }
+            let _ = stdout.flush();
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("securesrv: {e}");
+            exit_for(&e)
+        }
+    }
+}
+
+/// The original's "send another request?" loop: one `op payload` per line.
+async fn interactive(cfg: ClientConfig) -> ExitCode {
+    let tty = std::io::stdin().is_terminal();
+    let addr = cfg.addr;
+    let timeout = cfg.call_timeout;
+    let client = match Client::connect(cfg).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("securesrv: {e}");
+            return exit_for(&e);
+        }
+    };
+    if tty {
+        println!("Connected to {addr}. Enter `op payload` (e.g. `echo hello`), or `quit`.");
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1);
+    // Lines are read on a plain thread: stdin is blocking.
+    std::thread::spawn(move || {
+        let stdin = std::io::stdin();
+        for line in stdin.lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.blocking_send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut status = ExitCode::SUCCESS;
+    loop {
+        if tty {
+            print!("securesrv> ");
+            let _ = std::io::stdout().flush();
+        }
+        let Some(line) = rx.recv().await else { break };
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if matches!(line, "quit" | "exit" | "q") {
+            break;
+        }
+        let (op, payload) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
+        let opts = CallOptions {
+            idempotent: securesrv::config::BUILTIN_OPS.contains(&op),
+            timeout,
+        };
+        match client.call_with(op, payload.as_bytes(), opts).await {
+            Ok(out) => {
+                let mut stdout = std::io::stdout().lock();
+                let _ = stdout.write_all(&out);
+                let _ = stdout.write_all(b"\n");
+                let _ = stdout.flush();
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                status = exit_for(&e);
+            }
+        }
+    }
+    client.close().await;
+    status
+}

@@ -1,0 +1,131 @@
+//! Running one component as a process: runtime, configuration, binding, signals.
+
+use securesrv::config::Config;
+use securesrv::dispatcher::{self, Dispatcher};
+use securesrv::identity::Role;
+use securesrv::worker::{self, Worker};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info};
+
+/// Runs `fut` on a multi-threaded runtime with one worker thread per core. The runtime is
+/// not waited for on the way out: a blocking read of stdin (the supervisor lifeline) would
+/// otherwise hold the process open.
+pub fn block_on(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail("cannot start runtime", e),
+    };
+    let code = rt.block_on(fut);
+    rt.shutdown_background();
+    code
+}
+
+fn fail(what: &str, e: impl std::fmt::Display) -> ExitCode {
+    error!("{what}: {e}");
+    eprintln!("securesrv: {what}: {e}");
+    ExitCode::FAILURE
+}
+
+fn grace(cfg: &Config) -> Duration {
+    Duration::from_millis(cfg.watchdog.stop_grace_ms)
+}
+
+/// `securesrv dispatcher`
+pub fn dispatcher(cfg: Config, supervised: bool) -> ExitCode {
+    block_on(async move {
+        let cfg = Arc::new(cfg);
+        let (d, material) = match Dispatcher::load(cfg.clone()) {
+            Ok(x) => x,
+            Err(e) => return fail("dispatcher", e),
+        };
+        let acceptor = match material.acceptor(Role::Dispatcher, cfg.limits.handshake_timeout()) {
+            Ok(a) => a,
+            Err(e) => return fail("dispatcher", e),
+        };
+        let listener = match securesrv::server::bind(cfg.dispatcher.listen).await {
+            Ok(l) => l,
+            Err(e) => return fail("dispatcher", e),
+        };
+        let shutdown = CancellationToken::new();
+        if let Err(e) = securesrv::shutdown::watch(shutdown.clone(), supervised, grace(&cfg)) {
+            return fail("cannot install signal handlers", e);
+        }
+        let links = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        if let Err(e) = d.start_links(&material, &links, &tracker) {
+            return fail("dispatcher", e);
+        }
+        let addr = listener.local_addr().map_or(cfg.dispatcher.listen, |a| a);
+        info!(addr = %addr, workers = d.pool().slots().len(), "dispatcher listening");
+        dispatcher::run(d, listener, acceptor, shutdown).await;
+        // Worker links outlive the client connections so that draining requests finish.
+        links.cancel();
+        tracker.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+        info!("dispatcher stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+/// `securesrv worker --id N`
+pub fn worker(cfg: Config, id: u32, listen: SocketAddr, supervised: bool) -> ExitCode {
+    block_on(async move {
+        let cfg = Arc::new(cfg);
+        let ops = worker::ops::OpRegistry::from_config(&cfg);
+        let (w, material) = match Worker::load(id, cfg.clone(), ops) {
+            Ok(x) => x,
+            Err(e) => return fail(&format!("worker {id}"), e),
+        };
+        let acceptor = match material.acceptor(Role::Worker, cfg.limits.handshake_timeout()) {
+            Ok(a) => a,
+            Err(e) => return fail(&format!("worker {id}"), e),
+        };
+        let listener = match securesrv::server::bind(listen).await {
+            Ok(l) => l,
+            Err(e) => return fail(&format!("worker {id}"), e),
+        };
+        let shutdown = CancellationToken::new();
+        if let Err(e) = securesrv::shutdown::watch(shutdown.clone(), supervised, grace(&cfg)) {
+            return fail("cannot install signal handlers", e);
+        }
+        let addr = listener.local_addr().map_or(listen, |a| a);
+        info!(addr = %addr, identity = %w.identity(), "worker listening");
+        worker::run(Arc::new(w), listener, acceptor, shutdown).await;
+        info!("worker stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+/// `securesrv watchdog`
+pub fn watchdog(cfg: Config, config_file: Option<PathBuf>) -> ExitCode {
+    let exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => return fail("cannot find own executable", e),
+    };
+    block_on(async move {
+        let shutdown = CancellationToken::new();
+        if let Err(e) = securesrv::shutdown::watch(shutdown.clone(), false, grace(&cfg)) {
+            return fail("cannot install signal handlers", e);
+        }
+        let spec = securesrv::watchdog::Spec {
+            exe,
+            config_file,
+            log_filter: std::env::var("SECURESRV_LOG").ok(),
+        };
+        match securesrv::watchdog::run(Arc::new(cfg), spec, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail("watchdog", e),
+        }
+    })
+}

@@ -1,0 +1,374 @@
+//! The dispatcher: accepts clients and the watchdog over mTLS, enforces the ACL, and forwards
+//! each request with a fresh token to the least-loaded available worker.
+//!
+//! Path of a request: [`crate::session`] reads it and starts a task; [`Dispatcher::route`]
+//! checks the op and the ACL, picks a worker ([`pool::Pool`]), forwards, and retries on
+//! another worker when the first one went away — always for requests that never left, and for
+//! idempotent ops also when the worker may have started them. Every request has a deadline and
+//! leaves one audit line (target `securesrv::audit`) with client, op, worker, outcome and
+//! duration. Heartbeats from the watchdog are answered by the same request tasks.
+
+pub mod pool;
+
+use crate::config::Config;
+use crate::connection::{Connection, IoLimits};
+use crate::identity::{Role, SpiffeId};
+use crate::message::{ErrorCode, ErrorReply, Message, Pong, Reply, Request};
+use crate::server::{self, ConnectionHandler, ListenerLimits, Peer};
+use crate::session::{self, Next};
+use crate::tls::{Acceptor, ServerStream, TlsConfigError, TlsMaterial};
+use crate::token::Minter;
+use pool::{ForwardError, Pool};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+/// Attempts for a request whose worker went away after it was sent (idempotent ops only):
+/// one retry, so that a request that crashes workers cannot take them all down in turn.
+const MAX_LOST_ATTEMPTS: usize = 2;
+/// Attempts in all (a request that never left can always be sent again).
+const MAX_ATTEMPTS: usize = 6;
+
+/// The dispatcher's shared state.
+pub struct Dispatcher {
+    cfg: Arc<Config>,
+    pool: Arc<Pool>,
+    running: AtomicU32,
+}
+
+/// Errors starting a dispatcher.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatcherError {
+    /// Certificates or keys could not be loaded.
+    #[error("{0}")]
+    Tls(#[from] TlsConfigError),
+    /// The token key file could not be loaded.
+    #[error("{0}")]
+    Keys(#[from] crate::certs::CertError),
+    /// A configured identity is invalid.
+    #[error("{0}")]
+    Identity(#[from] crate::identity::IdentityError),
+    /// The certificate is not the dispatcher's.
+    #[error("certificate identity {0} is not a dispatcher")]
+    WrongCertificate(String),
+}
+
+impl Dispatcher {
+    /// Loads the dispatcher's certificate, key and master token key from `cfg.certs_dir`.
+    pub fn load(cfg: Arc<Config>) -> Result<(Arc<Self>, TlsMaterial), DispatcherError> {
+        let me = SpiffeId::dispatcher(&cfg.trust_domain)?;
+        let material = TlsMaterial::load_from_dir(&cfg.certs_dir, &me)?;
+        if material.own_id().role() != Role::Dispatcher {
+            return Err(DispatcherError::WrongCertificate(
+                material.own_id().to_string(),
+            ));
+        }
+        let master =
+            crate::certs::load_key_file(&cfg.certs_dir.join(crate::certs::MASTER_TOKEN_KEY))?;
+        let workers = cfg
+            .worker_addresses()
+            .into_iter()
+            .map(|(id, addr)| Ok((id, SpiffeId::worker(&cfg.trust_domain, id)?, addr)))
+            .collect::<Result<Vec<_>, crate::identity::IdentityError>>()?;
+        let audiences: Vec<SpiffeId> = workers.iter().map(|w| w.1.clone()).collect();
+        let minter = Minter::new(master.current(), &audiences, cfg.token.lifetime_ms);
+        let pool = Arc::new(Pool::new(&cfg, workers, minter));
+        Ok((
+            Arc::new(Dispatcher {
+                cfg,
+                pool,
+                running: AtomicU32::new(0),
+            }),
+            material,
+        ))
+    }
+
+    /// The worker pool.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// Starts one link task per worker on `tracker`.
+    pub fn start_links(
+        &self,
+        material: &TlsMaterial,
+        shutdown: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Result<(), TlsConfigError> {
+        let io = IoLimits {
+            // The dispatcher pings every link, so a worker link is never idle for long; the
+            // ping misses decide liveness, not the idle timer.
+            idle_timeout: Duration::from_secs(24 * 3600),
+            ..self.cfg.limits.io()
+        };
+        for slot in self.pool.slots() {
+            let connector =
+                material.connector(&slot.identity, self.cfg.limits.handshake_timeout())?;
+            tracker.spawn(self.pool.clone().maintain(
+                slot.clone(),
+                connector,
+                io,
+                Duration::from_millis(self.cfg.dispatcher.worker_ping_interval_ms),
+                Duration::from_millis(self.cfg.dispatcher.reconnect_backoff_max_ms),
+                shutdown.clone(),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn handle_request(self: Arc<Self>, client: Arc<SpiffeId>, req: Request) -> Message {
+        let started = Instant::now();
+        self.running.fetch_add(1, Ordering::Relaxed);
+        let (worker, result) = self.route(&client, &req).await;
+        self.running.fetch_sub(1, Ordering::Relaxed);
+        let micros = started.elapsed().as_micros() as u64;
+        let op = crate::identity::printable(&req.op);
+        let worker = worker
+            .and_then(|w| self.pool.slots().iter().find(|s| s.id == w))
+            .map_or_else(|| "-".to_string(), |s| s.identity.to_string());
+        match result {
+            Ok(payload) => {
+                info!(target: "securesrv::audit", client = %client, op = %op, worker = %worker, outcome = %"ok", duration_us = micros, "request");
+                Message::Reply(Reply {
+                    id: req.id,
+                    payload,
+                })
+            }
+            Err((code, message)) => {
+                info!(target: "securesrv::audit", client = %client, op = %op, worker = %worker, outcome = %code, reason = %message, duration_us = micros, "request");
+                Message::Error(ErrorReply {
+                    id: req.id,
+                    code,
+                    message,
+                })
+            }
+        }
+    }
+
+    /// ACL, worker choice, forward, retry. Returns the worker that answered (if any).
+    async fn route(
+        &self,
+        client: &SpiffeId,
+        req: &Request,
+    ) -> (Option<u32>, Result<Vec<u8>, (ErrorCode, String)>) {
+        let cfg = &self.cfg;
+        let Some(info) = cfg.op_info(&req.op) else {
+            return (
+                None,
+                Err((
+                    ErrorCode::UnknownOp,
+                    format!("unknown op {:?}", crate::identity::printable(&req.op)),
+                )),
+            );
+        };
+        if !cfg.acl_allows(client, &req.op) {
+            return (
+                None,
+                Err((
+                    ErrorCode::Denied,
+                    format!("{client} may not call {}", req.op),
+                )),
+            );
+        }
+        let timeout_ms = req
+            .timeout_ms
+            .map_or(cfg.limits.request_timeout_ms, u64::from)
+            .clamp(1, cfg.limits.max_request_timeout_ms);
+        let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+        let wait = Duration::from_millis(cfg.dispatcher.unavailable_wait_ms);
+        let mut exclude: Vec<u32> = Vec::new();
+        let mut lost = 0;
+        let mut last_worker = None;
+        for _ in 0..MAX_ATTEMPTS {
+            let wait_until = (Instant::now() + wait).min(deadline);
+            let Some((slot, link)) = self.pool.pick_or_wait(&exclude, wait_until).await else {
+                let why = if Instant::now() >= deadline {
+                    (
+                        ErrorCode::Timeout,
+                        "deadline passed while waiting for a worker".to_string(),
+                    )
+                } else {
+                    (
+                        ErrorCode::Unavailable,
+                        format!("no worker available within {} ms", wait.as_millis()),
+                    )
+                };
+                return (last_worker, Err(why));
+            };
+            last_worker = Some(slot.id);
+            match self
+                .pool
+                .forward(
+                    &slot,
+                    &link,
+                    &client.to_string(),
+                    &req.op,
+                    &req.payload,
+                    deadline,
+                )
+                .await
+            {
+                Ok(out) => return (Some(slot.id), Ok(out)),
+                Err(ForwardError::NotSent) => continue,
+                Err(ForwardError::Remote(ErrorCode::ShuttingDown, _)) => {
+                    exclude.push(slot.id);
+                    continue;
+                }
+                Err(ForwardError::Lost) => {
+                    lost += 1;
+                    if !info.idempotent {
+                        return (
+                            Some(slot.id),
+                            Err((
+                                ErrorCode::WorkerLost,
+                                format!(
+                                    "worker {} went away while running this non-idempotent request; it may or may not have run",
+                                    slot.id
+                                ),
+                            )),
+                        );
+                    }
+                    if lost >= MAX_LOST_ATTEMPTS {
+                        return (
+                            Some(slot.id),
+                            Err((
+                                ErrorCode::WorkerLost,
+                                format!(
+                                    "request lost on {lost} workers in turn; not retried again"
+                                ),
+                            )),
+                        );
+                    }
+                    warn!(worker = slot.id, op = %req.op, "worker lost mid-request; retrying idempotent request");
+                    exclude.push(slot.id);
+                }
+                Err(ForwardError::Timeout) => {
+                    return (
+                        Some(slot.id),
+                        Err((
+                            ErrorCode::Timeout,
+                            format!("no answer within {timeout_ms} ms"),
+                        )),
+                    );
+                }
+                Err(ForwardError::Remote(code, message)) => {
+                    return (Some(slot.id), Err((code, message)));
+                }
+                Err(e @ ForwardError::Token(_)) => {
+                    warn!(error = %e, "cannot forward");
+                    return (
+                        Some(slot.id),
+                        Err((ErrorCode::Internal, "internal error".into())),
+                    );
+                }
+            }
+            // A retry may go back to a worker that was excluded only if nothing else is
+            // left (e.g. a single worker that was restarted).
+            if exclude.len() >= self.pool.slots().len() {
+                exclude.clear();
+            }
+        }
+        (
+            last_worker,
+            Err((
+                ErrorCode::Unavailable,
+                "no worker could take the request".into(),
+            )),
+        )
+    }
+
+    fn pong(&self, nonce: Vec<u8>) -> Message {
+        Message::Pong(Pong {
+            nonce,
+            in_flight: self.running.load(Ordering::Relaxed),
+            workers_available: Some(self.pool.available() as u32),
+        })
+    }
+}
+
+#[derive(Clone)]
+struct Handler {
+    dispatcher: Arc<Dispatcher>,
+    drain: Duration,
+    max_in_flight: usize,
+}
+
+impl ConnectionHandler for Handler {
+    async fn serve(&self, conn: Connection<ServerStream>, peer: Peer, shutdown: CancellationToken) {
+        let d = self.dispatcher.clone();
+        let client = Arc::new(peer.id);
+        session::drive(
+            conn,
+            shutdown,
+            self.max_in_flight,
+            self.drain,
+            move |msg, s| match msg {
+                Message::Request(req) if client.role() == Role::Client => {
+                    let id = req.id;
+                    match s.spawn(id, d.clone().handle_request(client.clone(), req)) {
+                        Ok(()) => Next::Continue,
+                        Err(refusal) => Next::Reply(refusal),
+                    }
+                }
+                Message::Request(req) => Next::Reply(Message::Error(ErrorReply {
+                    id: req.id,
+                    code: ErrorCode::Denied,
+                    message: format!("{client} may not send requests"),
+                })),
+                Message::Ping(p) => match session::check_nonce(&p.nonce) {
+                    Err(m) => Next::Close(Some(m)),
+                    Ok(()) => {
+                        let d = d.clone();
+                        match s.spawn(0, async move { d.pong(p.nonce) }) {
+                            Ok(()) => Next::Continue,
+                            Err(refusal) => Next::Reply(refusal),
+                        }
+                    }
+                },
+                other => Next::Close(Some(Message::connection_error(
+                    ErrorCode::BadRequest,
+                    format!("a dispatcher does not accept {} messages", other.kind()),
+                ))),
+            },
+        )
+        .await;
+    }
+}
+
+/// Serves `dispatcher` on `listener` until `shutdown`; worker links run on `tracker`.
+pub async fn run(
+    dispatcher: Arc<Dispatcher>,
+    listener: TcpListener,
+    acceptor: Acceptor,
+    shutdown: CancellationToken,
+) {
+    let cfg = dispatcher.cfg.clone();
+    let drain = Duration::from_millis(cfg.watchdog.stop_grace_ms * 4 / 5);
+    let handler = Handler {
+        dispatcher,
+        drain,
+        max_in_flight: cfg.limits.max_in_flight_per_connection,
+    };
+    let tracker = TaskTracker::new();
+    server::serve(
+        listener,
+        acceptor,
+        ListenerLimits::from_config(&cfg.limits),
+        handler,
+        shutdown,
+        tracker.clone(),
+    )
+    .await;
+    tracker.close();
+    if tokio::time::timeout(drain + Duration::from_millis(200), tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("connections still open after the drain period; closing them");
+    }
+}

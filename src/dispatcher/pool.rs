@@ -1,0 +1,475 @@
+//! The dispatcher's workers: one persistent, multiplexed mTLS link per worker, kept up with
+//! backoff, probed with pings, and the choice of the least-loaded available worker.
+//!
+//! A link carries many requests at once, matched by id. A worker is *available* when its link
+//! is up, its last ping was answered in time and it has fewer than
+//! `dispatcher.max_in_flight_per_worker` requests outstanding. When a link dies, every request
+//! on it learns whether its frame had left the dispatcher ([`ForwardError::Lost`]: it may have
+//! run) or not ([`ForwardError::NotSent`]: safe to send elsewhere) — the difference decides
+//! whether a non-idempotent request may be retried.
+
+use crate::config::Config;
+use crate::connection::{Connection, IoLimits};
+use crate::frame;
+use crate::identity::SpiffeId;
+use crate::message::{ErrorCode, ForwardRef, Message, Ping};
+use crate::tls::{ClientStream, Connector};
+use crate::token::{MintRequest, Minter, TokenError};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Bytes of forwards gathered before a write is forced.
+const MAX_BATCH: usize = 256 * 1024;
+/// First reconnection delay.
+const RECONNECT_INITIAL: Duration = Duration::from_millis(50);
+/// Unanswered pings before a worker counts as unavailable.
+const PING_MISSES_UNAVAILABLE: u32 = 2;
+/// Unanswered pings before the link is dropped and re-dialled.
+const PING_MISSES_RECONNECT: u32 = 5;
+
+/// How a worker answered, as delivered to the waiting request.
+#[derive(Debug)]
+enum Answer {
+    Reply(Vec<u8>),
+    Error(ErrorCode, String),
+    NotSent,
+    Lost,
+}
+
+/// Why a forward did not produce the worker's answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ForwardError {
+    /// The request never left the dispatcher; it can go to another worker.
+    #[error("worker link closed before the request was sent")]
+    NotSent,
+    /// The link died after the request was sent; the worker may or may not have run it.
+    #[error("worker went away while the request was in progress")]
+    Lost,
+    /// The deadline passed while waiting for the worker.
+    #[error("deadline passed while waiting for the worker")]
+    Timeout,
+    /// The worker answered with an error.
+    #[error("{1}")]
+    Remote(ErrorCode, String),
+    /// A token could not be minted (internal).
+    #[error("cannot mint token: {0}")]
+    Token(#[from] TokenError),
+}
+
+/// One worker as the dispatcher sees it.
+pub struct Slot {
+    /// Worker number.
+    pub id: u32,
+    /// The identity it must present.
+    pub identity: SpiffeId,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    link: Mutex<Option<Arc<Link>>>,
+    outstanding: AtomicUsize,
+}
+
+impl Slot {
+    fn link(&self) -> Option<Arc<Link>> {
+        self.link.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_link(&self, link: Option<Arc<Link>>) {
+        *self.link.lock().unwrap_or_else(|p| p.into_inner()) = link;
+    }
+
+    /// Requests outstanding on this worker.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+}
+
+/// A live connection to one worker (opaque outside this module).
+pub struct Link {
+    tx: mpsc::Sender<(u64, Vec<u8>)>,
+    /// Requests sent (or being sent) and not yet answered. `None` once the link has closed:
+    /// nothing may be added after that.
+    pending: Mutex<Option<HashMap<u64, oneshot::Sender<Answer>>>>,
+    next_id: AtomicU64,
+    healthy: AtomicBool,
+}
+
+impl Link {
+    fn complete(&self, id: u64, answer: Answer) {
+        let waiter = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+            .and_then(|m| m.remove(&id));
+        if let Some(w) = waiter {
+            let _ = w.send(answer);
+        }
+    }
+
+    fn forget(&self, id: u64) {
+        if let Some(m) = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            m.remove(&id);
+        }
+    }
+}
+
+/// Decrements a slot's outstanding count when a forward ends, waking waiters if the worker
+/// just dropped below its in-flight limit.
+struct Outstanding<'a> {
+    pool: &'a Pool,
+    slot: &'a Slot,
+}
+
+impl Drop for Outstanding<'_> {
+    fn drop(&mut self) {
+        let before = self.slot.outstanding.fetch_sub(1, Ordering::AcqRel);
+        if before >= self.pool.max_in_flight {
+            self.pool.changed.notify_waiters();
+        }
+    }
+}
+
+/// All workers, and the token minter for them.
+pub struct Pool {
+    slots: Vec<Arc<Slot>>,
+    changed: Notify,
+    minter: Minter,
+    max_in_flight: usize,
+    rotate: AtomicUsize,
+    max_frame: usize,
+}
+
+impl Pool {
+    /// A pool for `workers` (`(id, identity, address)`), minting with `minter`.
+    pub fn new(cfg: &Config, workers: Vec<(u32, SpiffeId, SocketAddr)>, minter: Minter) -> Self {
+        Pool {
+            slots: workers
+                .into_iter()
+                .map(|(id, identity, addr)| {
+                    Arc::new(Slot {
+                        id,
+                        identity,
+                        addr,
+                        link: Mutex::new(None),
+                        outstanding: AtomicUsize::new(0),
+                    })
+                })
+                .collect(),
+            changed: Notify::new(),
+            minter,
+            max_in_flight: cfg.dispatcher.max_in_flight_per_worker,
+            rotate: AtomicUsize::new(0),
+            max_frame: cfg.limits.max_frame_bytes,
+        }
+    }
+
+    /// The workers.
+    pub fn slots(&self) -> &[Arc<Slot>] {
+        &self.slots
+    }
+
+    /// Workers available right now.
+    pub fn available(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| self.is_available(s).is_some())
+            .count()
+    }
+
+    fn is_available(&self, slot: &Slot) -> Option<Arc<Link>> {
+        let link = slot.link()?;
+        (link.healthy.load(Ordering::Acquire) && slot.outstanding() < self.max_in_flight)
+            .then_some(link)
+    }
+
+    /// The available worker with the fewest outstanding requests (ties rotate), skipping
+    /// `exclude`.
+    fn pick(&self, exclude: &[u32]) -> Option<(Arc<Slot>, Arc<Link>)> {
+        let n = self.slots.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.rotate.fetch_add(1, Ordering::Relaxed) % n;
+        let mut best: Option<(usize, &Arc<Slot>, Arc<Link>)> = None;
+        for i in 0..n {
+            let slot = &self.slots[(start + i) % n];
+            if exclude.contains(&slot.id) {
+                continue;
+            }
+            let Some(link) = self.is_available(slot) else {
+                continue;
+            };
+            let load = slot.outstanding();
+            if best.as_ref().is_none_or(|b| load < b.0) {
+                best = Some((load, slot, link));
+            }
+        }
+        best.map(|(_, s, l)| (s.clone(), l))
+    }
+
+    /// Picks a worker, waiting until `wait_until` for one to become available.
+    pub async fn pick_or_wait(
+        &self,
+        exclude: &[u32],
+        wait_until: Instant,
+    ) -> Option<(Arc<Slot>, Arc<Link>)> {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(p) = self.pick(exclude) {
+                return Some(p);
+            }
+            if tokio::time::timeout_at(wait_until, notified).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Sends one request to `slot` over `link` with a fresh token and waits for the answer
+    /// until `deadline`.
+    pub async fn forward(
+        &self,
+        slot: &Slot,
+        link: &Link,
+        client: &str,
+        op: &str,
+        payload: &[u8],
+        deadline: Instant,
+    ) -> Result<Vec<u8>, ForwardError> {
+        let (token, _) = self.minter.mint(
+            MintRequest {
+                audience: &slot.identity,
+                client,
+                op,
+                payload,
+            },
+            crate::token::now_ms(),
+        )?;
+        let id = link.next_id.fetch_add(1, Ordering::Relaxed);
+        let left = deadline.saturating_duration_since(Instant::now());
+        let frame = frame::encode_to_vec(
+            &ForwardRef::Forward {
+                id,
+                op,
+                payload,
+                token: &token,
+                timeout_ms: u32::try_from(left.as_millis()).unwrap_or(u32::MAX),
+            },
+            self.max_frame,
+        )
+        .map_err(|e| ForwardError::Remote(ErrorCode::TooLarge, e.to_string()))?;
+        let (otx, orx) = oneshot::channel();
+        {
+            let mut pending = link.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(map) = pending.as_mut() else {
+                return Err(ForwardError::NotSent);
+            };
+            map.insert(id, otx);
+        }
+        slot.outstanding.fetch_add(1, Ordering::AcqRel);
+        let _outstanding = Outstanding { pool: self, slot };
+        match tokio::time::timeout_at(deadline, link.tx.send((id, frame))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                link.forget(id);
+                return Err(ForwardError::NotSent);
+            }
+            Err(_) => {
+                link.forget(id);
+                return Err(ForwardError::Timeout);
+            }
+        }
+        match tokio::time::timeout_at(deadline, orx).await {
+            Ok(Ok(Answer::Reply(p))) => Ok(p),
+            Ok(Ok(Answer::Error(code, msg))) => Err(ForwardError::Remote(code, msg)),
+            Ok(Ok(Answer::NotSent)) => Err(ForwardError::NotSent),
+            Ok(Ok(Answer::Lost)) | Ok(Err(_)) => Err(ForwardError::Lost),
+            Err(_) => {
+                link.forget(id);
+                Err(ForwardError::Timeout)
+            }
+        }
+    }
+
+    /// Keeps the link to `slot` up until `shutdown`: dial, serve, and re-dial with backoff.
+    pub async fn maintain(
+        self: Arc<Self>,
+        slot: Arc<Slot>,
+        connector: Connector,
+        io: IoLimits,
+        ping_every: Duration,
+        backoff_max: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let mut backoff = RECONNECT_INITIAL;
+        let mut failures: u64 = 0;
+        while !shutdown.is_cancelled() {
+            let attempt = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = connector.connect(slot.addr) => r,
+            };
+            match attempt {
+                Ok((stream, _)) => {
+                    info!(worker = slot.id, addr = %slot.addr, after_failures = failures, "worker link up");
+                    failures = 0;
+                    backoff = RECONNECT_INITIAL;
+                    let reason = self
+                        .run_link(&slot, stream, io, ping_every, &shutdown)
+                        .await;
+                    info!(worker = slot.id, reason, "worker link down");
+                    continue_after_link(&shutdown).await;
+                    continue;
+                }
+                Err(e) => {
+                    failures += 1;
+                    if failures == 1 || failures.is_power_of_two() {
+                        warn!(worker = slot.id, addr = %slot.addr, attempts = failures, error = %e, "cannot reach worker");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(backoff_max);
+        }
+    }
+
+    /// Serves one link until it fails; returns why it ended.
+    async fn run_link(
+        &self,
+        slot: &Slot,
+        stream: ClientStream,
+        io: IoLimits,
+        ping_every: Duration,
+        shutdown: &CancellationToken,
+    ) -> &'static str {
+        let (tx, mut rx) = mpsc::channel(self.max_in_flight + 64);
+        let link = Arc::new(Link {
+            tx,
+            pending: Mutex::new(Some(HashMap::new())),
+            next_id: AtomicU64::new(1),
+            healthy: AtomicBool::new(true),
+        });
+        slot.set_link(Some(link.clone()));
+        self.changed.notify_waiters();
+        let mut conn = Connection::new(stream, io);
+        let mut ticker = tokio::time::interval(ping_every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let rng = ring::rand::SystemRandom::new();
+        let mut awaiting: Option<Vec<u8>> = None;
+        let mut misses = 0u32;
+        let reason = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break "shutdown",
+                Some((_, frame)) = rx.recv() => {
+                    conn.queue_encoded(&frame);
+                    while conn.queued() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok((_, f)) => conn.queue_encoded(&f),
+                            Err(_) => break,
+                        }
+                    }
+                    if conn.flush().await.is_err() {
+                        break "write failed";
+                    }
+                }
+                r = conn.read_message() => match r {
+                    Ok(Some(Message::Reply(r))) => link.complete(r.id, Answer::Reply(r.payload)),
+                    Ok(Some(Message::Error(e))) if e.id == 0 => {
+                        warn!(worker = slot.id, code = %e.code, message = %crate::identity::printable(&e.message), "worker closed the link");
+                        break "closed by worker";
+                    }
+                    Ok(Some(Message::Error(e))) => link.complete(e.id, Answer::Error(e.code, e.message)),
+                    Ok(Some(Message::Pong(p))) => {
+                        if awaiting.as_deref() == Some(&p.nonce[..]) {
+                            awaiting = None;
+                            misses = 0;
+                            if !link.healthy.swap(true, Ordering::AcqRel) {
+                                info!(worker = slot.id, "worker answering again");
+                                self.changed.notify_waiters();
+                            }
+                        }
+                    }
+                    Ok(Some(other)) => {
+                        warn!(worker = slot.id, kind = other.kind(), "unexpected message from worker");
+                        break "protocol violation";
+                    }
+                    Ok(None) => break "closed",
+                    Err(e) => {
+                        warn!(worker = slot.id, error = %e, "worker link read failed");
+                        break "read failed";
+                    }
+                },
+                _ = ticker.tick() => {
+                    if awaiting.is_some() {
+                        misses += 1;
+                        if misses == PING_MISSES_UNAVAILABLE && link.healthy.swap(false, Ordering::AcqRel) {
+                            warn!(worker = slot.id, misses, "worker not answering pings; not sending it requests");
+                        }
+                        if misses >= PING_MISSES_RECONNECT {
+                            break "pings unanswered";
+                        }
+                    }
+                    let mut nonce = vec![0u8; 16];
+                    if ring::rand::SecureRandom::fill(&rng, &mut nonce).is_err() {
+                        break "random generator failed";
+                    }
+                    if conn.queue(&Message::Ping(Ping { nonce: nonce.clone() })).is_err()
+                        || conn.flush().await.is_err()
+                    {
+                        break "write failed";
+                    }
+                    // Only the latest ping counts: a late pong to an older one is ignored.
+                    awaiting = Some(nonce);
+                }
+            }
+        };
+        slot.set_link(None);
+        // Frames still in the channel never left: those requests may go elsewhere.
+        rx.close();
+        let mut unsent = HashSet::new();
+        while let Ok((id, _)) = rx.try_recv() {
+            unsent.insert(id);
+        }
+        let pending = link
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_default();
+        for (id, waiter) in pending {
+            let _ = waiter.send(if unsent.contains(&id) {
+                Answer::NotSent
+            } else {
+                Answer::Lost
+            });
+        }
+        self.changed.notify_waiters();
+        conn.close(None).await;
+        reason
+    }
+}
+
+/// A link that just went down is re-dialled at once (the worker may have restarted), but
+/// never in a tight loop.
+async fn continue_after_link(shutdown: &CancellationToken) {
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = tokio::time::sleep(RECONNECT_INITIAL) => {}
+    }
+}

@@ -1,0 +1,223 @@
+//! The accept loop every listener shares: connection limits, the TLS handshake under its
+//! deadline, one task per connection inside a tracing span, and shutdown.
+//!
+//! A connection is counted from the moment TCP accepts it (so half-open handshakes count
+//! against `max_connections`), and again per verified peer identity after the handshake
+//! (`max_connections_per_identity`). Over the total limit the TCP connection is closed at once,
+//! before any TLS work; over the per-identity limit the peer gets an `overloaded` error frame.
+//! Components supply a [`ConnectionHandler`] that sees a framed connection and an identity,
+//! never a raw socket.
+
+use crate::connection::{Connection, IoLimits};
+use crate::identity::SpiffeId;
+use crate::message::{ErrorCode, Message};
+use crate::tls::{Acceptor, HandshakeError, ServerStream};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+/// Bounds on a listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ListenerLimits {
+    /// Connections held at once, handshaking or established.
+    pub max_connections: usize,
+    /// Established connections per peer identity.
+    pub max_per_identity: usize,
+    /// I/O bounds for each connection.
+    pub io: IoLimits,
+}
+
+impl ListenerLimits {
+    /// From the `[limits]` section.
+    pub fn from_config(l: &crate::config::Limits) -> Self {
+        ListenerLimits {
+            max_connections: l.max_connections,
+            max_per_identity: l.max_connections_per_identity,
+            io: l.io(),
+        }
+    }
+}
+
+/// A peer that passed the handshake, as handed to a component.
+pub struct Peer {
+    /// Its verified identity.
+    pub id: SpiffeId,
+    /// Its socket address (for logs).
+    pub addr: SocketAddr,
+}
+
+/// What a component does with an accepted, authorised connection.
+pub trait ConnectionHandler: Clone + Send + Sync + 'static {
+    /// Serves one connection until it ends or `shutdown` fires (then drains and returns).
+    fn serve(
+        &self,
+        conn: Connection<ServerStream>,
+        peer: Peer,
+        shutdown: CancellationToken,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+/// Counts established connections per identity.
+#[derive(Default)]
+struct IdentityCounts {
+    counts: Mutex<HashMap<String, usize>>,
+}
+
+/// Releases an identity's slot when its connection ends.
+struct IdentitySlot {
+    counts: Arc<IdentityCounts>,
+    key: String,
+}
+
+impl IdentityCounts {
+    fn try_take(self: &Arc<Self>, id: &SpiffeId, max: usize) -> Option<IdentitySlot> {
+        let key = id.to_string();
+        let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(key.clone()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(IdentitySlot {
+            counts: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for IdentitySlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Runs the accept loop until `shutdown` fires, then waits (up to `drain`) for connections
+/// to finish. Connection tasks are tracked on `tracker`.
+pub async fn serve<H: ConnectionHandler>(
+    listener: TcpListener,
+    acceptor: Acceptor,
+    limits: ListenerLimits,
+    handler: H,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let total = Arc::new(Semaphore::new(limits.max_connections));
+    let per_id = Arc::new(IdentityCounts::default());
+    let mut refused_since_log: u64 = 0;
+    let mut last_refusal_log = tokio::time::Instant::now() - Duration::from_secs(60);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let (tcp, addr) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = total.clone().try_acquire_owned() else {
+            drop(tcp);
+            refused_since_log += 1;
+            if last_refusal_log.elapsed() >= Duration::from_secs(1) {
+                warn!(
+                    refused = refused_since_log,
+                    limit = limits.max_connections,
+                    "connection limit reached; closing new connections"
+                );
+                refused_since_log = 0;
+                last_refusal_log = tokio::time::Instant::now();
+            }
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let handler = handler.clone();
+        let shutdown = shutdown.clone();
+        let per_id = per_id.clone();
+        let span = info_span!("conn", peer = %addr, id = tracing::field::Empty);
+        tracker.spawn(
+            handle_one(
+                tcp, addr, acceptor, limits, handler, shutdown, per_id, permit,
+            )
+            .instrument(span),
+        );
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn handle_one<H: ConnectionHandler>(
+    tcp: tokio::net::TcpStream,
+    addr: SocketAddr,
+    acceptor: Acceptor,
+    limits: ListenerLimits,
+    handler: H,
+    shutdown: CancellationToken,
+    per_id: Arc<IdentityCounts>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let accepted = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        r = acceptor.accept(tcp) => r,
+    };
+    let (stream, id) = match accepted {
+        Ok(x) => x,
+        Err(e) => {
+            log_refusal(&e);
+            return;
+        }
+    };
+    tracing::Span::current().record("id", tracing::field::display(&id));
+    let mut conn = Connection::new(stream, limits.io);
+    let Some(_slot) = per_id.try_take(&id, limits.max_per_identity) else {
+        warn!(
+            limit = limits.max_per_identity,
+            "per-identity connection limit reached; refusing"
+        );
+        conn.close(Some(&Message::connection_error(
+            ErrorCode::Overloaded,
+            format!(
+                "too many connections for {id} (limit {})",
+                limits.max_per_identity
+            ),
+        )))
+        .await;
+        return;
+    };
+    debug!("connection established");
+    handler.serve(conn, Peer { id, addr }, shutdown).await;
+    debug!("connection closed");
+}
+
+/// Refusals are part of normal operation on a hostile network: one line each, with the reason.
+fn log_refusal(e: &HandshakeError) {
+    match e {
+        HandshakeError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            debug!(reason = %e, "handshake abandoned by peer");
+        }
+        _ => info!(reason = %e, "handshake refused"),
+    }
+}
+
+/// Binds a listener, with a message that names the address on failure.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}

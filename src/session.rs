@@ -1,0 +1,199 @@
+//! The request loop of a listening component: read messages, run each request in its own task,
+//! write the answers back in batches, and drain in-flight work on close or shutdown.
+//!
+//! One task owns the connection and `select!`s between the next incoming frame and the answers
+//! finished by request tasks, so answers that finish together share one TLS record and one
+//! syscall. Requests beyond the per-connection in-flight limit are answered `overloaded` at
+//! once; the connection and the other requests go on. Handlers see [`Message`]s, never bytes.
+
+use crate::connection::{ConnError, Connection};
+use crate::frame;
+use crate::message::{ErrorCode, ErrorReply, Message};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info};
+
+/// Bytes of answers gathered before a write is forced.
+const MAX_BATCH: usize = 256 * 1024;
+
+/// What the loop does after a message was handled.
+#[derive(Debug)]
+pub enum Next {
+    /// Keep reading.
+    Continue,
+    /// Answer this at once (refusals that need no task), then keep reading.
+    Reply(Message),
+    /// Send this (if any) and close the connection.
+    Close(Option<Message>),
+}
+
+/// Handle through which a message handler starts request tasks.
+pub struct Session {
+    tx: mpsc::Sender<Vec<u8>>,
+    in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
+    tracker: TaskTracker,
+    max_frame: usize,
+}
+
+impl Session {
+    /// Runs `work` in its own task and sends the message it returns; if the connection already
+    /// has its limit of requests in flight, answers `overloaded` instead (returned as `Err` for
+    /// the caller to send at once).
+    pub fn spawn<F>(&self, id: u64, work: F) -> Result<(), Message>
+    where
+        F: Future<Output = Message> + Send + 'static,
+    {
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            return Err(Message::Error(ErrorReply {
+                id,
+                code: ErrorCode::Overloaded,
+                message: format!(
+                    "too many requests in flight on this connection (limit {})",
+                    self.max_in_flight
+                ),
+            }));
+        };
+        let tx = self.tx.clone();
+        let max_frame = self.max_frame;
+        self.tracker.spawn(async move {
+            let msg = work.await;
+            let frame = frame::encode_to_vec(&msg, max_frame).or_else(|e| {
+                frame::encode_to_vec(
+                    &Message::Error(ErrorReply {
+                        id,
+                        code: ErrorCode::TooLarge,
+                        message: format!("answer cannot be sent: {e}"),
+                    }),
+                    max_frame,
+                )
+            });
+            if let Ok(frame) = frame {
+                let _ = tx.send(frame).await;
+            }
+            drop(permit);
+        });
+        Ok(())
+    }
+
+    /// Requests running now on this connection.
+    pub fn in_flight(&self) -> usize {
+        self.max_in_flight - self.in_flight.available_permits()
+    }
+}
+
+/// Drives `conn` until the peer closes, a protocol error, or `shutdown`; then waits up to
+/// `drain` for running requests and delivers their answers before closing.
+pub async fn drive<S, F>(
+    mut conn: Connection<S>,
+    shutdown: CancellationToken,
+    max_in_flight: usize,
+    drain: Duration,
+    mut on_message: F,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: FnMut(Message, &Session) -> Next,
+{
+    let max_in_flight = max_in_flight.max(1);
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(max_in_flight + 8);
+    let session = Session {
+        tx,
+        in_flight: Arc::new(Semaphore::new(max_in_flight)),
+        max_in_flight,
+        tracker: TaskTracker::new(),
+        max_frame: conn.limits().max_frame,
+    };
+    let mut last: Option<Message> = None;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                debug!("shutting down: no new requests on this connection");
+                break;
+            }
+            Some(frame) = rx.recv() => {
+                conn.queue_encoded(&frame);
+                while conn.queued() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(f) => conn.queue_encoded(&f),
+                        Err(_) => break,
+                    }
+                }
+                if let Err(e) = conn.flush().await {
+                    info!(error = %e, "connection lost while writing");
+                    return;
+                }
+            }
+            r = conn.read_message() => match r {
+                Ok(Some(msg)) => match on_message(msg, &session) {
+                    Next::Continue => {}
+                    Next::Reply(m) => {
+                        if let Err(e) = conn.send(&m).await {
+                            info!(error = %e, "connection lost while writing");
+                            return;
+                        }
+                    }
+                    Next::Close(m) => {
+                        last = m;
+                        break;
+                    }
+                },
+                Ok(None) => break,
+                Err(e) => {
+                    log_read_error(&e);
+                    last = e.to_message();
+                    break;
+                }
+            }
+        }
+    }
+    session.tracker.close();
+    let deadline = tokio::time::Instant::now() + drain;
+    loop {
+        tokio::select! {
+            Some(frame) = rx.recv() => {
+                conn.queue_encoded(&frame);
+                if conn.flush().await.is_err() {
+                    return;
+                }
+            }
+            _ = session.tracker.wait() => break,
+            _ = tokio::time::sleep_until(deadline) => {
+                info!(abandoned = session.in_flight(), "drain deadline passed");
+                break;
+            }
+        }
+    }
+    while let Ok(frame) = rx.try_recv() {
+        conn.queue_encoded(&frame);
+    }
+    conn.close(last.as_ref()).await;
+}
+
+fn log_read_error(e: &ConnError) {
+    match e {
+        ConnError::Idle(_) => debug!(reason = %e, "closing idle connection"),
+        ConnError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            debug!("peer closed without close_notify")
+        }
+        _ => info!(reason = %e, "closing connection"),
+    }
+}
+
+/// A ping's nonce must be 16 to 64 bytes; anything else closes the connection.
+pub fn check_nonce(nonce: &[u8]) -> Result<(), Message> {
+    use crate::message::{MAX_NONCE_LEN, MIN_NONCE_LEN};
+    if (MIN_NONCE_LEN..=MAX_NONCE_LEN).contains(&nonce.len()) {
+        Ok(())
+    } else {
+        Err(Message::connection_error(
+            ErrorCode::BadRequest,
+            format!("ping nonce must be {MIN_NONCE_LEN} to {MAX_NONCE_LEN} bytes"),
+        ))
+    }
+}

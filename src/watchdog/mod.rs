@@ -1,0 +1,526 @@
+//! The watchdog: starts the dispatcher and the workers as child processes of its own binary,
+//! probes each with an authenticated heartbeat, and restarts whichever exits or stops
+//! answering.
+//!
+//! Restarts back off exponentially (reset after a stable period) and are limited in intensity,
+//! as systemd's `StartLimitBurst` and OTP's restart intensity are: more than
+//! `restart_limit_burst` restarts within `restart_limit_window_ms` marks a component failed.
+//! A failed worker stays down (the dispatcher routes around it); a failed dispatcher makes the
+//! watchdog stop everything and exit non-zero, so that an outer supervisor can take over.
+//! On SIGINT/SIGTERM the dispatcher is stopped first (so in-flight requests drain through the
+//! workers), then the workers; no child outlives the watchdog.
+
+pub mod child;
+pub mod probe;
+
+use crate::config::Config;
+use crate::identity::{IdentityError, SpiffeId};
+use crate::tls::{TlsConfigError, TlsMaterial};
+use child::Running;
+use probe::{Beat, Prober};
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+/// How often exits and backoff timers are checked.
+const POLL: Duration = Duration::from_millis(50);
+/// Grace between SIGTERM and SIGKILL for a component that stopped answering.
+const HUNG_GRACE: Duration = Duration::from_secs(1);
+
+/// How to start the children.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// The securesrv binary to re-execute.
+    pub exe: PathBuf,
+    /// The configuration file to pass on, if any.
+    pub config_file: Option<PathBuf>,
+    /// The log filter to pass on, if any.
+    pub log_filter: Option<String>,
+}
+
+/// Why the watchdog gave up.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchdogError {
+    /// Its own certificate could not be loaded.
+    #[error("{0}")]
+    Tls(#[from] TlsConfigError),
+    /// A configured identity is invalid.
+    #[error("{0}")]
+    Identity(#[from] IdentityError),
+    /// The dispatcher kept failing.
+    #[error(
+        "dispatcher restarted more than {burst} times within {window_ms} ms; giving up so that an outer supervisor can take over"
+    )]
+    DispatcherFailed {
+        /// The configured burst.
+        burst: u32,
+        /// The configured window.
+        window_ms: u64,
+    },
+}
+
+/// One supervised component.
+struct Component {
+    name: String,
+    addr: SocketAddr,
+    args: Vec<OsString>,
+    is_dispatcher: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Started; waiting for its first heartbeat.
+    Starting { since: Instant },
+    /// Answering heartbeats.
+    Up { since: Instant },
+    /// Being stopped (SIGTERM/SIGKILL in progress).
+    Stopping,
+    /// Waiting out the restart backoff.
+    Waiting { until: Instant },
+    /// Restarted too often; left down.
+    Failed,
+}
+
+struct Slot {
+    comp: Component,
+    running: Option<Running>,
+    phase: Phase,
+    /// `None` while a heartbeat is in flight.
+    prober: Option<Box<Prober>>,
+    /// Bumped at every start, so late heartbeat results of a previous process are ignored.
+    generation: u64,
+    misses: u32,
+    restarts: VecDeque<Instant>,
+    total_restarts: u32,
+    backoff: Duration,
+    /// When the last stop began, to log the time to recovery.
+    down_since: Option<Instant>,
+}
+
+enum Event {
+    Beat {
+        idx: usize,
+        generation: u64,
+        prober: Box<Prober>,
+        result: Result<Beat, String>,
+    },
+    Stopped {
+        idx: usize,
+        status: std::io::Result<ExitStatus>,
+        reason: String,
+    },
+}
+
+/// The supervisor's state.
+struct Supervisor {
+    cfg: Arc<Config>,
+    exe: PathBuf,
+    slots: Vec<Slot>,
+    events: mpsc::UnboundedSender<Event>,
+    announced: bool,
+}
+
+fn component_args(cfg: &Config, spec: &Spec) -> Vec<(String, SocketAddr, Vec<OsString>, bool)> {
+    let mut common: Vec<OsString> = vec!["--certs".into(), cfg.certs_dir.clone().into()];
+    if let Some(f) = &spec.config_file {
+        common.push("--config".into());
+        common.push(f.clone().into());
+    }
+    if let Some(l) = &spec.log_filter {
+        common.push("--log".into());
+        common.push(l.into());
+    }
+    let mut out = Vec::new();
+    let mut d: Vec<OsString> = vec![
+        "dispatcher".into(),
+        "--listen".into(),
+        cfg.dispatcher.listen.to_string().into(),
+    ];
+    if cfg.worker.is_empty() {
+        d.push("--workers".into());
+        d.push(cfg.workers.to_string().into());
+    }
+    d.extend(common.iter().cloned());
+    out.push(("dispatcher".to_string(), cfg.dispatcher.listen, d, true));
+    for (id, addr) in cfg.worker_addresses() {
+        let mut w: Vec<OsString> = vec![
+            "worker".into(),
+            "--id".into(),
+            id.to_string().into(),
+            "--listen".into(),
+            addr.to_string().into(),
+        ];
+        w.extend(common.iter().cloned());
+        out.push((format!("worker-{id}"), addr, w, false));
+    }
+    out
+}
+
+/// Runs the watchdog until `shutdown` (Ok) or until the dispatcher cannot be kept up (Err).
+pub async fn run(
+    cfg: Arc<Config>,
+    spec: Spec,
+    shutdown: CancellationToken,
+) -> Result<(), WatchdogError> {
+    let me = SpiffeId::watchdog(&cfg.trust_domain)?;
+    let material = TlsMaterial::load_from_dir(&cfg.certs_dir, &me)?;
+    let io = crate::connection::IoLimits {
+        idle_timeout: Duration::from_secs(24 * 3600),
+        ..cfg.limits.io()
+    };
+    let hs = Duration::from_millis(cfg.watchdog.heartbeat_timeout_ms)
+        .min(cfg.limits.handshake_timeout());
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut slots = Vec::new();
+    for (name, addr, args, is_dispatcher) in component_args(&cfg, &spec) {
+        let identity = if is_dispatcher {
+            SpiffeId::dispatcher(&cfg.trust_domain)?
+        } else {
+            let id: u32 = name.trim_start_matches("worker-").parse().unwrap_or(0);
+            SpiffeId::worker(&cfg.trust_domain, id)?
+        };
+        let prober = Prober::new(material.connector(&identity, hs)?, addr, io);
+        slots.push(Slot {
+            comp: Component {
+                name,
+                addr,
+                args,
+                is_dispatcher,
+            },
+            running: None,
+            phase: Phase::Waiting {
+                until: Instant::now(),
+            },
+            prober: Some(Box::new(prober)),
+            generation: 0,
+            misses: 0,
+            restarts: VecDeque::new(),
+            total_restarts: 0,
+            backoff: Duration::from_millis(cfg.watchdog.restart_backoff_initial_ms),
+            down_since: None,
+        });
+    }
+    let mut sup = Supervisor {
+        cfg: cfg.clone(),
+        exe: spec.exe,
+        slots,
+        events: tx,
+        announced: false,
+    };
+    info!(components = sup.slots.len(), "watchdog starting components");
+    for i in 0..sup.slots.len() {
+        sup.start(i);
+    }
+    let mut poll = tokio::time::interval(POLL);
+    let mut beat = tokio::time::interval(Duration::from_millis(cfg.watchdog.heartbeat_interval_ms));
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let result = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break Ok(()),
+            Some(ev) = rx.recv() => sup.on_event(ev),
+            _ = poll.tick() => {
+                if let Some(err) = sup.poll() {
+                    break Err(err);
+                }
+            }
+            _ = beat.tick() => sup.heartbeats(),
+        }
+    };
+    sup.stop_all().await;
+    result
+}
+
+impl Supervisor {
+    fn start(&mut self, idx: usize) {
+        let slot = &mut self.slots[idx];
+        slot.generation += 1;
+        slot.misses = 0;
+        if let Some(p) = slot.prober.as_mut() {
+            p.reset();
+        }
+        match child::spawn(&self.exe, &slot.comp.args) {
+            Ok(r) => {
+                info!(component = %slot.comp.name, pid = r.pid, addr = %slot.comp.addr, restarts = slot.total_restarts, "component started");
+                slot.running = Some(r);
+                slot.phase = Phase::Starting {
+                    since: Instant::now(),
+                };
+            }
+            Err(e) => {
+                error!(component = %slot.comp.name, error = %e, "cannot start component");
+                self.schedule_restart(idx, format!("spawn failed: {e}"));
+            }
+        }
+    }
+
+    /// Child exits, backoff expiry, start deadlines. Returns an error when the dispatcher is
+    /// beyond saving.
+    fn poll(&mut self) -> Option<WatchdogError> {
+        let now = Instant::now();
+        for idx in 0..self.slots.len() {
+            let slot = &mut self.slots[idx];
+            if let Some(r) = slot.running.as_mut() {
+                if let Ok(Some(status)) = r.child.try_wait() {
+                    let pid = r.pid;
+                    slot.running = None;
+                    slot.down_since.get_or_insert(now);
+                    warn!(component = %slot.comp.name, pid, status = %child::describe(&status), "component exited");
+                    self.schedule_restart(idx, child::describe(&status));
+                    continue;
+                }
+            }
+            match self.slots[idx].phase {
+                Phase::Waiting { until } if now >= until => self.start(idx),
+                Phase::Starting { since }
+                    if now.duration_since(since)
+                        > Duration::from_millis(self.cfg.watchdog.start_timeout_ms) =>
+                {
+                    let ms = self.cfg.watchdog.start_timeout_ms;
+                    self.stop(
+                        idx,
+                        format!("no heartbeat answered within {ms} ms of start"),
+                    );
+                }
+                // A starting component is probed on every poll, so that it counts as up (and
+                // the time to recovery is measured) as soon as it answers.
+                Phase::Starting { .. } => self.beat(idx),
+                Phase::Failed if self.slots[idx].comp.is_dispatcher => {
+                    return Some(WatchdogError::DispatcherFailed {
+                        burst: self.cfg.watchdog.restart_limit_burst,
+                        window_ms: self.cfg.watchdog.restart_limit_window_ms,
+                    });
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// Starts one heartbeat per live component, each in its own task.
+    fn heartbeats(&mut self) {
+        for idx in 0..self.slots.len() {
+            if matches!(self.slots[idx].phase, Phase::Up { .. }) {
+                self.beat(idx);
+            }
+        }
+    }
+
+    /// Starts a heartbeat of component `idx` unless one is already running.
+    fn beat(&mut self, idx: usize) {
+        let deadline = Duration::from_millis(self.cfg.watchdog.heartbeat_timeout_ms);
+        let slot = &mut self.slots[idx];
+        let Some(mut prober) = slot.prober.take() else {
+            return; // previous beat still running; it has its own deadline
+        };
+        let tx = self.events.clone();
+        let generation = slot.generation;
+        tokio::spawn(async move {
+            let result = prober.beat(deadline).await;
+            let _ = tx.send(Event::Beat {
+                idx,
+                generation,
+                prober,
+                result,
+            });
+        });
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Beat {
+                idx,
+                generation,
+                mut prober,
+                result,
+            } => {
+                let slot = &mut self.slots[idx];
+                if generation != slot.generation {
+                    prober.reset();
+                    slot.prober = Some(prober);
+                    return;
+                }
+                slot.prober = Some(prober);
+                match (result, slot.phase) {
+                    (Ok(beat), Phase::Starting { since }) => {
+                        slot.phase = Phase::Up {
+                            since: Instant::now(),
+                        };
+                        slot.misses = 0;
+                        let recovered = slot.down_since.take().map(|t| t.elapsed().as_millis());
+                        info!(
+                            component = %slot.comp.name,
+                            pid = slot.running.as_ref().map(|r| r.pid),
+                            startup_ms = since.elapsed().as_millis() as u64,
+                            recovered_after_ms = recovered.map(|m| m as u64),
+                            workers_available = beat.workers_available,
+                            "component up"
+                        );
+                        self.maybe_announce();
+                    }
+                    (Ok(_), Phase::Up { .. }) => {
+                        if slot.misses > 0 {
+                            info!(component = %slot.comp.name, after_misses = slot.misses, "heartbeat answered again");
+                        }
+                        slot.misses = 0;
+                    }
+                    (Err(e), Phase::Up { .. }) => {
+                        slot.misses += 1;
+                        warn!(component = %slot.comp.name, misses = slot.misses, max = self.cfg.watchdog.max_missed, reason = %crate::identity::printable(&e), "heartbeat failed");
+                        if slot.misses >= self.cfg.watchdog.max_missed {
+                            let reason =
+                                format!("{} heartbeats failed in a row (last: {e})", slot.misses);
+                            self.stop(idx, reason);
+                        }
+                    }
+                    (Err(e), Phase::Starting { .. }) => {
+                        debug!(component = %slot.comp.name, reason = %e, "not answering yet");
+                    }
+                    _ => {}
+                }
+            }
+            Event::Stopped {
+                idx,
+                status,
+                reason,
+            } => {
+                let slot = &mut self.slots[idx];
+                let how = match &status {
+                    Ok(s) => child::describe(s),
+                    Err(e) => format!("wait failed: {e}"),
+                };
+                warn!(component = %slot.comp.name, reason = %reason, status = %how, "component stopped");
+                self.schedule_restart(idx, reason);
+            }
+        }
+    }
+
+    /// Kills a live component in the background; a `Stopped` event follows.
+    fn stop(&mut self, idx: usize, reason: String) {
+        let slot = &mut self.slots[idx];
+        let Some(r) = slot.running.take() else {
+            self.schedule_restart(idx, reason);
+            return;
+        };
+        warn!(component = %slot.comp.name, pid = r.pid, reason = %reason, "stopping component");
+        slot.phase = Phase::Stopping;
+        slot.down_since.get_or_insert(Instant::now());
+        let tx = self.events.clone();
+        tokio::spawn(async move {
+            let status = child::stop(r, HUNG_GRACE).await;
+            let _ = tx.send(Event::Stopped {
+                idx,
+                status,
+                reason,
+            });
+        });
+    }
+
+    fn schedule_restart(&mut self, idx: usize, reason: String) {
+        let w = &self.cfg.watchdog;
+        let now = Instant::now();
+        let slot = &mut self.slots[idx];
+        if let Phase::Up { since } = slot.phase {
+            if now.duration_since(since) >= Duration::from_millis(w.stable_after_ms) {
+                slot.backoff = Duration::from_millis(w.restart_backoff_initial_ms);
+            }
+        }
+        let window = Duration::from_millis(w.restart_limit_window_ms);
+        while slot
+            .restarts
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > window)
+        {
+            slot.restarts.pop_front();
+        }
+        if slot.restarts.len() >= w.restart_limit_burst as usize {
+            slot.phase = Phase::Failed;
+            error!(
+                component = %slot.comp.name,
+                restarts = slot.restarts.len(),
+                window_ms = w.restart_limit_window_ms,
+                last_reason = %reason,
+                "COMPONENT FAILED: restarted too often; not restarting it again"
+            );
+            self.maybe_announce();
+            return;
+        }
+        slot.restarts.push_back(now);
+        slot.total_restarts += 1;
+        let delay = slot.backoff;
+        slot.backoff = (slot.backoff * 2).min(Duration::from_millis(w.restart_backoff_max_ms));
+        slot.phase = Phase::Waiting { until: now + delay };
+        info!(component = %slot.comp.name, reason = %reason, restart = slot.total_restarts, delay_ms = delay.as_millis() as u64, "restarting component");
+    }
+
+    /// Prints the ready line once every component is up (or has been given up on).
+    fn maybe_announce(&mut self) {
+        if self.announced {
+            return;
+        }
+        let settled = self
+            .slots
+            .iter()
+            .all(|s| matches!(s.phase, Phase::Up { .. } | Phase::Failed));
+        let dispatcher_up = self
+            .slots
+            .iter()
+            .any(|s| s.comp.is_dispatcher && matches!(s.phase, Phase::Up { .. }));
+        if !settled || !dispatcher_up {
+            return;
+        }
+        self.announced = true;
+        let parts: Vec<String> = self
+            .slots
+            .iter()
+            .map(|s| {
+                let state = if s.phase == Phase::Failed {
+                    " (FAILED)"
+                } else {
+                    ""
+                };
+                format!("{} {}{}", s.comp.name, s.comp.addr, state)
+            })
+            .collect();
+        println!("securesrv ready: {}", parts.join(", "));
+        info!(components = %parts.join(", "), "all components answered their first heartbeat");
+    }
+
+    /// Stops the dispatcher first (its in-flight requests drain through the workers), then the
+    /// workers, each SIGTERM then SIGKILL after the grace period.
+    async fn stop_all(&mut self) {
+        let grace = Duration::from_millis(self.cfg.watchdog.stop_grace_ms);
+        info!("stopping all components");
+        for dispatcher_pass in [true, false] {
+            let mut stops = tokio::task::JoinSet::new();
+            for slot in &mut self.slots {
+                if slot.comp.is_dispatcher != dispatcher_pass {
+                    continue;
+                }
+                if let Some(r) = slot.running.take() {
+                    let name = slot.comp.name.clone();
+                    stops.spawn(async move { (name, child::stop(r, grace).await) });
+                }
+            }
+            while let Some(done) = stops.join_next().await {
+                if let Ok((name, status)) = done {
+                    match status {
+                        Ok(s) => {
+                            info!(component = %name, status = %child::describe(&s), "component stopped")
+                        }
+                        Err(e) => warn!(component = %name, error = %e, "stopping component failed"),
+                    }
+                }
+            }
+        }
+        info!("watchdog stopped");
+    }
+}

@@ -1,0 +1,97 @@
+//! Authenticated heartbeats: an mTLS connection (kept between beats) to the exact identity a
+//! component must have, a fresh random nonce, and a pong that echoes it within the deadline.
+//! A process that squats the port without the component's certificate fails the handshake and
+//! never counts as healthy.
+
+use crate::connection::{Connection, IoLimits};
+use crate::message::{Message, Ping};
+use crate::tls::{ClientStream, Connector};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Probes one component.
+pub struct Prober {
+    connector: Connector,
+    addr: SocketAddr,
+    io: IoLimits,
+    conn: Option<Connection<ClientStream>>,
+    rng: ring::rand::SystemRandom,
+}
+
+/// What a successful heartbeat reports.
+#[derive(Debug, Clone, Copy)]
+pub struct Beat {
+    /// Requests the component has in progress.
+    pub in_flight: u32,
+    /// For the dispatcher: workers it can use now.
+    pub workers_available: Option<u32>,
+}
+
+impl Prober {
+    /// A prober for the component at `addr` whose identity `connector` expects.
+    pub fn new(connector: Connector, addr: SocketAddr, io: IoLimits) -> Self {
+        Prober {
+            connector,
+            addr,
+            io,
+            conn: None,
+            rng: ring::rand::SystemRandom::new(),
+        }
+    }
+
+    /// Forgets the connection (after a restart the next beat dials afresh).
+    pub fn reset(&mut self) {
+        self.conn = None;
+    }
+
+    /// One heartbeat within `deadline`. On failure the connection is dropped.
+    pub async fn beat(&mut self, deadline: Duration) -> Result<Beat, String> {
+        match tokio::time::timeout(deadline, self.beat_inner()).await {
+            Ok(Ok(b)) => Ok(b),
+            Ok(Err(e)) => {
+                self.conn = None;
+                Err(e)
+            }
+            Err(_) => {
+                self.conn = None;
+                Err(format!("no answer within {} ms", deadline.as_millis()))
+            }
+        }
+    }
+
+    async fn beat_inner(&mut self) -> Result<Beat, String> {
+        if self.conn.is_none() {
+            let (stream, _) = self
+                .connector
+                .connect(self.addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.conn = Some(Connection::new(stream, self.io));
+        }
+        let conn = self.conn.as_mut().ok_or("no connection")?;
+        let mut nonce = vec![0u8; 32];
+        ring::rand::SecureRandom::fill(&self.rng, &mut nonce)
+            .map_err(|_| "random generator failed")?;
+        conn.send(&Message::Ping(Ping {
+            nonce: nonce.clone(),
+        }))
+        .await
+        .map_err(|e| e.to_string())?;
+        loop {
+            match conn.read_message().await {
+                Ok(Some(Message::Pong(p))) if p.nonce == nonce => {
+                    return Ok(Beat {
+                        in_flight: p.in_flight,
+                        workers_available: p.workers_available,
+                    });
+                }
+                // A late pong to an earlier beat: skip it.
+                Ok(Some(Message::Pong(_))) => continue,
+                Ok(Some(Message::Error(e))) => return Err(format!("{}: {}", e.code, e.message)),
+                Ok(Some(other)) => return Err(format!("unexpected {} message", other.kind())),
+                Ok(None) => return Err("connection closed".into()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! The worker: accepts the dispatcher and the watchdog over mTLS, checks the request token of
+//! every forwarded request, re-checks the ACL from the token, runs the op and answers.
+//!
+//! Every forwarded request and every heartbeat goes through the same path: a task started by
+//! the connection's request loop ([`crate::session`]) on the worker's runtime, so a worker whose
+//! accept loop lives but whose request machinery is stuck stops answering heartbeats too.
+//! Each request leaves one audit line (target `securesrv::audit`).
+
+pub mod jobs;
+pub mod ops;
+
+use crate::config::Config;
+use crate::connection::Connection;
+use crate::identity::{Role, SpiffeId};
+use crate::message::{ErrorCode, ErrorReply, Forward, Message, Pong, Reply};
+use crate::server::{self, ConnectionHandler, ListenerLimits, Peer};
+use crate::session::{self, Next};
+use crate::tls::{Acceptor, ServerStream, TlsConfigError, TlsMaterial};
+use crate::token::{KeyFile, Verifier, VerifierLimits};
+use ops::{OpRegistry, OpRequest};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+/// One worker's state, shared by its connections.
+pub struct Worker {
+    me: SpiffeId,
+    cfg: Arc<Config>,
+    verifier: Verifier,
+    ops: OpRegistry,
+    /// Requests running now (reported in pongs).
+    running: AtomicU32,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("me", &self.me)
+            .field("ops", &self.ops)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Errors starting a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Certificates or keys could not be loaded.
+    #[error("{0}")]
+    Tls(#[from] TlsConfigError),
+    /// The token key file could not be loaded.
+    #[error("{0}")]
+    Keys(#[from] crate::certs::CertError),
+    /// The certificate is not this worker's.
+    #[error("certificate identity {found} is not worker {id} (expected {expected})")]
+    WrongCertificate {
+        /// Worker number.
+        id: u32,
+        /// Identity expected.
+        expected: String,
+        /// Identity found in the certificate.
+        found: String,
+    },
+    /// Bad worker id.
+    #[error("{0}")]
+    Identity(#[from] crate::identity::IdentityError),
+}
+
+impl Worker {
+    /// A worker with identity `me`, token keys `keys` and ops `ops`.
+    pub fn new(me: SpiffeId, cfg: Arc<Config>, keys: &KeyFile, ops: OpRegistry) -> Self {
+        let verifier = Verifier::new(
+            &me,
+            keys,
+            VerifierLimits {
+                max_lifetime_ms: cfg.token.lifetime_ms,
+                skew_ms: cfg.token.clock_skew_ms,
+                replay_capacity: cfg.token.replay_cache_entries,
+            },
+        );
+        Worker {
+            me,
+            cfg,
+            verifier,
+            ops,
+            running: AtomicU32::new(0),
+        }
+    }
+
+    /// Loads worker `id`'s certificate, key and token key file from `cfg.certs_dir`.
+    pub fn load(
+        id: u32,
+        cfg: Arc<Config>,
+        ops: OpRegistry,
+    ) -> Result<(Self, TlsMaterial), WorkerError> {
+        let me = SpiffeId::worker(&cfg.trust_domain, id)?;
+        let material = TlsMaterial::load_from_dir(&cfg.certs_dir, &me)?;
+        if *material.own_id() != me {
+            return Err(WorkerError::WrongCertificate {
+                id,
+                expected: me.to_string(),
+                found: material.own_id().to_string(),
+            });
+        }
+        let keys =
+            crate::certs::load_key_file(&crate::certs::worker_token_path(&cfg.certs_dir, &me))?;
+        Ok((Worker::new(me, cfg, &keys, ops), material))
+    }
+
+    /// This worker's identity.
+    pub fn identity(&self) -> &SpiffeId {
+        &self.me
+    }
+
+    async fn handle_forward(self: Arc<Self>, f: Forward) -> Message {
+        let started = Instant::now();
+        let id = f.id;
+        let op = f.op.clone();
+        self.running.fetch_add(1, Ordering::Relaxed);
+        let (client, result) = self.execute(f).await;
+        self.running.fetch_sub(1, Ordering::Relaxed);
+        let micros = started.elapsed().as_micros() as u64;
+        match result {
+            Ok(payload) => {
+                info!(target: "securesrv::audit", client = %client, op = %op, worker = %self.me, outcome = %"ok", duration_us = micros, "request");
+                Message::Reply(Reply { id, payload })
+            }
+            Err((code, message)) => {
+                info!(target: "securesrv::audit", client = %client, op = %op, worker = %self.me, outcome = %code, reason = %message, duration_us = micros, "request");
+                Message::Error(ErrorReply { id, code, message })
+            }
+        }
+    }
+
+    /// Token, ACL, op, deadline. Returns the client identity for the audit line.
+    async fn execute(&self, f: Forward) -> (String, Result<Vec<u8>, (ErrorCode, String)>) {
+        let claims = match self
+            .verifier
+            .verify(&f.token, &f.op, &f.payload, crate::token::now_ms())
+        {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(target: "securesrv::audit", op = %crate::identity::printable(&f.op), reason = %e, "token refused");
+                let code = match e {
+                    crate::token::TokenError::ReplayCacheFull => ErrorCode::Overloaded,
+                    _ => ErrorCode::InvalidToken,
+                };
+                return (
+                    "unverified".into(),
+                    Err((code, format!("token refused: {e}"))),
+                );
+            }
+        };
+        let client = claims.client;
+        let Ok(client_id) = client.parse::<SpiffeId>() else {
+            return (
+                client,
+                Err((
+                    ErrorCode::InvalidToken,
+                    "token names no valid client".into(),
+                )),
+            );
+        };
+        if !self.cfg.acl_allows(&client_id, &claims.op) {
+            return (
+                client,
+                Err((
+                    ErrorCode::Denied,
+                    format!("{client_id} may not call {}", claims.op),
+                )),
+            );
+        }
+        let Some(handler) = self.ops.get(&f.op) else {
+            return (
+                client,
+                Err((ErrorCode::UnknownOp, format!("no op {}", f.op))),
+            );
+        };
+        let time_left = Duration::from_millis(
+            u64::from(f.timeout_ms).min(self.cfg.limits.max_request_timeout_ms),
+        );
+        let req = OpRequest {
+            payload: f.payload,
+            client: client.clone(),
+            time_left,
+        };
+        let result = match tokio::time::timeout(time_left, handler.call(req)).await {
+            Ok(Ok(out)) => Ok(out),
+            Ok(Err(e)) => Err((e.code(), e.to_string())),
+            Err(_) => Err((ErrorCode::Timeout, "deadline passed while running".into())),
+        };
+        (client, result)
+    }
+
+    fn pong(&self, nonce: Vec<u8>) -> Message {
+        Message::Pong(Pong {
+            nonce,
+            in_flight: self.running.load(Ordering::Relaxed),
+            workers_available: None,
+        })
+    }
+}
+
+/// The worker's connection handler.
+#[derive(Clone)]
+struct Handler {
+    worker: Arc<Worker>,
+    drain: Duration,
+    max_in_flight: usize,
+}
+
+impl ConnectionHandler for Handler {
+    async fn serve(&self, conn: Connection<ServerStream>, peer: Peer, shutdown: CancellationToken) {
+        let worker = self.worker.clone();
+        let role = peer.id.role();
+        session::drive(
+            conn,
+            shutdown,
+            self.max_in_flight,
+            self.drain,
+            move |msg, s| match msg {
+                Message::Forward(f) if role == Role::Dispatcher => {
+                    let id = f.id;
+                    match s.spawn(id, worker.clone().handle_forward(f)) {
+                        Ok(()) => Next::Continue,
+                        Err(refusal) => Next::Reply(refusal),
+                    }
+                }
+                Message::Forward(f) => Next::Reply(Message::Error(ErrorReply {
+                    id: f.id,
+                    code: ErrorCode::Denied,
+                    message: "only the dispatcher may forward requests".into(),
+                })),
+                Message::Ping(p) => match crate::session::check_nonce(&p.nonce) {
+                    Err(m) => Next::Close(Some(m)),
+                    Ok(()) => {
+                        let w = worker.clone();
+                        match s.spawn(0, async move { w.pong(p.nonce) }) {
+                            Ok(()) => Next::Continue,
+                            Err(refusal) => Next::Reply(refusal),
+                        }
+                    }
+                },
+                other => Next::Close(Some(Message::connection_error(
+                    ErrorCode::BadRequest,
+                    format!("a worker does not accept {} messages", other.kind()),
+                ))),
+            },
+        )
+        .await;
+    }
+}
+
+/// Serves `worker` on `listener` until `shutdown`, then lets connections drain.
+pub async fn run(
+    worker: Arc<Worker>,
+    listener: TcpListener,
+    acceptor: Acceptor,
+    shutdown: CancellationToken,
+) {
+    let cfg = worker.cfg.clone();
+    let drain = Duration::from_millis(cfg.watchdog.stop_grace_ms * 4 / 5);
+    let handler = Handler {
+        worker,
+        drain,
+        max_in_flight: cfg.limits.max_in_flight_per_connection,
+    };
+    let tracker = TaskTracker::new();
+    server::serve(
+        listener,
+        acceptor,
+        ListenerLimits::from_config(&cfg.limits),
+        handler,
+        shutdown,
+        tracker.clone(),
+    )
+    .await;
+    tracker.close();
+    if tokio::time::timeout(drain + Duration::from_millis(200), tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("connections still open after the drain period; closing them");
+    }
+}

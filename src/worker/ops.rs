@@ -1,0 +1,184 @@
+//! What a worker can do: the built-in ops (`echo`, `sha256`, `sleep`), operator-declared jobs,
+//! and handlers registered by a program that embeds the worker.
+//!
+//! A handler receives the payload and the request's context and returns the answer bytes or an
+//! [`OpError`]; it never sees tokens, sockets or frames.
+
+use crate::config::Config;
+use crate::message::ErrorCode;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The boxed future a handler returns.
+pub type OpFuture = Pin<Box<dyn Future<Output = Result<Vec<u8>, OpError>> + Send>>;
+
+/// What a handler knows about the request it runs.
+#[derive(Debug, Clone)]
+pub struct OpRequest {
+    /// The client's payload.
+    pub payload: Vec<u8>,
+    /// The verified client identity (from the dispatcher's token).
+    pub client: String,
+    /// Time left before the dispatcher gives up.
+    pub time_left: Duration,
+}
+
+/// How an op failed. The message is sent to the client: keep internal detail out of it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpError {
+    /// The payload is not acceptable to this op.
+    #[error("{0}")]
+    BadInput(String),
+    /// The op ran and failed (a job's non-zero exit, say).
+    #[error("{0}")]
+    Failed(String),
+    /// The op ran past its time limit and was stopped.
+    #[error("{0}")]
+    Timeout(String),
+    /// The answer would be larger than allowed.
+    #[error("{0}")]
+    TooLarge(String),
+}
+
+impl OpError {
+    /// The wire code for this failure.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            OpError::BadInput(_) => ErrorCode::BadRequest,
+            OpError::Failed(_) => ErrorCode::OpFailed,
+            OpError::Timeout(_) => ErrorCode::Timeout,
+            OpError::TooLarge(_) => ErrorCode::TooLarge,
+        }
+    }
+}
+
+/// An op implementation.
+pub trait Handler: Send + Sync + 'static {
+    /// Runs the op.
+    fn call(&self, req: OpRequest) -> OpFuture;
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(OpRequest) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Vec<u8>, OpError>> + Send + 'static,
+{
+    fn call(&self, req: OpRequest) -> OpFuture {
+        Box::pin(self(req))
+    }
+}
+
+/// The ops one worker serves, by name.
+#[derive(Clone, Default)]
+pub struct OpRegistry {
+    handlers: HashMap<String, Arc<dyn Handler>>,
+}
+
+impl std::fmt::Debug for OpRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut names: Vec<_> = self.handlers.keys().collect();
+        names.sort();
+        f.debug_struct("OpRegistry").field("ops", &names).finish()
+    }
+}
+
+impl OpRegistry {
+    /// The built-ins plus every job of `cfg`.
+    pub fn from_config(cfg: &Config) -> Self {
+        let mut r = OpRegistry::default();
+        r.register("echo", |req: OpRequest| async move { Ok(req.payload) });
+        r.register("sha256", |req: OpRequest| async move {
+            Ok(hex::encode(crate::token::payload_digest(&req.payload)).into_bytes())
+        });
+        let max_sleep = cfg.limits.max_sleep_ms;
+        r.register("sleep", move |req: OpRequest| sleep(req, max_sleep));
+        for job in &cfg.jobs {
+            let job = Arc::new(job.clone());
+            r.register(&job.name.clone(), move |req: OpRequest| {
+                super::jobs::run(job.clone(), req.payload)
+            });
+        }
+        r
+    }
+
+    /// Adds (or replaces) the handler for `op`. An embedding program uses this for its own
+    /// ops; the dispatcher must also know them (`[[custom_ops]]` in the config).
+    pub fn register(&mut self, op: &str, handler: impl Handler) {
+        self.handlers.insert(op.to_string(), Arc::new(handler));
+    }
+
+    /// The handler for `op`.
+    pub fn get(&self, op: &str) -> Option<Arc<dyn Handler>> {
+        self.handlers.get(op).cloned()
+    }
+}
+
+/// `sleep`: payload = milliseconds as ASCII digits, capped at `limits.max_sleep_ms`.
+async fn sleep(req: OpRequest, max_ms: u64) -> Result<Vec<u8>, OpError> {
+    let text = std::str::from_utf8(&req.payload)
+        .ok()
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && t.len() <= 12 && t.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or_else(|| OpError::BadInput("sleep wants a number of milliseconds".into()))?;
+    let ms: u64 = text
+        .parse()
+        .map_err(|_| OpError::BadInput("sleep wants a number of milliseconds".into()))?;
+    if ms > max_ms {
+        return Err(OpError::BadInput(format!(
+            "sleep of {ms} ms exceeds the limit of {max_ms} ms"
+        )));
+    }
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    Ok(format!("slept {ms} ms").into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(payload: &[u8]) -> OpRequest {
+        OpRequest {
+            payload: payload.to_vec(),
+            client: "spiffe://securesrv/client/default".into(),
+            time_left: Duration::from_secs(5),
+        }
+    }
+
+    #[tokio::test]
+    async fn builtins() {
+        let r = OpRegistry::from_config(&Config::default());
+        let call = |op: &str, p: &[u8]| r.get(op).unwrap().call(req(p));
+        assert_eq!(call("echo", b"abc").await.unwrap(), b"abc");
+        assert_eq!(
+            call("sha256", b"abc").await.unwrap(),
+            b"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(call("sleep", b"5").await.unwrap(), b"slept 5 ms");
+        for bad in [&b"x"[..], b"", b"-1", b"99999999999999"] {
+            assert!(
+                matches!(call("sleep", bad).await, Err(OpError::BadInput(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            call("sleep", b"30001").await,
+            Err(OpError::BadInput(m)) if m.contains("limit")
+        ));
+        assert!(r.get("nosuch").is_none());
+    }
+
+    #[tokio::test]
+    async fn embedders_register_their_own_ops() {
+        let mut r = OpRegistry::default();
+        r.register("upper", |req: OpRequest| async move {
+            Ok(req.payload.to_ascii_uppercase())
+        });
+        assert_eq!(
+            r.get("upper").unwrap().call(req(b"hi")).await.unwrap(),
+            b"HI"
+        );
+    }
+}
