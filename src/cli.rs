@@ -167,10 +167,12 @@ pub fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
+    // The watchdog passes the filter on to its children.
     let _log = init_logging(cli.log.as_deref());
+    let log_filter = cli.log.clone();
     match cli.command {
-        Some(cmd) => run_command(cmd, cli.config),
-        None if cli.menu || std::io::stdin().is_terminal() => menu(cli.config),
+        Some(cmd) => run_command(cmd, cli.config, log_filter),
+        None if cli.menu || std::io::stdin().is_terminal() => menu(cli.config, log_filter),
         None => {
             eprintln!("securesrv: no command given; run `securesrv --help`");
             ExitCode::from(2)
@@ -178,7 +180,7 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run_command(cmd: Command, config: Option<PathBuf>) -> ExitCode {
+fn run_command(cmd: Command, config: Option<PathBuf>, log: Option<String>) -> ExitCode {
     match cmd {
         Command::Certs(c) => certs(c),
         Command::Dispatcher(a) => {
@@ -212,12 +214,12 @@ fn run_command(cmd: Command, config: Option<PathBuf>) -> ExitCode {
             };
             components::worker(cfg, a.id, listen, a.common.supervised)
         }
-        Command::Watchdog(a) => watchdog(config, a),
+        Command::Watchdog(a) => watchdog(config, a, log),
         Command::Client(a) => client_cmd::run(a, config),
     }
 }
 
-fn watchdog(config: Option<PathBuf>, a: WatchdogArgs) -> ExitCode {
+fn watchdog(config: Option<PathBuf>, a: WatchdogArgs, log: Option<String>) -> ExitCode {
     let cfg = load_config(config.as_deref(), |cfg| {
         if let Some(l) = a.listen {
             cfg.dispatcher.listen = l;
@@ -229,7 +231,7 @@ fn watchdog(config: Option<PathBuf>, a: WatchdogArgs) -> ExitCode {
         apply_common(cfg, &a.common);
     });
     match cfg {
-        Ok(cfg) => components::watchdog(cfg, config),
+        Ok(cfg) => components::watchdog(cfg, config, log),
         Err(code) => code,
     }
 }
@@ -325,7 +327,7 @@ fn certs(cmd: CertsCmd) -> ExitCode {
 }
 
 /// The original's menu.
-fn menu(config: Option<PathBuf>) -> ExitCode {
+fn menu(config: Option<PathBuf>, log: Option<String>) -> ExitCode {
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     loop {
@@ -340,7 +342,7 @@ fn menu(config: Option<PathBuf>) -> ExitCode {
         match line.trim() {
             "1" => {
                 drop(lines);
-                return watchdog(config, WatchdogArgs::default());
+                return watchdog(config, WatchdogArgs::default(), log);
             }
             "2" => {
                 drop(lines);

@@ -110,6 +110,9 @@ pub struct ClientConfig {
     pub io: IoLimits,
     /// Default deadline of a call.
     pub call_timeout: Duration,
+    /// Calls in flight on the connection at once; more wait their turn (the dispatcher
+    /// answers `overloaded` beyond its own per-connection limit).
+    pub max_in_flight: usize,
 }
 
 impl ClientConfig {
@@ -130,6 +133,7 @@ impl ClientConfig {
                 ..limits.io()
             },
             call_timeout: DEFAULT_CALL_TIMEOUT,
+            max_in_flight: limits.max_in_flight_per_connection,
         })
     }
 }
@@ -172,6 +176,7 @@ struct Link {
 #[derive(Clone)]
 pub struct Client {
     cfg: Arc<ClientConfig>,
+    slots: Arc<tokio::sync::Semaphore>,
     link: Arc<tokio::sync::Mutex<Option<Arc<Link>>>>,
 }
 
@@ -189,6 +194,7 @@ impl Client {
     /// Connects (so that configuration and TLS problems show at once).
     pub async fn connect(cfg: ClientConfig) -> Result<Client, ClientError> {
         let client = Client {
+            slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_in_flight.max(1))),
             cfg: Arc::new(cfg),
             link: Arc::new(tokio::sync::Mutex::new(None)),
         };
@@ -213,6 +219,9 @@ impl Client {
         opts: CallOptions,
     ) -> Result<Vec<u8>, ClientError> {
         let deadline = Instant::now() + opts.timeout;
+        let Ok(Ok(_slot)) = tokio::time::timeout_at(deadline, self.slots.acquire()).await else {
+            return Err(ClientError::Timeout(opts.timeout));
+        };
         let mut backoff = Duration::from_millis(50);
         loop {
             let attempt =

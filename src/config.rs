@@ -419,6 +419,11 @@ impl Config {
         if l.request_timeout_ms > l.max_request_timeout_ms {
             p.push("limits.request_timeout_ms exceeds limits.max_request_timeout_ms".into());
         }
+        if self.dispatcher.max_in_flight_per_worker > l.worker_max_concurrent {
+            p.push(
+                "dispatcher.max_in_flight_per_worker exceeds limits.worker_max_concurrent".into(),
+            );
+        }
         if l.max_connections_per_identity > l.max_connections {
             p.push("limits.max_connections_per_identity exceeds limits.max_connections".into());
         }

@@ -19,6 +19,10 @@ pub const DEFAULT_MAX_FRAME: usize = 1 << 20;
 /// beyond what a request-dispatch service should buffer per connection.
 pub const MAX_FRAME_CEILING: usize = 64 << 20;
 
+/// Extra room on dispatcher-to-worker links: a forward carries the client's request plus a
+/// token, so a request that fits the client-facing cap still fits the link.
+pub const LINK_HEADROOM: usize = 4096;
+
 /// MessagePack nesting allowed inside a frame. Our messages nest three levels; anything deeper
 /// is hostile and is refused before the decoder recurses into it.
 pub const MAX_DEPTH: usize = 16;

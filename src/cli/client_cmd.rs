@@ -29,9 +29,9 @@ pub struct ClientArgs {
     /// The dispatcher identity to accept (default: spiffe://<trust-domain>/dispatcher/main).
     #[arg(long, value_name = "SPIFFE_ID")]
     server_id: Option<String>,
-    /// Deadline of each request in milliseconds.
-    #[arg(long, default_value_t = 15_000)]
-    timeout_ms: u64,
+    /// Deadline of each request in milliseconds [default: 15000].
+    #[arg(long)]
+    timeout_ms: Option<u64>,
     /// Treat OP as idempotent (retried after a lost connection); built-ins always are.
     #[arg(long)]
     idempotent: bool,
@@ -99,7 +99,9 @@ pub fn run(args: ClientArgs, config: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    client_cfg.call_timeout = Duration::from_millis(args.timeout_ms.max(1));
+    if let Some(ms) = args.timeout_ms {
+        client_cfg.call_timeout = Duration::from_millis(ms.max(1));
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -108,7 +108,7 @@ pub fn worker(cfg: Config, id: u32, listen: SocketAddr, supervised: bool) -> Exi
 }
 
 /// `securesrv watchdog`
-pub fn watchdog(cfg: Config, config_file: Option<PathBuf>) -> ExitCode {
+pub fn watchdog(cfg: Config, config_file: Option<PathBuf>, log_filter: Option<String>) -> ExitCode {
     let exe = match std::env::current_exe() {
         Ok(p) => p,
         Err(e) => return fail("cannot find own executable", e),
@@ -121,7 +121,8 @@ pub fn watchdog(cfg: Config, config_file: Option<PathBuf>) -> ExitCode {
         let spec = securesrv::watchdog::Spec {
             exe,
             config_file,
-            log_filter: std::env::var("SECURESRV_LOG").ok(),
+            // Without --log the children inherit SECURESRV_LOG from the environment.
+            log_filter,
         };
         match securesrv::watchdog::run(Arc::new(cfg), spec, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,

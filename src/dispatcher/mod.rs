@@ -100,11 +100,13 @@ impl Dispatcher {
         shutdown: &CancellationToken,
         tracker: &TaskTracker,
     ) -> Result<(), TlsConfigError> {
+        let base = self.cfg.limits.io();
         let io = IoLimits {
             // The dispatcher pings every link, so a worker link is never idle for long; the
             // ping misses decide liveness, not the idle timer.
             idle_timeout: Duration::from_secs(24 * 3600),
-            ..self.cfg.limits.io()
+            max_frame: base.max_frame + crate::frame::LINK_HEADROOM,
+            ..base
         };
         for slot in self.pool.slots() {
             let connector =

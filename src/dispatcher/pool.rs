@@ -171,7 +171,7 @@ impl Pool {
             minter,
             max_in_flight: cfg.dispatcher.max_in_flight_per_worker,
             rotate: AtomicUsize::new(0),
-            max_frame: cfg.limits.max_frame_bytes,
+            max_frame: cfg.limits.max_frame_bytes + frame::LINK_HEADROOM,
         }
     }
 
@@ -217,6 +217,28 @@ impl Pool {
             }
         }
         best.map(|(_, s, l)| (s.clone(), l))
+    }
+
+    /// Waits (up to `timeout`) until at least `n` workers are available; true if they are.
+    /// A readiness signal for embedding programs and tests.
+    pub async fn wait_for_available(&self, n: usize, timeout: Duration) -> bool {
+        self.wait_until(|available| available >= n, timeout).await
+    }
+
+    /// Waits (up to `timeout`) until the number of available workers satisfies `pred`.
+    pub async fn wait_until(&self, pred: impl Fn(usize) -> bool, timeout: Duration) -> bool {
+        let until = Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if pred(self.available()) {
+                return true;
+            }
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                return pred(self.available());
+            }
+        }
     }
 
     /// Picks a worker, waiting until `wait_until` for one to become available.

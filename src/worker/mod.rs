@@ -266,13 +266,17 @@ pub async fn run(
     let handler = Handler {
         worker,
         drain,
-        max_in_flight: cfg.limits.max_in_flight_per_connection,
+        // One dispatcher connection carries every client's requests: its bound is the
+        // worker's whole capacity (the dispatcher keeps itself below it).
+        max_in_flight: cfg.limits.worker_max_concurrent,
     };
     let tracker = TaskTracker::new();
+    let mut limits = ListenerLimits::from_config(&cfg.limits);
+    limits.io.max_frame += crate::frame::LINK_HEADROOM;
     server::serve(
         listener,
         acceptor,
-        ListenerLimits::from_config(&cfg.limits),
+        limits,
         handler,
         shutdown,
         tracker.clone(),

@@ -1,0 +1,285 @@
+//! The real binary: certificates, a dispatcher and a worker as processes, and the client
+//! command's output and exit codes, configuration errors, the interactive loop and the menu.
+
+mod common;
+
+use common::{Proc, WAIT, bin, free_port, free_port_block, pki};
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn run(cwd: &Path, args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(bin())
+        .args(args)
+        .current_dir(cwd)
+        .env("SECURESRV_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    if let Some(mut s) = child.stdin.take() {
+        s.write_all(stdin).expect("stdin");
+    }
+    child.wait_with_output().expect("wait")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn certs_commands() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = run(
+        tmp.path(),
+        &["certs", "init", "--dir", "c", "--workers", "1"],
+        b"",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("wrote c/worker-1.token"));
+    let again = run(tmp.path(), &["certs", "init", "--dir", "c"], b"");
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        text(&again.stderr).contains("--force"),
+        "{}",
+        text(&again.stderr)
+    );
+    let alice = run(
+        tmp.path(),
+        &[
+            "certs", "issue", "--dir", "c", "--role", "client", "--name", "alice",
+        ],
+        b"",
+    );
+    assert!(alice.status.success(), "{}", text(&alice.stderr));
+    assert!(tmp.path().join("c/client-alice.key").exists());
+    let bad = run(
+        tmp.path(),
+        &[
+            "certs", "issue", "--dir", "c", "--role", "admin", "--name", "x",
+        ],
+        b"",
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gen-certs.sh");
+    let out = Command::new(&script)
+        .arg(tmp.path().join("script-certs"))
+        .env("SECURESRV_BIN", bin())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(tmp.path().join("script-certs/dispatcher.key").exists());
+}
+
+#[test]
+fn bad_configuration_exits_64_and_lists_every_problem() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("bad.toml"),
+        "workers = 0\n[limits]\nmax_frame_bytes = 1\n[acl]\nnosuch = [\"*\"]\n",
+    )
+    .unwrap();
+    let out = run(tmp.path(), &["--config", "bad.toml", "dispatcher"], b"");
+    assert_eq!(out.status.code(), Some(64));
+    let err = text(&out.stderr);
+    for needle in ["workers must be", "max_frame_bytes", "unknown op"] {
+        assert!(err.contains(needle), "missing {needle}: {err}");
+    }
+    std::fs::write(tmp.path().join("typo.toml"), "[limits]\nmax_frames = 5\n").unwrap();
+    let out = run(
+        tmp.path(),
+        &["--config", "typo.toml", "worker", "--id", "1"],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        text(&out.stderr).contains("max_frames"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(tmp.path(), &["--config", "missing.toml", "watchdog"], b"");
+    assert_eq!(out.status.code(), Some(64));
+}
+
+#[test]
+fn client_command_end_to_end() {
+    let pki = pki(1);
+    let dir = pki.dir.to_str().unwrap().to_string();
+    let base = free_port_block(1);
+    let d_addr = format!("127.0.0.1:{base}");
+    let w_addr = format!("127.0.0.1:{}", base + 1);
+    let cwd = pki.tmp.path();
+    let worker = Proc::spawn(
+        "worker",
+        &["worker", "--id", "1", "--listen", &w_addr, "--certs", &dir],
+        cwd,
+    );
+    worker.wait_log(&["worker listening"], WAIT);
+    let dispatcher = Proc::spawn(
+        "dispatcher",
+        &[
+            "dispatcher",
+            "--listen",
+            &d_addr,
+            "--workers",
+            "1",
+            "--certs",
+            &dir,
+        ],
+        cwd,
+    );
+    dispatcher.wait_log(&["worker link up", "worker=1"], WAIT);
+
+    let cert = format!("{dir}/client.crt");
+    let key = format!("{dir}/client.key");
+    let client = |extra: &[&str], stdin: &[u8]| {
+        let mut args = vec![
+            "client",
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--connect",
+            &d_addr,
+        ];
+        args.extend_from_slice(extra);
+        run(cwd, &args, stdin)
+    };
+
+    let out = client(&["echo", "hello"], b"");
+    assert_eq!(
+        (out.status.code(), text(&out.stdout)),
+        (Some(0), "hello".to_string()),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = client(&["sha256", "abc"], b"");
+    assert_eq!(
+        text(&out.stdout),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\n"
+    );
+    let out = client(&["echo", "-"], b"from stdin\x00\xff");
+    assert_eq!(out.stdout, b"from stdin\x00\xff");
+    std::fs::write(cwd.join("data.bin"), b"file payload").unwrap();
+    let out = client(&["echo", "--data-file", "data.bin"], b"");
+    assert_eq!(out.stdout, b"file payload");
+
+    // Refusals: exit 3 and one clear line on stderr.
+    let out = client(&["nosuch", "x"], b"");
+    assert_eq!(out.status.code(), Some(3));
+    let err = text(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("unknown_op"), "{err}");
+    let out = client(&["sleep", "not-a-number"], b"");
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+
+    // The interactive loop, fed from a pipe.
+    let out = client(
+        &[],
+        b"echo one\nsha256 abc\n\nnosuch x\necho two\nquit\necho never\n",
+    );
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("one\n") && stdout.contains("two\n"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("ba7816bf"), "{stdout}");
+    assert!(!stdout.contains("never"), "{stdout}");
+    assert!(text(&out.stderr).contains("unknown_op"));
+
+    // Audit lines: client, op, worker, outcome, duration.
+    let line = dispatcher.wait_log(&["securesrv::audit", "op=sha256"], WAIT);
+    for f in [
+        "client=spiffe://securesrv/client/default",
+        "worker=spiffe://securesrv/worker/1",
+        "outcome=ok",
+        "duration_us=",
+    ] {
+        assert!(line.contains(f), "{f} missing in {line}");
+    }
+    let line = worker.wait_log(&["securesrv::audit", "op=echo"], WAIT);
+    assert!(
+        line.contains("client=spiffe://securesrv/client/default"),
+        "{line}"
+    );
+
+    // A key others can read is refused with the fix, exit 64.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = client(&["echo", "x"], b"");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        text(&out.stderr).contains("chmod 600"),
+        "{}",
+        text(&out.stderr)
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // Nothing listening: exit 5 with the address; no worker: exit 4 (bounded).
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    let out = run(
+        cwd,
+        &[
+            "client",
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--connect",
+            &nowhere,
+            "--timeout-ms",
+            "2000",
+            "echo",
+            "x",
+        ],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains(&nowhere));
+    drop(worker);
+    dispatcher.wait_log(&["worker link down"], WAIT);
+    let out = client(&["echo", "x"], b"");
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("unavailable"));
+}
+
+#[test]
+fn the_menu_of_the_original() {
+    let pki = pki(1);
+    let dir = pki.dir.to_str().unwrap().to_string();
+    let base = free_port_block(1);
+    let cwd = pki.tmp.path();
+    std::fs::write(
+        cwd.join("securesrv.toml"),
+        format!("certs_dir = {dir:?}\nworkers = 1\n[dispatcher]\nlisten = \"127.0.0.1:{base}\"\n"),
+    )
+    .unwrap();
+    let worker = Proc::spawn(
+        "worker",
+        &["--config", "securesrv.toml", "worker", "--id", "1"],
+        cwd,
+    );
+    worker.wait_log(&["worker listening"], WAIT);
+    let dispatcher = Proc::spawn(
+        "dispatcher",
+        &["--config", "securesrv.toml", "dispatcher"],
+        cwd,
+    );
+    dispatcher.wait_log(&["worker link up"], WAIT);
+    let out = run(
+        cwd,
+        &["--config", "securesrv.toml", "--menu"],
+        b"7\n2\necho via-menu\nquit\n",
+    );
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("1. Run Watchdog (and servers)"), "{stdout}");
+    assert!(stdout.contains("2. Run Client"), "{stdout}");
+    assert!(stdout.contains("Choose an option:"), "{stdout}");
+    assert!(stdout.contains("Invalid option"), "{stdout}");
+    assert!(stdout.contains("via-menu"), "{stdout}");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // Without a terminal and without --menu, no menu: a usage error.
+    let out = run(cwd, &[], b"");
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -1,0 +1,388 @@
+//! Shared test fixtures: a PKI made by rcgen at test time in a temporary directory, in-process
+//! clusters on `127.0.0.1:0`, and real `securesrv` processes whose output can be waited on.
+//! Every wait is bounded; every process is killed by PID when its handle drops.
+#![allow(dead_code)]
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use securesrv::certs::{self, InitOptions};
+use securesrv::client::{Client, ClientConfig};
+use securesrv::config::{Config, WorkerEntry};
+use securesrv::dispatcher::{self, Dispatcher};
+use securesrv::identity::{Role, SpiffeId};
+use securesrv::tls::TlsMaterial;
+use securesrv::worker::{self, Worker, ops::OpRegistry};
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Upper bound on any wait in the tests.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Certificates for one test, deleted with it.
+pub struct Pki {
+    pub tmp: tempfile::TempDir,
+    pub dir: PathBuf,
+}
+
+/// `certs init` for `workers` workers into a fresh temporary directory.
+pub fn pki(workers: u32) -> Pki {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("certs");
+    certs::init(
+        &dir,
+        &InitOptions {
+            trust_domain: "securesrv".into(),
+            workers,
+            days: 2,
+            hosts: vec![],
+            force: false,
+        },
+    )
+    .expect("certs init");
+    Pki { tmp, dir }
+}
+
+impl Pki {
+    /// Loads the TLS material of `stem` (`client`, `dispatcher`, `worker-1`, ...).
+    pub fn material(&self, stem: &str) -> TlsMaterial {
+        TlsMaterial::load(
+            &self.dir.join("ca.crt"),
+            &self.dir.join(format!("{stem}.crt")),
+            &self.dir.join(format!("{stem}.key")),
+        )
+        .expect("load material")
+    }
+
+    /// Issues an extra client identity `client-<name>`.
+    pub fn add_client(&self, name: &str) {
+        certs::issue(
+            &self.dir,
+            &certs::IssueOptions {
+                role: Role::Client,
+                name: name.into(),
+                trust_domain: None,
+                days: 2,
+                hosts: vec![],
+                force: false,
+            },
+        )
+        .expect("issue client");
+    }
+}
+
+/// A port number that was free a moment ago.
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind port 0")
+        .port()
+}
+
+/// A base port P such that P..=P+n were all free a moment ago (dispatcher at P, worker N at
+/// P+N, the default layout).
+pub fn free_port_block(n: u16) -> u16 {
+    for _ in 0..200 {
+        let base = free_port();
+        if base > 65_000 {
+            continue;
+        }
+        let held: Vec<_> = (1..=n)
+            .map_while(|i| StdListener::bind(("127.0.0.1", base + i)).ok())
+            .collect();
+        if held.len() == n as usize && StdListener::bind(("127.0.0.1", base)).is_ok() {
+            return base;
+        }
+    }
+    panic!("no free block of {n} ports");
+}
+
+/// A dispatcher and workers running in this process on ephemeral ports.
+pub struct Cluster {
+    pub cfg: Arc<Config>,
+    pub dispatcher: Arc<Dispatcher>,
+    pub addr: SocketAddr,
+    pub worker_addrs: Vec<SocketAddr>,
+    shutdown: CancellationToken,
+    worker_stops: Vec<CancellationToken>,
+    tracker: TaskTracker,
+}
+
+/// Starts `workers` workers and a dispatcher with `tweak` applied to the configuration, and
+/// waits until the dispatcher can use every worker.
+pub async fn start_cluster(pki: &Pki, workers: u32, tweak: impl FnOnce(&mut Config)) -> Cluster {
+    let mut cfg = Config {
+        certs_dir: pki.dir.clone(),
+        ..Config::default()
+    };
+    let mut listeners = Vec::new();
+    for id in 1..=workers {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind worker");
+        cfg.worker.push(WorkerEntry {
+            id,
+            listen: l.local_addr().expect("addr"),
+        });
+        listeners.push(l);
+    }
+    let dl = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind dispatcher");
+    cfg.dispatcher.listen = dl.local_addr().expect("addr");
+    tweak(&mut cfg);
+    cfg.validate().expect("valid config");
+    let cfg = Arc::new(cfg);
+    let tracker = TaskTracker::new();
+    let mut worker_stops = Vec::new();
+    for (i, l) in listeners.into_iter().enumerate() {
+        let id = i as u32 + 1;
+        let (w, m) = Worker::load(id, cfg.clone(), OpRegistry::from_config(&cfg)).expect("worker");
+        let acceptor = m
+            .acceptor(Role::Worker, cfg.limits.handshake_timeout())
+            .expect("acceptor");
+        let stop = CancellationToken::new();
+        tracker.spawn(worker::run(Arc::new(w), l, acceptor, stop.clone()));
+        worker_stops.push(stop);
+    }
+    let (d, m) = Dispatcher::load(cfg.clone()).expect("dispatcher");
+    let shutdown = CancellationToken::new();
+    d.start_links(&m, &shutdown, &tracker).expect("links");
+    let acceptor = m
+        .acceptor(Role::Dispatcher, cfg.limits.handshake_timeout())
+        .expect("acceptor");
+    tracker.spawn(dispatcher::run(d.clone(), dl, acceptor, shutdown.clone()));
+    assert!(
+        d.pool().wait_for_available(workers as usize, WAIT).await,
+        "workers did not become available"
+    );
+    Cluster {
+        addr: cfg.dispatcher.listen,
+        worker_addrs: cfg.worker.iter().map(|w| w.listen).collect(),
+        cfg,
+        dispatcher: d,
+        shutdown,
+        worker_stops,
+        tracker,
+    }
+}
+
+impl Cluster {
+    /// A library client with identity `stem`.
+    pub async fn client_as(&self, pki: &Pki, stem: &str) -> Client {
+        let m = pki.material(stem);
+        let cfg = ClientConfig::new(&m, self.addr, SpiffeId::dispatcher("securesrv").unwrap())
+            .expect("client config");
+        Client::connect(cfg).await.expect("client connects")
+    }
+
+    /// The default client.
+    pub async fn client(&self, pki: &Pki) -> Client {
+        self.client_as(pki, "client").await
+    }
+
+    /// Stops worker `id` (graceful).
+    pub fn stop_worker(&self, id: u32) {
+        self.worker_stops[id as usize - 1].cancel();
+    }
+
+    /// Stops everything and waits (bounded).
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for s in &self.worker_stops {
+            s.cancel();
+        }
+        self.tracker.close();
+        let _ = tokio::time::timeout(WAIT, self.tracker.wait()).await;
+    }
+}
+
+/// Output of a child process, collected by reader threads; waiters are woken on each line.
+#[derive(Default)]
+struct Output {
+    text: Mutex<(String, String)>,
+    changed: Condvar,
+}
+
+/// A real `securesrv` process, killed (by PID) when dropped.
+pub struct Proc {
+    pub pid: u32,
+    output: Arc<Output>,
+    exit: mpsc::Receiver<ExitStatus>,
+    status: Option<ExitStatus>,
+    name: String,
+}
+
+/// The binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_securesrv")
+}
+
+impl Proc {
+    /// Starts `securesrv args...` in `cwd` with stdin closed.
+    pub fn spawn(name: &str, args: &[&str], cwd: &Path) -> Proc {
+        Self::spawn_with(name, args, cwd, Stdio::null())
+    }
+
+    /// Starts `securesrv args...` with the given stdin.
+    pub fn spawn_with(name: &str, args: &[&str], cwd: &Path, stdin: Stdio) -> Proc {
+        let child = Command::new(bin())
+            .args(args)
+            .current_dir(cwd)
+            .env("SECURESRV_LOG", "info")
+            .stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn securesrv");
+        Self::watch(name, child)
+    }
+
+    fn watch(name: &str, mut child: Child) -> Proc {
+        let output = Arc::new(Output::default());
+        for (is_err, pipe) in [
+            (
+                false,
+                child
+                    .stdout
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            ),
+            (
+                true,
+                child
+                    .stderr
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            ),
+        ] {
+            let Some(pipe) = pipe else { continue };
+            let out = output.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                let reader = std::io::BufReader::new(pipe);
+                for line in reader.lines() {
+                    let Ok(line) = line else { break };
+                    let mut t = out.text.lock().unwrap();
+                    let s = if is_err { &mut t.1 } else { &mut t.0 };
+                    s.push_str(&line);
+                    s.push('\n');
+                    out.changed.notify_all();
+                }
+            });
+        }
+        let pid = child.id();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            if let Ok(status) = child.wait() {
+                let _ = tx.send(status);
+            }
+        });
+        Proc {
+            pid,
+            output,
+            exit: rx,
+            status: None,
+            name: name.to_string(),
+        }
+    }
+
+    /// Everything written to stdout so far.
+    pub fn stdout(&self) -> String {
+        self.output.text.lock().unwrap().0.clone()
+    }
+
+    /// Everything written to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.output.text.lock().unwrap().1.clone()
+    }
+
+    /// Waits until stdout (or stderr, with `in_stderr`) has `count` lines containing all of
+    /// `needles`; returns the last such line. Panics with the output after `timeout`.
+    pub fn wait_for_n(
+        &self,
+        in_stderr: bool,
+        needles: &[&str],
+        count: usize,
+        timeout: Duration,
+    ) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut t = self.output.text.lock().unwrap();
+        loop {
+            let text = if in_stderr { &t.1 } else { &t.0 };
+            let hits: Vec<&str> = text
+                .lines()
+                .filter(|l| needles.iter().all(|n| l.contains(n)))
+                .collect();
+            if hits.len() >= count {
+                return hits[count - 1].to_string();
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                panic!(
+                    "{}: no {count} line(s) with {needles:?} within {timeout:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    self.name, t.0, t.1
+                );
+            }
+            t = self
+                .output
+                .changed
+                .wait_timeout(t, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Waits for one line with all `needles` in stderr (the log).
+    pub fn wait_log(&self, needles: &[&str], timeout: Duration) -> String {
+        self.wait_for_n(true, needles, 1, timeout)
+    }
+
+    /// Sends `sig` to the process.
+    pub fn signal(&self, sig: Signal) {
+        let _ = kill(Pid::from_raw(self.pid as i32), sig);
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.exit.recv_timeout(timeout).ok();
+        }
+        self.status
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            self.signal(Signal::SIGKILL);
+            let _ = self.exit.recv_timeout(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Value of `key=` in a log line (e.g. `pid=1234`).
+pub fn field(line: &str, key: &str) -> Option<String> {
+    let start = line.find(&format!(" {key}="))? + key.len() + 2;
+    let rest = &line[start..];
+    let end = rest.find(' ').unwrap_or(rest.len());
+    Some(rest[..end].trim_matches('"').to_string())
+}
+
+/// Whether a process with this PID still exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // The state follows the command name in parentheses.
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|s| s.split_whitespace().next());
+            !matches!(state, Some("Z") | Some("X") | None)
+        }
+        Err(_) => false,
+    }
+}

@@ -1,0 +1,209 @@
+//! A worker process killed with SIGKILL in the middle of a request: an idempotent request is
+//! answered by another worker, a non-idempotent one gets a clear `worker_lost`; the client
+//! never hangs and never gets another request's answer. Workers are real processes; the
+//! dispatcher runs in the test.
+
+mod common;
+
+use common::{Pki, Proc, WAIT, free_port, pki};
+use nix::sys::signal::Signal;
+use securesrv::client::{CallOptions, Client, ClientConfig, ClientError};
+use securesrv::config::{Config, JobConfig, WorkerEntry};
+use securesrv::connection::{Connection, IoLimits};
+use securesrv::dispatcher::{self, Dispatcher};
+use securesrv::identity::{Role, SpiffeId};
+use securesrv::message::{ErrorCode, Message, Ping};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+struct Setup {
+    pki: Pki,
+    config_file: PathBuf,
+    cfg: Arc<Config>,
+    workers: Vec<SocketAddr>,
+}
+
+fn setup() -> Setup {
+    let pki = pki(2);
+    let mut cfg = Config {
+        certs_dir: pki.dir.clone(),
+        ..Config::default()
+    };
+    for id in 1..=2 {
+        cfg.worker.push(WorkerEntry {
+            id,
+            listen: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        });
+    }
+    cfg.dispatcher.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    cfg.dispatcher.worker_ping_interval_ms = 200;
+    cfg.jobs.push(JobConfig {
+        name: "slow-write".into(),
+        program: PathBuf::from("/bin/sh"),
+        args: vec!["-c".into(), "sleep 3; echo wrote".into()],
+        timeout_ms: 10_000,
+        max_output_bytes: 1024,
+        idempotent: false,
+    });
+    cfg.acl.insert("slow-write".into(), vec!["*".into()]);
+    // The worker processes read the same file.
+    let text = format!(
+        "certs_dir = {:?}\n[dispatcher]\nlisten = \"{}\"\n[[worker]]\nid = 1\nlisten = \"{}\"\n[[worker]]\nid = 2\nlisten = \"{}\"\n[[jobs]]\nname = \"slow-write\"\nprogram = \"/bin/sh\"\nargs = [\"-c\", \"sleep 3; echo wrote\"]\ntimeout_ms = 10000\n[acl]\nslow-write = [\"*\"]\n",
+        pki.dir, cfg.dispatcher.listen, cfg.worker[0].listen, cfg.worker[1].listen
+    );
+    let config_file = pki.tmp.path().join("securesrv.toml");
+    std::fs::write(&config_file, text).unwrap();
+    cfg.validate().unwrap();
+    Setup {
+        workers: cfg.worker.iter().map(|w| w.listen).collect(),
+        cfg: Arc::new(cfg),
+        pki,
+        config_file,
+    }
+}
+
+fn start_worker(s: &Setup, id: u32) -> Proc {
+    let p = Proc::spawn(
+        &format!("worker-{id}"),
+        &[
+            "worker",
+            "--id",
+            &id.to_string(),
+            "--config",
+            s.config_file.to_str().unwrap(),
+        ],
+        s.pki.tmp.path(),
+    );
+    p.wait_log(&["worker listening"], WAIT);
+    p
+}
+
+/// Requests in progress on a worker, asked with the watchdog's identity.
+async fn in_flight(s: &Setup, id: u32) -> u32 {
+    let m = s.pki.material("watchdog");
+    let (stream, _) = m
+        .connector(
+            &SpiffeId::worker("securesrv", id).unwrap(),
+            Duration::from_secs(5),
+        )
+        .unwrap()
+        .connect(s.workers[id as usize - 1])
+        .await
+        .unwrap();
+    let mut conn = Connection::new(stream, IoLimits::default());
+    conn.send(&Message::Ping(Ping { nonce: vec![3; 16] }))
+        .await
+        .unwrap();
+    match conn.read_message().await {
+        Ok(Some(Message::Pong(p))) => p.in_flight,
+        other => panic!("expected pong, got {other:?}"),
+    }
+}
+
+async fn wait_busy(s: &Setup, id: u32) {
+    let until = Instant::now() + WAIT;
+    while in_flight(s, id).await == 0 {
+        assert!(Instant::now() < until, "worker {id} never got the request");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn start_dispatcher(s: &Setup) -> (Arc<Dispatcher>, CancellationToken, TaskTracker) {
+    let (d, m) = Dispatcher::load(s.cfg.clone()).unwrap();
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    d.start_links(&m, &stop, &tracker).unwrap();
+    let listener = securesrv::server::bind(s.cfg.dispatcher.listen)
+        .await
+        .unwrap();
+    let acceptor = m
+        .acceptor(Role::Dispatcher, Duration::from_secs(5))
+        .unwrap();
+    tracker.spawn(dispatcher::run(d.clone(), listener, acceptor, stop.clone()));
+    (d, stop, tracker)
+}
+
+async fn client(s: &Setup) -> Client {
+    let m = s.pki.material("client");
+    let cfg = ClientConfig::new(
+        &m,
+        s.cfg.dispatcher.listen,
+        SpiffeId::dispatcher("securesrv").unwrap(),
+    )
+    .unwrap();
+    Client::connect(cfg).await.unwrap()
+}
+
+#[test]
+fn a_worker_killed_mid_request() {
+    let s = setup();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // Only worker 1 runs at first, so the slow requests land on it.
+        let w1 = start_worker(&s, 1);
+        let (d, stop, tracker) = start_dispatcher(&s).await;
+        assert!(d.pool().wait_for_available(1, WAIT).await);
+        let c = client(&s).await;
+
+        // Idempotent: `sleep` is retried on worker 2 and answered.
+        let c1 = c.clone();
+        let idem = tokio::spawn(async move {
+            let started = Instant::now();
+            (c1.call("sleep", b"1500").await, started.elapsed())
+        });
+        wait_busy(&s, 1).await;
+        let w2 = start_worker(&s, 2);
+        assert!(d.pool().wait_for_available(2, WAIT).await);
+        w1.signal(Signal::SIGKILL);
+        let (answer, took) = idem.await.unwrap();
+        assert_eq!(
+            answer.unwrap(),
+            b"slept 1500 ms",
+            "idempotent request answered by worker 2"
+        );
+        assert!(took < WAIT);
+        drop(w1);
+
+        // Non-idempotent: worker 2 is the only one left, so the job runs there; kill it.
+        let c2 = c.clone();
+        let job = tokio::spawn(async move {
+            c2.call_with(
+                "slow-write",
+                b"",
+                CallOptions {
+                    idempotent: false,
+                    timeout: Duration::from_secs(20),
+                },
+            )
+            .await
+        });
+        wait_busy(&s, 2).await;
+        w2.signal(Signal::SIGKILL);
+        match job.await.unwrap() {
+            Err(ClientError::Remote {
+                code: ErrorCode::WorkerLost,
+                message,
+            }) => {
+                assert!(message.contains("may or may not have run"), "{message}");
+            }
+            other => panic!("non-idempotent request must fail with worker_lost, got {other:?}"),
+        }
+        drop(w2);
+
+        // A restarted worker is picked up again without any operator action.
+        let _w1 = start_worker(&s, 1);
+        assert!(d.pool().wait_for_available(1, WAIT).await);
+        assert_eq!(c.call("echo", b"back").await.unwrap(), b"back");
+        stop.cancel();
+        tracker.close();
+        let _ = tokio::time::timeout(WAIT, tracker.wait()).await;
+    });
+}

@@ -1,0 +1,453 @@
+//! The request path end to end, in process over real sockets on 127.0.0.1: answers, limits,
+//! concurrency, and every refusal the design promises — each followed by a good request to
+//! show the service keeps serving.
+
+mod common;
+
+use common::{Pki, WAIT, pki, start_cluster};
+use securesrv::client::{CallOptions, ClientError};
+use securesrv::config::JobConfig;
+use securesrv::connection::{Connection, IoLimits};
+use securesrv::identity::SpiffeId;
+use securesrv::message::{ErrorCode, Forward, Message, Ping};
+use securesrv::token::{Claims, MintRequest, Minter, SecretKey};
+use std::path::PathBuf;
+use std::time::Duration;
+
+fn job(name: &str, program: &str, args: &[&str], timeout_ms: u64, idempotent: bool) -> JobConfig {
+    JobConfig {
+        name: name.into(),
+        program: PathBuf::from(program),
+        args: args.iter().map(|s| s.to_string()).collect(),
+        timeout_ms,
+        max_output_bytes: 64 * 1024,
+        idempotent,
+    }
+}
+
+fn code_of(r: Result<Vec<u8>, ClientError>) -> ErrorCode {
+    match r {
+        Err(ClientError::Remote { code, .. }) => code,
+        other => panic!("expected a remote error, got {other:?}"),
+    }
+}
+
+async fn still_serving(c: &securesrv::client::Client) {
+    assert_eq!(c.call("echo", b"still here").await.unwrap(), b"still here");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_sha256_and_a_job() {
+    let pki = pki(2);
+    let cluster = start_cluster(&pki, 2, |cfg| {
+        cfg.jobs
+            .push(job("upper", "/usr/bin/tr", &["a-z", "A-Z"], 5_000, true));
+        cfg.acl.insert(
+            "upper".into(),
+            vec!["spiffe://securesrv/client/default".into()],
+        );
+    })
+    .await;
+    let c = cluster.client(&pki).await;
+    assert_eq!(c.call("echo", b"hello").await.unwrap(), b"hello");
+    assert_eq!(
+        c.call("sha256", b"abc").await.unwrap(),
+        b"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    assert_eq!(c.call("upper", b"shout").await.unwrap(), b"SHOUT");
+    assert_eq!(c.call("sleep", b"10").await.unwrap(), b"slept 10 ms");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_payload_near_the_frame_cap() {
+    let pki = pki(1);
+    let cluster = start_cluster(&pki, 1, |_| {}).await;
+    let c = cluster.client(&pki).await;
+    let cap = cluster.cfg.limits.max_frame_bytes;
+    let big: Vec<u8> = (0..cap - 64).map(|i| (i % 251) as u8).collect();
+    assert_eq!(c.call("echo", &big).await.unwrap(), big);
+    let digest = c.call("sha256", &big).await.unwrap();
+    assert_eq!(digest.len(), 64);
+    // Over the cap: refused before anything is sent; the connection stays usable.
+    let too_big = vec![0u8; cap + 1];
+    assert!(matches!(
+        c.call("echo", &too_big).await,
+        Err(ClientError::Request(_))
+    ));
+    still_serving(&c).await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_concurrent_requests_each_get_their_own_answer() {
+    let pki = pki(2);
+    let cluster = start_cluster(&pki, 2, |_| {}).await;
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(cluster.client(&pki).await);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..1000u32 {
+        let c = clients[i as usize % clients.len()].clone();
+        tasks.spawn(async move {
+            let payload = format!("request {i} {}", "x".repeat((i % 97) as usize));
+            let op = if i % 3 == 0 { "sha256" } else { "echo" };
+            let answer = c.call(op, payload.as_bytes()).await.expect("answer");
+            let expected = if op == "sha256" {
+                hex::encode(securesrv::token::payload_digest(payload.as_bytes())).into_bytes()
+            } else {
+                payload.into_bytes()
+            };
+            assert_eq!(answer, expected, "request {i} got another request's answer");
+        });
+    }
+    let mut done = 0;
+    while let Some(r) = tasks.join_next().await {
+        r.expect("task");
+        done += 1;
+    }
+    assert_eq!(done, 1000);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_and_unknown_op_refusals() {
+    let pki = pki(1);
+    pki.add_client("alice");
+    pki.add_client("bob");
+    let cluster = start_cluster(&pki, 1, |cfg| {
+        cfg.jobs.push(job("report", "/bin/cat", &[], 5_000, false));
+        cfg.acl.insert(
+            "report".into(),
+            vec!["spiffe://securesrv/client/alice".into()],
+        );
+        cfg.acl.insert(
+            "sleep".into(),
+            vec!["spiffe://securesrv/client/alice".into()],
+        );
+    })
+    .await;
+    let alice = cluster.client_as(&pki, "client-alice").await;
+    let bob = cluster.client_as(&pki, "client-bob").await;
+    assert_eq!(alice.call("report", b"r").await.unwrap(), b"r");
+    assert_eq!(code_of(bob.call("report", b"r").await), ErrorCode::Denied);
+    assert_eq!(code_of(bob.call("sleep", b"1").await), ErrorCode::Denied);
+    assert_eq!(alice.call("sleep", b"1").await.unwrap(), b"slept 1 ms");
+    assert_eq!(code_of(bob.call("rm-rf", b"/").await), ErrorCode::UnknownOp);
+    assert_eq!(
+        code_of(bob.call("sleep\nfake log line", b"1").await),
+        ErrorCode::UnknownOp
+    );
+    still_serving(&bob).await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_is_refused_by_a_worker() {
+    let pki = pki(1);
+    let cluster = start_cluster(&pki, 1, |_| {}).await;
+    let client_m = pki.material("client");
+    let w1 = SpiffeId::worker("securesrv", 1).unwrap();
+    let r = client_m
+        .connector(&w1, Duration::from_secs(5))
+        .unwrap()
+        .connect(cluster.worker_addrs[0])
+        .await;
+    if let Ok((stream, _)) = r {
+        // TLS 1.3: the refusal arrives on the first read.
+        let mut conn = Connection::new(stream, IoLimits::default());
+        let _ = conn.send(&Message::Ping(Ping { nonce: vec![1; 16] })).await;
+        assert!(
+            conn.read_message().await.is_err(),
+            "a client must not talk to a worker"
+        );
+    }
+    let c = cluster.client(&pki).await;
+    still_serving(&c).await;
+    cluster.stop().await;
+}
+
+/// A peer holding the dispatcher's certificate talks to worker 1 directly.
+struct RoguePeer {
+    conn: Connection<securesrv::tls::ClientStream>,
+    next: u64,
+}
+
+impl RoguePeer {
+    async fn connect(pki: &Pki, addr: std::net::SocketAddr) -> Self {
+        let m = pki.material("dispatcher");
+        let w1 = SpiffeId::worker("securesrv", 1).unwrap();
+        let (stream, _) = m
+            .connector(&w1, Duration::from_secs(5))
+            .unwrap()
+            .connect(addr)
+            .await
+            .expect("dispatcher identity reaches the worker");
+        RoguePeer {
+            conn: Connection::new(stream, IoLimits::default()),
+            next: 1,
+        }
+    }
+
+    async fn forward(
+        &mut self,
+        op: &str,
+        payload: &[u8],
+        token: Vec<u8>,
+    ) -> Result<Vec<u8>, (ErrorCode, String)> {
+        let id = self.next;
+        self.next += 1;
+        self.conn
+            .send(&Message::Forward(Forward {
+                id,
+                op: op.into(),
+                payload: payload.to_vec(),
+                token,
+                timeout_ms: 5_000,
+            }))
+            .await
+            .expect("send");
+        match tokio::time::timeout(WAIT, self.conn.read_message()).await {
+            Ok(Ok(Some(Message::Reply(r)))) if r.id == id => Ok(r.payload),
+            Ok(Ok(Some(Message::Error(e)))) if e.id == id => Err((e.code, e.message)),
+            other => panic!("unexpected answer: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_replayed_expired_and_retargeted_tokens_are_refused() {
+    let pki = pki(2);
+    let cluster = start_cluster(&pki, 2, |_| {}).await;
+    let good_client = cluster.client(&pki).await;
+    let master = securesrv::certs::load_key_file(&pki.dir.join("token.key")).unwrap();
+    let w1 = SpiffeId::worker("securesrv", 1).unwrap();
+    let w2 = SpiffeId::worker("securesrv", 2).unwrap();
+    let minter = Minter::new(master.current(), &[w1.clone(), w2.clone()], 5_000);
+    let client_id = "spiffe://securesrv/client/default";
+    let mint = |aud: &SpiffeId, payload: &[u8], now: u64| {
+        minter
+            .mint(
+                MintRequest {
+                    audience: aud,
+                    client: client_id,
+                    op: "echo",
+                    payload,
+                },
+                now,
+            )
+            .unwrap()
+            .0
+    };
+    let now = securesrv::token::now_ms;
+    let mut rogue = RoguePeer::connect(&pki, cluster.worker_addrs[0]).await;
+
+    // The real key works, once (this is what the dispatcher does).
+    let valid = mint(&w1, b"pay", now());
+    assert_eq!(
+        rogue.forward("echo", b"pay", valid.clone()).await.unwrap(),
+        b"pay"
+    );
+    // Replay of the very same token.
+    let (code, msg) = rogue.forward("echo", b"pay", valid).await.unwrap_err();
+    assert_eq!(code, ErrorCode::InvalidToken);
+    assert!(msg.contains("replay"), "{msg}");
+    still_serving(&good_client).await;
+
+    // Wrong tag.
+    let mut forged = mint(&w1, b"pay", now());
+    let last = forged.len() - 1;
+    forged[last] ^= 0x01;
+    let (code, msg) = rogue.forward("echo", b"pay", forged).await.unwrap_err();
+    assert_eq!(code, ErrorCode::InvalidToken);
+    assert!(msg.contains("tag"), "{msg}");
+
+    // A token for worker 2 presented to worker 1.
+    let (code, msg) = rogue
+        .forward("echo", b"pay", mint(&w2, b"pay", now()))
+        .await
+        .unwrap_err();
+    assert_eq!(code, ErrorCode::InvalidToken);
+    assert!(msg.contains("tag"), "{msg}");
+
+    // Re-targeted: signed with worker 1's key but naming worker 2 as audience.
+    let w1_key = master.current().key.derive_for(&w1);
+    let mut claims: Claims = securesrv::token::parse(&mint(&w1, b"pay", now()))
+        .unwrap()
+        .claims;
+    claims.audience = w2.to_string();
+    claims.request_id = [7; 16];
+    let mut retargeted = Vec::new();
+    claims.encode(&mut retargeted).unwrap();
+    let tag = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, w1_key.expose()),
+        &retargeted,
+    );
+    retargeted.extend_from_slice(tag.as_ref());
+    let (code, msg) = rogue.forward("echo", b"pay", retargeted).await.unwrap_err();
+    assert_eq!(code, ErrorCode::InvalidToken);
+    assert!(msg.contains("audience"), "{msg}");
+
+    // Expired.
+    let stale = mint(&w1, b"pay", now() - 60_000);
+    let (code, msg) = rogue.forward("echo", b"pay", stale).await.unwrap_err();
+    assert_eq!(code, ErrorCode::InvalidToken);
+    assert!(msg.contains("expired"), "{msg}");
+
+    // Payload swapped after signing.
+    let (code, msg) = rogue
+        .forward("echo", b"other", mint(&w1, b"pay", now()))
+        .await
+        .unwrap_err();
+    assert_eq!(code, ErrorCode::InvalidToken);
+    assert!(msg.contains("payload"), "{msg}");
+
+    // A key that is not ours at all.
+    let stranger = Minter::new(
+        &securesrv::token::KeyEntry {
+            id: 1,
+            key: SecretKey::from_bytes([9; 32]),
+            not_after_ms: None,
+        },
+        std::slice::from_ref(&w1),
+        5_000,
+    );
+    let (t, _) = stranger
+        .mint(
+            MintRequest {
+                audience: &w1,
+                client: client_id,
+                op: "echo",
+                payload: b"pay",
+            },
+            now(),
+        )
+        .unwrap();
+    let (code, _) = rogue.forward("echo", b"pay", t).await.unwrap_err();
+    assert_eq!(code, ErrorCode::InvalidToken);
+
+    // Garbage where the token should be.
+    let (code, _) = rogue
+        .forward("echo", b"pay", vec![1, 2, 3])
+        .await
+        .unwrap_err();
+    assert_eq!(code, ErrorCode::InvalidToken);
+
+    // The worker and the service are unharmed.
+    assert_eq!(
+        rogue
+            .forward("echo", b"ok", mint(&w1, b"ok", now()))
+            .await
+            .unwrap(),
+        b"ok"
+    );
+    still_serving(&good_client).await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_worker_available_is_a_bounded_unavailable() {
+    let pki = pki(2);
+    let cluster = start_cluster(&pki, 2, |cfg| cfg.dispatcher.unavailable_wait_ms = 300).await;
+    let c = cluster.client(&pki).await;
+    still_serving(&c).await;
+    cluster.stop_worker(1);
+    cluster.stop_worker(2);
+    assert!(
+        cluster
+            .dispatcher
+            .pool()
+            .wait_until(|available| available == 0, common::WAIT)
+            .await,
+        "the dispatcher noticed both workers are gone"
+    );
+    let started = std::time::Instant::now();
+    let r = c
+        .call_with(
+            "echo",
+            b"anyone?",
+            CallOptions {
+                idempotent: true,
+                timeout: Duration::from_secs(20),
+            },
+        )
+        .await;
+    let took = started.elapsed();
+    assert_eq!(code_of(r), ErrorCode::Unavailable);
+    assert!(took < Duration::from_secs(10), "unavailable took {took:?}");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_outlives_its_timeout_is_killed_and_reported() {
+    let pki = pki(1);
+    let cluster = start_cluster(&pki, 1, |cfg| {
+        cfg.jobs
+            .push(job("hang", "/bin/sleep", &["30"], 300, false));
+        cfg.jobs
+            .push(job("fail", "/bin/sh", &["-c", "exit 7"], 3_000, false));
+        cfg.acl.insert("hang".into(), vec!["*".into()]);
+        cfg.acl.insert("fail".into(), vec!["*".into()]);
+    })
+    .await;
+    let c = cluster.client(&pki).await;
+    let started = std::time::Instant::now();
+    match c.call("hang", b"").await {
+        Err(ClientError::Remote { code, message }) => {
+            assert_eq!(code, ErrorCode::Timeout);
+            assert!(message.contains("killed"), "{message}");
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+    match c.call("fail", b"").await {
+        Err(ClientError::Remote { code, message }) => {
+            assert_eq!(code, ErrorCode::OpFailed);
+            assert!(message.contains("status 7"), "{message}");
+        }
+        other => panic!("expected op_failed, got {other:?}"),
+    }
+    still_serving(&c).await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchdog_identity_may_ping_but_not_send_requests() {
+    let pki = pki(1);
+    let cluster = start_cluster(&pki, 1, |_| {}).await;
+    let m = pki.material("watchdog");
+    let (stream, _) = m
+        .connector(
+            &SpiffeId::dispatcher("securesrv").unwrap(),
+            Duration::from_secs(5),
+        )
+        .unwrap()
+        .connect(cluster.addr)
+        .await
+        .unwrap();
+    let mut conn = Connection::new(stream, IoLimits::default());
+    conn.send(&Message::Ping(Ping { nonce: vec![5; 16] }))
+        .await
+        .unwrap();
+    match conn.read_message().await.unwrap() {
+        Some(Message::Pong(p)) => {
+            assert_eq!(p.nonce, vec![5; 16]);
+            assert_eq!(p.workers_available, Some(1));
+        }
+        other => panic!("expected pong, got {other:?}"),
+    }
+    conn.send(&Message::Request(securesrv::message::Request {
+        id: 1,
+        op: "echo".into(),
+        payload: b"x".to_vec(),
+        timeout_ms: None,
+    }))
+    .await
+    .unwrap();
+    match conn.read_message().await.unwrap() {
+        Some(Message::Error(e)) => assert_eq!(e.code, ErrorCode::Denied),
+        other => panic!("expected denied, got {other:?}"),
+    }
+    cluster.stop().await;
+}
