@@ -381,6 +381,10 @@ impl Supervisor {
                             self.stop(idx, reason);
                         }
                     }
+                    (Err(e), Phase::Starting { .. }) if e.contains("identity refused") => {
+                        // Something answers on the component's port with another identity.
+                        warn!(component = %slot.comp.name, addr = %slot.comp.addr, reason = %crate::identity::printable(&e), "wrong identity on the component's port");
+                    }
                     (Err(e), Phase::Starting { .. }) => {
                         debug!(component = %slot.comp.name, reason = %e, "not answering yet");
                     }

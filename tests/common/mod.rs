@@ -346,6 +346,11 @@ impl Proc {
         let _ = kill(Pid::from_raw(self.pid as i32), sig);
     }
 
+    /// Sends `sig` to another process (a child of this one, found in its log).
+    pub fn signal_pid(&self, pid: u32, sig: Signal) {
+        let _ = kill(Pid::from_raw(pid as i32), sig);
+    }
+
     /// Waits for the process to exit, up to `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         if self.status.is_none() {

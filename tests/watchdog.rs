@@ -1,0 +1,377 @@
+//! The watchdog with the real binary, real processes and real signals: readiness, restart after
+//! SIGKILL and SIGSTOP, dispatcher restart, a port squatter with the wrong identity, a crash
+//! loop, and shutdown by SIGTERM and by the watchdog's own death. Every wait is bounded and
+//! every process is killed by PID at the end.
+
+mod common;
+
+use common::{Pki, Proc, WAIT, alive, field, free_port_block, pki};
+use nix::sys::signal::Signal;
+use securesrv::client::{CallOptions, Client, ClientConfig};
+use securesrv::identity::SpiffeId;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+struct Fixture {
+    pki: Pki,
+    base: u16,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let pki = pki(2);
+        let base = free_port_block(2);
+        let cfg = format!(
+            "certs_dir = {:?}\nworkers = 2\n\
+             [dispatcher]\nlisten = \"127.0.0.1:{base}\"\nworker_ping_interval_ms = 200\n\
+             [watchdog]\nheartbeat_interval_ms = 300\nheartbeat_timeout_ms = 300\nmax_missed = 3\n\
+             restart_backoff_initial_ms = 100\nrestart_backoff_max_ms = 2000\nstop_grace_ms = 3000\n",
+            pki.dir
+        );
+        std::fs::write(pki.tmp.path().join("securesrv.toml"), cfg).unwrap();
+        Fixture { pki, base }
+    }
+
+    fn addr(&self, port_offset: u16) -> SocketAddr {
+        format!("127.0.0.1:{}", self.base + port_offset)
+            .parse()
+            .unwrap()
+    }
+
+    fn watchdog(&self) -> Proc {
+        Proc::spawn(
+            "watchdog",
+            &["--config", "securesrv.toml", "watchdog"],
+            self.pki.tmp.path(),
+        )
+    }
+
+    fn ready(&self) -> Proc {
+        let w = self.watchdog();
+        w.wait_for_n(false, &["securesrv ready"], 1, WAIT);
+        w
+    }
+
+    async fn client(&self) -> Client {
+        let m = self.pki.material("client");
+        let mut cfg =
+            ClientConfig::new(&m, self.addr(0), SpiffeId::dispatcher("securesrv").unwrap())
+                .unwrap();
+        cfg.call_timeout = Duration::from_secs(15);
+        Client::connect(cfg).await.unwrap()
+    }
+}
+
+/// PID of the n-th start (1-based) of `component`, from the watchdog's log.
+fn pid_of(w: &Proc, component: &str, nth: usize) -> u32 {
+    let line = w.wait_for_n(
+        true,
+        &["component started", &format!("component={component} ")],
+        nth,
+        WAIT,
+    );
+    field(&line, "pid")
+        .and_then(|p| p.parse().ok())
+        .expect("pid in log line")
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Idempotent requests in a loop until stopped; counts answers and failures.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+fn load(c: Client) -> Load {
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
+    let task = tokio::spawn(async move {
+        let mut errors = Vec::new();
+        let mut n = 0u64;
+        while !s.load(Ordering::Relaxed) {
+            let payload = format!("req-{n}");
+            n += 1;
+            let opts = CallOptions {
+                idempotent: true,
+                timeout: Duration::from_secs(15),
+            };
+            match c.call_with("echo", payload.as_bytes(), opts).await {
+                Ok(out) if out == payload.as_bytes() => {
+                    o.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(other) => panic!("wrong answer {other:?} for {payload}"),
+                Err(e) => {
+                    f.fetch_add(1, Ordering::Relaxed);
+                    errors.push(e.to_string());
+                }
+            }
+        }
+        errors
+    });
+    Load {
+        stop,
+        ok,
+        failed,
+        task,
+    }
+}
+
+impl Load {
+    async fn finish(self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let errors = self.task.await.unwrap();
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            errors,
+        )
+    }
+}
+
+#[test]
+fn start_serve_and_stop_with_sigterm() {
+    let f = Fixture::new();
+    let mut w = f.ready();
+    let ready = w.stdout();
+    assert!(
+        ready.contains(&format!("dispatcher 127.0.0.1:{}", f.base)),
+        "{ready}"
+    );
+    assert!(
+        ready.contains("worker-1") && ready.contains("worker-2"),
+        "{ready}"
+    );
+    let pids: Vec<u32> = ["dispatcher", "worker-1", "worker-2"]
+        .iter()
+        .map(|c| pid_of(&w, c, 1))
+        .collect();
+    rt().block_on(async {
+        let c = f.client().await;
+        assert_eq!(c.call("echo", b"hello").await.unwrap(), b"hello");
+        assert_eq!(c.call("sha256", b"").await.unwrap().len(), 64);
+    });
+    w.signal(Signal::SIGTERM);
+    let status = w.wait_exit(WAIT).expect("watchdog exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", w.stderr());
+    for pid in pids {
+        assert!(!alive(pid), "child {pid} survived the watchdog");
+    }
+}
+
+#[test]
+fn sigkill_of_a_worker_is_repaired_without_client_failures() {
+    let f = Fixture::new();
+    let w = f.ready();
+    let old = pid_of(&w, "worker-1", 1);
+    rt().block_on(async {
+        let l = load(f.client().await);
+        // Let the load run on both workers first.
+        while l.ok.load(Ordering::Relaxed) < 50 {
+            tokio::task::yield_now().await;
+        }
+        let killed = Instant::now();
+        w.signal_pid(old, Signal::SIGKILL);
+        let up = tokio::task::block_in_place(|| {
+            w.wait_for_n(true, &["component up", "component=worker-1 "], 2, WAIT)
+        });
+        let serving_again = killed.elapsed();
+        let new = pid_of(&w, "worker-1", 2);
+        assert_ne!(new, old);
+        assert!(!alive(old));
+        // Keep the load going across the restart, then stop it.
+        let before = l.ok.load(Ordering::Relaxed);
+        while l.ok.load(Ordering::Relaxed) < before + 50 {
+            tokio::task::yield_now().await;
+        }
+        let (ok, failed, errors) = l.finish().await;
+        eprintln!(
+            "worker-1 SIGKILLed: serving again after {serving_again:?} ({}); {ok} requests answered, {failed} failed",
+            field(&up, "recovered_after_ms").map(|m| format!("watchdog measured {m} ms")).unwrap_or_default()
+        );
+        assert_eq!(failed, 0, "idempotent requests failed across the restart: {errors:?}");
+    });
+    let line = w.wait_log(&["component exited", "component=worker-1 "], WAIT);
+    assert!(line.contains("signal 9"), "{line}");
+}
+
+#[test]
+fn a_stopped_worker_is_detected_killed_and_replaced() {
+    let f = Fixture::new();
+    let w = f.ready();
+    let old = pid_of(&w, "worker-2", 1);
+    rt().block_on(async {
+        let c = f.client().await;
+        let l = load(c.clone());
+        while l.ok.load(Ordering::Relaxed) < 20 {
+            tokio::task::yield_now().await;
+        }
+        let stopped = Instant::now();
+        w.signal_pid(old, Signal::SIGSTOP);
+        let line = tokio::task::block_in_place(|| {
+            w.wait_log(&["stopping component", "component=worker-2 "], WAIT)
+        });
+        let detected = stopped.elapsed();
+        assert!(line.contains("heartbeats failed"), "{line}");
+        // About interval (300 ms) x misses (3), plus the grace before SIGKILL; generous
+        // bound for a loaded machine.
+        assert!(
+            detected < Duration::from_secs(6),
+            "detection took {detected:?}"
+        );
+        tokio::task::block_in_place(|| {
+            w.wait_for_n(true, &["component up", "component=worker-2 "], 2, WAIT);
+        });
+        let new = pid_of(&w, "worker-2", 2);
+        assert_ne!(new, old);
+        assert!(!alive(old), "the stopped process was killed");
+        let (ok, failed, errors) = l.finish().await;
+        eprintln!(
+            "worker-2 SIGSTOPped: detected after {detected:?}; {ok} answered, {failed} failed"
+        );
+        assert_eq!(failed, 0, "{errors:?}");
+        assert_eq!(c.call("echo", b"after").await.unwrap(), b"after");
+    });
+}
+
+#[test]
+fn sigkill_of_the_dispatcher_clients_recover() {
+    let f = Fixture::new();
+    let w = f.ready();
+    let old = pid_of(&w, "dispatcher", 1);
+    rt().block_on(async {
+        let c = f.client().await;
+        assert_eq!(c.call("echo", b"before").await.unwrap(), b"before");
+        w.signal_pid(old, Signal::SIGKILL);
+        // The same client object reconnects with backoff for idempotent calls.
+        let started = Instant::now();
+        assert_eq!(c.call("echo", b"after").await.unwrap(), b"after");
+        eprintln!(
+            "dispatcher SIGKILLed: client answered again after {:?}",
+            started.elapsed()
+        );
+    });
+    w.wait_for_n(true, &["component up", "component=dispatcher "], 2, WAIT);
+    assert_ne!(pid_of(&w, "dispatcher", 2), old);
+}
+
+#[test]
+fn a_port_squatter_with_another_identity_is_never_accepted() {
+    let f = Fixture::new();
+    // A genuine worker 1 certificate, listening on worker 2's port.
+    let dir = f.pki.dir.to_str().unwrap().to_string();
+    let squat_addr = f.addr(2).to_string();
+    let squatter = Proc::spawn(
+        "squatter",
+        &[
+            "worker",
+            "--id",
+            "1",
+            "--listen",
+            &squat_addr,
+            "--certs",
+            &dir,
+        ],
+        f.pki.tmp.path(),
+    );
+    squatter.wait_log(&["worker listening"], WAIT);
+    let w = f.watchdog();
+    let warn = w.wait_log(&["wrong identity", "component=worker-2 "], WAIT);
+    assert!(
+        warn.contains("expected peer spiffe://securesrv/worker/2"),
+        "{warn}"
+    );
+    w.wait_log(&["COMPONENT FAILED", "component=worker-2 "], WAIT);
+    let ready = w.wait_for_n(false, &["securesrv ready"], 1, WAIT);
+    assert!(
+        ready.contains("worker-2 ") && ready.contains("(FAILED)"),
+        "{ready}"
+    );
+    assert!(
+        !w.stderr().contains("component up component=worker-2"),
+        "the squatter counted as worker 2"
+    );
+    rt().block_on(async {
+        let c = f.client().await;
+        for i in 0..20 {
+            let p = format!("r{i}");
+            assert_eq!(c.call("echo", p.as_bytes()).await.unwrap(), p.as_bytes());
+        }
+    });
+    // The squatter never received a request: the dispatcher refused its identity too.
+    assert!(
+        !squatter.stderr().contains("securesrv::audit"),
+        "{}",
+        squatter.stderr()
+    );
+}
+
+#[test]
+fn a_crash_loop_backs_off_and_is_marked_failed() {
+    let f = Fixture::new();
+    // Worker 1 cannot bind its port: it dies at every start.
+    let _hold = std::net::TcpListener::bind(f.addr(1)).unwrap();
+    let w = f.watchdog();
+    w.wait_log(&["COMPONENT FAILED", "component=worker-1 "], WAIT);
+    let stderr = w.stderr();
+    let delays: Vec<u64> = stderr
+        .lines()
+        .filter(|l| l.contains("restarting component") && l.contains("component=worker-1 "))
+        .filter_map(|l| field(l, "delay_ms")?.parse().ok())
+        .collect();
+    assert_eq!(delays, vec![100, 200, 400, 800, 1600], "{stderr}");
+    // Worker 2 and the dispatcher carry on.
+    w.wait_for_n(false, &["securesrv ready"], 1, WAIT);
+    rt().block_on(async {
+        let c = f.client().await;
+        assert_eq!(c.call("echo", b"x").await.unwrap(), b"x");
+    });
+}
+
+#[test]
+fn a_dispatcher_that_cannot_stay_up_makes_the_watchdog_exit_non_zero() {
+    let f = Fixture::new();
+    let _hold = std::net::TcpListener::bind(f.addr(0)).unwrap();
+    let mut w = f.watchdog();
+    let status = w.wait_exit(WAIT).expect("watchdog gives up");
+    assert_ne!(status.code(), Some(0));
+    assert!(w.stderr().contains("giving up"), "{}", w.stderr());
+    for c in ["worker-1", "worker-2"] {
+        let pid = pid_of(&w, c, 1);
+        assert!(!alive(pid), "{c} ({pid}) survived");
+    }
+}
+
+#[test]
+fn children_exit_when_the_watchdog_is_killed() {
+    let f = Fixture::new();
+    let mut w = f.ready();
+    let pids: Vec<u32> = ["dispatcher", "worker-1", "worker-2"]
+        .iter()
+        .map(|c| pid_of(&w, c, 1))
+        .collect();
+    w.signal(Signal::SIGKILL);
+    w.wait_exit(WAIT).expect("watchdog killed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for pid in pids {
+        while alive(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "child {pid} outlived the watchdog by 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
