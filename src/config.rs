@@ -154,6 +154,10 @@ pub struct Limits {
     pub max_connections_per_identity: usize,
     /// Requests in flight on one connection.
     pub max_in_flight_per_connection: usize,
+    /// Requests one client identity may have in flight at the dispatcher over all its
+    /// connections. Unset: half the workers' total capacity (`workers x
+    /// dispatcher.max_in_flight_per_worker / 2`), so no single identity can take it all.
+    pub max_in_flight_per_identity: Option<usize>,
     /// Deadline of a request that does not ask for one.
     pub request_timeout_ms: u64,
     /// Longest deadline a client may ask for.
@@ -175,6 +179,7 @@ impl Default for Limits {
             max_connections: 4_096,
             max_connections_per_identity: 2_048,
             max_in_flight_per_connection: 256,
+            max_in_flight_per_identity: None,
             request_timeout_ms: 10_000,
             max_request_timeout_ms: 60_000,
             max_sleep_ms: 30_000,
@@ -416,6 +421,9 @@ impl Config {
                 crate::frame::MAX_FRAME_CEILING
             ));
         }
+        if l.max_in_flight_per_identity == Some(0) {
+            p.push("limits.max_in_flight_per_identity must be greater than 0".into());
+        }
         if l.request_timeout_ms > l.max_request_timeout_ms {
             p.push("limits.request_timeout_ms exceeds limits.max_request_timeout_ms".into());
         }
@@ -596,6 +604,15 @@ impl Config {
                 })
             ),
         }
+    }
+
+    /// The dispatcher's per-identity in-flight bound (see
+    /// [`Limits::max_in_flight_per_identity`]).
+    pub fn dispatcher_in_flight_per_identity(&self) -> usize {
+        self.limits.max_in_flight_per_identity.unwrap_or_else(|| {
+            let capacity = self.worker_addresses().len() * self.dispatcher.max_in_flight_per_worker;
+            (capacity / 2).max(1)
+        })
     }
 
     /// A job by name.

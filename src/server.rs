@@ -30,16 +30,19 @@ pub struct ListenerLimits {
     pub max_connections: usize,
     /// Established connections per peer identity.
     pub max_per_identity: usize,
+    /// Requests in flight per peer identity, over all its connections.
+    pub max_in_flight_per_identity: usize,
     /// I/O bounds for each connection.
     pub io: IoLimits,
 }
 
 impl ListenerLimits {
     /// From the `[limits]` section.
-    pub fn from_config(l: &crate::config::Limits) -> Self {
+    pub fn from_config(l: &crate::config::Limits, max_in_flight_per_identity: usize) -> Self {
         ListenerLimits {
             max_connections: l.max_connections,
             max_per_identity: l.max_connections_per_identity,
+            max_in_flight_per_identity: max_in_flight_per_identity.max(1),
             io: l.io(),
         }
     }
@@ -51,6 +54,18 @@ pub struct Peer {
     pub id: SpiffeId,
     /// Its socket address (for logs).
     pub addr: SocketAddr,
+    /// Request slots shared by every connection of this identity, so that one identity
+    /// cannot take all of the capacity.
+    pub identity_slots: IdentitySlots,
+}
+
+/// Request slots shared by all connections of one identity.
+#[derive(Clone)]
+pub struct IdentitySlots {
+    /// The slots.
+    pub slots: Arc<Semaphore>,
+    /// Their number.
+    pub limit: usize,
 }
 
 /// What a component does with an accepted, authorised connection.
@@ -64,10 +79,11 @@ pub trait ConnectionHandler: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = ()> + Send;
 }
 
-/// Counts established connections per identity.
+/// Counts established connections per identity and holds each identity's request slots
+/// (an entry lives as long as the identity has a connection).
 #[derive(Default)]
 struct IdentityCounts {
-    counts: Mutex<HashMap<String, usize>>,
+    counts: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
 }
 
 /// Releases an identity's slot when its connection ends.
@@ -77,25 +93,36 @@ struct IdentitySlot {
 }
 
 impl IdentityCounts {
-    fn try_take(self: &Arc<Self>, id: &SpiffeId, max: usize) -> Option<IdentitySlot> {
+    fn try_take(
+        self: &Arc<Self>,
+        id: &SpiffeId,
+        max: usize,
+        in_flight: usize,
+    ) -> Option<(IdentitySlot, Arc<Semaphore>)> {
         let key = id.to_string();
         let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(key.clone()).or_insert(0);
+        let (n, slots) = map
+            .entry(key.clone())
+            .or_insert_with(|| (0, Arc::new(Semaphore::new(in_flight))));
         if *n >= max {
             return None;
         }
         *n += 1;
-        Some(IdentitySlot {
-            counts: self.clone(),
-            key,
-        })
+        let slots = slots.clone();
+        Some((
+            IdentitySlot {
+                counts: self.clone(),
+                key,
+            },
+            slots,
+        ))
     }
 }
 
 impl Drop for IdentitySlot {
     fn drop(&mut self) {
         let mut map = self.counts.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.key) {
+        if let Some((n, _)) = map.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
                 map.remove(&self.key);
@@ -185,7 +212,11 @@ async fn handle_one<H: ConnectionHandler>(
     };
     tracing::Span::current().record("id", tracing::field::display(&id));
     let mut conn = Connection::new(stream, limits.io);
-    let Some(_slot) = per_id.try_take(&id, limits.max_per_identity) else {
+    let Some((_slot, slots)) = per_id.try_take(
+        &id,
+        limits.max_per_identity,
+        limits.max_in_flight_per_identity,
+    ) else {
         warn!(
             limit = limits.max_per_identity,
             "per-identity connection limit reached; refusing"
@@ -201,7 +232,21 @@ async fn handle_one<H: ConnectionHandler>(
         return;
     };
     debug!("connection established");
-    handler.serve(conn, Peer { id, addr }, shutdown).await;
+    let identity_slots = IdentitySlots {
+        slots,
+        limit: limits.max_in_flight_per_identity,
+    };
+    handler
+        .serve(
+            conn,
+            Peer {
+                id,
+                addr,
+                identity_slots,
+            },
+            shutdown,
+        )
+        .await;
     debug!("connection closed");
 }
 

@@ -9,14 +9,15 @@
 use crate::connection::{ConnError, Connection};
 use crate::frame;
 use crate::message::{ErrorCode, ErrorReply, Message};
+use std::cell::Cell;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// Bytes of answers gathered before a write is forced.
 const MAX_BATCH: usize = 256 * 1024;
@@ -32,13 +33,27 @@ pub enum Next {
     Close(Option<Message>),
 }
 
+/// Bounds on the requests of one connection.
+#[derive(Clone)]
+pub struct RequestLimits {
+    /// Requests in flight on this connection.
+    pub per_connection: usize,
+    /// Slots shared with the peer identity's other connections.
+    pub identity: crate::server::IdentitySlots,
+    /// How long running requests may take to finish once the connection stops reading.
+    pub drain: Duration,
+}
+
 /// Handle through which a message handler starts request tasks.
 pub struct Session {
     tx: mpsc::Sender<Vec<u8>>,
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
+    identity: crate::server::IdentitySlots,
     tracker: TaskTracker,
     max_frame: usize,
+    /// Refusals since the last log line about them (logged at most once a second).
+    refusals: Cell<(u64, Option<Instant>)>,
 }
 
 impl Session {
@@ -50,14 +65,22 @@ impl Session {
         F: Future<Output = Message> + Send + 'static,
     {
         let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
-            return Err(Message::Error(ErrorReply {
+            return Err(self.refuse(
                 id,
-                code: ErrorCode::Overloaded,
-                message: format!(
+                format!(
                     "too many requests in flight on this connection (limit {})",
                     self.max_in_flight
                 ),
-            }));
+            ));
+        };
+        let Ok(identity_permit) = self.identity.slots.clone().try_acquire_owned() else {
+            return Err(self.refuse(
+                id,
+                format!(
+                    "too many requests in flight for this identity (limit {})",
+                    self.identity.limit
+                ),
+            ));
         };
         let tx = self.tx.clone();
         let max_frame = self.max_frame;
@@ -77,8 +100,26 @@ impl Session {
                 let _ = tx.send(frame).await;
             }
             drop(permit);
+            drop(identity_permit);
         });
         Ok(())
+    }
+
+    /// An `overloaded` answer, with a log line at most once a second per connection.
+    fn refuse(&self, id: u64, message: String) -> Message {
+        let (count, last) = self.refusals.get();
+        let now = Instant::now();
+        if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+            warn!(refused = count + 1, reason = %message, "refusing requests: limit reached");
+            self.refusals.set((0, Some(now)));
+        } else {
+            self.refusals.set((count + 1, last));
+        }
+        Message::Error(ErrorReply {
+            id,
+            code: ErrorCode::Overloaded,
+            message,
+        })
     }
 
     /// Requests running now on this connection.
@@ -92,21 +133,23 @@ impl Session {
 pub async fn drive<S, F>(
     mut conn: Connection<S>,
     shutdown: CancellationToken,
-    max_in_flight: usize,
-    drain: Duration,
+    limits: RequestLimits,
     mut on_message: F,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
     F: FnMut(Message, &Session) -> Next,
 {
-    let max_in_flight = max_in_flight.max(1);
+    let max_in_flight = limits.per_connection.max(1);
+    let drain = limits.drain;
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(max_in_flight + 8);
     let session = Session {
         tx,
         in_flight: Arc::new(Semaphore::new(max_in_flight)),
         max_in_flight,
+        identity: limits.identity,
         tracker: TaskTracker::new(),
         max_frame: conn.limits().max_frame,
+        refusals: Cell::new((0, None)),
     };
     let mut last: Option<Message> = None;
     loop {

@@ -13,10 +13,22 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
+/// Raises the soft limit on open files to the hard limit, so that `limits.max_connections`
+/// (not a conservative default of 1024 descriptors) is what bounds connections.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+            tracing::debug!(soft, hard, "cannot raise the open-file limit");
+        }
+    }
+}
+
 /// Runs `fut` on a multi-threaded runtime with one worker thread per core. The runtime is
 /// not waited for on the way out: a blocking read of stdin (the supervisor lifeline) would
 /// otherwise hold the process open.
 pub fn block_on(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    raise_fd_limit();
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)

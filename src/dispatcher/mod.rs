@@ -307,8 +307,11 @@ impl ConnectionHandler for Handler {
         session::drive(
             conn,
             shutdown,
-            self.max_in_flight,
-            self.drain,
+            session::RequestLimits {
+                per_connection: self.max_in_flight,
+                identity: peer.identity_slots.clone(),
+                drain: self.drain,
+            },
             move |msg, s| match msg {
                 Message::Request(req) if client.role() == Role::Client => {
                     let id = req.id;
@@ -360,7 +363,7 @@ pub async fn run(
     server::serve(
         listener,
         acceptor,
-        ListenerLimits::from_config(&cfg.limits),
+        ListenerLimits::from_config(&cfg.limits, cfg.dispatcher_in_flight_per_identity()),
         handler,
         shutdown,
         tracker.clone(),

@@ -219,8 +219,11 @@ impl ConnectionHandler for Handler {
         session::drive(
             conn,
             shutdown,
-            self.max_in_flight,
-            self.drain,
+            session::RequestLimits {
+                per_connection: self.max_in_flight,
+                identity: peer.identity_slots.clone(),
+                drain: self.drain,
+            },
             move |msg, s| match msg {
                 Message::Forward(f) if role == Role::Dispatcher => {
                     let id = f.id;
@@ -271,7 +274,7 @@ pub async fn run(
         max_in_flight: cfg.limits.worker_max_concurrent,
     };
     let tracker = TaskTracker::new();
-    let mut limits = ListenerLimits::from_config(&cfg.limits);
+    let mut limits = ListenerLimits::from_config(&cfg.limits, cfg.limits.worker_max_concurrent);
     limits.io.max_frame += crate::frame::LINK_HEADROOM;
     server::serve(
         listener,
