@@ -1,0 +1,450 @@
+//! Hostile peers against a real dispatcher process: slow handshakes and frames, thousands of
+//! idle connections (with the dispatcher's memory measured), garbage after the handshake,
+//! absurd frame lengths, wrong shapes, deep nesting, and a flood from one identity. After
+//! every abuse a good client is still served.
+
+mod common;
+
+use common::{Pki, Proc, WAIT, free_port_block, pki};
+use securesrv::client::{CallOptions, Client, ClientConfig, ClientError};
+use securesrv::connection::{Connection, IoLimits};
+use securesrv::identity::SpiffeId;
+use securesrv::message::{ErrorCode, Message};
+use securesrv::tls::ClientStream;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Stated bound on the dispatcher's memory per idle client connection (see docs/PERFORMANCE.md).
+const MAX_BYTES_PER_IDLE_CONNECTION: u64 = 40 * 1024;
+
+struct Service {
+    pki: Pki,
+    addr: SocketAddr,
+    dispatcher: Proc,
+    _worker: Proc,
+}
+
+fn start(extra_limits: &str) -> Service {
+    let pki = pki(1);
+    pki.add_client("alice");
+    pki.add_client("bob");
+    let base = free_port_block(1);
+    let cfg = format!(
+        "certs_dir = {:?}\nworkers = 1\n[dispatcher]\nlisten = \"127.0.0.1:{base}\"\n\
+         [limits]\nhandshake_timeout_ms = 500\nframe_timeout_ms = 500\n{extra_limits}",
+        pki.dir
+    );
+    std::fs::write(pki.tmp.path().join("securesrv.toml"), cfg).unwrap();
+    let cwd = pki.tmp.path();
+    let worker = Proc::spawn(
+        "worker",
+        &["--config", "securesrv.toml", "worker", "--id", "1"],
+        cwd,
+    );
+    worker.wait_log(&["worker listening"], WAIT);
+    let dispatcher = Proc::spawn(
+        "dispatcher",
+        &["--config", "securesrv.toml", "dispatcher"],
+        cwd,
+    );
+    dispatcher.wait_log(&["worker link up"], WAIT);
+    Service {
+        addr: format!("127.0.0.1:{base}").parse().unwrap(),
+        pki,
+        dispatcher,
+        _worker: worker,
+    }
+}
+
+impl Service {
+    async fn client(&self, stem: &str) -> Client {
+        let m = self.pki.material(stem);
+        let cfg =
+            ClientConfig::new(&m, self.addr, SpiffeId::dispatcher("securesrv").unwrap()).unwrap();
+        Client::connect(cfg).await.unwrap()
+    }
+
+    /// A raw mTLS connection with `stem`'s identity.
+    async fn raw(&self, stem: &str) -> ClientStream {
+        let m = self.pki.material(stem);
+        let (s, _) = m
+            .connector(
+                &SpiffeId::dispatcher("securesrv").unwrap(),
+                Duration::from_secs(10),
+            )
+            .unwrap()
+            .connect(self.addr)
+            .await
+            .expect("handshake");
+        s
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.dispatcher.pid)).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS")
+    }
+}
+
+async fn served(c: &Client) {
+    assert_eq!(c.call("echo", b"good").await.unwrap(), b"good");
+}
+
+/// Reads until the server closes; returns the connection-level error it sent, if any.
+async fn closing_reason(stream: ClientStream) -> Option<ErrorCode> {
+    let mut conn = Connection::new(stream, IoLimits::default());
+    let mut code = None;
+    loop {
+        match tokio::time::timeout(WAIT, conn.read_message())
+            .await
+            .expect("server closes the connection")
+        {
+            Ok(Some(Message::Error(e))) if e.id == 0 => code = Some(e.code),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => return code,
+        }
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn slow_handshakes_and_slow_frames_are_cut_off() {
+    let s = start("");
+    rt().block_on(async {
+        let good = s.client("client").await;
+        // Slowloris on the handshake: a ClientHello one byte every 100 ms.
+        let addr = s.addr;
+        let drip = tokio::spawn(async move {
+            let mut tcp = TcpStream::connect(addr).await.unwrap();
+            let started = Instant::now();
+            let hello = [
+                0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+            ];
+            for b in hello.iter().cycle() {
+                if tcp.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+                let mut buf = [0u8; 16];
+                if let Ok(r) =
+                    tokio::time::timeout(Duration::from_millis(100), tcp.read(&mut buf)).await
+                {
+                    if matches!(r, Ok(0) | Err(_)) {
+                        break;
+                    }
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "slow handshake never cut off"
+                );
+            }
+            started.elapsed()
+        });
+        served(&good).await;
+        let cut = drip.await.unwrap();
+        assert!(
+            cut < Duration::from_secs(3),
+            "handshake deadline 500 ms, cut after {cut:?}"
+        );
+
+        // A slow frame after a good handshake: the header, then a byte every 100 ms.
+        let mut stream = s.raw("client").await;
+        let started = Instant::now();
+        stream.write_all(&[0, 0, 0, 200]).await.unwrap();
+        stream.flush().await.unwrap();
+        let mut dripper = tokio::time::interval(Duration::from_millis(100));
+        let mut closed = false;
+        for _ in 0..100 {
+            dripper.tick().await;
+            served(&good).await;
+            if stream.write_all(&[0x90]).await.is_err() || stream.flush().await.is_err() {
+                closed = true;
+                break;
+            }
+            // Anything readable now is the server's timeout error or its close.
+            let mut buf = [0u8; 64];
+            if tokio::time::timeout(Duration::from_millis(1), stream.read(&mut buf))
+                .await
+                .is_ok()
+            {
+                closed = true;
+                break;
+            }
+        }
+        assert!(closed, "slow frame never cut off");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "frame deadline 500 ms, cut after {:?}",
+            started.elapsed()
+        );
+        served(&good).await;
+    });
+    s.dispatcher.wait_log(&["frame not completed within"], WAIT);
+    s.dispatcher
+        .wait_log(&["handshake refused", "handshake not finished"], WAIT);
+}
+
+#[test]
+fn hostile_bytes_end_only_their_own_connection() {
+    let s = start("");
+    rt().block_on(async {
+        let good = s.client("client").await;
+        let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
+            (
+                "random bytes",
+                (0..600u32)
+                    .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8 | 0x80)
+                    .collect(),
+                ErrorCode::TooLarge,
+            ),
+            (
+                "a declared 4 GiB frame",
+                vec![0xff, 0xff, 0xff, 0xff],
+                ErrorCode::TooLarge,
+            ),
+            ("an empty frame", vec![0, 0, 0, 0], ErrorCode::BadRequest),
+            (
+                "not MessagePack",
+                vec![0, 0, 0, 2, 0xc1, 0xc1],
+                ErrorCode::BadRequest,
+            ),
+            (
+                "valid MessagePack, wrong shape",
+                {
+                    let body = rmp_serde::to_vec_named(
+                        &serde_json::json!({"request": {"id": "seven", "op": 5}}),
+                    )
+                    .unwrap();
+                    let mut f = (body.len() as u32).to_be_bytes().to_vec();
+                    f.extend(body);
+                    f
+                },
+                ErrorCode::BadRequest,
+            ),
+            (
+                "an unknown message kind",
+                {
+                    let body =
+                        rmp_serde::to_vec_named(&serde_json::json!({"shutdown": {"now": true}}))
+                            .unwrap();
+                    let mut f = (body.len() as u32).to_be_bytes().to_vec();
+                    f.extend(body);
+                    f
+                },
+                ErrorCode::BadRequest,
+            ),
+            (
+                "a reply sent to the dispatcher",
+                {
+                    let body = rmp_serde::to_vec_named(
+                        &serde_json::json!({"reply": {"id": 1, "payload": []}}),
+                    )
+                    .unwrap();
+                    let mut f = (body.len() as u32).to_be_bytes().to_vec();
+                    f.extend(body);
+                    f
+                },
+                ErrorCode::BadRequest,
+            ),
+            (
+                "200 000 nested arrays",
+                {
+                    let mut body = vec![0x91u8; 200_000];
+                    body.push(0xc0);
+                    let mut f = (body.len() as u32).to_be_bytes().to_vec();
+                    f.extend(body);
+                    f
+                },
+                ErrorCode::BadRequest,
+            ),
+        ];
+        for (name, bytes, want) in cases {
+            let mut stream = s.raw("client").await;
+            stream.write_all(&bytes).await.unwrap();
+            stream.flush().await.unwrap();
+            let got = closing_reason(stream).await;
+            assert_eq!(got, Some(want), "{name}");
+            served(&good).await;
+        }
+    });
+    assert!(s.dispatcher.stderr().contains("closing connection"));
+}
+
+#[test]
+fn two_thousand_idle_connections_stay_within_the_memory_bound() {
+    // The test process holds 2000 sockets too.
+    if let Ok((soft, hard)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    {
+        let _ = nix::sys::resource::setrlimit(
+            nix::sys::resource::Resource::RLIMIT_NOFILE,
+            hard.max(soft),
+            hard.max(soft),
+        );
+    }
+    let s = start("");
+    rt().block_on(async {
+        let good = s.client("client").await;
+        served(&good).await;
+        let before = s.rss_kib();
+        let mut idle = Vec::new();
+        for batch in 0..20 {
+            let mut set = tokio::task::JoinSet::new();
+            for _ in 0..100 {
+                let m = s.pki.material(if batch % 2 == 0 { "client-alice" } else { "client-bob" });
+                let addr = s.addr;
+                set.spawn(async move {
+                    m.connector(&SpiffeId::dispatcher("securesrv").unwrap(), Duration::from_secs(20))
+                        .unwrap()
+                        .connect(addr)
+                        .await
+                        .map(|(st, _)| st)
+                });
+            }
+            while let Some(r) = set.join_next().await {
+                idle.push(r.unwrap().expect("idle connection established"));
+            }
+        }
+        assert_eq!(idle.len(), 2000);
+        served(&good).await;
+        let after = s.rss_kib();
+        let per_conn = (after.saturating_sub(before)) * 1024 / 2000;
+        eprintln!("2000 idle connections: dispatcher RSS {before} KiB -> {after} KiB, {per_conn} bytes per connection");
+        assert!(
+            per_conn <= MAX_BYTES_PER_IDLE_CONNECTION,
+            "{per_conn} bytes per idle connection exceeds the {MAX_BYTES_PER_IDLE_CONNECTION} bound"
+        );
+        drop(idle);
+        served(&good).await;
+    });
+}
+
+#[test]
+fn connection_limits_refuse_the_excess_and_serve_the_rest() {
+    let s = start("max_connections = 60\nmax_connections_per_identity = 10\n");
+    rt().block_on(async {
+        let good = s.client("client").await;
+        // Per identity: the 11th connection of alice gets `overloaded` and is closed.
+        let mut alice = Vec::new();
+        for _ in 0..10 {
+            let mut c = Connection::new(s.raw("client-alice").await, IoLimits::default());
+            c.send(&Message::Ping(securesrv::message::Ping {
+                nonce: vec![1; 16],
+            }))
+            .await
+            .unwrap();
+            assert!(matches!(c.read_message().await, Ok(Some(Message::Pong(_)))));
+            alice.push(c);
+        }
+        let extra = s.raw("client-alice").await;
+        assert_eq!(closing_reason(extra).await, Some(ErrorCode::Overloaded));
+        served(&good).await;
+        // In total: beyond 60 connections new ones are closed before any TLS work. Open 80
+        // at once, then see which were closed (well before the 500 ms handshake deadline).
+        let mut conns = Vec::new();
+        for _ in 0..80 {
+            conns.push(TcpStream::connect(s.addr).await.unwrap());
+        }
+        let mut checks = tokio::task::JoinSet::new();
+        for mut tcp in conns {
+            checks.spawn(async move {
+                let mut b = [0u8; 1];
+                let r = tokio::time::timeout(Duration::from_millis(300), tcp.read(&mut b)).await;
+                (matches!(r, Ok(Ok(0)) | Ok(Err(_))), tcp)
+            });
+        }
+        let mut refused = 0;
+        let mut held = Vec::new();
+        while let Some(r) = checks.join_next().await {
+            let (was_refused, tcp) = r.unwrap();
+            refused += usize::from(was_refused);
+            held.push(tcp);
+        }
+        // 60 slots, 11 taken by alice and the good client: 49 held, 31 refused.
+        assert!(
+            (25..=40).contains(&refused),
+            "{refused} of 80 over-limit connections were refused"
+        );
+        served(&good).await;
+        drop(held);
+        drop(alice);
+    });
+    s.dispatcher.wait_log(&["connection limit reached"], WAIT);
+    s.dispatcher
+        .wait_log(&["per-identity connection limit reached"], WAIT);
+}
+
+#[test]
+fn a_flood_from_one_identity_does_not_starve_another() {
+    let s = start("max_in_flight_per_connection = 512\n");
+    rt().block_on(async {
+        let mut flooders = Vec::new();
+        for _ in 0..4 {
+            flooders.push(s.client("client-alice").await);
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut flood = tokio::task::JoinSet::new();
+        for i in 0..1600 {
+            let c = flooders[i % flooders.len()].clone();
+            let stop = stop.clone();
+            flood.spawn(async move {
+                let (mut ok, mut overloaded) = (0u32, 0u32);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let opts = CallOptions {
+                        idempotent: true,
+                        timeout: Duration::from_secs(30),
+                    };
+                    match c.call_with("sleep", b"200", opts).await {
+                        Ok(_) => ok += 1,
+                        Err(ClientError::Remote {
+                            code: ErrorCode::Overloaded,
+                            ..
+                        }) => overloaded += 1,
+                        Err(e) => panic!("flood request failed unexpectedly: {e}"),
+                    }
+                }
+                (ok, overloaded)
+            });
+        }
+        let bob = s.client("client-bob").await;
+        let mut worst = Duration::ZERO;
+        for i in 0..30 {
+            let started = Instant::now();
+            let p = format!("bob {i}");
+            assert_eq!(
+                bob.call("echo", p.as_bytes())
+                    .await
+                    .expect("bob is served during the flood"),
+                p.as_bytes()
+            );
+            worst = worst.max(started.elapsed());
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (mut ok, mut overloaded) = (0, 0);
+        while let Some(r) = flood.join_next().await {
+            let (o, v) = r.unwrap();
+            ok += o;
+            overloaded += v;
+        }
+        eprintln!(
+            "flood: alice {ok} answered, {overloaded} overloaded; bob's slowest request {worst:?}"
+        );
+        assert!(overloaded > 0, "the flood never hit alice's limit");
+        assert!(worst < Duration::from_secs(5), "bob waited {worst:?}");
+    });
+    s.dispatcher
+        .wait_log(&["too many requests in flight for this identity"], WAIT);
+}
