@@ -243,6 +243,68 @@ mod tests {
         assert_eq!(bytes, expected);
     }
 
+    /// The example frames of docs/PROTOCOL.md §7, byte for byte.
+    #[test]
+    fn protocol_document_example() {
+        let req = Message::Request(Request {
+            id: 1,
+            op: "echo".into(),
+            payload: b"hi".to_vec(),
+            timeout_ms: None,
+        });
+        let expected_req: Vec<u8> = [
+            &[0, 0, 0, 0x22, 0x81, 0xa7][..],
+            b"request",
+            &[0x83, 0xa2],
+            b"id",
+            &[0x01, 0xa2],
+            b"op",
+            &[0xa4],
+            b"echo",
+            &[0xa7],
+            b"payload",
+            &[0xc4, 0x02],
+            b"hi",
+        ]
+        .concat();
+        assert_eq!(
+            crate::frame::encode_to_vec(&req, 1024).unwrap(),
+            expected_req
+        );
+        let reply = Message::Reply(Reply {
+            id: 1,
+            payload: b"hi".to_vec(),
+        });
+        let expected_reply: Vec<u8> = [
+            &[0, 0, 0, 0x18, 0x81, 0xa5][..],
+            b"reply",
+            &[0x82, 0xa2],
+            b"id",
+            &[0x01, 0xa7],
+            b"payload",
+            &[0xc4, 0x02],
+            b"hi",
+        ]
+        .concat();
+        assert_eq!(
+            crate::frame::encode_to_vec(&reply, 1024).unwrap(),
+            expected_reply
+        );
+        // The decoder accepts the documented optional and nil forms.
+        let with_nil = rmp_serde::to_vec_named(&serde_json::json!({
+            "request": {"op": "echo", "payload": serde_bytes::Bytes::new(b""), "id": 2, "timeout_ms": null}
+        }))
+        .unwrap();
+        assert!(matches!(
+            crate::frame::decode_body::<Message>(&with_nil),
+            Ok(Message::Request(Request {
+                id: 2,
+                timeout_ms: None,
+                ..
+            }))
+        ));
+    }
+
     #[test]
     fn forward_ref_encodes_like_forward() {
         let owned = Message::Forward(Forward {
