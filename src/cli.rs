@@ -48,6 +48,11 @@ enum Command {
     Watchdog(WatchdogArgs),
     /// Send one request (or, without OP, read `op payload` lines).
     Client(client_cmd::ClientArgs),
+    /// Load-test a dispatcher: closed loop, HDR latencies, requests/s.
+    Bench(Box<securesrv::bench::BenchArgs>),
+    /// A plain mTLS echo backend for relay comparisons (benchmarks only).
+    #[command(hide = true)]
+    BenchEcho(BenchEchoArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -146,6 +151,16 @@ struct WorkerArgs {
     listen: Option<SocketAddr>,
 }
 
+#[derive(Args, Debug)]
+struct BenchEchoArgs {
+    /// Address to listen on.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Certificate directory (serves with dispatcher.crt).
+    #[arg(long, default_value = "certs")]
+    certs: PathBuf,
+}
+
 #[derive(Args, Debug, Clone, Default)]
 struct WatchdogArgs {
     #[command(flatten)]
@@ -216,6 +231,11 @@ fn run_command(cmd: Command, config: Option<PathBuf>, log: Option<String>) -> Ex
         }
         Command::Watchdog(a) => watchdog(config, a, log),
         Command::Client(a) => client_cmd::run(a, config),
+        Command::Bench(a) => components::bench(*a),
+        Command::BenchEcho(a) => match load_config(config.as_deref(), |_| {}) {
+            Ok(cfg) => components::bench_echo(cfg, a.listen, a.certs),
+            Err(code) => code,
+        },
     }
 }
 

@@ -22,6 +22,7 @@
 //! | [`server`], [`session`] | the accept loop with connection limits; the per-connection request loop |
 //! | [`dispatcher`], [`worker`], [`watchdog`], [`client`] | one component each |
 //! | [`shutdown`] | SIGINT/SIGTERM (and loss of the supervisor) to one cancellation token |
+//! | [`bench`] | the `securesrv bench` load generator and a reference echo backend |
 //!
 //! # Path of a request
 //!
@@ -39,6 +40,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod certs;
 pub mod client;
 pub mod config;

@@ -34,9 +34,10 @@ pub struct Request {
     /// answer carries the same id.
     pub id: u64,
     /// The operation, e.g. `echo`, `sha256`, `sleep` or a configured job.
+    #[serde(with = "strict::str")]
     pub op: String,
     /// Opaque input for the operation (MessagePack `bin`).
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "strict::bin")]
     pub payload: Vec<u8>,
     /// Deadline the client wants, in milliseconds; the dispatcher caps it at its own maximum.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -50,12 +51,13 @@ pub struct Forward {
     /// Dispatcher-chosen id, unique on this dispatcher-to-worker connection.
     pub id: u64,
     /// The operation; must equal the op inside the token.
+    #[serde(with = "strict::str")]
     pub op: String,
     /// The client's payload; its SHA-256 must equal the digest inside the token.
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "strict::bin")]
     pub payload: Vec<u8>,
     /// The request token (layout in docs/PROTOCOL.md and `token.rs`).
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "strict::bin")]
     pub token: Vec<u8>,
     /// Time left before the dispatcher gives up on this request, in milliseconds.
     pub timeout_ms: u32,
@@ -68,7 +70,7 @@ pub struct Reply {
     /// The id of the request or forward this answers.
     pub id: u64,
     /// The operation's output (MessagePack `bin`).
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "strict::bin")]
     pub payload: Vec<u8>,
 }
 
@@ -81,6 +83,7 @@ pub struct ErrorReply {
     /// Machine-readable cause.
     pub code: ErrorCode,
     /// Human-readable detail, safe to show to the peer (never internal state or secrets).
+    #[serde(with = "strict::str")]
     pub message: String,
 }
 
@@ -89,7 +92,7 @@ pub struct ErrorReply {
 #[serde(deny_unknown_fields)]
 pub struct Ping {
     /// 16 to 64 random bytes; the pong must echo them.
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "strict::bin")]
     pub nonce: Vec<u8>,
 }
 
@@ -98,7 +101,7 @@ pub struct Ping {
 #[serde(deny_unknown_fields)]
 pub struct Pong {
     /// The ping's nonce, unchanged.
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "strict::bin")]
     pub nonce: Vec<u8>,
     /// Requests in progress in the answering component.
     pub in_flight: u32,
@@ -127,6 +130,64 @@ pub enum ForwardRef<'a> {
         /// See [`Forward::timeout_ms`].
         timeout_ms: u32,
     },
+}
+
+/// Field codecs that accept exactly the MessagePack type the protocol names: `bin` fields refuse
+/// `str` and arrays of integers, `str` fields refuse `bin` (serde's defaults accept either).
+mod strict {
+    /// MessagePack `bin` only.
+    pub mod bin {
+        use serde::{Deserializer, Serializer, de};
+        use std::fmt;
+
+        pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(v)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+            struct V;
+            impl<'de> de::Visitor<'de> for V {
+                type Value = Vec<u8>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("MessagePack bin")
+                }
+                fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                    Ok(v.to_vec())
+                }
+                fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                    Ok(v)
+                }
+            }
+            d.deserialize_byte_buf(V)
+        }
+    }
+
+    /// MessagePack `str` only.
+    pub mod str {
+        use serde::{Deserializer, Serializer, de};
+        use std::fmt;
+
+        pub fn serialize<S: Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_str(v)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+            struct V;
+            impl<'de> de::Visitor<'de> for V {
+                type Value = String;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("MessagePack str")
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+                    Ok(v.to_string())
+                }
+                fn visit_string<E: de::Error>(self, v: String) -> Result<String, E> {
+                    Ok(v)
+                }
+            }
+            d.deserialize_string(V)
+        }
+    }
 }
 
 /// Smallest nonce a ping may carry.
@@ -291,18 +352,51 @@ mod tests {
             expected_reply
         );
         // The decoder accepts the documented optional and nil forms.
-        let with_nil = rmp_serde::to_vec_named(&serde_json::json!({
-            "request": {"op": "echo", "payload": serde_bytes::Bytes::new(b""), "id": 2, "timeout_ms": null}
-        }))
-        .unwrap();
+        // The decoder accepts the documented optional and nil forms, in any field order and
+        // any integer width.
+        let with_nil: Vec<u8> = [
+            &[0x81, 0xa7][..],
+            b"request",
+            &[0x84, 0xa2],
+            b"op",
+            &[0xa4],
+            b"echo",
+            &[0xa7],
+            b"payload",
+            &[0xc4, 0x00, 0xa2],
+            b"id",
+            &[0xcf, 0, 0, 0, 0, 0, 0, 0, 2, 0xaa],
+            b"timeout_ms",
+            &[0xc0],
+        ]
+        .concat();
+        let decoded = crate::frame::decode_body::<Message>(&with_nil);
         assert!(matches!(
-            crate::frame::decode_body::<Message>(&with_nil),
+            decoded,
             Ok(Message::Request(Request {
                 id: 2,
                 timeout_ms: None,
                 ..
             }))
         ));
+    }
+
+    /// docs/PROTOCOL.md §3.1: the largest `echo` payload under the default cap.
+    #[test]
+    fn documented_payload_envelope() {
+        let req = |len: usize| {
+            Message::Request(Request {
+                id: 1,
+                op: "echo".into(),
+                payload: vec![0; len],
+                timeout_ms: None,
+            })
+        };
+        let cap = crate::frame::DEFAULT_MAX_FRAME;
+        let body = rmp_serde::to_vec_named(&req(1_048_541)).unwrap();
+        assert_eq!(body.len(), cap);
+        assert!(crate::frame::encode_to_vec(&req(1_048_541), cap).is_ok());
+        assert!(crate::frame::encode_to_vec(&req(1_048_542), cap).is_err());
     }
 
     #[test]
@@ -341,6 +435,36 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn field_types_are_strict() {
+        // payload as str, op as bin, nonce as an array of integers: all refused.
+        let payload_str = rmp_serde::to_vec_named(&serde_json::json!({
+            "request": {"id": 1, "op": "echo", "payload": "text"}
+        }))
+        .unwrap();
+        assert!(rmp_serde::from_slice::<Message>(&payload_str).is_err());
+        let op_bin: Vec<u8> = [
+            &[0x81, 0xa7][..],
+            b"request",
+            &[0x83, 0xa2],
+            b"id",
+            &[0x01, 0xa2],
+            b"op",
+            &[0xc4, 0x04],
+            b"echo",
+            &[0xa7],
+            b"payload",
+            &[0xc4, 0x00],
+        ]
+        .concat();
+        assert!(rmp_serde::from_slice::<Message>(&op_bin).is_err());
+        let nonce_array = rmp_serde::to_vec_named(&serde_json::json!({
+            "ping": {"nonce": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]}
+        }))
+        .unwrap();
+        assert!(rmp_serde::from_slice::<Message>(&nonce_array).is_err());
     }
 
     #[test]

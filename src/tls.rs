@@ -23,6 +23,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// The one application protocol both sides must agree on.
@@ -269,8 +270,16 @@ impl Acceptor {
             .map_err(|_| HandshakeError::Timeout(self.handshake_timeout))?
             .map_err(HandshakeError::from_io)?;
         let (_, conn) = stream.get_ref();
-        let id = check_session(conn.alpn_protocol(), conn.peer_certificates(), &self.policy)?;
-        Ok((stream, id))
+        match check_session(conn.alpn_protocol(), conn.peer_certificates(), &self.policy) {
+            Ok(id) => Ok((stream, id)),
+            Err(e) => {
+                // Refused after the handshake (no ALPN, a resumed session whose certificate
+                // has expired): say goodbye properly rather than just drop the socket.
+                let mut stream = stream;
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+                Err(e)
+            }
+        }
     }
 }
 

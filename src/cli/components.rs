@@ -29,7 +29,10 @@ fn raise_fd_limit() {
 /// otherwise hold the process open.
 pub fn block_on(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
     raise_fd_limit();
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let threads = std::env::var("SECURESRV_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()
@@ -139,6 +142,43 @@ pub fn watchdog(cfg: Config, config_file: Option<PathBuf>, log_filter: Option<St
         match securesrv::watchdog::run(Arc::new(cfg), spec, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail("watchdog", e),
+        }
+    })
+}
+
+/// `securesrv bench`
+pub fn bench(args: securesrv::bench::BenchArgs) -> ExitCode {
+    block_on(async move {
+        match securesrv::bench::run(args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail("bench", e),
+        }
+    })
+}
+
+/// `securesrv bench-echo`
+pub fn bench_echo(cfg: Config, listen: SocketAddr, certs: PathBuf) -> ExitCode {
+    block_on(async move {
+        let id = match securesrv::identity::SpiffeId::dispatcher(&cfg.trust_domain) {
+            Ok(id) => id,
+            Err(e) => return fail("bench-echo", e),
+        };
+        let material = match securesrv::tls::TlsMaterial::load_from_dir(&certs, &id) {
+            Ok(m) => m,
+            Err(e) => return fail("bench-echo", e),
+        };
+        let listener = match securesrv::server::bind(listen).await {
+            Ok(l) => l,
+            Err(e) => return fail("bench-echo", e),
+        };
+        let shutdown = CancellationToken::new();
+        if let Err(e) = securesrv::shutdown::watch(shutdown.clone(), false, grace(&cfg)) {
+            return fail("cannot install signal handlers", e);
+        }
+        match securesrv::bench::echo_backend::run(&material, listener, &cfg.limits, shutdown).await
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail("bench-echo", e),
         }
     })
 }

@@ -313,6 +313,12 @@ impl ConnectionHandler for Handler {
                 drain: self.drain,
             },
             move |msg, s| match msg {
+                Message::Request(req) if req.id == 0 => {
+                    Next::Close(Some(Message::connection_error(
+                        ErrorCode::BadRequest,
+                        "request id 0 is reserved for connection-level errors",
+                    )))
+                }
                 Message::Request(req) if client.role() == Role::Client => {
                     let id = req.id;
                     match s.spawn(id, d.clone().handle_request(client.clone(), req)) {

@@ -225,6 +225,10 @@ impl ConnectionHandler for Handler {
                 drain: self.drain,
             },
             move |msg, s| match msg {
+                Message::Forward(f) if f.id == 0 => Next::Close(Some(Message::connection_error(
+                    ErrorCode::BadRequest,
+                    "forward id 0 is reserved for connection-level errors",
+                ))),
                 Message::Forward(f) if role == Role::Dispatcher => {
                     let id = f.id;
                     match s.spawn(id, worker.clone().handle_forward(f)) {
