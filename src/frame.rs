@@ -23,8 +23,8 @@ pub const MAX_FRAME_CEILING: usize = 64 << 20;
 /// token, so a request that fits the client-facing cap still fits the link.
 pub const LINK_HEADROOM: usize = 4096;
 
-/// MessagePack nesting allowed inside a frame. Our messages nest three levels; anything deeper
-/// is hostile and is refused before the decoder recurses into it.
+/// MessagePack nesting bound: at most `MAX_DEPTH - 1` nested maps/arrays. Our messages nest
+/// two; anything much deeper is hostile and is refused before the decoder recurses into it.
 pub const MAX_DEPTH: usize = 16;
 
 /// Why bytes can never become a frame. Each variant ends the connection that sent them.
@@ -113,15 +113,89 @@ pub fn decode<T: DeserializeOwned>(buf: &[u8], max: usize) -> Result<Decoded<T>,
 
 /// Decodes a frame body (no header) that must hold exactly one value.
 pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
-    let mut rest = body;
-    let mut de = rmp_serde::Deserializer::new(&mut rest);
-    de.set_max_depth(MAX_DEPTH);
-    let value = T::deserialize(&mut de).map_err(|e| FrameError::Malformed(e.to_string()))?;
-    drop(de);
-    if !rest.is_empty() {
-        return Err(FrameError::TrailingBytes(rest.len()));
+    // A structural pass first: the exact extent of the value (so trailing bytes are caught)
+    // and its depth, without allocating. Then serde decodes from the borrowed slice.
+    let len = value_len(body)?;
+    if len != body.len() {
+        return Err(FrameError::TrailingBytes(body.len() - len));
     }
-    Ok(value)
+    let mut de = rmp_serde::Deserializer::from_read_ref(body);
+    de.set_max_depth(MAX_DEPTH);
+    T::deserialize(&mut de).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+/// The length in bytes of the one MessagePack value at the start of `buf`, refusing nesting
+/// deeper than [`MAX_DEPTH`], the reserved marker 0xc1 and truncated values. Every step
+/// consumes at least one byte, so the work is bounded by `buf.len()` whatever the headers
+/// declare.
+pub fn value_len(buf: &[u8]) -> Result<usize, FrameError> {
+    let truncated = || FrameError::Malformed("truncated MessagePack value".into());
+    // Items still expected at each open container level.
+    let mut pending: [u64; MAX_DEPTH + 1] = [0; MAX_DEPTH + 1];
+    let mut depth = 0usize;
+    pending[0] = 1;
+    let mut pos = 0usize;
+    loop {
+        while pending[depth] == 0 {
+            if depth == 0 {
+                return Ok(pos);
+            }
+            depth -= 1;
+        }
+        pending[depth] -= 1;
+        let marker = *buf.get(pos).ok_or_else(truncated)?;
+        pos += 1;
+        let be = |n: usize, at: usize| -> Result<u64, FrameError> {
+            let bytes = buf.get(at..at + n).ok_or_else(truncated)?;
+            Ok(bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b)))
+        };
+        let (skip, children): (u64, u64) = match marker {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, 0),
+            0x80..=0x8f => (0, 2 * u64::from(marker & 0x0f)),
+            0x90..=0x9f => (0, u64::from(marker & 0x0f)),
+            0xa0..=0xbf => (u64::from(marker & 0x1f), 0),
+            0xc1 => {
+                return Err(FrameError::Malformed(
+                    "reserved MessagePack marker 0xc1".into(),
+                ));
+            }
+            0xc4 | 0xd9 => (1 + be(1, pos)?, 0),
+            0xc5 | 0xda => (2 + be(2, pos)?, 0),
+            0xc6 | 0xdb => (4 + be(4, pos)?, 0),
+            0xc7 => (1 + 1 + be(1, pos)?, 0),
+            0xc8 => (2 + 1 + be(2, pos)?, 0),
+            0xc9 => (4 + 1 + be(4, pos)?, 0),
+            0xca => (4, 0),
+            0xcb => (8, 0),
+            0xcc | 0xd0 => (1, 0),
+            0xcd | 0xd1 => (2, 0),
+            0xce | 0xd2 => (4, 0),
+            0xcf | 0xd3 => (8, 0),
+            0xd4 => (2, 0),
+            0xd5 => (3, 0),
+            0xd6 => (5, 0),
+            0xd7 => (9, 0),
+            0xd8 => (17, 0),
+            0xdc => (2, be(2, pos)?),
+            0xdd => (4, be(4, pos)?),
+            0xde => (2, 2 * be(2, pos)?),
+            0xdf => (4, 2 * be(4, pos)?),
+        };
+        let skip = usize::try_from(skip).map_err(|_| truncated())?;
+        pos = pos
+            .checked_add(skip)
+            .filter(|p| *p <= buf.len())
+            .ok_or_else(truncated)?;
+        if matches!(marker, 0x80..=0x9f | 0xdc..=0xdf) {
+            if depth + 1 >= MAX_DEPTH {
+                return Err(FrameError::Malformed(format!(
+                    "MessagePack nested deeper than {MAX_DEPTH} levels"
+                )));
+            }
+            depth += 1;
+            pending[depth] = children;
+        }
+    }
 }
 
 /// Appends one frame holding `value` to `out`. Structs are encoded as maps with field names, so
@@ -285,6 +359,43 @@ mod tests {
             decode::<serde_json::Value>(&frame, DEFAULT_MAX_FRAME),
             Err(FrameError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn value_len_matches_the_encoder() {
+        let values = [
+            serde_json::json!(null),
+            serde_json::json!(-5),
+            serde_json::json!(1u64 << 40),
+            serde_json::json!(-1i64 << 40),
+            serde_json::json!(1.5),
+            serde_json::json!("x".repeat(40)),
+            serde_json::json!("y".repeat(300)),
+            serde_json::json!("z".repeat(70_000)),
+            serde_json::json!([1, [2, [3, {"a": [true, false]}]]]),
+            serde_json::json!({"k": (0..20).collect::<Vec<_>>()}),
+            serde_json::json!((0..70_000).map(|i| i % 7).collect::<Vec<_>>()),
+        ];
+        for v in values {
+            let bytes = rmp_serde::to_vec_named(&v).unwrap();
+            assert_eq!(value_len(&bytes), Ok(bytes.len()), "{v}");
+            assert!(
+                value_len(&bytes[..bytes.len() - 1]).is_err(),
+                "truncated {v}"
+            );
+        }
+        let bin = rmp_serde::to_vec(&serde_bytes::Bytes::new(&[1u8; 300])).unwrap();
+        assert_eq!(value_len(&bin), Ok(bin.len()));
+        // A header declaring 4 billion elements in a short buffer fails fast.
+        assert!(value_len(&[0xdd, 0xff, 0xff, 0xff, 0xff, 0x01]).is_err());
+        assert!(value_len(&[0xc1]).is_err());
+        // Depth: 15 nested arrays pass, 16 do not.
+        let mut ok = vec![0x91u8; MAX_DEPTH - 1];
+        ok.push(0xc0);
+        assert_eq!(value_len(&ok), Ok(ok.len()));
+        let mut deep = vec![0x91u8; MAX_DEPTH];
+        deep.push(0xc0);
+        assert!(value_len(&deep).is_err());
     }
 
     #[test]
