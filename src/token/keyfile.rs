@@ -45,6 +45,9 @@ pub enum KeyFileError {
     /// Two keys with the same id.
     #[error("key id {0} appears twice")]
     DuplicateId(u32),
+    /// The highest key id is already `u32::MAX`: there is no next id to rotate to.
+    #[error("key id {0} is the last possible id; renumber the keys before rotating")]
+    IdsExhausted(u32),
 }
 
 impl KeyFile {
@@ -120,7 +123,10 @@ impl KeyFile {
         now_ms: u64,
         retire_after_ms: u64,
     ) -> Result<Self, KeyFileError> {
-        let next_id = self.entries.iter().map(|e| e.id).max().unwrap_or(0) + 1;
+        let highest = self.entries.iter().map(|e| e.id).max().unwrap_or(0);
+        let next_id = highest
+            .checked_add(1)
+            .ok_or(KeyFileError::IdsExhausted(highest))?;
         let mut entries = vec![KeyEntry {
             id: next_id,
             key: new_key,
@@ -204,6 +210,16 @@ mod tests {
             .unwrap();
         let ids: Vec<u32> = again.entries().iter().map(|e| e.id).collect();
         assert_eq!(ids, vec![3, 2]);
+    }
+
+    /// Found by the `keyfile` fuzz target: rotating past the last id overflowed.
+    #[test]
+    fn rotation_past_the_last_id_is_an_error_not_an_overflow() {
+        let f = KeyFile::single(u32::MAX, SecretKey::from_bytes([1; 32]));
+        assert_eq!(
+            f.rotated(SecretKey::from_bytes([2; 32]), 0, 10).err(),
+            Some(KeyFileError::IdsExhausted(u32::MAX))
+        );
     }
 
     #[test]
