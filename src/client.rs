@@ -22,8 +22,6 @@ use tokio::time::Instant;
 
 /// Default deadline of a call.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(15);
-/// Bytes of requests gathered before a write is forced.
-const MAX_BATCH: usize = 256 * 1024;
 /// Requests a connection queues before `call` waits for room.
 const QUEUE: usize = 1024;
 
@@ -359,15 +357,8 @@ async fn run_link(
     loop {
         tokio::select! {
             _ = link.close.cancelled() => break,
-            Some((_, frame)) = rx.recv() => {
-                conn.queue_encoded(&frame);
-                while conn.queued() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok((_, f)) => conn.queue_encoded(&f),
-                        Err(_) => break,
-                    }
-                }
-                if conn.flush().await.is_err() {
+            Some(first) = rx.recv() => {
+                if conn.write_batch(first, &mut rx, |(_, f)| f).await.is_err() {
                     break;
                 }
             }

@@ -19,9 +19,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-/// Bytes of answers gathered before a write is forced.
-const MAX_BATCH: usize = 256 * 1024;
-
 /// What the loop does after a message was handled.
 #[derive(Debug)]
 pub enum Next {
@@ -160,14 +157,7 @@ pub async fn drive<S, F>(
                 break;
             }
             Some(frame) = rx.recv() => {
-                conn.queue_encoded(&frame);
-                while conn.queued() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(f) => conn.queue_encoded(&f),
-                        Err(_) => break,
-                    }
-                }
-                if let Err(e) = conn.flush().await {
+                if let Err(e) = conn.write_batch(frame, &mut rx, |f| f).await {
                     info!(error = %e, "connection lost while writing");
                     return;
                 }

@@ -160,7 +160,8 @@ pub struct Claims {
     pub version: u8,
     /// Which key generation signed the token (for rotation).
     pub key_id: u32,
-    /// Random, unique per request; the replay cache key.
+    /// Unique per request (64 random bits per dispatcher process + a 64-bit counter); the
+    /// replay cache key.
     pub request_id: [u8; REQUEST_ID_LEN],
     /// Milliseconds since the Unix epoch when minted.
     pub issued_at_ms: u64,
@@ -302,7 +303,10 @@ pub struct Minter {
     /// Per-audience HMAC keys, derived once at start-up.
     keys: HashMap<String, hmac::Key>,
     lifetime_ms: u64,
-    rng: ring::rand::SystemRandom,
+    /// Request ids are this random prefix (drawn once per process) followed by a counter:
+    /// unique without a system call per request, and different after every restart.
+    id_prefix: [u8; 8],
+    counter: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for Minter {
@@ -339,7 +343,8 @@ impl Minter {
             key_id: master.id,
             keys,
             lifetime_ms,
-            rng: ring::rand::SystemRandom::new(),
+            id_prefix: random_prefix(),
+            counter: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -354,9 +359,12 @@ impl Minter {
             .keys
             .get(&audience)
             .ok_or_else(|| TokenError::NoKeyForAudience(audience.clone()))?;
+        let n = self
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut request_id = [0u8; REQUEST_ID_LEN];
-        ring::rand::SecureRandom::fill(&self.rng, &mut request_id)
-            .map_err(|_| TokenError::Random)?;
+        request_id[..8].copy_from_slice(&self.id_prefix);
+        request_id[8..].copy_from_slice(&n.to_be_bytes());
         let claims = Claims {
             version: TOKEN_VERSION,
             key_id: self.key_id,
@@ -374,6 +382,19 @@ impl Minter {
         out.extend_from_slice(tag.as_ref());
         Ok((out, request_id))
     }
+}
+
+/// 64 random bits from the OS; should the OS generator fail (it does not on Linux), the clock
+/// and the process id still make the prefix differ between restarts.
+fn random_prefix() -> [u8; 8] {
+    let mut p = [0u8; 8];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut p).is_err() {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        p = (nanos ^ (u64::from(std::process::id()) << 40)).to_be_bytes();
+    }
+    p
 }
 
 /// The worker's side: checks tokens addressed to it.

@@ -199,11 +199,40 @@ fn client_command_end_to_end() {
     ] {
         assert!(line.contains(f), "{f} missing in {line}");
     }
-    let line = worker.wait_log(&["securesrv::audit", "op=echo"], WAIT);
-    assert!(
-        line.contains("client=spiffe://securesrv/client/default"),
-        "{line}"
-    );
+    // A forged token sent straight to the worker: refused, with an audit line there.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use securesrv::connection::{Connection, IoLimits};
+        use securesrv::message::{Forward, Message};
+        let m = pki.material("dispatcher");
+        let w1 = securesrv::identity::SpiffeId::worker("securesrv", 1).unwrap();
+        let (stream, _) = m
+            .connector(&w1, std::time::Duration::from_secs(5))
+            .unwrap()
+            .connect(w_addr.parse().unwrap())
+            .await
+            .unwrap();
+        let mut conn = Connection::new(stream, IoLimits::default());
+        let forged = Message::Forward(Forward {
+            id: 7,
+            op: "echo".into(),
+            payload: b"x".to_vec(),
+            token: vec![1; 120],
+            timeout_ms: 1000,
+        });
+        conn.send(&forged).await.unwrap();
+        match conn.read_message().await.unwrap() {
+            Some(Message::Error(e)) => {
+                assert_eq!(e.code, securesrv::message::ErrorCode::InvalidToken)
+            }
+            other => panic!("expected invalid_token, got {other:?}"),
+        }
+    });
+    let line = worker.wait_log(&["securesrv::audit", "token refused"], WAIT);
+    assert!(line.contains("reason="), "{line}");
 
     // A key others can read is refused with the fix, exit 64.
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();

@@ -25,8 +25,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-/// Bytes of forwards gathered before a write is forced.
-const MAX_BATCH: usize = 256 * 1024;
 /// First reconnection delay.
 const RECONNECT_INITIAL: Duration = Duration::from_millis(50);
 /// Unanswered pings before a worker counts as unavailable.
@@ -398,15 +396,8 @@ impl Pool {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break "shutdown",
-                Some((_, frame)) = rx.recv() => {
-                    conn.queue_encoded(&frame);
-                    while conn.queued() < MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok((_, f)) => conn.queue_encoded(&f),
-                            Err(_) => break,
-                        }
-                    }
-                    if conn.flush().await.is_err() {
+                Some(first) = rx.recv() => {
+                    if conn.write_batch(first, &mut rx, |(_, f)| f).await.is_err() {
                         break "write failed";
                     }
                 }

@@ -24,9 +24,13 @@ pub struct Running {
     pub pid: u32,
 }
 
-/// Starts `exe args... --supervised`.
-pub fn spawn(exe: &Path, args: &[OsString]) -> std::io::Result<Running> {
+/// Starts `exe args... --supervised`, with `threads` runtime threads unless the operator set
+/// `SECURESRV_THREADS` already.
+pub fn spawn(exe: &Path, args: &[OsString], threads: usize) -> std::io::Result<Running> {
     let mut cmd = Command::new(exe);
+    if std::env::var_os("SECURESRV_THREADS").is_none() {
+        cmd.env("SECURESRV_THREADS", threads.to_string());
+    }
     cmd.args(args)
         .arg("--supervised")
         .stdin(Stdio::piped())

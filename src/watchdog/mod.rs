@@ -126,6 +126,9 @@ struct Supervisor {
     slots: Vec<Slot>,
     events: mpsc::UnboundedSender<Event>,
     announced: bool,
+    /// Runtime threads per child: the cores shared out among the co-located components, so
+    /// that they do not oversubscribe the machine.
+    threads: usize,
 }
 
 fn component_args(cfg: &Config, spec: &Spec) -> Vec<(String, SocketAddr, Vec<OsString>, bool)> {
@@ -208,12 +211,15 @@ pub async fn run(
             down_since: None,
         });
     }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / slots.len().max(1)).max(1);
     let mut sup = Supervisor {
         cfg: cfg.clone(),
         exe: spec.exe,
         slots,
         events: tx,
         announced: false,
+        threads,
     };
     info!(components = sup.slots.len(), "watchdog starting components");
     for i in 0..sup.slots.len() {
@@ -247,7 +253,7 @@ impl Supervisor {
         if let Some(p) = slot.prober.as_mut() {
             p.reset();
         }
-        match child::spawn(&self.exe, &slot.comp.args) {
+        match child::spawn(&self.exe, &slot.comp.args, self.threads) {
             Ok(r) => {
                 info!(component = %slot.comp.name, pid = r.pid, addr = %slot.comp.addr, restarts = slot.total_restarts, "component started");
                 slot.running = Some(r);

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// One worker's state, shared by its connections.
 pub struct Worker {
@@ -125,7 +125,9 @@ impl Worker {
         let micros = started.elapsed().as_micros() as u64;
         match result {
             Ok(payload) => {
-                info!(target: "securesrv::audit", client = %client, op = %op, worker = %self.me, outcome = %"ok", duration_us = micros, "request");
+                // The dispatcher writes the audit line of every request; the worker adds its
+                // own for refusals (below), and for successes only at debug level.
+                debug!(target: "securesrv::audit", client = %client, op = %op, worker = %self.me, outcome = %"ok", duration_us = micros, "request");
                 Message::Reply(Reply { id, payload })
             }
             Err((code, message)) => {
