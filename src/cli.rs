@@ -6,6 +6,7 @@
 
 mod client_cmd;
 mod components;
+mod logwriter;
 
 use clap::{Args, Parser, Subcommand};
 use securesrv::config::{Config, ConfigError};
@@ -374,17 +375,15 @@ fn menu(config: Option<PathBuf>, log: Option<String>) -> ExitCode {
     }
 }
 
-/// Logs go to stderr through a non-blocking writer (audit lines must not slow requests down);
-/// nothing is dropped: when the writer falls behind, logging waits.
-fn init_logging(filter: Option<&str>) -> tracing_appender::non_blocking::WorkerGuard {
+/// Logs go to stderr through a buffered writer (see `logwriter`): audit lines must not cost a
+/// system call each.
+fn init_logging(filter: Option<&str>) -> logwriter::Guard {
     use tracing_subscriber::EnvFilter;
     let filter = filter
         .map(str::to_string)
         .or_else(|| std::env::var("SECURESRV_LOG").ok())
         .unwrap_or_else(|| "info".into());
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(std::io::stderr());
+    let (writer, guard) = logwriter::buffered_stderr();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(writer)

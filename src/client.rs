@@ -358,7 +358,13 @@ async fn run_link(
         tokio::select! {
             _ = link.close.cancelled() => break,
             Some(first) = rx.recv() => {
-                if conn.write_batch(first, &mut rx, |(_, f)| f).await.is_err() {
+                let more = link
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                    .is_some_and(|m| m.len() > 1);
+                if conn.write_batch(first, &mut rx, more, |(_, f)| f).await.is_err() {
                     break;
                 }
             }

@@ -213,17 +213,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Writes `first` together with every frame already waiting in `rx` (up to a batch of
-    /// 256 KiB). Before collecting, it lets the other ready tasks run once, so that answers
-    /// finishing at the same moment share one TLS record and one system call instead of one
-    /// each: batching without a timer, so it adds no latency when there is nothing to batch.
+    /// 256 KiB). When `more_coming` (other requests on this connection are still in flight),
+    /// it first lets the other ready tasks run once, so that frames finishing at the same
+    /// moment share one TLS record and one system call: batching without a timer. With nothing
+    /// else in flight it writes at once, adding no latency.
     pub async fn write_batch<T>(
         &mut self,
         first: T,
         rx: &mut tokio::sync::mpsc::Receiver<T>,
+        more_coming: bool,
         bytes: impl Fn(&T) -> &[u8],
     ) -> Result<(), ConnError> {
         self.queue_encoded(bytes(&first));
-        tokio::task::yield_now().await;
+        if more_coming {
+            tokio::task::yield_now().await;
+        }
         while self.queued() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(f) => self.queue_encoded(bytes(&f)),

@@ -303,16 +303,22 @@ fn validate_name(name: &str) -> Result<(), IdentityError> {
 
 /// Keeps attacker-chosen strings short in error messages and logs.
 fn truncate(s: &str) -> String {
-    printable(s)
+    printable(s).into_owned()
 }
 
 /// A peer-supplied string made safe for one log line: at most 80 characters, control
-/// characters replaced, so that nobody can forge a log line with a newline.
-pub fn printable(s: &str) -> String {
-    s.chars()
-        .take(80)
-        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
-        .collect()
+/// characters replaced, so that nobody can forge a log line with a newline. Borrowed (no
+/// allocation) when the string is already safe, as it is on the hot path.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.len() <= 80 && !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    std::borrow::Cow::Owned(
+        s.chars()
+            .take(80)
+            .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+            .collect(),
+    )
 }
 
 #[cfg(test)]

@@ -157,7 +157,10 @@ pub async fn drive<S, F>(
                 break;
             }
             Some(frame) = rx.recv() => {
-                if let Err(e) = conn.write_batch(frame, &mut rx, |f| f).await {
+                // This answer's task may still hold its slot; more than one taken means
+                // other answers are on their way.
+                let more = session.in_flight() > 1;
+                if let Err(e) = conn.write_batch(frame, &mut rx, more, |f| f).await {
                     info!(error = %e, "connection lost while writing");
                     return;
                 }

@@ -34,6 +34,13 @@ const MAX_LOST_ATTEMPTS: usize = 2;
 /// Attempts in all (a request that never left can always be sent again).
 const MAX_ATTEMPTS: usize = 6;
 
+/// A connected client: its identity, and the same as text (formatted once per connection,
+/// not per request).
+pub struct Caller {
+    id: SpiffeId,
+    text: String,
+}
+
 /// The dispatcher's shared state.
 pub struct Dispatcher {
     cfg: Arc<Config>,
@@ -123,16 +130,15 @@ impl Dispatcher {
         Ok(())
     }
 
-    async fn handle_request(self: Arc<Self>, client: Arc<SpiffeId>, req: Request) -> Message {
+    async fn handle_request(self: Arc<Self>, client: Arc<Caller>, req: Request) -> Message {
         let started = Instant::now();
         self.running.fetch_add(1, Ordering::Relaxed);
         let (worker, result) = self.route(&client, &req).await;
         self.running.fetch_sub(1, Ordering::Relaxed);
         let micros = started.elapsed().as_micros() as u64;
         let op = crate::identity::printable(&req.op);
-        let worker = worker
-            .and_then(|w| self.pool.slots().iter().find(|s| s.id == w))
-            .map_or_else(|| "-".to_string(), |s| s.identity.to_string());
+        let worker = worker.as_deref().map_or("-", |s| s.identity_text.as_str());
+        let client = client.text.as_str();
         match result {
             Ok(payload) => {
                 info!(target: "securesrv::audit", client = %client, op = %op, worker = %worker, outcome = %"ok", duration_us = micros, "request");
@@ -155,9 +161,12 @@ impl Dispatcher {
     /// ACL, worker choice, forward, retry. Returns the worker that answered (if any).
     async fn route(
         &self,
-        client: &SpiffeId,
+        client: &Caller,
         req: &Request,
-    ) -> (Option<u32>, Result<Vec<u8>, (ErrorCode, String)>) {
+    ) -> (
+        Option<Arc<pool::Slot>>,
+        Result<Vec<u8>, (ErrorCode, String)>,
+    ) {
         let cfg = &self.cfg;
         let Some(info) = cfg.op_info(&req.op) else {
             return (
@@ -168,12 +177,12 @@ impl Dispatcher {
                 )),
             );
         };
-        if !cfg.acl_allows(client, &req.op) {
+        if !cfg.acl_allows(&client.id, &req.op) {
             return (
                 None,
                 Err((
                     ErrorCode::Denied,
-                    format!("{client} may not call {}", req.op),
+                    format!("{} may not call {}", client.text, req.op),
                 )),
             );
         }
@@ -202,20 +211,13 @@ impl Dispatcher {
                 };
                 return (last_worker, Err(why));
             };
-            last_worker = Some(slot.id);
+            last_worker = Some(slot.clone());
             match self
                 .pool
-                .forward(
-                    &slot,
-                    &link,
-                    &client.to_string(),
-                    &req.op,
-                    &req.payload,
-                    deadline,
-                )
+                .forward(&slot, &link, &client.text, &req.op, &req.payload, deadline)
                 .await
             {
-                Ok(out) => return (Some(slot.id), Ok(out)),
+                Ok(out) => return (Some(slot.clone()), Ok(out)),
                 Err(ForwardError::NotSent) => continue,
                 Err(ForwardError::Remote(ErrorCode::ShuttingDown, _)) => {
                     exclude.push(slot.id);
@@ -225,7 +227,7 @@ impl Dispatcher {
                     lost += 1;
                     if !info.idempotent {
                         return (
-                            Some(slot.id),
+                            Some(slot.clone()),
                             Err((
                                 ErrorCode::WorkerLost,
                                 format!(
@@ -237,7 +239,7 @@ impl Dispatcher {
                     }
                     if lost >= MAX_LOST_ATTEMPTS {
                         return (
-                            Some(slot.id),
+                            Some(slot.clone()),
                             Err((
                                 ErrorCode::WorkerLost,
                                 format!(
@@ -251,7 +253,7 @@ impl Dispatcher {
                 }
                 Err(ForwardError::Timeout) => {
                     return (
-                        Some(slot.id),
+                        Some(slot.clone()),
                         Err((
                             ErrorCode::Timeout,
                             format!("no answer within {timeout_ms} ms"),
@@ -259,12 +261,12 @@ impl Dispatcher {
                     );
                 }
                 Err(ForwardError::Remote(code, message)) => {
-                    return (Some(slot.id), Err((code, message)));
+                    return (Some(slot.clone()), Err((code, message)));
                 }
                 Err(e @ ForwardError::Token(_)) => {
                     warn!(error = %e, "cannot forward");
                     return (
-                        Some(slot.id),
+                        Some(slot.clone()),
                         Err((ErrorCode::Internal, "internal error".into())),
                     );
                 }
@@ -303,7 +305,10 @@ struct Handler {
 impl ConnectionHandler for Handler {
     async fn serve(&self, conn: Connection<ServerStream>, peer: Peer, shutdown: CancellationToken) {
         let d = self.dispatcher.clone();
-        let client = Arc::new(peer.id);
+        let client = Arc::new(Caller {
+            text: peer.id.to_string(),
+            id: peer.id,
+        });
         session::drive(
             conn,
             shutdown,
@@ -319,7 +324,7 @@ impl ConnectionHandler for Handler {
                         "request id 0 is reserved for connection-level errors",
                     )))
                 }
-                Message::Request(req) if client.role() == Role::Client => {
+                Message::Request(req) if client.id.role() == Role::Client => {
                     let id = req.id;
                     match s.spawn(id, d.clone().handle_request(client.clone(), req)) {
                         Ok(()) => Next::Continue,
@@ -329,7 +334,7 @@ impl ConnectionHandler for Handler {
                 Message::Request(req) => Next::Reply(Message::Error(ErrorReply {
                     id: req.id,
                     code: ErrorCode::Denied,
-                    message: format!("{client} may not send requests"),
+                    message: format!("{} may not send requests", client.text),
                 })),
                 Message::Ping(p) => match session::check_nonce(&p.nonce) {
                     Err(m) => Next::Close(Some(m)),

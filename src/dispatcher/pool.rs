@@ -67,6 +67,8 @@ pub struct Slot {
     pub id: u32,
     /// The identity it must present.
     pub identity: SpiffeId,
+    /// The identity as text, formatted once (audit lines, tokens).
+    pub identity_text: String,
     /// Where it listens.
     pub addr: SocketAddr,
     link: Mutex<Option<Arc<Link>>>,
@@ -99,6 +101,15 @@ pub struct Link {
 }
 
 impl Link {
+    /// Requests sent or being sent on this link and not answered yet.
+    fn in_flight(&self) -> usize {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(0, HashMap::len)
+    }
+
     fn complete(&self, id: u64, answer: Answer) {
         let waiter = self
             .pending
@@ -158,6 +169,7 @@ impl Pool {
                 .map(|(id, identity, addr)| {
                     Arc::new(Slot {
                         id,
+                        identity_text: identity.to_string(),
                         identity,
                         addr,
                         link: Mutex::new(None),
@@ -245,6 +257,10 @@ impl Pool {
         exclude: &[u32],
         wait_until: Instant,
     ) -> Option<(Arc<Slot>, Arc<Link>)> {
+        // Fast path: a worker is available now; no waiter registration needed.
+        if let Some(p) = self.pick(exclude) {
+            return Some(p);
+        }
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -397,7 +413,8 @@ impl Pool {
                 biased;
                 _ = shutdown.cancelled() => break "shutdown",
                 Some(first) = rx.recv() => {
-                    if conn.write_batch(first, &mut rx, |(_, f)| f).await.is_err() {
+                    let more = link.in_flight() > 1;
+                    if conn.write_batch(first, &mut rx, more, |(_, f)| f).await.is_err() {
                         break "write failed";
                     }
                 }

@@ -76,30 +76,36 @@ impl Pki {
     }
 }
 
-/// A port number that was free a moment ago.
+/// Ports handed out by this test process, so that two tests never get the same one.
+static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+
+/// A port below the kernel's ephemeral range (so no outgoing connection of a parallel test
+/// can take it meanwhile) that was free a moment ago and not given to another test.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind port 0")
-        .port()
+    free_port_block(0)
 }
 
 /// A base port P such that P..=P+n were all free a moment ago (dispatcher at P, worker N at
-/// P+N, the default layout).
+/// P+N, the default layout), chosen outside the ephemeral range.
 pub fn free_port_block(n: u16) -> u16 {
-    for _ in 0..200 {
-        let base = free_port();
-        if base > 65_000 {
+    let mut handed = HANDED_OUT.lock().unwrap();
+    // Spread processes apart: the pid and a counter pick the starting point.
+    let mut candidate = 10_000 + ((std::process::id() as u16).wrapping_mul(97) % 20_000);
+    for _ in 0..2_000 {
+        candidate = 10_000 + (candidate - 10_000 + 7 + n) % 22_000;
+        let range: Vec<u16> = (candidate..=candidate + n).collect();
+        if range.iter().any(|p| handed.contains(p)) {
             continue;
         }
-        let held: Vec<_> = (1..=n)
-            .map_while(|i| StdListener::bind(("127.0.0.1", base + i)).ok())
-            .collect();
-        if held.len() == n as usize && StdListener::bind(("127.0.0.1", base)).is_ok() {
-            return base;
+        let all_free = range
+            .iter()
+            .all(|p| StdListener::bind(("127.0.0.1", *p)).is_ok());
+        if all_free {
+            handed.extend(range);
+            return candidate;
         }
     }
-    panic!("no free block of {n} ports");
+    panic!("no free block of {} ports", n + 1);
 }
 
 /// A dispatcher and workers running in this process on ephemeral ports.
