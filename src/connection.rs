@@ -129,13 +129,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         loop {
             match frame::decode::<Message>(&self.read_buf, self.limits.max_frame)? {
                 Decoded::Complete { value, consumed } => {
-                    self.read_buf.advance(consumed);
-                    let now = Instant::now();
-                    self.last_frame = now;
-                    self.frame_started = (!self.read_buf.is_empty()).then_some(now);
-                    if self.read_buf.is_empty() && self.read_buf.capacity() > KEEP_BUFFER {
-                        self.read_buf = BytesMut::new();
-                    }
+                    self.consume(consumed);
                     return Ok(Some(value));
                 }
                 Decoded::Incomplete { frame_len } => {
@@ -173,6 +167,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             if self.frame_started.is_none() {
                 self.frame_started = Some(Instant::now());
             }
+        }
+    }
+
+    /// The next message if a whole frame is already buffered; never waits or reads.
+    pub fn buffered_message(&mut self) -> Result<Option<Message>, ConnError> {
+        match frame::decode::<Message>(&self.read_buf, self.limits.max_frame)? {
+            Decoded::Complete { value, consumed } => {
+                self.consume(consumed);
+                Ok(Some(value))
+            }
+            Decoded::Incomplete { .. } => Ok(None),
+        }
+    }
+
+    fn consume(&mut self, consumed: usize) {
+        self.read_buf.advance(consumed);
+        let now = Instant::now();
+        self.last_frame = now;
+        self.frame_started = (!self.read_buf.is_empty()).then_some(now);
+        if self.read_buf.is_empty() && self.read_buf.capacity() > KEEP_BUFFER {
+            self.read_buf = BytesMut::new();
         }
     }
 

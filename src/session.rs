@@ -1,33 +1,49 @@
-//! The request loop of a listening component: read messages, run each request in its own task,
-//! write the answers back in batches, and drain in-flight work on close or shutdown.
+//! The request loop of a listening component: read messages, run each request, write the
+//! answers back in batches, and drain in-flight work on close or shutdown.
 //!
-//! One task owns the connection and `select!`s between the next incoming frame and the answers
-//! finished by request tasks, so answers that finish together share one TLS record and one
-//! syscall. Requests beyond the per-connection in-flight limit are answered `overloaded` at
-//! once; the connection and the other requests go on. Handlers see [`Message`]s, never bytes.
+//! One task owns the connection and `select!`s between the next incoming frame and finished
+//! answers. A request runs either *inline* — as a future polled by the connection's own task
+//! (no task to spawn, no channel: the cheapest path for I/O-bound work such as relaying) — or,
+//! for work that may need a core of its own on a multi-threaded runtime, in a *spawned* task
+//! whose answer comes back over a channel. Answers that are ready together share one TLS record
+//! and one system call. Requests beyond the per-connection or per-identity bound are answered
+//! `overloaded` at once; the connection and the other requests go on. Handlers see
+//! [`Message`]s, never bytes.
 
 use crate::connection::{ConnError, Connection};
-use crate::frame;
 use crate::message::{ErrorCode, ErrorReply, Message};
-use std::cell::Cell;
+use futures_util::FutureExt;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use std::future::Future;
-use std::sync::Arc;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
+
+/// Bytes of answers gathered into one write.
+const MAX_BATCH: usize = 256 * 1024;
 
 /// What the loop does after a message was handled.
 #[derive(Debug)]
 pub enum Next {
     /// Keep reading.
     Continue,
-    /// Answer this at once (refusals that need no task), then keep reading.
+    /// Answer this at once (refusals that need no work), then keep reading.
     Reply(Message),
     /// Send this (if any) and close the connection.
     Close(Option<Message>),
+}
+
+/// Where a request runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// Polled by the connection's task.
+    Inline,
+    /// In its own task, when the runtime has several threads (inline otherwise).
+    Task,
 }
 
 /// Bounds on the requests of one connection.
@@ -41,76 +57,68 @@ pub struct RequestLimits {
     pub drain: Duration,
 }
 
-/// Handle through which a message handler starts request tasks.
+type Answer = Pin<Box<dyn Future<Output = Message> + Send>>;
+
+/// Handle through which a message handler starts requests.
 pub struct Session {
-    tx: mpsc::Sender<Vec<u8>>,
-    in_flight: Arc<Semaphore>,
+    inline: FuturesUnordered<Answer>,
+    tx: mpsc::Sender<Message>,
+    spawned: TaskTracker,
     max_in_flight: usize,
     identity: crate::server::IdentitySlots,
-    tracker: TaskTracker,
-    max_frame: usize,
+    multi_thread: bool,
     /// Refusals since the last log line about them (logged at most once a second).
-    refusals: Cell<(u64, Option<Instant>)>,
+    refusals: (u64, Option<Instant>),
 }
 
 impl Session {
-    /// Runs `work` in its own task and sends the message it returns; if the connection already
-    /// has its limit of requests in flight, answers `overloaded` instead (returned as `Err` for
-    /// the caller to send at once).
-    pub fn spawn<F>(&self, id: u64, work: F) -> Result<(), Message>
+    /// Starts `work` for request `id`; its answer is written when it is ready. If the
+    /// connection or the peer's identity already has its limit of requests in flight, answers
+    /// `overloaded` instead (returned as `Err` for the caller to send at once).
+    pub fn start<F>(&mut self, id: u64, placement: Placement, work: F) -> Result<(), Message>
     where
         F: Future<Output = Message> + Send + 'static,
     {
-        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+        if self.in_flight() >= self.max_in_flight {
+            let limit = self.max_in_flight;
             return Err(self.refuse(
                 id,
-                format!(
-                    "too many requests in flight on this connection (limit {})",
-                    self.max_in_flight
-                ),
+                format!("too many requests in flight on this connection (limit {limit})"),
             ));
-        };
-        let Ok(identity_permit) = self.identity.slots.clone().try_acquire_owned() else {
+        }
+        let Ok(permit) = self.identity.slots.clone().try_acquire_owned() else {
+            let limit = self.identity.limit;
             return Err(self.refuse(
                 id,
-                format!(
-                    "too many requests in flight for this identity (limit {})",
-                    self.identity.limit
-                ),
+                format!("too many requests in flight for this identity (limit {limit})"),
             ));
         };
-        let tx = self.tx.clone();
-        let max_frame = self.max_frame;
-        self.tracker.spawn(async move {
-            let msg = work.await;
-            let frame = frame::encode_to_vec(&msg, max_frame).or_else(|e| {
-                frame::encode_to_vec(
-                    &Message::Error(ErrorReply {
-                        id,
-                        code: ErrorCode::TooLarge,
-                        message: format!("answer cannot be sent: {e}"),
-                    }),
-                    max_frame,
-                )
+        let work = hold(permit, work);
+        if placement == Placement::Task && self.multi_thread {
+            let tx = self.tx.clone();
+            self.spawned.spawn(async move {
+                let _ = tx.send(work.await).await;
             });
-            if let Ok(frame) = frame {
-                let _ = tx.send(frame).await;
-            }
-            drop(permit);
-            drop(identity_permit);
-        });
+        } else {
+            self.inline.push(Box::pin(work));
+        }
         Ok(())
     }
 
+    /// Requests running now on this connection.
+    pub fn in_flight(&self) -> usize {
+        self.inline.len() + self.spawned.len()
+    }
+
     /// An `overloaded` answer, with a log line at most once a second per connection.
-    fn refuse(&self, id: u64, message: String) -> Message {
-        let (count, last) = self.refusals.get();
+    fn refuse(&mut self, id: u64, message: String) -> Message {
+        let (count, last) = self.refusals;
         let now = Instant::now();
         if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
             warn!(refused = count + 1, reason = %message, "refusing requests: limit reached");
-            self.refusals.set((0, Some(now)));
+            self.refusals = (0, Some(now));
         } else {
-            self.refusals.set((count + 1, last));
+            self.refusals = (count + 1, last);
         }
         Message::Error(ErrorReply {
             id,
@@ -118,15 +126,55 @@ impl Session {
             message,
         })
     }
+}
 
-    /// Requests running now on this connection.
-    pub fn in_flight(&self) -> usize {
-        self.max_in_flight - self.in_flight.available_permits()
+/// Keeps the identity slot taken until the request's answer exists.
+async fn hold<F: Future<Output = Message>>(permit: OwnedSemaphorePermit, work: F) -> Message {
+    let answer = work.await;
+    drop(permit);
+    answer
+}
+
+/// Queues an answer; one too large to send becomes a `too_large` error for its request.
+fn queue_answer<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut Connection<S>, msg: Message) {
+    if let Err(e) = conn.queue(&msg) {
+        let id = match &msg {
+            Message::Reply(r) => r.id,
+            Message::Error(e) => e.id,
+            _ => 0,
+        };
+        let _ = conn.queue(&Message::Error(ErrorReply {
+            id,
+            code: ErrorCode::TooLarge,
+            message: format!("answer cannot be sent: {e}"),
+        }));
     }
 }
 
+/// Queues `first` and every other answer that is ready now, then writes them together.
+async fn write_answers<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    session: &mut Session,
+    rx: &mut mpsc::Receiver<Message>,
+    first: Message,
+) -> Result<(), ConnError> {
+    queue_answer(conn, first);
+    while conn.queued() < MAX_BATCH {
+        // Polling with a no-op waker is fine here: the loop polls `inline` again with the
+        // task's real waker right after this write, which sees anything woken meanwhile.
+        if let Some(Some(m)) = session.inline.next().now_or_never() {
+            queue_answer(conn, m);
+        } else if let Ok(m) = rx.try_recv() {
+            queue_answer(conn, m);
+        } else {
+            break;
+        }
+    }
+    conn.flush().await
+}
+
 /// Drives `conn` until the peer closes, a protocol error, or `shutdown`; then waits up to
-/// `drain` for running requests and delivers their answers before closing.
+/// the drain period for running requests and delivers their answers before closing.
 pub async fn drive<S, F>(
     mut conn: Connection<S>,
     shutdown: CancellationToken,
@@ -134,19 +182,20 @@ pub async fn drive<S, F>(
     mut on_message: F,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
-    F: FnMut(Message, &Session) -> Next,
+    F: FnMut(Message, &mut Session) -> Next,
 {
     let max_in_flight = limits.per_connection.max(1);
-    let drain = limits.drain;
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(max_in_flight + 8);
-    let session = Session {
+    let (tx, mut rx) = mpsc::channel::<Message>(max_in_flight + 8);
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread);
+    let mut session = Session {
+        inline: FuturesUnordered::new(),
         tx,
-        in_flight: Arc::new(Semaphore::new(max_in_flight)),
+        spawned: TaskTracker::new(),
         max_in_flight,
         identity: limits.identity,
-        tracker: TaskTracker::new(),
-        max_frame: conn.limits().max_frame,
-        refusals: Cell::new((0, None)),
+        multi_thread,
+        refusals: (0, None),
     };
     let mut last: Option<Message> = None;
     loop {
@@ -156,57 +205,72 @@ pub async fn drive<S, F>(
                 debug!("shutting down: no new requests on this connection");
                 break;
             }
-            Some(frame) = rx.recv() => {
-                // This answer's task may still hold its slot; more than one taken means
-                // other answers are on their way.
-                let more = session.in_flight() > 1;
-                if let Err(e) = conn.write_batch(frame, &mut rx, more, |f| f).await {
+            Some(answer) = session.inline.next(), if !session.inline.is_empty() => {
+                if let Err(e) = write_answers(&mut conn, &mut session, &mut rx, answer).await {
                     info!(error = %e, "connection lost while writing");
                     return;
                 }
             }
-            r = conn.read_message() => match r {
-                Ok(Some(msg)) => match on_message(msg, &session) {
-                    Next::Continue => {}
-                    Next::Reply(m) => {
-                        if let Err(e) = conn.send(&m).await {
-                            info!(error = %e, "connection lost while writing");
-                            return;
+            Some(answer) = rx.recv() => {
+                if let Err(e) = write_answers(&mut conn, &mut session, &mut rx, answer).await {
+                    info!(error = %e, "connection lost while writing");
+                    return;
+                }
+            }
+            r = conn.read_message() => {
+                // Handle every request that arrived with this one before writing answers, so
+                // that their answers can share a write.
+                let mut r = r;
+                let stop = loop {
+                    match r {
+                        Ok(Some(msg)) => match on_message(msg, &mut session) {
+                            Next::Continue => {}
+                            Next::Reply(m) => {
+                                if let Err(e) = conn.send(&m).await {
+                                    info!(error = %e, "connection lost while writing");
+                                    return;
+                                }
+                            }
+                            Next::Close(m) => break Some(m),
+                        },
+                        Ok(None) => break Some(None),
+                        Err(e) => {
+                            log_read_error(&e);
+                            break Some(e.to_message());
                         }
                     }
-                    Next::Close(m) => {
-                        last = m;
-                        break;
+                    match conn.buffered_message() {
+                        Ok(Some(m)) => r = Ok(Some(m)),
+                        Ok(None) => break None,
+                        Err(e) => r = Err(e),
                     }
-                },
-                Ok(None) => break,
-                Err(e) => {
-                    log_read_error(&e);
-                    last = e.to_message();
+                };
+                if let Some(m) = stop {
+                    last = m;
                     break;
                 }
             }
         }
     }
-    session.tracker.close();
-    let deadline = tokio::time::Instant::now() + drain;
-    loop {
+    session.spawned.close();
+    let deadline = tokio::time::Instant::now() + limits.drain;
+    while session.in_flight() > 0 || !rx.is_empty() {
         tokio::select! {
-            Some(frame) = rx.recv() => {
-                conn.queue_encoded(&frame);
-                if conn.flush().await.is_err() {
+            Some(answer) = session.inline.next(), if !session.inline.is_empty() => {
+                if write_answers(&mut conn, &mut session, &mut rx, answer).await.is_err() {
                     return;
                 }
             }
-            _ = session.tracker.wait() => break,
+            Some(answer) = rx.recv() => {
+                if write_answers(&mut conn, &mut session, &mut rx, answer).await.is_err() {
+                    return;
+                }
+            }
             _ = tokio::time::sleep_until(deadline) => {
                 info!(abandoned = session.in_flight(), "drain deadline passed");
                 break;
             }
         }
-    }
-    while let Ok(frame) = rx.try_recv() {
-        conn.queue_encoded(&frame);
     }
     conn.close(last.as_ref()).await;
 }

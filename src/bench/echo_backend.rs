@@ -8,7 +8,7 @@ use crate::connection::Connection;
 use crate::identity::{PeerPolicy, Role};
 use crate::message::{ErrorCode, ErrorReply, Message, Reply};
 use crate::server::IdentitySlots;
-use crate::session::{self, Next, RequestLimits};
+use crate::session::{self, Next, Placement, RequestLimits};
 use crate::tls::{TlsConfigError, TlsMaterial};
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,7 +72,7 @@ pub async fn run(
                 |msg, s| match msg {
                     Message::Request(r) => {
                         let id = r.id;
-                        match s.spawn(id, async move {
+                        match s.start(id, Placement::Inline, async move {
                             Message::Reply(Reply {
                                 id,
                                 payload: r.payload,

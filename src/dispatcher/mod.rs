@@ -15,7 +15,7 @@ use crate::connection::{Connection, IoLimits};
 use crate::identity::{Role, SpiffeId};
 use crate::message::{ErrorCode, ErrorReply, Message, Pong, Reply, Request};
 use crate::server::{self, ConnectionHandler, ListenerLimits, Peer};
-use crate::session::{self, Next};
+use crate::session::{self, Next, Placement};
 use crate::tls::{Acceptor, ServerStream, TlsConfigError, TlsMaterial};
 use crate::token::Minter;
 use pool::{ForwardError, Pool};
@@ -326,7 +326,11 @@ impl ConnectionHandler for Handler {
                 }
                 Message::Request(req) if client.id.role() == Role::Client => {
                     let id = req.id;
-                    match s.spawn(id, d.clone().handle_request(client.clone(), req)) {
+                    match s.start(
+                        id,
+                        Placement::Inline,
+                        d.clone().handle_request(client.clone(), req),
+                    ) {
                         Ok(()) => Next::Continue,
                         Err(refusal) => Next::Reply(refusal),
                     }
@@ -340,7 +344,7 @@ impl ConnectionHandler for Handler {
                     Err(m) => Next::Close(Some(m)),
                     Ok(()) => {
                         let d = d.clone();
-                        match s.spawn(0, async move { d.pong(p.nonce) }) {
+                        match s.start(0, Placement::Inline, async move { d.pong(p.nonce) }) {
                             Ok(()) => Next::Continue,
                             Err(refusal) => Next::Reply(refusal),
                         }

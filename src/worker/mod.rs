@@ -14,7 +14,7 @@ use crate::connection::Connection;
 use crate::identity::{Role, SpiffeId};
 use crate::message::{ErrorCode, ErrorReply, Forward, Message, Pong, Reply};
 use crate::server::{self, ConnectionHandler, ListenerLimits, Peer};
-use crate::session::{self, Next};
+use crate::session::{self, Next, Placement};
 use crate::tls::{Acceptor, ServerStream, TlsConfigError, TlsMaterial};
 use crate::token::{KeyFile, Verifier, VerifierLimits};
 use ops::{OpRegistry, OpRequest};
@@ -233,7 +233,7 @@ impl ConnectionHandler for Handler {
                 ))),
                 Message::Forward(f) if role == Role::Dispatcher => {
                     let id = f.id;
-                    match s.spawn(id, worker.clone().handle_forward(f)) {
+                    match s.start(id, Placement::Task, worker.clone().handle_forward(f)) {
                         Ok(()) => Next::Continue,
                         Err(refusal) => Next::Reply(refusal),
                     }
@@ -247,7 +247,7 @@ impl ConnectionHandler for Handler {
                     Err(m) => Next::Close(Some(m)),
                     Ok(()) => {
                         let w = worker.clone();
-                        match s.spawn(0, async move { w.pong(p.nonce) }) {
+                        match s.start(0, Placement::Task, async move { w.pong(p.nonce) }) {
                             Ok(()) => Next::Continue,
                             Err(refusal) => Next::Reply(refusal),
                         }
