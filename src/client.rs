@@ -255,7 +255,7 @@ impl Client {
             .await
             .map_err(|e| Failure::NotSent(Some(e)))?;
         let id = link.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = frame::encode_to_vec(
+        let frame = frame::encode_with_capacity(
             &RequestRef::Request {
                 id,
                 op,
@@ -263,6 +263,7 @@ impl Client {
                 timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
             },
             self.cfg.io.max_frame,
+            payload.len() + op.len() + 64,
         )
         .map_err(|e| Failure::Final(ClientError::Request(e.to_string())))?;
         let (otx, orx) = oneshot::channel();

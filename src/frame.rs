@@ -224,7 +224,17 @@ pub fn encode<T: Serialize>(value: &T, max: usize, out: &mut Vec<u8>) -> Result<
 
 /// Encodes `value` into a fresh buffer holding one frame.
 pub fn encode_to_vec<T: Serialize>(value: &T, max: usize) -> Result<Vec<u8>, FrameError> {
-    let mut out = Vec::new();
+    encode_with_capacity(value, max, 0)
+}
+
+/// Like [`encode_to_vec`], with room for `size_hint` bytes reserved up front, so that a large
+/// payload is copied once instead of through a chain of reallocations.
+pub fn encode_with_capacity<T: Serialize>(
+    value: &T,
+    max: usize,
+    size_hint: usize,
+) -> Result<Vec<u8>, FrameError> {
+    let mut out = Vec::with_capacity(size_hint.min(max + HEADER_LEN));
     encode(value, max, &mut out)?;
     Ok(out)
 }

@@ -296,7 +296,7 @@ impl Pool {
         )?;
         let id = link.next_id.fetch_add(1, Ordering::Relaxed);
         let left = deadline.saturating_duration_since(Instant::now());
-        let frame = frame::encode_to_vec(
+        let frame = frame::encode_with_capacity(
             &ForwardRef::Forward {
                 id,
                 op,
@@ -305,6 +305,7 @@ impl Pool {
                 timeout_ms: u32::try_from(left.as_millis()).unwrap_or(u32::MAX),
             },
             self.max_frame,
+            payload.len() + token.len() + op.len() + 64,
         )
         .map_err(|e| ForwardError::Remote(ErrorCode::TooLarge, e.to_string()))?;
         let (otx, orx) = oneshot::channel();
