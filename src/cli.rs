@@ -6,6 +6,7 @@
 
 mod client_cmd;
 mod components;
+mod logformat;
 mod logwriter;
 
 use clap::{Args, Parser, Subcommand};
@@ -387,8 +388,8 @@ fn init_logging(filter: Option<&str>) -> logwriter::Guard {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(writer)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(true)
+        .with_ansi(false)
+        .event_format(logformat::LeanFormat)
         .try_init();
     guard
 }
