@@ -3,12 +3,13 @@
 //! and derive a worker's file.
 //!
 //! Properties: never panics; render -> parse gives the same ids, keys and windows, and rendering
-//! that again gives the same text; a rotation keeps the file valid and puts a new id first.
+//! that again gives the same text; a rotation keeps the file valid and puts a new id first, or
+//! refuses with `IdsExhausted` when the highest id is `u32::MAX`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use securesrv::identity::{DEFAULT_TRUST_DOMAIN, SpiffeId};
-use securesrv::token::{KeyFile, SecretKey};
+use securesrv::token::{KeyFile, KeyFileError, SecretKey};
 
 fn same(a: &KeyFile, b: &KeyFile) -> bool {
     a.entries().len() == b.entries().len()
@@ -19,7 +20,9 @@ fn same(a: &KeyFile, b: &KeyFile) -> bool {
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
-    let Ok(file) = KeyFile::parse(&text) else { return };
+    let Ok(file) = KeyFile::parse(&text) else {
+        return;
+    };
     assert!(!file.entries().is_empty());
 
     let rendered = file.render();
@@ -28,14 +31,37 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(*back.render(), *rendered, "rendering is not stable");
 
     // Rotation at a time and window taken from the file itself, so both branches are reached.
-    let now = file.entries().iter().filter_map(|e| e.not_after_ms).min().unwrap_or(1_000);
-    let rotated = file
-        .rotated(SecretKey::from_bytes([9; 32]), now, now.saturating_add(60_000))
-        .expect("rotation of a valid key file must give a valid key file");
+    let now = file
+        .entries()
+        .iter()
+        .filter_map(|e| e.not_after_ms)
+        .min()
+        .unwrap_or(1_000);
+    let rotated = match file.rotated(
+        SecretKey::from_bytes([9; 32]),
+        now,
+        now.saturating_add(60_000),
+    ) {
+        Ok(r) => r,
+        // The one refusal allowed: no id is left after the highest one (regression seed
+        // corpus/keyfile/rotate-id-max.txt: this overflowed before it was a typed error).
+        Err(KeyFileError::IdsExhausted(id)) => {
+            assert!(file.entries().iter().any(|e| e.id == u32::MAX) && id == u32::MAX);
+            return;
+        }
+        Err(e) => panic!("rotation of a valid key file must give a valid key file: {e}"),
+    };
     let new_id = rotated.current().id;
-    assert!(file.entries().iter().all(|e| e.id != new_id), "rotation reused key id {new_id}");
+    assert!(
+        file.entries().iter().all(|e| e.id != new_id),
+        "rotation reused key id {new_id}"
+    );
     assert_eq!(rotated.current().not_after_ms, None);
-    assert!(rotated.entries()[1..].iter().all(|e| e.not_after_ms.is_some()));
+    assert!(
+        rotated.entries()[1..]
+            .iter()
+            .all(|e| e.not_after_ms.is_some())
+    );
 
     let w1 = SpiffeId::worker(DEFAULT_TRUST_DOMAIN, 1).expect("worker id");
     let derived = rotated.map_keys(|k| k.derive_for(&w1));
