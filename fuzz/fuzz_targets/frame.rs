@@ -28,24 +28,45 @@ fn check(data: &[u8], max: usize) -> Result<Decoded<Message>, FrameError> {
     let result = frame::decode::<Message>(data, max);
     match &result {
         Ok(Decoded::Incomplete { frame_len: None }) => {
-            assert!(data.len() < HEADER_LEN, "no header claimed on {} bytes", data.len());
+            assert!(
+                data.len() < HEADER_LEN,
+                "no header claimed on {} bytes",
+                data.len()
+            );
         }
         Ok(Decoded::Incomplete {
             frame_len: Some(total),
         }) => {
             assert!(data.len() >= HEADER_LEN);
-            assert!(*total > data.len(), "incomplete, but {total} <= {} bytes", data.len());
-            assert!(*total <= max + HEADER_LEN, "frame_len {total} beyond the cap {max}");
+            assert!(
+                *total > data.len(),
+                "incomplete, but {total} <= {} bytes",
+                data.len()
+            );
+            assert!(
+                *total <= max + HEADER_LEN,
+                "frame_len {total} beyond the cap {max}"
+            );
             assert_eq!(*total, HEADER_LEN + declared(data));
         }
         Ok(Decoded::Complete { value, consumed }) => {
             let consumed = *consumed;
-            assert!(consumed <= data.len(), "consumed {consumed} of {} bytes", data.len());
+            assert!(
+                consumed <= data.len(),
+                "consumed {consumed} of {} bytes",
+                data.len()
+            );
             assert!(consumed > HEADER_LEN && consumed <= max + HEADER_LEN);
             assert_eq!(consumed, HEADER_LEN + declared(data));
             // Bytes after the frame are not looked at.
             let exact = frame::decode::<Message>(&data[..consumed], max);
-            assert_eq!(exact.as_ref(), Ok(&Decoded::Complete { value: value.clone(), consumed }));
+            assert_eq!(
+                exact.as_ref(),
+                Ok(&Decoded::Complete {
+                    value: value.clone(),
+                    consumed
+                })
+            );
             // One byte short is a valid prefix.
             assert_eq!(
                 frame::decode::<Message>(&data[..consumed - 1], max),
@@ -55,7 +76,10 @@ fn check(data: &[u8], max: usize) -> Result<Decoded<Message>, FrameError> {
             );
             round_trip(value);
         }
-        Err(FrameError::TooLarge { declared: d, max: m }) => {
+        Err(FrameError::TooLarge {
+            declared: d,
+            max: m,
+        }) => {
             assert_eq!(*m, max);
             assert!(*d > max as u64);
         }
@@ -78,7 +102,10 @@ fn round_trip(value: &Message) {
     let max = frame::MAX_FRAME_CEILING;
     let bytes = frame::encode_to_vec(value, max).expect("a decoded message must encode");
     match frame::decode::<Message>(&bytes, max) {
-        Ok(Decoded::Complete { value: again, consumed }) => {
+        Ok(Decoded::Complete {
+            value: again,
+            consumed,
+        }) => {
             assert_eq!(consumed, bytes.len());
             assert_eq!(&again, value, "value changed across encode -> decode");
         }

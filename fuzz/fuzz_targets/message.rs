@@ -18,7 +18,11 @@ fuzz_target!(|data: &[u8]| {
     // The body as `frame::encode` writes it (named fields).
     let body = rmp_serde::to_vec_named(&value).expect("a decoded message must encode");
     let framed = frame::encode_to_vec(&value, frame::MAX_FRAME_CEILING).expect("encode");
-    assert_eq!(&framed[frame::HEADER_LEN..], &body[..], "frame body differs from to_vec_named");
+    assert_eq!(
+        &framed[frame::HEADER_LEN..],
+        &body[..],
+        "frame body differs from to_vec_named"
+    );
 
     let again: Message = frame::decode_body(&body).expect("canonical encoding must decode");
     assert_eq!(again, value, "value changed across encode -> decode");

@@ -52,21 +52,44 @@ fn fixture() -> &'static Fixture {
         let k2 = SecretKey::from_bytes(RETIRED).derive_for(&me);
         let model_keys = vec![
             (1, hmac::Key::new(hmac::HMAC_SHA256, k1.expose()), None),
-            (2, hmac::Key::new(hmac::HMAC_SHA256, k2.expose()), Some(NOW - 1)),
+            (
+                2,
+                hmac::Key::new(hmac::HMAC_SHA256, k2.expose()),
+                Some(NOW - 1),
+            ),
         ];
         let keys = KeyFile::from_entries(vec![
-            KeyEntry { id: 1, key: k1, not_after_ms: None },
-            KeyEntry { id: 2, key: k2, not_after_ms: Some(NOW - 1) },
+            KeyEntry {
+                id: 1,
+                key: k1,
+                not_after_ms: None,
+            },
+            KeyEntry {
+                id: 2,
+                key: k2,
+                not_after_ms: Some(NOW - 1),
+            },
         ])
         .expect("key file");
         let verifier = Verifier::new(&me, &keys, LIMITS);
-        Fixture { me, keys, model_keys, verifier }
+        Fixture {
+            me,
+            keys,
+            model_keys,
+            verifier,
+        }
     })
 }
 
 /// What `verify` must answer according to the documented check order, replay cache aside:
 /// `Ok(())` means "accept unless the request id was already used".
-fn expected(f: &Fixture, token: &[u8], op: &str, payload: &[u8], now: u64) -> Result<(), TokenError> {
+fn expected(
+    f: &Fixture,
+    token: &[u8],
+    op: &str,
+    payload: &[u8],
+    now: u64,
+) -> Result<(), TokenError> {
     let p = token::parse(token)?;
     let c = &p.claims;
     let (_, key, _) = f
@@ -78,7 +101,10 @@ fn expected(f: &Fixture, token: &[u8], op: &str, payload: &[u8], now: u64) -> Re
         return Err(TokenError::BadTag);
     }
     if c.audience != f.me.to_string() {
-        return Err(TokenError::WrongAudience { expected: f.me.to_string(), found: c.audience.clone() });
+        return Err(TokenError::WrongAudience {
+            expected: f.me.to_string(),
+            found: c.audience.clone(),
+        });
     }
     if now > c.expires_at_ms {
         return Err(TokenError::Expired(now - c.expires_at_ms));
@@ -91,7 +117,10 @@ fn expected(f: &Fixture, token: &[u8], op: &str, payload: &[u8], now: u64) -> Re
         return Err(TokenError::LifetimeTooLong(lifetime));
     }
     if c.op != op {
-        return Err(TokenError::OpMismatch { signed: c.op.clone(), requested: op.to_string() });
+        return Err(TokenError::OpMismatch {
+            signed: c.op.clone(),
+            requested: op.to_string(),
+        });
     }
     if token::payload_digest(payload) != c.payload_sha256 {
         return Err(TokenError::PayloadMismatch);
@@ -105,7 +134,10 @@ fn judge(f: &Fixture, v: &Verifier, token: &[u8], op: &str, now: u64, used: bool
     match (expected(f, token, op, PAYLOAD, now), got) {
         (Ok(()), Ok(claims)) => {
             assert!(!used, "a token was accepted twice");
-            assert_eq!(claims, token::parse(token).expect("accepted but unparsable").claims);
+            assert_eq!(
+                claims,
+                token::parse(token).expect("accepted but unparsable").claims
+            );
             true
         }
         (Ok(()), Err(TokenError::Replayed)) => {
@@ -138,14 +170,22 @@ fuzz_target!(|data: &[u8]| {
         (Ok(_), Ok(())) => {}
     }
 
-    let Ok(parsed) = token::parse(data) else { return };
+    let Ok(parsed) = token::parse(data) else {
+        return;
+    };
 
     // 2. Layout: encode(parse(x)) == signed part of x; tag = last 32 bytes.
     assert_eq!(parsed.signed.len() + TAG_LEN, data.len());
     assert_eq!(parsed.tag, &data[data.len() - TAG_LEN..]);
     let mut out = Vec::new();
-    parsed.claims.encode(&mut out).expect("parsed claims must encode");
-    assert_eq!(out, parsed.signed, "Claims::encode differs from the parsed bytes");
+    parsed
+        .claims
+        .encode(&mut out)
+        .expect("parsed claims must encode");
+    assert_eq!(
+        out, parsed.signed,
+        "Claims::encode differs from the parsed bytes"
+    );
     let c: &Claims = &parsed.claims;
 
     for s in [&c.client, &c.audience] {
