@@ -202,13 +202,7 @@ fn run_command(cmd: Command, config: Option<PathBuf>, log: Option<String>) -> Ex
         Command::Certs(c) => certs(c),
         Command::Dispatcher(a) => {
             let cfg = load_config(config.as_deref(), |cfg| {
-                if let Some(l) = a.listen {
-                    cfg.dispatcher.listen = l;
-                }
-                if let Some(w) = a.workers {
-                    cfg.workers = w;
-                    cfg.worker.clear();
-                }
+                apply_layout(cfg, a.listen, a.workers);
                 apply_common(cfg, &a.common);
             });
             match cfg {
@@ -243,18 +237,24 @@ fn run_command(cmd: Command, config: Option<PathBuf>, log: Option<String>) -> Ex
 
 fn watchdog(config: Option<PathBuf>, a: WatchdogArgs, log: Option<String>) -> ExitCode {
     let cfg = load_config(config.as_deref(), |cfg| {
-        if let Some(l) = a.listen {
-            cfg.dispatcher.listen = l;
-        }
-        if let Some(w) = a.workers {
-            cfg.workers = w;
-            cfg.worker.clear();
-        }
+        apply_layout(cfg, a.listen, a.workers);
         apply_common(cfg, &a.common);
     });
     match cfg {
         Ok(cfg) => components::watchdog(cfg, config, log),
         Err(code) => code,
+    }
+}
+
+/// `--listen` and `--workers` for the dispatcher (and the watchdog that starts it): a worker
+/// count replaces any explicit worker list.
+fn apply_layout(cfg: &mut Config, listen: Option<SocketAddr>, workers: Option<u32>) {
+    if let Some(l) = listen {
+        cfg.dispatcher.listen = l;
+    }
+    if let Some(w) = workers {
+        cfg.workers = w;
+        cfg.worker.clear();
     }
 }
 

@@ -9,15 +9,16 @@
 use crate::connection::{Connection, IoLimits};
 use crate::frame;
 use crate::identity::SpiffeId;
+use crate::inflight::InFlight;
 use crate::message::{ErrorCode, Message};
 use crate::tls::{ClientStream, Connector, HandshakeError, TlsConfigError, TlsMaterial};
 use serde::Serialize;
-use std::collections::{HashMap, HashSet};
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// Default deadline of a call.
@@ -157,16 +158,14 @@ enum Outcome {
     Closed(ClientError),
 }
 
-type Waiter = oneshot::Sender<Outcome>;
-
 /// One connection and its calls in flight.
 struct Link {
     tx: mpsc::Sender<(u64, Vec<u8>)>,
     /// Cancelled by [`Client::close`]: the connection task says goodbye and ends.
     close: tokio_util::sync::CancellationToken,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// `None` once the connection has ended: nothing may be added after that.
-    pending: Mutex<Option<HashMap<u64, Waiter>>>,
+    /// Calls waiting for their answer.
+    pending: InFlight<Outcome>,
     next_id: AtomicU64,
 }
 
@@ -266,14 +265,9 @@ impl Client {
             payload.len() + op.len() + 64,
         )
         .map_err(|e| Failure::Final(ClientError::Request(e.to_string())))?;
-        let (otx, orx) = oneshot::channel();
-        {
-            let mut pending = link.pending.lock().unwrap_or_else(|p| p.into_inner());
-            let Some(map) = pending.as_mut() else {
-                return Err(Failure::NotSent(None));
-            };
-            map.insert(id, otx);
-        }
+        let Some(orx) = link.pending.register(id) else {
+            return Err(Failure::NotSent(None));
+        };
         if link.tx.send((id, frame)).await.is_err() {
             return Err(Failure::NotSent(None));
         }
@@ -313,7 +307,7 @@ impl Client {
             tx,
             close: tokio_util::sync::CancellationToken::new(),
             task: Mutex::new(None),
-            pending: Mutex::new(Some(HashMap::new())),
+            pending: InFlight::default(),
             next_id: AtomicU64::new(1),
         });
         let task = tokio::spawn(run_link(
@@ -359,61 +353,31 @@ async fn run_link(
         tokio::select! {
             _ = link.close.cancelled() => break,
             Some(first) = rx.recv() => {
-                let more = link
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .as_ref()
-                    .is_some_and(|m| m.len() > 1);
+                let more = link.pending.len() > 1;
                 if conn.write_batch(first, &mut rx, more, |(_, f)| f).await.is_err() {
                     break;
                 }
             }
             r = conn.read_message() => match r {
-                Ok(Some(Message::Reply(r))) => complete(&link, r.id, Outcome::Done(Ok(r.payload))),
+                Ok(Some(Message::Reply(r))) => link.pending.complete(r.id, Outcome::Done(Ok(r.payload))),
                 Ok(Some(Message::Error(e))) if e.id == 0 => {
                     // The dispatcher is closing the connection and says why.
                     closing_reason = Some(ClientError::Remote { code: e.code, message: e.message });
                     break;
                 }
-                Ok(Some(Message::Error(e))) => complete(&link, e.id, Outcome::Done(Err(ClientError::Remote { code: e.code, message: e.message }))),
+                Ok(Some(Message::Error(e))) => link.pending.complete(e.id, Outcome::Done(Err(ClientError::Remote { code: e.code, message: e.message }))),
                 Ok(Some(_)) | Ok(None) | Err(_) => break,
             },
             else => break,
         }
     }
-    rx.close();
-    let mut unsent = HashSet::new();
-    while let Ok((id, _)) = rx.try_recv() {
-        unsent.insert(id);
-    }
-    let pending = link
-        .pending
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
-        .unwrap_or_default();
-    for (id, waiter) in pending {
-        let outcome = if unsent.contains(&id) {
-            Outcome::NotSent
-        } else if let Some(e) = &closing_reason {
-            Outcome::Closed(e.clone())
-        } else {
-            Outcome::Lost
-        };
-        let _ = waiter.send(outcome);
-    }
+    link.pending.close(
+        &mut rx,
+        || Outcome::NotSent,
+        || match &closing_reason {
+            Some(e) => Outcome::Closed(e.clone()),
+            None => Outcome::Lost,
+        },
+    );
     conn.close(None).await;
-}
-
-fn complete(link: &Link, id: u64, outcome: Outcome) {
-    let waiter = link
-        .pending
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_mut()
-        .and_then(|m| m.remove(&id));
-    if let Some(w) = waiter {
-        let _ = w.send(outcome);
-    }
 }

@@ -615,6 +615,12 @@ impl Config {
         })
     }
 
+    /// How long a component lets in-flight requests finish once it is told to stop: most of
+    /// the watchdog's grace period before SIGKILL.
+    pub fn drain_period(&self) -> Duration {
+        Duration::from_millis(self.watchdog.stop_grace_ms * 4 / 5)
+    }
+
     /// A job by name.
     pub fn job(&self, op: &str) -> Option<&JobConfig> {
         self.jobs.iter().find(|j| j.name == op)

@@ -20,6 +20,7 @@
 //! | [`token`] | request tokens: HKDF per-worker keys, HMAC-SHA256, replay cache, rotation |
 //! | [`config`] | the optional TOML configuration, defaults and validation |
 //! | [`server`], [`session`] | the accept loop with connection limits; the per-connection request loop |
+//! | [`inflight`] | requests in flight on a multiplexed connection, matched by id |
 //! | [`dispatcher`], [`worker`], [`watchdog`], [`client`] | one component each |
 //! | [`shutdown`] | SIGINT/SIGTERM (and loss of the supervisor) to one cancellation token |
 //! | [`bench`] | the `securesrv bench` load generator and a reference echo backend |
@@ -48,6 +49,7 @@ pub mod connection;
 pub mod dispatcher;
 pub mod frame;
 pub mod identity;
+pub mod inflight;
 pub mod message;
 pub mod server;
 pub mod session;

@@ -131,16 +131,17 @@ impl Drop for IdentitySlot {
     }
 }
 
-/// Runs the accept loop until `shutdown` fires, then waits (up to `drain`) for connections
-/// to finish. Connection tasks are tracked on `tracker`.
+/// Runs the accept loop until `shutdown` fires, then gives the open connections `drain` to
+/// finish their requests before returning.
 pub async fn serve<H: ConnectionHandler>(
     listener: TcpListener,
     acceptor: Acceptor,
     limits: ListenerLimits,
     handler: H,
     shutdown: CancellationToken,
-    tracker: TaskTracker,
+    drain: Duration,
 ) {
+    let tracker = TaskTracker::new();
     let total = Arc::new(Semaphore::new(limits.max_connections));
     let per_id = Arc::new(IdentityCounts::default());
     let mut refused_since_log: u64 = 0;
@@ -185,6 +186,14 @@ pub async fn serve<H: ConnectionHandler>(
             )
             .instrument(span),
         );
+    }
+    tracker.close();
+    // Each connection drains for `drain` itself; a little slack for the goodbye.
+    if tokio::time::timeout(drain + Duration::from_millis(200), tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("connections still open after the drain period; closing them");
     }
 }
 

@@ -368,27 +368,18 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let cfg = dispatcher.cfg.clone();
-    let drain = Duration::from_millis(cfg.watchdog.stop_grace_ms * 4 / 5);
     let handler = Handler {
         dispatcher,
-        drain,
+        drain: cfg.drain_period(),
         max_in_flight: cfg.limits.max_in_flight_per_connection,
     };
-    let tracker = TaskTracker::new();
     server::serve(
         listener,
         acceptor,
         ListenerLimits::from_config(&cfg.limits, cfg.dispatcher_in_flight_per_identity()),
         handler,
         shutdown,
-        tracker.clone(),
+        cfg.drain_period(),
     )
     .await;
-    tracker.close();
-    if tokio::time::timeout(drain + Duration::from_millis(200), tracker.wait())
-        .await
-        .is_err()
-    {
-        warn!("connections still open after the drain period; closing them");
-    }
 }

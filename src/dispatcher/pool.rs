@@ -12,15 +12,15 @@ use crate::config::Config;
 use crate::connection::{Connection, IoLimits};
 use crate::frame;
 use crate::identity::SpiffeId;
+use crate::inflight::InFlight;
 use crate::message::{ErrorCode, ForwardRef, Message, Ping};
 use crate::tls::{ClientStream, Connector};
 use crate::token::{MintRequest, Minter, TokenError};
-use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -93,45 +93,10 @@ impl Slot {
 /// A live connection to one worker (opaque outside this module).
 pub struct Link {
     tx: mpsc::Sender<(u64, Vec<u8>)>,
-    /// Requests sent (or being sent) and not yet answered. `None` once the link has closed:
-    /// nothing may be added after that.
-    pending: Mutex<Option<HashMap<u64, oneshot::Sender<Answer>>>>,
+    /// Requests sent (or being sent) and not yet answered.
+    pending: InFlight<Answer>,
     next_id: AtomicU64,
     healthy: AtomicBool,
-}
-
-impl Link {
-    /// Requests sent or being sent on this link and not answered yet.
-    fn in_flight(&self) -> usize {
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map_or(0, HashMap::len)
-    }
-
-    fn complete(&self, id: u64, answer: Answer) {
-        let waiter = self
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_mut()
-            .and_then(|m| m.remove(&id));
-        if let Some(w) = waiter {
-            let _ = w.send(answer);
-        }
-    }
-
-    fn forget(&self, id: u64) {
-        if let Some(m) = self
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_mut()
-        {
-            m.remove(&id);
-        }
-    }
 }
 
 /// Decrements a slot's outstanding count when a forward ends, waking waiters if the worker
@@ -308,24 +273,19 @@ impl Pool {
             payload.len() + token.len() + op.len() + 64,
         )
         .map_err(|e| ForwardError::Remote(ErrorCode::TooLarge, e.to_string()))?;
-        let (otx, orx) = oneshot::channel();
-        {
-            let mut pending = link.pending.lock().unwrap_or_else(|p| p.into_inner());
-            let Some(map) = pending.as_mut() else {
-                return Err(ForwardError::NotSent);
-            };
-            map.insert(id, otx);
-        }
+        let Some(orx) = link.pending.register(id) else {
+            return Err(ForwardError::NotSent);
+        };
         slot.outstanding.fetch_add(1, Ordering::AcqRel);
         let _outstanding = Outstanding { pool: self, slot };
         match tokio::time::timeout_at(deadline, link.tx.send((id, frame))).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => {
-                link.forget(id);
+                link.pending.forget(id);
                 return Err(ForwardError::NotSent);
             }
             Err(_) => {
-                link.forget(id);
+                link.pending.forget(id);
                 return Err(ForwardError::Timeout);
             }
         }
@@ -335,7 +295,7 @@ impl Pool {
             Ok(Ok(Answer::NotSent)) => Err(ForwardError::NotSent),
             Ok(Ok(Answer::Lost)) | Ok(Err(_)) => Err(ForwardError::Lost),
             Err(_) => {
-                link.forget(id);
+                link.pending.forget(id);
                 Err(ForwardError::Timeout)
             }
         }
@@ -397,7 +357,7 @@ impl Pool {
         let (tx, mut rx) = mpsc::channel(self.max_in_flight + 64);
         let link = Arc::new(Link {
             tx,
-            pending: Mutex::new(Some(HashMap::new())),
+            pending: InFlight::default(),
             next_id: AtomicU64::new(1),
             healthy: AtomicBool::new(true),
         });
@@ -414,18 +374,18 @@ impl Pool {
                 biased;
                 _ = shutdown.cancelled() => break "shutdown",
                 Some(first) = rx.recv() => {
-                    let more = link.in_flight() > 1;
+                    let more = link.pending.len() > 1;
                     if conn.write_batch(first, &mut rx, more, |(_, f)| f).await.is_err() {
                         break "write failed";
                     }
                 }
                 r = conn.read_message() => match r {
-                    Ok(Some(Message::Reply(r))) => link.complete(r.id, Answer::Reply(r.payload)),
+                    Ok(Some(Message::Reply(r))) => link.pending.complete(r.id, Answer::Reply(r.payload)),
                     Ok(Some(Message::Error(e))) if e.id == 0 => {
                         warn!(worker = slot.id, code = %e.code, message = %crate::identity::printable(&e.message), "worker closed the link");
                         break "closed by worker";
                     }
-                    Ok(Some(Message::Error(e))) => link.complete(e.id, Answer::Error(e.code, e.message)),
+                    Ok(Some(Message::Error(e))) => link.pending.complete(e.id, Answer::Error(e.code, e.message)),
                     Ok(Some(Message::Pong(p))) => {
                         if awaiting.as_deref() == Some(&p.nonce[..]) {
                             awaiting = None;
@@ -472,24 +432,8 @@ impl Pool {
         };
         slot.set_link(None);
         // Frames still in the channel never left: those requests may go elsewhere.
-        rx.close();
-        let mut unsent = HashSet::new();
-        while let Ok((id, _)) = rx.try_recv() {
-            unsent.insert(id);
-        }
-        let pending = link
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .unwrap_or_default();
-        for (id, waiter) in pending {
-            let _ = waiter.send(if unsent.contains(&id) {
-                Answer::NotSent
-            } else {
-                Answer::Lost
-            });
-        }
+        link.pending
+            .close(&mut rx, || Answer::NotSent, || Answer::Lost);
         self.changed.notify_waiters();
         conn.close(None).await;
         reason

@@ -23,7 +23,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 /// One worker's state, shared by its connections.
@@ -271,15 +270,13 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let cfg = worker.cfg.clone();
-    let drain = Duration::from_millis(cfg.watchdog.stop_grace_ms * 4 / 5);
     let handler = Handler {
         worker,
-        drain,
+        drain: cfg.drain_period(),
         // One dispatcher connection carries every client's requests: its bound is the
         // worker's whole capacity (the dispatcher keeps itself below it).
         max_in_flight: cfg.limits.worker_max_concurrent,
     };
-    let tracker = TaskTracker::new();
     let mut limits = ListenerLimits::from_config(&cfg.limits, cfg.limits.worker_max_concurrent);
     limits.io.max_frame += crate::frame::LINK_HEADROOM;
     server::serve(
@@ -288,14 +285,7 @@ pub async fn run(
         limits,
         handler,
         shutdown,
-        tracker.clone(),
+        cfg.drain_period(),
     )
     .await;
-    tracker.close();
-    if tokio::time::timeout(drain + Duration::from_millis(200), tracker.wait())
-        .await
-        .is_err()
-    {
-        warn!("connections still open after the drain period; closing them");
-    }
 }
