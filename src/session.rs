@@ -72,23 +72,24 @@ pub struct Session {
 }
 
 impl Session {
-    /// Starts `work` for request `id`; its answer is written when it is ready. If the
-    /// connection or the peer's identity already has its limit of requests in flight, answers
-    /// `overloaded` instead (returned as `Err` for the caller to send at once).
-    pub fn start<F>(&mut self, id: u64, placement: Placement, work: F) -> Result<(), Message>
+    /// Starts `work` for request `id`; its answer is written when it is ready
+    /// ([`Next::Continue`]). If the connection or the peer's identity already has its limit of
+    /// requests in flight, the request is answered `overloaded` at once instead
+    /// ([`Next::Reply`]).
+    pub fn start<F>(&mut self, id: u64, placement: Placement, work: F) -> Next
     where
         F: Future<Output = Message> + Send + 'static,
     {
         if self.in_flight() >= self.max_in_flight {
             let limit = self.max_in_flight;
-            return Err(self.refuse(
+            return Next::Reply(self.refuse(
                 id,
                 format!("too many requests in flight on this connection (limit {limit})"),
             ));
         }
         let Ok(permit) = self.identity.slots.clone().try_acquire_owned() else {
             let limit = self.identity.limit;
-            return Err(self.refuse(
+            return Next::Reply(self.refuse(
                 id,
                 format!("too many requests in flight for this identity (limit {limit})"),
             ));
@@ -102,7 +103,20 @@ impl Session {
         } else {
             self.inline.push(Box::pin(work));
         }
-        Ok(())
+        Next::Continue
+    }
+
+    /// Answers a ping through the same path as requests: `pong` runs like a request, so a
+    /// component whose request machinery is stuck does not answer. A nonce of the wrong size
+    /// closes the connection.
+    pub fn ping<F>(&mut self, nonce: Vec<u8>, placement: Placement, pong: F) -> Next
+    where
+        F: FnOnce(Vec<u8>) -> Message + Send + 'static,
+    {
+        match check_nonce(&nonce) {
+            Err(m) => Next::Close(Some(m)),
+            Ok(()) => self.start(0, placement, async move { pong(nonce) }),
+        }
     }
 
     /// Requests running now on this connection.

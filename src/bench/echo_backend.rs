@@ -72,15 +72,12 @@ pub async fn run(
                 |msg, s| match msg {
                     Message::Request(r) => {
                         let id = r.id;
-                        match s.start(id, Placement::Inline, async move {
+                        s.start(id, Placement::Inline, async move {
                             Message::Reply(Reply {
                                 id,
                                 payload: r.payload,
                             })
-                        }) {
-                            Ok(()) => Next::Continue,
-                            Err(refusal) => Next::Reply(refusal),
-                        }
+                        })
                     }
                     other => Next::Reply(Message::Error(ErrorReply {
                         id: 0,

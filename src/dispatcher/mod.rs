@@ -326,30 +326,21 @@ impl ConnectionHandler for Handler {
                 }
                 Message::Request(req) if client.id.role() == Role::Client => {
                     let id = req.id;
-                    match s.start(
+                    s.start(
                         id,
                         Placement::Inline,
                         d.clone().handle_request(client.clone(), req),
-                    ) {
-                        Ok(()) => Next::Continue,
-                        Err(refusal) => Next::Reply(refusal),
-                    }
+                    )
                 }
                 Message::Request(req) => Next::Reply(Message::Error(ErrorReply {
                     id: req.id,
                     code: ErrorCode::Denied,
                     message: format!("{} may not send requests", client.text),
                 })),
-                Message::Ping(p) => match session::check_nonce(&p.nonce) {
-                    Err(m) => Next::Close(Some(m)),
-                    Ok(()) => {
-                        let d = d.clone();
-                        match s.start(0, Placement::Inline, async move { d.pong(p.nonce) }) {
-                            Ok(()) => Next::Continue,
-                            Err(refusal) => Next::Reply(refusal),
-                        }
-                    }
-                },
+                Message::Ping(p) => {
+                    let d = d.clone();
+                    s.ping(p.nonce, Placement::Inline, move |nonce| d.pong(nonce))
+                }
                 other => Next::Close(Some(Message::connection_error(
                     ErrorCode::BadRequest,
                     format!("a dispatcher does not accept {} messages", other.kind()),

@@ -232,26 +232,17 @@ impl ConnectionHandler for Handler {
                 ))),
                 Message::Forward(f) if role == Role::Dispatcher => {
                     let id = f.id;
-                    match s.start(id, Placement::Task, worker.clone().handle_forward(f)) {
-                        Ok(()) => Next::Continue,
-                        Err(refusal) => Next::Reply(refusal),
-                    }
+                    s.start(id, Placement::Task, worker.clone().handle_forward(f))
                 }
                 Message::Forward(f) => Next::Reply(Message::Error(ErrorReply {
                     id: f.id,
                     code: ErrorCode::Denied,
                     message: "only the dispatcher may forward requests".into(),
                 })),
-                Message::Ping(p) => match crate::session::check_nonce(&p.nonce) {
-                    Err(m) => Next::Close(Some(m)),
-                    Ok(()) => {
-                        let w = worker.clone();
-                        match s.start(0, Placement::Task, async move { w.pong(p.nonce) }) {
-                            Ok(()) => Next::Continue,
-                            Err(refusal) => Next::Reply(refusal),
-                        }
-                    }
-                },
+                Message::Ping(p) => {
+                    let w = worker.clone();
+                    s.ping(p.nonce, Placement::Task, move |nonce| w.pong(nonce))
+                }
                 other => Next::Close(Some(Message::connection_error(
                     ErrorCode::BadRequest,
                     format!("a worker does not accept {} messages", other.kind()),
