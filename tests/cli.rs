@@ -111,15 +111,34 @@ fn client_command_end_to_end() {
     let d_addr = format!("127.0.0.1:{base}");
     let w_addr = format!("127.0.0.1:{}", base + 1);
     let cwd = pki.tmp.path();
+    // A job, declared in the configuration both components read.
+    std::fs::write(
+        cwd.join("jobs.toml"),
+        "[[jobs]]\nname = \"upper\"\nprogram = \"/usr/bin/tr\"\nargs = [\"a-z\", \"A-Z\"]\n\
+         [acl]\nupper = [\"spiffe://securesrv/client/default\"]\n",
+    )
+    .unwrap();
     let worker = Proc::spawn(
         "worker",
-        &["worker", "--id", "1", "--listen", &w_addr, "--certs", &dir],
+        &[
+            "--config",
+            "jobs.toml",
+            "worker",
+            "--id",
+            "1",
+            "--listen",
+            &w_addr,
+            "--certs",
+            &dir,
+        ],
         cwd,
     );
     worker.wait_log(&["worker listening"], WAIT);
     let dispatcher = Proc::spawn(
         "dispatcher",
         &[
+            "--config",
+            "jobs.toml",
             "dispatcher",
             "--listen",
             &d_addr,
@@ -155,6 +174,8 @@ fn client_command_end_to_end() {
         "{}",
         text(&out.stderr)
     );
+    let out = client(&["upper", "shout"], b"");
+    assert_eq!(text(&out.stdout), "SHOUT", "{}", text(&out.stderr));
     let out = client(&["sha256", "abc"], b"");
     assert_eq!(
         text(&out.stdout),

@@ -64,6 +64,27 @@ impl Fixture {
     }
 }
 
+/// Requests the dispatcher is running now, from a heartbeat with the watchdog's identity.
+async fn dispatcher_in_flight(f: &Fixture) -> u32 {
+    use securesrv::connection::{Connection, IoLimits};
+    use securesrv::message::{Message, Ping};
+    let m = f.pki.material("watchdog");
+    let (stream, _) = m
+        .connector(&SpiffeId::dispatcher("securesrv").unwrap(), WAIT)
+        .unwrap()
+        .connect(f.addr(0))
+        .await
+        .unwrap();
+    let mut conn = Connection::new(stream, IoLimits::default());
+    conn.send(&Message::Ping(Ping { nonce: vec![9; 16] }))
+        .await
+        .unwrap();
+    match conn.read_message().await {
+        Ok(Some(Message::Pong(p))) => p.in_flight,
+        other => panic!("expected a pong, got {other:?}"),
+    }
+}
+
 /// PID of the n-th start (1-based) of `component`, from the watchdog's log.
 fn pid_of(w: &Proc, component: &str, nth: usize) -> u32 {
     let line = w.wait_for_n(
@@ -158,12 +179,32 @@ fn start_serve_and_stop_with_sigterm() {
         .iter()
         .map(|c| pid_of(&w, c, 1))
         .collect();
-    rt().block_on(async {
+    let rt = rt();
+    let c = rt.block_on(async {
         let c = f.client().await;
         assert_eq!(c.call("echo", b"hello").await.unwrap(), b"hello");
         assert_eq!(c.call("sha256", b"").await.unwrap().len(), 64);
+        c
+    });
+    // A request still running when SIGTERM arrives finishes within the grace period.
+    let in_flight = rt.spawn(async move { c.call("sleep", b"800").await });
+    rt.block_on(async {
+        // Wait until the dispatcher reports it running (each check is a heartbeat).
+        let until = Instant::now() + WAIT;
+        while dispatcher_in_flight(&f).await == 0 {
+            assert!(
+                Instant::now() < until,
+                "the sleep never reached the dispatcher"
+            );
+        }
     });
     w.signal(Signal::SIGTERM);
+    let answer = rt.block_on(in_flight).unwrap();
+    assert_eq!(
+        answer.unwrap(),
+        b"slept 800 ms",
+        "the in-flight request was drained"
+    );
     let status = w.wait_exit(WAIT).expect("watchdog exits after SIGTERM");
     assert_eq!(status.code(), Some(0), "{}", w.stderr());
     for pid in pids {
