@@ -179,7 +179,6 @@ async fn one_request(cfg: ClientConfig, op: &str, payload: &[u8], idempotent: bo
 async fn interactive(cfg: ClientConfig) -> ExitCode {
     let tty = std::io::stdin().is_terminal();
     let addr = cfg.addr;
-    let timeout = cfg.call_timeout;
     let client = match Client::connect(cfg).await {
         Ok(c) => c,
         Err(e) => {
@@ -216,11 +215,8 @@ async fn interactive(cfg: ClientConfig) -> ExitCode {
             break;
         }
         let (op, payload) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
-        let opts = CallOptions {
-            idempotent: securesrv::config::BUILTIN_OPS.contains(&op),
-            timeout,
-        };
-        match client.call_with(op, payload.as_bytes(), opts).await {
+        // `call` applies the client's deadline and treats the built-ins as idempotent.
+        match client.call(op, payload.as_bytes()).await {
             Ok(out) => {
                 let mut stdout = std::io::stdout().lock();
                 let _ = stdout.write_all(&out);

@@ -351,7 +351,8 @@ impl ConnectionHandler for Handler {
     }
 }
 
-/// Serves `dispatcher` on `listener` until `shutdown`; worker links run on `tracker`.
+/// Serves `dispatcher` on `listener` until `shutdown`, then lets connections drain. The worker
+/// links are started separately ([`Dispatcher::start_links`]) so that they outlive the drain.
 pub async fn run(
     dispatcher: Arc<Dispatcher>,
     listener: TcpListener,
