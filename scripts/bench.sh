@@ -7,7 +7,7 @@ set -euo pipefail
 usage() {
     cat <<'EOF'
 Usage: scripts/bench.sh [--workers N] [--duration S] [--warmup S] [--compare-nginx]
-                        [--idle-connections N] [--json FILE] [--help]
+                        [--idle-connections N] [--load-threads N] [--json FILE] [--help]
 
 Builds the release binary, makes throw-away certificates in a temporary directory, starts a
 watchdog (dispatcher + N workers) on a free port block and measures, one run after another,
@@ -33,6 +33,8 @@ Options:
   --warmup S             unmeasured warm-up seconds per workload (default 2)
   --compare-nginx        also measure the nginx relay and the bare echo backend
   --idle-connections N   connections for the memory probe (default 2000; 0 = skip)
+  --load-threads N       runtime threads of the load generator (default 1, which leaves the
+                         other cores to the relay and the backend; every target gets the same)
   --json FILE            also write every number to FILE
   -h, --help             this text
 
@@ -52,6 +54,7 @@ warmup=2
 compare_nginx=0
 idle_conns=2000
 json_out=""
+load_threads=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --workers) workers=${2:?--workers needs a value}; shift 2 ;;
@@ -62,6 +65,8 @@ while [ $# -gt 0 ]; do
         --warmup=*) warmup=${1#*=}; shift ;;
         --idle-connections) idle_conns=${2:?--idle-connections needs a value}; shift 2 ;;
         --idle-connections=*) idle_conns=${1#*=}; shift ;;
+        --load-threads) load_threads=${2:?--load-threads needs a value}; shift 2 ;;
+        --load-threads=*) load_threads=${1#*=}; shift ;;
         --compare-nginx) compare_nginx=1; shift ;;
         --json) json_out=${2:?--json needs a file}; shift 2 ;;
         --json=*) json_out=${1#*=}; shift ;;
@@ -70,6 +75,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 [[ "$workers" =~ ^[1-9][0-9]*$ ]] || die "--workers must be a positive integer"
+[[ "$load_threads" =~ ^[1-9][0-9]*$ ]] || die "--load-threads must be a positive integer"
 [[ "$idle_conns" =~ ^[0-9]+$ ]] || die "--idle-connections must be a non-negative integer"
 [[ "$duration" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--duration must be a number of seconds"
 [[ "$warmup" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--warmup must be a number of seconds"
@@ -214,7 +220,7 @@ run_bench() {
     local target=$1 workload=$2 addr=$3 try out="$results/$1.$2.json"
     local args=(--cert "$certs/client.crt" --key "$certs/client.key" --ca "$certs/ca.crt"
         --connect "$addr" --server-id "spiffe://securesrv/dispatcher/main"
-        --connections 32 --in-flight 1 --duration "$duration" --warmup "$warmup" --op echo --json)
+        --connections 32 --in-flight 1 --duration "$duration" --warmup "$warmup" --op echo --threads "$load_threads" --json)
     case "$workload" in
         small) args+=(--size 64) ;;
         16KiB) args+=(--size 16384) ;;
@@ -476,10 +482,10 @@ EOF
 fi
 
 # --- table and JSON ------------------------------------------------------------------------------
-python3 - "$results" "$json_out" "$start_time" "$SECONDS" "$workers" "$duration" "$warmup" \
+python3 - "$results" "$json_out" "$start_time" "$SECONDS" "$workers" "$duration" "$warmup" "$load_threads" \
     "$nginx_status" "$nginx_version" "$(git -C "$repo" describe --always --dirty 2>/dev/null || echo unknown)" <<'PY'
 import json, os, sys
-res_dir, json_out, started, elapsed, workers, duration, warmup, ngx_status, ngx_version, rev = sys.argv[1:11]
+res_dir, json_out, started, elapsed, workers, duration, warmup, load_threads, ngx_status, ngx_version, rev = sys.argv[1:12]
 workloads = [("small", "64 B, 32 conns"), ("16KiB", "16 KiB, 32 conns"), ("new-conn", "64 B, new conn/req")]
 targets = ["securesrv", "nginx", "direct"]
 
@@ -529,8 +535,8 @@ def line(r):
     return "| " + " | ".join(str(c).ljust(widths[i]) if i == 0 else str(c).rjust(widths[i])
                              for i, c in enumerate(r)) + " |"
 print()
-print("securesrv %s, %s worker(s), %ss measured after %ss warm-up, op echo, 1 request in flight per connection"
-      % (rev, workers, duration, warmup))
+print("securesrv %s, %s worker(s), %ss measured after %ss warm-up, op echo, 1 request in flight per connection, "
+      "load generator on %s thread(s)" % (rev, workers, duration, warmup, load_threads))
 print(line(header))
 print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
 for r in rows:
@@ -556,7 +562,8 @@ print("total time: %ss" % elapsed)
 if json_out:
     doc = {"started": started, "elapsed_s": int(elapsed), "revision": rev,
            "params": {"workers": int(workers), "duration_s": float(duration), "warmup_s": float(warmup),
-                      "connections": 32, "in_flight": 1, "op": "echo"},
+                      "connections": 32, "in_flight": 1, "op": "echo",
+                      "load_threads": int(load_threads)},
            "workloads": {w: label for w, label in workloads},
            "nginx": {"status": ngx_status, "version": ngx_version or None},
            "results": results, "memory": memory,

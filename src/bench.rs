@@ -66,6 +66,11 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Runtime threads of the load generator. One thread drives tens of thousands of
+    /// requests/s and leaves the other cores to the server under test; raise it when the load
+    /// generator itself is the bottleneck (it shows as one core at 100 %).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: u16,
 }
 
 /// Why a benchmark could not run.
@@ -112,6 +117,8 @@ pub struct Report {
     pub duration_s: f64,
     /// Whether each request used its own connection.
     pub new_connection_per_request: bool,
+    /// Runtime threads of the load generator.
+    pub threads: u16,
 }
 
 /// What one load task measured.
@@ -255,6 +262,7 @@ pub async fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
         op: args.op.clone(),
         duration_s: secs,
         new_connection_per_request: args.new_connection_per_request,
+        threads: args.threads,
     })
 }
 
@@ -304,7 +312,7 @@ async fn progress(
 
 fn print_table(r: &Report) {
     println!(
-        "{} x {} in flight, op {} with {} B payload{}, {:.1} s measured",
+        "{} x {} in flight, op {} with {} B payload{}, {:.1} s measured, {} load thread(s)",
         r.connections,
         r.in_flight,
         r.op,
@@ -314,7 +322,8 @@ fn print_table(r: &Report) {
         } else {
             ""
         },
-        r.duration_s
+        r.duration_s,
+        r.threads
     );
     println!("  requests/s   {:>12.0}", r.rps);
     println!("  requests     {:>12}", r.requests);

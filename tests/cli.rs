@@ -333,3 +333,108 @@ fn the_menu_of_the_original() {
     let out = run(cwd, &[], b"");
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn bench_command_measures_through_a_real_dispatcher() {
+    let pki = pki(1);
+    let dir = pki.dir.to_str().unwrap().to_string();
+    let base = free_port_block(1);
+    let d_addr = format!("127.0.0.1:{base}");
+    let w_addr = format!("127.0.0.1:{}", base + 1);
+    let cwd = pki.tmp.path();
+    let worker = Proc::spawn(
+        "worker",
+        &["worker", "--id", "1", "--listen", &w_addr, "--certs", &dir],
+        cwd,
+    );
+    worker.wait_log(&["worker listening"], WAIT);
+    let dispatcher = Proc::spawn(
+        "dispatcher",
+        &[
+            "dispatcher",
+            "--listen",
+            &d_addr,
+            "--workers",
+            "1",
+            "--certs",
+            &dir,
+        ],
+        cwd,
+    );
+    dispatcher.wait_log(&["worker link up", "worker=1"], WAIT);
+    let cert = format!("{dir}/client.crt");
+    let key = format!("{dir}/client.key");
+    let bench = |addr: &str, extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--connect",
+            addr,
+            "--connections",
+            "4",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.2",
+        ];
+        args.extend_from_slice(extra);
+        run(cwd, &args, b"")
+    };
+
+    for (extra, threads) in [
+        (&["--json", "--size", "1000"][..], 1),
+        (&["--json", "--in-flight", "3", "--threads", "2"][..], 2),
+        (&["--json", "--new-connection-per-request"][..], 1),
+    ] {
+        let out = bench(&d_addr, extra);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", text(&out.stdout)));
+        for key in [
+            "rps", "p50_us", "p90_us", "p99_us", "max_us", "requests", "errors",
+        ] {
+            assert!(r.get(key).is_some_and(|v| v.is_number()), "{key} in {r}");
+        }
+        let requests = r["requests"].as_u64().unwrap();
+        assert!(requests > 0, "{r}");
+        assert_eq!(r["errors"], 0, "{r}");
+        assert!(r["rps"].as_f64().unwrap() > 0.0, "{r}");
+        let (p50, p99, max) = (
+            r["p50_us"].as_u64().unwrap(),
+            r["p99_us"].as_u64().unwrap(),
+            r["max_us"].as_u64().unwrap(),
+        );
+        assert!(0 < p50 && p50 <= p99 && p99 <= max, "{r}");
+        assert_eq!(r["threads"], threads, "{r}");
+    }
+    // The table form names what was measured.
+    let out = bench(&d_addr, &["--op", "sha256"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    assert!(
+        table.contains("requests/s") && table.contains("op sha256"),
+        "{table}"
+    );
+    // Every measured request reached the worker: its audit lines say so.
+    dispatcher.wait_log(&["op=sha256", "outcome=ok"], WAIT);
+
+    // Refusals are reported, not benchmarked: an op the ACL does not allow, nothing listening.
+    let out = bench(&d_addr, &["--op", "nope", "--json"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("unknown_op"),
+        "{}",
+        text(&out.stderr)
+    );
+    let closed = format!("127.0.0.1:{}", free_port());
+    let out = bench(&closed, &["--json"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("cannot connect"),
+        "{}",
+        text(&out.stderr)
+    );
+}

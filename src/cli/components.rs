@@ -28,11 +28,19 @@ fn raise_fd_limit() {
 /// not waited for on the way out: a blocking read of stdin (the supervisor lifeline) would
 /// otherwise hold the process open.
 pub fn block_on(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
-    raise_fd_limit();
     let threads = std::env::var("SECURESRV_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    block_on_threads(threads, fut)
+}
+
+/// Runs `fut` on a runtime with `threads` worker threads (the current-thread scheduler for one).
+pub fn block_on_threads(
+    threads: usize,
+    fut: impl std::future::Future<Output = ExitCode>,
+) -> ExitCode {
+    raise_fd_limit();
     // One thread: the current-thread scheduler, which skips the work-stealing machinery.
     let mut builder = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
@@ -152,7 +160,7 @@ pub fn watchdog(cfg: Config, config_file: Option<PathBuf>, log_filter: Option<St
 
 /// `securesrv bench`
 pub fn bench(args: securesrv::bench::BenchArgs) -> ExitCode {
-    block_on(async move {
+    block_on_threads(usize::from(args.threads), async move {
         match securesrv::bench::run(args).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail("bench", e),
