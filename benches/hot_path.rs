@@ -14,7 +14,7 @@ fn frames(c: &mut Criterion) {
         let msg = Message::Request(Request {
             id: 42,
             op: "echo".into(),
-            payload: vec![7u8; size],
+            payload: vec![7u8; size].into(),
             timeout_ms: Some(10_000),
         });
         let bytes = frame::encode_to_vec(&msg, DEFAULT_MAX_FRAME).unwrap();

@@ -359,7 +359,7 @@ async fn run_link(
                 }
             }
             r = conn.read_message() => match r {
-                Ok(Some(Message::Reply(r))) => link.pending.complete(r.id, Outcome::Done(Ok(r.payload))),
+                Ok(Some(Message::Reply(r))) => link.pending.complete(r.id, Outcome::Done(Ok(Vec::from(r.payload)))),
                 Ok(Some(Message::Error(e))) if e.id == 0 => {
                     // The dispatcher is closing the connection and says why.
                     closing_reason = Some(ClientError::Remote { code: e.code, message: e.message });

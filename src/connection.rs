@@ -7,7 +7,7 @@
 //! the header before the body is buffered. Outgoing frames are queued and written together, so
 //! several replies share TLS records and syscalls. No TLS types, roles or tokens here.
 
-use crate::frame::{self, Decoded, FrameError};
+use crate::frame::{self, FrameError};
 use crate::message::Message;
 use bytes::{Buf, BytesMut};
 use std::time::Duration;
@@ -22,6 +22,9 @@ const BIG_READ_CHUNK: usize = 64 * 1024;
 const KEEP_BUFFER: usize = 64 * 1024;
 /// Bytes of queued frames gathered into one write.
 const MAX_BATCH: usize = 256 * 1024;
+/// Frames at least this long are split off the read buffer and decoded without copying their
+/// payloads; smaller ones are decoded in place and their (small) payloads copied.
+const SHARE_FRAMES_FROM: usize = 1024;
 
 /// Bounds on one connection's I/O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,18 +130,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Cancel-safe: dropping the future loses no bytes.
     pub async fn read_message(&mut self) -> Result<Option<Message>, ConnError> {
         loop {
-            match frame::decode::<Message>(&self.read_buf, self.limits.max_frame)? {
-                Decoded::Complete { value, consumed } => {
-                    self.consume(consumed);
-                    return Ok(Some(value));
-                }
-                Decoded::Incomplete { frame_len } => {
-                    let missing = frame_len.map_or(READ_CHUNK, |n| n - self.read_buf.len());
-                    let want = missing.clamp(READ_CHUNK, BIG_READ_CHUNK);
-                    if self.read_buf.capacity() - self.read_buf.len() < want {
-                        self.read_buf.reserve(want);
-                    }
-                }
+            if let Some(msg) = self.buffered_message()? {
+                return Ok(Some(msg));
+            }
+            let frame_len = frame::check_header(&self.read_buf, self.limits.max_frame)?;
+            let missing = frame_len.map_or(READ_CHUNK, |n| n - self.read_buf.len());
+            let want = missing.clamp(READ_CHUNK, BIG_READ_CHUNK);
+            if self.read_buf.capacity() - self.read_buf.len() < want {
+                self.read_buf.reserve(want);
             }
             let (deadline, err) = match self.frame_started {
                 Some(t) => (
@@ -172,17 +171,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// The next message if a whole frame is already buffered; never waits or reads.
     pub fn buffered_message(&mut self) -> Result<Option<Message>, ConnError> {
-        match frame::decode::<Message>(&self.read_buf, self.limits.max_frame)? {
-            Decoded::Complete { value, consumed } => {
-                self.consume(consumed);
-                Ok(Some(value))
-            }
-            Decoded::Incomplete { .. } => Ok(None),
+        let Some(total) = frame::check_header(&self.read_buf, self.limits.max_frame)? else {
+            return Ok(None);
+        };
+        if self.read_buf.len() < total {
+            return Ok(None);
         }
+        let msg = if total >= SHARE_FRAMES_FROM {
+            // Big frames leave the buffer: payloads become slices of them, not copies.
+            frame::decode_shared(&self.read_buf.split_to(total).freeze())?
+        } else {
+            let msg = frame::decode_body(&self.read_buf[frame::HEADER_LEN..total])?;
+            self.read_buf.advance(total);
+            msg
+        };
+        self.consumed();
+        Ok(Some(msg))
     }
 
-    fn consume(&mut self, consumed: usize) {
-        self.read_buf.advance(consumed);
+    fn consumed(&mut self) {
         let now = Instant::now();
         self.last_frame = now;
         self.frame_started = (!self.read_buf.is_empty()).then_some(now);
@@ -211,15 +218,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         if self.write_buf.is_empty() {
             return Ok(());
         }
-        let limit = self.limits.write_timeout;
-        let fut = async {
-            self.stream.write_all(&self.write_buf).await?;
-            self.stream.flush().await
-        };
-        match tokio::time::timeout(limit, fut).await {
-            Ok(r) => r?,
-            Err(_) => return Err(ConnError::WriteTimeout(limit)),
-        }
+        write_within(&mut self.stream, &self.write_buf, self.limits.write_timeout).await?;
         self.write_buf.clear();
         if self.write_buf.capacity() > KEEP_BUFFER {
             self.write_buf = Vec::new();
@@ -239,14 +238,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         more_coming: bool,
         bytes: impl Fn(&T) -> &[u8],
     ) -> Result<(), ConnError> {
-        self.queue_encoded(bytes(&first));
         if more_coming {
             tokio::task::yield_now().await;
         }
-        while self.queued() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(f) => self.queue_encoded(bytes(&f)),
-                Err(_) => break,
+        let mut next = rx.try_recv().ok();
+        if next.is_none() && self.write_buf.is_empty() {
+            // A batch of one: written from where it is, without a copy into the buffer.
+            return write_within(&mut self.stream, bytes(&first), self.limits.write_timeout).await;
+        }
+        self.queue_encoded(bytes(&first));
+        while let Some(f) = next.take() {
+            self.queue_encoded(bytes(&f));
+            if self.queued() < MAX_BATCH {
+                next = rx.try_recv().ok();
             }
         }
         self.flush().await
@@ -271,6 +275,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             let _ = self.stream.shutdown().await;
         })
         .await;
+    }
+}
+
+/// Writes all of `data` and flushes it, within `limit`.
+async fn write_within<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    data: &[u8],
+    limit: Duration,
+) -> Result<(), ConnError> {
+    let fut = async {
+        stream.write_all(data).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(ConnError::WriteTimeout(limit)),
     }
 }
 
@@ -305,6 +325,45 @@ mod tests {
             assert_eq!(rx.read_message().await.unwrap(), Some(ping(n)));
         }
         drop(tx);
+        assert_eq!(rx.read_message().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn big_and_small_frames_interleave_across_reads() {
+        let limits = IoLimits {
+            max_frame: 64 * 1024,
+            ..limits()
+        };
+        let (mut a, b) = tokio::io::duplex(1000);
+        let mut rx = Connection::new(b, limits);
+        let msgs: Vec<Message> = [10usize, 20_000, 3, SHARE_FRAMES_FROM, 40_000, 0]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                Message::Reply(Reply {
+                    id: i as u64 + 1,
+                    payload: (0..n).map(|k| (k % 251) as u8).collect::<Vec<u8>>().into(),
+                })
+            })
+            .collect();
+        let mut wire = Vec::new();
+        for m in &msgs {
+            frame::encode(m, limits.max_frame, &mut wire).unwrap();
+        }
+        // Written in odd-sized pieces so frames straddle reads.
+        let writer = tokio::spawn(async move {
+            for piece in wire.chunks(777) {
+                a.write_all(piece).await.unwrap();
+            }
+            a
+        });
+        let mut got = Vec::new();
+        for _ in 0..msgs.len() {
+            got.push(rx.read_message().await.unwrap().unwrap());
+        }
+        // Payloads handed out earlier stay intact while the buffer is reused.
+        assert_eq!(got, msgs);
+        drop(writer.await.unwrap());
         assert_eq!(rx.read_message().await.unwrap(), None);
     }
 
@@ -373,7 +432,7 @@ mod tests {
         let frame = frame::encode_to_vec(
             &Message::Reply(Reply {
                 id: 9,
-                payload: vec![7; 100],
+                payload: vec![7; 100].into(),
             }),
             1024,
         )
@@ -395,7 +454,7 @@ mod tests {
         let mut tx = Connection::new(b, limits());
         tx.queue(&Message::Reply(Reply {
             id: 1,
-            payload: vec![0; 900],
+            payload: vec![0; 900].into(),
         }))
         .unwrap();
         assert!(matches!(tx.flush().await, Err(ConnError::WriteTimeout(_))));

@@ -111,6 +111,14 @@ pub fn decode<T: DeserializeOwned>(buf: &[u8], max: usize) -> Result<Decoded<T>,
     })
 }
 
+/// Decodes one complete frame (header included) held in a shared buffer: the payloads of the
+/// message are slices of `frame` rather than copies. The header must already have been checked
+/// ([`check_header`]) and `frame` must be exactly that long.
+pub fn decode_shared<T: DeserializeOwned>(frame: &bytes::Bytes) -> Result<T, FrameError> {
+    let body = frame.get(HEADER_LEN..).unwrap_or_default();
+    crate::message::strict::shared_bin::decode_sharing(frame, || decode_body(body))
+}
+
 /// Decodes a frame body (no header) that must hold exactly one value.
 pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
     // A structural pass first: the exact extent of the value (so trailing bytes are caught)
@@ -249,7 +257,7 @@ mod tests {
         Message::Request(Request {
             id: 7,
             op: op.to_string(),
-            payload: payload.to_vec(),
+            payload: payload.to_vec().into(),
             timeout_ms: Some(1500),
         })
     }
@@ -266,6 +274,32 @@ mod tests {
                 consumed: bytes.len()
             }
         );
+    }
+
+    #[test]
+    fn shared_decode_slices_the_payload_out_of_the_frame() {
+        let msg = request("echo", &[5u8; 4000]);
+        let frame = bytes::Bytes::from(encode_to_vec(&msg, DEFAULT_MAX_FRAME).unwrap());
+        let Ok(Message::Request(r)) = decode_shared::<Message>(&frame) else {
+            panic!("not a request");
+        };
+        assert_eq!(Message::Request(r.clone()), msg);
+        let (start, end) = (
+            frame.as_ptr() as usize,
+            frame.as_ptr() as usize + frame.len(),
+        );
+        let p = r.payload.as_ptr() as usize;
+        assert!(
+            start < p && p + r.payload.len() <= end,
+            "payload was copied"
+        );
+        // The copying decoder gives the same value in memory of its own.
+        let Ok(Message::Request(copied)) = decode_body::<Message>(&frame[HEADER_LEN..]) else {
+            panic!("not a request");
+        };
+        assert_eq!(copied, r);
+        let q = copied.payload.as_ptr() as usize;
+        assert!(q + copied.payload.len() <= start || q >= end);
     }
 
     #[test]
@@ -445,11 +479,15 @@ mod tests {
                 .prop_map(|(id, op, payload, timeout_ms)| Message::Request(Request {
                     id,
                     op,
-                    payload,
+                    payload: payload.into(),
                     timeout_ms
                 })),
-            (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..512))
-                .prop_map(|(id, payload)| Message::Reply(Reply { id, payload })),
+            (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..512)).prop_map(
+                |(id, payload)| Message::Reply(Reply {
+                    id,
+                    payload: payload.into()
+                })
+            ),
             (any::<u64>(), ".{0,40}").prop_map(|(id, message)| Message::Error(ErrorReply {
                 id,
                 code: ErrorCode::Timeout,
@@ -466,6 +504,12 @@ mod tests {
             let bytes = encode_to_vec(&msg, DEFAULT_MAX_FRAME).unwrap();
             let decoded = decode::<Message>(&bytes, DEFAULT_MAX_FRAME).unwrap();
             prop_assert_eq!(decoded, Decoded::Complete { value: msg, consumed: bytes.len() });
+        }
+
+        #[test]
+        fn prop_shared_decode_agrees(msg in arb_message()) {
+            let bytes = bytes::Bytes::from(encode_to_vec(&msg, DEFAULT_MAX_FRAME).unwrap());
+            prop_assert_eq!(decode_shared::<Message>(&bytes).unwrap(), msg);
         }
 
         #[test]

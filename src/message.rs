@@ -5,6 +5,7 @@
 //! fields. Unknown fields and unknown kinds are refused: docs/PROTOCOL.md is the contract.
 //! No I/O and no cryptography happen here.
 
+pub use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -37,8 +38,8 @@ pub struct Request {
     #[serde(with = "strict::str")]
     pub op: String,
     /// Opaque input for the operation (MessagePack `bin`).
-    #[serde(with = "strict::bin")]
-    pub payload: Vec<u8>,
+    #[serde(with = "strict::shared_bin")]
+    pub payload: Bytes,
     /// Deadline the client wants, in milliseconds; the dispatcher caps it at its own maximum.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u32>,
@@ -54,8 +55,8 @@ pub struct Forward {
     #[serde(with = "strict::str")]
     pub op: String,
     /// The client's payload; its SHA-256 must equal the digest inside the token.
-    #[serde(with = "strict::bin")]
-    pub payload: Vec<u8>,
+    #[serde(with = "strict::shared_bin")]
+    pub payload: Bytes,
     /// The request token (layout in docs/PROTOCOL.md and `token.rs`).
     #[serde(with = "strict::bin")]
     pub token: Vec<u8>,
@@ -70,8 +71,8 @@ pub struct Reply {
     /// The id of the request or forward this answers.
     pub id: u64,
     /// The operation's output (MessagePack `bin`).
-    #[serde(with = "strict::bin")]
-    pub payload: Vec<u8>,
+    #[serde(with = "strict::shared_bin")]
+    pub payload: Bytes,
 }
 
 /// A failed or refused request, or (id 0) a reason the connection is being closed.
@@ -134,7 +135,7 @@ pub enum ForwardRef<'a> {
 
 /// Field codecs that accept exactly the MessagePack type the protocol names: `bin` fields refuse
 /// `str` and arrays of integers, `str` fields refuse `bin` (serde's defaults accept either).
-mod strict {
+pub(crate) mod strict {
     /// MessagePack `bin` only.
     pub mod bin {
         use serde::{Deserializer, Serializer, de};
@@ -163,6 +164,70 @@ mod strict {
     }
 
     /// MessagePack `str` only.
+    /// A payload: MessagePack bin, decoded as a slice of the frame it arrived in when that
+    /// frame is shared (see [`decode_sharing`]), otherwise copied.
+    pub mod shared_bin {
+        use bytes::Bytes;
+        use serde::{Deserializer, Serializer, de};
+        use std::cell::RefCell;
+        use std::fmt;
+
+        thread_local! {
+            static SOURCE: RefCell<Option<Bytes>> = const { RefCell::new(None) };
+        }
+
+        /// Runs `decode` with `source` as the buffer that borrowed payloads may be sliced from.
+        pub fn decode_sharing<R>(source: &Bytes, decode: impl FnOnce() -> R) -> R {
+            struct Reset(Option<Bytes>);
+            impl Drop for Reset {
+                fn drop(&mut self) {
+                    let previous = self.0.take();
+                    SOURCE.with(|s| *s.borrow_mut() = previous);
+                }
+            }
+            let previous = SOURCE.with(|s| s.borrow_mut().replace(source.clone()));
+            let _reset = Reset(previous);
+            decode()
+        }
+
+        /// `v` as a slice of the current source when it lies inside it, else a copy.
+        fn share(v: &[u8]) -> Bytes {
+            SOURCE
+                .with(|s| {
+                    let s = s.borrow();
+                    let src = s.as_ref()?;
+                    let start = (v.as_ptr() as usize).checked_sub(src.as_ptr() as usize)?;
+                    let end = start.checked_add(v.len())?;
+                    (end <= src.len()).then(|| src.slice(start..end))
+                })
+                .unwrap_or_else(|| Bytes::copy_from_slice(v))
+        }
+
+        pub fn serialize<S: Serializer>(v: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(v)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+            struct V;
+            impl<'de> de::Visitor<'de> for V {
+                type Value = Bytes;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("MessagePack bin")
+                }
+                fn visit_borrowed_bytes<E: de::Error>(self, v: &'de [u8]) -> Result<Bytes, E> {
+                    Ok(share(v))
+                }
+                fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Bytes, E> {
+                    Ok(Bytes::copy_from_slice(v))
+                }
+                fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
+                    Ok(Bytes::from(v))
+                }
+            }
+            d.deserialize_byte_buf(V)
+        }
+    }
+
     pub mod str {
         use serde::{Deserializer, Serializer, de};
         use std::fmt;
@@ -286,7 +351,7 @@ mod tests {
     fn wire_shape_is_a_single_key_map_of_named_fields() {
         let msg = Message::Reply(Reply {
             id: 1,
-            payload: b"hi".to_vec(),
+            payload: Bytes::from_static(b"hi"),
         });
         let bytes = rmp_serde::to_vec_named(&msg).unwrap();
         // fixmap(1) "reply" fixmap(2) "id" 1 "payload" bin8(2) "hi"
@@ -310,7 +375,7 @@ mod tests {
         let req = Message::Request(Request {
             id: 1,
             op: "echo".into(),
-            payload: b"hi".to_vec(),
+            payload: Bytes::from_static(b"hi"),
             timeout_ms: None,
         });
         let expected_req: Vec<u8> = [
@@ -334,7 +399,7 @@ mod tests {
         );
         let reply = Message::Reply(Reply {
             id: 1,
-            payload: b"hi".to_vec(),
+            payload: Bytes::from_static(b"hi"),
         });
         let expected_reply: Vec<u8> = [
             &[0, 0, 0, 0x18, 0x81, 0xa5][..],
@@ -388,7 +453,7 @@ mod tests {
             Message::Request(Request {
                 id: 1,
                 op: "echo".into(),
-                payload: vec![0; len],
+                payload: vec![0; len].into(),
                 timeout_ms: None,
             })
         };
@@ -404,7 +469,7 @@ mod tests {
         let owned = Message::Forward(Forward {
             id: 9,
             op: "echo".into(),
-            payload: vec![1, 2, 3],
+            payload: vec![1, 2, 3].into(),
             token: vec![4; 40],
             timeout_ms: 1234,
         });

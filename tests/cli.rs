@@ -240,7 +240,7 @@ fn client_command_end_to_end() {
         let forged = Message::Forward(Forward {
             id: 7,
             op: "echo".into(),
-            payload: b"x".to_vec(),
+            payload: securesrv::message::Bytes::from_static(b"x"),
             token: vec![1; 120],
             timeout_ms: 1000,
         });

@@ -9,7 +9,7 @@ use securesrv::client::{CallOptions, ClientError};
 use securesrv::config::JobConfig;
 use securesrv::connection::{Connection, IoLimits};
 use securesrv::identity::SpiffeId;
-use securesrv::message::{ErrorCode, Forward, Message, Ping};
+use securesrv::message::{Bytes, ErrorCode, Forward, Message, Ping};
 use securesrv::token::{Claims, MintRequest, Minter, SecretKey};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -202,14 +202,14 @@ impl RoguePeer {
             .send(&Message::Forward(Forward {
                 id,
                 op: op.into(),
-                payload: payload.to_vec(),
+                payload: Bytes::copy_from_slice(payload),
                 token,
                 timeout_ms: 5_000,
             }))
             .await
             .expect("send");
         match tokio::time::timeout(WAIT, self.conn.read_message()).await {
-            Ok(Ok(Some(Message::Reply(r)))) if r.id == id => Ok(r.payload),
+            Ok(Ok(Some(Message::Reply(r)))) if r.id == id => Ok(r.payload.to_vec()),
             Ok(Ok(Some(Message::Error(e)))) if e.id == id => Err((e.code, e.message)),
             other => panic!("unexpected answer: {other:?}"),
         }
@@ -440,7 +440,7 @@ async fn the_watchdog_identity_may_ping_but_not_send_requests() {
     conn.send(&Message::Request(securesrv::message::Request {
         id: 1,
         op: "echo".into(),
-        payload: b"x".to_vec(),
+        payload: Bytes::from_static(b"x"),
         timeout_ms: None,
     }))
     .await

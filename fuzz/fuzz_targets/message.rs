@@ -2,7 +2,8 @@
 //!
 //! Properties: never panics; a decoded message encodes, the encoding decodes to an equal value,
 //! and the canonical encoding is a fixed point (encoding the decoded copy gives the same bytes);
-//! a `forward` encodes byte for byte like its borrowed twin `ForwardRef::Forward`.
+//! a `forward` encodes byte for byte like its borrowed twin `ForwardRef::Forward`; decoding the
+//! same bytes as a shared frame (payloads sliced, not copied) gives an equal value.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -15,6 +16,11 @@ fuzz_target!(|data: &[u8]| {
         Err(FrameError::Malformed(_) | FrameError::TrailingBytes(_)) => return,
         Err(e) => panic!("unexpected error from decode_body: {e:?}"),
     };
+    // The zero-copy path (big frames on a connection) agrees with the copying one.
+    let mut whole = (data.len() as u32).to_be_bytes().to_vec();
+    whole.extend_from_slice(data);
+    let shared: Message = frame::decode_shared(&whole.into()).expect("decode_shared must agree");
+    assert_eq!(shared, value, "decode_shared differs from decode_body");
     // The body as `frame::encode` writes it (named fields).
     let body = rmp_serde::to_vec_named(&value).expect("a decoded message must encode");
     let framed = frame::encode_to_vec(&value, frame::MAX_FRAME_CEILING).expect("encode");

@@ -13,6 +13,7 @@ pub mod pool;
 use crate::config::Config;
 use crate::connection::{Connection, IoLimits};
 use crate::identity::{Role, SpiffeId};
+use crate::message::Bytes;
 use crate::message::{ErrorCode, ErrorReply, Message, Pong, Reply, Request};
 use crate::server::{self, ConnectionHandler, ListenerLimits, Peer};
 use crate::session::{self, Next, Placement};
@@ -163,10 +164,7 @@ impl Dispatcher {
         &self,
         client: &Caller,
         req: &Request,
-    ) -> (
-        Option<Arc<pool::Slot>>,
-        Result<Vec<u8>, (ErrorCode, String)>,
-    ) {
+    ) -> (Option<Arc<pool::Slot>>, Result<Bytes, (ErrorCode, String)>) {
         let cfg = &self.cfg;
         let Some(info) = cfg.op_info(&req.op) else {
             return (

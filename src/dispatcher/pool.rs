@@ -13,6 +13,7 @@ use crate::connection::{Connection, IoLimits};
 use crate::frame;
 use crate::identity::SpiffeId;
 use crate::inflight::InFlight;
+use crate::message::Bytes;
 use crate::message::{ErrorCode, ForwardRef, Message, Ping};
 use crate::tls::{ClientStream, Connector};
 use crate::token::{MintRequest, Minter, TokenError};
@@ -35,7 +36,7 @@ const PING_MISSES_RECONNECT: u32 = 5;
 /// How a worker answered, as delivered to the waiting request.
 #[derive(Debug)]
 enum Answer {
-    Reply(Vec<u8>),
+    Reply(Bytes),
     Error(ErrorCode, String),
     NotSent,
     Lost,
@@ -249,7 +250,7 @@ impl Pool {
         op: &str,
         payload: &[u8],
         deadline: Instant,
-    ) -> Result<Vec<u8>, ForwardError> {
+    ) -> Result<Bytes, ForwardError> {
         let (token, _) = self.minter.mint(
             MintRequest {
                 audience: &slot.identity,

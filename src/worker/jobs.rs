@@ -7,6 +7,7 @@
 
 use super::ops::OpError;
 use crate::config::JobConfig;
+use crate::message::Bytes;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use std::os::unix::process::ExitStatusExt;
@@ -17,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
 /// Runs `job` with `payload` on stdin; the answer is its stdout.
-pub async fn run(job: Arc<JobConfig>, payload: Vec<u8>) -> Result<Vec<u8>, OpError> {
+pub async fn run(job: Arc<JobConfig>, payload: Bytes) -> Result<Bytes, OpError> {
     let mut cmd = Command::new(&job.program);
     cmd.args(&job.args)
         .env_clear()
@@ -91,7 +92,7 @@ pub async fn run(job: Arc<JobConfig>, payload: Vec<u8>) -> Result<Vec<u8>, OpErr
         }
     };
     if status.success() {
-        return Ok(out);
+        return Ok(out.into());
     }
     Err(OpError::Failed(match (status.code(), status.signal()) {
         (Some(code), _) => format!("job {} exited with status {code}", job.name),
@@ -118,22 +119,26 @@ mod tests {
 
     #[tokio::test]
     async fn payload_in_stdout_out() {
-        let out = run(job("/bin/cat", &[], 5_000, 1024), b"hello".to_vec()).await;
-        assert_eq!(out.unwrap(), b"hello");
+        let out = run(
+            job("/bin/cat", &[], 5_000, 1024),
+            Bytes::from_static(b"hello"),
+        )
+        .await;
+        assert_eq!(out.unwrap(), b"hello".as_slice());
     }
 
     #[tokio::test]
     async fn no_shell_and_no_environment() {
         // Arguments are passed as they are: no expansion, no globbing.
-        let out = run(job("/bin/echo", &["$HOME", "*"], 5_000, 1024), vec![]).await;
-        assert_eq!(out.unwrap(), b"$HOME *\n");
-        let env = run(job("/usr/bin/env", &[], 5_000, 1024), vec![]).await;
-        assert_eq!(env.unwrap(), b"");
+        let out = run(job("/bin/echo", &["$HOME", "*"], 5_000, 1024), Bytes::new()).await;
+        assert_eq!(out.unwrap(), b"$HOME *\n".as_slice());
+        let env = run(job("/usr/bin/env", &[], 5_000, 1024), Bytes::new()).await;
+        assert_eq!(env.unwrap(), b"".as_slice());
     }
 
     #[tokio::test]
     async fn non_zero_exit_carries_the_status() {
-        let err = run(job("/bin/sh", &["-c", "exit 3"], 5_000, 1024), vec![]).await;
+        let err = run(job("/bin/sh", &["-c", "exit 3"], 5_000, 1024), Bytes::new()).await;
         assert_eq!(
             err,
             Err(OpError::Failed("job t exited with status 3".into()))
@@ -145,7 +150,7 @@ mod tests {
         let started = std::time::Instant::now();
         let err = run(
             job("/bin/sh", &["-c", "sleep 30 & sleep 30"], 300, 1024),
-            vec![],
+            Bytes::new(),
         )
         .await;
         assert!(matches!(err, Err(OpError::Timeout(_))), "{err:?}");
@@ -156,7 +161,7 @@ mod tests {
     async fn output_cap() {
         let err = run(
             job("/bin/sh", &["-c", "yes | head -c 100000"], 5_000, 1000),
-            vec![],
+            Bytes::new(),
         )
         .await;
         assert!(matches!(err, Err(OpError::TooLarge(_))), "{err:?}");
@@ -164,7 +169,7 @@ mod tests {
 
     #[tokio::test]
     async fn missing_program_is_a_clean_error() {
-        let err = run(job("/nonexistent/prog", &[], 5_000, 1000), vec![]).await;
+        let err = run(job("/nonexistent/prog", &[], 5_000, 1000), Bytes::new()).await;
         assert!(matches!(err, Err(OpError::Failed(_))));
     }
 }

@@ -12,6 +12,7 @@ pub mod ops;
 use crate::config::Config;
 use crate::connection::Connection;
 use crate::identity::{Role, SpiffeId};
+use crate::message::Bytes;
 use crate::message::{ErrorCode, ErrorReply, Forward, Message, Pong, Reply};
 use crate::server::{self, ConnectionHandler, ListenerLimits, Peer};
 use crate::session::{self, Next, Placement};
@@ -137,7 +138,7 @@ impl Worker {
     }
 
     /// Token, ACL, op, deadline. Returns the client identity for the audit line.
-    async fn execute(&self, f: Forward) -> (String, Result<Vec<u8>, (ErrorCode, String)>) {
+    async fn execute(&self, f: Forward) -> (String, Result<Bytes, (ErrorCode, String)>) {
         let claims = match self
             .verifier
             .verify(&f.token, &f.op, &f.payload, crate::token::now_ms())

@@ -5,6 +5,7 @@
 //! [`OpError`]; it never sees tokens, sockets or frames.
 
 use crate::config::Config;
+use crate::message::Bytes;
 use crate::message::ErrorCode;
 use std::collections::HashMap;
 use std::future::Future;
@@ -13,13 +14,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The boxed future a handler returns.
-pub type OpFuture = Pin<Box<dyn Future<Output = Result<Vec<u8>, OpError>> + Send>>;
+pub type OpFuture = Pin<Box<dyn Future<Output = Result<Bytes, OpError>> + Send>>;
 
 /// What a handler knows about the request it runs.
 #[derive(Debug, Clone)]
 pub struct OpRequest {
     /// The client's payload.
-    pub payload: Vec<u8>,
+    pub payload: Bytes,
     /// The verified client identity (from the dispatcher's token).
     pub client: String,
     /// Time left before the dispatcher gives up.
@@ -64,7 +65,7 @@ pub trait Handler: Send + Sync + 'static {
 impl<F, Fut> Handler for F
 where
     F: Fn(OpRequest) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<Vec<u8>, OpError>> + Send + 'static,
+    Fut: Future<Output = Result<Bytes, OpError>> + Send + 'static,
 {
     fn call(&self, req: OpRequest) -> OpFuture {
         Box::pin(self(req))
@@ -91,7 +92,7 @@ impl OpRegistry {
         let mut r = OpRegistry::default();
         r.register("echo", |req: OpRequest| async move { Ok(req.payload) });
         r.register("sha256", |req: OpRequest| async move {
-            Ok(hex::encode(crate::token::payload_digest(&req.payload)).into_bytes())
+            Ok(hex::encode(crate::token::payload_digest(&req.payload)).into())
         });
         let max_sleep = cfg.limits.max_sleep_ms;
         r.register("sleep", move |req: OpRequest| sleep(req, max_sleep));
@@ -117,7 +118,7 @@ impl OpRegistry {
 }
 
 /// `sleep`: payload = milliseconds as ASCII digits, capped at `limits.max_sleep_ms`.
-async fn sleep(req: OpRequest, max_ms: u64) -> Result<Vec<u8>, OpError> {
+async fn sleep(req: OpRequest, max_ms: u64) -> Result<Bytes, OpError> {
     let text = std::str::from_utf8(&req.payload)
         .ok()
         .map(str::trim)
@@ -132,7 +133,7 @@ async fn sleep(req: OpRequest, max_ms: u64) -> Result<Vec<u8>, OpError> {
         )));
     }
     tokio::time::sleep(Duration::from_millis(ms)).await;
-    Ok(format!("slept {ms} ms").into_bytes())
+    Ok(format!("slept {ms} ms").into())
 }
 
 #[cfg(test)]
@@ -141,7 +142,7 @@ mod tests {
 
     fn req(payload: &[u8]) -> OpRequest {
         OpRequest {
-            payload: payload.to_vec(),
+            payload: Bytes::copy_from_slice(payload),
             client: "spiffe://securesrv/client/default".into(),
             time_left: Duration::from_secs(5),
         }
@@ -151,12 +152,12 @@ mod tests {
     async fn builtins() {
         let r = OpRegistry::from_config(&Config::default());
         let call = |op: &str, p: &[u8]| r.get(op).unwrap().call(req(p));
-        assert_eq!(call("echo", b"abc").await.unwrap(), b"abc");
+        assert_eq!(call("echo", b"abc").await.unwrap(), b"abc".as_slice());
         assert_eq!(
             call("sha256", b"abc").await.unwrap(),
-            b"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+            b"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad".as_slice()
         );
-        assert_eq!(call("sleep", b"5").await.unwrap(), b"slept 5 ms");
+        assert_eq!(call("sleep", b"5").await.unwrap(), b"slept 5 ms".as_slice());
         for bad in [&b"x"[..], b"", b"-1", b"99999999999999"] {
             assert!(
                 matches!(call("sleep", bad).await, Err(OpError::BadInput(_))),
@@ -174,11 +175,11 @@ mod tests {
     async fn embedders_register_their_own_ops() {
         let mut r = OpRegistry::default();
         r.register("upper", |req: OpRequest| async move {
-            Ok(req.payload.to_ascii_uppercase())
+            Ok(req.payload.to_ascii_uppercase().into())
         });
         assert_eq!(
             r.get("upper").unwrap().call(req(b"hi")).await.unwrap(),
-            b"HI"
+            b"HI".as_slice()
         );
     }
 }
