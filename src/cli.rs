@@ -390,6 +390,7 @@ fn init_logging(filter: Option<&str>) -> logwriter::Guard {
         .with_writer(writer)
         .with_ansi(false)
         .event_format(logformat::LeanFormat)
+        .fmt_fields(logformat::LeanFields)
         .try_init();
     guard
 }
