@@ -385,6 +385,7 @@ fn init_logging(filter: Option<&str>) -> logwriter::Guard {
         .or_else(|| std::env::var("SECURESRV_LOG").ok())
         .unwrap_or_else(|| "info".into());
     let (writer, guard) = logwriter::buffered_stderr();
+    securesrv::audit::install(Box::new(writer.clone()));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(writer)

@@ -22,10 +22,14 @@ thread_local! {
     static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
 }
 
-fn write_timestamp(w: &mut Writer<'_>) -> fmt::Result {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+/// The start of every line: `2026-11-29T05:27:13.975786Z  INFO `.
+pub fn write_prefix(w: &mut impl fmt::Write, at: SystemTime, level: &str) -> fmt::Result {
+    write_timestamp(w, at)?;
+    write!(w, " {level:>5} ")
+}
+
+fn write_timestamp(w: &mut impl fmt::Write, at: SystemTime) -> fmt::Result {
+    let now = at.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = now.as_secs();
     SECOND.with(|cell| {
         let mut cached = cell.borrow_mut();
@@ -60,9 +64,8 @@ where
         mut w: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        write_timestamp(&mut w)?;
         let meta = event.metadata();
-        write!(w, " {:>5} ", meta.level().as_str())?;
+        write_prefix(&mut w, SystemTime::now(), meta.level().as_str())?;
         if let Some(scope) = ctx.event_scope() {
             for span in scope.from_root() {
                 w.write_str(span.name())?;
@@ -135,13 +138,14 @@ impl Visit for LeanVisitor<'_, '_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
     use tracing_subscriber::fmt::MakeWriter;
 
+    /// A writer that keeps what it is given.
     #[derive(Clone, Default)]
-    struct Capture(Arc<Mutex<Vec<u8>>>);
+    pub(in crate::cli) struct Capture(pub(in crate::cli) Arc<Mutex<Vec<u8>>>);
 
     impl std::io::Write for Capture {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {

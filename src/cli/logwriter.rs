@@ -3,7 +3,12 @@
 //! request must not cost a system call and a thread wake-up per request; with this writer a
 //! busy component writes its logs in a few large writes per second. On a clean exit the guard
 //! writes what is left; an abrupt kill may lose the last 50 ms of lines.
+//!
+//! The writer is also the dispatcher's [`AuditSink`]: an audit record is kept as it is, at its
+//! place among the formatted lines, and turned into its line by the flusher thread, so the
+//! request path pays for a queue push instead of formatting.
 
+use securesrv::audit::{AuditSink, Record};
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,9 +18,43 @@ use tracing_subscriber::fmt::MakeWriter;
 
 const FLUSH_EVERY: Duration = Duration::from_millis(50);
 const FLUSH_AT: usize = 1024 * 1024;
+/// Audit records kept before the recording thread formats and writes them itself.
+const FLUSH_AT_RECORDS: usize = 16 * 1024;
+
+/// What is waiting to be written: formatted lines, and audit records each with the length of
+/// `bytes` when it was recorded (its place among the lines).
+#[derive(Default)]
+struct Pending {
+    bytes: Vec<u8>,
+    records: Vec<(usize, Record)>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.bytes.is_empty() && self.records.is_empty()
+    }
+
+    /// Everything as text, audit records formatted at their places.
+    fn render(self) -> Vec<u8> {
+        if self.records.is_empty() {
+            return self.bytes;
+        }
+        let mut out = String::with_capacity(self.bytes.len() + self.records.len() * 200);
+        let mut done = 0;
+        for (at, record) in &self.records {
+            out.push_str(&String::from_utf8_lossy(&self.bytes[done..*at]));
+            done = *at;
+            let _ = super::logformat::write_prefix(&mut out, record.at, "INFO");
+            let _ = record.write_body(&mut out);
+            out.push('\n');
+        }
+        out.push_str(&String::from_utf8_lossy(&self.bytes[done..]));
+        out.into_bytes()
+    }
+}
 
 struct Shared {
-    buf: Mutex<Vec<u8>>,
+    buf: Mutex<Pending>,
     /// Held while a chunk is written, so chunks reach stderr in the order they were taken.
     writing: Mutex<()>,
     stop: AtomicBool,
@@ -24,8 +63,9 @@ struct Shared {
 impl Shared {
     fn flush(&self) {
         let _order = self.writing.lock().unwrap_or_else(|p| p.into_inner());
-        let chunk = std::mem::take(&mut *self.buf.lock().unwrap_or_else(|p| p.into_inner()));
-        if !chunk.is_empty() {
+        let pending = std::mem::take(&mut *self.buf.lock().unwrap_or_else(|p| p.into_inner()));
+        if !pending.is_empty() {
+            let chunk = pending.render();
             let mut err = std::io::stderr().lock();
             let _ = err.write_all(&chunk);
             let _ = err.flush();
@@ -46,7 +86,10 @@ pub struct Guard {
 /// A buffered stderr writer and the guard that owns its flusher thread.
 pub fn buffered_stderr() -> (BufferedStderr, Guard) {
     let shared = Arc::new(Shared {
-        buf: Mutex::new(Vec::with_capacity(FLUSH_AT)),
+        buf: Mutex::new(Pending {
+            bytes: Vec::with_capacity(FLUSH_AT),
+            records: Vec::new(),
+        }),
         writing: Mutex::new(()),
         stop: AtomicBool::new(false),
     });
@@ -81,8 +124,8 @@ impl Write for Handle<'_> {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         let full = {
             let mut buf = self.0.buf.lock().unwrap_or_else(|p| p.into_inner());
-            buf.extend_from_slice(data);
-            buf.len() >= FLUSH_AT
+            buf.bytes.extend_from_slice(data);
+            buf.bytes.len() >= FLUSH_AT
         };
         if full {
             self.0.flush();
@@ -100,5 +143,105 @@ impl<'a> MakeWriter<'a> for BufferedStderr {
 
     fn make_writer(&'a self) -> Self::Writer {
         Handle(&self.0)
+    }
+}
+
+impl AuditSink for BufferedStderr {
+    fn record(&self, record: Record) {
+        let full = {
+            let mut buf = self.0.buf.lock().unwrap_or_else(|p| p.into_inner());
+            let at = buf.bytes.len();
+            buf.records.push((at, record));
+            buf.records.len() >= FLUSH_AT_RECORDS
+        };
+        if full {
+            self.0.flush();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::logformat::{LeanFields, LeanFormat, tests::Capture};
+    use securesrv::message::ErrorCode;
+    use std::time::SystemTime;
+
+    fn records() -> Vec<Record> {
+        let base = Record {
+            at: SystemTime::now(),
+            peer: "127.0.0.1:40000".parse().unwrap(),
+            client: "spiffe://securesrv/client/default".into(),
+            op: "echo".into(),
+            worker: Some("spiffe://securesrv/worker/1".into()),
+            outcome: Ok(()),
+            duration_us: 271,
+        };
+        vec![
+            base.clone(),
+            Record {
+                op: "upper".into(),
+                worker: None,
+                outcome: Err((
+                    ErrorCode::Unavailable,
+                    "no worker available within 500 ms".into(),
+                )),
+                duration_us: 500_123,
+                ..base.clone()
+            },
+            Record {
+                peer: "[::1]:2222".parse().unwrap(),
+                outcome: Err((ErrorCode::Denied, "a \"quoted\" reason".into())),
+                ..base
+            },
+        ]
+    }
+
+    /// Drops the timestamp (the first word) of every line.
+    fn untimed(text: &str) -> Vec<String> {
+        text.lines()
+            .map(|l| l.split_once(' ').map_or(l, |(_, rest)| rest).to_string())
+            .collect()
+    }
+
+    #[test]
+    fn rendered_audit_records_read_like_their_tracing_events() {
+        // The tracing path, inside the connection span the server opens.
+        let out = Capture::default();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(out.clone())
+            .with_ansi(false)
+            .event_format(LeanFormat)
+            .fmt_fields(LeanFields)
+            .finish();
+        tracing::subscriber::with_default(sub, || {
+            for r in records() {
+                let span = tracing::info_span!("conn", peer = %r.peer, id = tracing::field::Empty);
+                span.record("id", tracing::field::display(&r.client));
+                let _g = span.enter();
+                r.emit_event();
+            }
+        });
+        let traced = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        // The sink path: records kept at their places among other lines.
+        let mut pending = Pending::default();
+        for (i, r) in records().into_iter().enumerate() {
+            pending
+                .bytes
+                .extend_from_slice(format!("line {i}\n").as_bytes());
+            pending.records.push((pending.bytes.len(), r));
+        }
+        pending.bytes.extend_from_slice(b"last\n");
+        let rendered = String::from_utf8(pending.render()).unwrap();
+        let lines = untimed(&rendered);
+        let expected: Vec<String> = untimed(&traced);
+        assert_eq!(expected.len(), 3, "{traced}");
+        assert_eq!(lines.len(), 7, "{rendered}");
+        for i in 0..3 {
+            assert_eq!(lines[2 * i], format!("{i}"), "{rendered}");
+            assert_eq!(lines[2 * i + 1], expected[i]);
+        }
+        assert!(expected[1].contains("outcome=unavailable reason=no worker available"));
+        assert_eq!(lines[6], "last");
     }
 }

@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::warn;
 
 /// Attempts for a request whose worker went away after it was sent (idempotent ops only):
 /// one retry, so that a request that crashes workers cannot take them all down in turn.
@@ -39,7 +39,8 @@ const MAX_ATTEMPTS: usize = 6;
 /// not per request).
 pub struct Caller {
     id: SpiffeId,
-    text: String,
+    text: Arc<str>,
+    peer: std::net::SocketAddr,
 }
 
 /// The dispatcher's shared state.
@@ -137,25 +138,25 @@ impl Dispatcher {
         let (worker, result) = self.route(&client, &req).await;
         self.running.fetch_sub(1, Ordering::Relaxed);
         let micros = started.elapsed().as_micros() as u64;
-        let op = crate::identity::printable(&req.op);
-        let worker = worker.as_deref().map_or("-", |s| s.identity_text.as_str());
-        let client = client.text.as_str();
+        let id = req.id;
+        crate::audit::record(|| crate::audit::Record {
+            at: std::time::SystemTime::now(),
+            peer: client.peer,
+            client: client.text.clone(),
+            op: match crate::identity::printable(&req.op) {
+                std::borrow::Cow::Borrowed(_) => req.op,
+                std::borrow::Cow::Owned(printable) => printable,
+            },
+            worker: worker.as_ref().map(|s| s.identity_text.clone()),
+            outcome: match &result {
+                Ok(_) => Ok(()),
+                Err((code, message)) => Err((*code, message.clone())),
+            },
+            duration_us: micros,
+        });
         match result {
-            Ok(payload) => {
-                info!(target: "securesrv::audit", client = %client, op = %op, worker = %worker, outcome = %"ok", duration_us = micros, "request");
-                Message::Reply(Reply {
-                    id: req.id,
-                    payload,
-                })
-            }
-            Err((code, message)) => {
-                info!(target: "securesrv::audit", client = %client, op = %op, worker = %worker, outcome = %code, reason = %message, duration_us = micros, "request");
-                Message::Error(ErrorReply {
-                    id: req.id,
-                    code,
-                    message,
-                })
-            }
+            Ok(payload) => Message::Reply(Reply { id, payload }),
+            Err((code, message)) => Message::Error(ErrorReply { id, code, message }),
         }
     }
 
@@ -304,8 +305,9 @@ impl ConnectionHandler for Handler {
     async fn serve(&self, conn: Connection<ServerStream>, peer: Peer, shutdown: CancellationToken) {
         let d = self.dispatcher.clone();
         let client = Arc::new(Caller {
-            text: peer.id.to_string(),
+            text: peer.id.to_string().into(),
             id: peer.id,
+            peer: peer.addr,
         });
         session::drive(
             conn,

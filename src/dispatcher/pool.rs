@@ -69,7 +69,7 @@ pub struct Slot {
     /// The identity it must present.
     pub identity: SpiffeId,
     /// The identity as text, formatted once (audit lines, tokens).
-    pub identity_text: String,
+    pub identity_text: Arc<str>,
     /// Where it listens.
     pub addr: SocketAddr,
     link: Mutex<Option<Arc<Link>>>,
@@ -135,7 +135,7 @@ impl Pool {
                 .map(|(id, identity, addr)| {
                     Arc::new(Slot {
                         id,
-                        identity_text: identity.to_string(),
+                        identity_text: identity.to_string().into(),
                         identity,
                         addr,
                         link: Mutex::new(None),

@@ -1,0 +1,96 @@
+//! The dispatcher's audit line: one per request, with the client, op, worker, outcome and
+//! duration, under the log target `securesrv::audit` at INFO.
+//!
+//! By default each line is a `tracing` event. A program may [`install`] an [`AuditSink`] that
+//! receives the [`Record`] instead and writes the line later, off the request path: the
+//! `securesrv` command does, and its log writer formats audit records on its flusher thread, in
+//! the order they were recorded among the other log lines. Either way the log filter decides:
+//! nothing is recorded while `securesrv::audit` is disabled at INFO.
+
+use crate::message::ErrorCode;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::SystemTime;
+
+/// The log target of audit lines.
+pub const TARGET: &str = "securesrv::audit";
+
+/// One request's audit record.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// When the request finished.
+    pub at: SystemTime,
+    /// The client connection's address.
+    pub peer: SocketAddr,
+    /// The client identity.
+    pub client: Arc<str>,
+    /// The op, made printable.
+    pub op: String,
+    /// The worker that answered (or was tried last), if any.
+    pub worker: Option<Arc<str>>,
+    /// `ok`, or the error code and message the client received.
+    pub outcome: Result<(), (ErrorCode, String)>,
+    /// Time from the request's arrival to its answer.
+    pub duration_us: u64,
+}
+
+impl Record {
+    /// The line after the level, exactly as the `tracing` event reads through the command's
+    /// log format: `conn{peer=.. id=..}: securesrv::audit: request client=.. op=.. ...`.
+    pub fn write_body(&self, w: &mut impl fmt::Write) -> fmt::Result {
+        write!(
+            w,
+            "conn{{peer={} id={}}}: {TARGET}: request client={} op={} worker={} outcome=",
+            self.peer,
+            self.client,
+            self.client,
+            self.op,
+            self.worker.as_deref().unwrap_or("-"),
+        )?;
+        match &self.outcome {
+            Ok(()) => w.write_str("ok")?,
+            Err((code, reason)) => write!(w, "{code} reason={reason}")?,
+        }
+        write!(w, " duration_us={}", self.duration_us)
+    }
+
+    /// Emits the record as a `tracing` event (what happens without a sink).
+    pub fn emit_event(&self) {
+        let worker = self.worker.as_deref().unwrap_or("-");
+        match &self.outcome {
+            Ok(()) => {
+                tracing::info!(target: TARGET, client = %self.client, op = %self.op, worker = %worker, outcome = %"ok", duration_us = self.duration_us, "request");
+            }
+            Err((code, reason)) => {
+                tracing::info!(target: TARGET, client = %self.client, op = %self.op, worker = %worker, outcome = %code, reason = %reason, duration_us = self.duration_us, "request");
+            }
+        }
+    }
+}
+
+/// Takes audit records in place of `tracing` events.
+pub trait AuditSink: Send + Sync + 'static {
+    /// Takes one record. Must not block for long: it runs on the request path.
+    fn record(&self, record: Record);
+}
+
+static SINK: OnceLock<Box<dyn AuditSink>> = OnceLock::new();
+
+/// Sends every later audit record to `sink`. Only the first call in a process takes effect;
+/// it returns false for any other.
+pub fn install(sink: Box<dyn AuditSink>) -> bool {
+    SINK.set(sink).is_ok()
+}
+
+/// Records one request, if `securesrv::audit` is enabled at INFO. `make` runs only then.
+pub fn record(make: impl FnOnce() -> Record) {
+    if !tracing::enabled!(target: TARGET, tracing::Level::INFO) {
+        return;
+    }
+    let r = make();
+    match SINK.get() {
+        Some(sink) => sink.record(r),
+        None => r.emit_event(),
+    }
+}
