@@ -6,12 +6,12 @@ set -euo pipefail
 
 usage() {
     cat <<'EOF'
-Usage: scripts/bench.sh [--workers N] [--duration S] [--warmup S] [--compare-nginx]
+Usage: scripts/bench.sh [--workers N] [--duration S] [--warmup S] [--rounds N] [--compare-nginx]
                         [--idle-connections N] [--load-threads N] [--json FILE] [--help]
 
 Builds the release binary, makes throw-away certificates in a temporary directory, starts a
-watchdog (dispatcher + N workers) on a free port block and measures, one run after another,
-with `securesrv bench --json` (32 connections each, op echo):
+watchdog (dispatcher + N workers) on a free port block and measures with
+`securesrv bench --json` (32 connections each, op echo):
 
   small      64 B payload, 1 request in flight per connection
   16KiB      16 KiB payload, 1 request in flight per connection
@@ -19,6 +19,12 @@ with `securesrv bench --json` (32 connections each, op echo):
 
 Memory: the dispatcher's RSS growth per idle connection, from N (default 2000) mTLS
 connections (client certificate, ALPN securesrv/1) each answered once and then held open.
+
+With --compare-nginx every target runs side by side: the watchdog, nginx and its backend are
+all up, and each round runs every workload against securesrv, then nginx, then the bare
+backend, so that drift of the machine over the run affects all of them alike. The table gives
+each target's median round (its rps, p50 and p99 come from that one run) and the ratio of the
+medians; the JSON keeps every round.
 
 --compare-nginx also runs the same workloads and the memory probe through an nginx `stream`
 relay (TLS 1.3, client certificate required, ALPN securesrv/1, mTLS again to the backend)
@@ -29,8 +35,9 @@ logs in the temporary directory; no system configuration is read or changed.
 
 Options:
   --workers N            workers behind the dispatcher (default 1)
-  --duration S           measured seconds per workload (default 10)
-  --warmup S             unmeasured warm-up seconds per workload (default 2)
+  --duration S           measured seconds per workload and round (default 5)
+  --warmup S             unmeasured warm-up seconds per workload and round (default 1)
+  --rounds N             rounds of all workloads (default 3)
   --compare-nginx        also measure the nginx relay and the bare echo backend
   --idle-connections N   connections for the memory probe (default 2000; 0 = skip)
   --load-threads N       runtime threads of the load generator (default 1, which leaves the
@@ -49,8 +56,9 @@ die() { echo "bench.sh: $*" >&2; exit 1; }
 note() { echo "bench.sh: $*" >&2; }
 
 workers=1
-duration=10
-warmup=2
+duration=5
+warmup=1
+rounds=3
 compare_nginx=0
 idle_conns=2000
 json_out=""
@@ -67,6 +75,8 @@ while [ $# -gt 0 ]; do
         --idle-connections=*) idle_conns=${1#*=}; shift ;;
         --load-threads) load_threads=${2:?--load-threads needs a value}; shift 2 ;;
         --load-threads=*) load_threads=${1#*=}; shift ;;
+        --rounds) rounds=${2:?--rounds needs a value}; shift 2 ;;
+        --rounds=*) rounds=${1#*=}; shift ;;
         --compare-nginx) compare_nginx=1; shift ;;
         --json) json_out=${2:?--json needs a file}; shift 2 ;;
         --json=*) json_out=${1#*=}; shift ;;
@@ -75,6 +85,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 [[ "$workers" =~ ^[1-9][0-9]*$ ]] || die "--workers must be a positive integer"
+[[ "$rounds" =~ ^[1-9][0-9]*$ ]] || die "--rounds must be a positive integer"
 [[ "$load_threads" =~ ^[1-9][0-9]*$ ]] || die "--load-threads must be a positive integer"
 [[ "$idle_conns" =~ ^[0-9]+$ ]] || die "--idle-connections must be a non-negative integer"
 [[ "$duration" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--duration must be a number of seconds"
@@ -215,9 +226,10 @@ wait_port() {
     done
 }
 
-# run_bench TARGET WORKLOAD ADDR: one `securesrv bench` run, result in $results/TARGET.WORKLOAD.json
+# run_bench TARGET WORKLOAD ADDR ROUND: one `securesrv bench` run, result in
+# $results/TARGET.WORKLOAD.ROUND.json
 run_bench() {
-    local target=$1 workload=$2 addr=$3 try out="$results/$1.$2.json"
+    local target=$1 workload=$2 addr=$3 round=$4 try out="$results/$1.$2.$4.json"
     local args=(--cert "$certs/client.crt" --key "$certs/client.key" --ca "$certs/ca.crt"
         --connect "$addr" --server-id "spiffe://securesrv/dispatcher/main"
         --connections 32 --in-flight 1 --duration "$duration" --warmup "$warmup" --op echo --threads "$load_threads" --json)
@@ -227,7 +239,7 @@ run_bench() {
         new-conn) args+=(--size 64 --new-connection-per-request) ;;
     esac
     for try in 1 2; do
-        echo "  $target / $workload ..." >&2
+        echo "  round $round/$rounds: $target / $workload ..." >&2
         if "$bin" bench "${args[@]}" >"$out.tmp" 2>"$out.err" && python3 -c \
             'import json,sys; d=json.load(open(sys.argv[1])); assert "rps" in d' "$out.tmp" 2>/dev/null; then
             mv "$out.tmp" "$out"
@@ -341,7 +353,7 @@ workloads=(small 16KiB new-conn)
 start_time=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 
 # --- securesrv: watchdog, dispatcher, workers ------------------------------------------------
-echo "securesrv: dispatcher on 127.0.0.1:$disp_port, $workers worker(s); ${duration}s runs after ${warmup}s warm-up" >&2
+echo "securesrv: dispatcher on 127.0.0.1:$disp_port, $workers worker(s); $rounds round(s) of ${duration}s runs after ${warmup}s warm-up" >&2
 wd_out="$tmp/watchdog.out"
 wd_err="$tmp/watchdog.err"
 "$bin" --config "$cfg" watchdog --workers "$workers" >"$wd_out" 2>"$wd_err" &
@@ -361,12 +373,6 @@ if [ -z "$disp_pid" ] || ! kill -0 "$disp_pid" 2>/dev/null; then
 fi
 
 [ -n "$disp_pid" ] && mem_probe securesrv "$disp_port" "$disp_pid"
-for w in "${workloads[@]}"; do run_bench securesrv "$w" "127.0.0.1:$disp_port"; done
-if [ -n "$disp_pid" ]; then
-    restarts=$(grep -c 'component started component=dispatcher' "$wd_err" || true)
-    [ "${restarts:-1}" -gt 1 ] && note "warning: the dispatcher was restarted during the run"
-fi
-stop_pid "$wd"
 
 # --- nginx relay and the bare echo backend ---------------------------------------------------
 nginx_status="not requested"
@@ -474,18 +480,35 @@ EOF
         pids+=("$nginx_pid")
         wait_port "$nginx_port" "$nginx_pid" "nginx" "$ngx/error.log"
         mem_probe nginx "$nginx_port" "$nginx_pid"
-        for w in "${workloads[@]}"; do run_bench nginx "$w" "127.0.0.1:$nginx_port"; done
-        for w in "${workloads[@]}"; do run_bench direct "$w" "127.0.0.1:$echo_port"; done
-        stop_pid "$nginx_pid"
-        stop_pid "$echo_pid"
     fi
 fi
 
+# --- the workloads, in rounds; every target side by side in each round -----------------------
+for round in $(seq 1 "$rounds"); do
+    for w in "${workloads[@]}"; do
+        run_bench securesrv "$w" "127.0.0.1:$disp_port" "$round"
+        if [ "$nginx_status" = ok ]; then
+            run_bench nginx "$w" "127.0.0.1:$nginx_port" "$round"
+            run_bench direct "$w" "127.0.0.1:$echo_port" "$round"
+        fi
+    done
+done
+if [ -n "$disp_pid" ]; then
+    restarts=$(grep -c 'component started component=dispatcher' "$wd_err" || true)
+    [ "${restarts:-1}" -gt 1 ] && note "warning: the dispatcher was restarted during the run"
+fi
+if [ "$nginx_status" = ok ]; then
+    stop_pid "$nginx_pid"
+    stop_pid "$echo_pid"
+fi
+stop_pid "$wd"
+
 # --- table and JSON ------------------------------------------------------------------------------
-python3 - "$results" "$json_out" "$start_time" "$SECONDS" "$workers" "$duration" "$warmup" "$load_threads" \
+python3 - "$results" "$json_out" "$start_time" "$SECONDS" "$workers" "$duration" "$warmup" "$load_threads" "$rounds" \
     "$nginx_status" "$nginx_version" "$(git -C "$repo" describe --always --dirty 2>/dev/null || echo unknown)" <<'PY'
 import json, os, sys
-res_dir, json_out, started, elapsed, workers, duration, warmup, load_threads, ngx_status, ngx_version, rev = sys.argv[1:12]
+res_dir, json_out, started, elapsed, workers, duration, warmup, load_threads, rounds, ngx_status, ngx_version, rev = sys.argv[1:13]
+rounds = int(rounds)
 workloads = [("small", "64 B, 32 conns"), ("16KiB", "16 KiB, 32 conns"), ("new-conn", "64 B, new conn/req")]
 targets = ["securesrv", "nginx", "direct"]
 
@@ -493,7 +516,14 @@ def load(name):
     p = os.path.join(res_dir, name + ".json")
     return json.load(open(p)) if os.path.exists(p) else None
 
-results = {t: {w: load("%s.%s" % (t, w)) for w, _ in workloads} for t in targets}
+def median_run(runs):
+    """The run with the median rps (the lower middle one for an even count), or None."""
+    runs = sorted((r for r in runs if r is not None), key=lambda r: r["rps"])
+    return runs[(len(runs) - 1) // 2] if runs else None
+
+every = {t: {w: [load("%s.%s.%d" % (t, w, i)) for i in range(1, rounds + 1)] for w, _ in workloads}
+         for t in targets}
+results = {t: {w: median_run(every[t][w]) for w, _ in workloads} for t in targets}
 memory = {t: load("mem." + t) for t in ("securesrv", "nginx")}
 nginx_on = any(results["nginx"].values()) or memory["nginx"] is not None
 
@@ -535,8 +565,9 @@ def line(r):
     return "| " + " | ".join(str(c).ljust(widths[i]) if i == 0 else str(c).rjust(widths[i])
                              for i, c in enumerate(r)) + " |"
 print()
-print("securesrv %s, %s worker(s), %ss measured after %ss warm-up, op echo, 1 request in flight per connection, "
-      "load generator on %s thread(s)" % (rev, workers, duration, warmup, load_threads))
+print("securesrv %s, %s worker(s), median of %d round(s) of %ss measured after %ss warm-up, op echo, "
+      "1 request in flight per connection, load generator on %s thread(s)"
+      % (rev, workers, rounds, duration, warmup, load_threads))
 print(line(header))
 print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
 for r in rows:
@@ -552,21 +583,26 @@ for t in ("securesrv", "nginx"):
         print("memory %-9s: RSS %d -> %d KiB with %d idle connections (%s)" % (
             t, m["rss_before_kib"], m["rss_after_kib"], m["idle_connections"],
             "dispatcher process" if t == "securesrv" else "nginx master + workers"))
+if nginx_on and rounds > 1:
+    for w, label in workloads:
+        per_round = [ratio(g(s, "rps"), g(n, "rps")) for s, n in zip(every["securesrv"][w], every["nginx"][w])]
+        print("rps ratio by round, %-18s: %s" % (label, " ".join(f(x, "{:.2f}") for x in per_round)))
 for t in targets:
     for w, _ in workloads:
-        r = results[t][w]
-        if r and r.get("errors"):
-            print("errors %s/%s: %s %s" % (t, w, r["errors"], r.get("errors_by_kind", {})))
+        for i, r in enumerate(every[t][w], 1):
+            if r and r.get("errors"):
+                print("errors %s/%s round %d: %s %s" % (t, w, i, r["errors"], r.get("errors_by_kind", {})))
 print("total time: %ss" % elapsed)
 
 if json_out:
     doc = {"started": started, "elapsed_s": int(elapsed), "revision": rev,
            "params": {"workers": int(workers), "duration_s": float(duration), "warmup_s": float(warmup),
+                      "rounds": rounds,
                       "connections": 32, "in_flight": 1, "op": "echo",
                       "load_threads": int(load_threads)},
            "workloads": {w: label for w, label in workloads},
            "nginx": {"status": ngx_status, "version": ngx_version or None},
-           "results": results, "memory": memory,
+           "results": results, "rounds": every, "memory": memory,
            "ratios": dict(ratios, idle_memory=mem_ratio)}
     with open(json_out, "w") as fh:
         json.dump(doc, fh, indent=2)
