@@ -22,8 +22,10 @@ const BIG_READ_CHUNK: usize = 64 * 1024;
 const KEEP_BUFFER: usize = 64 * 1024;
 /// Bytes of queued frames gathered into one write.
 const MAX_BATCH: usize = 256 * 1024;
-/// Frames at least this long are split off the read buffer and decoded without copying their
-/// payloads; smaller ones are decoded in place and their (small) payloads copied.
+/// Frames from this long up to [`BIG_READ_CHUNK`] that do not arrive in one read are received
+/// into a buffer of exactly their size and decoded without copying their payloads (a payload
+/// then holds on to its own frame and nothing else). Other frames are decoded from the shared
+/// read buffer, their payloads copied: a slice of that buffer would keep all of it alive.
 const SHARE_FRAMES_FROM: usize = 1024;
 
 /// Bounds on one connection's I/O.
@@ -94,6 +96,8 @@ impl ConnError {
 pub struct Connection<S> {
     stream: S,
     read_buf: BytesMut,
+    /// The usual read buffer, put aside while `read_buf` is a frame's own buffer.
+    spare: Option<BytesMut>,
     write_buf: Vec<u8>,
     /// When the first byte of the frame now being received arrived.
     frame_started: Option<Instant>,
@@ -108,6 +112,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         Connection {
             stream,
             read_buf: BytesMut::new(),
+            spare: None,
             write_buf: Vec::new(),
             frame_started: None,
             last_frame: Instant::now(),
@@ -133,11 +138,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             if let Some(msg) = self.buffered_message()? {
                 return Ok(Some(msg));
             }
-            let frame_len = frame::check_header(&self.read_buf, self.limits.max_frame)?;
-            let missing = frame_len.map_or(READ_CHUNK, |n| n - self.read_buf.len());
-            let want = missing.clamp(READ_CHUNK, BIG_READ_CHUNK);
-            if self.read_buf.capacity() - self.read_buf.len() < want {
-                self.read_buf.reserve(want);
+            match frame::check_header(&self.read_buf, self.limits.max_frame)? {
+                // An incomplete frame of a sharable size: move it into a buffer of its own.
+                // No more is allocated than a plain read of the rest would have reserved.
+                Some(total) if (SHARE_FRAMES_FROM..=BIG_READ_CHUNK).contains(&total) => {
+                    if self.spare.is_none() {
+                        let mut own = BytesMut::with_capacity(total);
+                        own.extend_from_slice(&self.read_buf);
+                        self.read_buf.clear();
+                        self.spare = Some(std::mem::replace(&mut self.read_buf, own));
+                    }
+                }
+                frame_len => {
+                    let missing = frame_len.map_or(READ_CHUNK, |n| n - self.read_buf.len());
+                    let want = missing.clamp(READ_CHUNK, BIG_READ_CHUNK);
+                    if self.read_buf.capacity() - self.read_buf.len() < want {
+                        self.read_buf.reserve(want);
+                    }
+                }
             }
             let (deadline, err) = match self.frame_started {
                 Some(t) => (
@@ -177,9 +195,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         if self.read_buf.len() < total {
             return Ok(None);
         }
-        let msg = if total >= SHARE_FRAMES_FROM {
-            // Big frames leave the buffer: payloads become slices of them, not copies.
-            frame::decode_shared(&self.read_buf.split_to(total).freeze())?
+        let msg = if let Some(mut spare) = self.spare.take() {
+            // The frame's own buffer: its payloads become slices of it, not copies.
+            let own = self.read_buf.split_to(total).freeze();
+            spare.clear();
+            spare.extend_from_slice(&self.read_buf);
+            self.read_buf = spare;
+            frame::decode_shared(&own)?
         } else {
             let msg = frame::decode_body(&self.read_buf[frame::HEADER_LEN..total])?;
             self.read_buf.advance(total);
@@ -365,6 +387,55 @@ mod tests {
         assert_eq!(got, msgs);
         drop(writer.await.unwrap());
         assert_eq!(rx.read_message().await.unwrap(), None);
+    }
+
+    /// A payload must hold on to nothing but its own frame: not the read buffer, which goes on
+    /// taking later frames (a slow 1 KiB request would otherwise keep a buffer grown by an
+    /// earlier big frame alive).
+    #[tokio::test]
+    async fn payloads_do_not_keep_the_read_buffer_alive() {
+        let limits = IoLimits {
+            max_frame: 256 * 1024,
+            ..limits()
+        };
+        let (mut a, b) = tokio::io::duplex(512 * 1024);
+        let mut rx = Connection::new(b, limits);
+        // Small, sharable-size and big frames, written in one go so that several of them
+        // arrive complete in one read, and others straddle reads.
+        let sizes = [
+            2_000usize, 100, 30_000, 1_500, 200_000, 1_200, 50_000, 3_000,
+        ];
+        let mut wire = Vec::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            let m = Message::Reply(Reply {
+                id: i as u64 + 1,
+                payload: vec![i as u8; n].into(),
+            });
+            frame::encode(&m, limits.max_frame, &mut wire).unwrap();
+        }
+        a.write_all(&wire).await.unwrap();
+        let mut payloads = Vec::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            let Some(Message::Reply(r)) = rx.read_message().await.unwrap() else {
+                panic!("frame {i}");
+            };
+            assert_eq!(r.payload.len(), n);
+            assert!(r.payload.iter().all(|&x| x == i as u8));
+            payloads.push(r.payload);
+        }
+        for (i, p) in payloads.into_iter().enumerate() {
+            let n = p.len();
+            // Unique: nothing else (the read buffer, other frames) shares its memory; and
+            // what it owns is at most its own frame.
+            let owned = p
+                .try_into_mut()
+                .unwrap_or_else(|_| panic!("payload {i} ({n} B) shares the read buffer"));
+            assert!(
+                owned.capacity() <= n + 64,
+                "payload {i}: {} for {n} B",
+                owned.capacity()
+            );
+        }
     }
 
     #[tokio::test]
