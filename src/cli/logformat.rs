@@ -87,12 +87,15 @@ where
 
 /// The field formatter: `message k=v k2=v2`, byte for byte what tracing-subscriber's
 /// `DefaultFields` writes without colours (strings quoted, `%` values displayed, `?` values
-/// debug-printed), minus its styling machinery on every field.
+/// debug-printed, terminal control characters escaped in messages and errors, an error's
+/// sources listed, `log.*` metadata of bridged `log` records left out), minus its styling
+/// machinery on every field.
 pub struct LeanFields;
 
 impl<'w> FormatFields<'w> for LeanFields {
     fn format_fields<R: RecordFields>(&self, mut writer: Writer<'w>, fields: R) -> fmt::Result {
         let mut v = LeanVisitor {
+            sanitize: writer.sanitizes_ansi_escapes(),
             w: &mut writer,
             first: true,
             result: Ok(()),
@@ -104,6 +107,7 @@ impl<'w> FormatFields<'w> for LeanFields {
 
 struct LeanVisitor<'a, 'w> {
     w: &'a mut Writer<'w>,
+    sanitize: bool,
     first: bool,
     result: fmt::Result,
 }
@@ -117,23 +121,98 @@ impl Visit for LeanVisitor<'_, '_> {
         }
     }
 
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        let sanitize = self.sanitize;
+        let value_text = Escaped(format_args!("{value}"), sanitize);
+        match value.source() {
+            Some(source) => self.record_debug(
+                field,
+                &format_args!(
+                    "{value_text} {}.sources={}",
+                    field.name(),
+                    SourceList(source, sanitize)
+                ),
+            ),
+            None => self.record_debug(field, &format_args!("{value_text}")),
+        }
+    }
+
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         if self.result.is_err() {
+            return;
+        }
+        let name = field.name();
+        if name.starts_with("log.") {
             return;
         }
         if !self.first {
             self.result = self.w.write_char(' ');
         }
         self.first = false;
-        let name = field.name();
         self.result = self.result.and_then(|()| match name {
-            "message" => write!(self.w, "{value:?}"),
+            "message" => write!(self.w, "{:?}", Escaped(value, self.sanitize)),
             _ => write!(
                 self.w,
                 "{}={value:?}",
                 name.strip_prefix("r#").unwrap_or(name)
             ),
         });
+    }
+}
+
+/// `value`, with the terminal control characters tracing-subscriber escapes escaped when
+/// `.1` is set (ESC, BEL, BS, FF, DEL as `\xNN`, C1 controls as `\u{NN}`).
+struct Escaped<T>(T, bool);
+
+struct EscapingWriter<'a, 'b>(&'a mut fmt::Formatter<'b>);
+
+impl fmt::Write for EscapingWriter<'_, '_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for ch in s.chars() {
+            match ch {
+                '\x1b' | '\x07' | '\x08' | '\x0c' | '\x7f' => {
+                    write!(self.0, "\\x{:02x}", ch as u32)?
+                }
+                '\u{80}'..='\u{9f}' => write!(self.0, "\\u{{{:x}}}", ch as u32)?,
+                _ => self.0.write_char(ch)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for Escaped<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.1 {
+            write!(EscapingWriter(f), "{:?}", self.0)
+        } else {
+            write!(f, "{:?}", self.0)
+        }
+    }
+}
+
+impl<T: fmt::Display> fmt::Display for Escaped<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.1 {
+            write!(EscapingWriter(f), "{}", self.0)
+        } else {
+            write!(f, "{}", self.0)
+        }
+    }
+}
+
+/// An error and its sources as a list: `[outer, inner, ...]`.
+struct SourceList<'a>(&'a (dyn std::error::Error + 'static), bool);
+
+impl fmt::Display for SourceList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut list = f.debug_list();
+        let mut next = Some(self.0);
+        while let Some(e) = next {
+            list.entry(&Escaped(format_args!("{e}"), self.1));
+            next = e.source();
+        }
+        list.finish()
     }
 }
 
@@ -164,6 +243,21 @@ pub(super) mod tests {
         }
     }
 
+    #[derive(Debug)]
+    struct Wrapped(std::io::Error);
+
+    impl fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("outer \u{9b}")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
     /// Logs the same events through `sub` and returns the lines without their timestamps.
     fn lines(sub: impl Subscriber + Send + Sync + 'static, out: &Capture) -> Vec<String> {
         tracing::subscriber::with_default(sub, || {
@@ -174,6 +268,18 @@ pub(super) mod tests {
             tracing::warn!(error = %err, attempts = 3u32, ok = true, r#type = "t", dbg = ?vec![1, 2], "cannot reach worker");
             tracing::info!(quoted = "a \"b\"\n", neg = -5i64, "message with \"quotes\"");
             tracing::error!(only = 1u8);
+            // Control characters a peer could smuggle into a message or an error.
+            tracing::warn!(ctl = "\x1b[2J", "evil \x1b[31m\x07\x08\x0c\x7f\u{9b} text");
+            let inner = std::io::Error::other("inner \x1b cause");
+            let outer = Wrapped(inner);
+            tracing::warn!(
+                error = &outer as &(dyn std::error::Error + 'static),
+                "with sources"
+            );
+            let plain = std::io::Error::other("no \u{85} source");
+            tracing::warn!(error = &plain as &(dyn std::error::Error + 'static));
+            // What the log bridge adds to a `log` record: metadata, not fields.
+            tracing::warn!("log.target" = "rustls::x", "log.line" = 7u32, "from log");
         });
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         text.lines()
@@ -186,15 +292,20 @@ pub(super) mod tests {
             .collect()
     }
 
-    #[test]
-    fn lean_lines_equal_the_default_formatter_without_colour() {
-        let lean_out = Capture::default();
-        let lean = tracing_subscriber::fmt()
-            .with_writer(lean_out.clone())
+    /// The command's log format (without its filter and writer), writing to `out`.
+    pub(in crate::cli) fn lean_subscriber(out: &Capture) -> impl Subscriber + Send + Sync {
+        tracing_subscriber::fmt()
+            .with_writer(out.clone())
             .with_ansi(false)
             .event_format(LeanFormat)
             .fmt_fields(LeanFields)
-            .finish();
+            .finish()
+    }
+
+    #[test]
+    fn lean_lines_equal_the_default_formatter_without_colour() {
+        let lean_out = Capture::default();
+        let lean = lean_subscriber(&lean_out);
         let default_out = Capture::default();
         let default = tracing_subscriber::fmt()
             .with_writer(default_out.clone())
@@ -202,8 +313,19 @@ pub(super) mod tests {
             .event_format(LeanFormat)
             .finish();
         let (a, b) = (lines(lean, &lean_out), lines(default, &default_out));
-        assert_eq!(a.len(), 4, "{a:?}");
+        assert_eq!(a.len(), 8, "{a:?}");
         assert_eq!(a, b);
+        assert!(
+            a[4].contains("evil \\x1b[31m\\x07") && !a[4].contains('\x1b'),
+            "{}",
+            a[4]
+        );
+        assert!(
+            a[5].contains("error=outer \\u{9b} error.sources=[inner \\x1b cause]"),
+            "{}",
+            a[5]
+        );
+        assert!(a[7].ends_with("from log"), "{}", a[7]);
         assert!(
             a[0].starts_with(
                 "INFO conn{peer=127.0.0.1:9 id=\"spiffe://x/y\"}: securesrv::audit: request client=spiffe://a/b"
