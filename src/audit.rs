@@ -23,6 +23,10 @@ pub struct Record {
     pub at: SystemTime,
     /// The client connection's address.
     pub peer: SocketAddr,
+    /// Whether the request ran inside the server's `conn` span (it does unless the log filter
+    /// disables that span); the line then starts with `conn{peer=.. id=..}: ` as the event's
+    /// would.
+    pub in_conn_span: bool,
     /// The client identity.
     pub client: Arc<str>,
     /// The op, made printable.
@@ -39,11 +43,12 @@ impl Record {
     /// The line after the level, exactly as the `tracing` event reads through the command's
     /// log format: `conn{peer=.. id=..}: securesrv::audit: request client=.. op=.. ...`.
     pub fn write_body(&self, w: &mut impl fmt::Write) -> fmt::Result {
+        if self.in_conn_span {
+            write!(w, "conn{{peer={} id={}}}: ", self.peer, self.client)?;
+        }
         write!(
             w,
-            "conn{{peer={} id={}}}: {TARGET}: request client={} op={} worker={} outcome=",
-            self.peer,
-            self.client,
+            "{TARGET}: request client={} op={} worker={} outcome=",
             self.client,
             self.op,
             self.worker.as_deref().unwrap_or("-"),

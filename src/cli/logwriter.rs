@@ -163,7 +163,7 @@ impl AuditSink for BufferedStderr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::logformat::{LeanFields, LeanFormat, tests::Capture};
+    use crate::cli::logformat::tests::{Capture, lean_subscriber};
     use securesrv::message::ErrorCode;
     use std::time::SystemTime;
 
@@ -171,6 +171,7 @@ mod tests {
         let base = Record {
             at: SystemTime::now(),
             peer: "127.0.0.1:40000".parse().unwrap(),
+            in_conn_span: true,
             client: "spiffe://securesrv/client/default".into(),
             op: "echo".into(),
             worker: Some("spiffe://securesrv/worker/1".into()),
@@ -192,6 +193,11 @@ mod tests {
             Record {
                 peer: "[::1]:2222".parse().unwrap(),
                 outcome: Err((ErrorCode::Denied, "a \"quoted\" reason".into())),
+                ..base.clone()
+            },
+            // The log filter disabled the connection span: no prefix.
+            Record {
+                in_conn_span: false,
                 ..base
             },
         ]
@@ -208,14 +214,13 @@ mod tests {
     fn rendered_audit_records_read_like_their_tracing_events() {
         // The tracing path, inside the connection span the server opens.
         let out = Capture::default();
-        let sub = tracing_subscriber::fmt()
-            .with_writer(out.clone())
-            .with_ansi(false)
-            .event_format(LeanFormat)
-            .fmt_fields(LeanFields)
-            .finish();
+        let sub = lean_subscriber(&out);
         tracing::subscriber::with_default(sub, || {
             for r in records() {
+                if !r.in_conn_span {
+                    r.emit_event();
+                    continue;
+                }
                 let span = tracing::info_span!("conn", peer = %r.peer, id = tracing::field::Empty);
                 span.record("id", tracing::field::display(&r.client));
                 let _g = span.enter();
@@ -235,13 +240,20 @@ mod tests {
         let rendered = String::from_utf8(pending.render()).unwrap();
         let lines = untimed(&rendered);
         let expected: Vec<String> = untimed(&traced);
-        assert_eq!(expected.len(), 3, "{traced}");
-        assert_eq!(lines.len(), 7, "{rendered}");
-        for i in 0..3 {
+        assert_eq!(expected.len(), 4, "{traced}");
+        assert_eq!(lines.len(), 9, "{rendered}");
+        for i in 0..4 {
             assert_eq!(lines[2 * i], format!("{i}"), "{rendered}");
             assert_eq!(lines[2 * i + 1], expected[i]);
         }
         assert!(expected[1].contains("outcome=unavailable reason=no worker available"));
-        assert_eq!(lines[6], "last");
+        assert_eq!(lines[8], "last");
+        assert!(
+            expected[3]
+                .trim_start()
+                .starts_with("INFO securesrv::audit: request"),
+            "{}",
+            expected[3]
+        );
     }
 }

@@ -142,6 +142,9 @@ impl Dispatcher {
         crate::audit::record(|| crate::audit::Record {
             at: std::time::SystemTime::now(),
             peer: client.peer,
+            in_conn_span: tracing::Span::current()
+                .metadata()
+                .is_some_and(|m| m.name() == "conn"),
             client: client.text.clone(),
             op: match crate::identity::printable(&req.op) {
                 std::borrow::Cow::Borrowed(_) => req.op,
