@@ -21,10 +21,11 @@ Memory: the dispatcher's RSS growth per idle connection, from N (default 2000) m
 connections (client certificate, ALPN securesrv/1) each answered once and then held open.
 
 With --compare-nginx every target runs side by side: the watchdog, nginx and its backend are
-all up, and each round runs every workload against securesrv, then nginx, then the bare
-backend, so that drift of the machine over the run affects all of them alike. The table gives
-each target's median round (its rps, p50 and p99 come from that one run) and the ratio of the
-medians; the JSON keeps every round.
+all up, and each round runs every workload against securesrv, nginx and the bare backend in
+turn (securesrv first in odd rounds, nginx first in even ones), so that drift of the machine
+over the run affects all of them alike. The table gives each target's median round by rps (its
+p50 and p99 come from that same run), the rps ratio of those medians and the p99 ratio of those
+runs; the per-round ratios follow, and the JSON keeps every round.
 
 --compare-nginx also runs the same workloads and the memory probe through an nginx `stream`
 relay (TLS 1.3, client certificate required, ALPN securesrv/1, mTLS again to the backend)
@@ -486,9 +487,15 @@ fi
 # --- the workloads, in rounds; every target side by side in each round -----------------------
 for round in $(seq 1 "$rounds"); do
     for w in "${workloads[@]}"; do
-        run_bench securesrv "$w" "127.0.0.1:$disp_port" "$round"
-        if [ "$nginx_status" = ok ]; then
+        if [ "$nginx_status" != ok ]; then
+            run_bench securesrv "$w" "127.0.0.1:$disp_port" "$round"
+        elif [ $((round % 2)) = 1 ]; then
+            run_bench securesrv "$w" "127.0.0.1:$disp_port" "$round"
             run_bench nginx "$w" "127.0.0.1:$nginx_port" "$round"
+            run_bench direct "$w" "127.0.0.1:$echo_port" "$round"
+        else
+            run_bench nginx "$w" "127.0.0.1:$nginx_port" "$round"
+            run_bench securesrv "$w" "127.0.0.1:$disp_port" "$round"
             run_bench direct "$w" "127.0.0.1:$echo_port" "$round"
         fi
     done
@@ -588,7 +595,11 @@ if nginx_on and rounds > 1:
         per_round = [ratio(g(s, "rps"), g(n, "rps")) for s, n in zip(every["securesrv"][w], every["nginx"][w])]
         print("rps ratio by round, %-18s: %s" % (label, " ".join(f(x, "{:.2f}") for x in per_round)))
 for t in targets:
-    for w, _ in workloads:
+    for w, label in workloads:
+        valid = sum(r is not None for r in every[t][w])
+        if (t == "securesrv" or nginx_on) and valid < rounds:
+            print("warning: %s / %s: only %d of %d rounds succeeded; its median is of those"
+                  % (t, label, valid, rounds))
         for i, r in enumerate(every[t][w], 1):
             if r and r.get("errors"):
                 print("errors %s/%s round %d: %s %s" % (t, w, i, r["errors"], r.get("errors_by_kind", {})))
