@@ -146,7 +146,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         let mut own = BytesMut::with_capacity(total);
                         own.extend_from_slice(&self.read_buf);
                         self.read_buf.clear();
-                        self.spare = Some(std::mem::replace(&mut self.read_buf, own));
+                        let mut spare = std::mem::replace(&mut self.read_buf, own);
+                        if spare.capacity() > KEEP_BUFFER {
+                            // Grown by an earlier big frame: not worth keeping meanwhile.
+                            spare = BytesMut::new();
+                        }
+                        self.spare = Some(spare);
                     }
                 }
                 frame_len => {

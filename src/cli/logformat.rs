@@ -9,6 +9,7 @@ use std::fmt::{self, Write as _};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
+use tracing_log::NormalizeEvent;
 use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormattedFields};
@@ -64,7 +65,10 @@ where
         mut w: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        let meta = event.metadata();
+        // A record bridged from the `log` crate (rustls logs that way) names its real target
+        // and module in `log.*` fields; show that target, as the default format does.
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
         write_prefix(&mut w, SystemTime::now(), meta.level().as_str())?;
         if let Some(scope) = ctx.event_scope() {
             for span in scope.from_root() {
@@ -260,6 +264,8 @@ pub(super) mod tests {
 
     /// Logs the same events through `sub` and returns the lines without their timestamps.
     fn lines(sub: impl Subscriber + Send + Sync + 'static, out: &Capture) -> Vec<String> {
+        // The bridge from the `log` crate, as `try_init` installs it (once per process).
+        let _ = tracing_log::LogTracer::init();
         tracing::subscriber::with_default(sub, || {
             let err = std::io::Error::other("disk \"full\"");
             let span = tracing::info_span!("conn", peer = %"127.0.0.1:9", id = "spiffe://x/y");
@@ -278,8 +284,8 @@ pub(super) mod tests {
             );
             let plain = std::io::Error::other("no \u{85} source");
             tracing::warn!(error = &plain as &(dyn std::error::Error + 'static));
-            // What the log bridge adds to a `log` record: metadata, not fields.
-            tracing::warn!("log.target" = "rustls::x", "log.line" = 7u32, "from log");
+            // A record of the `log` crate (as rustls writes them), through the bridge.
+            tracing_log::log::warn!(target: "rustls::conn", "from log");
         });
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         text.lines()
@@ -312,9 +318,17 @@ pub(super) mod tests {
             .with_ansi(false)
             .event_format(LeanFormat)
             .finish();
+        // And tracing-subscriber's own format end to end (its timestamps differ only in
+        // being formatted every time).
+        let full_out = Capture::default();
+        let full = tracing_subscriber::fmt()
+            .with_writer(full_out.clone())
+            .with_ansi(false)
+            .finish();
         let (a, b) = (lines(lean, &lean_out), lines(default, &default_out));
         assert_eq!(a.len(), 8, "{a:?}");
         assert_eq!(a, b);
+        assert_eq!(a, lines(full, &full_out));
         assert!(
             a[4].contains("evil \\x1b[31m\\x07") && !a[4].contains('\x1b'),
             "{}",
@@ -325,7 +339,13 @@ pub(super) mod tests {
             "{}",
             a[5]
         );
-        assert!(a[7].ends_with("from log"), "{}", a[7]);
+        assert!(
+            a[7].ends_with(
+                "WARN conn{peer=127.0.0.1:9 id=\"spiffe://x/y\"}: rustls::conn: from log"
+            ),
+            "{}",
+            a[7]
+        );
         assert!(
             a[0].starts_with(
                 "INFO conn{peer=127.0.0.1:9 id=\"spiffe://x/y\"}: securesrv::audit: request client=spiffe://a/b"
