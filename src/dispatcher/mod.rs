@@ -41,6 +41,9 @@ pub struct Caller {
     id: SpiffeId,
     text: Arc<str>,
     peer: std::net::SocketAddr,
+    /// Whether this connection runs inside the server's `conn` span (the log filter may
+    /// disable it); decided once per connection, for the audit records.
+    in_conn_span: bool,
 }
 
 /// The dispatcher's shared state.
@@ -142,9 +145,7 @@ impl Dispatcher {
         crate::audit::record(|| crate::audit::Record {
             at: std::time::SystemTime::now(),
             peer: client.peer,
-            in_conn_span: tracing::Span::current()
-                .metadata()
-                .is_some_and(|m| m.name() == "conn"),
+            in_conn_span: client.in_conn_span,
             client: client.text.clone(),
             op: match crate::identity::printable(&req.op) {
                 std::borrow::Cow::Borrowed(_) => req.op,
@@ -311,6 +312,9 @@ impl ConnectionHandler for Handler {
             text: peer.id.to_string().into(),
             id: peer.id,
             peer: peer.addr,
+            in_conn_span: tracing::Span::current()
+                .metadata()
+                .is_some_and(|m| m.name() == "conn"),
         });
         session::drive(
             conn,
