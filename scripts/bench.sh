@@ -102,30 +102,9 @@ repo=$PWD
 # --- clean-up: every process this script starts is recorded and killed by PID -------------
 tmp=$(mktemp -d -t securesrv-bench.XXXXXX)
 pids=()
-cleanup() {
-    local rc=$? pid i kids
-    trap - EXIT INT TERM
-    for pid in "${pids[@]+"${pids[@]}"}"; do
-        # nginx workers: children of the master, recorded before the master goes away.
-        kids=$(pgrep -P "$pid" 2>/dev/null || true)
-        kill -TERM "$pid" 2>/dev/null || true
-        for i in $(seq 1 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            [ "$i" = 50 ] && kill -KILL "$pid" 2>/dev/null
-            sleep 0.1
-        done
-        wait "$pid" 2>/dev/null || true
-        for i in $kids; do kill -KILL "$i" 2>/dev/null || true; done
-    done
-    rm -rf "$tmp"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# Stops one recorded process now (the trap would otherwise stop it at exit).
-stop_pid() {
+# Stops PID: TERM, then KILL after 5 s; then its children (nginx workers, recorded before the
+# master goes away).
+halt_pid() {
     local pid=$1 i kids
     kids=$(pgrep -P "$pid" 2>/dev/null || true)
     kill -TERM "$pid" 2>/dev/null || true
@@ -136,7 +115,22 @@ stop_pid() {
     done
     wait "$pid" 2>/dev/null || true
     for i in $kids; do kill -KILL "$i" 2>/dev/null || true; done
-    forget_pid "$pid"
+}
+cleanup() {
+    local rc=$? pid
+    trap - EXIT INT TERM
+    for pid in "${pids[@]+"${pids[@]}"}"; do halt_pid "$pid"; done
+    rm -rf "$tmp"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Stops one recorded process now (the trap would otherwise stop it at exit).
+stop_pid() {
+    halt_pid "$1"
+    forget_pid "$1"
 }
 
 # Forgets a recorded process that has already been reaped with `wait`.
