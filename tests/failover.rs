@@ -9,10 +9,9 @@ use common::{Pki, Proc, WAIT, free_port, pki};
 use nix::sys::signal::Signal;
 use securesrv::client::{CallOptions, Client, ClientConfig, ClientError};
 use securesrv::config::{Config, JobConfig, WorkerEntry};
-use securesrv::connection::{Connection, IoLimits};
 use securesrv::dispatcher::{self, Dispatcher};
 use securesrv::identity::{Role, SpiffeId};
-use securesrv::message::{ErrorCode, Message, Ping};
+use securesrv::message::ErrorCode;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -84,24 +83,9 @@ fn start_worker(s: &Setup, id: u32) -> Proc {
 
 /// Requests in progress on a worker, asked with the watchdog's identity.
 async fn in_flight(s: &Setup, id: u32) -> u32 {
-    let m = s.pki.material("watchdog");
-    let (stream, _) = m
-        .connector(
-            &SpiffeId::worker("securesrv", id).unwrap(),
-            Duration::from_secs(5),
-        )
-        .unwrap()
-        .connect(s.workers[id as usize - 1])
-        .await
-        .unwrap();
-    let mut conn = Connection::new(stream, IoLimits::default());
-    conn.send(&Message::Ping(Ping { nonce: vec![3; 16] }))
-        .await
-        .unwrap();
-    match conn.read_message().await {
-        Ok(Some(Message::Pong(p))) => p.in_flight,
-        other => panic!("expected pong, got {other:?}"),
-    }
+    let worker = SpiffeId::worker("securesrv", id).unwrap();
+    let addr = s.workers[id as usize - 1];
+    s.pki.watchdog_ping(&worker, addr).await.1.in_flight
 }
 
 async fn wait_busy(s: &Setup, id: u32) {

@@ -416,27 +416,10 @@ async fn a_job_that_outlives_its_timeout_is_killed_and_reported() {
 async fn the_watchdog_identity_may_ping_but_not_send_requests() {
     let pki = pki(1);
     let cluster = start_cluster(&pki, 1, |_| {}).await;
-    let m = pki.material("watchdog");
-    let (stream, _) = m
-        .connector(
-            &SpiffeId::dispatcher("securesrv").unwrap(),
-            Duration::from_secs(5),
-        )
-        .unwrap()
-        .connect(cluster.addr)
-        .await
-        .unwrap();
-    let mut conn = Connection::new(stream, IoLimits::default());
-    conn.send(&Message::Ping(Ping { nonce: vec![5; 16] }))
-        .await
-        .unwrap();
-    match conn.read_message().await.unwrap() {
-        Some(Message::Pong(p)) => {
-            assert_eq!(p.nonce, vec![5; 16]);
-            assert_eq!(p.workers_available, Some(1));
-        }
-        other => panic!("expected pong, got {other:?}"),
-    }
+    let (mut conn, pong) = pki
+        .watchdog_ping(&SpiffeId::dispatcher("securesrv").unwrap(), cluster.addr)
+        .await;
+    assert_eq!(pong.workers_available, Some(1));
     conn.send(&Message::Request(securesrv::message::Request {
         id: 1,
         op: "echo".into(),

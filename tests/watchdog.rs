@@ -66,23 +66,12 @@ impl Fixture {
 
 /// Requests the dispatcher is running now, from a heartbeat with the watchdog's identity.
 async fn dispatcher_in_flight(f: &Fixture) -> u32 {
-    use securesrv::connection::{Connection, IoLimits};
-    use securesrv::message::{Message, Ping};
-    let m = f.pki.material("watchdog");
-    let (stream, _) = m
-        .connector(&SpiffeId::dispatcher("securesrv").unwrap(), WAIT)
-        .unwrap()
-        .connect(f.addr(0))
+    let dispatcher = SpiffeId::dispatcher("securesrv").unwrap();
+    f.pki
+        .watchdog_ping(&dispatcher, f.addr(0))
         .await
-        .unwrap();
-    let mut conn = Connection::new(stream, IoLimits::default());
-    conn.send(&Message::Ping(Ping { nonce: vec![9; 16] }))
-        .await
-        .unwrap();
-    match conn.read_message().await {
-        Ok(Some(Message::Pong(p))) => p.in_flight,
-        other => panic!("expected a pong, got {other:?}"),
-    }
+        .1
+        .in_flight
 }
 
 /// PID of the n-th start (1-based) of `component`, from the watchdog's log.

@@ -59,6 +59,41 @@ impl Pki {
         .expect("load material")
     }
 
+    /// Connects to `addr` as the watchdog (expecting `peer`), sends one heartbeat and returns
+    /// the connection and the answer, which must be a pong echoing the nonce.
+    pub async fn watchdog_ping(
+        &self,
+        peer: &SpiffeId,
+        addr: SocketAddr,
+    ) -> (
+        securesrv::connection::Connection<securesrv::tls::ClientStream>,
+        securesrv::message::Pong,
+    ) {
+        use securesrv::connection::{Connection, IoLimits};
+        use securesrv::message::{Message, Ping};
+        let (stream, _) = self
+            .material("watchdog")
+            .connector(peer, WAIT)
+            .expect("connector")
+            .connect(addr)
+            .await
+            .expect("connect as the watchdog");
+        let mut conn = Connection::new(stream, IoLimits::default());
+        let nonce = vec![7; 16];
+        conn.send(&Message::Ping(Ping {
+            nonce: nonce.clone(),
+        }))
+        .await
+        .expect("send ping");
+        match conn.read_message().await {
+            Ok(Some(Message::Pong(p))) => {
+                assert_eq!(p.nonce, nonce, "pong echoes the nonce");
+                (conn, p)
+            }
+            other => panic!("expected a pong, got {other:?}"),
+        }
+    }
+
     /// Issues an extra client identity `client-<name>`.
     pub fn add_client(&self, name: &str) {
         certs::issue(
