@@ -31,10 +31,13 @@ pub const ALPN: &[u8] = b"securesrv/1";
 /// Default deadline for a TLS handshake (and for the TCP connect before it).
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
+mod transport;
+pub use transport::{READ_AHEAD, Transport};
+
 /// A TLS stream accepted by a listener.
-pub type ServerStream = tokio_rustls::server::TlsStream<TcpStream>;
+pub type ServerStream = tokio_rustls::server::TlsStream<Transport>;
 /// A TLS stream opened by a dialler.
-pub type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
+pub type ClientStream = tokio_rustls::client::TlsStream<Transport>;
 
 /// Why a handshake did not produce an authorised peer.
 #[derive(Debug, thiserror::Error)]
@@ -265,10 +268,11 @@ impl Acceptor {
     /// Runs the server side of the handshake under the deadline, then checks ALPN and identity.
     pub async fn accept(&self, tcp: TcpStream) -> Result<(ServerStream, SpiffeId), HandshakeError> {
         let _ = tcp.set_nodelay(true);
-        let stream = tokio::time::timeout(self.handshake_timeout, self.tls.accept(tcp))
-            .await
-            .map_err(|_| HandshakeError::Timeout(self.handshake_timeout))?
-            .map_err(HandshakeError::from_io)?;
+        let stream =
+            tokio::time::timeout(self.handshake_timeout, self.tls.accept(Transport::new(tcp)))
+                .await
+                .map_err(|_| HandshakeError::Timeout(self.handshake_timeout))?
+                .map_err(HandshakeError::from_io)?;
         let (_, conn) = stream.get_ref();
         match check_session(conn.alpn_protocol(), conn.peer_certificates(), &self.policy) {
             Ok(id) => Ok((stream, id)),
@@ -305,7 +309,7 @@ impl Connector {
             // done on the SPIFFE ID by our verifier.
             let name = ServerName::IpAddress(addr.ip().into());
             self.tls
-                .connect(name, tcp)
+                .connect(name, Transport::new(tcp))
                 .await
                 .map_err(HandshakeError::from_io)
         };

@@ -9,7 +9,7 @@ use crate::identity::{PeerPolicy, Role};
 use crate::message::{ErrorCode, ErrorReply, Message, Reply};
 use crate::server::IdentitySlots;
 use crate::session::{self, Next, Placement, RequestLimits};
-use crate::tls::{TlsConfigError, TlsMaterial};
+use crate::tls::{TlsConfigError, TlsMaterial, Transport};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -44,7 +44,8 @@ pub async fn run(
         let (acceptor, policy, shutdown) = (acceptor.clone(), policy.clone(), shutdown.clone());
         tokio::spawn(async move {
             let Ok(Ok(stream)) =
-                tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp)).await
+                tokio::time::timeout(Duration::from_secs(5), acceptor.accept(Transport::new(tcp)))
+                    .await
             else {
                 debug!(%addr, "handshake failed");
                 return;

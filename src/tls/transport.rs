@@ -1,0 +1,209 @@
+//! The TCP stream under every TLS connection, reading ahead what rustls would fetch in pieces.
+//!
+//! rustls asks its transport for at most about 4 KiB at a time, so a 16 KiB request costs
+//! five `recv` calls. [`Transport`] takes everything the socket has ready (up to
+//! [`READ_AHEAD`]) in one call and hands it to rustls from memory. An idle connection holds
+//! no buffer: one is allocated only once the socket is readable and is freed as soon as it has
+//! been handed on, so at most [`READ_AHEAD`] bytes that the peer actually sent wait here, and
+//! only while the connection is not reading (for example at its in-flight limit).
+
+use bytes::{Buf, BytesMut};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// The most one read from the socket takes.
+pub const READ_AHEAD: usize = 32 * 1024;
+
+/// A [`TcpStream`] that reads ahead (see the module documentation). Writes go straight through.
+#[derive(Debug)]
+pub struct Transport {
+    tcp: TcpStream,
+    /// Bytes read from the socket and not yet handed on. Empty, without an allocation, when
+    /// there are none.
+    ahead: BytesMut,
+}
+
+impl Transport {
+    /// Wraps a connected socket.
+    pub fn new(tcp: TcpStream) -> Self {
+        Transport {
+            tcp,
+            ahead: BytesMut::new(),
+        }
+    }
+
+    /// The socket.
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp.peer_addr()
+    }
+
+    /// Bytes read from the socket and not yet handed on.
+    pub fn buffered(&self) -> usize {
+        self.ahead.len()
+    }
+
+    /// Hands on what can be taken from `ahead`, freeing the allocation once it is empty.
+    fn hand_on(&mut self, out: &mut ReadBuf<'_>) {
+        let n = out.remaining().min(self.ahead.len());
+        out.put_slice(&self.ahead[..n]);
+        self.ahead.advance(n);
+        if self.ahead.is_empty() {
+            self.ahead = BytesMut::new();
+        }
+    }
+}
+
+impl AsyncRead for Transport {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.ahead.is_empty() {
+            this.hand_on(out);
+            return Poll::Ready(Ok(()));
+        }
+        if out.remaining() >= READ_AHEAD {
+            return Pin::new(&mut this.tcp).poll_read(cx, out);
+        }
+        loop {
+            // Wait for readiness before allocating, so that idle connections hold nothing.
+            ready!(this.tcp.poll_read_ready(cx))?;
+            this.ahead.reserve(READ_AHEAD);
+            match this.tcp.try_read_buf(&mut this.ahead) {
+                Ok(_) => {
+                    // Zero bytes is end of stream, which the caller sees as an empty read.
+                    this.hand_on(out);
+                    return Poll::Ready(Ok(()));
+                }
+                // Readiness was stale (and is now cleared): wait again, holding nothing.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => this.ahead = BytesMut::new(),
+                Err(e) => {
+                    this.ahead = BytesMut::new();
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Transport {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (Transport, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (Transport::new(client.unwrap()), server.unwrap().0)
+    }
+
+    /// Waits (bounded) until the socket has `n` bytes queued, so that one read can see them.
+    async fn wait_queued(t: &Transport, n: usize) {
+        let mut probe = vec![0u8; n];
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while t.tcp().peek(&mut probe).await.unwrap() < n {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("data never arrived");
+    }
+
+    #[tokio::test]
+    async fn small_reads_are_served_from_one_read_ahead_then_freed() {
+        let (mut t, mut peer) = pair().await;
+        let sent: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        peer.write_all(&sent).await.unwrap();
+        wait_queued(&t, sent.len()).await;
+
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let n = t.read(&mut chunk).await.unwrap();
+        got.extend_from_slice(&chunk[..n]);
+        // The first 4 KiB read took everything the socket had; the rest waits here.
+        assert_eq!(n, 4096);
+        assert_eq!(t.buffered(), sent.len() - 4096);
+        while got.len() < sent.len() {
+            let n = t.read(&mut chunk).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(got, sent);
+        assert_eq!(t.buffered(), 0);
+        assert_eq!(
+            t.ahead.capacity(),
+            0,
+            "a drained read-ahead keeps no allocation"
+        );
+    }
+
+    #[tokio::test]
+    async fn end_of_stream_and_writes_pass_through() {
+        let (mut t, mut peer) = pair().await;
+        t.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        peer.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+        peer.write_all(b"pong").await.unwrap();
+        drop(peer);
+        let mut rest = Vec::new();
+        t.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"pong");
+        assert_eq!(t.ahead.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_holds_no_buffer_while_waiting() {
+        let (mut t, mut peer) = pair().await;
+        let mut buf = [0u8; 16];
+        let pending =
+            tokio::time::timeout(std::time::Duration::from_millis(50), t.read(&mut buf)).await;
+        assert!(pending.is_err(), "nothing was sent, so the read must wait");
+        assert_eq!(t.ahead.capacity(), 0);
+        peer.write_all(b"x").await.unwrap();
+        assert_eq!(t.read(&mut buf).await.unwrap(), 1);
+    }
+}
