@@ -11,6 +11,7 @@
 
 use crate::client::{CallOptions, Client, ClientConfig, ClientError};
 use crate::identity::SpiffeId;
+use crate::message::Bytes;
 use crate::tls::TlsMaterial;
 use hdrhistogram::Histogram;
 use std::collections::BTreeMap;
@@ -168,14 +169,15 @@ pub async fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
     let mut cfg = ClientConfig::new(&material, args.connect, server_id)
         .map_err(|e| BenchError::Setup(e.to_string()))?;
     cfg.max_in_flight = args.in_flight.max(1);
-    let payload: Arc<Vec<u8>> = Arc::new((0..args.size).map(|i| (i % 251) as u8).collect());
+    // Shared, not copied, by every call: the load generator should cost as little as it can.
+    let payload = Bytes::from((0..args.size).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
     let opts = CallOptions {
         idempotent: true,
         timeout: Duration::from_secs(30),
     };
     // Fail fast if the server cannot be reached at all.
     let probe = Client::connect(cfg.clone()).await?;
-    probe.call_with(&args.op, &payload, opts).await?;
+    probe.call_bytes(&args.op, payload.clone(), opts).await?;
     probe.close().await;
 
     let start = Instant::now();
@@ -206,10 +208,10 @@ pub async fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
                 while !stop.load(Ordering::Relaxed) {
                     let t0 = Instant::now();
                     let result = match &shared {
-                        Some(c) => c.call_with(&op, &payload, opts).await,
+                        Some(c) => c.call_bytes(&op, payload.clone(), opts).await,
                         None => match Client::connect(cfg.clone()).await {
                             Ok(c) => {
-                                let r = c.call_with(&op, &payload, opts).await;
+                                let r = c.call_bytes(&op, payload.clone(), opts).await;
                                 c.close().await;
                                 r
                             }

@@ -7,10 +7,10 @@
 //! (the built-ins, or as the caller says in [`CallOptions`]).
 
 use crate::connection::{Connection, IoLimits};
-use crate::frame;
+use crate::frame::{self, Encoded};
 use crate::identity::SpiffeId;
 use crate::inflight::InFlight;
-use crate::message::{ErrorCode, Message};
+use crate::message::{Bytes, ErrorCode, Message};
 use crate::tls::{ClientStream, Connector, HandshakeError, TlsConfigError, TlsMaterial};
 use serde::Serialize;
 
@@ -149,7 +149,7 @@ pub struct CallOptions {
 /// What a waiting call learns from the connection task.
 enum Outcome {
     /// The dispatcher answered (a reply or an error for this request).
-    Done(Result<Vec<u8>, ClientError>),
+    Done(Result<Bytes, ClientError>),
     /// The connection ended before the request was written: safe to send again.
     NotSent,
     /// The connection ended after the request was written.
@@ -160,7 +160,7 @@ enum Outcome {
 
 /// One connection and its calls in flight.
 struct Link {
-    tx: mpsc::Sender<(u64, Vec<u8>)>,
+    tx: mpsc::Sender<(u64, Encoded)>,
     /// Cancelled by [`Client::close`]: the connection task says goodbye and ends.
     close: tokio_util::sync::CancellationToken,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -215,6 +215,19 @@ impl Client {
         payload: &[u8],
         opts: CallOptions,
     ) -> Result<Vec<u8>, ClientError> {
+        self.call_bytes(op, Bytes::copy_from_slice(payload), opts)
+            .await
+            .map(Vec::from)
+    }
+
+    /// Calls `op` with a payload (and returns an answer) shared rather than copied: a large
+    /// payload goes from its buffer straight into TLS records.
+    pub async fn call_bytes(
+        &self,
+        op: &str,
+        payload: Bytes,
+        opts: CallOptions,
+    ) -> Result<Bytes, ClientError> {
         let deadline = Instant::now() + opts.timeout;
         let Ok(Ok(_slot)) = tokio::time::timeout_at(deadline, self.slots.acquire()).await else {
             return Err(ClientError::Timeout(opts.timeout));
@@ -222,7 +235,7 @@ impl Client {
         let mut backoff = Duration::from_millis(50);
         loop {
             let attempt =
-                tokio::time::timeout_at(deadline, self.attempt(op, payload, opts.timeout)).await;
+                tokio::time::timeout_at(deadline, self.attempt(op, &payload, opts.timeout)).await;
             let last = match attempt {
                 Err(_) => return Err(ClientError::Timeout(opts.timeout)),
                 Ok(Ok(out)) => return Ok(out),
@@ -246,23 +259,23 @@ impl Client {
     async fn attempt(
         &self,
         op: &str,
-        payload: &[u8],
+        payload: &Bytes,
         timeout: Duration,
-    ) -> Result<Vec<u8>, Failure> {
+    ) -> Result<Bytes, Failure> {
         let link = self
             .current_link()
             .await
             .map_err(|e| Failure::NotSent(Some(e)))?;
         let id = link.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = frame::encode_with_capacity(
+        let frame = frame::encode_spliced(
             &RequestRef::Request {
                 id,
                 op,
                 payload,
                 timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
             },
+            payload,
             self.cfg.io.max_frame,
-            payload.len() + op.len() + 64,
         )
         .map_err(|e| Failure::Final(ClientError::Request(e.to_string())))?;
         let Some(orx) = link.pending.register(id) else {
@@ -346,7 +359,7 @@ enum RequestRef<'a> {
 async fn run_link(
     link: Arc<Link>,
     mut conn: Connection<ClientStream>,
-    mut rx: mpsc::Receiver<(u64, Vec<u8>)>,
+    mut rx: mpsc::Receiver<(u64, Encoded)>,
 ) {
     let mut closing_reason: Option<ClientError> = None;
     loop {
@@ -359,7 +372,7 @@ async fn run_link(
                 }
             }
             r = conn.read_message() => match r {
-                Ok(Some(Message::Reply(r))) => link.pending.complete(r.id, Outcome::Done(Ok(Vec::from(r.payload)))),
+                Ok(Some(Message::Reply(r))) => link.pending.complete(r.id, Outcome::Done(Ok(r.payload))),
                 Ok(Some(Message::Error(e))) if e.id == 0 => {
                     // The dispatcher is closing the connection and says why.
                     closing_reason = Some(ClientError::Remote { code: e.code, message: e.message });

@@ -7,9 +7,10 @@
 //! the header before the body is buffered. Outgoing frames are queued and written together, so
 //! several replies share TLS records and syscalls. No TLS types, roles or tokens here.
 
-use crate::frame::{self, FrameError};
+use crate::frame::{self, Encoded, FrameError, Spliced};
 use crate::message::Message;
 use bytes::{Buf, BytesMut};
+use std::io::IoSlice;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
@@ -99,6 +100,11 @@ pub struct Connection<S> {
     /// The usual read buffer, put aside while `read_buf` is a frame's own buffer.
     spare: Option<BytesMut>,
     write_buf: Vec<u8>,
+    /// Large payloads of queued frames, written from their own buffers: each goes at its
+    /// offset in `write_buf` (ascending).
+    splices: Vec<Spliced>,
+    /// Their total length.
+    spliced_len: usize,
     /// When the first byte of the frame now being received arrived.
     frame_started: Option<Instant>,
     /// When the last complete frame arrived (or the connection opened).
@@ -114,6 +120,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             read_buf: BytesMut::new(),
             spare: None,
             write_buf: Vec::new(),
+            splices: Vec::new(),
+            spliced_len: 0,
             frame_started: None,
             last_frame: Instant::now(),
             limits,
@@ -225,27 +233,68 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    /// Queues a message to be written by the next [`flush`](Self::flush).
+    /// Queues a message to be written by the next [`flush`](Self::flush). A large payload is
+    /// not copied: it is written from its own buffer.
     pub fn queue(&mut self, msg: &Message) -> Result<(), FrameError> {
-        frame::encode(msg, self.limits.max_frame, &mut self.write_buf)
+        match msg.payload() {
+            Some(payload) => {
+                let spliced = frame::encode_splicing(
+                    msg,
+                    payload,
+                    self.limits.max_frame,
+                    &mut self.write_buf,
+                )?;
+                self.add_splice(spliced);
+                Ok(())
+            }
+            None => frame::encode(msg, self.limits.max_frame, &mut self.write_buf),
+        }
     }
 
-    /// Queues a frame that was already encoded (header included) by [`frame::encode`].
-    pub fn queue_encoded(&mut self, frame: &[u8]) {
-        self.write_buf.extend_from_slice(frame);
+    /// Queues a frame that was already encoded.
+    pub fn queue_encoded(&mut self, frame: &Encoded) {
+        let (bytes, spliced) = frame.pieces();
+        let base = self.write_buf.len();
+        self.write_buf.extend_from_slice(bytes);
+        self.add_splice(spliced.map(|s| Spliced {
+            at: base + s.at,
+            payload: s.payload.clone(),
+        }));
+    }
+
+    fn add_splice(&mut self, spliced: Option<Spliced>) {
+        if let Some(s) = spliced {
+            self.spliced_len += s.payload.len();
+            self.splices.push(s);
+        }
     }
 
     /// Bytes queued and not yet written.
     pub fn queued(&self) -> usize {
-        self.write_buf.len()
+        self.write_buf.len() + self.spliced_len
     }
 
     /// Writes everything queued, under the write deadline.
     pub async fn flush(&mut self) -> Result<(), ConnError> {
-        if self.write_buf.is_empty() {
+        if self.queued() == 0 {
             return Ok(());
         }
-        write_within(&mut self.stream, &self.write_buf, self.limits.write_timeout).await?;
+        if self.splices.is_empty() {
+            write_within(&mut self.stream, &self.write_buf, self.limits.write_timeout).await?;
+        } else {
+            let mut slices = Vec::with_capacity(2 * self.splices.len() + 1);
+            let mut from = 0;
+            for s in &self.splices {
+                let at = s.at.clamp(from, self.write_buf.len());
+                slices.push(IoSlice::new(&self.write_buf[from..at]));
+                slices.push(IoSlice::new(&s.payload));
+                from = at;
+            }
+            slices.push(IoSlice::new(&self.write_buf[from..]));
+            write_vectored_within(&mut self.stream, &mut slices, self.limits.write_timeout).await?;
+            self.splices.clear();
+            self.spliced_len = 0;
+        }
         self.write_buf.clear();
         if self.write_buf.capacity() > KEEP_BUFFER {
             self.write_buf = Vec::new();
@@ -263,19 +312,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         first: T,
         rx: &mut tokio::sync::mpsc::Receiver<T>,
         more_coming: bool,
-        bytes: impl Fn(&T) -> &[u8],
+        frame: impl Fn(&T) -> &Encoded,
     ) -> Result<(), ConnError> {
         if more_coming {
             tokio::task::yield_now().await;
         }
         let mut next = rx.try_recv().ok();
-        if next.is_none() && self.write_buf.is_empty() {
+        if next.is_none() && self.queued() == 0 {
             // A batch of one: written from where it is, without a copy into the buffer.
-            return write_within(&mut self.stream, bytes(&first), self.limits.write_timeout).await;
+            let mut parts = frame(&first).parts().map(IoSlice::new);
+            return write_vectored_within(&mut self.stream, &mut parts, self.limits.write_timeout)
+                .await;
         }
-        self.queue_encoded(bytes(&first));
+        self.queue_encoded(frame(&first));
         while let Some(f) = next.take() {
-            self.queue_encoded(bytes(&f));
+            self.queue_encoded(frame(&f));
             if self.queued() < MAX_BATCH {
                 next = rx.try_recv().ok();
             }
@@ -313,6 +364,30 @@ async fn write_within<S: AsyncWrite + Unpin>(
 ) -> Result<(), ConnError> {
     let fut = async {
         stream.write_all(data).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(ConnError::WriteTimeout(limit)),
+    }
+}
+
+/// Writes all of `bufs` (in order) and flushes, within `limit`. The TLS layer copies the
+/// pieces straight into its records, so large payloads are never gathered into one buffer.
+async fn write_vectored_within<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    mut bufs: &mut [IoSlice<'_>],
+    limit: Duration,
+) -> Result<(), ConnError> {
+    let fut = async {
+        IoSlice::advance_slices(&mut bufs, 0);
+        while !bufs.is_empty() {
+            let n = stream.write_vectored(bufs).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            IoSlice::advance_slices(&mut bufs, n);
+        }
         stream.flush().await
     };
     match tokio::time::timeout(limit, fut).await {
@@ -522,6 +597,77 @@ mod tests {
             rx.read_message().await.unwrap(),
             Some(Message::Reply(Reply { id: 9, .. }))
         ));
+    }
+
+    /// Frames with large payloads (written from the payloads' own buffers) and small ones
+    /// go out in order, byte for byte as the plain encoding, whether queued or batched.
+    #[tokio::test]
+    async fn spliced_payloads_go_out_in_order_as_the_plain_encoding() {
+        let big = IoLimits {
+            max_frame: 1 << 20,
+            ..limits()
+        };
+        let reply = |id, len: usize| {
+            Message::Reply(Reply {
+                id,
+                payload: vec![id as u8; len].into(),
+            })
+        };
+        let msgs = [
+            ping(1),
+            reply(2, 20_000),
+            ping(3),
+            reply(4, 100),
+            reply(5, frame::SPLICE_FROM),
+        ];
+        let plain: Vec<u8> = msgs
+            .iter()
+            .flat_map(|m| frame::encode_to_vec(m, big.max_frame).unwrap())
+            .collect();
+        let (a, mut b) = tokio::io::duplex(1 << 20);
+        let mut tx = Connection::new(a, big);
+        for m in &msgs {
+            tx.queue(m).unwrap();
+        }
+        assert_eq!(tx.queued(), plain.len());
+        assert!(tx.write_buf.len() < 1000, "large payloads were copied");
+        tx.flush().await.unwrap();
+        let mut got = vec![0u8; plain.len()];
+        b.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, plain);
+
+        // The same frames through write_batch: a lone one, then several together.
+        let encoded: Vec<Encoded> = msgs
+            .iter()
+            .map(|m| {
+                let p = m.payload().cloned().unwrap_or_default();
+                frame::encode_spliced(m, &p, big.max_frame).unwrap()
+            })
+            .collect();
+        let (qtx, mut qrx) = tokio::sync::mpsc::channel(8);
+        tx.write_batch(encoded[1].clone(), &mut qrx, false, |e| e)
+            .await
+            .unwrap();
+        for e in &encoded[2..] {
+            qtx.send(e.clone()).await.unwrap();
+        }
+        tx.write_batch(encoded[0].clone(), &mut qrx, false, |e| e)
+            .await
+            .unwrap();
+        let expected: Vec<u8> = [
+            &encoded[1],
+            &encoded[0],
+            &encoded[2],
+            &encoded[3],
+            &encoded[4],
+        ]
+        .iter()
+        .flat_map(|e| e.to_vec())
+        .collect();
+        let mut got = vec![0u8; expected.len()];
+        b.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, expected);
+        assert_eq!(tx.queued(), 0);
     }
 
     #[tokio::test]

@@ -230,6 +230,148 @@ pub fn encode<T: Serialize>(value: &T, max: usize, out: &mut Vec<u8>) -> Result<
     Ok(())
 }
 
+/// Payloads from this size on are not copied into an encoded frame: they are written to the
+/// connection from the buffer they already live in (see [`encode_spliced`]). Below it, one
+/// copy is cheaper than the extra pieces of a vectored write.
+pub const SPLICE_FROM: usize = 4096;
+
+/// A frame whose body is `bytes[..at]`, then a payload not copied, then `bytes[at..]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spliced {
+    /// Offset in the encoded bytes where the payload belongs.
+    pub at: usize,
+    /// The payload itself.
+    pub payload: bytes::Bytes,
+}
+
+/// One encoded frame, header included, possibly with its payload [`Spliced`] in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    bytes: Vec<u8>,
+    spliced: Option<Spliced>,
+}
+
+impl Encoded {
+    /// The frame as the three pieces to write in order (the middle one empty when nothing is
+    /// spliced).
+    pub fn parts(&self) -> [&[u8]; 3] {
+        match &self.spliced {
+            Some(s) => {
+                let (before, after) = self.bytes.split_at(s.at.min(self.bytes.len()));
+                [before, &s.payload[..], after]
+            }
+            None => [&self.bytes[..], &[], &[]],
+        }
+    }
+
+    /// The encoded bytes other than a spliced payload, and the splice.
+    pub fn pieces(&self) -> (&[u8], Option<&Spliced>) {
+        (&self.bytes, self.spliced.as_ref())
+    }
+
+    /// Bytes on the wire.
+    pub fn len(&self) -> usize {
+        self.bytes.len() + self.spliced.as_ref().map_or(0, |s| s.payload.len())
+    }
+
+    /// Whether the frame is empty (never, for a frame made here).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The whole frame in one buffer.
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.parts().concat()
+    }
+}
+
+/// Collects what the MessagePack encoder writes, except the one write that is exactly
+/// `payload` (same memory, same length): that place is remembered instead.
+struct Splicer<'a> {
+    out: &'a mut Vec<u8>,
+    payload: &'a bytes::Bytes,
+    at: Option<usize>,
+}
+
+impl std::io::Write for Splicer<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.at.is_none()
+            && buf.len() == self.payload.len()
+            && std::ptr::eq(buf.as_ptr(), self.payload.as_ptr())
+        {
+            self.at = Some(self.out.len());
+        } else {
+            self.out.extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Appends one frame holding `value` to `out`, like [`encode`], except that `payload` — the
+/// bytes `value` serializes as a `bin` field, borrowed from this very buffer — is left out of
+/// `out` when it is at least [`SPLICE_FROM`] long. Returns where it belongs, if so.
+///
+/// On error `out` is left as it was.
+pub fn encode_splicing<T: Serialize>(
+    value: &T,
+    payload: &bytes::Bytes,
+    max: usize,
+    out: &mut Vec<u8>,
+) -> Result<Option<Spliced>, FrameError> {
+    if payload.len() < SPLICE_FROM {
+        return encode(value, max, out).map(|()| None);
+    }
+    let start = out.len();
+    out.extend_from_slice(&[0u8; HEADER_LEN]);
+    let mut w = Splicer {
+        out,
+        payload,
+        at: None,
+    };
+    if let Err(e) = rmp_serde::encode::write_named(&mut w, value) {
+        out.truncate(start);
+        return Err(FrameError::Encode(e.to_string()));
+    }
+    let at = w.at;
+    let spliced_len = at.map_or(0, |_| payload.len());
+    let body_len = out.len() - start - HEADER_LEN + spliced_len;
+    if body_len > max || body_len > u32::MAX as usize {
+        out.truncate(start);
+        return Err(FrameError::TooLarge {
+            declared: body_len as u64,
+            max,
+        });
+    }
+    let len = (body_len as u32).to_be_bytes();
+    out[start..start + HEADER_LEN].copy_from_slice(&len);
+    Ok(at.map(|at| Spliced {
+        at,
+        payload: payload.clone(),
+    }))
+}
+
+/// One frame holding `value`, with `payload` spliced in rather than copied (see
+/// [`encode_splicing`]).
+pub fn encode_spliced<T: Serialize>(
+    value: &T,
+    payload: &bytes::Bytes,
+    max: usize,
+) -> Result<Encoded, FrameError> {
+    // Room for the header, the other fields and a token; the payload too if it is copied.
+    let copied = if payload.len() < SPLICE_FROM {
+        payload.len()
+    } else {
+        0
+    };
+    let mut bytes = Vec::with_capacity(copied + 512);
+    let spliced = encode_splicing(value, payload, max, &mut bytes)?;
+    Ok(Encoded { bytes, spliced })
+}
+
 /// Encodes `value` into a fresh buffer holding one frame.
 pub fn encode_to_vec<T: Serialize>(value: &T, max: usize) -> Result<Vec<u8>, FrameError> {
     encode_with_capacity(value, max, 0)
@@ -498,7 +640,77 @@ mod tests {
         ]
     }
 
+    /// A message carrying `payload` (kind 0: request, 1: reply, 2: forward).
+    fn carrying(kind: u8, payload: bytes::Bytes) -> Message {
+        match kind % 3 {
+            0 => Message::Request(Request {
+                id: 1,
+                op: "echo".into(),
+                payload,
+                timeout_ms: Some(9),
+            }),
+            1 => Message::Reply(Reply { id: 2, payload }),
+            _ => Message::Forward(crate::message::Forward {
+                id: 3,
+                op: "sha256".into(),
+                payload,
+                token: vec![0xAB; 180],
+                timeout_ms: 5000,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_large_payload_is_spliced_in_not_copied() {
+        let payload = bytes::Bytes::from(vec![0x5A; 3 * SPLICE_FROM]);
+        let msg = carrying(2, payload.clone());
+        let e = encode_spliced(&msg, &payload, DEFAULT_MAX_FRAME).unwrap();
+        let (copied, spliced) = e.pieces();
+        assert!(copied.len() < 512, "payload copied: {} bytes", copied.len());
+        let s = spliced.expect("spliced");
+        assert_eq!(s.payload.as_ptr(), payload.as_ptr(), "the same buffer");
+        assert_eq!(e.to_vec(), encode_to_vec(&msg, DEFAULT_MAX_FRAME).unwrap());
+        assert_eq!(e.len(), e.to_vec().len());
+
+        // Bytes equal to the payload but in another buffer are encoded, not spliced.
+        let twin = bytes::Bytes::from(payload.to_vec());
+        let e = encode_spliced(&msg, &twin, DEFAULT_MAX_FRAME).unwrap();
+        assert!(e.pieces().1.is_none());
+        assert_eq!(e.to_vec(), encode_to_vec(&msg, DEFAULT_MAX_FRAME).unwrap());
+    }
+
+    #[test]
+    fn the_size_cap_counts_the_spliced_payload() {
+        let payload = bytes::Bytes::from(vec![1; 2 * SPLICE_FROM]);
+        let msg = carrying(1, payload.clone());
+        let body = encode_to_vec(&msg, DEFAULT_MAX_FRAME).unwrap().len() - HEADER_LEN;
+        let mut out = b"queued".to_vec();
+        let err = encode_splicing(&msg, &payload, body - 1, &mut out).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { declared, .. } if declared == body as u64));
+        assert_eq!(out, b"queued", "left as it was");
+        let s = encode_splicing(&msg, &payload, body, &mut out)
+            .unwrap()
+            .expect("spliced");
+        assert!(
+            s.at > b"queued".len(),
+            "offset counts what was queued before"
+        );
+    }
+
     proptest! {
+        #[test]
+        fn prop_spliced_frames_are_the_plain_encoding(
+            kind in any::<u8>(),
+            len in prop_oneof![0usize..SPLICE_FROM, SPLICE_FROM..4 * SPLICE_FROM],
+            fill in any::<u8>(),
+        ) {
+            let payload = bytes::Bytes::from(vec![fill; len]);
+            let msg = carrying(kind, payload.clone());
+            let e = encode_spliced(&msg, &payload, DEFAULT_MAX_FRAME).unwrap();
+            prop_assert_eq!(e.pieces().1.is_some(), len >= SPLICE_FROM);
+            prop_assert_eq!(e.to_vec(), encode_to_vec(&msg, DEFAULT_MAX_FRAME).unwrap());
+        }
+
         #[test]
         fn prop_round_trip(msg in arb_message()) {
             let bytes = encode_to_vec(&msg, DEFAULT_MAX_FRAME).unwrap();

@@ -321,6 +321,16 @@ impl fmt::Display for ErrorCode {
 }
 
 impl Message {
+    /// The payload, for the messages that carry one (request, forward, reply).
+    pub fn payload(&self) -> Option<&Bytes> {
+        match self {
+            Message::Request(r) => Some(&r.payload),
+            Message::Forward(f) => Some(&f.payload),
+            Message::Reply(r) => Some(&r.payload),
+            Message::Error(_) | Message::Ping(_) | Message::Pong(_) => None,
+        }
+    }
+
     /// A connection-level error (id 0), sent just before closing.
     pub fn connection_error(code: ErrorCode, message: impl Into<String>) -> Message {
         Message::Error(ErrorReply {

@@ -10,7 +10,7 @@
 
 use crate::config::Config;
 use crate::connection::{Connection, IoLimits};
-use crate::frame;
+use crate::frame::{self, Encoded};
 use crate::identity::SpiffeId;
 use crate::inflight::InFlight;
 use crate::message::Bytes;
@@ -93,7 +93,7 @@ impl Slot {
 
 /// A live connection to one worker (opaque outside this module).
 pub struct Link {
-    tx: mpsc::Sender<(u64, Vec<u8>)>,
+    tx: mpsc::Sender<(u64, Encoded)>,
     /// Requests sent (or being sent) and not yet answered.
     pending: InFlight<Answer>,
     next_id: AtomicU64,
@@ -248,7 +248,7 @@ impl Pool {
         link: &Link,
         client: &str,
         op: &str,
-        payload: &[u8],
+        payload: &Bytes,
         deadline: Instant,
     ) -> Result<Bytes, ForwardError> {
         let (token, _) = self.minter.mint(
@@ -262,7 +262,7 @@ impl Pool {
         )?;
         let id = link.next_id.fetch_add(1, Ordering::Relaxed);
         let left = deadline.saturating_duration_since(Instant::now());
-        let frame = frame::encode_with_capacity(
+        let frame = frame::encode_spliced(
             &ForwardRef::Forward {
                 id,
                 op,
@@ -270,8 +270,8 @@ impl Pool {
                 token: &token,
                 timeout_ms: u32::try_from(left.as_millis()).unwrap_or(u32::MAX),
             },
+            payload,
             self.max_frame,
-            payload.len() + token.len() + op.len() + 64,
         )
         .map_err(|e| ForwardError::Remote(ErrorCode::TooLarge, e.to_string()))?;
         let Some(orx) = link.pending.register(id) else {
