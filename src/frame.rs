@@ -211,13 +211,34 @@ pub fn value_len(buf: &[u8]) -> Result<usize, FrameError> {
 ///
 /// On error `out` is left as it was.
 pub fn encode<T: Serialize>(value: &T, max: usize, out: &mut Vec<u8>) -> Result<(), FrameError> {
+    encode_leaving_out(value, None, max, out).map(|_| ())
+}
+
+/// [`encode`], leaving out of `out` the one write of exactly `payload`, if any; returns where
+/// it belongs. The length header counts it either way.
+fn encode_leaving_out<T: Serialize>(
+    value: &T,
+    payload: Option<&bytes::Bytes>,
+    max: usize,
+    out: &mut Vec<u8>,
+) -> Result<Option<usize>, FrameError> {
     let start = out.len();
     out.extend_from_slice(&[0u8; HEADER_LEN]);
-    if let Err(e) = rmp_serde::encode::write_named(out, value) {
+    let mut w = Splicer {
+        out,
+        payload,
+        at: None,
+    };
+    if let Err(e) = rmp_serde::encode::write_named(&mut w, value) {
         out.truncate(start);
         return Err(FrameError::Encode(e.to_string()));
     }
-    let body_len = out.len() - start - HEADER_LEN;
+    let at = w.at;
+    let left_out = match (at, payload) {
+        (Some(_), Some(p)) => p.len(),
+        _ => 0,
+    };
+    let body_len = out.len() - start - HEADER_LEN + left_out;
     if body_len > max || body_len > u32::MAX as usize {
         out.truncate(start);
         return Err(FrameError::TooLarge {
@@ -227,7 +248,7 @@ pub fn encode<T: Serialize>(value: &T, max: usize, out: &mut Vec<u8>) -> Result<
     }
     let len = (body_len as u32).to_be_bytes();
     out[start..start + HEADER_LEN].copy_from_slice(&len);
-    Ok(())
+    Ok(at)
 }
 
 /// Payloads from this size on are not copied into an encoded frame: they are written to the
@@ -289,15 +310,16 @@ impl Encoded {
 /// `payload` (same memory, same length): that place is remembered instead.
 struct Splicer<'a> {
     out: &'a mut Vec<u8>,
-    payload: &'a bytes::Bytes,
+    payload: Option<&'a bytes::Bytes>,
     at: Option<usize>,
 }
 
 impl std::io::Write for Splicer<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if self.at.is_none()
-            && buf.len() == self.payload.len()
-            && std::ptr::eq(buf.as_ptr(), self.payload.as_ptr())
+            && self
+                .payload
+                .is_some_and(|p| buf.len() == p.len() && std::ptr::eq(buf.as_ptr(), p.as_ptr()))
         {
             self.at = Some(self.out.len());
         } else {
@@ -322,32 +344,8 @@ pub fn encode_splicing<T: Serialize>(
     max: usize,
     out: &mut Vec<u8>,
 ) -> Result<Option<Spliced>, FrameError> {
-    if payload.len() < SPLICE_FROM {
-        return encode(value, max, out).map(|()| None);
-    }
-    let start = out.len();
-    out.extend_from_slice(&[0u8; HEADER_LEN]);
-    let mut w = Splicer {
-        out,
-        payload,
-        at: None,
-    };
-    if let Err(e) = rmp_serde::encode::write_named(&mut w, value) {
-        out.truncate(start);
-        return Err(FrameError::Encode(e.to_string()));
-    }
-    let at = w.at;
-    let spliced_len = at.map_or(0, |_| payload.len());
-    let body_len = out.len() - start - HEADER_LEN + spliced_len;
-    if body_len > max || body_len > u32::MAX as usize {
-        out.truncate(start);
-        return Err(FrameError::TooLarge {
-            declared: body_len as u64,
-            max,
-        });
-    }
-    let len = (body_len as u32).to_be_bytes();
-    out[start..start + HEADER_LEN].copy_from_slice(&len);
+    let spliceable = (payload.len() >= SPLICE_FROM).then_some(payload);
+    let at = encode_leaving_out(value, spliceable, max, out)?;
     Ok(at.map(|at| Spliced {
         at,
         payload: payload.clone(),
