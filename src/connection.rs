@@ -66,6 +66,9 @@ pub enum ConnError {
     /// The peer closed in the middle of a frame.
     #[error("connection closed in the middle of a frame")]
     Truncated,
+    /// An earlier write failed part-way; nothing more is written.
+    #[error("an earlier write failed; connection unusable")]
+    Broken,
     /// Transport failure.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -105,6 +108,9 @@ pub struct Connection<S> {
     splices: Vec<Spliced>,
     /// Their total length.
     spliced_len: usize,
+    /// A write failed part-way: what follows on the stream would not line up with frame
+    /// boundaries, so nothing more is written.
+    broken: bool,
     /// When the first byte of the frame now being received arrived.
     frame_started: Option<Instant>,
     /// When the last complete frame arrived (or the connection opened).
@@ -122,6 +128,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             write_buf: Vec::new(),
             splices: Vec::new(),
             spliced_len: 0,
+            broken: false,
             frame_started: None,
             last_frame: Instant::now(),
             limits,
@@ -274,13 +281,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.write_buf.len() + self.spliced_len
     }
 
-    /// Writes everything queued, under the write deadline.
+    /// Writes everything queued, under the write deadline. On failure the queue is dropped:
+    /// part of it may have gone out, and sending it again would repeat those frames.
     pub async fn flush(&mut self) -> Result<(), ConnError> {
+        let result = if self.broken {
+            Err(ConnError::Broken)
+        } else {
+            self.write_queued().await
+        };
+        self.broken |= result.is_err();
+        self.write_buf.clear();
+        self.splices.clear();
+        self.spliced_len = 0;
+        if self.write_buf.capacity() > KEEP_BUFFER {
+            self.write_buf = Vec::new();
+        }
+        result
+    }
+
+    async fn write_queued(&mut self) -> Result<(), ConnError> {
         if self.queued() == 0 {
             return Ok(());
         }
         if self.splices.is_empty() {
-            write_within(&mut self.stream, &self.write_buf, self.limits.write_timeout).await?;
+            write_within(&mut self.stream, &self.write_buf, self.limits.write_timeout).await
         } else {
             let mut slices = Vec::with_capacity(2 * self.splices.len() + 1);
             let mut from = 0;
@@ -291,15 +315,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 from = at;
             }
             slices.push(IoSlice::new(&self.write_buf[from..]));
-            write_vectored_within(&mut self.stream, &mut slices, self.limits.write_timeout).await?;
-            self.splices.clear();
-            self.spliced_len = 0;
+            write_vectored_within(&mut self.stream, &mut slices, self.limits.write_timeout).await
         }
-        self.write_buf.clear();
-        if self.write_buf.capacity() > KEEP_BUFFER {
-            self.write_buf = Vec::new();
-        }
-        Ok(())
     }
 
     /// Writes `first` together with every frame already waiting in `rx` (up to a batch of
@@ -320,9 +337,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let mut next = rx.try_recv().ok();
         if next.is_none() && self.queued() == 0 {
             // A batch of one: written from where it is, without a copy into the buffer.
+            if self.broken {
+                return Err(ConnError::Broken);
+            }
             let mut parts = frame(&first).parts().map(IoSlice::new);
-            return write_vectored_within(&mut self.stream, &mut parts, self.limits.write_timeout)
-                .await;
+            let result =
+                write_vectored_within(&mut self.stream, &mut parts, self.limits.write_timeout)
+                    .await;
+            self.broken |= result.is_err();
+            return result;
         }
         self.queue_encoded(frame(&first));
         while let Some(f) = next.take() {
@@ -340,11 +363,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.flush().await
     }
 
-    /// Best effort: writes what is queued plus `last` (if any) and shuts the stream down
-    /// (a TLS close_notify), all within the write deadline. Errors are ignored: the
-    /// connection is going away either way.
+    /// Best effort: writes what is queued plus `last` (if any; not after a write failed
+    /// part-way) and shuts the stream down (a TLS close_notify), all within the write
+    /// deadline. Errors are ignored: the connection is going away either way.
     pub async fn close(&mut self, last: Option<&Message>) {
-        if let Some(m) = last {
+        if let (Some(m), false) = (last, self.broken) {
             let _ = self.queue(m);
         }
         let limit = self.limits.write_timeout;
@@ -603,10 +626,7 @@ mod tests {
     /// go out in order, byte for byte as the plain encoding, whether queued or batched.
     #[tokio::test]
     async fn spliced_payloads_go_out_in_order_as_the_plain_encoding() {
-        let big = IoLimits {
-            max_frame: 1 << 20,
-            ..limits()
-        };
+        let big = big_limits();
         let reply = |id, len: usize| {
             Message::Reply(Reply {
                 id,
@@ -668,6 +688,80 @@ mod tests {
         b.read_exact(&mut got).await.unwrap();
         assert_eq!(got, expected);
         assert_eq!(tx.queued(), 0);
+    }
+
+    fn big_limits() -> IoLimits {
+        IoLimits {
+            max_frame: 1 << 20,
+            ..limits()
+        }
+    }
+
+    /// Frames with spliced payloads, and their plain encoding.
+    fn spliced_frames() -> (Vec<Message>, Vec<u8>) {
+        let msgs: Vec<Message> = (1..=4u64)
+            .map(|id| {
+                Message::Reply(Reply {
+                    id,
+                    payload: vec![id as u8; 3_000 * id as usize].into(),
+                })
+            })
+            .chain([ping(9)])
+            .collect();
+        let plain = msgs
+            .iter()
+            .flat_map(|m| frame::encode_to_vec(m, big_limits().max_frame).unwrap())
+            .collect();
+        (msgs, plain)
+    }
+
+    /// A stream that takes a few bytes per write makes every vectored write partial.
+    #[tokio::test]
+    async fn partial_vectored_writes_resume_where_they_stopped() {
+        let (msgs, plain) = spliced_frames();
+        let (a, mut b) = tokio::io::duplex(37);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).await.map(|_| got)
+        });
+        let mut tx = Connection::new(a, big_limits());
+        for m in &msgs {
+            tx.queue(m).unwrap();
+        }
+        assert!(!tx.splices.is_empty());
+        tx.flush().await.unwrap();
+        tx.close(None).await;
+        drop(tx);
+        assert_eq!(reader.await.unwrap().unwrap(), plain);
+    }
+
+    /// After a write timed out part-way, nothing is sent again: the peer sees a prefix of the
+    /// frames, never a repeat of what already went out.
+    #[tokio::test]
+    async fn a_failed_write_is_not_repeated_on_close() {
+        let (msgs, plain) = spliced_frames();
+        let (a, mut b) = tokio::io::duplex(10_000);
+        let mut tx = Connection::new(a, big_limits());
+        for m in &msgs {
+            tx.queue(m).unwrap();
+        }
+        assert!(matches!(tx.flush().await, Err(ConnError::WriteTimeout(_))));
+        assert_eq!(tx.queued(), 0);
+        assert!(matches!(tx.send(&ping(1)).await, Err(ConnError::Broken)));
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).await.map(|_| got)
+        });
+        tx.close(Some(&ping(2))).await;
+        drop(tx);
+        let got = reader.await.unwrap().unwrap();
+        assert!(
+            got.len() < plain.len(),
+            "sent {} of {}",
+            got.len(),
+            plain.len()
+        );
+        assert_eq!(got, plain[..got.len()]);
     }
 
     #[tokio::test]
