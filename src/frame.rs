@@ -359,13 +359,14 @@ pub fn encode_spliced<T: Serialize>(
     payload: &bytes::Bytes,
     max: usize,
 ) -> Result<Encoded, FrameError> {
-    // Room for the header, the other fields and a token; the payload too if it is copied.
+    // Room for the header, the other fields and a token (~200 bytes); the payload too if it is
+    // copied.
     let copied = if payload.len() < SPLICE_FROM {
         payload.len()
     } else {
         0
     };
-    let mut bytes = Vec::with_capacity(copied + 512);
+    let mut bytes = Vec::with_capacity(copied + 1024);
     let spliced = encode_splicing(value, payload, max, &mut bytes)?;
     Ok(Encoded { bytes, spliced })
 }

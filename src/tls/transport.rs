@@ -2,10 +2,14 @@
 //!
 //! rustls asks its transport for at most about 4 KiB at a time, so a 16 KiB request costs
 //! five `recv` calls. [`Transport`] takes everything the socket has ready (up to
-//! [`READ_AHEAD`]) in one call and hands it to rustls from memory. An idle connection holds
-//! no buffer: one is allocated only once the socket is readable and is freed as soon as it has
-//! been handed on, so at most [`READ_AHEAD`] bytes that the peer actually sent wait here, and
-//! only while the connection is not reading (for example at its in-flight limit).
+//! [`READ_AHEAD`]) in one call and hands it to rustls from memory.
+//!
+//! Memory: an idle connection holds no buffer. One is allocated only once the socket is
+//! readable and is freed as soon as all of it has been handed on, which rustls does at once
+//! unless decrypted data is already waiting for the connection's task. So a connection holds
+//! one [`READ_AHEAD`] allocation at most, and only while its task is busy elsewhere — at the
+//! longest while it waits, up to `limits.write_timeout_ms`, for a peer that does not take its
+//! answers. Those bytes would otherwise wait in the kernel's socket buffer.
 
 use bytes::{Buf, BytesMut};
 use std::io;
@@ -14,6 +18,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_util::io::poll_read_buf;
 
 /// The most one read from the socket takes.
 pub const READ_AHEAD: usize = 32 * 1024;
@@ -69,6 +74,9 @@ impl AsyncRead for Transport {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if out.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
         if !this.ahead.is_empty() {
             this.hand_on(out);
             return Poll::Ready(Ok(()));
@@ -76,22 +84,25 @@ impl AsyncRead for Transport {
         if out.remaining() >= READ_AHEAD {
             return Pin::new(&mut this.tcp).poll_read(cx, out);
         }
-        loop {
-            // Wait for readiness before allocating, so that idle connections hold nothing.
-            ready!(this.tcp.poll_read_ready(cx))?;
-            this.ahead.reserve(READ_AHEAD);
-            match this.tcp.try_read_buf(&mut this.ahead) {
-                Ok(_) => {
-                    // Zero bytes is end of stream, which the caller sees as an empty read.
-                    this.hand_on(out);
-                    return Poll::Ready(Ok(()));
-                }
-                // Readiness was stale (and is now cleared): wait again, holding nothing.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => this.ahead = BytesMut::new(),
-                Err(e) => {
-                    this.ahead = BytesMut::new();
-                    return Poll::Ready(Err(e));
-                }
+        // Wait for readiness before allocating, so that idle connections hold nothing.
+        ready!(this.tcp.poll_read_ready(cx))?;
+        this.ahead.reserve(READ_AHEAD);
+        // The socket's own read, which also notes a short read as "drained", so the next
+        // read waits for the peer instead of trying the socket in vain.
+        match poll_read_buf(Pin::new(&mut this.tcp), cx, &mut this.ahead) {
+            Poll::Ready(Ok(_)) => {
+                // Zero bytes is end of stream, which the caller sees as an empty read.
+                this.hand_on(out);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => {
+                this.ahead = BytesMut::new();
+                Poll::Ready(Err(e))
+            }
+            // Readiness was stale: wait again, holding nothing.
+            Poll::Pending => {
+                this.ahead = BytesMut::new();
+                Poll::Pending
             }
         }
     }
@@ -178,6 +189,15 @@ mod tests {
             0,
             "a drained read-ahead keeps no allocation"
         );
+
+        // Drained: the next read waits for the peer, holding nothing meanwhile.
+        let waiting =
+            tokio::time::timeout(std::time::Duration::from_millis(50), t.read(&mut chunk)).await;
+        assert!(waiting.is_err());
+        assert_eq!(t.ahead.capacity(), 0);
+        peer.write_all(b"more").await.unwrap();
+        assert_eq!(t.read(&mut chunk).await.unwrap(), 4);
+        assert_eq!(&chunk[..4], b"more");
     }
 
     #[tokio::test]
