@@ -224,16 +224,25 @@ fn encode_leaving_out<T: Serialize>(
 ) -> Result<Option<usize>, FrameError> {
     let start = out.len();
     out.extend_from_slice(&[0u8; HEADER_LEN]);
-    let mut w = Splicer {
-        out,
-        payload,
-        at: None,
+    let written = match payload {
+        // Straight into the vector: the encoder's many small writes stay cheap.
+        None => rmp_serde::encode::write_named(out, value).map(|()| None),
+        Some(payload) => {
+            let mut w = Splicer {
+                out,
+                payload,
+                at: None,
+            };
+            rmp_serde::encode::write_named(&mut w, value).map(|()| w.at)
+        }
     };
-    if let Err(e) = rmp_serde::encode::write_named(&mut w, value) {
-        out.truncate(start);
-        return Err(FrameError::Encode(e.to_string()));
-    }
-    let at = w.at;
+    let at = match written {
+        Ok(at) => at,
+        Err(e) => {
+            out.truncate(start);
+            return Err(FrameError::Encode(e.to_string()));
+        }
+    };
     let left_out = match (at, payload) {
         (Some(_), Some(p)) => p.len(),
         _ => 0,
@@ -310,16 +319,15 @@ impl Encoded {
 /// `payload` (same memory, same length): that place is remembered instead.
 struct Splicer<'a> {
     out: &'a mut Vec<u8>,
-    payload: Option<&'a bytes::Bytes>,
+    payload: &'a bytes::Bytes,
     at: Option<usize>,
 }
 
 impl std::io::Write for Splicer<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if self.at.is_none()
-            && self
-                .payload
-                .is_some_and(|p| buf.len() == p.len() && std::ptr::eq(buf.as_ptr(), p.as_ptr()))
+            && buf.len() == self.payload.len()
+            && std::ptr::eq(buf.as_ptr(), self.payload.as_ptr())
         {
             self.at = Some(self.out.len());
         } else {

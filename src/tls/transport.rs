@@ -9,7 +9,9 @@
 //! unless decrypted data is already waiting for the connection's task. So a connection holds
 //! one [`READ_AHEAD`] allocation at most, and only while its task is busy elsewhere — at the
 //! longest while it waits, up to `limits.write_timeout_ms`, for a peer that does not take its
-//! answers. Those bytes would otherwise wait in the kernel's socket buffer.
+//! answers. Those bytes would otherwise wait in the kernel's socket buffer. Freed buffers are
+//! kept for reuse, up to [`SPARE_PER_THREAD`] on each thread, so that a busy connection does not
+//! allocate and free 32 KiB for every message.
 
 use bytes::{Buf, BytesMut};
 use std::io;
@@ -22,6 +24,37 @@ use tokio_util::io::poll_read_buf;
 
 /// The most one read from the socket takes.
 pub const READ_AHEAD: usize = 32 * 1024;
+
+/// Empty read-ahead buffers kept for reuse on each thread.
+pub const SPARE_PER_THREAD: usize = 8;
+
+thread_local! {
+    static SPARE: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An empty buffer with room for [`READ_AHEAD`] bytes, reused if one is spare.
+fn take_buffer() -> BytesMut {
+    let mut b = SPARE
+        .try_with(|s| s.borrow_mut().pop())
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    // A spare buffer has been read to its end; with nothing in it, this only rewinds it.
+    b.clear();
+    b.reserve(READ_AHEAD);
+    b
+}
+
+/// Keeps `b` (emptied) for reuse, or frees it if enough are kept already.
+fn give_back(mut b: BytesMut) {
+    b.clear();
+    let _ = SPARE.try_with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < SPARE_PER_THREAD {
+            s.push(b);
+        }
+    });
+}
 
 /// A [`TcpStream`] that reads ahead (see the module documentation). Writes go straight through.
 #[derive(Debug)]
@@ -56,13 +89,13 @@ impl Transport {
         self.ahead.len()
     }
 
-    /// Hands on what can be taken from `ahead`, freeing the allocation once it is empty.
+    /// Hands on what can be taken from `ahead`, letting go of the buffer once it is empty.
     fn hand_on(&mut self, out: &mut ReadBuf<'_>) {
         let n = out.remaining().min(self.ahead.len());
         out.put_slice(&self.ahead[..n]);
         self.ahead.advance(n);
         if self.ahead.is_empty() {
-            self.ahead = BytesMut::new();
+            give_back(std::mem::take(&mut self.ahead));
         }
     }
 }
@@ -86,7 +119,7 @@ impl AsyncRead for Transport {
         }
         // Wait for readiness before allocating, so that idle connections hold nothing.
         ready!(this.tcp.poll_read_ready(cx))?;
-        this.ahead.reserve(READ_AHEAD);
+        this.ahead = take_buffer();
         // The socket's own read, which also notes a short read as "drained", so the next
         // read waits for the peer instead of trying the socket in vain.
         match poll_read_buf(Pin::new(&mut this.tcp), cx, &mut this.ahead) {
@@ -96,12 +129,12 @@ impl AsyncRead for Transport {
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => {
-                this.ahead = BytesMut::new();
+                give_back(std::mem::take(&mut this.ahead));
                 Poll::Ready(Err(e))
             }
             // Readiness was stale: wait again, holding nothing.
             Poll::Pending => {
-                this.ahead = BytesMut::new();
+                give_back(std::mem::take(&mut this.ahead));
                 Poll::Pending
             }
         }
@@ -198,6 +231,36 @@ mod tests {
         peer.write_all(b"more").await.unwrap();
         assert_eq!(t.read(&mut chunk).await.unwrap(), 4);
         assert_eq!(&chunk[..4], b"more");
+    }
+
+    #[tokio::test]
+    async fn a_drained_buffer_is_reused_not_reallocated() {
+        let (mut t, mut peer) = pair().await;
+        let spare = || SPARE.with(|s| s.borrow().len());
+        let mut chunk = [0u8; 4096];
+        peer.write_all(&[1; 100]).await.unwrap();
+        assert_eq!(t.read(&mut chunk).await.unwrap(), 100);
+        assert_eq!(t.ahead.capacity(), 0);
+        let kept = spare();
+        assert!(kept >= 1, "the drained buffer is kept for reuse");
+        // The spare was read 100 bytes in; its allocation starts 100 bytes before.
+        let start = SPARE.with(|s| s.borrow().last().map(|b| b.as_ptr() as usize - 100));
+
+        peer.write_all(&[2; 6000]).await.unwrap();
+        wait_queued(&t, 6000).await;
+        assert_eq!(t.read(&mut chunk).await.unwrap(), 4096);
+        assert_eq!(spare(), kept - 1, "taken from the spares");
+        // Rewound to the start of the same allocation: no new 32 KiB buffer.
+        assert_eq!(Some(t.ahead.as_ptr() as usize - 4096), start);
+        assert_eq!(t.read(&mut chunk).await.unwrap(), 6000 - 4096);
+        assert_eq!(&chunk[..6000 - 4096], &[2; 6000 - 4096][..]);
+        assert_eq!(spare(), kept);
+
+        // Never more than SPARE_PER_THREAD are kept.
+        for _ in 0..2 * SPARE_PER_THREAD {
+            give_back(BytesMut::with_capacity(READ_AHEAD));
+        }
+        assert_eq!(spare(), SPARE_PER_THREAD);
     }
 
     #[tokio::test]
