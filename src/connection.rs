@@ -433,6 +433,14 @@ mod tests {
         }
     }
 
+    /// [`limits`] with another frame cap.
+    fn limits_with_max(max_frame: usize) -> IoLimits {
+        IoLimits {
+            max_frame,
+            ..limits()
+        }
+    }
+
     fn ping(n: u8) -> Message {
         Message::Ping(Ping { nonce: vec![n; 16] })
     }
@@ -455,10 +463,7 @@ mod tests {
 
     #[tokio::test]
     async fn big_and_small_frames_interleave_across_reads() {
-        let limits = IoLimits {
-            max_frame: 64 * 1024,
-            ..limits()
-        };
+        let limits = limits_with_max(64 * 1024);
         let (mut a, b) = tokio::io::duplex(1000);
         let mut rx = Connection::new(b, limits);
         let msgs: Vec<Message> = [10usize, 20_000, 3, SHARE_FRAMES_FROM, 40_000, 0]
@@ -497,10 +502,7 @@ mod tests {
     /// earlier big frame alive).
     #[tokio::test]
     async fn payloads_do_not_keep_the_read_buffer_alive() {
-        let limits = IoLimits {
-            max_frame: 256 * 1024,
-            ..limits()
-        };
+        let limits = limits_with_max(256 * 1024);
         let (mut a, b) = tokio::io::duplex(512 * 1024);
         let mut rx = Connection::new(b, limits);
         // Small, sharable-size and big frames, written in one go so that several of them
@@ -626,7 +628,7 @@ mod tests {
     /// go out in order, byte for byte as the plain encoding, whether queued or batched.
     #[tokio::test]
     async fn spliced_payloads_go_out_in_order_as_the_plain_encoding() {
-        let big = big_limits();
+        let big = limits_with_max(1 << 20);
         let reply = |id, len: usize| {
             Message::Reply(Reply {
                 id,
@@ -690,13 +692,6 @@ mod tests {
         assert_eq!(tx.queued(), 0);
     }
 
-    fn big_limits() -> IoLimits {
-        IoLimits {
-            max_frame: 1 << 20,
-            ..limits()
-        }
-    }
-
     /// Frames with spliced payloads, and their plain encoding.
     fn spliced_frames() -> (Vec<Message>, Vec<u8>) {
         let msgs: Vec<Message> = (1..=4u64)
@@ -710,7 +705,7 @@ mod tests {
             .collect();
         let plain = msgs
             .iter()
-            .flat_map(|m| frame::encode_to_vec(m, big_limits().max_frame).unwrap())
+            .flat_map(|m| frame::encode_to_vec(m, limits_with_max(1 << 20).max_frame).unwrap())
             .collect();
         (msgs, plain)
     }
@@ -724,7 +719,7 @@ mod tests {
             let mut got = Vec::new();
             b.read_to_end(&mut got).await.map(|_| got)
         });
-        let mut tx = Connection::new(a, big_limits());
+        let mut tx = Connection::new(a, limits_with_max(1 << 20));
         for m in &msgs {
             tx.queue(m).unwrap();
         }
@@ -741,7 +736,7 @@ mod tests {
     async fn a_failed_write_is_not_repeated_on_close() {
         let (msgs, plain) = spliced_frames();
         let (a, mut b) = tokio::io::duplex(10_000);
-        let mut tx = Connection::new(a, big_limits());
+        let mut tx = Connection::new(a, limits_with_max(1 << 20));
         for m in &msgs {
             tx.queue(m).unwrap();
         }
