@@ -340,10 +340,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             if self.broken {
                 return Err(ConnError::Broken);
             }
-            let mut parts = frame(&first).parts().map(IoSlice::new);
-            let result =
-                write_vectored_within(&mut self.stream, &mut parts, self.limits.write_timeout)
-                    .await;
+            let limit = self.limits.write_timeout;
+            let result = match frame(&first).pieces() {
+                (bytes, None) => write_within(&mut self.stream, bytes, limit).await,
+                (_, Some(_)) => {
+                    let mut parts = frame(&first).parts().map(IoSlice::new);
+                    write_vectored_within(&mut self.stream, &mut parts, limit).await
+                }
+            };
             self.broken |= result.is_err();
             return result;
         }
