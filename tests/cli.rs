@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Proc, WAIT, bin, free_port, free_port_block, pki};
+use common::{Pki, Proc, WAIT, bin, free_port, free_port_block, pki};
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -138,13 +138,20 @@ fn bad_configuration_exits_64_and_lists_every_problem() {
     assert_eq!(out.status.code(), Some(64));
 }
 
-#[test]
-fn client_command_end_to_end() {
+/// Certificates for one worker, their directory, and free addresses for a dispatcher and the
+/// worker.
+fn one_worker() -> (Pki, String, String, String) {
     let pki = pki(1);
     let dir = pki.dir.to_str().unwrap().to_string();
     let base = free_port_block(1);
     let d_addr = format!("127.0.0.1:{base}");
     let w_addr = format!("127.0.0.1:{}", base + 1);
+    (pki, dir, d_addr, w_addr)
+}
+
+#[test]
+fn client_command_end_to_end() {
+    let (pki, dir, d_addr, w_addr) = one_worker();
     let cwd = pki.tmp.path();
     // A job, declared in the configuration both components read.
     std::fs::write(
@@ -341,11 +348,7 @@ fn the_menu_of_the_original() {
 
 #[test]
 fn bench_command_measures_through_a_real_dispatcher() {
-    let pki = pki(1);
-    let dir = pki.dir.to_str().unwrap().to_string();
-    let base = free_port_block(1);
-    let d_addr = format!("127.0.0.1:{base}");
-    let w_addr = format!("127.0.0.1:{}", base + 1);
+    let (pki, dir, d_addr, w_addr) = one_worker();
     let cwd = pki.tmp.path();
     std::fs::write(cwd.join("empty.toml"), "").unwrap();
     let (_worker, dispatcher) =
