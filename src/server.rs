@@ -79,8 +79,10 @@ pub trait ConnectionHandler: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = ()> + Send;
 }
 
-/// Counts established connections per identity and holds each identity's request slots
-/// (an entry lives as long as the identity has a connection).
+/// Counts established connections per identity and holds each identity's request slots.
+/// An entry lives as long as the identity has a connection or a request still running: a
+/// request that outlives its connection keeps its slot (see [`crate::session`]), and a new
+/// connection must find those slots taken, not a fresh set.
 #[derive(Default)]
 struct IdentityCounts {
     counts: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
@@ -101,6 +103,10 @@ impl IdentityCounts {
     ) -> Option<(IdentitySlot, Arc<Semaphore>)> {
         let key = id.to_string();
         let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if !map.contains_key(&key) {
+            // Forget identities with neither connections nor running requests.
+            map.retain(|_, (n, slots)| *n > 0 || Arc::strong_count(slots) > 1);
+        }
         let (n, slots) = map
             .entry(key.clone())
             .or_insert_with(|| (0, Arc::new(Semaphore::new(in_flight))));
@@ -122,9 +128,10 @@ impl IdentityCounts {
 impl Drop for IdentitySlot {
     fn drop(&mut self) {
         let mut map = self.counts.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((n, _)) = map.get_mut(&self.key) {
+        if let Some((n, slots)) = map.get_mut(&self.key) {
             *n -= 1;
-            if *n == 0 {
+            // Requests still running hold the slots (each permit keeps the semaphore alive).
+            if *n == 0 && Arc::strong_count(slots) == 1 {
                 map.remove(&self.key);
             }
         }

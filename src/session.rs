@@ -26,6 +26,9 @@ use tracing::{debug, info, warn};
 /// Bytes of answers gathered into one write.
 const MAX_BATCH: usize = 256 * 1024;
 
+/// Pings a connection may have unanswered beyond its request limit before it is cut off.
+pub const PING_HEADROOM: usize = 8;
+
 /// What the loop does after a message was handled.
 #[derive(Debug)]
 pub enum Next {
@@ -94,28 +97,41 @@ impl Session {
                 format!("too many requests in flight for this identity (limit {limit})"),
             ));
         };
-        let work = hold(permit, work);
+        self.run(placement, Box::pin(hold(permit, work)));
+        Next::Continue
+    }
+
+    /// Answers a ping through the same path as requests: `pong` runs like a request, so a
+    /// component whose request machinery is stuck does not answer. A busy component is not a
+    /// stuck one, so a ping does not count against the request limits (a refusal would need
+    /// id 0, which means the connection is closing, and would make a full worker look dead);
+    /// only a peer with [`PING_HEADROOM`] pings beyond a full connection is cut off. A nonce of
+    /// the wrong size closes the connection.
+    pub fn ping<F>(&mut self, nonce: Vec<u8>, placement: Placement, pong: F) -> Next
+    where
+        F: FnOnce(Vec<u8>) -> Message + Send + 'static,
+    {
+        if let Err(m) = check_nonce(&nonce) {
+            return Next::Close(Some(m));
+        }
+        if self.in_flight() >= self.max_in_flight + PING_HEADROOM {
+            return Next::Close(Some(Message::connection_error(
+                ErrorCode::Overloaded,
+                "too many pings unanswered on a full connection",
+            )));
+        }
+        self.run(placement, Box::pin(async move { pong(nonce) }));
+        Next::Continue
+    }
+
+    fn run(&mut self, placement: Placement, work: Answer) {
         if placement == Placement::Task && self.multi_thread {
             let tx = self.tx.clone();
             self.spawned.spawn(async move {
                 let _ = tx.send(work.await).await;
             });
         } else {
-            self.inline.push(Box::pin(work));
-        }
-        Next::Continue
-    }
-
-    /// Answers a ping through the same path as requests: `pong` runs like a request, so a
-    /// component whose request machinery is stuck does not answer. A nonce of the wrong size
-    /// closes the connection.
-    pub fn ping<F>(&mut self, nonce: Vec<u8>, placement: Placement, pong: F) -> Next
-    where
-        F: FnOnce(Vec<u8>) -> Message + Send + 'static,
-    {
-        match check_nonce(&nonce) {
-            Err(m) => Next::Close(Some(m)),
-            Ok(()) => self.start(0, placement, async move { pong(nonce) }),
+            self.inline.push(work);
         }
     }
 
@@ -139,6 +155,24 @@ impl Session {
             code: ErrorCode::Overloaded,
             message,
         })
+    }
+}
+
+/// Counts one running request in a component's gauge until dropped, so that a request whose
+/// future is dropped part-way is not counted for ever.
+pub struct Running<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl<'a> Running<'a> {
+    /// Counts a request in `gauge`.
+    pub fn enter(gauge: &'a std::sync::atomic::AtomicU32) -> Self {
+        gauge.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Running(gauge)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -199,7 +233,7 @@ pub async fn drive<S, F>(
     F: FnMut(Message, &mut Session) -> Next,
 {
     let max_in_flight = limits.per_connection.max(1);
-    let (tx, mut rx) = mpsc::channel::<Message>(max_in_flight + 8);
+    let (tx, mut rx) = mpsc::channel::<Message>(max_in_flight + PING_HEADROOM + 8);
     let multi_thread = tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread);
     let mut session = Session {
@@ -281,12 +315,30 @@ pub async fn drive<S, F>(
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {
-                info!(abandoned = session.in_flight(), "drain deadline passed");
+                info!(unanswered = session.in_flight(), "drain deadline passed; closing without their answers");
                 break;
             }
         }
     }
     conn.close(last.as_ref()).await;
+}
+
+/// Requests still running when their connection ends, however it ends, are run to the end
+/// (each has its own deadline) with their answers thrown away, rather than dropped: the work
+/// they started elsewhere (a forward a worker is running, a job) goes on either way, and
+/// dropping them would free their identity's request slots and the worker's count while it
+/// does, so that a peer could reconnect and start more than its limits allow. Spawned requests
+/// run on by themselves.
+impl Drop for Session {
+    fn drop(&mut self) {
+        let mut inline = std::mem::take(&mut self.inline);
+        if inline.is_empty() {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { while inline.next().await.is_some() {} });
+        }
+    }
 }
 
 fn log_read_error(e: &ConnError) {

@@ -1,7 +1,7 @@
 //! Hostile peers against a real dispatcher process: slow handshakes and frames, thousands of
 //! idle connections (with the dispatcher's memory measured), garbage after the handshake,
-//! absurd frame lengths, wrong shapes, deep nesting, and a flood from one identity. After
-//! every abuse a good client is still served.
+//! absurd frame lengths, wrong shapes, deep nesting, a flood from one identity, and requests
+//! left running by connections that went away. After every abuse a good client is still served.
 
 mod common;
 
@@ -9,7 +9,7 @@ use common::{Pki, Proc, WAIT, free_port_block, pki};
 use securesrv::client::{CallOptions, Client, ClientConfig, ClientError};
 use securesrv::connection::{Connection, IoLimits};
 use securesrv::identity::SpiffeId;
-use securesrv::message::{ErrorCode, Message};
+use securesrv::message::{ErrorCode, Message, Ping, Request};
 use securesrv::tls::ClientStream;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -99,7 +99,11 @@ async fn served(c: &Client) {
 
 /// Reads until the server closes; returns the connection-level error it sent, if any.
 async fn closing_reason(stream: ClientStream) -> Option<ErrorCode> {
-    let mut conn = Connection::new(stream, IoLimits::default());
+    closing_code(&mut Connection::new(stream, IoLimits::default())).await
+}
+
+/// Reads `conn` until the server closes; returns the connection-level error it sent, if any.
+async fn closing_code(conn: &mut Connection<ClientStream>) -> Option<ErrorCode> {
     let mut code = None;
     loop {
         match tokio::time::timeout(WAIT, conn.read_message())
@@ -447,4 +451,121 @@ fn a_flood_from_one_identity_does_not_starve_another() {
     });
     s.dispatcher
         .wait_log(&["too many requests in flight for this identity"], WAIT);
+}
+
+fn sleep_request(id: u64, ms: u32) -> Message {
+    Message::Request(Request {
+        id,
+        op: "sleep".into(),
+        payload: bytes::Bytes::from(ms.to_string()),
+        timeout_ms: None,
+    })
+}
+
+/// Reads the next message, bounded by [`WAIT`].
+async fn next(conn: &mut Connection<ClientStream>) -> Message {
+    tokio::time::timeout(WAIT, conn.read_message())
+        .await
+        .expect("an answer in time")
+        .expect("read")
+        .expect("a message before the connection closed")
+}
+
+#[test]
+fn requests_left_running_by_a_closed_connection_keep_their_identity_slots() {
+    // Alice fills her identity's four request slots, then drops the connection. Her requests
+    // are still running at the worker, so reconnecting must not give her four fresh slots.
+    let s = start("max_in_flight_per_identity = 4\n[watchdog]\nstop_grace_ms = 250\n");
+    rt().block_on(async {
+        let mut conn = Connection::new(s.raw("client-alice").await, IoLimits::default());
+        for id in 1..=5 {
+            conn.queue(&sleep_request(id, 3000)).unwrap();
+        }
+        conn.flush().await.unwrap();
+        // The fifth is refused at once: the first four are running.
+        match next(&mut conn).await {
+            Message::Error(e) => {
+                assert_eq!((e.id, e.code), (5, ErrorCode::Overloaded), "{e:?}")
+            }
+            other => panic!("expected the fifth request refused, got {other:?}"),
+        }
+        drop(conn);
+    });
+    s.dispatcher.wait_log(&["drain deadline passed"], WAIT);
+    rt().block_on(async {
+        let alice = s.client("client-alice").await;
+        match alice.call("echo", b"more").await {
+            Err(ClientError::Remote {
+                code: ErrorCode::Overloaded,
+                ..
+            }) => {}
+            other => panic!("a new connection got fresh request slots: {other:?}"),
+        }
+        // Other identities are not affected, and Alice's slots come back once her requests end.
+        let bob = s.client("client-bob").await;
+        served(&bob).await;
+        let until = Instant::now() + WAIT;
+        loop {
+            match alice.call("echo", b"again").await {
+                Ok(p) => {
+                    assert_eq!(p, b"again");
+                    break;
+                }
+                Err(ClientError::Remote {
+                    code: ErrorCode::Overloaded,
+                    ..
+                }) if Instant::now() < until => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => panic!("alice is never served again: {e}"),
+            }
+        }
+    });
+}
+
+#[test]
+fn a_full_connection_still_answers_pings_but_not_a_ping_flood() {
+    let s = start("max_in_flight_per_connection = 4\n");
+    rt().block_on(async {
+        let mut conn = Connection::new(s.raw("client-alice").await, IoLimits::default());
+        for id in 1..=4 {
+            conn.queue(&sleep_request(id, 500)).unwrap();
+        }
+        let nonce = vec![7u8; 16];
+        conn.queue(&Message::Ping(Ping {
+            nonce: nonce.clone(),
+        }))
+        .unwrap();
+        conn.flush().await.unwrap();
+        // A busy connection is not a dead one: the pong comes, not a connection-level refusal.
+        let mut replies = 0;
+        let mut ponged = false;
+        while replies < 4 || !ponged {
+            match next(&mut conn).await {
+                Message::Pong(p) => {
+                    assert_eq!(p.nonce, nonce);
+                    ponged = true;
+                }
+                Message::Reply(r) => {
+                    assert!((1..=4).contains(&r.id));
+                    replies += 1;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+
+        // A peer that piles pings on a full connection is cut off.
+        for id in 11..=14 {
+            conn.queue(&sleep_request(id, 500)).unwrap();
+        }
+        for _ in 0..(securesrv::session::PING_HEADROOM + 1) {
+            conn.queue(&Message::Ping(Ping {
+                nonce: nonce.clone(),
+            }))
+            .unwrap();
+        }
+        conn.flush().await.unwrap();
+        assert_eq!(closing_code(&mut conn).await, Some(ErrorCode::Overloaded));
+        served(&s.client("client-alice").await).await;
+    });
 }

@@ -137,9 +137,9 @@ impl Dispatcher {
 
     async fn handle_request(self: Arc<Self>, client: Arc<Caller>, req: Request) -> Message {
         let started = Instant::now();
-        self.running.fetch_add(1, Ordering::Relaxed);
+        let running = crate::session::Running::enter(&self.running);
         let (worker, result) = self.route(&client, &req).await;
-        self.running.fetch_sub(1, Ordering::Relaxed);
+        drop(running);
         let micros = started.elapsed().as_micros() as u64;
         let id = req.id;
         crate::audit::record(|| crate::audit::Record {

@@ -119,9 +119,9 @@ impl Worker {
         let started = Instant::now();
         let id = f.id;
         let op = f.op.clone();
-        self.running.fetch_add(1, Ordering::Relaxed);
+        let running = crate::session::Running::enter(&self.running);
         let (client, result) = self.execute(f).await;
-        self.running.fetch_sub(1, Ordering::Relaxed);
+        drop(running);
         let micros = started.elapsed().as_micros() as u64;
         match result {
             Ok(payload) => {
