@@ -348,6 +348,11 @@ impl Minter {
         }
     }
 
+    /// How long a minted token is valid.
+    pub fn lifetime(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.lifetime_ms)
+    }
+
     /// Mints a token; returns it and its request id.
     pub fn mint(
         &self,

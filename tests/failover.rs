@@ -191,3 +191,51 @@ fn a_worker_killed_mid_request() {
         let _ = tokio::time::timeout(WAIT, tracker.wait()).await;
     });
 }
+
+#[test]
+fn a_request_read_after_its_token_expired_goes_to_another_worker() {
+    // A paused worker reads the requests queued for it only after their tokens expired, and
+    // refuses them. A refused token means the request never ran, so it goes to another worker
+    // instead of reaching the client as a token error.
+    let mut s = setup();
+    let mut cfg = (*s.cfg).clone();
+    cfg.token.lifetime_ms = 1000;
+    // No ping misses during the pause: the link stays up, as in a stall shorter than the
+    // dispatcher's patience.
+    cfg.dispatcher.worker_ping_interval_ms = 60_000;
+    s.cfg = Arc::new(cfg);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let w1 = start_worker(&s, 1);
+        let (d, stop, tracker) = start_dispatcher(&s).await;
+        assert!(d.pool().wait_for_available(1, WAIT).await);
+        let c = client(&s).await;
+        w1.signal(Signal::SIGSTOP);
+        let started = Instant::now();
+        let c1 = c.clone();
+        let call = tokio::spawn(async move { c1.call("echo", b"late").await });
+        let until = Instant::now() + WAIT;
+        while d.pool().slots()[0].outstanding() == 0 {
+            assert!(Instant::now() < until, "the request never went to worker 1");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _w2 = start_worker(&s, 2);
+        assert!(d.pool().wait_for_available(2, WAIT).await);
+        // Let the token expire while worker 1 is paused, then let it go on.
+        tokio::time::sleep_until((started + Duration::from_millis(1300)).into()).await;
+        w1.signal(Signal::SIGCONT);
+        let answer = tokio::time::timeout(WAIT, call)
+            .await
+            .expect("the client is answered")
+            .unwrap();
+        assert_eq!(answer.unwrap(), b"late", "answered by worker 2");
+        assert_eq!(c.call("echo", b"next").await.unwrap(), b"next");
+        stop.cancel();
+        tracker.close();
+        let _ = tokio::time::timeout(WAIT, tracker.wait()).await;
+    });
+}

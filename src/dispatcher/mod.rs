@@ -226,6 +226,10 @@ impl Dispatcher {
                     exclude.push(slot.id);
                     continue;
                 }
+                Err(ForwardError::Expired) => {
+                    warn!(worker = slot.id, op = %req.op, "worker read the request after its token expired; sending it elsewhere");
+                    exclude.push(slot.id);
+                }
                 Err(ForwardError::Lost) => {
                     lost += 1;
                     if !info.idempotent {

@@ -54,6 +54,11 @@ pub enum ForwardError {
     /// The deadline passed while waiting for the worker.
     #[error("deadline passed while waiting for the worker")]
     Timeout,
+    /// The worker refused the token after it had expired: the worker read the request too
+    /// late (it was paused or overloaded). A refused token means the request did not run, so
+    /// it can go to another worker.
+    #[error("the worker read the request after its token expired")]
+    Expired,
     /// The worker answered with an error.
     #[error("{1}")]
     Remote(ErrorCode, String),
@@ -260,6 +265,7 @@ impl Pool {
             },
             crate::token::now_ms(),
         )?;
+        let token_expires = Instant::now() + self.minter.lifetime();
         let id = link.next_id.fetch_add(1, Ordering::Relaxed);
         let left = deadline.saturating_duration_since(Instant::now());
         let frame = frame::encode_spliced(
@@ -292,6 +298,11 @@ impl Pool {
         }
         match tokio::time::timeout_at(deadline, orx).await {
             Ok(Ok(Answer::Reply(p))) => Ok(p),
+            Ok(Ok(Answer::Error(ErrorCode::InvalidToken, _)))
+                if Instant::now() >= token_expires =>
+            {
+                Err(ForwardError::Expired)
+            }
             Ok(Ok(Answer::Error(code, msg))) => Err(ForwardError::Remote(code, msg)),
             Ok(Ok(Answer::NotSent)) => Err(ForwardError::NotSent),
             Ok(Ok(Answer::Lost)) | Ok(Err(_)) => Err(ForwardError::Lost),
