@@ -302,6 +302,10 @@ pub async fn drive<S, F>(
     }
     session.spawned.close();
     let deadline = tokio::time::Instant::now() + limits.drain;
+    // When stopping, the peer is still heard while the running requests finish: a ping is
+    // answered (the component is busy, not dead) and a new request gets `shutting_down` at
+    // once, so that the peer takes it elsewhere rather than waiting on an unread connection.
+    let mut hearing = last.is_none() && shutdown.is_cancelled();
     while session.in_flight() > 0 || !rx.is_empty() {
         tokio::select! {
             Some(answer) = session.inline.next(), if !session.inline.is_empty() => {
@@ -312,6 +316,34 @@ pub async fn drive<S, F>(
             Some(answer) = rx.recv() => {
                 if write_answers(&mut conn, &mut session, &mut rx, answer).await.is_err() {
                     return;
+                }
+            }
+            r = conn.read_message(), if hearing => {
+                let refusal = |id| Message::Error(ErrorReply {
+                    id,
+                    code: ErrorCode::ShuttingDown,
+                    message: "shutting down; send it elsewhere".into(),
+                });
+                let next = match r {
+                    Ok(Some(Message::Request(q))) => Next::Reply(refusal(q.id)),
+                    Ok(Some(Message::Forward(f))) => Next::Reply(refusal(f.id)),
+                    Ok(Some(m @ Message::Ping(_))) => on_message(m, &mut session),
+                    Ok(Some(_)) | Ok(None) | Err(_) => {
+                        hearing = false;
+                        Next::Continue
+                    }
+                };
+                match next {
+                    Next::Continue => {}
+                    Next::Reply(m) => {
+                        if conn.send(&m).await.is_err() {
+                            return;
+                        }
+                    }
+                    Next::Close(m) => {
+                        hearing = false;
+                        last = m;
+                    }
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {

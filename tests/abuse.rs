@@ -569,3 +569,46 @@ fn a_full_connection_still_answers_pings_but_not_a_ping_flood() {
         served(&s.client("client-alice").await).await;
     });
 }
+
+#[test]
+fn a_stopping_dispatcher_still_hears_its_clients() {
+    // While it drains, the dispatcher answers pings and turns new requests away with
+    // `shutting_down` at once, instead of leaving them unread until it closes.
+    let s = start("");
+    rt().block_on(async {
+        let mut conn = Connection::new(s.raw("client-alice").await, IoLimits::default());
+        let nonce = vec![9u8; 16];
+        conn.queue(&sleep_request(1, 1500)).unwrap();
+        conn.queue(&Message::Ping(Ping {
+            nonce: nonce.clone(),
+        }))
+        .unwrap();
+        conn.flush().await.unwrap();
+        // Messages are handled in order: the pong means the sleep is running.
+        assert!(matches!(next(&mut conn).await, Message::Pong(_)));
+        s.dispatcher.signal(nix::sys::signal::Signal::SIGTERM);
+        s.dispatcher.wait_log(&["shutting down"], WAIT);
+        conn.queue(&sleep_request(2, 10)).unwrap();
+        conn.queue(&Message::Ping(Ping {
+            nonce: nonce.clone(),
+        }))
+        .unwrap();
+        conn.flush().await.unwrap();
+        let (mut refused, mut ponged, mut answered) = (false, false, false);
+        while !(refused && ponged && answered) {
+            match next(&mut conn).await {
+                Message::Error(e) if e.id == 2 => {
+                    assert_eq!(e.code, ErrorCode::ShuttingDown, "{e:?}");
+                    assert!(!answered, "refused only after the drain");
+                    refused = true;
+                }
+                Message::Pong(p) => {
+                    assert_eq!(p.nonce, nonce);
+                    ponged = true;
+                }
+                Message::Reply(r) if r.id == 1 => answered = true,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    });
+}
