@@ -194,6 +194,9 @@ pub async fn serve<H: ConnectionHandler>(
             .instrument(span),
         );
     }
+    // Nothing more is accepted: free the port now rather than after the drain, so that a
+    // successor (a restarted watchdog's new component) can bind it while this one finishes.
+    drop(listener);
     tracker.close();
     // Each connection drains for `drain` itself; a little slack for the goodbye.
     if tokio::time::timeout(drain + Duration::from_millis(200), tracker.wait())

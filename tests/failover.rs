@@ -239,3 +239,50 @@ fn a_request_read_after_its_token_expired_goes_to_another_worker() {
         let _ = tokio::time::timeout(WAIT, tracker.wait()).await;
     });
 }
+
+#[test]
+fn a_stopping_worker_frees_its_port_at_once_and_still_answers() {
+    // Told to stop, a worker accepts nothing more: its port is free for a successor at once,
+    // while it finishes the request it is running (the drain is 4 s by default).
+    let s = setup();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut w1 = start_worker(&s, 1);
+        let (d, stop, tracker) = start_dispatcher(&s).await;
+        assert!(d.pool().wait_for_available(1, WAIT).await);
+        let c = client(&s).await;
+        let sent = Instant::now();
+        let call = tokio::spawn(async move { c.call("sleep", b"2500").await });
+        wait_busy(&s, 1).await;
+        w1.signal(Signal::SIGTERM);
+        let until = Instant::now() + WAIT;
+        let successor = loop {
+            match std::net::TcpListener::bind(s.workers[0]) {
+                Ok(l) => break l,
+                Err(e) => {
+                    assert!(Instant::now() < until, "the port stayed taken: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        // The sleep began after `sent`, so it was still running.
+        assert!(
+            sent.elapsed() < Duration::from_millis(2500),
+            "the port was freed only after the request had run"
+        );
+        drop(successor);
+        let answer = tokio::time::timeout(WAIT, call).await.unwrap().unwrap();
+        assert_eq!(answer.unwrap(), b"slept 2500 ms");
+        assert!(
+            w1.wait_exit(WAIT).is_some(),
+            "the worker exits after its drain"
+        );
+        stop.cancel();
+        tracker.close();
+        let _ = tokio::time::timeout(WAIT, tracker.wait()).await;
+    });
+}
