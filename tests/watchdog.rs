@@ -318,10 +318,10 @@ fn a_port_squatter_with_another_identity_is_never_accepted() {
     );
     squatter.wait_log(&["worker listening"], WAIT);
     let w = f.watchdog();
-    let warn = w.wait_log(&["wrong identity", "component=worker-2 "], WAIT);
-    assert!(
-        warn.contains("expected peer spiffe://securesrv/worker/2"),
-        "{warn}"
+    // The dispatcher refuses the squatter's identity on its link to worker 2.
+    w.wait_log(
+        &["identity refused: expected peer spiffe://securesrv/worker/2"],
+        WAIT,
     );
     w.wait_log(&["COMPONENT FAILED", "component=worker-2 "], WAIT);
     let ready = w.wait_for_n(false, &["securesrv ready"], 1, WAIT);
@@ -346,6 +346,35 @@ fn a_port_squatter_with_another_identity_is_never_accepted() {
         "{}",
         squatter.stderr()
     );
+}
+
+#[test]
+fn a_previous_instance_on_a_components_port_does_not_count_as_it() {
+    // Worker 2 of an earlier run, with the same certificates, still holds worker 2's port:
+    // the new worker 2 cannot bind. Heartbeats on the port would be answered by the old one,
+    // so the watchdog must not count its own worker 2 as up.
+    let f = Fixture::new();
+    let dir = f.pki.dir.to_str().unwrap().to_string();
+    let port = f.addr(2).to_string();
+    let previous = Proc::spawn(
+        "previous",
+        &["worker", "--id", "2", "--listen", &port, "--certs", &dir],
+        f.pki.tmp.path(),
+    );
+    previous.wait_log(&["worker listening"], WAIT);
+    let w = f.watchdog();
+    w.wait_log(&["COMPONENT FAILED", "component=worker-2 "], WAIT);
+    let ready = w.wait_for_n(false, &["securesrv ready"], 1, WAIT);
+    assert!(
+        ready.contains("worker-2 ") && ready.contains("(FAILED)"),
+        "{ready}"
+    );
+    assert!(
+        !w.stderr().contains("component up component=worker-2"),
+        "the previous instance counted as worker 2"
+    );
+    // The bound announcement is not passed on as output.
+    assert!(!w.stdout().contains("bound"), "{}", w.stdout());
 }
 
 #[test]

@@ -60,7 +60,9 @@ pub fn block_on_threads(
 
 fn fail(what: &str, e: impl std::fmt::Display) -> ExitCode {
     error!("{what}: {e}");
-    eprintln!("securesrv: {what}: {e}");
+    // One write, so that the lines of components failing together do not interleave.
+    let line = format!("securesrv: {what}: {e}\n");
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
     ExitCode::FAILURE
 }
 
@@ -95,6 +97,9 @@ pub fn dispatcher(cfg: Config, supervised: bool) -> ExitCode {
         }
         let addr = listener.local_addr().map_or(cfg.dispatcher.listen, |a| a);
         info!(addr = %addr, workers = d.pool().slots().len(), "dispatcher listening");
+        if supervised {
+            securesrv::watchdog::child::announce_bound();
+        }
         dispatcher::run(d, listener, acceptor, shutdown).await;
         // Worker links outlive the client connections so that draining requests finish.
         links.cancel();
@@ -128,6 +133,9 @@ pub fn worker(cfg: Config, id: u32, listen: SocketAddr, supervised: bool) -> Exi
         }
         let addr = listener.local_addr().map_or(listen, |a| a);
         info!(addr = %addr, identity = %w.identity(), "worker listening");
+        if supervised {
+            securesrv::watchdog::child::announce_bound();
+        }
         worker::run(Arc::new(w), listener, acceptor, shutdown).await;
         info!("worker stopped");
         ExitCode::SUCCESS

@@ -4,15 +4,34 @@
 //! dies, even by SIGKILL, the kernel closes it and the child (started with `--supervised`)
 //! shuts down by itself. Stopping is SIGTERM (plus SIGCONT, so a stopped process can act on
 //! it), then SIGKILL after a grace period.
+//!
+//! A child's stdout is a pipe too: once it has bound its port it writes [`BOUND_LINE`] there,
+//! and only then is it heartbeaten. Otherwise a heartbeat could reach whatever else answers
+//! on that port with the same certificates (a previous generation still running) and count a
+//! child that never started as up. Its other stdout lines are passed on.
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::ffi::OsString;
+use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, ChildStdin, Command};
+
+/// What a supervised component writes on stdout once it has bound its port.
+pub const BOUND_LINE: &str = "securesrv-component-bound";
+
+/// Tells the supervising watchdog that this component has bound its port.
+pub fn announce_bound() {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{BOUND_LINE}");
+    let _ = out.flush();
+}
 
 /// A running component process.
 pub struct Running {
@@ -22,6 +41,15 @@ pub struct Running {
     pub lifeline: Option<ChildStdin>,
     /// Its process id.
     pub pid: u32,
+    /// Set once the child has said it bound its port.
+    bound: Arc<AtomicBool>,
+}
+
+impl Running {
+    /// Whether the child has bound its port (so a heartbeat on it reaches this child).
+    pub fn is_bound(&self) -> bool {
+        self.bound.load(Ordering::Acquire)
+    }
 }
 
 /// Starts `exe args... --supervised`, with `threads` runtime threads unless the operator set
@@ -34,7 +62,7 @@ pub fn spawn(exe: &Path, args: &[OsString], threads: usize) -> std::io::Result<R
     cmd.args(args)
         .arg("--supervised")
         .stdin(Stdio::piped())
-        .stdout(Stdio::inherit())
+        .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true);
     let mut child = cmd.spawn()?;
@@ -42,10 +70,27 @@ pub fn spawn(exe: &Path, args: &[OsString], threads: usize) -> std::io::Result<R
     let pid = child
         .id()
         .ok_or_else(|| std::io::Error::other("child exited at once"))?;
+    let bound = Arc::new(AtomicBool::new(false));
+    if let Some(stdout) = child.stdout.take() {
+        let bound = bound.clone();
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line == BOUND_LINE {
+                    bound.store(true, Ordering::Release);
+                } else {
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "{line}");
+                    let _ = out.flush();
+                }
+            }
+        });
+    }
     Ok(Running {
         child,
         lifeline,
         pid,
+        bound,
     })
 }
 
@@ -81,5 +126,45 @@ pub fn describe(status: &ExitStatus) -> String {
             Err(_) => format!("killed by signal {s}"),
         },
         _ => "ended".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn wait_bound(r: &Running) -> bool {
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !r.is_bound() {
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
+    #[tokio::test]
+    async fn a_child_counts_as_bound_only_once_it_says_so() {
+        // `sh -c SCRIPT --supervised`: the script prints a line, waits for a line on stdin (the
+        // test's cue), then announces the port.
+        let script = format!("echo hello; read cue; echo {BOUND_LINE}; sleep 5");
+        let mut r = spawn(Path::new("/bin/sh"), &["-c".into(), script.into()], 1).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!r.is_bound(), "bound before it said so");
+        let mut cue = r.lifeline.take().unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut cue, b"go\n")
+            .await
+            .unwrap();
+        assert!(wait_bound(&r).await, "the announcement was missed");
+        stop(r, Duration::from_secs(1)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_child_that_exits_without_binding_never_counts_as_bound() {
+        let mut r = spawn(Path::new("/bin/sh"), &["-c".into(), "exit 3".into()], 1).unwrap();
+        let status = r.child.wait().await.unwrap();
+        assert_eq!(status.code(), Some(3));
+        assert!(!r.is_bound());
     }
 }

@@ -296,9 +296,17 @@ impl Supervisor {
                         format!("no heartbeat answered within {ms} ms of start"),
                     );
                 }
-                // A starting component is probed on every poll, so that it counts as up (and
-                // the time to recovery is measured) as soon as it answers.
-                Phase::Starting { .. } => self.beat(idx),
+                // A starting component is probed on every poll once it has bound its port, so
+                // that it counts as up (and the time to recovery is measured) as soon as it
+                // answers.
+                Phase::Starting { .. }
+                    if self.slots[idx]
+                        .running
+                        .as_ref()
+                        .is_some_and(Running::is_bound) =>
+                {
+                    self.beat(idx)
+                }
                 Phase::Failed if self.slots[idx].comp.is_dispatcher => {
                     return Some(WatchdogError::DispatcherFailed {
                         burst: self.cfg.watchdog.restart_limit_burst,
