@@ -6,6 +6,11 @@
 //! or (`--json`) one JSON object. With `--new-connection-per-request` every request opens (and
 //! closes) its own connection; the client's TLS session cache lets reconnects resume.
 //!
+//! What counts is every call that *started* inside the measured window, however long it takes:
+//! a call may retry for up to its timeout, and a server that dies or stalls mid-run shows up as
+//! errors, not as silence. A call still running [`UNFINISHED_GRACE`] after the window is given
+//! up on and counted as an error of kind `unfinished`, so a run never waits long for a dead server.
+//!
 //! [`echo_backend`] is a plain mTLS echo server speaking the same protocol, used as the
 //! backend of a reference relay (e.g. nginx's stream proxy) in `scripts/bench.sh`.
 
@@ -19,11 +24,25 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
+use tracing::debug;
 
 pub mod echo_backend;
+#[cfg(test)]
+mod tests;
+
+/// Timeout of each call (the client retries connection trouble until it passes).
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long calls still running when the window ends may take to finish before they count as
+/// `unfinished`. Short, so that a run against a dead server ends soon after its window; a call
+/// whose own timeout is nearer ends by itself (as a `timeout` error) before this passes.
+pub const UNFINISHED_GRACE: Duration = Duration::from_secs(1);
+
+/// Error kind of a call given up on at the end of the run.
+pub const UNFINISHED: &str = "unfinished";
 
 /// Arguments of `securesrv bench`.
 #[derive(clap::Args, Debug, Clone)]
@@ -85,12 +104,14 @@ pub enum BenchError {
     Connect(#[from] ClientError),
 }
 
-/// The measured result.
+/// The measured result. A call is measured when it started inside the window, wherever it ends.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
-    /// Successful requests per second in the measured window.
+    /// Successful measured requests per second of the window: `requests` over `duration_s`.
+    /// In a closed loop the calls started in the window and the calls completed in it differ
+    /// by at most the calls in flight, so this is the throughput the window saw.
     pub rps: f64,
-    /// Median latency.
+    /// Median latency of successful requests.
     pub p50_us: u64,
     /// 90th percentile.
     pub p90_us: u64,
@@ -98,14 +119,20 @@ pub struct Report {
     pub p99_us: u64,
     /// 99.9th percentile.
     pub p999_us: u64,
-    /// Slowest request.
+    /// Slowest successful request.
     pub max_us: u64,
     /// Successful requests measured.
     pub requests: u64,
-    /// Failed requests measured.
+    /// Failed requests measured, `unfinished` ones included.
     pub errors: u64,
-    /// Failed requests by kind (error code or `connection` / `timeout`).
+    /// Failed requests by kind (error code, `connection`, `timeout`, or `unfinished`: still
+    /// running [`UNFINISHED_GRACE`] after the window).
     pub errors_by_kind: BTreeMap<String, u64>,
+    /// Median time a failed request took to fail (an `unfinished` one: until it was given up
+    /// on); 0 without errors.
+    pub error_p50_us: u64,
+    /// Slowest failed request, so that a stall shows even when nothing succeeded.
+    pub error_max_us: u64,
     /// Connections used.
     pub connections: usize,
     /// Requests outstanding per connection.
@@ -122,10 +149,77 @@ pub struct Report {
     pub threads: u16,
 }
 
+/// The measured window and the end of the run.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    /// Calls started from here on are measured...
+    from: Instant,
+    /// ...until here; no call starts after it.
+    end: Instant,
+    /// Calls still running now are given up on (and, if measured, count as `unfinished`).
+    give_up: Instant,
+}
+
+impl Window {
+    fn contains(&self, t: Instant) -> bool {
+        self.from <= t && t < self.end
+    }
+}
+
+/// How one call ended.
+#[derive(Debug)]
+enum Outcome {
+    Ok,
+    /// Failed, with its error kind.
+    Failed(String),
+    /// Still running when the run gave up on it.
+    Unfinished,
+}
+
 /// What one load task measured.
 struct TaskResult {
+    /// Latencies of successful calls.
     hist: Histogram<u64>,
+    /// Latencies of failed calls: how long a failure (or a stall) took.
+    error_hist: Histogram<u64>,
     errors: BTreeMap<String, u64>,
+}
+
+impl TaskResult {
+    fn new() -> TaskResult {
+        TaskResult {
+            hist: new_hist(),
+            error_hist: new_hist(),
+            errors: BTreeMap::new(),
+        }
+    }
+
+    /// Counts a call that started at `t0` and ended (or was given up on) at `t1` if it started
+    /// inside the window; returns whether it was a measured success.
+    fn record(&mut self, window: &Window, t0: Instant, t1: Instant, outcome: Outcome) -> bool {
+        if !window.contains(t0) {
+            return false;
+        }
+        let us = ((t1 - t0).as_micros() as u64).clamp(1, 60_000_000);
+        match outcome {
+            Outcome::Ok => {
+                let _ = self.hist.record(us);
+                return true;
+            }
+            Outcome::Failed(kind) => *self.errors.entry(kind).or_default() += 1,
+            Outcome::Unfinished => *self.errors.entry(UNFINISHED.into()).or_default() += 1,
+        }
+        let _ = self.error_hist.record(us);
+        false
+    }
+
+    fn add(&mut self, other: TaskResult) {
+        let _ = self.hist.add(&other.hist);
+        let _ = self.error_hist.add(&other.error_hist);
+        for (k, v) in other.errors {
+            *self.errors.entry(k).or_default() += v;
+        }
+    }
 }
 
 fn error_kind(e: &ClientError) -> String {
@@ -148,7 +242,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     if args.json {
         println!("{}", serde_json::to_string(&report).unwrap_or_default());
     } else {
-        print_table(&report);
+        print!("{}", table(&report));
     }
     Ok(())
 }
@@ -173,7 +267,7 @@ pub async fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
     let payload = Bytes::from((0..args.size).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
     let opts = CallOptions {
         idempotent: true,
-        timeout: Duration::from_secs(30),
+        timeout: CALL_TIMEOUT,
     };
     // Fail fast if the server cannot be reached at all.
     let probe = Client::connect(cfg.clone()).await?;
@@ -183,8 +277,12 @@ pub async fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
     let start = Instant::now();
     let measure_from = start + Duration::from_secs_f64(args.warmup.max(0.0));
     let end = measure_from + Duration::from_secs_f64(args.duration.max(0.1));
+    let window = Window {
+        from: measure_from,
+        end,
+        give_up: end + UNFINISHED_GRACE.min(opts.timeout),
+    };
     let done = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..args.connections.max(1) {
         let shared = if args.new_connection_per_request {
@@ -199,36 +297,34 @@ pub async fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
                 payload.clone(),
                 args.op.clone(),
             );
-            let (done, stop) = (done.clone(), stop.clone());
+            let done = done.clone();
             tasks.spawn(async move {
-                let mut r = TaskResult {
-                    hist: new_hist(),
-                    errors: BTreeMap::new(),
-                };
-                while !stop.load(Ordering::Relaxed) {
+                let mut r = TaskResult::new();
+                loop {
                     let t0 = Instant::now();
-                    let result = match &shared {
-                        Some(c) => c.call_bytes(&op, payload.clone(), opts).await,
-                        None => match Client::connect(cfg.clone()).await {
-                            Ok(c) => {
+                    if t0 >= window.end {
+                        break;
+                    }
+                    let call = async {
+                        match &shared {
+                            Some(c) => c.call_bytes(&op, payload.clone(), opts).await,
+                            None => {
+                                let c = Client::connect(cfg.clone()).await?;
                                 let r = c.call_bytes(&op, payload.clone(), opts).await;
                                 c.close().await;
                                 r
                             }
-                            Err(e) => Err(e),
-                        },
-                    };
-                    let t1 = Instant::now();
-                    if t0 < measure_from || t1 > end {
-                        continue;
-                    }
-                    match result {
-                        Ok(_) => {
-                            let us = (t1 - t0).as_micros().max(1) as u64;
-                            let _ = r.hist.record(us.min(60_000_000));
-                            done.fetch_add(1, Ordering::Relaxed);
                         }
-                        Err(e) => *r.errors.entry(error_kind(&e)).or_default() += 1,
+                    };
+                    // Bounded, so that the run ends soon after its window even when the
+                    // server is gone and the client keeps re-dialling.
+                    let outcome = match tokio::time::timeout_at(window.give_up, call).await {
+                        Ok(Ok(_)) => Outcome::Ok,
+                        Ok(Err(e)) => Outcome::Failed(error_kind(&e)),
+                        Err(_) => Outcome::Unfinished,
+                    };
+                    if r.record(&window, t0, Instant::now(), outcome) {
+                        done.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 r
@@ -236,17 +332,18 @@ pub async fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
         }
     }
     progress(start, measure_from, end, &done, args.json).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut hist = new_hist();
-    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    // Every task ends by `window.give_up`: no call starts after `end`, none runs past it.
+    let mut total = TaskResult::new();
     while let Some(r) = tasks.join_next().await {
         if let Ok(r) = r {
-            let _ = hist.add(&r.hist);
-            for (k, v) in r.errors {
-                *errors.entry(k).or_default() += v;
-            }
+            total.add(r);
         }
     }
+    let TaskResult {
+        hist,
+        error_hist,
+        errors,
+    } = total;
     let secs = (end - measure_from).as_secs_f64();
     Ok(Report {
         rps: hist.len() as f64 / secs,
@@ -258,6 +355,8 @@ pub async fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
         requests: hist.len(),
         errors: errors.values().sum(),
         errors_by_kind: errors,
+        error_p50_us: error_hist.value_at_quantile(0.50),
+        error_max_us: error_hist.max(),
         connections: args.connections.max(1),
         in_flight: args.in_flight.max(1),
         size: args.size,
@@ -279,9 +378,17 @@ async fn progress(
     let tty = !quiet && std::io::stderr().is_terminal();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut last = (Instant::now(), 0u64);
+    let mut measuring = false;
     loop {
         tick.tick().await;
         let now = Instant::now();
+        if !measuring && now >= measure_from {
+            measuring = true;
+            debug!(
+                seconds = (end - measure_from).as_secs_f64(),
+                "measured window started"
+            );
+        }
         if tty {
             let total = (end - start).as_secs_f64();
             let frac = ((now - start).as_secs_f64() / total).min(1.0);
@@ -312,8 +419,13 @@ async fn progress(
     }
 }
 
-fn print_table(r: &Report) {
-    println!(
+/// The report as a table, errors and how long they took included.
+fn table(r: &Report) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = writeln!(
+        out,
         "{} x {} in flight, op {} with {} B payload{}, {:.1} s measured, {} load thread(s)",
         r.connections,
         r.in_flight,
@@ -327,15 +439,20 @@ fn print_table(r: &Report) {
         r.duration_s,
         r.threads
     );
-    println!("  requests/s   {:>12.0}", r.rps);
-    println!("  requests     {:>12}", r.requests);
-    println!("  latency p50  {:>9} us", r.p50_us);
-    println!("  latency p90  {:>9} us", r.p90_us);
-    println!("  latency p99  {:>9} us", r.p99_us);
-    println!("  latency p99.9{:>9} us", r.p999_us);
-    println!("  latency max  {:>9} us", r.max_us);
-    println!("  errors       {:>12}", r.errors);
+    let _ = writeln!(out, "  requests/s   {:>12.0}", r.rps);
+    let _ = writeln!(out, "  requests     {:>12}", r.requests);
+    let _ = writeln!(out, "  latency p50  {:>9} us", r.p50_us);
+    let _ = writeln!(out, "  latency p90  {:>9} us", r.p90_us);
+    let _ = writeln!(out, "  latency p99  {:>9} us", r.p99_us);
+    let _ = writeln!(out, "  latency p99.9{:>9} us", r.p999_us);
+    let _ = writeln!(out, "  latency max  {:>9} us", r.max_us);
+    let _ = writeln!(out, "  errors       {:>12}", r.errors);
     for (k, v) in &r.errors_by_kind {
-        println!("    {k:<12}{v:>10}");
+        let _ = writeln!(out, "    {k:<12}{v:>10}");
     }
+    if r.errors > 0 {
+        let _ = writeln!(out, "  error p50    {:>9} us", r.error_p50_us);
+        let _ = writeln!(out, "  error max    {:>9} us", r.error_max_us);
+    }
+    out
 }

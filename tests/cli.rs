@@ -4,6 +4,7 @@
 mod common;
 
 use common::{Pki, Proc, WAIT, bin, free_port, free_port_block, pki};
+use nix::sys::signal::Signal;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -428,4 +429,63 @@ fn bench_command_measures_through_a_real_dispatcher() {
         "{}",
         text(&out.stderr)
     );
+}
+
+#[test]
+fn bench_counts_the_calls_a_server_killed_mid_run_leaves_unanswered() {
+    let pki = pki(1);
+    let dir = pki.dir.to_str().unwrap().to_string();
+    let cwd = pki.tmp.path();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut echo = Proc::spawn(
+        "bench-echo",
+        &["bench-echo", "--listen", &addr, "--certs", &dir],
+        cwd,
+    );
+    echo.wait_log(&["echo backend listening"], WAIT);
+    let (cert, key) = (format!("{dir}/client.crt"), format!("{dir}/client.key"));
+    let mut bench = Proc::spawn(
+        "bench",
+        &[
+            "--log",
+            "securesrv::bench=debug",
+            "bench",
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--connect",
+            &addr,
+            "--connections",
+            "4",
+            "--warmup",
+            "0",
+            "--duration",
+            "2",
+            "--json",
+        ],
+        cwd,
+    );
+    // The load runs; then the server dies. The calls it leaves unanswered keep re-dialling
+    // (up to their 30 s timeout), well past the window.
+    bench.wait_log(&["measured window started"], WAIT);
+    echo.signal(Signal::SIGKILL);
+    assert!(
+        echo.wait_exit(WAIT).is_some(),
+        "bench-echo survived SIGKILL"
+    );
+    let status = bench
+        .wait_exit(WAIT)
+        .expect("bench ends soon after its window");
+    assert!(status.success(), "{}", bench.stderr());
+    let line = bench.wait_for_n(false, &["\"errors\""], 1, WAIT);
+    let r: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert!(r["errors"].as_u64().unwrap() > 0, "{r}");
+    assert!(
+        r["errors_by_kind"]["unfinished"].as_u64().unwrap() > 0,
+        "{r}"
+    );
+    // Each unfinished call was still running a grace of 1 s after the window ended.
+    assert!(r["error_max_us"].as_u64().unwrap() >= 1_000_000, "{r}");
 }
