@@ -307,23 +307,78 @@ fn truncate(s: &str) -> String {
 }
 
 /// A peer-supplied string made safe for one log line: at most 80 characters, control
-/// characters replaced, so that nobody can forge a log line with a newline. Borrowed (no
-/// allocation) when the string is already safe, as it is on the hot path.
+/// characters, line and paragraph separators and bidirectional overrides replaced, so that
+/// nobody can forge a log line with a newline or make one read differently than it is.
+/// Borrowed (no allocation) when the string is already safe, as it is on the hot path.
 pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.len() <= 80 && !s.chars().any(char::is_control) {
+    if s.len() <= 80 && !s.chars().any(unsafe_in_log) {
         return std::borrow::Cow::Borrowed(s);
     }
     std::borrow::Cow::Owned(
         s.chars()
             .take(80)
-            .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+            .map(|c| if unsafe_in_log(c) { '\u{fffd}' } else { c })
             .collect(),
     )
+}
+
+fn unsafe_in_log(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
+/// An op name as sent by a peer, for an audit line's `op=` field: unchanged when it is a
+/// valid op name, otherwise every character outside `a-z 0-9 _ - .` replaced by `?` (so no
+/// space, `=` or quote can start a forged field) and cut to 64 characters.
+pub fn op_for_log(op: &str) -> std::borrow::Cow<'_, str> {
+    if crate::config::valid_op_name(op) {
+        return std::borrow::Cow::Borrowed(op);
+    }
+    let mut out: String = op
+        .chars()
+        .take(64)
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-' | '.') {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    if out.is_empty() {
+        out.push('?');
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_strings_cannot_forge_or_disguise_log_fields() {
+        assert_eq!(
+            printable("a\u{2028}b\u{202e}c\nd"),
+            "a\u{fffd}b\u{fffd}c\u{fffd}d"
+        );
+        assert!(matches!(
+            printable("plain text"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert!(matches!(
+            op_for_log("sha256"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            op_for_log("echo outcome=ok worker=x\u{2028}INFO"),
+            "echo?outcome?ok?worker?x?????"
+        );
+        assert_eq!(op_for_log(""), "?");
+        assert_eq!(op_for_log(&"x".repeat(100)).len(), 64);
+    }
 
     #[test]
     fn parse_and_display_round_trip() {

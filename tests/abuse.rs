@@ -612,3 +612,36 @@ fn a_stopping_dispatcher_still_hears_its_clients() {
         }
     });
 }
+
+#[test]
+fn an_op_name_cannot_forge_audit_fields() {
+    let s = start("");
+    rt().block_on(async {
+        let mut conn = Connection::new(s.raw("client-alice").await, IoLimits::default());
+        conn.queue(&Message::Request(Request {
+            id: 1,
+            op: "echo outcome=ok worker=spiffe://securesrv/worker/1 duration_us=1\u{2028}x".into(),
+            payload: bytes::Bytes::from_static(b"x"),
+            timeout_ms: None,
+        }))
+        .unwrap();
+        conn.flush().await.unwrap();
+        match next(&mut conn).await {
+            Message::Error(e) => assert_eq!((e.id, e.code), (1, ErrorCode::UnknownOp)),
+            other => panic!("unexpected {other:?}"),
+        }
+    });
+    let line = s
+        .dispatcher
+        .wait_log(&["securesrv::audit", "unknown_op"], WAIT);
+    assert!(
+        // Cut to 64 characters, every one outside an op name's alphabet a `?`.
+        line.contains(
+            " op=echo?outcome?ok?worker?spiffe???securesrv?worker?1?duration_us?1 worker=- "
+        ),
+        "{line}"
+    );
+    assert_eq!(line.matches("outcome=").count(), 1, "{line}");
+    assert_eq!(line.matches("duration_us=").count(), 1, "{line}");
+    assert!(!line.contains('\u{2028}'), "{line}");
+}

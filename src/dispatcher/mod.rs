@@ -147,7 +147,7 @@ impl Dispatcher {
             peer: client.peer,
             in_conn_span: client.in_conn_span,
             client: client.text.clone(),
-            op: match crate::identity::printable(&req.op) {
+            op: match crate::identity::op_for_log(&req.op) {
                 std::borrow::Cow::Borrowed(_) => req.op,
                 std::borrow::Cow::Owned(printable) => printable,
             },
@@ -176,7 +176,11 @@ impl Dispatcher {
                 None,
                 Err((
                     ErrorCode::UnknownOp,
-                    format!("unknown op {:?}", crate::identity::printable(&req.op)),
+                    if crate::config::valid_op_name(&req.op) {
+                        format!("unknown op {}", req.op)
+                    } else {
+                        "unknown op (not an op name: 1-64 of a-z 0-9 _ - .)".to_string()
+                    },
                 )),
             );
         };
