@@ -261,9 +261,15 @@ fn a_stopped_worker_is_detected_killed_and_replaced() {
             detected < Duration::from_secs(6),
             "detection took {detected:?}"
         );
-        tokio::task::block_in_place(|| {
-            w.wait_for_n(true, &["component up", "component=worker-2 "], 2, WAIT);
+        let up = tokio::task::block_in_place(|| {
+            w.wait_for_n(true, &["component up", "component=worker-2 "], 2, WAIT)
         });
+        // The outage is counted from the first missed heartbeat: three misses are at least two
+        // heartbeat intervals (300 ms) apart, whatever the machine's speed.
+        let recovered: u64 = field(&up, "recovered_after_ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no recovery time: {up}"));
+        assert!(recovered >= 600, "outage counted from too late: {up}");
         let new = pid_of(&w, "worker-2", 2);
         assert_ne!(new, old);
         assert!(!alive(old), "the stopped process was killed");
@@ -396,6 +402,46 @@ fn a_crash_loop_backs_off_and_is_marked_failed() {
     rt().block_on(async {
         let c = f.client().await;
         assert_eq!(c.call("echo", b"x").await.unwrap(), b"x");
+    });
+}
+
+#[test]
+fn a_failed_worker_is_tried_again_after_its_restart_window() {
+    let f = Fixture::new();
+    let cfg = format!(
+        "certs_dir = {:?}\nworkers = 2\n\
+         [dispatcher]\nlisten = \"127.0.0.1:{}\"\nworker_ping_interval_ms = 200\n\
+         [watchdog]\nheartbeat_interval_ms = 300\nheartbeat_timeout_ms = 300\nmax_missed = 3\n\
+         restart_backoff_initial_ms = 50\nrestart_backoff_max_ms = 100\n\
+         restart_limit_burst = 3\nrestart_limit_window_ms = 2000\nstop_grace_ms = 3000\n",
+        f.pki.dir, f.base
+    );
+    std::fs::write(f.pki.tmp.path().join("retry.toml"), cfg).unwrap();
+    // Worker 1's port is taken until the worker has been given up on.
+    let hold = std::net::TcpListener::bind(f.addr(1)).unwrap();
+    let w = Proc::spawn(
+        "watchdog",
+        &["--config", "retry.toml", "watchdog"],
+        f.pki.tmp.path(),
+    );
+    w.wait_log(&["COMPONENT FAILED", "component=worker-1 "], WAIT);
+    drop(hold);
+    w.wait_log(
+        &["trying a failed component again", "component=worker-1"],
+        WAIT,
+    );
+    w.wait_log(&["component up", "component=worker-1 "], WAIT);
+    rt().block_on(async {
+        let c = f.client().await;
+        let until = Instant::now() + WAIT;
+        // Both workers serve again: requests spread over the two.
+        while !w
+            .stderr()
+            .contains("worker=spiffe://securesrv/worker/1 outcome=ok")
+        {
+            assert!(Instant::now() < until, "worker 1 never served a request");
+            assert_eq!(c.call("echo", b"x").await.unwrap(), b"x");
+        }
     });
 }
 

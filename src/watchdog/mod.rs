@@ -85,8 +85,9 @@ enum Phase {
     Stopping,
     /// Waiting out the restart backoff.
     Waiting { until: Instant },
-    /// Restarted too often; left down.
-    Failed,
+    /// Restarted too often; left down until `retry_at` (a worker; a failed dispatcher ends the
+    /// watchdog).
+    Failed { retry_at: Instant },
 }
 
 struct Slot {
@@ -286,6 +287,16 @@ impl Supervisor {
             }
             match self.slots[idx].phase {
                 Phase::Waiting { until } if now >= until => self.start(idx),
+                Phase::Failed { retry_at }
+                    if now >= retry_at && !self.slots[idx].comp.is_dispatcher =>
+                {
+                    let slot = &mut self.slots[idx];
+                    info!(component = %slot.comp.name, "trying a failed component again after its restart window");
+                    slot.restarts.clear();
+                    slot.backoff =
+                        Duration::from_millis(self.cfg.watchdog.restart_backoff_initial_ms);
+                    self.start(idx);
+                }
                 Phase::Starting { since }
                     if now.duration_since(since)
                         > Duration::from_millis(self.cfg.watchdog.start_timeout_ms) =>
@@ -307,7 +318,7 @@ impl Supervisor {
                 {
                     self.beat(idx)
                 }
-                Phase::Failed if self.slots[idx].comp.is_dispatcher => {
+                Phase::Failed { .. } if self.slots[idx].comp.is_dispatcher => {
                     return Some(WatchdogError::DispatcherFailed {
                         burst: self.cfg.watchdog.restart_limit_burst,
                         window_ms: self.cfg.watchdog.restart_limit_window_ms,
@@ -383,11 +394,16 @@ impl Supervisor {
                     (Ok(_), Phase::Up { .. }) => {
                         if slot.misses > 0 {
                             info!(component = %slot.comp.name, after_misses = slot.misses, "heartbeat answered again");
+                            slot.down_since = None;
                         }
                         slot.misses = 0;
                     }
                     (Err(e), Phase::Up { .. }) => {
                         slot.misses += 1;
+                        // Down (for the recovery time) from the first missed heartbeat.
+                        if slot.misses == 1 {
+                            slot.down_since.get_or_insert(Instant::now());
+                        }
                         warn!(component = %slot.comp.name, misses = slot.misses, max = self.cfg.watchdog.max_missed, reason = %crate::identity::printable(&e), "heartbeat failed");
                         if slot.misses >= self.cfg.watchdog.max_missed {
                             let reason =
@@ -460,7 +476,12 @@ impl Supervisor {
             slot.restarts.pop_front();
         }
         if slot.restarts.len() >= w.restart_limit_burst as usize {
-            slot.phase = Phase::Failed;
+            // Whatever made it fail (a port held by another process, a full disk) may pass:
+            // a failed worker gets a fresh start after the window, so that the service does
+            // not run one worker short until the watchdog itself is restarted.
+            slot.phase = Phase::Failed {
+                retry_at: now + window,
+            };
             error!(
                 component = %slot.comp.name,
                 restarts = slot.restarts.len(),
@@ -487,7 +508,7 @@ impl Supervisor {
         let settled = self
             .slots
             .iter()
-            .all(|s| matches!(s.phase, Phase::Up { .. } | Phase::Failed));
+            .all(|s| matches!(s.phase, Phase::Up { .. } | Phase::Failed { .. }));
         let dispatcher_up = self
             .slots
             .iter()
@@ -500,7 +521,7 @@ impl Supervisor {
             .slots
             .iter()
             .map(|s| {
-                let state = if s.phase == Phase::Failed {
+                let state = if matches!(s.phase, Phase::Failed { .. }) {
                     " (FAILED)"
                 } else {
                     ""
