@@ -225,7 +225,12 @@ impl TaskResult {
 fn error_kind(e: &ClientError) -> String {
     match e {
         ClientError::Remote { code, .. } => code.as_str().to_string(),
-        ClientError::Connect { .. } | ClientError::ConnectionLost => "connection".into(),
+        ClientError::Connect { .. } | ClientError::ConnectionLost | ClientError::NotSent => {
+            "connection".into()
+        }
+        ClientError::RefusedByDispatcher { .. } | ClientError::DispatcherNotAccepted { .. } => {
+            "tls_refused".into()
+        }
         ClientError::Timeout(_) => "timeout".into(),
         ClientError::Request(_) => "request".into(),
     }

@@ -1,100 +1,44 @@
 //! The client library: one mTLS connection to the dispatcher, shared by any number of tasks,
 //! with requests pipelined and answers matched by id.
 //!
-//! [`Client::call`] never waits forever: every call has a deadline. A broken connection is
-//! re-dialled on the next call, with backoff; a call whose request never left is always
-//! retried, and a call whose connection died after sending is retried only for idempotent ops
-//! (the built-ins, or as the caller says in [`CallOptions`]).
+//! [`Client::call`] never waits forever: one deadline covers connecting, sending and the answer.
+//! A call dials when it has no connection, and re-dials with a short backoff while its deadline
+//! allows when nothing listens yet (a dispatcher restarting) or the connection broke: a request
+//! that never left is always sent again, one that may have reached the dispatcher only for
+//! idempotent ops (the built-ins, or as the caller says in [`CallOptions`]). A TLS refusal —
+//! the dispatcher refused our certificate, or we refused its — is final and never retried.
+//! Errors say whether the request can have run ([`ClientError`]).
 
-use crate::connection::{Connection, IoLimits};
+use crate::connection::{ConnError, Connection, IoLimits};
 use crate::frame::{self, Encoded};
 use crate::identity::SpiffeId;
 use crate::inflight::InFlight;
-use crate::message::{Bytes, ErrorCode, Message};
-use crate::tls::{ClientStream, Connector, HandshakeError, TlsConfigError, TlsMaterial};
+use crate::message::{Bytes, Message};
+use crate::tls::{ClientStream, Connector, TlsConfigError, TlsMaterial};
 use serde::Serialize;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+
+mod error;
+pub use error::{ClientError, FailureKind};
 
 /// Default deadline of a call.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// Requests a connection queues before `call` waits for room.
 const QUEUE: usize = 1024;
-
-/// Why a call failed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum ClientError {
-    /// The service answered with an error.
-    #[error("{code}: {message}")]
-    Remote {
-        /// The error code.
-        code: ErrorCode,
-        /// The service's explanation.
-        message: String,
-    },
-    /// Could not connect or the handshake was refused.
-    #[error("cannot connect to {addr}: {reason}")]
-    Connect {
-        /// The dispatcher address.
-        addr: SocketAddr,
-        /// Why.
-        reason: String,
-    },
-    /// The connection broke while the request was in progress (non-idempotent ops only).
-    #[error("connection lost while the request was in progress; it may or may not have run")]
-    ConnectionLost,
-    /// The call's deadline passed.
-    #[error("no answer within {0:?}")]
-    Timeout(Duration),
-    /// The request could not be encoded (too large).
-    #[error("{0}")]
-    Request(String),
-}
-
-/// What kind of failure this is, for exit codes and retry decisions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
-    /// The service refused the request (ACL, unknown op, bad input, too large, token).
-    Refused,
-    /// No capacity now: unavailable, overloaded, timeout, shutting down, worker lost.
-    Unavailable,
-    /// The op ran and failed.
-    OpFailed,
-    /// Connection or TLS failure.
-    Connection,
-    /// Anything else.
-    Other,
-}
-
-impl ClientError {
-    /// The class of this failure.
-    pub fn kind(&self) -> FailureKind {
-        match self {
-            ClientError::Remote { code, .. } => match code {
-                ErrorCode::BadRequest
-                | ErrorCode::UnknownOp
-                | ErrorCode::Denied
-                | ErrorCode::TooLarge
-                | ErrorCode::InvalidToken => FailureKind::Refused,
-                ErrorCode::Unavailable
-                | ErrorCode::Timeout
-                | ErrorCode::Overloaded
-                | ErrorCode::ShuttingDown
-                | ErrorCode::WorkerLost => FailureKind::Unavailable,
-                ErrorCode::OpFailed => FailureKind::OpFailed,
-                ErrorCode::Internal | ErrorCode::Unknown => FailureKind::Other,
-            },
-            ClientError::Connect { .. } | ClientError::ConnectionLost => FailureKind::Connection,
-            ClientError::Timeout(_) => FailureKind::Unavailable,
-            ClientError::Request(_) => FailureKind::Refused,
-        }
-    }
-}
+/// First pause before a call tries again; it doubles up to [`MAX_BACKOFF`]. Short, so that a
+/// dispatcher restarting (a few hundred milliseconds of "connection refused") costs little.
+const FIRST_BACKOFF: Duration = Duration::from_millis(25);
+/// Longest pause between two tries of one call.
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
+/// How long a connection whose write failed before any answer waits for the alert that may
+/// explain it (a dispatcher that refused our certificate and closed).
+const ALERT_GRACE: Duration = Duration::from_millis(200);
 
 /// How to reach the dispatcher.
 #[derive(Clone)]
@@ -154,7 +98,7 @@ enum Outcome {
     NotSent,
     /// The connection ended after the request was written.
     Lost,
-    /// The dispatcher closed the connection with this reason.
+    /// The dispatcher closed the connection with this reason, or refused our certificate.
     Closed(ClientError),
 }
 
@@ -167,6 +111,9 @@ struct Link {
     /// Calls waiting for their answer.
     pending: InFlight<Outcome>,
     next_id: AtomicU64,
+    /// Set, before the waiting calls are failed, when the dispatcher refused our certificate:
+    /// a call that finds the connection already gone learns why instead of trying again.
+    refused: OnceLock<ClientError>,
 }
 
 /// A cheap-to-clone handle to a connection to the dispatcher.
@@ -177,25 +124,36 @@ pub struct Client {
     link: Arc<tokio::sync::Mutex<Option<Arc<Link>>>>,
 }
 
-/// Why one attempt failed, for the retry loop.
+/// Why one exchange on a connection failed, for the retry loop.
 enum Failure {
     /// Do not retry.
     Final(ClientError),
     /// The request never left; retry (after re-dialling) is always safe.
-    NotSent(Option<ClientError>),
+    NotSent,
     /// The request may have reached the dispatcher.
     Lost,
 }
 
 impl Client {
-    /// Connects (so that configuration and TLS problems show at once).
-    pub async fn connect(cfg: ClientConfig) -> Result<Client, ClientError> {
-        let client = Client {
+    /// A client that connects on its first call, within that call's deadline.
+    pub fn new(cfg: ClientConfig) -> Client {
+        Client {
             slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_in_flight.max(1))),
             cfg: Arc::new(cfg),
             link: Arc::new(tokio::sync::Mutex::new(None)),
+        }
+    }
+
+    /// Connects once, within the call deadline of `cfg`, so that a wrong address or
+    /// configuration shows at once (no retry). In TLS 1.3 the dispatcher judges our certificate
+    /// after our side of the handshake is done: a refusal shows on the first call.
+    pub async fn connect(cfg: ClientConfig) -> Result<Client, ClientError> {
+        let client = Client::new(cfg);
+        let within = client.cfg.call_timeout;
+        match tokio::time::timeout(within, client.current_link()).await {
+            Ok(link) => link?,
+            Err(_) => return Err(client.not_connected(within)),
         };
-        client.current_link().await?;
         Ok(client)
     }
 
@@ -232,61 +190,104 @@ impl Client {
         let Ok(Ok(_slot)) = tokio::time::timeout_at(deadline, self.slots.acquire()).await else {
             return Err(ClientError::Timeout(opts.timeout));
         };
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = FIRST_BACKOFF;
+        // Why the last try failed, and whether any try may have reached the dispatcher: then
+        // the call ends in "may or may not have run" whatever happens after.
+        let mut last: Option<ClientError> = None;
+        let mut maybe_sent = false;
         loop {
-            let attempt =
-                tokio::time::timeout_at(deadline, self.attempt(op, &payload, opts.timeout)).await;
-            let last = match attempt {
-                Err(_) => return Err(ClientError::Timeout(opts.timeout)),
-                Ok(Ok(out)) => return Ok(out),
-                Ok(Err(Failure::Final(e))) => return Err(e),
-                Ok(Err(Failure::Lost)) if !opts.idempotent => {
-                    return Err(ClientError::ConnectionLost);
+            let link = match tokio::time::timeout_at(deadline, self.current_link()).await {
+                Ok(Ok(link)) => Some(link),
+                Ok(Err(e)) if e.is_tls_refusal() => return Err(e),
+                Ok(Err(e)) => {
+                    tracing::debug!(reason = %e, "not connected; trying again");
+                    last = Some(e);
+                    None
                 }
-                Ok(Err(Failure::Lost)) => ClientError::ConnectionLost,
-                Ok(Err(Failure::NotSent(e))) => e.unwrap_or(ClientError::ConnectionLost),
+                Err(_) => return Err(self.gave_up(last, maybe_sent, opts.timeout)),
             };
-            // Connection trouble: re-dial with backoff while the deadline allows.
-            if Instant::now() + backoff >= deadline {
-                return Err(last);
+            if let Some(link) = link {
+                let exchange = self.exchange(&link, op, &payload, deadline);
+                match tokio::time::timeout_at(deadline, exchange).await {
+                    Err(_) => return Err(ClientError::Timeout(opts.timeout)),
+                    Ok(Ok(out)) => return Ok(out),
+                    Ok(Err(Failure::Final(e))) => return Err(e),
+                    Ok(Err(Failure::Lost)) if !opts.idempotent => {
+                        return Err(ClientError::ConnectionLost);
+                    }
+                    Ok(Err(Failure::Lost)) => maybe_sent = true,
+                    Ok(Err(Failure::NotSent)) => last = Some(ClientError::NotSent),
+                }
+            }
+            // Trouble that may pass: try again after a pause, while the deadline allows.
+            let now = Instant::now();
+            if now + backoff >= deadline {
+                tokio::time::sleep_until(deadline).await;
+                return Err(self.gave_up(last, maybe_sent, opts.timeout));
             }
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
-    /// One try on the current connection (dialling one if needed).
-    async fn attempt(
+    /// The error of a call whose deadline passed while it was still trying to connect.
+    fn gave_up(
         &self,
+        last: Option<ClientError>,
+        maybe_sent: bool,
+        within: Duration,
+    ) -> ClientError {
+        match last {
+            _ if maybe_sent => ClientError::ConnectionLost,
+            Some(e) => e,
+            None => self.not_connected(within),
+        }
+    }
+
+    fn not_connected(&self, within: Duration) -> ClientError {
+        ClientError::Connect {
+            addr: self.cfg.addr,
+            reason: format!("not connected within {within:?}"),
+        }
+    }
+
+    /// Sends the request on `link` and waits for its outcome.
+    async fn exchange(
+        &self,
+        link: &Link,
         op: &str,
         payload: &Bytes,
-        timeout: Duration,
+        deadline: Instant,
     ) -> Result<Bytes, Failure> {
-        let link = self
-            .current_link()
-            .await
-            .map_err(|e| Failure::NotSent(Some(e)))?;
         let id = link.next_id.fetch_add(1, Ordering::Relaxed);
+        // The dispatcher gets the time this call has left, not the whole of it.
+        let left = deadline.saturating_duration_since(Instant::now());
         let frame = frame::encode_spliced(
             &RequestRef::Request {
                 id,
                 op,
                 payload,
-                timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+                timeout_ms: u32::try_from(left.as_millis().max(1)).unwrap_or(u32::MAX),
             },
             payload,
             self.cfg.io.max_frame,
         )
         .map_err(|e| Failure::Final(ClientError::Request(e.to_string())))?;
+        // The connection may have ended since it was handed to us (in TLS 1.3 the dispatcher's
+        // verdict on our certificate comes after the handshake).
+        let gone = || match link.refused.get() {
+            Some(e) => Failure::Final(e.clone()),
+            None => Failure::NotSent,
+        };
         let Some(orx) = link.pending.register(id) else {
-            return Err(Failure::NotSent(None));
+            return Err(gone());
         };
         if link.tx.send((id, frame)).await.is_err() {
-            return Err(Failure::NotSent(None));
+            return Err(gone());
         }
         match orx.await {
             Ok(Outcome::Done(r)) => r.map_err(Failure::Final),
-            Ok(Outcome::NotSent) => Err(Failure::NotSent(None)),
+            Ok(Outcome::NotSent) => Err(Failure::NotSent),
             Ok(Outcome::Closed(e)) => Err(Failure::Final(e)),
             Ok(Outcome::Lost) | Err(_) => Err(Failure::Lost),
         }
@@ -314,7 +315,7 @@ impl Client {
             .connector
             .connect(self.cfg.addr)
             .await
-            .map_err(|e| connect_error(self.cfg.addr, e))?;
+            .map_err(|e| ClientError::from_handshake(self.cfg.addr, e))?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let link = Arc::new(Link {
             tx,
@@ -322,22 +323,17 @@ impl Client {
             task: Mutex::new(None),
             pending: InFlight::default(),
             next_id: AtomicU64::new(1),
+            refused: OnceLock::new(),
         });
         let task = tokio::spawn(run_link(
             link.clone(),
             Connection::new(stream, self.cfg.io),
             rx,
+            self.cfg.addr,
         ));
         *link.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         *guard = Some(link.clone());
         Ok(link)
-    }
-}
-
-fn connect_error(addr: SocketAddr, e: HandshakeError) -> ClientError {
-    ClientError::Connect {
-        addr,
-        reason: e.to_string(),
     }
 }
 
@@ -360,33 +356,64 @@ async fn run_link(
     link: Arc<Link>,
     mut conn: Connection<ClientStream>,
     mut rx: mpsc::Receiver<(u64, Encoded)>,
+    addr: SocketAddr,
 ) {
     let mut closing_reason: Option<ClientError> = None;
+    // Whether the dispatcher has answered anything yet: until it has, an alert is its verdict
+    // on our certificate, sent once it has seen the end of our handshake.
+    let mut answered = false;
     loop {
         tokio::select! {
             _ = link.close.cancelled() => break,
             Some(first) = rx.recv() => {
                 let more = link.pending.len() > 1;
                 if conn.write_batch(first, &mut rx, more, |(_, f)| f).await.is_err() {
+                    if !answered {
+                        // The dispatcher may have refused us and closed before our request
+                        // arrived; its alert may still be waiting to be read.
+                        let read = tokio::time::timeout(ALERT_GRACE, conn.read_message()).await;
+                        if let Ok(Err(e)) = read {
+                            closing_reason = refusal(&e, addr);
+                        }
+                    }
                     break;
                 }
             }
             r = conn.read_message() => match r {
-                Ok(Some(Message::Reply(r))) => link.pending.complete(r.id, Outcome::Done(Ok(r.payload))),
+                Ok(Some(Message::Reply(r))) => {
+                    answered = true;
+                    link.pending.complete(r.id, Outcome::Done(Ok(r.payload)));
+                }
                 Ok(Some(Message::Error(e))) if e.id == 0 => {
                     // The dispatcher is closing the connection and says why.
                     closing_reason = Some(ClientError::Remote { code: e.code, message: e.message });
                     break;
                 }
-                Ok(Some(Message::Error(e))) => link.pending.complete(e.id, Outcome::Done(Err(ClientError::Remote { code: e.code, message: e.message }))),
+                Ok(Some(Message::Error(e))) => {
+                    answered = true;
+                    link.pending.complete(e.id, Outcome::Done(Err(ClientError::Remote { code: e.code, message: e.message })));
+                }
+                Err(e) if !answered => {
+                    closing_reason = refusal(&e, addr);
+                    break;
+                }
                 Ok(Some(_)) | Ok(None) | Err(_) => break,
             },
             else => break,
         }
     }
+    // A refusal of our certificate is final for every call on this connection, written or
+    // not; after other endings, requests that never left are sent again.
+    let refusal = closing_reason.clone().filter(ClientError::is_tls_refusal);
+    if let Some(e) = &refusal {
+        let _ = link.refused.set(e.clone());
+    }
     link.pending.close(
         &mut rx,
-        || Outcome::NotSent,
+        || match &refusal {
+            Some(e) => Outcome::Closed(e.clone()),
+            None => Outcome::NotSent,
+        },
         || match &closing_reason {
             Some(e) => Outcome::Closed(e.clone()),
             None => Outcome::Lost,
@@ -394,3 +421,15 @@ async fn run_link(
     );
     conn.close(None).await;
 }
+
+/// The dispatcher's refusal of our certificate, if `e` is the alert that says so.
+fn refusal(e: &ConnError, addr: SocketAddr) -> Option<ClientError> {
+    match e {
+        ConnError::Io(io) => crate::tls::alert_received(io)
+            .map(|alert| ClientError::RefusedByDispatcher { addr, alert }),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -77,6 +77,25 @@ impl HandshakeError {
         }
         HandshakeError::Tls(inner.clone())
     }
+
+    /// Whether trying again cannot help: the peer ended the handshake with an alert (it refused
+    /// our certificate, say), or we refused the peer (its certificate, its identity, no ALPN).
+    /// Network trouble — nothing listening, a reset, the deadline — may pass and is not a
+    /// refusal.
+    pub fn is_refusal(&self) -> bool {
+        !matches!(self, HandshakeError::Io(_) | HandshakeError::Timeout(_))
+    }
+}
+
+/// The alert the peer ended the session with, if `e` (from reading or writing a TLS stream)
+/// carries one. In TLS 1.3 a client finishes its side of the handshake before the server has
+/// judged the client's certificate, so a server's refusal reaches the client as the error of
+/// its first read, not of `connect`.
+pub fn alert_received(e: &std::io::Error) -> Option<rustls::AlertDescription> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::AlertReceived(a) => Some(*a),
+        _ => None,
+    }
 }
 
 /// Errors while building TLS configurations.

@@ -9,6 +9,7 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 fn run(cwd: &Path, args: &[&str], stdin: &[u8]) -> Output {
     let mut child = Command::new(bin())
@@ -305,6 +306,102 @@ fn client_command_end_to_end() {
     let out = client(&["echo", "x"], b"");
     assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("unavailable"));
+}
+
+#[test]
+fn client_command_waits_for_a_restart_but_not_after_a_refusal_or_its_deadline() {
+    let other = pki(1);
+    let (pki, dir, d_addr, w_addr) = one_worker();
+    let cwd = pki.tmp.path();
+    std::fs::write(cwd.join("empty.toml"), "").unwrap();
+    let ca = format!("{dir}/ca.crt");
+    let client = |cert: &str, key: &str, extra: &[&str]| {
+        let mut args = vec![
+            "client",
+            "--cert",
+            cert,
+            "--key",
+            key,
+            "--ca",
+            &ca,
+            "--connect",
+            &d_addr,
+        ];
+        args.extend_from_slice(extra);
+        let t0 = Instant::now();
+        let out = run(cwd, &args, b"");
+        (out, t0.elapsed())
+    };
+    let (cert, key) = (format!("{dir}/client.crt"), format!("{dir}/client.key"));
+
+    // Nothing listens yet (a dispatcher restarting): the client keeps trying within its
+    // deadline, and is answered once the dispatcher is up.
+    let mut waiting = Proc::spawn(
+        "client",
+        &[
+            "--log",
+            "securesrv::client=debug",
+            "client",
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--connect",
+            &d_addr,
+            "--timeout-ms",
+            "30000",
+            "echo",
+            "late",
+        ],
+        cwd,
+    );
+    waiting.wait_log(&["not connected; trying again"], WAIT);
+    let (_worker, dispatcher) =
+        start_worker_and_dispatcher(cwd, &dir, &w_addr, &d_addr, "empty.toml");
+    let status = waiting.wait_exit(WAIT).expect("the waiting client exits");
+    assert!(status.success(), "{status:?}: {}", waiting.stderr());
+    waiting.wait_for_n(false, &["late"], 1, WAIT);
+
+    // Certificates the dispatcher refuses: from another CA, of another role. One handshake,
+    // one clear line, exit 5 -- not 15 s of retries ending in "may or may not have run".
+    let other_cert = format!("{}/client.crt", other.dir.display());
+    let other_key = format!("{}/client.key", other.dir.display());
+    let (worker_cert, worker_key) = (format!("{dir}/worker-1.crt"), format!("{dir}/worker-1.key"));
+    let cases = [
+        (&other_cert, &other_key, "UnknownCA"),
+        (&worker_cert, &worker_key, "UnsupportedCertificate"),
+    ];
+    for (cert, key, alert) in cases {
+        let (out, took) = client(cert, key, &["echo", "hi"]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(5), "{cert}: {err}");
+        let expected = format!("refused our certificate (TLS alert: {alert})");
+        assert!(err.contains(&expected), "{cert}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(!err.contains("may or may not"), "{err}");
+        // Only a hang guard: retrying the refusal would take the whole 15 s deadline.
+        assert!(took < Duration::from_secs(5), "{cert}: {took:?}");
+    }
+    dispatcher.wait_for_n(true, &["handshake refused"], cases.len(), WAIT);
+    let refused = dispatcher
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("handshake refused"))
+        .count();
+    assert_eq!(refused, cases.len(), "one handshake per refused client");
+    let (out, _) = client(&cert, &key, &["echo", "still served"]);
+    assert_eq!(text(&out.stdout), "still served", "{}", text(&out.stderr));
+
+    // A stopped dispatcher accepts TCP but never finishes a handshake: --timeout-ms bounds
+    // connecting too (before, the 5 s handshake deadline applied whatever it said).
+    dispatcher.signal(Signal::SIGSTOP);
+    let (out, took) = client(&cert, &key, &["--timeout-ms", "1000", "echo", "x"]);
+    dispatcher.signal(Signal::SIGCONT);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(err.contains("not connected within 1s"), "{err}");
+    assert!(err.contains("not sent"), "{err}");
+    assert!(took < Duration::from_secs(4), "{took:?}: {err}");
 }
 
 #[test]

@@ -29,7 +29,7 @@ pub struct ClientArgs {
     /// The dispatcher identity to accept (default: spiffe://<trust-domain>/dispatcher/main).
     #[arg(long, value_name = "SPIFFE_ID")]
     server_id: Option<String>,
-    /// Deadline of each request in milliseconds [default: 15000].
+    /// Deadline of each request in milliseconds, connecting included [default: 15000].
     #[arg(long)]
     timeout_ms: Option<u64>,
     /// Treat OP as idempotent (retried after a lost connection); built-ins always are.
@@ -145,13 +145,9 @@ fn read_payload(args: &ClientArgs) -> std::io::Result<Vec<u8>> {
 
 async fn one_request(cfg: ClientConfig, op: &str, payload: &[u8], idempotent: bool) -> ExitCode {
     let timeout = cfg.call_timeout;
-    let client = match Client::connect(cfg).await {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("securesrv: {e}");
-            return exit_for(&e);
-        }
-    };
+    // Connected by the call itself, so that `--timeout-ms` bounds connecting too and a
+    // dispatcher that is restarting is waited for within it.
+    let client = Client::new(cfg);
     let opts = CallOptions {
         idempotent: idempotent || securesrv::config::BUILTIN_OPS.contains(&op),
         timeout,

@@ -152,13 +152,6 @@ async fn raw_attempt(addr: SocketAddr, cfg: Arc<rustls::ClientConfig>) -> std::i
     tokio::time::timeout(WAIT, s.read(&mut buf)).await?
 }
 
-fn alert_of(e: &std::io::Error) -> Option<AlertDescription> {
-    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
-        rustls::Error::AlertReceived(a) => Some(*a),
-        _ => None,
-    }
-}
-
 #[tokio::test]
 async fn allowed_role_with_the_right_ca_is_accepted() {
     let pki = pki();
@@ -210,7 +203,7 @@ async fn refusals_with_reasons_and_service_continues() {
     no_cert.alpn_protocols = vec![ALPN.to_vec()];
     let e = raw_attempt(addr, Arc::new(no_cert)).await.unwrap_err();
     assert_eq!(
-        alert_of(&e),
+        alert_received(&e),
         Some(AlertDescription::CertificateRequired),
         "{e}"
     );
@@ -243,7 +236,7 @@ async fn refusals_with_reasons_and_service_continues() {
     if let Ok((mut s, _)) = res {
         let mut b = [0u8; 1];
         let e = s.read(&mut b).await.unwrap_err();
-        assert_eq!(alert_of(&e), Some(AlertDescription::UnknownCA), "{e}");
+        assert_eq!(alert_received(&e), Some(AlertDescription::UnknownCA), "{e}");
     }
     match next(&mut rx).await {
         Err(HandshakeError::Tls(rustls::Error::InvalidCertificate(
@@ -264,7 +257,7 @@ async fn refusals_with_reasons_and_service_continues() {
         let mut b = [0u8; 1];
         let e = s.read(&mut b).await.unwrap_err();
         assert_eq!(
-            alert_of(&e),
+            alert_received(&e),
             Some(AlertDescription::CertificateExpired),
             "{e}"
         );
@@ -309,7 +302,7 @@ async fn refusals_with_reasons_and_service_continues() {
     wrong_alpn.alpn_protocols = vec![b"http/1.1".to_vec()];
     let e = raw_attempt(addr, Arc::new(wrong_alpn)).await.unwrap_err();
     assert_eq!(
-        alert_of(&e),
+        alert_received(&e),
         Some(AlertDescription::NoApplicationProtocol),
         "{e}"
     );

@@ -1,0 +1,149 @@
+//! The client library against TLS refusals, with a real dispatcher and worker on 127.0.0.1: a
+//! certificate from another CA or of another role is refused once, and the call says so at
+//! once — final, never retried, never "may or may not have run" — and so is a dispatcher the
+//! client does not trust; the dispatcher keeps serving good clients meanwhile.
+
+mod common;
+
+use common::{Pki, WAIT, pki, start_cluster};
+use rustls::AlertDescription;
+use securesrv::client::{Client, ClientConfig, ClientError, FailureKind};
+use securesrv::identity::SpiffeId;
+use securesrv::tls::TlsMaterial;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+/// A client trusting the CA in `ca_dir`, with identity `stem` from `cert_dir`, for `addr`.
+fn client(ca_dir: &Path, cert_dir: &Path, stem: &str, addr: SocketAddr) -> Client {
+    let m = TlsMaterial::load(
+        &ca_dir.join("ca.crt"),
+        &cert_dir.join(format!("{stem}.crt")),
+        &cert_dir.join(format!("{stem}.key")),
+    )
+    .expect("load material");
+    let cfg = ClientConfig::new(&m, addr, SpiffeId::dispatcher("securesrv").unwrap())
+        .expect("client config");
+    // The default 15 s deadline: a refusal that was retried would use it all.
+    Client::new(cfg)
+}
+
+/// Forwards every connection to `to` and counts them: how often a client dialled. Each
+/// direction is copied on its own, as TCP carries them: a failed write towards a dispatcher
+/// that has closed must not drop the alert it sent before closing.
+async fn counting_relay(to: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+    let addr = l.local_addr().expect("addr");
+    let dials = Arc::new(AtomicUsize::new(0));
+    let counter = dials.clone();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = l.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let Ok(outbound) = TcpStream::connect(to).await else {
+                continue;
+            };
+            let (mut in_r, mut in_w) = inbound.into_split();
+            let (mut out_r, mut out_w) = outbound.into_split();
+            let upstream = tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut in_r, &mut out_w).await;
+                let _ = out_w.shutdown().await;
+            });
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut out_r, &mut in_w).await;
+                let _ = in_w.shutdown().await;
+                upstream.abort();
+            });
+        }
+    });
+    (addr, dials)
+}
+
+/// Calls `echo` and returns the error, how long it took and how many connections it made.
+async fn refused_call(pki: &Pki, c: Client, dials: &AtomicUsize) -> (ClientError, Duration, usize) {
+    let before = dials.load(Ordering::SeqCst);
+    let t0 = Instant::now();
+    let e = tokio::time::timeout(WAIT, c.call("echo", b"hi"))
+        .await
+        .expect("hang guard")
+        .expect_err("must be refused");
+    let took = t0.elapsed();
+    c.close().await;
+    let _ = pki;
+    (e, took, dials.load(Ordering::SeqCst) - before)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_certificates_end_the_call_at_once_with_the_reason() {
+    let ours = pki(1);
+    let other = pki(1);
+    let cluster = start_cluster(&ours, 1, |_| {}).await;
+    let (relay, dials) = counting_relay(cluster.addr).await;
+
+    // Our CA trusted, our certificate refused: from another CA, or of another role (a worker's
+    // certificate is not for clients; the dispatcher's identity may not call the dispatcher).
+    let cases = [
+        (&other.dir, "client", AlertDescription::UnknownCA),
+        (
+            &ours.dir,
+            "worker-1",
+            AlertDescription::UnsupportedCertificate,
+        ),
+        (
+            &ours.dir,
+            "dispatcher",
+            AlertDescription::CertificateUnknown,
+        ),
+    ];
+    for (cert_dir, stem, expected) in cases {
+        let c = client(&ours.dir, cert_dir, stem, relay);
+        let (e, took, n) = refused_call(&ours, c, &dials).await;
+        let text = e.to_string();
+        match &e {
+            ClientError::RefusedByDispatcher { alert, addr } => {
+                assert_eq!((*alert, *addr), (expected, relay), "{stem}: {text}");
+            }
+            other => panic!("{stem}: expected a refusal, got {other:?}"),
+        }
+        assert!(
+            text.contains(&format!(
+                "refused our certificate (TLS alert: {expected:?})"
+            )),
+            "{stem}: {text}"
+        );
+        assert!(!text.contains("may or may not"), "{stem}: {text}");
+        assert_eq!(e.kind(), FailureKind::Connection);
+        assert_eq!(
+            n, 1,
+            "{stem}: a refusal is not retried ({n} dials, {took:?})"
+        );
+        // Only a hang guard: a retried refusal would take the whole 15 s deadline.
+        assert!(took < Duration::from_secs(5), "{stem}: {took:?}");
+    }
+
+    // We do not trust the dispatcher: its certificate is from a CA we do not know.
+    let c = client(&other.dir, &ours.dir, "client", relay);
+    let (e, took, n) = refused_call(&ours, c, &dials).await;
+    assert!(
+        matches!(e, ClientError::DispatcherNotAccepted { .. }),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("was not accepted"), "{e}");
+    assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+    assert_eq!(n, 1, "not retried ({took:?})");
+
+    // The dispatcher went on serving a good client, directly and through the relay.
+    let good = cluster.client(&ours).await;
+    assert_eq!(
+        good.call("echo", b"still here").await.unwrap(),
+        b"still here"
+    );
+    let relayed = client(&ours.dir, &ours.dir, "client", relay);
+    assert_eq!(relayed.call("echo", b"relayed").await.unwrap(), b"relayed");
+    good.close().await;
+    relayed.close().await;
+    cluster.stop().await;
+}
