@@ -152,6 +152,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// Connections one peer identity may hold at once.
     pub max_connections_per_identity: usize,
+    /// Connections from one source address that may be in their handshake at once, so that
+    /// one host cannot hold every connection slot with connections that never authenticate.
+    pub max_handshakes_per_address: usize,
     /// Requests in flight on one connection.
     pub max_in_flight_per_connection: usize,
     /// Requests one client identity may have in flight at the dispatcher over all its
@@ -178,6 +181,7 @@ impl Default for Limits {
             write_timeout_ms: 10_000,
             max_connections: 4_096,
             max_connections_per_identity: 2_048,
+            max_handshakes_per_address: 512,
             max_in_flight_per_connection: 256,
             max_in_flight_per_identity: None,
             request_timeout_ms: 10_000,
@@ -374,6 +378,10 @@ impl Config {
             (
                 "limits.max_connections_per_identity",
                 l.max_connections_per_identity as u64,
+            ),
+            (
+                "limits.max_handshakes_per_address",
+                l.max_handshakes_per_address as u64,
             ),
             (
                 "limits.max_in_flight_per_connection",

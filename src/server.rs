@@ -14,7 +14,7 @@ use crate::message::{ErrorCode, Message};
 use crate::tls::{Acceptor, HandshakeError, ServerStream};
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -30,6 +30,8 @@ pub struct ListenerLimits {
     pub max_connections: usize,
     /// Established connections per peer identity.
     pub max_per_identity: usize,
+    /// Connections in their handshake per source address.
+    pub max_handshakes_per_address: usize,
     /// Requests in flight per peer identity, over all its connections.
     pub max_in_flight_per_identity: usize,
     /// I/O bounds for each connection.
@@ -42,6 +44,7 @@ impl ListenerLimits {
         ListenerLimits {
             max_connections: l.max_connections,
             max_per_identity: l.max_connections_per_identity,
+            max_handshakes_per_address: l.max_handshakes_per_address.max(1),
             max_in_flight_per_identity: max_in_flight_per_identity.max(1),
             io: l.io(),
         }
@@ -138,6 +141,49 @@ impl Drop for IdentitySlot {
     }
 }
 
+/// Connections in their handshake, per source address.
+#[derive(Default)]
+struct Handshaking {
+    counts: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One connection's place among its address's handshakes, given back when dropped.
+struct HandshakeSlot {
+    handshaking: Arc<Handshaking>,
+    ip: IpAddr,
+}
+
+impl Handshaking {
+    fn try_take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<HandshakeSlot> {
+        let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(HandshakeSlot {
+            handshaking: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .handshaking
+            .counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Runs the accept loop until `shutdown` fires, then gives the open connections `drain` to
 /// finish their requests before returning.
 pub async fn serve<H: ConnectionHandler>(
@@ -151,8 +197,11 @@ pub async fn serve<H: ConnectionHandler>(
     let tracker = TaskTracker::new();
     let total = Arc::new(Semaphore::new(limits.max_connections));
     let per_id = Arc::new(IdentityCounts::default());
+    let handshaking = Arc::new(Handshaking::default());
     let mut refused_since_log: u64 = 0;
     let mut last_refusal_log = tokio::time::Instant::now() - Duration::from_secs(60);
+    let mut busy_since_log: u64 = 0;
+    let mut last_busy_log = last_refusal_log;
     loop {
         let accepted = tokio::select! {
             biased;
@@ -167,6 +216,22 @@ pub async fn serve<H: ConnectionHandler>(
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
+        };
+        let Some(handshake) = handshaking.try_take(addr.ip(), limits.max_handshakes_per_address)
+        else {
+            drop(tcp);
+            busy_since_log += 1;
+            if last_busy_log.elapsed() >= Duration::from_secs(1) {
+                warn!(
+                    refused = busy_since_log,
+                    address = %addr.ip(),
+                    limit = limits.max_handshakes_per_address,
+                    "too many handshakes from one address; closing its new connections"
+                );
+                busy_since_log = 0;
+                last_busy_log = tokio::time::Instant::now();
+            }
+            continue;
         };
         let Ok(permit) = total.clone().try_acquire_owned() else {
             drop(tcp);
@@ -189,7 +254,7 @@ pub async fn serve<H: ConnectionHandler>(
         let span = info_span!("conn", peer = %addr, id = tracing::field::Empty);
         tracker.spawn(
             handle_one(
-                tcp, addr, acceptor, limits, handler, shutdown, per_id, permit,
+                tcp, addr, acceptor, limits, handler, shutdown, per_id, permit, handshake,
             )
             .instrument(span),
         );
@@ -217,11 +282,13 @@ async fn handle_one<H: ConnectionHandler>(
     shutdown: CancellationToken,
     per_id: Arc<IdentityCounts>,
     _permit: OwnedSemaphorePermit,
+    handshake: HandshakeSlot,
 ) {
     let accepted = tokio::select! {
         _ = shutdown.cancelled() => return,
         r = acceptor.accept(tcp) => r,
     };
+    drop(handshake);
     let (stream, id) = match accepted {
         Ok(x) => x,
         Err(e) => {

@@ -321,17 +321,44 @@ impl Connector {
         &self,
         addr: SocketAddr,
     ) -> Result<(ClientStream, SpiffeId), HandshakeError> {
-        let fut = async {
+        self.within_deadline(async {
             let tcp = TcpStream::connect(addr).await?;
-            let _ = tcp.set_nodelay(true);
-            // The name is used for SNI and the session cache only; the identity check is
-            // done on the SPIFFE ID by our verifier.
-            let name = ServerName::IpAddress(addr.ip().into());
-            self.tls
-                .connect(name, Transport::new(tcp))
-                .await
-                .map_err(HandshakeError::from_io)
-        };
+            self.handshake(tcp, addr).await
+        })
+        .await
+    }
+
+    /// Like [`Connector::connect`], over a TCP connection the caller made (e.g. from a chosen
+    /// source address).
+    pub async fn connect_over(
+        &self,
+        tcp: TcpStream,
+    ) -> Result<(ClientStream, SpiffeId), HandshakeError> {
+        let addr = tcp.peer_addr()?;
+        self.within_deadline(self.handshake(tcp, addr)).await
+    }
+
+    async fn handshake(
+        &self,
+        tcp: TcpStream,
+        addr: SocketAddr,
+    ) -> Result<ClientStream, HandshakeError> {
+        let _ = tcp.set_nodelay(true);
+        // The name is used for SNI and the session cache only; the identity check is done on
+        // the SPIFFE ID by our verifier.
+        let name = ServerName::IpAddress(addr.ip().into());
+        self.tls
+            .connect(name, Transport::new(tcp))
+            .await
+            .map_err(HandshakeError::from_io)
+    }
+
+    /// Runs `fut` (TCP connect and/or handshake) under the handshake deadline, then checks
+    /// that the server is the identity this connector expects.
+    async fn within_deadline(
+        &self,
+        fut: impl std::future::Future<Output = Result<ClientStream, HandshakeError>>,
+    ) -> Result<(ClientStream, SpiffeId), HandshakeError> {
         let stream = tokio::time::timeout(self.handshake_timeout, fut)
             .await
             .map_err(|_| HandshakeError::Timeout(self.handshake_timeout))??;

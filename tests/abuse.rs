@@ -31,9 +31,15 @@ fn start(extra_limits: &str) -> Service {
     pki.add_client("alice");
     pki.add_client("bob");
     let base = free_port_block(1);
+    // A test may set its own handshake timeout.
+    let handshake = if extra_limits.contains("handshake_timeout_ms") {
+        ""
+    } else {
+        "handshake_timeout_ms = 500\n"
+    };
     let cfg = format!(
         "certs_dir = {:?}\nworkers = 1\n[dispatcher]\nlisten = \"127.0.0.1:{base}\"\n\
-         [limits]\nhandshake_timeout_ms = 500\nframe_timeout_ms = 500\n{extra_limits}",
+         [limits]\n{handshake}frame_timeout_ms = 500\n{extra_limits}",
         pki.dir
     );
     std::fs::write(pki.tmp.path().join("securesrv.toml"), cfg).unwrap();
@@ -644,4 +650,59 @@ fn an_op_name_cannot_forge_audit_fields() {
     assert_eq!(line.matches("outcome=").count(), 1, "{line}");
     assert_eq!(line.matches("duration_us=").count(), 1, "{line}");
     assert!(!line.contains('\u{2028}'), "{line}");
+}
+
+#[test]
+fn one_address_cannot_hold_every_handshake_slot() {
+    let s = start("handshake_timeout_ms = 5000\nmax_handshakes_per_address = 4\n");
+    rt().block_on(async {
+        // Four connections from 127.0.0.1 that never start TLS hold that address's slots.
+        let mut silent = Vec::new();
+        for _ in 0..4 {
+            silent.push(TcpStream::connect(s.addr).await.unwrap());
+        }
+        // A fifth from the same address is closed at once, not at the handshake deadline.
+        let mut fifth = TcpStream::connect(s.addr).await.unwrap();
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(WAIT, fifth.read(&mut byte))
+            .await
+            .expect("the fifth connection is closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        s.dispatcher
+            .wait_log(&["too many handshakes from one address"], WAIT);
+        // Another address is served meanwhile.
+        let other = tokio::net::TcpSocket::new_v4().unwrap();
+        other.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let tcp = other.connect(s.addr).await.unwrap();
+        let m = s.pki.material("client-bob");
+        let (stream, _) = m
+            .connector(&SpiffeId::dispatcher("securesrv").unwrap(), WAIT)
+            .unwrap()
+            .connect_over(tcp)
+            .await
+            .expect("a client from another address completes its handshake");
+        let mut conn = Connection::new(stream, IoLimits::default());
+        conn.queue(&sleep_request(1, 1)).unwrap();
+        conn.flush().await.unwrap();
+        assert!(matches!(next(&mut conn).await, Message::Reply(r) if r.id == 1));
+        // Once the silent ones are gone, 127.0.0.1 is served again.
+        drop(silent);
+        let until = Instant::now() + WAIT;
+        loop {
+            let m = s.pki.material("client-alice");
+            let cfg =
+                ClientConfig::new(&m, s.addr, SpiffeId::dispatcher("securesrv").unwrap()).unwrap();
+            match Client::connect(cfg).await {
+                Ok(c) => {
+                    served(&c).await;
+                    break;
+                }
+                Err(e) => {
+                    assert!(Instant::now() < until, "127.0.0.1 never served again: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
 }
