@@ -2,6 +2,7 @@
 //! watchdog, the end of its stdin, which means the watchdog is gone) cancel one token that
 //! every task selects on. A second SIGINT/SIGTERM while draining exits at once.
 
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::signal::unix::{SignalKind, signal};
@@ -19,9 +20,23 @@ pub fn watch(
     parent_watch: bool,
     hard_deadline: Duration,
 ) -> std::io::Result<()> {
+    watch_with(token, parent_watch, hard_deadline, || {})
+}
+
+/// [`watch`], running `before_exit` whenever the process exits without its drain (the second
+/// signal, or the hard deadline after the supervisor vanished), for what must not outlive the
+/// process even then: a worker kills its jobs' process groups there.
+pub fn watch_with(
+    token: CancellationToken,
+    parent_watch: bool,
+    hard_deadline: Duration,
+    before_exit: impl Fn() + Send + Sync + 'static,
+) -> std::io::Result<()> {
+    let before_exit = Arc::new(before_exit);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let t = token.clone();
+    let on_signal = before_exit.clone();
     tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => info!("SIGTERM received; shutting down"),
@@ -34,6 +49,7 @@ pub fn watch(
             _ = int.recv() => {}
         }
         warn!("second signal; exiting now");
+        on_signal();
         std::process::exit(EXIT_INTERRUPTED);
     });
     if parent_watch {
@@ -51,6 +67,7 @@ pub fn watch(
             t.cancel();
             tokio::time::sleep(hard_deadline).await;
             warn!("drain did not finish in time after supervisor loss; exiting");
+            before_exit();
             std::process::exit(1);
         });
     }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Pki, Proc, WAIT, bin, free_port, free_port_block, pki};
+use common::{Pki, Proc, WAIT, alive, bin, free_port, free_port_block, pki, wait_pid_file};
 use nix::sys::signal::Signal;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -402,6 +402,62 @@ fn client_command_waits_for_a_restart_but_not_after_a_refusal_or_its_deadline() 
     assert!(err.contains("not connected within 1s"), "{err}");
     assert!(err.contains("not sent"), "{err}");
     assert!(took < Duration::from_secs(4), "{took:?}: {err}");
+}
+
+#[test]
+fn a_stopping_worker_leaves_no_job_process_behind() {
+    // SIGTERM (drain, then exit 0), and a second SIGTERM during the drain (exit 130 at once).
+    for (signals, grace_ms, code) in [(1, 1_000, 0), (2, 60_000, 130)] {
+        let (pki, dir, d_addr, w_addr) = one_worker();
+        let cwd = pki.tmp.path();
+        let pidfile = cwd.join("grandchild.pid");
+        // The job's own child, in its process group, outlives the job's program unless killed.
+        std::fs::write(
+            cwd.join("jobs.toml"),
+            format!(
+                "[watchdog]\nstop_grace_ms = {grace_ms}\n[[jobs]]\nname = \"spawn\"\n\
+                 program = \"/bin/sh\"\nargs = [\"-c\", \"sleep 120 & echo $! > '{}'; wait\"]\n\
+                 timeout_ms = 30000\n[acl]\nspawn = [\"*\"]\n",
+                pidfile.display()
+            ),
+        )
+        .unwrap();
+        let (mut worker, _dispatcher) =
+            start_worker_and_dispatcher(cwd, &dir, &w_addr, &d_addr, "jobs.toml");
+        let mut client = Command::new(bin())
+            .args(["client", "--cert", &format!("{dir}/client.crt")])
+            .args(["--key", &format!("{dir}/client.key"), "--connect", &d_addr])
+            .args(["--timeout-ms", "30000", "spawn", "x"])
+            .current_dir(cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn client");
+        let grandchild = wait_pid_file(&pidfile, WAIT);
+        worker.signal(Signal::SIGTERM);
+        if signals == 2 {
+            worker.wait_log(&["SIGTERM received"], WAIT);
+            worker.signal(Signal::SIGTERM);
+        }
+        let status = worker.wait_exit(WAIT).expect("the worker exits");
+        // Well before the `sleep` would end by itself.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while alive(grandchild) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let left = alive(grandchild);
+        if left {
+            worker.signal_pid(grandchild, Signal::SIGKILL);
+        }
+        let _ = client.kill();
+        let _ = client.wait();
+        assert!(
+            !left,
+            "after {signals} SIGTERM, job process {grandchild} outlived the worker"
+        );
+        assert_eq!(status.code(), Some(code), "{}", worker.stderr());
+    }
 }
 
 #[test]

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Pki, WAIT, pki, start_cluster};
+use common::{Pki, WAIT, alive, pki, start_cluster, wait_pid_file};
 use securesrv::client::{CallOptions, ClientError};
 use securesrv::config::JobConfig;
 use securesrv::connection::{Connection, IoLimits};
@@ -410,6 +410,48 @@ async fn a_job_that_outlives_its_timeout_is_killed_and_reported() {
     }
     still_serving(&c).await;
     cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_worker_kills_the_jobs_still_running_after_its_drain() {
+    let pki = pki(1);
+    let pidfile = pki.tmp.path().join("grandchild.pid");
+    let script = format!("sleep 120 & echo $! > '{}'; wait", pidfile.display());
+    let cluster = start_cluster(&pki, 1, |cfg| {
+        cfg.watchdog.stop_grace_ms = 1_000;
+        cfg.jobs
+            .push(job("spawn", "/bin/sh", &["-c", &script], 60_000, false));
+        cfg.acl.insert("spawn".into(), vec!["*".into()]);
+    })
+    .await;
+    let c = cluster.client(&pki).await;
+    // The request would run for a minute: the worker's drain (0.8 s) does not wait for it.
+    let call = tokio::spawn(async move {
+        let opts = CallOptions {
+            idempotent: false,
+            timeout: Duration::from_secs(60),
+        };
+        c.call_with("spawn", b"", opts).await
+    });
+    let pid = tokio::task::spawn_blocking(move || wait_pid_file(&pidfile, WAIT))
+        .await
+        .unwrap();
+    cluster.stop_worker(1);
+    // Well before the request's own deadline would drop the job.
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    while alive(pid) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = alive(pid);
+    if left {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    call.abort();
+    cluster.stop().await;
+    assert!(!left, "job process {pid} outlived its stopped worker");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -115,6 +115,10 @@ pub fn worker(cfg: Config, id: u32, listen: SocketAddr, supervised: bool) -> Exi
     block_on(async move {
         let cfg = Arc::new(cfg);
         let ops = worker::ops::OpRegistry::from_config(&cfg);
+        // `worker::run` kills the jobs still running after its drain; an exit without the
+        // drain (a second signal, or a drain too slow after the supervisor vanished) must not
+        // leave them behind either.
+        let jobs = ops.job_groups().clone();
         let (w, material) = match Worker::load(id, cfg.clone(), ops) {
             Ok(x) => x,
             Err(e) => return fail(&format!("worker {id}"), e),
@@ -128,7 +132,12 @@ pub fn worker(cfg: Config, id: u32, listen: SocketAddr, supervised: bool) -> Exi
             Err(e) => return fail(&format!("worker {id}"), e),
         };
         let shutdown = CancellationToken::new();
-        if let Err(e) = securesrv::shutdown::watch(shutdown.clone(), supervised, grace(&cfg)) {
+        let kill_jobs = move || {
+            jobs.kill_all();
+        };
+        if let Err(e) =
+            securesrv::shutdown::watch_with(shutdown.clone(), supervised, grace(&cfg), kill_jobs)
+        {
             return fail("cannot install signal handlers", e);
         }
         let addr = listener.local_addr().map_or(listen, |a| a);

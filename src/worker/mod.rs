@@ -254,7 +254,8 @@ impl ConnectionHandler for Handler {
     }
 }
 
-/// Serves `worker` on `listener` until `shutdown`, then lets connections drain.
+/// Serves `worker` on `listener` until `shutdown`, then lets connections drain; then kills the
+/// process groups of the jobs still running.
 pub async fn run(
     worker: Arc<Worker>,
     listener: TcpListener,
@@ -262,6 +263,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let cfg = worker.cfg.clone();
+    let jobs = worker.ops.job_groups().clone();
     let handler = Handler {
         worker,
         drain: cfg.drain_period(),
@@ -280,4 +282,14 @@ pub async fn run(
         cfg.drain_period(),
     )
     .await;
+    // Requests still running after the drain go on without their connections, and the
+    // process may exit without dropping them: the jobs they started must not outlive the
+    // worker, so their process groups are killed here, as is any job started from now on.
+    let killed = jobs.kill_all();
+    if killed > 0 {
+        warn!(
+            jobs = killed,
+            "jobs still running after the drain were killed"
+        );
+    }
 }

@@ -4,6 +4,7 @@
 //! A handler receives the payload and the request's context and returns the answer bytes or an
 //! [`OpError`]; it never sees tokens, sockets or frames.
 
+use super::jobs::JobGroups;
 use crate::config::Config;
 use crate::message::Bytes;
 use crate::message::ErrorCode;
@@ -76,6 +77,8 @@ where
 #[derive(Clone, Default)]
 pub struct OpRegistry {
     handlers: HashMap<String, Arc<dyn Handler>>,
+    /// The process groups of the jobs running now, for the worker to kill on its way out.
+    jobs: JobGroups,
 }
 
 impl std::fmt::Debug for OpRegistry {
@@ -98,8 +101,9 @@ impl OpRegistry {
         r.register("sleep", move |req: OpRequest| sleep(req, max_sleep));
         for job in &cfg.jobs {
             let job = Arc::new(job.clone());
+            let groups = r.jobs.clone();
             r.register(&job.name.clone(), move |req: OpRequest| {
-                super::jobs::run(job.clone(), req.payload)
+                super::jobs::run(job.clone(), req.payload, groups.clone())
             });
         }
         r
@@ -109,6 +113,12 @@ impl OpRegistry {
     /// ops; the dispatcher must also know them (`[[custom_ops]]` in the config).
     pub fn register(&mut self, op: &str, handler: impl Handler) {
         self.handlers.insert(op.to_string(), Arc::new(handler));
+    }
+
+    /// The process groups of the jobs started through this registry (and its clones, which
+    /// share them): [`JobGroups::kill_all`] kills every job still running.
+    pub fn job_groups(&self) -> &JobGroups {
+        &self.jobs
     }
 
     /// The handler for `op`.

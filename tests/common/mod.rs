@@ -418,6 +418,19 @@ pub fn field(line: &str, key: &str) -> Option<String> {
     Some(rest[..end].trim_matches('"').to_string())
 }
 
+/// The PID a test job wrote (as one line) to `path`, waiting for it up to `timeout`.
+pub fn wait_pid_file(path: &Path, timeout: Duration) -> u32 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(pid) = text.strip_suffix('\n') {
+            return pid.parse().expect("a pid");
+        }
+        assert!(Instant::now() < deadline, "no pid in {}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Whether a process with this PID still exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
