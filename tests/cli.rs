@@ -140,6 +140,40 @@ fn bad_configuration_exits_64_and_lists_every_problem() {
     assert_eq!(out.status.code(), Some(64));
 }
 
+#[test]
+fn components_with_bad_certificates_or_keys_exit_64() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = run(
+        tmp.path(),
+        &["dispatcher", "--certs", "nosuch", "--listen", "127.0.0.1:0"],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out.stderr));
+    let out = run(tmp.path(), &["watchdog", "--certs", "nosuch"], b"");
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out.stderr));
+    // A token key readable by the group is refused, as ssh refuses such a key.
+    let pki = pki(1);
+    let key = pki.dir.join("worker-1.token");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let dir = pki.dir.to_str().unwrap();
+    let out = run(
+        pki.tmp.path(),
+        &[
+            "worker",
+            "--id",
+            "1",
+            "--certs",
+            dir,
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        b"",
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("worker-1.token"), "{err}");
+}
+
 /// Certificates for one worker, their directory, and free addresses for a dispatcher and the
 /// worker.
 fn one_worker() -> (Pki, String, String, String) {

@@ -58,6 +58,13 @@ pub fn block_on_threads(
     code
 }
 
+/// A failure caused by the configuration, certificates or keys: exit code 64, as for every
+/// command.
+fn fail_config(what: &str, e: impl std::fmt::Display) -> ExitCode {
+    let _ = fail(what, e);
+    ExitCode::from(crate::cli::EXIT_CONFIG)
+}
+
 fn fail(what: &str, e: impl std::fmt::Display) -> ExitCode {
     error!("{what}: {e}");
     // One write, so that the lines of components failing together do not interleave.
@@ -76,11 +83,11 @@ pub fn dispatcher(cfg: Config, supervised: bool) -> ExitCode {
         let cfg = Arc::new(cfg);
         let (d, material) = match Dispatcher::load(cfg.clone()) {
             Ok(x) => x,
-            Err(e) => return fail("dispatcher", e),
+            Err(e) => return fail_config("dispatcher", e),
         };
         let acceptor = match material.acceptor(Role::Dispatcher, cfg.limits.handshake_timeout()) {
             Ok(a) => a,
-            Err(e) => return fail("dispatcher", e),
+            Err(e) => return fail_config("dispatcher", e),
         };
         let listener = match securesrv::server::bind(cfg.dispatcher.listen).await {
             Ok(l) => l,
@@ -93,7 +100,7 @@ pub fn dispatcher(cfg: Config, supervised: bool) -> ExitCode {
         let links = CancellationToken::new();
         let tracker = TaskTracker::new();
         if let Err(e) = d.start_links(&material, &links, &tracker) {
-            return fail("dispatcher", e);
+            return fail_config("dispatcher", e);
         }
         let addr = listener.local_addr().map_or(cfg.dispatcher.listen, |a| a);
         info!(addr = %addr, workers = d.pool().slots().len(), "dispatcher listening");
@@ -121,11 +128,11 @@ pub fn worker(cfg: Config, id: u32, listen: SocketAddr, supervised: bool) -> Exi
         let jobs = ops.job_groups().clone();
         let (w, material) = match Worker::load(id, cfg.clone(), ops) {
             Ok(x) => x,
-            Err(e) => return fail(&format!("worker {id}"), e),
+            Err(e) => return fail_config(&format!("worker {id}"), e),
         };
         let acceptor = match material.acceptor(Role::Worker, cfg.limits.handshake_timeout()) {
             Ok(a) => a,
-            Err(e) => return fail(&format!("worker {id}"), e),
+            Err(e) => return fail_config(&format!("worker {id}"), e),
         };
         let listener = match securesrv::server::bind(listen).await {
             Ok(l) => l,
@@ -170,7 +177,10 @@ pub fn watchdog(cfg: Config, config_file: Option<PathBuf>, log_filter: Option<St
         };
         match securesrv::watchdog::run(Arc::new(cfg), spec, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail("watchdog", e),
+            Err(e @ securesrv::watchdog::WatchdogError::DispatcherFailed { .. }) => {
+                fail("watchdog", e)
+            }
+            Err(e) => fail_config("watchdog", e),
         }
     })
 }
@@ -190,11 +200,11 @@ pub fn bench_echo(cfg: Config, listen: SocketAddr, certs: PathBuf) -> ExitCode {
     block_on(async move {
         let id = match securesrv::identity::SpiffeId::dispatcher(&cfg.trust_domain) {
             Ok(id) => id,
-            Err(e) => return fail("bench-echo", e),
+            Err(e) => return fail_config("bench-echo", e),
         };
         let material = match securesrv::tls::TlsMaterial::load_from_dir(&certs, &id) {
             Ok(m) => m,
-            Err(e) => return fail("bench-echo", e),
+            Err(e) => return fail_config("bench-echo", e),
         };
         let listener = match securesrv::server::bind(listen).await {
             Ok(l) => l,
