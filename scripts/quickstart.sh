@@ -11,10 +11,22 @@ bin=target/release/securesrv
 if [ ! -f certs/ca.crt ]; then
     "$bin" certs init --dir certs
 fi
+for port in 2222 2223 2224; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        echo "something already listens on 127.0.0.1:$port (another securesrv? e.g. one left by" \
+            "'scripts/quickstart.sh --keep'); stop it first" >&2
+        exit 1
+    fi
+done
 log=$(mktemp -t securesrv-watchdog.XXXXXX.log)
 "$bin" watchdog >"$log.out" 2>"$log" &
 wd=$!
-stop() { kill -TERM "$wd" 2>/dev/null && wait "$wd" 2>/dev/null || true; }
+ok=0
+# Stops the watchdog; the logs are removed after a successful run and kept otherwise.
+stop() {
+    kill -TERM "$wd" 2>/dev/null && wait "$wd" 2>/dev/null || true
+    if [ "$ok" = 1 ]; then rm -f "$log" "$log.out"; else echo "logs kept: $log $log.out" >&2; fi
+}
 [ "$keep" = 1 ] || trap stop EXIT
 for _ in $(seq 1 150); do
     grep -q "securesrv ready" "$log.out" 2>/dev/null && break
@@ -31,5 +43,6 @@ echo "+ securesrv client --cert certs/client.crt --key certs/client.key sha256 a
 if [ "$keep" = 1 ]; then
     echo "watchdog running as PID $wd (logs: $log); stop it with: kill $wd"
 else
-    echo "stopping the watchdog (logs: $log)"
+    ok=1
+    echo "stopping the watchdog"
 fi
