@@ -3,8 +3,9 @@
 //! Everything here is pure: bytes in, a value or an error out. No I/O, no TLS, no identities.
 //! [`decode`] tells "need more bytes" ([`Decoded::Incomplete`]) apart from "these bytes can never
 //! be a frame" ([`FrameError`]), checks the declared length against the cap *before* anything is
-//! allocated for the body, refuses trailing bytes inside a frame and never panics, whatever the
-//! input (fuzzed by `fuzz/fuzz_targets/frame.rs`).
+//! allocated for the body, refuses trailing bytes inside a frame and any body that is not shaped
+//! like a message (docs/PROTOCOL.md §3), and never panics, whatever the input (fuzzed by
+//! `fuzz/fuzz_targets/frame.rs`).
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -119,11 +120,13 @@ pub fn decode_shared<T: DeserializeOwned>(frame: &bytes::Bytes) -> Result<T, Fra
     crate::message::strict::shared_bin::decode_sharing(frame, || decode_body(body))
 }
 
-/// Decodes a frame body (no header) that must hold exactly one value.
+/// Decodes a frame body (no header) that must hold exactly one message, in the one shape
+/// docs/PROTOCOL.md §3 allows (see [`Shape::Message`]).
 pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
-    // A structural pass first: the exact extent of the value (so trailing bytes are caught)
-    // and its depth, without allocating. Then serde decodes from the borrowed slice.
-    let len = value_len(body)?;
+    // A structural pass first: the exact extent of the value (so trailing bytes are caught),
+    // its depth and its envelope, without allocating. Then serde decodes from the borrowed
+    // slice.
+    let len = scan(body, Shape::Message)?;
     if len != body.len() {
         return Err(FrameError::TrailingBytes(body.len() - len));
     }
@@ -137,6 +140,24 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
 /// consumes at least one byte, so the work is bounded by `buf.len()` whatever the headers
 /// declare.
 pub fn value_len(buf: &[u8]) -> Result<usize, FrameError> {
+    scan(buf, Shape::Any)
+}
+
+/// What [`scan`] checks besides the extent and depth of a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// Any MessagePack value.
+    Any,
+    /// A message (docs/PROTOCOL.md §3): a map of exactly one entry whose key, the kind, is a
+    /// str and whose value is a map of fields whose keys are all str. serde's derived decoding
+    /// alone would also take the kind as a variant index, the fields as an array and field
+    /// names as indexes or bin; the protocol allows none of these, so they are refused here,
+    /// before serde runs. Field values are left to the message types.
+    Message,
+}
+
+/// [`value_len`], also checking `shape` on the way.
+fn scan(buf: &[u8], shape: Shape) -> Result<usize, FrameError> {
     let truncated = || FrameError::Malformed("truncated MessagePack value".into());
     // Items still expected at each open container level.
     let mut pending: [u64; MAX_DEPTH + 1] = [0; MAX_DEPTH + 1];
@@ -189,6 +210,11 @@ pub fn value_len(buf: &[u8]) -> Result<usize, FrameError> {
             0xde => (2, 2 * be(2, pos)?),
             0xdf => (4, 2 * be(4, pos)?),
         };
+        // Levels 0 to 2 are the envelope: the message, its kind and fields, the field names
+        // and values. In a map, the items still pending after a key are odd in number.
+        if shape == Shape::Message && depth <= 2 {
+            envelope_item(depth, pending[depth] % 2 == 1, marker, children)?;
+        }
         let skip = usize::try_from(skip).map_err(|_| truncated())?;
         pos = pos
             .checked_add(skip)
@@ -204,6 +230,22 @@ pub fn value_len(buf: &[u8]) -> Result<usize, FrameError> {
             pending[depth] = children;
         }
     }
+}
+
+/// Checks one item of a message's envelope ([`Shape::Message`]): `level` 0 is the message,
+/// 1 its kind and fields, 2 the field names and values; `key` says whether the item is a map
+/// key; `children` is the number of items a map or array header declares.
+fn envelope_item(level: usize, key: bool, marker: u8, children: u64) -> Result<(), FrameError> {
+    let is_map = matches!(marker, 0x80..=0x8f | 0xde | 0xdf);
+    let is_str = matches!(marker, 0xa0..=0xbf | 0xd9..=0xdb);
+    let refusal = match level {
+        0 if !(is_map && children == 2) => "a message must be a map of exactly one entry",
+        1 if key && !is_str => "the message kind must be a MessagePack str",
+        1 if !key && !is_map => "the message fields must be a map",
+        2 if key && !is_str => "field names must be MessagePack str",
+        _ => return Ok(()),
+    };
+    Err(FrameError::Malformed(refusal.into()))
 }
 
 /// Appends one frame holding `value` to `out`. Structs are encoded as maps with field names, so
@@ -522,6 +564,174 @@ mod tests {
                 other => panic!("{name}: expected invalid, got {other:?}"),
             }
         }
+    }
+
+    /// `{"request": {"id": 1, "op": "echo", "payload": b"x"}}` with the kind's key, the fields
+    /// map's header and the field names as given (docs/PROTOCOL.md §3 allows only str keys and
+    /// a map of fields).
+    fn request_body(kind: &[u8], fields: &[u8], id: &[u8], op: &[u8], payload: &[u8]) -> Vec<u8> {
+        [
+            &[0x81][..],
+            kind,
+            fields,
+            id,
+            &[0x01],
+            op,
+            &[0xa4],
+            b"echo",
+            payload,
+            &[0xc4, 0x01, b'x'],
+        ]
+        .concat()
+    }
+
+    const KIND: &[u8] = b"\xa7request";
+    const FIELDS: &[u8] = &[0x83];
+    const ID: &[u8] = b"\xa2id";
+    const OP: &[u8] = b"\xa2op";
+    const PAYLOAD: &[u8] = b"\xa7payload";
+
+    #[test]
+    fn only_the_documented_envelope_decodes() {
+        let nonce = [&[0xc4, 16][..], &[7u8; 16]].concat();
+        let ping = [&b"\x81\xa4ping\x81\xa5nonce"[..], &nonce].concat();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            (
+                "the kind as a variant index",
+                request_body(&[0x00], FIELDS, ID, OP, PAYLOAD),
+            ),
+            (
+                "the kind as a uint 8 variant index",
+                request_body(&[0xcc, 0x00], FIELDS, ID, OP, PAYLOAD),
+            ),
+            (
+                "the kind as bin",
+                request_body(b"\xc4\x07request", FIELDS, ID, OP, PAYLOAD),
+            ),
+            (
+                "the fields as an array",
+                [
+                    &[0x81][..],
+                    KIND,
+                    &[0x94, 0x01, 0xa4],
+                    b"echo",
+                    &[0xc4, 1, b'x', 0xc0],
+                ]
+                .concat(),
+            ),
+            (
+                "the fields as an array 16",
+                [
+                    &[0x81][..],
+                    KIND,
+                    &[0xdc, 0, 3, 0x01, 0xa4],
+                    b"echo",
+                    &[0xc4, 1, b'x'],
+                ]
+                .concat(),
+            ),
+            (
+                "field names as indexes",
+                request_body(KIND, FIELDS, &[0x00], &[0x01], &[0x02]),
+            ),
+            (
+                "one field name as an index",
+                request_body(KIND, FIELDS, ID, &[0x01], PAYLOAD),
+            ),
+            (
+                "a field name as bin",
+                request_body(KIND, FIELDS, b"\xc4\x02id", OP, PAYLOAD),
+            ),
+            (
+                "a field name as nil",
+                [&b"\x81\xa4ping\x81\xc0"[..], &nonce].concat(),
+            ),
+            ("a str key with nil", b"\x81\xa4ping\xc0".to_vec()),
+            (
+                "a str key with bin",
+                [&b"\x81\xa4ping"[..], &nonce].concat(),
+            ),
+            (
+                "two entries",
+                [
+                    &[0x82][..],
+                    &ping[1..],
+                    &request_body(KIND, FIELDS, ID, OP, PAYLOAD)[1..],
+                ]
+                .concat(),
+            ),
+            ("no entry", vec![0x80]),
+            (
+                "an array of kind and fields",
+                [&[0x92][..], &ping[1..]].concat(),
+            ),
+            ("a bare str", b"\xa4ping".to_vec()),
+        ];
+        let mut accepted = Vec::new();
+        for (name, body) in &cases {
+            // The structure itself is sound: only the shape is wrong.
+            assert_eq!(value_len(body), Ok(body.len()), "{name}");
+            let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+            frame.extend_from_slice(body);
+            let refused = [
+                decode_body::<Message>(body),
+                decode::<Message>(&frame, DEFAULT_MAX_FRAME).map(|_| request("", b"")),
+                decode_shared::<Message>(&frame.into()),
+            ];
+            if !refused
+                .iter()
+                .all(|r| matches!(r, Err(FrameError::Malformed(_))))
+            {
+                accepted.push((name, refused));
+            }
+        }
+        assert!(accepted.is_empty(), "not refused: {accepted:#?}");
+    }
+
+    #[test]
+    fn every_kind_and_every_width_of_the_envelope_decodes() {
+        let kinds = [
+            carrying(0, b"abc".to_vec().into()),
+            carrying(1, b"abc".to_vec().into()),
+            carrying(2, b"abc".to_vec().into()),
+            Message::Error(ErrorReply {
+                id: 0,
+                code: ErrorCode::BadRequest,
+                message: "no".into(),
+            }),
+            Message::Ping(Ping { nonce: vec![3; 16] }),
+            Message::Pong(crate::message::Pong {
+                nonce: vec![3; 16],
+                in_flight: 2,
+                workers_available: Some(1),
+            }),
+        ];
+        for msg in &kinds {
+            let frame = bytes::Bytes::from(encode_to_vec(msg, DEFAULT_MAX_FRAME).unwrap());
+            assert_eq!(
+                decode_body::<Message>(&frame[HEADER_LEN..]).as_ref(),
+                Ok(msg)
+            );
+            assert_eq!(decode_shared::<Message>(&frame).as_ref(), Ok(msg));
+        }
+        // Maps and strs in their wider formats are the same values (§3: "any format").
+        let wide = request_body(
+            b"\xd9\x07request",
+            &[0xde, 0, 3],
+            b"\xda\x00\x02id",
+            b"\xdb\x00\x00\x00\x02op",
+            PAYLOAD,
+        );
+        let wide = [&[0xdf, 0, 0, 0, 1][..], &wide[1..]].concat();
+        let narrow = request_body(KIND, FIELDS, ID, OP, PAYLOAD);
+        assert_eq!(
+            decode_body::<Message>(&wide),
+            decode_body::<Message>(&narrow)
+        );
+        assert!(matches!(
+            decode_body::<Message>(&narrow),
+            Ok(Message::Request(Request { id: 1, .. }))
+        ));
     }
 
     #[test]

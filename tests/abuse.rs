@@ -245,6 +245,22 @@ fn hostile_bytes_end_only_their_own_connection() {
                 ErrorCode::BadRequest,
             ),
             (
+                // Decoded as a normal request by serde alone: PROTOCOL.md §3 refuses it.
+                "the kind as a variant index, the fields as an array",
+                {
+                    let body = [
+                        &[0x81, 0x00, 0x93, 0x01, 0xa4][..],
+                        b"echo",
+                        &[0xc4, 1, b'x'],
+                    ]
+                    .concat();
+                    let mut f = (body.len() as u32).to_be_bytes().to_vec();
+                    f.extend(body);
+                    f
+                },
+                ErrorCode::BadRequest,
+            ),
+            (
                 "an unknown message kind",
                 {
                     let body =

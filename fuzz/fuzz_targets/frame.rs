@@ -6,7 +6,7 @@
 //! - a `Complete` frame used at most the input (`consumed <= data.len()`), decodes the same from
 //!   exactly `data[..consumed]`, is `Incomplete` one byte shorter, and its value survives
 //!   encode -> decode unchanged (values are compared, not bytes: MessagePack has several encodings
-//!   of one value, e.g. a struct as a map or an array, an integer in 1 to 9 bytes).
+//!   of one value, e.g. a map or str header in 1 to 5 bytes, an integer in 1 to 9 bytes).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -96,8 +96,8 @@ fn declared(data: &[u8]) -> usize {
 }
 
 /// encode -> decode gives the same value. The canonical encoding (named fields, smallest
-/// integers) may be longer than what the peer sent (e.g. structs as arrays), so the encode uses
-/// the ceiling, not the cap the input was decoded under.
+/// integers) is not what the peer sent byte for byte, so the encode uses the ceiling, not the
+/// cap the input was decoded under.
 fn round_trip(value: &Message) {
     let max = frame::MAX_FRAME_CEILING;
     let bytes = frame::encode_to_vec(value, max).expect("a decoded message must encode");
