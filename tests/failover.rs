@@ -122,14 +122,24 @@ async fn client(s: &Setup) -> Client {
     Client::connect(cfg).await.unwrap()
 }
 
-#[test]
-fn a_worker_killed_mid_request() {
-    let s = setup();
-    let rt = tokio::runtime::Builder::new_multi_thread()
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+async fn stop_dispatcher(stop: CancellationToken, tracker: TaskTracker) {
+    stop.cancel();
+    tracker.close();
+    let _ = tokio::time::timeout(WAIT, tracker.wait()).await;
+}
+
+#[test]
+fn a_worker_killed_mid_request() {
+    let s = setup();
+    let rt = rt();
     rt.block_on(async {
         // Only worker 1 runs at first, so the slow requests land on it.
         let w1 = start_worker(&s, 1);
@@ -186,9 +196,7 @@ fn a_worker_killed_mid_request() {
         let _w1 = start_worker(&s, 1);
         assert!(d.pool().wait_for_available(1, WAIT).await);
         assert_eq!(c.call("echo", b"back").await.unwrap(), b"back");
-        stop.cancel();
-        tracker.close();
-        let _ = tokio::time::timeout(WAIT, tracker.wait()).await;
+        stop_dispatcher(stop, tracker).await;
     });
 }
 
@@ -204,11 +212,7 @@ fn a_request_read_after_its_token_expired_goes_to_another_worker() {
     // dispatcher's patience.
     cfg.dispatcher.worker_ping_interval_ms = 60_000;
     s.cfg = Arc::new(cfg);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = rt();
     rt.block_on(async {
         let w1 = start_worker(&s, 1);
         let (d, stop, tracker) = start_dispatcher(&s).await;
@@ -221,6 +225,7 @@ fn a_request_read_after_its_token_expired_goes_to_another_worker() {
         let until = Instant::now() + WAIT;
         while d.pool().slots()[0].outstanding() == 0 {
             assert!(Instant::now() < until, "the request never went to worker 1");
+            assert!(!call.is_finished(), "answered while worker 1 is paused");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let _w2 = start_worker(&s, 2);
@@ -234,9 +239,7 @@ fn a_request_read_after_its_token_expired_goes_to_another_worker() {
             .unwrap();
         assert_eq!(answer.unwrap(), b"late", "answered by worker 2");
         assert_eq!(c.call("echo", b"next").await.unwrap(), b"next");
-        stop.cancel();
-        tracker.close();
-        let _ = tokio::time::timeout(WAIT, tracker.wait()).await;
+        stop_dispatcher(stop, tracker).await;
     });
 }
 
@@ -245,11 +248,7 @@ fn a_stopping_worker_frees_its_port_at_once_and_still_answers() {
     // Told to stop, a worker accepts nothing more: its port is free for a successor at once,
     // while it finishes the request it is running (the drain is 4 s by default).
     let s = setup();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = rt();
     rt.block_on(async {
         let mut w1 = start_worker(&s, 1);
         let (d, stop, tracker) = start_dispatcher(&s).await;
@@ -281,8 +280,6 @@ fn a_stopping_worker_frees_its_port_at_once_and_still_answers() {
             w1.wait_exit(WAIT).is_some(),
             "the worker exits after its drain"
         );
-        stop.cancel();
-        tracker.close();
-        let _ = tokio::time::timeout(WAIT, tracker.wait()).await;
+        stop_dispatcher(stop, tracker).await;
     });
 }

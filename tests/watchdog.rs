@@ -48,6 +48,28 @@ impl Fixture {
         )
     }
 
+    /// Worker `id`, started by the test rather than the watchdog, listening on the port of the
+    /// watchdog's worker `on` (with its own, genuine certificate).
+    fn worker_outside(&self, name: &str, id: u32, on: u16) -> Proc {
+        let dir = self.pki.dir.to_str().unwrap().to_string();
+        let port = self.addr(on).to_string();
+        let p = Proc::spawn(
+            name,
+            &[
+                "worker",
+                "--id",
+                &id.to_string(),
+                "--listen",
+                &port,
+                "--certs",
+                &dir,
+            ],
+            self.pki.tmp.path(),
+        );
+        p.wait_log(&["worker listening"], WAIT);
+        p
+    }
+
     fn ready(&self) -> Proc {
         let w = self.watchdog();
         w.wait_for_n(false, &["securesrv ready"], 1, WAIT);
@@ -307,22 +329,7 @@ fn sigkill_of_the_dispatcher_clients_recover() {
 fn a_port_squatter_with_another_identity_is_never_accepted() {
     let f = Fixture::new();
     // A genuine worker 1 certificate, listening on worker 2's port.
-    let dir = f.pki.dir.to_str().unwrap().to_string();
-    let squat_addr = f.addr(2).to_string();
-    let squatter = Proc::spawn(
-        "squatter",
-        &[
-            "worker",
-            "--id",
-            "1",
-            "--listen",
-            &squat_addr,
-            "--certs",
-            &dir,
-        ],
-        f.pki.tmp.path(),
-    );
-    squatter.wait_log(&["worker listening"], WAIT);
+    let squatter = f.worker_outside("squatter", 1, 2);
     let w = f.watchdog();
     // The dispatcher refuses the squatter's identity on its link to worker 2.
     w.wait_log(
@@ -360,14 +367,7 @@ fn a_previous_instance_on_a_components_port_does_not_count_as_it() {
     // the new worker 2 cannot bind. Heartbeats on the port would be answered by the old one,
     // so the watchdog must not count its own worker 2 as up.
     let f = Fixture::new();
-    let dir = f.pki.dir.to_str().unwrap().to_string();
-    let port = f.addr(2).to_string();
-    let previous = Proc::spawn(
-        "previous",
-        &["worker", "--id", "2", "--listen", &port, "--certs", &dir],
-        f.pki.tmp.path(),
-    );
-    previous.wait_log(&["worker listening"], WAIT);
+    let _previous = f.worker_outside("previous", 2, 2);
     let w = f.watchdog();
     w.wait_log(&["COMPONENT FAILED", "component=worker-2 "], WAIT);
     let ready = w.wait_for_n(false, &["securesrv ready"], 1, WAIT);
