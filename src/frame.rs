@@ -748,20 +748,25 @@ mod tests {
 
     #[test]
     fn deep_nesting_is_refused_without_recursing() {
-        // 100_000 nested one-element arrays: must fail fast and not overflow the stack.
+        // 100_000 nested one-element arrays: must fail fast and not overflow the stack, bare
+        // (not a message at all) or as the value of a field (refused for its depth).
         let depth = 100_000;
-        let mut body = vec![0x91u8; depth];
-        body.push(0xc0);
-        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
-        frame.extend_from_slice(&body);
-        assert!(matches!(
-            decode::<Message>(&frame, DEFAULT_MAX_FRAME),
-            Err(FrameError::Malformed(_))
-        ));
-        assert!(matches!(
-            decode::<serde_json::Value>(&frame, DEFAULT_MAX_FRAME),
-            Err(FrameError::Malformed(_))
-        ));
+        let mut bare = vec![0x91u8; depth];
+        bare.push(0xc0);
+        let in_a_field = [&b"\x81\xa7request\x81\xa2id"[..], &bare].concat();
+        for (body, why) in [(bare, "one entry"), (in_a_field, "nested deeper")] {
+            let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+            frame.extend_from_slice(&body);
+            for result in [
+                decode::<Message>(&frame, DEFAULT_MAX_FRAME).map(|_| ()),
+                decode::<serde_json::Value>(&frame, DEFAULT_MAX_FRAME).map(|_| ()),
+            ] {
+                assert!(
+                    matches!(&result, Err(FrameError::Malformed(m)) if m.contains(why)),
+                    "{why}: {result:?}"
+                );
+            }
+        }
     }
 
     #[test]
