@@ -122,6 +122,23 @@ async fn client(s: &Setup) -> Client {
     Client::connect(cfg).await.unwrap()
 }
 
+/// Worker 1 alone, the dispatcher linked to it, and a client.
+async fn worker_1_and_dispatcher(
+    s: &Setup,
+) -> (
+    Proc,
+    Arc<Dispatcher>,
+    CancellationToken,
+    TaskTracker,
+    Client,
+) {
+    let w1 = start_worker(s, 1);
+    let (d, stop, tracker) = start_dispatcher(s).await;
+    assert!(d.pool().wait_for_available(1, WAIT).await);
+    let c = client(s).await;
+    (w1, d, stop, tracker, c)
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -142,10 +159,7 @@ fn a_worker_killed_mid_request() {
     let rt = rt();
     rt.block_on(async {
         // Only worker 1 runs at first, so the slow requests land on it.
-        let w1 = start_worker(&s, 1);
-        let (d, stop, tracker) = start_dispatcher(&s).await;
-        assert!(d.pool().wait_for_available(1, WAIT).await);
-        let c = client(&s).await;
+        let (w1, d, stop, tracker, c) = worker_1_and_dispatcher(&s).await;
 
         // Idempotent: `sleep` is retried on worker 2 and answered.
         let c1 = c.clone();
@@ -214,10 +228,7 @@ fn a_request_read_after_its_token_expired_goes_to_another_worker() {
     s.cfg = Arc::new(cfg);
     let rt = rt();
     rt.block_on(async {
-        let w1 = start_worker(&s, 1);
-        let (d, stop, tracker) = start_dispatcher(&s).await;
-        assert!(d.pool().wait_for_available(1, WAIT).await);
-        let c = client(&s).await;
+        let (w1, d, stop, tracker, c) = worker_1_and_dispatcher(&s).await;
         w1.signal(Signal::SIGSTOP);
         let started = Instant::now();
         let c1 = c.clone();
@@ -250,10 +261,7 @@ fn a_stopping_worker_frees_its_port_at_once_and_still_answers() {
     let s = setup();
     let rt = rt();
     rt.block_on(async {
-        let mut w1 = start_worker(&s, 1);
-        let (d, stop, tracker) = start_dispatcher(&s).await;
-        assert!(d.pool().wait_for_available(1, WAIT).await);
-        let c = client(&s).await;
+        let (mut w1, _d, stop, tracker, c) = worker_1_and_dispatcher(&s).await;
         let sent = Instant::now();
         let call = tokio::spawn(async move { c.call("sleep", b"2500").await });
         wait_busy(&s, 1).await;

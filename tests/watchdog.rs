@@ -325,6 +325,21 @@ fn sigkill_of_the_dispatcher_clients_recover() {
     assert_ne!(pid_of(&w, "dispatcher", 2), old);
 }
 
+/// The watchdog gave worker 2 up, announced it as failed, and never counted `impostor`
+/// (whatever answered on its port) as worker 2.
+fn worker_2_failed_and_never_up(w: &Proc, impostor: &str) {
+    w.wait_log(&["COMPONENT FAILED", "component=worker-2 "], WAIT);
+    let ready = w.wait_for_n(false, &["securesrv ready"], 1, WAIT);
+    assert!(
+        ready.contains("worker-2 ") && ready.contains("(FAILED)"),
+        "{ready}"
+    );
+    assert!(
+        !w.stderr().contains("component up component=worker-2"),
+        "{impostor} counted as worker 2"
+    );
+}
+
 #[test]
 fn a_port_squatter_with_another_identity_is_never_accepted() {
     let f = Fixture::new();
@@ -336,16 +351,7 @@ fn a_port_squatter_with_another_identity_is_never_accepted() {
         &["identity refused: expected peer spiffe://securesrv/worker/2"],
         WAIT,
     );
-    w.wait_log(&["COMPONENT FAILED", "component=worker-2 "], WAIT);
-    let ready = w.wait_for_n(false, &["securesrv ready"], 1, WAIT);
-    assert!(
-        ready.contains("worker-2 ") && ready.contains("(FAILED)"),
-        "{ready}"
-    );
-    assert!(
-        !w.stderr().contains("component up component=worker-2"),
-        "the squatter counted as worker 2"
-    );
+    worker_2_failed_and_never_up(&w, "the squatter");
     rt().block_on(async {
         let c = f.client().await;
         for i in 0..20 {
@@ -369,16 +375,7 @@ fn a_previous_instance_on_a_components_port_does_not_count_as_it() {
     let f = Fixture::new();
     let _previous = f.worker_outside("previous", 2, 2);
     let w = f.watchdog();
-    w.wait_log(&["COMPONENT FAILED", "component=worker-2 "], WAIT);
-    let ready = w.wait_for_n(false, &["securesrv ready"], 1, WAIT);
-    assert!(
-        ready.contains("worker-2 ") && ready.contains("(FAILED)"),
-        "{ready}"
-    );
-    assert!(
-        !w.stderr().contains("component up component=worker-2"),
-        "the previous instance counted as worker 2"
-    );
+    worker_2_failed_and_never_up(&w, "the previous instance");
     // The bound announcement is not passed on as output.
     assert!(!w.stdout().contains("bound"), "{}", w.stdout());
 }
