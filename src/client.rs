@@ -13,7 +13,7 @@ use crate::connection::{ConnError, Connection, IoLimits};
 use crate::frame::{self, Encoded};
 use crate::identity::SpiffeId;
 use crate::inflight::InFlight;
-use crate::message::{Bytes, Message};
+use crate::message::{Bytes, ErrorCode, Message};
 use crate::tls::{ClientStream, Connector, TlsConfigError, TlsMaterial};
 use serde::Serialize;
 
@@ -114,6 +114,9 @@ struct Link {
     /// Set, before the waiting calls are failed, when the dispatcher refused our certificate:
     /// a call that finds the connection already gone learns why instead of trying again.
     refused: OnceLock<ClientError>,
+    /// Set when the dispatcher answered `shutting_down`: it finishes what it has on this
+    /// connection, and new calls dial again (its successor, once it listens).
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// A cheap-to-clone handle to a connection to the dispatcher.
@@ -286,6 +289,15 @@ impl Client {
             return Err(gone());
         }
         match orx.await {
+            // The dispatcher is stopping and did not run it: try again on a new connection
+            // (a restarted dispatcher), within the deadline, idempotent or not.
+            Ok(Outcome::Done(Err(ClientError::Remote {
+                code: ErrorCode::ShuttingDown,
+                ..
+            }))) => {
+                link.draining.store(true, Ordering::Relaxed);
+                Err(Failure::NotSent)
+            }
             Ok(Outcome::Done(r)) => r.map_err(Failure::Final),
             Ok(Outcome::NotSent) => Err(Failure::NotSent),
             Ok(Outcome::Closed(e)) => Err(Failure::Final(e)),
@@ -307,7 +319,10 @@ impl Client {
 
     async fn current_link(&self) -> Result<Arc<Link>, ClientError> {
         let mut guard = self.link.lock().await;
-        if let Some(l) = guard.as_ref().filter(|l| !l.tx.is_closed()) {
+        if let Some(l) = guard
+            .as_ref()
+            .filter(|l| !l.tx.is_closed() && !l.draining.load(Ordering::Relaxed))
+        {
             return Ok(l.clone());
         }
         let (stream, _) = self
@@ -324,6 +339,7 @@ impl Client {
             pending: InFlight::default(),
             next_id: AtomicU64::new(1),
             refused: OnceLock::new(),
+            draining: std::sync::atomic::AtomicBool::new(false),
         });
         let task = tokio::spawn(run_link(
             link.clone(),

@@ -305,6 +305,36 @@ fn a_stopped_worker_is_detected_killed_and_replaced() {
 }
 
 #[test]
+fn a_dispatcher_told_to_stop_sends_new_calls_to_its_successor() {
+    // SIGTERM to the dispatcher while a client's request runs: the request is answered in the
+    // drain, and a call made meanwhile gets `shutting_down`, which the client takes as "not
+    // sent" and sends again once the restarted dispatcher listens, even a non-idempotent one.
+    let f = Fixture::new();
+    let w = f.ready();
+    let old = pid_of(&w, "dispatcher", 1);
+    rt().block_on(async {
+        let c = f.client().await;
+        let c1 = c.clone();
+        let running = tokio::spawn(async move { c1.call("sleep", b"1000").await });
+        let until = Instant::now() + WAIT;
+        while dispatcher_in_flight(&f).await == 0 {
+            assert!(Instant::now() < until, "the sleep never started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        w.signal_pid(old, Signal::SIGTERM);
+        tokio::task::block_in_place(|| w.wait_log(&["SIGTERM received"], WAIT));
+        let opts = CallOptions {
+            idempotent: false,
+            timeout: Duration::from_secs(20),
+        };
+        assert_eq!(c.call_with("echo", b"new", opts).await.unwrap(), b"new");
+        assert_eq!(running.await.unwrap().unwrap(), b"slept 1000 ms");
+    });
+    w.wait_for_n(true, &["component up", "component=dispatcher "], 2, WAIT);
+    assert_ne!(pid_of(&w, "dispatcher", 2), old);
+}
+
+#[test]
 fn sigkill_of_the_dispatcher_clients_recover() {
     let f = Fixture::new();
     let w = f.ready();
