@@ -265,7 +265,8 @@ impl Pool {
             },
             crate::token::now_ms(),
         )?;
-        let token_expires = Instant::now() + self.minter.lifetime();
+        // `None` (a lifetime beyond the clock's range): the token never expires in practice.
+        let token_expires = Instant::now().checked_add(self.minter.lifetime());
         let id = link.next_id.fetch_add(1, Ordering::Relaxed);
         let left = deadline.saturating_duration_since(Instant::now());
         let frame = frame::encode_spliced(
@@ -299,7 +300,7 @@ impl Pool {
         match tokio::time::timeout_at(deadline, orx).await {
             Ok(Ok(Answer::Reply(p))) => Ok(p),
             Ok(Ok(Answer::Error(ErrorCode::InvalidToken, _)))
-                if Instant::now() >= token_expires =>
+                if token_expires.is_some_and(|t| Instant::now() >= t) =>
             {
                 Err(ForwardError::Expired)
             }

@@ -20,7 +20,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::io::AsyncBufReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, Command};
 
 /// What a supervised component writes on stdout once it has bound its port.
@@ -72,19 +72,7 @@ pub fn spawn(exe: &Path, args: &[OsString], threads: usize) -> std::io::Result<R
         .ok_or_else(|| std::io::Error::other("child exited at once"))?;
     let bound = Arc::new(AtomicBool::new(false));
     if let Some(stdout) = child.stdout.take() {
-        let bound = bound.clone();
-        tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if line == BOUND_LINE {
-                    bound.store(true, Ordering::Release);
-                } else {
-                    let mut out = std::io::stdout().lock();
-                    let _ = writeln!(out, "{line}");
-                    let _ = out.flush();
-                }
-            }
-        });
+        tokio::spawn(read_stdout(stdout, bound.clone()));
     }
     Ok(Running {
         child,
@@ -93,6 +81,39 @@ pub fn spawn(exe: &Path, args: &[OsString], threads: usize) -> std::io::Result<R
         bound,
     })
 }
+
+/// Reads a child's stdout until it closes: [`BOUND_LINE`] sets `bound`; other lines (none are
+/// expected) are passed on to ours, a long one in pieces of [`MAX_LINE`] bytes. Bytes, not
+/// text, so that nothing a child writes ends the reading (and with it the child's stdout), and
+/// written asynchronously, so that a stdout nobody reads cannot block a runtime thread.
+async fn read_stdout(stdout: tokio::process::ChildStdout, bound: Arc<AtomicBool>) {
+    let mut reader = tokio::io::BufReader::new(stdout);
+    let mut out = tokio::io::stdout();
+    let mut line = Vec::with_capacity(128);
+    loop {
+        line.clear();
+        match (&mut reader)
+            .take(MAX_LINE as u64)
+            .read_until(b'\n', &mut line)
+            .await
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if line.strip_suffix(b"\n") == Some(BOUND_LINE.as_bytes()) {
+            bound.store(true, Ordering::Release);
+        } else {
+            if !line.ends_with(b"\n") {
+                line.push(b'\n');
+            }
+            let _ = out.write_all(&line).await;
+            let _ = out.flush().await;
+        }
+    }
+}
+
+/// Longest piece of a child's stdout passed on at once.
+const MAX_LINE: usize = 4096;
 
 /// Sends `sig` to `pid`, ignoring a process that is already gone.
 pub fn signal(pid: u32, sig: Signal) {
@@ -156,6 +177,16 @@ mod tests {
         tokio::io::AsyncWriteExt::write_all(&mut cue, b"go\n")
             .await
             .unwrap();
+        assert!(wait_bound(&r).await, "the announcement was missed");
+        stop(r, Duration::from_secs(1)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn bytes_that_are_not_text_and_long_lines_do_not_hide_the_announcement() {
+        let script = format!(
+            "printf '\\377\\376\\n'; head -c 10000 /dev/zero | tr '\\0' a; echo; echo {BOUND_LINE}; sleep 5"
+        );
+        let r = spawn(Path::new("/bin/sh"), &["-c".into(), script.into()], 1).unwrap();
         assert!(wait_bound(&r).await, "the announcement was missed");
         stop(r, Duration::from_secs(1)).await.unwrap();
     }
