@@ -31,7 +31,9 @@ pub const ALPN: &[u8] = b"securesrv/1";
 /// Default deadline for a TLS handshake (and for the TCP connect before it).
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
+mod tickets;
 mod transport;
+pub use tickets::TicketStore;
 pub use transport::{READ_AHEAD, Transport};
 
 /// A TLS stream accepted by a listener.
@@ -229,6 +231,8 @@ impl TlsMaterial {
             .with_custom_certificate_verifier(verifier)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
         cfg.alpn_protocols = vec![ALPN.to_vec()];
+        // Room for a ticket per concurrent connection, so reconnects resume (see `tickets`).
+        cfg.resumption = rustls::client::Resumption::store(Arc::new(TicketStore::new()));
         Ok(Arc::new(cfg))
     }
 

@@ -408,3 +408,60 @@ async fn resumed_sessions_still_carry_the_identity() {
         assert_eq!(next(&mut rx).await.unwrap(), *dispatcher.own_id());
     }
 }
+
+/// More connections at once than rustls's stock store keeps tickets for (8): once each has
+/// received its tickets, every one of the next burst resumes instead of signing again.
+#[tokio::test]
+async fn a_burst_of_reconnects_all_resume() {
+    const BURST: usize = 32;
+    let pki = pki();
+    let worker = material(&pki.dir, "worker-1");
+    let (addr, mut rx) = start_worker_listener(&worker, WAIT).await;
+    let dispatcher = material(&pki.dir, "dispatcher");
+    let w1 = SpiffeId::worker(TD, 1).unwrap();
+    let connector = dispatcher.connector(&w1, WAIT).unwrap();
+    for round in 0..2 {
+        // All connected before any reads, as a load generator's burst of reconnects is.
+        let mut streams = Vec::new();
+        for _ in 0..BURST {
+            let (s, id) = connector.connect(addr).await.unwrap();
+            assert_eq!(id, w1);
+            streams.push(s);
+        }
+        let mut resumed = 0;
+        for s in &mut streams {
+            // Reading the server's first bytes also takes in its tickets.
+            let mut buf = [0u8; 2];
+            tokio::time::timeout(WAIT, s.read_exact(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            if s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                resumed += 1;
+            }
+            assert_eq!(next(&mut rx).await.unwrap(), *dispatcher.own_id());
+        }
+        let expected = if round == 0 { 0 } else { BURST };
+        assert_eq!(resumed, expected, "round {round}: resumed handshakes");
+    }
+}
+
+#[test]
+fn the_ticket_store_forgets_the_oldest_server_first() {
+    use rustls::client::ClientSessionStore;
+    let store = TicketStore::new();
+    let name = |i: usize| ServerName::try_from(format!("s{i}.example")).unwrap();
+    for i in 0..=tickets::SERVERS {
+        store.set_kx_hint(name(i), rustls::NamedGroup::X25519);
+    }
+    assert_eq!(store.kx_hint(&name(0)), None, "oldest forgotten");
+    for i in 1..=tickets::SERVERS {
+        assert_eq!(
+            store.kx_hint(&name(i)),
+            Some(rustls::NamedGroup::X25519),
+            "s{i} kept"
+        );
+    }
+    assert_eq!(store.tickets(&name(1)), 0);
+    assert!(!format!("{store:?}").is_empty());
+}
