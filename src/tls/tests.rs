@@ -465,3 +465,30 @@ fn the_ticket_store_forgets_the_oldest_server_first() {
     assert_eq!(store.tickets(&name(1)), 0);
     assert!(!format!("{store:?}").is_empty());
 }
+
+#[tokio::test]
+async fn our_peers_agree_on_aes_128_gcm_and_the_other_suites_stay_enabled() {
+    let suites: Vec<_> = provider().cipher_suites.iter().map(|s| s.suite()).collect();
+    assert_eq!(
+        suites,
+        [
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+            rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+        ]
+    );
+    let pki = pki();
+    let worker = material(&pki.dir, "worker-1");
+    let (addr, mut rx) = start_worker_listener(&worker, WAIT).await;
+    let dispatcher = material(&pki.dir, "dispatcher");
+    let w1 = SpiffeId::worker(TD, 1).unwrap();
+    let (s, _) = dispatcher
+        .connector(&w1, WAIT)
+        .unwrap()
+        .connect(addr)
+        .await
+        .unwrap();
+    let suite = s.get_ref().1.negotiated_cipher_suite().map(|s| s.suite());
+    assert_eq!(suite, Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
+    assert_eq!(next(&mut rx).await.unwrap(), *dispatcher.own_id());
+}
