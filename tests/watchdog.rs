@@ -21,13 +21,18 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
+        Self::with("")
+    }
+
+    /// The usual configuration followed by `extra` (TOML tables).
+    fn with(extra: &str) -> Self {
         let pki = pki(2);
         let base = free_port_block(2);
         let cfg = format!(
             "certs_dir = {:?}\nworkers = 2\n\
              [dispatcher]\nlisten = \"127.0.0.1:{base}\"\nworker_ping_interval_ms = 200\n\
              [watchdog]\nheartbeat_interval_ms = 300\nheartbeat_timeout_ms = 300\nmax_missed = 3\n\
-             restart_backoff_initial_ms = 100\nrestart_backoff_max_ms = 2000\nstop_grace_ms = 3000\n",
+             restart_backoff_initial_ms = 100\nrestart_backoff_max_ms = 2000\nstop_grace_ms = 3000\n{extra}",
             pki.dir
         );
         std::fs::write(pki.tmp.path().join("securesrv.toml"), cfg).unwrap();
@@ -506,4 +511,80 @@ fn children_exit_when_the_watchdog_is_killed() {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+#[test]
+fn a_sigkilled_workers_jobs_do_not_outlive_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pidfile = tmp.path().join("grandchild.pid");
+    // The job starts a child of its own (in the job's process group) and waits for it.
+    let f = Fixture::with(&format!(
+        "[[jobs]]\nname = \"spawn\"\nprogram = \"/bin/sh\"\n\
+         args = [\"-c\", \"sleep 120 & echo $! > '{}'; wait\"]\ntimeout_ms = 60000\n\
+         [acl]\nspawn = [\"*\"]\n",
+        pidfile.display()
+    ));
+    let w = f.ready();
+    let job = rt().block_on(async {
+        let c = f.client().await;
+        let call = tokio::spawn(async move {
+            let opts = CallOptions {
+                idempotent: false,
+                timeout: Duration::from_secs(60),
+            };
+            c.call_with("spawn", b"", opts).await
+        });
+        let grandchild = tokio::task::block_in_place(|| common::wait_pid_file(&pidfile, WAIT));
+        // grandchild (sleep) -> job (sh) -> the worker that runs it.
+        let ppid = |pid: u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| securesrv::watchdog::orphans::parse_stat(&s))
+                .map(|s| s.ppid)
+                .expect("parent in /proc")
+        };
+        let job = ppid(grandchild);
+        let worker = ppid(job);
+        let component = if worker == pid_of(&w, "worker-1", 1) {
+            "worker-1"
+        } else {
+            assert_eq!(
+                worker,
+                pid_of(&w, "worker-2", 1),
+                "the job runs in a worker"
+            );
+            "worker-2"
+        };
+        w.signal_pid(worker, Signal::SIGKILL);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while (alive(grandchild) || alive(job)) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left: Vec<u32> = [job, grandchild]
+            .into_iter()
+            .filter(|p| alive(*p))
+            .collect();
+        for p in &left {
+            w.signal_pid(*p, Signal::SIGKILL);
+        }
+        assert!(
+            left.is_empty(),
+            "{component}'s job processes {left:?} outlived it by 10 s"
+        );
+        // The call learns that its worker died; the service goes on with a new worker.
+        let answer = tokio::time::timeout(WAIT, call).await.expect("call ends");
+        assert!(!matches!(answer, Ok(Ok(_))), "{answer:?}");
+        tokio::task::block_in_place(|| {
+            w.wait_for_n(
+                true,
+                &["component up", &format!("component={component} ")],
+                2,
+                WAIT,
+            )
+        });
+        let c = f.client().await;
+        assert_eq!(c.call("echo", b"after").await.unwrap(), b"after");
+        job
+    });
+    w.wait_log(&["left behind", &format!("pid={job} ")], WAIT);
 }

@@ -169,6 +169,10 @@ pub fn watchdog(cfg: Config, config_file: Option<PathBuf>, log_filter: Option<St
         if let Err(e) = securesrv::shutdown::watch(shutdown.clone(), false, grace(&cfg)) {
             return fail("cannot install signal handlers", e);
         }
+        // Orphans of a component (jobs of a SIGKILLed worker) become ours, to be killed.
+        if let Err(e) = securesrv::watchdog::orphans::become_subreaper() {
+            tracing::warn!(error = %e, "cannot become a child subreaper; jobs of a killed worker may outlive it");
+        }
         let spec = securesrv::watchdog::Spec {
             exe,
             config_file,

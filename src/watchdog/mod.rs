@@ -11,6 +11,7 @@
 //! workers), then the workers; no child outlives the watchdog.
 
 pub mod child;
+pub mod orphans;
 pub mod probe;
 
 use crate::config::Config;
@@ -18,7 +19,7 @@ use crate::identity::{IdentityError, SpiffeId};
 use crate::tls::{TlsConfigError, TlsMaterial};
 use child::Running;
 use probe::{Beat, Prober};
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -34,6 +35,9 @@ use tracing::{debug, error, info, warn};
 const POLL: Duration = Duration::from_millis(50);
 /// Grace between SIGTERM and SIGKILL for a component that stopped answering.
 const HUNG_GRACE: Duration = Duration::from_secs(1);
+/// How often a subreaper watchdog looks for processes its components left behind, besides
+/// after each component exit.
+const SWEEP: Duration = Duration::from_secs(5);
 
 /// How to start the children.
 #[derive(Debug, Clone)]
@@ -115,6 +119,7 @@ enum Event {
     },
     Stopped {
         idx: usize,
+        pid: u32,
         status: std::io::Result<ExitStatus>,
         reason: String,
     },
@@ -127,6 +132,10 @@ struct Supervisor {
     slots: Vec<Slot>,
     events: mpsc::UnboundedSender<Event>,
     announced: bool,
+    /// Components being stopped in the background (not orphans, though in no slot).
+    stopping: HashSet<u32>,
+    /// Whether this process adopts its components' orphans and so must kill and reap them.
+    subreaper: bool,
     /// Runtime threads per child: the cores shared out among the co-located components, so
     /// that they do not oversubscribe the machine.
     threads: usize,
@@ -220,6 +229,8 @@ pub async fn run(
         slots,
         events: tx,
         announced: false,
+        stopping: HashSet::new(),
+        subreaper: orphans::is_subreaper(),
         threads,
     };
     info!(components = sup.slots.len(), "watchdog starting components");
@@ -229,6 +240,8 @@ pub async fn run(
     let mut poll = tokio::time::interval(POLL);
     let mut beat = tokio::time::interval(Duration::from_millis(cfg.watchdog.heartbeat_interval_ms));
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sweep = tokio::time::interval(SWEEP);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         tokio::select! {
             biased;
@@ -240,6 +253,9 @@ pub async fn run(
                 }
             }
             _ = beat.tick() => sup.heartbeats(),
+            _ = sweep.tick() => {
+                sup.sweep_orphans();
+            }
         }
     };
     sup.stop_all().await;
@@ -282,6 +298,7 @@ impl Supervisor {
                     slot.down_since.get_or_insert(now);
                     warn!(component = %slot.comp.name, pid, status = %child::describe(&status), "component exited");
                     self.schedule_restart(idx, child::describe(&status));
+                    let _ = self.sweep_orphans();
                     continue;
                 }
             }
@@ -423,9 +440,12 @@ impl Supervisor {
             }
             Event::Stopped {
                 idx,
+                pid,
                 status,
                 reason,
             } => {
+                self.stopping.remove(&pid);
+                let _ = self.sweep_orphans();
                 let slot = &mut self.slots[idx];
                 let how = match &status {
                     Ok(s) => child::describe(s),
@@ -447,11 +467,14 @@ impl Supervisor {
         warn!(component = %slot.comp.name, pid = r.pid, reason = %reason, "stopping component");
         slot.phase = Phase::Stopping;
         slot.down_since.get_or_insert(Instant::now());
+        let pid = r.pid;
+        self.stopping.insert(pid);
         let tx = self.events.clone();
         tokio::spawn(async move {
             let status = child::stop(r, HUNG_GRACE).await;
             let _ = tx.send(Event::Stopped {
                 idx,
+                pid,
                 status,
                 reason,
             });
@@ -498,6 +521,20 @@ impl Supervisor {
         slot.backoff = (slot.backoff * 2).min(Duration::from_millis(w.restart_backoff_max_ms));
         slot.phase = Phase::Waiting { until: now + delay };
         info!(component = %slot.comp.name, reason = %reason, restart = slot.total_restarts, delay_ms = delay.as_millis() as u64, "restarting component");
+    }
+
+    /// Kills and reaps what dead components left behind (see [`orphans`]).
+    fn sweep_orphans(&mut self) -> usize {
+        if !self.subreaper {
+            return 0;
+        }
+        let components: HashSet<u32> = self
+            .slots
+            .iter()
+            .filter_map(|s| s.running.as_ref().map(|r| r.pid))
+            .chain(self.stopping.iter().copied())
+            .collect();
+        orphans::sweep(&components)
     }
 
     /// Prints the ready line once every component is up (or has been given up on).
@@ -559,6 +596,14 @@ impl Supervisor {
                     }
                 }
             }
+        }
+        // Every component is reaped: any child left is an orphan of one (a job of a worker
+        // that had to be SIGKILLed). Kill them, and reap them within a short bound.
+        for _ in 0..50 {
+            if !self.subreaper || self.sweep_orphans() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         info!("watchdog stopped");
     }
