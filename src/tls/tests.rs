@@ -114,6 +114,30 @@ async fn start_worker_listener(
     (addr, rx)
 }
 
+/// A worker-1 listener, and the dispatcher's material and connector to it.
+struct ToWorker1 {
+    addr: SocketAddr,
+    rx: mpsc::UnboundedReceiver<Result<SpiffeId, HandshakeError>>,
+    dispatcher: TlsMaterial,
+    w1: SpiffeId,
+    connector: Connector,
+}
+
+async fn to_worker_1(pki: &Pki) -> ToWorker1 {
+    let worker = material(&pki.dir, "worker-1");
+    let (addr, rx) = start_worker_listener(&worker, WAIT).await;
+    let dispatcher = material(&pki.dir, "dispatcher");
+    let w1 = SpiffeId::worker(TD, 1).unwrap();
+    let connector = dispatcher.connector(&w1, WAIT).unwrap();
+    ToWorker1 {
+        addr,
+        rx,
+        dispatcher,
+        w1,
+        connector,
+    }
+}
+
 async fn next(
     rx: &mut mpsc::UnboundedReceiver<Result<SpiffeId, HandshakeError>>,
 ) -> Result<SpiffeId, HandshakeError> {
@@ -393,19 +417,15 @@ async fn silent_peer_is_cut_off_at_the_handshake_deadline() {
 #[tokio::test]
 async fn resumed_sessions_still_carry_the_identity() {
     let pki = pki();
-    let worker = material(&pki.dir, "worker-1");
-    let (addr, mut rx) = start_worker_listener(&worker, WAIT).await;
-    let dispatcher = material(&pki.dir, "dispatcher");
-    let w1 = SpiffeId::worker(TD, 1).unwrap();
-    let connector = dispatcher.connector(&w1, WAIT).unwrap();
+    let mut t = to_worker_1(&pki).await;
     for round in 0..3 {
-        let (mut s, id) = connector.connect(addr).await.unwrap();
-        assert_eq!(id, w1);
+        let (mut s, id) = t.connector.connect(t.addr).await.unwrap();
+        assert_eq!(id, t.w1);
         let mut buf = [0u8; 2];
         s.read_exact(&mut buf).await.unwrap();
         let resumed = s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         assert_eq!(resumed, round > 0, "round {round}");
-        assert_eq!(next(&mut rx).await.unwrap(), *dispatcher.own_id());
+        assert_eq!(next(&mut t.rx).await.unwrap(), *t.dispatcher.own_id());
     }
 }
 
@@ -415,17 +435,13 @@ async fn resumed_sessions_still_carry_the_identity() {
 async fn a_burst_of_reconnects_all_resume() {
     const BURST: usize = 32;
     let pki = pki();
-    let worker = material(&pki.dir, "worker-1");
-    let (addr, mut rx) = start_worker_listener(&worker, WAIT).await;
-    let dispatcher = material(&pki.dir, "dispatcher");
-    let w1 = SpiffeId::worker(TD, 1).unwrap();
-    let connector = dispatcher.connector(&w1, WAIT).unwrap();
+    let mut t = to_worker_1(&pki).await;
     for round in 0..2 {
         // All connected before any reads, as a load generator's burst of reconnects is.
         let mut streams = Vec::new();
         for _ in 0..BURST {
-            let (s, id) = connector.connect(addr).await.unwrap();
-            assert_eq!(id, w1);
+            let (s, id) = t.connector.connect(t.addr).await.unwrap();
+            assert_eq!(id, t.w1);
             streams.push(s);
         }
         let mut resumed = 0;
@@ -439,7 +455,7 @@ async fn a_burst_of_reconnects_all_resume() {
             if s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
                 resumed += 1;
             }
-            assert_eq!(next(&mut rx).await.unwrap(), *dispatcher.own_id());
+            assert_eq!(next(&mut t.rx).await.unwrap(), *t.dispatcher.own_id());
         }
         let expected = if round == 0 { 0 } else { BURST };
         assert_eq!(resumed, expected, "round {round}: resumed handshakes");
@@ -478,17 +494,9 @@ async fn our_peers_agree_on_aes_128_gcm_and_the_other_suites_stay_enabled() {
         ]
     );
     let pki = pki();
-    let worker = material(&pki.dir, "worker-1");
-    let (addr, mut rx) = start_worker_listener(&worker, WAIT).await;
-    let dispatcher = material(&pki.dir, "dispatcher");
-    let w1 = SpiffeId::worker(TD, 1).unwrap();
-    let (s, _) = dispatcher
-        .connector(&w1, WAIT)
-        .unwrap()
-        .connect(addr)
-        .await
-        .unwrap();
+    let mut t = to_worker_1(&pki).await;
+    let (s, _) = t.connector.connect(t.addr).await.unwrap();
     let suite = s.get_ref().1.negotiated_cipher_suite().map(|s| s.suite());
     assert_eq!(suite, Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
-    assert_eq!(next(&mut rx).await.unwrap(), *dispatcher.own_id());
+    assert_eq!(next(&mut t.rx).await.unwrap(), *t.dispatcher.own_id());
 }
