@@ -198,6 +198,16 @@ pub fn main() -> ExitCode {
 }
 
 fn run_command(cmd: Command, config: Option<PathBuf>, log: Option<String>) -> ExitCode {
+    if let Command::Dispatcher(DispatcherArgs { common, .. })
+    | Command::Worker(WorkerArgs { common, .. }) = &cmd
+    {
+        if common.supervised {
+            if let Err(e) = securesrv::watchdog::child::own_session() {
+                // Still supervised; only a SIGKILLed worker's jobs would outlive it.
+                eprintln!("securesrv: cannot start a session of its own: {e}");
+            }
+        }
+    }
     match cmd {
         Command::Certs(c) => certs(c),
         Command::Dispatcher(a) => {

@@ -513,63 +513,79 @@ fn children_exit_when_the_watchdog_is_killed() {
     }
 }
 
+/// `/proc/PID/stat` of a process, parsed; `None` once it is gone (reaped).
+fn stat_of(pid: u32) -> Option<securesrv::watchdog::orphans::ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    securesrv::watchdog::orphans::parse_stat(&text)
+}
+
+/// The component whose session `pid` belongs to: each supervised component leads its own.
+fn component_of(w: &Proc, pid: u32) -> (&'static str, &'static str, u32) {
+    let session = stat_of(pid).expect("process in /proc").session;
+    let (w1, w2) = (pid_of(w, "worker-1", 1), pid_of(w, "worker-2", 1));
+    match session {
+        s if s == w1 => ("worker-1", "worker-2", w2),
+        s if s == w2 => ("worker-2", "worker-1", w1),
+        s => panic!("process {pid} is in session {s}, not a worker's ({w1}, {w2})"),
+    }
+}
+
+/// A job config for the fixture: `spawn` runs `sh -c SCRIPT`, with `{}` in SCRIPT replaced by
+/// `pidfile`.
+fn spawn_job(script: &str, pidfile: &std::path::Path) -> String {
+    let script = script.replace("{}", &pidfile.display().to_string());
+    format!(
+        "[[jobs]]\nname = \"spawn\"\nprogram = \"/bin/sh\"\nargs = [\"-c\", \"{script}\"]\n\
+         timeout_ms = 60000\n[acl]\nspawn = [\"*\"]\n"
+    )
+}
+
+fn call_spawn(
+    c: Client,
+) -> tokio::task::JoinHandle<Result<Vec<u8>, securesrv::client::ClientError>> {
+    tokio::spawn(async move {
+        let opts = CallOptions {
+            idempotent: false,
+            timeout: Duration::from_secs(60),
+        };
+        c.call_with("spawn", b"", opts).await.map(|b| b.to_vec())
+    })
+}
+
 #[test]
 fn a_sigkilled_workers_jobs_do_not_outlive_it() {
     let tmp = tempfile::tempdir().unwrap();
     let pidfile = tmp.path().join("grandchild.pid");
     // The job starts a child of its own (in the job's process group) and waits for it.
-    let f = Fixture::with(&format!(
-        "[[jobs]]\nname = \"spawn\"\nprogram = \"/bin/sh\"\n\
-         args = [\"-c\", \"sleep 120 & echo $! > '{}'; wait\"]\ntimeout_ms = 60000\n\
-         [acl]\nspawn = [\"*\"]\n",
-        pidfile.display()
-    ));
+    let f = Fixture::with(&spawn_job("sleep 120 & echo $! > '{}'; wait", &pidfile));
     let w = f.ready();
     let job = rt().block_on(async {
-        let c = f.client().await;
-        let call = tokio::spawn(async move {
-            let opts = CallOptions {
-                idempotent: false,
-                timeout: Duration::from_secs(60),
-            };
-            c.call_with("spawn", b"", opts).await
-        });
+        let call = call_spawn(f.client().await);
         let grandchild = tokio::task::block_in_place(|| common::wait_pid_file(&pidfile, WAIT));
-        // grandchild (sleep) -> job (sh) -> the worker that runs it.
-        let ppid = |pid: u32| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| securesrv::watchdog::orphans::parse_stat(&s))
-                .map(|s| s.ppid)
-                .expect("parent in /proc")
-        };
-        let job = ppid(grandchild);
-        let worker = ppid(job);
-        let component = if worker == pid_of(&w, "worker-1", 1) {
-            "worker-1"
-        } else {
-            assert_eq!(
-                worker,
-                pid_of(&w, "worker-2", 1),
-                "the job runs in a worker"
-            );
-            "worker-2"
-        };
+        let job = stat_of(grandchild).expect("grandchild in /proc").ppid;
+        let (component, _, _) = component_of(&w, grandchild);
+        let worker = stat_of(job).expect("job in /proc").ppid;
         w.signal_pid(worker, Signal::SIGKILL);
+        // Killed, and reaped too: not even a zombie is left.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while (alive(grandchild) || alive(job)) && Instant::now() < deadline {
+        let left = || {
+            [job, grandchild]
+                .into_iter()
+                .filter(|p| stat_of(*p).is_some())
+                .collect::<Vec<_>>()
+        };
+        while !left().is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let left: Vec<u32> = [job, grandchild]
-            .into_iter()
-            .filter(|p| alive(*p))
-            .collect();
+        let left = left();
         for p in &left {
-            w.signal_pid(*p, Signal::SIGKILL);
+            if alive(*p) {
+                w.signal_pid(*p, Signal::SIGKILL);
+            }
         }
         assert!(
             left.is_empty(),
-            "{component}'s job processes {left:?} outlived it by 10 s"
+            "{component}'s job processes {left:?} still there 10 s after it"
         );
         // The call learns that its worker died; the service goes on with a new worker.
         let answer = tokio::time::timeout(WAIT, call).await.expect("call ends");
@@ -587,4 +603,34 @@ fn a_sigkilled_workers_jobs_do_not_outlive_it() {
         job
     });
     w.wait_log(&["left behind", &format!("pid={job} ")], WAIT);
+}
+
+#[test]
+fn a_live_workers_job_keeps_the_processes_it_started() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pidfile = tmp.path().join("child.pid");
+    // The job's program exits at once; the child it leaves behind answers later. That child's
+    // parent is gone, so it is the watchdog's now, but its job still runs on a live worker.
+    let f = Fixture::with(&spawn_job(
+        "(sleep 2; echo late) & echo $! > '{}'",
+        &pidfile,
+    ));
+    let w = f.ready();
+    rt().block_on(async {
+        let call = call_spawn(f.client().await);
+        let child = tokio::task::block_in_place(|| common::wait_pid_file(&pidfile, WAIT));
+        let (_, other, other_pid) = component_of(&w, child);
+        // A component exit makes the watchdog sweep at once.
+        w.signal_pid(other_pid, Signal::SIGKILL);
+        tokio::task::block_in_place(|| {
+            w.wait_for_n(
+                true,
+                &["component exited", &format!("component={other} ")],
+                1,
+                WAIT,
+            )
+        });
+        let answer = tokio::time::timeout(WAIT, call).await.expect("call ends");
+        assert_eq!(answer.unwrap().unwrap(), b"late\n");
+    });
 }

@@ -26,6 +26,14 @@ use tokio::process::{Child, ChildStdin, Command};
 /// What a supervised component writes on stdout once it has bound its port.
 pub const BOUND_LINE: &str = "securesrv-component-bound";
 
+/// Called by a supervised component as it starts: a session of its own, whose ID is its PID,
+/// marks everything it and its jobs start, so that the watchdog can tell the orphans of a dead
+/// component from other processes (see [`super::orphans`]). It also keeps the terminal's
+/// Ctrl-C to the watchdog, which stops the components in their order.
+pub fn own_session() -> nix::Result<()> {
+    nix::unistd::setsid().map(|_| ())
+}
+
 /// Tells the supervising watchdog that this component has bound its port.
 pub fn announce_bound() {
     let mut out = std::io::stdout().lock();

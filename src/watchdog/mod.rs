@@ -132,8 +132,13 @@ struct Supervisor {
     slots: Vec<Slot>,
     events: mpsc::UnboundedSender<Event>,
     announced: bool,
-    /// Components being stopped in the background (not orphans, though in no slot).
+    /// Components being stopped in the background (live, though in no slot).
     stopping: HashSet<u32>,
+    /// Stops running in the background, awaited on the way out.
+    stop_tasks: tokio::task::JoinSet<()>,
+    /// PIDs (and so session IDs) of the latest components that exited: their sessions'
+    /// orphans are killed.
+    dead: VecDeque<u32>,
     /// Whether this process adopts its components' orphans and so must kill and reap them.
     subreaper: bool,
     /// Runtime threads per child: the cores shared out among the co-located components, so
@@ -230,6 +235,8 @@ pub async fn run(
         events: tx,
         announced: false,
         stopping: HashSet::new(),
+        stop_tasks: tokio::task::JoinSet::new(),
+        dead: VecDeque::new(),
         subreaper: orphans::is_subreaper(),
         threads,
     };
@@ -298,6 +305,7 @@ impl Supervisor {
                     slot.down_since.get_or_insert(now);
                     warn!(component = %slot.comp.name, pid, status = %child::describe(&status), "component exited");
                     self.schedule_restart(idx, child::describe(&status));
+                    self.exited(pid);
                     let _ = self.sweep_orphans();
                     continue;
                 }
@@ -445,6 +453,7 @@ impl Supervisor {
                 reason,
             } => {
                 self.stopping.remove(&pid);
+                self.exited(pid);
                 let _ = self.sweep_orphans();
                 let slot = &mut self.slots[idx];
                 let how = match &status {
@@ -470,7 +479,9 @@ impl Supervisor {
         let pid = r.pid;
         self.stopping.insert(pid);
         let tx = self.events.clone();
-        tokio::spawn(async move {
+        // Finished stops are only collected here; their outcome comes as an event.
+        while self.stop_tasks.try_join_next().is_some() {}
+        self.stop_tasks.spawn(async move {
             let status = child::stop(r, HUNG_GRACE).await;
             let _ = tx.send(Event::Stopped {
                 idx,
@@ -523,18 +534,30 @@ impl Supervisor {
         info!(component = %slot.comp.name, reason = %reason, restart = slot.total_restarts, delay_ms = delay.as_millis() as u64, "restarting component");
     }
 
-    /// Kills and reaps what dead components left behind (see [`orphans`]).
+    /// Remembers an exited component, whose session's orphans are now to be killed.
+    fn exited(&mut self, pid: u32) {
+        /// Enough for every component of a large configuration, restarted a few times over.
+        const REMEMBERED: usize = 256;
+        if self.dead.len() >= REMEMBERED {
+            self.dead.pop_front();
+        }
+        self.dead.push_back(pid);
+    }
+
+    /// Kills and reaps what dead components left behind (see [`orphans`]); returns how many
+    /// processes it killed or reaped.
     fn sweep_orphans(&mut self) -> usize {
         if !self.subreaper {
             return 0;
         }
-        let components: HashSet<u32> = self
+        let live: HashSet<u32> = self
             .slots
             .iter()
             .filter_map(|s| s.running.as_ref().map(|r| r.pid))
             .chain(self.stopping.iter().copied())
             .collect();
-        orphans::sweep(&components)
+        let dead: HashSet<u32> = self.dead.iter().copied().collect();
+        orphans::sweep(&live, &dead)
     }
 
     /// Prints the ready line once every component is up (or has been given up on).
@@ -583,6 +606,7 @@ impl Supervisor {
                 }
                 if let Some(r) = slot.running.take() {
                     let name = slot.comp.name.clone();
+                    self.dead.push_back(r.pid);
                     stops.spawn(async move { (name, child::stop(r, grace).await) });
                 }
             }
@@ -597,8 +621,11 @@ impl Supervisor {
                 }
             }
         }
-        // Every component is reaped: any child left is an orphan of one (a job of a worker
-        // that had to be SIGKILLed). Kill them, and reap them within a short bound.
+        // Stops begun before (a hung component) end within their grace plus a SIGKILL.
+        while self.stop_tasks.join_next().await.is_some() {}
+        self.dead.extend(self.stopping.drain());
+        // Every component is reaped: any child of theirs left is an orphan (a job of a
+        // worker that had to be SIGKILLed). Kill them, and reap them within a short bound.
         for _ in 0..50 {
             if !self.subreaper || self.sweep_orphans() == 0 {
                 break;

@@ -1,11 +1,17 @@
 //! Processes a dead component left behind.
 //!
 //! A worker kills its jobs' process groups however a job ends, but a worker killed by SIGKILL
-//! cannot: its jobs (and whatever they started) would run on, re-parented to init. The
-//! watchdog therefore makes itself a child subreaper (`PR_SET_CHILD_SUBREAPER`): orphans of its
-//! components become its own children instead. Every child that is not a component it started
-//! is such an orphan; [`sweep`] kills it (its whole process group when it leads one, as a job
-//! does) and reaps it.
+//! cannot: its jobs (and whatever they started) would run on, re-parented to init. So the
+//! watchdog makes itself a child subreaper (`PR_SET_CHILD_SUBREAPER`): orphans of its
+//! descendants become its own children. Each supervised component starts a session of its own
+//! (`child::own_session`), whose ID is the component's PID and which its jobs inherit, so an
+//! orphan tells by its session whose it is. [`sweep`] then:
+//! - kills (with the process group it leads, if it leads one) and reaps every orphan whose
+//!   component is dead;
+//! - leaves alone the orphans of live components (a job's child whose parent exited, while the
+//!   job still runs: its worker deals with its group);
+//! - only reaps, when they have exited, the orphans of anything else (a watchdog that is PID 1
+//!   in a container adopts every orphan there).
 //!
 //! A child's PID cannot be reused before its parent reaps it, so signalling a child found in
 //! `/proc` (or the group it leads) cannot hit an unrelated process.
@@ -35,6 +41,8 @@ pub struct ProcStat {
     pub ppid: u32,
     /// Process group ID.
     pub pgrp: u32,
+    /// Session ID.
+    pub session: u32,
 }
 
 /// Parses the fields after the command name, which is in parentheses and may itself contain
@@ -45,18 +53,24 @@ pub fn parse_stat(stat: &str) -> Option<ProcStat> {
     let state = fields.next()?.chars().next()?;
     let ppid = fields.next()?.parse().ok()?;
     let pgrp = fields.next()?.parse().ok()?;
-    Some(ProcStat { state, ppid, pgrp })
+    let session = fields.next()?.parse().ok()?;
+    Some(ProcStat {
+        state,
+        ppid,
+        pgrp,
+        session,
+    })
 }
 
-/// Children of this process that are not in `components`: PIDs from `/proc`.
-fn orphans(components: &HashSet<u32>) -> Vec<(u32, ProcStat)> {
+/// Children of this process that are not in `live` (PIDs of live components): from `/proc`.
+fn children(live: &HashSet<u32>) -> Vec<(u32, ProcStat)> {
     let me = std::process::id();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     dir.filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| *pid != me && !components.contains(pid))
+        .filter(|pid| *pid != me && !live.contains(pid))
         .filter_map(|pid| {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
             Some((pid, parse_stat(&stat)?))
@@ -65,28 +79,38 @@ fn orphans(components: &HashSet<u32>) -> Vec<(u32, ProcStat)> {
         .collect()
 }
 
-/// Kills and reaps every child that is not one of `components`; returns how many it found.
-/// One that has not died by the time it is signalled is reaped by a later sweep.
-pub fn sweep(components: &HashSet<u32>) -> usize {
-    let found = orphans(components);
+/// Sweeps this process's children: `live` are the PIDs of live components (never touched),
+/// `dead` those of components that have exited (their sessions' orphans are killed). Returns
+/// how many children it killed or reaped.
+pub fn sweep(live: &HashSet<u32>, dead: &HashSet<u32>) -> usize {
     let own_group = nix::unistd::getpgrp().as_raw() as u32;
-    for (pid, stat) in &found {
-        let raw = Pid::from_raw(*pid as i32);
-        if stat.state != 'Z' {
-            tracing::warn!(
-                pid,
-                pgrp = stat.pgrp,
-                "killing a process a dead component left behind"
-            );
-            if stat.pgrp == *pid && stat.pgrp != own_group {
-                // A group leader, as each job is: everything it started goes with it.
+    let mut acted = 0;
+    for (pid, stat) in children(live) {
+        let raw = Pid::from_raw(pid as i32);
+        let zombie = stat.state == 'Z';
+        if dead.contains(&stat.session) {
+            if stat.pgrp == pid && stat.pgrp != own_group {
+                // A group leader, as each job is, even as a zombie (it still holds the group):
+                // everything in its group goes with it.
                 let _ = killpg(raw, Signal::SIGKILL);
             }
-            let _ = kill(raw, Signal::SIGKILL);
+            if !zombie {
+                tracing::warn!(
+                    pid,
+                    pgrp = stat.pgrp,
+                    component_pid = stat.session,
+                    "killing a process a dead component left behind"
+                );
+                let _ = kill(raw, Signal::SIGKILL);
+            }
+        } else if !zombie {
+            // A live component's, or nobody's we know: not ours to kill.
+            continue;
         }
+        acted += 1;
         let _ = waitpid(raw, Some(WaitPidFlag::WNOHANG));
     }
-    found.len()
+    acted
 }
 
 #[cfg(test)]
@@ -100,19 +124,21 @@ mod tests {
             Some(ProcStat {
                 state: 'S',
                 ppid: 17,
-                pgrp: 4242
+                pgrp: 4242,
+                session: 17
             })
         );
         // A command name can hold spaces and parentheses.
         assert_eq!(
-            parse_stat("9 (a (b) c) R 1 3 3 0"),
+            parse_stat("9 (a (b) c) R 1 3 5 0"),
             Some(ProcStat {
                 state: 'R',
                 ppid: 1,
-                pgrp: 3
+                pgrp: 3,
+                session: 5
             })
         );
-        assert_eq!(parse_stat("9 (x) R"), None);
+        assert_eq!(parse_stat("9 (x) R 1 3"), None);
         assert_eq!(parse_stat("garbage"), None);
     }
 }
