@@ -129,8 +129,8 @@ pub enum TlsConfigError {
 ///
 /// All three TLS 1.3 suites stay enabled; a peer that prefers another gets it. Ours prefer
 /// AES-128-GCM because its key schedule runs on SHA-256, which `ring` computes with the CPU's
-/// SHA instructions, while SHA-384 (the AES-256 suite's) runs in portable code: that made every
-/// new connection measurably dearer, for no security a 128-bit key lacks here.
+/// SHA instructions where it has them; there are none for SHA-384 (the AES-256 suite's), and
+/// it made every new connection measurably dearer, for no security a 128-bit key lacks here.
 pub fn provider() -> Arc<CryptoProvider> {
     let mut p = rustls::crypto::ring::default_provider();
     p.cipher_suites

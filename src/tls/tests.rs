@@ -478,8 +478,8 @@ fn the_ticket_store_forgets_the_oldest_server_first() {
             "s{i} kept"
         );
     }
+    assert_eq!(store.servers(), tickets::SERVERS);
     assert_eq!(store.tickets(&name(1)), 0);
-    assert!(!format!("{store:?}").is_empty());
 }
 
 #[tokio::test]

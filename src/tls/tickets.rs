@@ -16,8 +16,9 @@ use std::sync::Mutex;
 
 /// Tickets kept per server name: more than the connections one client usually opens at once.
 pub const TICKETS_PER_SERVER: usize = 128;
-/// Server names remembered; the least recently added one is forgotten first.
-pub const SERVERS: usize = 64;
+/// Server names remembered; the least recently added one is forgotten first. A client config
+/// expects one identity and usually dials one address, so a few are plenty.
+pub const SERVERS: usize = 8;
 
 #[derive(Default)]
 struct Server {
@@ -76,14 +77,18 @@ impl TicketStore {
     pub fn tickets(&self, name: &ServerName<'_>) -> usize {
         self.with(|i| i.servers.get(name).map_or(0, |s| s.tickets.len()))
     }
+
+    /// Server names held.
+    pub fn servers(&self) -> usize {
+        self.with(|i| i.servers.len())
+    }
 }
 
 impl std::fmt::Debug for TicketStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the tickets themselves: they carry resumption secrets.
-        let servers = self.with(|i| i.servers.len());
         f.debug_struct("TicketStore")
-            .field("servers", &servers)
+            .field("servers", &self.servers())
             .finish_non_exhaustive()
     }
 }
