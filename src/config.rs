@@ -161,6 +161,10 @@ pub struct Limits {
     /// connections. Unset: half the workers' total capacity (`workers x
     /// dispatcher.max_in_flight_per_worker / 2`), so no single identity can take it all.
     pub max_in_flight_per_identity: Option<usize>,
+    /// Payload bytes one client identity may have in flight at the dispatcher over all its
+    /// connections (a request holds its payload until it is answered, to send it again if its
+    /// worker fails). At least `max_frame_bytes`, so that any one request fits.
+    pub max_in_flight_bytes_per_identity: usize,
     /// Deadline of a request that does not ask for one.
     pub request_timeout_ms: u64,
     /// Longest deadline a client may ask for.
@@ -184,6 +188,7 @@ impl Default for Limits {
             max_handshakes_per_address: 512,
             max_in_flight_per_connection: 256,
             max_in_flight_per_identity: None,
+            max_in_flight_bytes_per_identity: 128 * 1024 * 1024,
             request_timeout_ms: 10_000,
             max_request_timeout_ms: 60_000,
             max_sleep_ms: 30_000,
@@ -428,6 +433,12 @@ impl Config {
                 "limits.max_frame_bytes must be between 1024 and {}",
                 crate::frame::MAX_FRAME_CEILING
             ));
+        }
+        if l.max_in_flight_bytes_per_identity < l.max_frame_bytes {
+            p.push(
+                "limits.max_in_flight_bytes_per_identity is less than limits.max_frame_bytes"
+                    .into(),
+            );
         }
         if l.max_in_flight_per_identity == Some(0) {
             p.push("limits.max_in_flight_per_identity must be greater than 0".into());
@@ -677,6 +688,7 @@ mod tests {
             [limits]
             max_frame_bytes = 10
             request_timeout_ms = 0
+            max_in_flight_bytes_per_identity = 1
             [[jobs]]
             name = "echo"
             program = "bin/date"
@@ -694,6 +706,7 @@ mod tests {
             "workers must be",
             "max_frame_bytes",
             "request_timeout_ms must be greater than 0",
+            "max_in_flight_bytes_per_identity is less than",
             "clashes",
             "absolute path",
             "unknown op \"nosuch\"",

@@ -34,6 +34,9 @@ pub struct ListenerLimits {
     pub max_handshakes_per_address: usize,
     /// Requests in flight per peer identity, over all its connections.
     pub max_in_flight_per_identity: usize,
+    /// Payload bytes in flight per peer identity, over all its connections (unbounded unless
+    /// a component sets it).
+    pub max_in_flight_bytes_per_identity: usize,
     /// I/O bounds for each connection.
     pub io: IoLimits,
 }
@@ -46,6 +49,7 @@ impl ListenerLimits {
             max_per_identity: l.max_connections_per_identity,
             max_handshakes_per_address: l.max_handshakes_per_address.max(1),
             max_in_flight_per_identity: max_in_flight_per_identity.max(1),
+            max_in_flight_bytes_per_identity: usize::MAX,
             io: l.io(),
         }
     }
@@ -69,6 +73,24 @@ pub struct IdentitySlots {
     pub slots: Arc<Semaphore>,
     /// Their number.
     pub limit: usize,
+    /// Payload budget, one permit per started KiB of a request's payload.
+    pub kib: Arc<Semaphore>,
+    /// Its size in KiB.
+    pub kib_limit: usize,
+}
+
+impl IdentitySlots {
+    /// `requests` slots and a payload budget of `bytes` (rounded down to KiB, and capped at
+    /// what a semaphore holds: in effect unbounded).
+    pub fn new(requests: usize, bytes: usize) -> Self {
+        let kib_limit = (bytes / 1024).min(Semaphore::MAX_PERMITS);
+        IdentitySlots {
+            slots: Arc::new(Semaphore::new(requests)),
+            limit: requests,
+            kib: Arc::new(Semaphore::new(kib_limit)),
+            kib_limit,
+        }
+    }
 }
 
 /// What a component does with an accepted, authorised connection.
@@ -88,7 +110,7 @@ pub trait ConnectionHandler: Clone + Send + Sync + 'static {
 /// connection must find those slots taken, not a fresh set.
 #[derive(Default)]
 struct IdentityCounts {
-    counts: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
+    counts: Mutex<HashMap<String, (usize, IdentitySlots)>>,
 }
 
 /// Releases an identity's slot when its connection ends.
@@ -103,16 +125,17 @@ impl IdentityCounts {
         id: &SpiffeId,
         max: usize,
         in_flight: usize,
-    ) -> Option<(IdentitySlot, Arc<Semaphore>)> {
+        bytes: usize,
+    ) -> Option<(IdentitySlot, IdentitySlots)> {
         let key = id.to_string();
         let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         if !map.contains_key(&key) {
             // Forget identities with neither connections nor running requests.
-            map.retain(|_, (n, slots)| *n > 0 || Arc::strong_count(slots) > 1);
+            map.retain(|_, (n, s)| *n > 0 || Arc::strong_count(&s.slots) > 1);
         }
         let (n, slots) = map
             .entry(key.clone())
-            .or_insert_with(|| (0, Arc::new(Semaphore::new(in_flight))));
+            .or_insert_with(|| (0, IdentitySlots::new(in_flight, bytes)));
         if *n >= max {
             return None;
         }
@@ -134,7 +157,7 @@ impl Drop for IdentitySlot {
         if let Some((n, slots)) = map.get_mut(&self.key) {
             *n -= 1;
             // Requests still running hold the slots (each permit keeps the semaphore alive).
-            if *n == 0 && Arc::strong_count(slots) == 1 {
+            if *n == 0 && Arc::strong_count(&slots.slots) == 1 {
                 map.remove(&self.key);
             }
         }
@@ -298,10 +321,11 @@ async fn handle_one<H: ConnectionHandler>(
     };
     tracing::Span::current().record("id", tracing::field::display(&id));
     let mut conn = Connection::new(stream, limits.io);
-    let Some((_slot, slots)) = per_id.try_take(
+    let Some((_slot, identity_slots)) = per_id.try_take(
         &id,
         limits.max_per_identity,
         limits.max_in_flight_per_identity,
+        limits.max_in_flight_bytes_per_identity,
     ) else {
         warn!(
             limit = limits.max_per_identity,
@@ -318,10 +342,6 @@ async fn handle_one<H: ConnectionHandler>(
         return;
     };
     debug!("connection established");
-    let identity_slots = IdentitySlots {
-        slots,
-        limit: limits.max_in_flight_per_identity,
-    };
     handler
         .serve(
             conn,

@@ -75,11 +75,12 @@ pub struct Session {
 }
 
 impl Session {
-    /// Starts `work` for request `id`; its answer is written when it is ready
-    /// ([`Next::Continue`]). If the connection or the peer's identity already has its limit of
-    /// requests in flight, the request is answered `overloaded` at once instead
+    /// Starts `work` for request `id`, whose payload is `payload_len` bytes; its answer is
+    /// written when it is ready ([`Next::Continue`]). If the connection or the peer's identity
+    /// already has its limit of requests in flight, or the identity's payload budget has no
+    /// room for this one, the request is answered `overloaded` at once instead
     /// ([`Next::Reply`]).
-    pub fn start<F>(&mut self, id: u64, placement: Placement, work: F) -> Next
+    pub fn start<F>(&mut self, id: u64, placement: Placement, payload_len: usize, work: F) -> Next
     where
         F: Future<Output = Message> + Send + 'static,
     {
@@ -97,7 +98,15 @@ impl Session {
                 format!("too many requests in flight for this identity (limit {limit})"),
             ));
         };
-        self.run(placement, Box::pin(hold(permit, work)));
+        let kib = u32::try_from(payload_len.div_ceil(1024)).unwrap_or(u32::MAX);
+        let Ok(budget) = self.identity.kib.clone().try_acquire_many_owned(kib) else {
+            let limit = self.identity.kib_limit;
+            return Next::Reply(self.refuse(
+                id,
+                format!("too many payload bytes in flight for this identity (limit {limit} KiB)"),
+            ));
+        };
+        self.run(placement, Box::pin(hold((permit, budget), work)));
         Next::Continue
     }
 
@@ -176,8 +185,11 @@ impl Drop for Running<'_> {
     }
 }
 
-/// Keeps the identity slot taken until the request's answer exists.
-async fn hold<F: Future<Output = Message>>(permit: OwnedSemaphorePermit, work: F) -> Message {
+/// Keeps the identity's slot and payload budget taken until the request's answer exists.
+async fn hold<F: Future<Output = Message>>(
+    permit: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    work: F,
+) -> Message {
     let answer = work.await;
     drop(permit);
     answer

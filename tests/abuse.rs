@@ -723,3 +723,61 @@ fn one_address_cannot_hold_every_handshake_slot() {
         }
     });
 }
+
+#[test]
+fn one_identity_cannot_pin_more_payload_than_its_budget() {
+    // A 2 MiB payload budget per identity: two requests of 900 KiB held by a slow job fit, a
+    // third does not; small requests still fit beside them, and other identities have their
+    // own budget.
+    let s = start(
+        "max_in_flight_bytes_per_identity = 2097152\n\
+         [[jobs]]\nname = \"hold\"\nprogram = \"/bin/sh\"\nargs = [\"-c\", \"sleep 3\"]\n\
+         timeout_ms = 10000\n[acl]\nhold = [\"*\"]\n",
+    );
+    rt().block_on(async {
+        let request = |id: u64, op: &str, len: usize| {
+            Message::Request(Request {
+                id,
+                op: op.into(),
+                payload: bytes::Bytes::from(vec![7u8; len]),
+                timeout_ms: None,
+            })
+        };
+        let mut conn = Connection::new(s.raw("client-alice").await, IoLimits::default());
+        for id in 1..=3 {
+            conn.queue(&request(id, "hold", 900 * 1024)).unwrap();
+        }
+        conn.queue(&request(4, "echo", 100 * 1024)).unwrap();
+        conn.flush().await.unwrap();
+        let mut answered = Vec::new();
+        while answered.len() < 4 {
+            match next(&mut conn).await {
+                Message::Error(e) if e.id == 3 => {
+                    assert_eq!(e.code, ErrorCode::Overloaded, "{e:?}");
+                    assert!(e.message.contains("payload bytes"), "{}", e.message);
+                    // Refused at once, while the first two are still held.
+                    assert!(answered.is_empty(), "refused only after {answered:?}");
+                    answered.push(3);
+                }
+                Message::Reply(r) if r.id == 3 => {
+                    panic!("the third 900 KiB request was admitted beyond the budget")
+                }
+                Message::Reply(r) if (1..=4).contains(&r.id) => answered.push(r.id),
+                other => panic!("unexpected answer {other:?}"),
+            }
+            if answered == [3] {
+                served(&s.client("client-bob").await).await;
+            }
+        }
+        answered.sort();
+        assert_eq!(answered, [1, 2, 3, 4]);
+        // With the held requests answered, the budget is free again.
+        conn.queue(&request(5, "echo", 900 * 1024)).unwrap();
+        conn.flush().await.unwrap();
+        match next(&mut conn).await {
+            Message::Reply(r) => assert_eq!((r.id, r.payload.len()), (5, 900 * 1024)),
+            other => panic!("expected the echo, got {other:?}"),
+        }
+    });
+    s.dispatcher.wait_log(&["payload bytes in flight"], WAIT);
+}

@@ -10,10 +10,8 @@ use crate::message::{ErrorCode, ErrorReply, Message, Reply};
 use crate::server::IdentitySlots;
 use crate::session::{self, Next, Placement, RequestLimits};
 use crate::tls::{TlsConfigError, TlsMaterial, Transport};
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
@@ -60,10 +58,7 @@ pub async fn run(
             }
             let limits = RequestLimits {
                 per_connection: per_conn,
-                identity: IdentitySlots {
-                    slots: Arc::new(Semaphore::new(per_conn)),
-                    limit: per_conn,
-                },
+                identity: IdentitySlots::new(per_conn, usize::MAX),
                 drain: Duration::from_secs(1),
             };
             session::drive(
@@ -72,8 +67,8 @@ pub async fn run(
                 limits,
                 |msg, s| match msg {
                     Message::Request(r) => {
-                        let id = r.id;
-                        s.start(id, Placement::Inline, async move {
+                        let (id, len) = (r.id, r.payload.len());
+                        s.start(id, Placement::Inline, len, async move {
                             Message::Reply(Reply {
                                 id,
                                 payload: r.payload,

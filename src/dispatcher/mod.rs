@@ -340,10 +340,11 @@ impl ConnectionHandler for Handler {
                     )))
                 }
                 Message::Request(req) if client.id.role() == Role::Client => {
-                    let id = req.id;
+                    let (id, len) = (req.id, req.payload.len());
                     s.start(
                         id,
                         Placement::Inline,
+                        len,
                         d.clone().handle_request(client.clone(), req),
                     )
                 }
@@ -380,10 +381,13 @@ pub async fn run(
         drain: cfg.drain_period(),
         max_in_flight: cfg.limits.max_in_flight_per_connection,
     };
+    let mut limits =
+        ListenerLimits::from_config(&cfg.limits, cfg.dispatcher_in_flight_per_identity());
+    limits.max_in_flight_bytes_per_identity = cfg.limits.max_in_flight_bytes_per_identity;
     server::serve(
         listener,
         acceptor,
-        ListenerLimits::from_config(&cfg.limits, cfg.dispatcher_in_flight_per_identity()),
+        limits,
         handler,
         shutdown,
         cfg.drain_period(),

@@ -232,8 +232,8 @@ impl ConnectionHandler for Handler {
                     "forward id 0 is reserved for connection-level errors",
                 ))),
                 Message::Forward(f) if role == Role::Dispatcher => {
-                    let id = f.id;
-                    s.start(id, Placement::Task, worker.clone().handle_forward(f))
+                    let (id, len) = (f.id, f.payload.len());
+                    s.start(id, Placement::Task, len, worker.clone().handle_forward(f))
                 }
                 Message::Forward(f) => Next::Reply(Message::Error(ErrorReply {
                     id: f.id,
