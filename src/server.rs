@@ -164,7 +164,22 @@ impl Drop for IdentitySlot {
     }
 }
 
-/// Connections in their handshake, per source address.
+/// The address a handshake counts against: an IPv4 address (also when mapped into IPv6), or
+/// the /64 of an IPv6 one, since one host is commonly given a whole /64 and could otherwise
+/// take a fresh address for every connection.
+fn handshake_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from_bits(
+                v6.to_bits() & !((1u128 << 64) - 1),
+            )),
+        },
+    }
+}
+
+/// Connections in their handshake, per source address (see [`handshake_key`]).
 #[derive(Default)]
 struct Handshaking {
     counts: Mutex<HashMap<IpAddr, usize>>,
@@ -178,6 +193,7 @@ struct HandshakeSlot {
 
 impl Handshaking {
     fn try_take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<HandshakeSlot> {
+        let ip = handshake_key(ip);
         let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(ip).or_insert(0);
         if *n >= max {
@@ -371,4 +387,36 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshakes_count_per_ipv4_address_and_per_ipv6_slash_64() {
+        let key = |s: &str| handshake_key(s.parse().unwrap());
+        assert_eq!(key("192.0.2.7"), key("192.0.2.7"));
+        assert_ne!(key("192.0.2.7"), key("192.0.2.8"));
+        assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"));
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff:1:2:3"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        let h = Arc::new(Handshaking::default());
+        let a = h.try_take("2001:db8:1:2::1".parse().unwrap(), 2);
+        let b = h.try_take("2001:db8:1:2::2".parse().unwrap(), 2);
+        assert!(a.is_some() && b.is_some());
+        assert!(
+            h.try_take("2001:db8:1:2::3".parse().unwrap(), 2).is_none(),
+            "same /64"
+        );
+        assert!(
+            h.try_take("2001:db8:1:3::1".parse().unwrap(), 2).is_some(),
+            "another /64"
+        );
+        drop(a);
+        assert!(
+            h.try_take("2001:db8:1:2::4".parse().unwrap(), 2).is_some(),
+            "slot given back"
+        );
+    }
 }
