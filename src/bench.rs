@@ -56,8 +56,8 @@ pub struct BenchArgs {
     /// CA certificate (default: ca.crt beside --cert).
     #[arg(long)]
     pub ca: Option<PathBuf>,
-    /// Dispatcher (or relay) address.
-    #[arg(long, default_value = "127.0.0.1:2222")]
+    /// Dispatcher (or relay) address, IP:PORT or HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:2222", value_parser = crate::client::resolve_addr)]
     pub connect: SocketAddr,
     /// Server identity to accept.
     #[arg(long, default_value = "spiffe://securesrv/dispatcher/main")]

@@ -447,5 +447,25 @@ fn refusal(e: &ConnError, addr: SocketAddr) -> Option<ClientError> {
     }
 }
 
+/// Parses `HOST:PORT` for `--connect`: an IP address, or a host name resolved once, now. Of
+/// the name's addresses the first IPv4 one is taken if there is one (the default listeners
+/// are IPv4), else the first.
+pub fn resolve_addr(addr: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = addr.parse() {
+        return Ok(a);
+    }
+    if !addr.contains(':') {
+        return Err(format!("{addr:?} has no port: give HOST:PORT"));
+    }
+    let all: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(addr)
+        .map_err(|e| format!("cannot resolve {addr:?}: {e}"))?
+        .collect();
+    all.iter()
+        .find(|a| a.is_ipv4())
+        .or(all.first())
+        .copied()
+        .ok_or_else(|| format!("{addr:?} resolves to no address"))
+}
+
 #[cfg(test)]
 mod tests;

@@ -152,8 +152,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// Connections one peer identity may hold at once.
     pub max_connections_per_identity: usize,
-    /// Connections from one source address that may be in their handshake at once, so that
-    /// one host cannot hold every connection slot with connections that never authenticate.
+    /// Connections from one source address (an IPv6 one per /64) that may be in their
+    /// handshake at once, so that one host cannot hold every connection slot with connections
+    /// that never authenticate.
     pub max_handshakes_per_address: usize,
     /// Requests in flight on one connection.
     pub max_in_flight_per_connection: usize,

@@ -23,8 +23,8 @@ pub struct ClientArgs {
     /// CA certificate (default: ca.crt beside --cert).
     #[arg(long, value_name = "FILE")]
     ca: Option<PathBuf>,
-    /// Dispatcher address (default: from the config, 127.0.0.1:2222).
-    #[arg(long, value_name = "ADDR")]
+    /// Dispatcher address, IP:PORT or HOST:PORT (default: from the config, 127.0.0.1:2222).
+    #[arg(long, value_name = "ADDR", value_parser = securesrv::client::resolve_addr)]
     connect: Option<SocketAddr>,
     /// The dispatcher identity to accept (default: spiffe://<trust-domain>/dispatcher/main).
     #[arg(long, value_name = "SPIFFE_ID")]

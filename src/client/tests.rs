@@ -88,3 +88,21 @@ async fn the_call_deadline_bounds_a_handshake_that_never_finishes() {
     assert!(e.to_string().contains("not sent"), "{e}");
     drop(silent);
 }
+
+#[test]
+fn connect_addresses_are_ip_or_host_with_port() {
+    assert_eq!(
+        resolve_addr("127.0.0.1:2222"),
+        Ok("127.0.0.1:2222".parse().unwrap())
+    );
+    assert_eq!(
+        resolve_addr("[::1]:2222"),
+        Ok("[::1]:2222".parse().unwrap())
+    );
+    let local = resolve_addr("localhost:2222").expect("localhost resolves");
+    assert!(local.ip().is_loopback() && local.port() == 2222, "{local}");
+    let err = resolve_addr("localhost").unwrap_err();
+    assert!(err.contains("no port"), "{err}");
+    let err = resolve_addr("localhost:http").unwrap_err();
+    assert!(err.contains("cannot resolve"), "{err}");
+}
