@@ -454,8 +454,13 @@ pub fn resolve_addr(addr: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = addr.parse() {
         return Ok(a);
     }
-    if !addr.contains(':') {
+    let Some((host, _port)) = addr.rsplit_once(':') else {
         return Err(format!("{addr:?} has no port: give HOST:PORT"));
+    };
+    if host.contains(':') && !host.starts_with('[') {
+        return Err(format!(
+            "{addr:?}: an IPv6 address needs brackets, as in [2001:db8::1]:2222"
+        ));
     }
     let all: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(addr)
         .map_err(|e| format!("cannot resolve {addr:?}: {e}"))?

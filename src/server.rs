@@ -80,10 +80,11 @@ pub struct IdentitySlots {
 }
 
 impl IdentitySlots {
-    /// `requests` slots and a payload budget of `bytes` (rounded down to KiB, and capped at
-    /// what a semaphore holds: in effect unbounded).
+    /// `requests` slots and a payload budget of `bytes`, rounded up to KiB as payloads are, so
+    /// that a budget of at least the largest payload always admits it alone (capped at what a
+    /// semaphore holds: in effect unbounded).
     pub fn new(requests: usize, bytes: usize) -> Self {
-        let kib_limit = (bytes / 1024).min(Semaphore::MAX_PERMITS);
+        let kib_limit = bytes.div_ceil(1024).min(Semaphore::MAX_PERMITS);
         IdentitySlots {
             slots: Arc::new(Semaphore::new(requests)),
             limit: requests,
@@ -264,6 +265,7 @@ pub async fn serve<H: ConnectionHandler>(
                 warn!(
                     refused = busy_since_log,
                     address = %addr.ip(),
+                    counted_as = %handshake_key(addr.ip()),
                     limit = limits.max_handshakes_per_address,
                     "too many handshakes from one address; closing its new connections"
                 );
@@ -392,6 +394,20 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_budget_of_the_largest_payload_admits_it_alone() {
+        // Payloads are counted in started KiB; the budget is rounded up likewise.
+        let largest = 1_000_000;
+        let slots = IdentitySlots::new(1, largest);
+        let need = u32::try_from(largest.div_ceil(1024)).unwrap();
+        assert!(slots.kib.try_acquire_many(need).is_ok());
+        assert_eq!(IdentitySlots::new(1, 2048).kib_limit, 2);
+        assert_eq!(
+            IdentitySlots::new(1, usize::MAX).kib_limit,
+            usize::MAX.div_ceil(1024)
+        );
+    }
 
     #[test]
     fn handshakes_count_per_ipv4_address_and_per_ipv6_slash_64() {

@@ -103,6 +103,10 @@ fn connect_addresses_are_ip_or_host_with_port() {
     assert!(local.ip().is_loopback() && local.port() == 2222, "{local}");
     let err = resolve_addr("localhost").unwrap_err();
     assert!(err.contains("no port"), "{err}");
+    let err = resolve_addr("2001:db8::1:2222").unwrap_err();
+    assert!(err.contains("brackets"), "{err}");
+    let err = resolve_addr("::1").unwrap_err();
+    assert!(err.contains("brackets"), "{err}");
     let err = resolve_addr("localhost:http").unwrap_err();
     assert!(err.contains("cannot resolve"), "{err}");
 }
