@@ -202,9 +202,10 @@ fn run_command(cmd: Command, config: Option<PathBuf>, log: Option<String>) -> Ex
     | Command::Worker(WorkerArgs { common, .. }) = &cmd
     {
         if common.supervised {
-            if let Err(e) = securesrv::watchdog::child::own_session() {
-                // Still supervised; only a SIGKILLed worker's jobs would outlive it.
-                eprintln!("securesrv: cannot start a session of its own: {e}");
+            if let Err(e) = securesrv::watchdog::child::prepare_supervised() {
+                // Still supervised, by the lifeline; only a stopped orphan or a SIGKILLed
+                // worker's jobs would be left behind.
+                eprintln!("securesrv: cannot prepare for supervision: {e}");
             }
         }
     }

@@ -492,6 +492,31 @@ fn a_dispatcher_that_cannot_stay_up_makes_the_watchdog_exit_non_zero() {
 }
 
 #[test]
+fn a_stopped_child_exits_when_the_watchdog_is_killed() {
+    let f = Fixture::new();
+    let mut w = f.ready();
+    let worker = pid_of(&w, "worker-1", 1);
+    // Stopped, then orphaned before the watchdog can notice the missed heartbeats.
+    w.signal_pid(worker, Signal::SIGSTOP);
+    w.signal(Signal::SIGKILL);
+    w.wait_exit(WAIT).expect("watchdog killed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(worker) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left = alive(worker);
+    if left {
+        w.signal_pid(worker, Signal::SIGKILL);
+    }
+    assert!(
+        !left,
+        "stopped worker {worker} outlived the watchdog by 10 s, holding its port"
+    );
+    // Its port is free for the next watchdog.
+    std::net::TcpListener::bind(f.addr(1)).expect("worker-1's port is free");
+}
+
+#[test]
 fn children_exit_when_the_watchdog_is_killed() {
     let f = Fixture::new();
     let mut w = f.ready();

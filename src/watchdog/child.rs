@@ -26,11 +26,18 @@ use tokio::process::{Child, ChildStdin, Command};
 /// What a supervised component writes on stdout once it has bound its port.
 pub const BOUND_LINE: &str = "securesrv-component-bound";
 
-/// Called by a supervised component as it starts: a session of its own, whose ID is its PID,
-/// marks everything it and its jobs start, so that the watchdog can tell the orphans of a dead
-/// component from other processes (see [`super::orphans`]). It also keeps the terminal's
-/// Ctrl-C to the watchdog, which stops the components in their order.
-pub fn own_session() -> nix::Result<()> {
+/// Called by a supervised component as it starts.
+///
+/// - A session of its own, whose ID is its PID, marks everything it and its jobs start, so
+///   that the watchdog can tell the orphans of a dead component from other processes (see
+///   [`super::orphans`]). It also keeps the terminal's Ctrl-C to the watchdog, which stops the
+///   components in their order.
+/// - SIGCONT when the watchdog dies (`PR_SET_PDEATHSIG`): a component stopped by SIGSTOP would
+///   otherwise never read the end of its lifeline and would hold its port for good. SIGCONT
+///   does nothing to a running process, so it is harmless if it comes early (the signal
+///   follows the thread that started the child, not the process).
+pub fn prepare_supervised() -> nix::Result<()> {
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGCONT)?;
     nix::unistd::setsid().map(|_| ())
 }
 

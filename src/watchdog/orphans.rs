@@ -4,7 +4,7 @@
 //! cannot: its jobs (and whatever they started) would run on, re-parented to init. So the
 //! watchdog makes itself a child subreaper (`PR_SET_CHILD_SUBREAPER`): orphans of its
 //! descendants become its own children. Each supervised component starts a session of its own
-//! (`child::own_session`), whose ID is the component's PID and which its jobs inherit, so an
+//! (`child::prepare_supervised`), whose ID is the component's PID and which its jobs inherit, so an
 //! orphan tells by its session whose it is. [`sweep`] then:
 //! - kills (with the process group it leads, if it leads one) and reaps every orphan whose
 //!   component is dead;
