@@ -676,3 +676,46 @@ fn bench_counts_the_calls_a_server_killed_mid_run_leaves_unanswered() {
     // Each unfinished call was still running a grace of 1 s after the window ended.
     assert!(r["error_max_us"].as_u64().unwrap() >= 1_000_000, "{r}");
 }
+
+#[test]
+fn the_interactive_client_waits_for_a_dispatcher_that_is_still_starting() {
+    // As after `1. Run Watchdog`, the client may start before the dispatcher listens.
+    let (pki, dir, d_addr, w_addr) = one_worker();
+    let cwd = pki.tmp.path();
+    std::fs::write(cwd.join("empty.toml"), "").unwrap();
+    let mut client = Command::new(bin())
+        .args(["client", "--cert", &format!("{dir}/client.crt")])
+        .args(["--key", &format!("{dir}/client.key"), "--connect", &d_addr])
+        .args(["--timeout-ms", "30000"])
+        .current_dir(cwd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn client");
+    // Its first attempt is refused: nothing listens yet.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (_worker, _dispatcher) =
+        start_worker_and_dispatcher(cwd, &dir, &w_addr, &d_addr, "empty.toml");
+    if let Some(mut s) = client.stdin.take() {
+        s.write_all(b"echo early\nquit\n").expect("stdin");
+    }
+    // Bounded: killed by PID if it has not finished within the wait.
+    let pid = client.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(client.wait_with_output());
+    });
+    let out = match rx.recv_timeout(WAIT) {
+        Ok(out) => out.expect("wait"),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("the interactive client did not finish within {WAIT:?}");
+        }
+    };
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "early\n");
+}

@@ -171,11 +171,32 @@ async fn one_request(cfg: ClientConfig, op: &str, payload: &[u8], idempotent: bo
     }
 }
 
+/// Connects, trying again while the call deadline allows (a dispatcher that is still starting
+/// or restarting, as right after `1. Run Watchdog`); a refused certificate is final.
+async fn connect_within_deadline(cfg: ClientConfig) -> Result<Client, ClientError> {
+    let deadline = tokio::time::Instant::now() + cfg.call_timeout;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let mut attempt = cfg.clone();
+        attempt.call_timeout = left;
+        match Client::connect(attempt).await {
+            Ok(c) => return Ok(c),
+            Err(e) if e.is_tls_refusal() => return Err(e),
+            Err(e) if left <= pause => return Err(e),
+            Err(_) => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
 /// The original's "send another request?" loop: one `op payload` per line.
 async fn interactive(cfg: ClientConfig) -> ExitCode {
     let tty = std::io::stdin().is_terminal();
     let addr = cfg.addr;
-    let client = match Client::connect(cfg).await {
+    let client = match connect_within_deadline(cfg).await {
         Ok(c) => c,
         Err(e) => {
             eprintln!("securesrv: {e}");
