@@ -260,8 +260,8 @@ pub const MIN_NONCE_LEN: usize = 16;
 /// Largest nonce a ping may carry.
 pub const MAX_NONCE_LEN: usize = 64;
 
-/// Why a request failed, as the peer sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Why a request failed, as the peer sees it. On the wire a MessagePack str, nothing else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The message was malformed or broke the protocol.
@@ -289,11 +289,53 @@ pub enum ErrorCode {
     /// Something went wrong inside the component; details are in its log only.
     Internal,
     /// A code this version does not know (sent by a newer peer).
-    #[serde(other)]
     Unknown,
 }
 
+impl<'de> Deserialize<'de> for ErrorCode {
+    /// Only a str: serde's derived form would also take an integer index or a bin, which
+    /// PROTOCOL.md does not allow. A str this version does not know is [`ErrorCode::Unknown`].
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ErrorCode;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an error code (MessagePack str)")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ErrorCode, E> {
+                Ok(ErrorCode::from_wire(v))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
 impl ErrorCode {
+    /// Every code but [`ErrorCode::Unknown`].
+    pub const KNOWN: [ErrorCode; 12] = [
+        ErrorCode::BadRequest,
+        ErrorCode::UnknownOp,
+        ErrorCode::Denied,
+        ErrorCode::Unavailable,
+        ErrorCode::Timeout,
+        ErrorCode::TooLarge,
+        ErrorCode::Overloaded,
+        ErrorCode::WorkerLost,
+        ErrorCode::OpFailed,
+        ErrorCode::InvalidToken,
+        ErrorCode::ShuttingDown,
+        ErrorCode::Internal,
+    ];
+
+    /// The code named `name` on the wire; [`ErrorCode::Unknown`] for a name this version does
+    /// not know.
+    pub fn from_wire(name: &str) -> ErrorCode {
+        ErrorCode::KNOWN
+            .into_iter()
+            .find(|c| c.as_str() == name)
+            .unwrap_or(ErrorCode::Unknown)
+    }
+
     /// The snake_case wire name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -553,22 +595,42 @@ mod tests {
 
     #[test]
     fn error_code_names_match_serde() {
-        for code in [
-            ErrorCode::BadRequest,
-            ErrorCode::UnknownOp,
-            ErrorCode::Denied,
-            ErrorCode::Unavailable,
-            ErrorCode::Timeout,
-            ErrorCode::TooLarge,
-            ErrorCode::Overloaded,
-            ErrorCode::WorkerLost,
-            ErrorCode::OpFailed,
-            ErrorCode::InvalidToken,
-            ErrorCode::ShuttingDown,
-            ErrorCode::Internal,
-        ] {
+        for code in ErrorCode::KNOWN {
             let v = serde_json::to_value(code).unwrap();
             assert_eq!(v, serde_json::Value::String(code.as_str().into()));
+            let wire = rmp_serde::to_vec_named(&code).unwrap();
+            assert_eq!(rmp_serde::from_slice::<ErrorCode>(&wire).unwrap(), code);
         }
+    }
+
+    #[test]
+    fn an_error_code_is_a_str_only() {
+        // serde's derived enum form would take the variant index (6 = overloaded) or a bin.
+        for code in [serde_json::json!(6), serde_json::json!([111, 118])] {
+            let bytes = rmp_serde::to_vec_named(&serde_json::json!({
+                "error": {"id": 4, "code": code, "message": "m"}
+            }))
+            .unwrap();
+            assert!(
+                rmp_serde::from_slice::<Message>(&bytes).is_err(),
+                "code {code} accepted"
+            );
+        }
+        let bin_code: Vec<u8> = [
+            &[0x81, 0xa5][..],
+            b"error",
+            &[0x83, 0xa2],
+            b"id",
+            &[0x04, 0xa4],
+            b"code",
+            &[0xc4, 0x0a],
+            b"overloaded",
+            &[0xa7],
+            b"message",
+            &[0xa1],
+            b"m",
+        ]
+        .concat();
+        assert!(rmp_serde::from_slice::<Message>(&bin_code).is_err());
     }
 }
