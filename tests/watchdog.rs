@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Pki, Proc, WAIT, alive, field, free_port_block, pki};
+use common::{Pki, Proc, WAIT, alive, field, free_port_block, pki, wait_until};
 use nix::sys::signal::Signal;
 use securesrv::client::{CallOptions, Client, ClientConfig};
 use securesrv::identity::SpiffeId;
@@ -500,11 +500,7 @@ fn a_stopped_child_exits_when_the_watchdog_is_killed() {
     w.signal_pid(worker, Signal::SIGSTOP);
     w.signal(Signal::SIGKILL);
     w.wait_exit(WAIT).expect("watchdog killed");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while alive(worker) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let left = alive(worker);
+    let left = !wait_until(Duration::from_secs(10), || !alive(worker));
     if left {
         w.signal_pid(worker, Signal::SIGKILL);
     }
@@ -526,16 +522,12 @@ fn children_exit_when_the_watchdog_is_killed() {
         .collect();
     w.signal(Signal::SIGKILL);
     w.wait_exit(WAIT).expect("watchdog killed");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    for pid in pids {
-        while alive(pid) {
-            assert!(
-                Instant::now() < deadline,
-                "child {pid} outlived the watchdog by 10 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    let gone = wait_until(Duration::from_secs(10), || pids.iter().all(|p| !alive(*p)));
+    let left: Vec<u32> = pids.into_iter().filter(|p| alive(*p)).collect();
+    for p in &left {
+        w.signal_pid(*p, Signal::SIGKILL);
     }
+    assert!(gone, "children {left:?} outlived the watchdog by 10 s");
 }
 
 /// `/proc/PID/stat` of a process, parsed; `None` once it is gone (reaped).
@@ -592,16 +584,13 @@ fn a_sigkilled_workers_jobs_do_not_outlive_it() {
         let worker = stat_of(job).expect("job in /proc").ppid;
         w.signal_pid(worker, Signal::SIGKILL);
         // Killed, and reaped too: not even a zombie is left.
-        let deadline = Instant::now() + Duration::from_secs(10);
         let left = || {
             [job, grandchild]
                 .into_iter()
                 .filter(|p| stat_of(*p).is_some())
                 .collect::<Vec<_>>()
         };
-        while !left().is_empty() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        tokio::task::block_in_place(|| wait_until(Duration::from_secs(10), || left().is_empty()));
         let left = left();
         for p in &left {
             if alive(*p) {

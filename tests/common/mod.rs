@@ -431,6 +431,20 @@ pub fn wait_pid_file(path: &Path, timeout: Duration) -> u32 {
     }
 }
 
+/// Checks `done` every 20 ms until it holds or `timeout` has passed; whether it held.
+pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Whether a process with this PID still exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
