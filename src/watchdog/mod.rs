@@ -556,7 +556,13 @@ impl Supervisor {
             .filter_map(|s| s.running.as_ref().map(|r| r.pid))
             .chain(self.stopping.iter().copied())
             .collect();
-        let dead: HashSet<u32> = self.dead.iter().copied().collect();
+        // A PID can come back as a new component's: its session is then a live one.
+        let dead: HashSet<u32> = self
+            .dead
+            .iter()
+            .copied()
+            .filter(|pid| !live.contains(pid))
+            .collect();
         orphans::sweep(&live, &dead)
     }
 
