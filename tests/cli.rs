@@ -428,7 +428,7 @@ fn client_command_waits_for_a_restart_but_not_after_a_refusal_or_its_deadline() 
 
     // A stopped dispatcher accepts TCP but never finishes a handshake: --timeout-ms bounds
     // connecting too (before, the 5 s handshake deadline applied whatever it said).
-    dispatcher.signal(Signal::SIGSTOP);
+    common::stop_process(dispatcher.pid);
     let (out, took) = client(&cert, &key, &["--timeout-ms", "1000", "echo", "x"]);
     dispatcher.signal(Signal::SIGCONT);
     let err = text(&out.stderr);

@@ -276,7 +276,7 @@ fn a_stopped_worker_is_detected_killed_and_replaced() {
             tokio::task::yield_now().await;
         }
         let stopped = Instant::now();
-        w.signal_pid(old, Signal::SIGSTOP);
+        tokio::task::block_in_place(|| common::stop_process(old));
         let line = tokio::task::block_in_place(|| {
             w.wait_log(&["stopping component", "component=worker-2 "], WAIT)
         });
@@ -497,7 +497,7 @@ fn a_stopped_child_exits_when_the_watchdog_is_killed() {
     let mut w = f.ready();
     let worker = pid_of(&w, "worker-1", 1);
     // Stopped, then orphaned before the watchdog can notice the missed heartbeats.
-    w.signal_pid(worker, Signal::SIGSTOP);
+    common::stop_process(worker);
     w.signal(Signal::SIGKILL);
     w.wait_exit(WAIT).expect("watchdog killed");
     let left = !wait_until(Duration::from_secs(10), || !alive(worker));

@@ -445,6 +445,28 @@ pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Sends SIGSTOP to `pid` and waits until every thread of it has stopped: `kill` returns
+/// before the stop takes effect, and a thread that is not stopped yet can still serve a
+/// request (seen on a busy 2-vCPU machine).
+pub fn stop_process(pid: u32) {
+    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGSTOP);
+    let stopped = wait_until(Duration::from_secs(10), || {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        tasks.filter_map(|t| t.ok()).all(|t| {
+            std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+                let state = stat
+                    .rsplit(')')
+                    .next()
+                    .and_then(|s| s.split_whitespace().next());
+                matches!(state, Some("T") | Some("t"))
+            })
+        })
+    });
+    assert!(stopped, "process {pid} did not stop within 10 s of SIGSTOP");
+}
+
 /// Whether a process with this PID still exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
