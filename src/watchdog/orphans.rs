@@ -21,8 +21,9 @@ use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::Pid;
 use std::collections::HashSet;
 
-/// Makes this process a child subreaper. Only the watchdog command calls it: a process that
-/// is one treats every child it did not start as an orphan to kill (see [`sweep`]).
+/// Makes this process a child subreaper. Only the watchdog command calls it: the watchdog
+/// sweeps its children when it is one (see [`sweep`]), killing those of dead components and
+/// reaping any other that has exited.
 pub fn become_subreaper() -> nix::Result<()> {
     nix::sys::prctl::set_child_subreaper(true)
 }
