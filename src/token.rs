@@ -180,16 +180,46 @@ pub struct Claims {
 impl Claims {
     /// Appends the signed part (everything but the tag) to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), TokenError> {
+        SignedFields {
+            version: self.version,
+            key_id: self.key_id,
+            request_id: &self.request_id,
+            issued_at_ms: self.issued_at_ms,
+            expires_at_ms: self.expires_at_ms,
+            payload_sha256: &self.payload_sha256,
+            client: &self.client,
+            op: &self.op,
+            audience: &self.audience,
+        }
+        .encode(out)
+    }
+}
+
+/// [`Claims`] by reference: what the minter encodes without building owned claims first.
+struct SignedFields<'a> {
+    version: u8,
+    key_id: u32,
+    request_id: &'a [u8; REQUEST_ID_LEN],
+    issued_at_ms: u64,
+    expires_at_ms: u64,
+    payload_sha256: &'a [u8; 32],
+    client: &'a str,
+    op: &'a str,
+    audience: &'a str,
+}
+
+impl SignedFields<'_> {
+    fn encode(&self, out: &mut Vec<u8>) -> Result<(), TokenError> {
         out.push(self.version);
         out.extend_from_slice(&self.key_id.to_be_bytes());
-        out.extend_from_slice(&self.request_id);
+        out.extend_from_slice(self.request_id);
         out.extend_from_slice(&self.issued_at_ms.to_be_bytes());
         out.extend_from_slice(&self.expires_at_ms.to_be_bytes());
-        out.extend_from_slice(&self.payload_sha256);
+        out.extend_from_slice(self.payload_sha256);
         for (name, s) in [
-            ("client", &self.client),
-            ("op", &self.op),
-            ("audience", &self.audience),
+            ("client", self.client),
+            ("op", self.op),
+            ("audience", self.audience),
         ] {
             let len = u8::try_from(s.len()).map_err(|_| TokenError::ClaimTooLong(name))?;
             out.push(len);
@@ -300,8 +330,8 @@ pub fn payload_digest(payload: &[u8]) -> [u8; 32] {
 pub struct Minter {
     /// Key id of the current master key; stamped into every token.
     key_id: u32,
-    /// Per-audience HMAC keys, derived once at start-up.
-    keys: HashMap<String, hmac::Key>,
+    /// Per-audience HMAC keys, derived once at start-up, with the audience as text.
+    keys: HashMap<SpiffeId, (String, hmac::Key)>,
     lifetime_ms: u64,
     /// Request ids are this random prefix (drawn once per process) followed by a counter:
     /// unique without a system call per request, and different after every restart.
@@ -313,7 +343,10 @@ impl fmt::Debug for Minter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Minter")
             .field("key_id", &self.key_id)
-            .field("audiences", &self.keys.keys().collect::<Vec<_>>())
+            .field(
+                "audiences",
+                &self.keys.values().map(|(a, _)| a).collect::<Vec<_>>(),
+            )
             .field("lifetime_ms", &self.lifetime_ms)
             .finish_non_exhaustive()
     }
@@ -337,7 +370,10 @@ impl Minter {
     pub fn new(master: &KeyEntry, audiences: &[SpiffeId], lifetime_ms: u64) -> Self {
         let keys = audiences
             .iter()
-            .map(|a| (a.to_string(), master.key.derive_for(a).hmac_key()))
+            .map(|a| {
+                let key = master.key.derive_for(a).hmac_key();
+                (a.clone(), (a.to_string(), key))
+            })
             .collect();
         Minter {
             key_id: master.id,
@@ -359,30 +395,32 @@ impl Minter {
         req: MintRequest<'_>,
         now_ms: u64,
     ) -> Result<(Vec<u8>, [u8; REQUEST_ID_LEN]), TokenError> {
-        let audience = req.audience.to_string();
-        let key = self
+        let (audience, key) = self
             .keys
-            .get(&audience)
-            .ok_or_else(|| TokenError::NoKeyForAudience(audience.clone()))?;
+            .get(req.audience)
+            .ok_or_else(|| TokenError::NoKeyForAudience(req.audience.to_string()))?;
         let n = self
             .counter
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut request_id = [0u8; REQUEST_ID_LEN];
         request_id[..8].copy_from_slice(&self.id_prefix);
         request_id[8..].copy_from_slice(&n.to_be_bytes());
-        let claims = Claims {
+        // Encoded straight from the borrowed parts: the token is the one allocation.
+        let fields = SignedFields {
             version: TOKEN_VERSION,
             key_id: self.key_id,
-            request_id,
+            request_id: &request_id,
             issued_at_ms: now_ms,
             expires_at_ms: now_ms.saturating_add(self.lifetime_ms),
-            payload_sha256: payload_digest(req.payload),
-            client: req.client.to_string(),
-            op: req.op.to_string(),
+            payload_sha256: &payload_digest(req.payload),
+            client: req.client,
+            op: req.op,
             audience,
         };
-        let mut out = Vec::with_capacity(FIXED_LEN + 3 + 160 + TAG_LEN);
-        claims.encode(&mut out)?;
+        let mut out = Vec::with_capacity(
+            FIXED_LEN + 3 + req.client.len() + req.op.len() + audience.len() + TAG_LEN,
+        );
+        fields.encode(&mut out)?;
         let tag = hmac::sign(key, &out);
         out.extend_from_slice(tag.as_ref());
         Ok((out, request_id))

@@ -229,3 +229,40 @@ fn derived_keys_differ_per_worker_and_from_master() {
     assert_ne!(a.expose(), master.expose());
     assert_eq!(a.expose(), master.derive_for(&worker(1)).expose());
 }
+
+#[test]
+fn a_minted_token_is_its_claims_encoded_and_signed() {
+    let f = fixture();
+    let t = mint_for(&f, &worker(2), "sha256", b"payload", 7_000);
+    let parsed = parse(&t).unwrap();
+    let mut again = Vec::new();
+    parsed.claims.encode(&mut again).unwrap();
+    assert_eq!(parsed.signed, &again[..]);
+    assert_eq!(parsed.claims.op, "sha256");
+    assert_eq!(parsed.claims.audience, "spiffe://securesrv/worker/2");
+    assert_eq!(parsed.claims.payload_sha256, payload_digest(b"payload"));
+    assert_eq!(parsed.claims.issued_at_ms, 7_000);
+    let key = f.master.current().key.derive_for(&worker(2)).hmac_key();
+    assert!(hmac::verify(&key, parsed.signed, parsed.tag).is_ok());
+}
+
+#[test]
+fn no_token_for_a_worker_the_minter_does_not_know() {
+    let f = fixture();
+    let err = f
+        .minter
+        .mint(
+            MintRequest {
+                audience: &worker(3),
+                client: "spiffe://securesrv/client/default",
+                op: "echo",
+                payload: b"",
+            },
+            1_000,
+        )
+        .unwrap_err();
+    assert_eq!(
+        err,
+        TokenError::NoKeyForAudience("spiffe://securesrv/worker/3".into())
+    );
+}
