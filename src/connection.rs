@@ -11,6 +11,7 @@ use crate::frame::{self, Encoded, FrameError, Spliced};
 use crate::message::Message;
 use bytes::{Buf, BytesMut};
 use std::io::IoSlice;
+use std::pin::Pin;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
@@ -115,6 +116,11 @@ pub struct Connection<S> {
     frame_started: Option<Instant>,
     /// When the last complete frame arrived (or the connection opened).
     last_frame: Instant,
+    /// The read deadline's timer, kept armed from one read to the next: the idle deadline
+    /// moves with every frame, and re-arming a timer each time would cost two timer-wheel
+    /// updates per request. It is moved only when the deadline comes sooner, or when it
+    /// fires before the deadline it stands for (then it is set to that deadline).
+    read_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     limits: IoLimits,
 }
 
@@ -131,6 +137,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             broken: false,
             frame_started: None,
             last_frame: Instant::now(),
+            read_timer: None,
             limits,
         }
     }
@@ -187,13 +194,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     ConnError::Idle(self.limits.idle_timeout),
                 ),
             };
-            let n =
-                match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.read_buf))
-                    .await
-                {
-                    Ok(r) => r?,
-                    Err(_) => return Err(err),
-                };
+            let timer = self
+                .read_timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if timer.deadline() > deadline {
+                timer.as_mut().reset(deadline);
+            }
+            let n = loop {
+                tokio::select! {
+                    biased;
+                    r = self.stream.read_buf(&mut self.read_buf) => break r?,
+                    () = timer.as_mut() => {
+                        if Instant::now() >= deadline {
+                            return Err(err);
+                        }
+                        // Armed for an earlier deadline that has since moved on.
+                        timer.as_mut().reset(deadline);
+                    }
+                }
+            };
             if n == 0 {
                 return if self.read_buf.is_empty() {
                     Ok(None)
@@ -593,6 +612,76 @@ mod tests {
         let mut rx = Connection::new(b, limits());
         let err = rx.read_message().await.unwrap_err();
         assert!(matches!(err, ConnError::Idle(_)), "{err}");
+    }
+
+    /// The read timer stays armed between reads; it must follow the idle deadline as frames
+    /// keep arriving, and still fire once they stop.
+    #[tokio::test]
+    async fn the_idle_deadline_moves_with_each_frame() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let idle = Duration::from_millis(500);
+        let mut rx = Connection::new(
+            b,
+            IoLimits {
+                idle_timeout: idle,
+                ..limits()
+            },
+        );
+        let frame = frame::encode_to_vec(&ping(1), 1024).unwrap();
+        let started = Instant::now();
+        // Ten frames 100 ms apart, each read waiting for its frame: twice the idle timeout in
+        // all, never idle for long.
+        let writer = tokio::spawn(async move {
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                a.write_all(&frame).await.unwrap();
+            }
+            a
+        });
+        for n in 0..10 {
+            let got = rx.read_message().await;
+            assert!(
+                matches!(got, Ok(Some(Message::Ping(_)))),
+                "frame {n}: {got:?}"
+            );
+        }
+        assert!(started.elapsed() >= idle * 2);
+        let _a = writer.await.unwrap();
+        let quiet = Instant::now();
+        let err = rx.read_message().await.unwrap_err();
+        assert!(matches!(err, ConnError::Idle(_)), "{err}");
+        // Not before the idle timeout counted from the last frame.
+        assert!(quiet.elapsed() >= idle - Duration::from_millis(100));
+        assert!(quiet.elapsed() < Duration::from_secs(5));
+    }
+
+    /// A frame's deadline, sooner than the idle deadline the timer was armed for, is the one
+    /// that applies.
+    #[tokio::test]
+    async fn a_slow_frame_is_cut_off_at_its_own_deadline_not_the_idle_one() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let mut rx = Connection::new(
+            b,
+            IoLimits {
+                idle_timeout: Duration::from_secs(60),
+                ..limits()
+            },
+        );
+        let frame = frame::encode_to_vec(&ping(1), 1024).unwrap();
+        let drip = tokio::spawn(async move {
+            for byte in frame {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if a.write_all(&[byte]).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let err = tokio::time::timeout(Duration::from_secs(30), rx.read_message())
+            .await
+            .expect("cut off at the idle deadline, not the frame's")
+            .unwrap_err();
+        assert!(matches!(err, ConnError::FrameTimeout(_)), "{err}");
+        drip.abort();
     }
 
     #[tokio::test]
