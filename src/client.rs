@@ -378,9 +378,13 @@ async fn run_link(
     // Whether the dispatcher has answered anything yet: until it has, an alert is its verdict
     // on our certificate, sent once it has seen the end of our handshake.
     let mut answered = false;
+    // One wait for cancellation for the whole loop: a fresh one per turn would join and leave
+    // the token's waiter list (a lock each way) for every message.
+    let cancelled = link.close.cancelled();
+    tokio::pin!(cancelled);
     loop {
         tokio::select! {
-            _ = link.close.cancelled() => break,
+            _ = &mut cancelled => break,
             Some(first) = rx.recv() => {
                 let more = link.pending.len() > 1;
                 if conn.write_batch(first, &mut rx, more, |(_, f)| f).await.is_err() {

@@ -258,10 +258,14 @@ pub async fn drive<S, F>(
         refusals: (0, None),
     };
     let mut last: Option<Message> = None;
+    // One wait for cancellation for the whole loop: a fresh one per turn would join and leave
+    // the token's waiter list (a lock each way) for every message.
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
     loop {
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => {
+            _ = &mut cancelled => {
                 debug!("shutting down: no new requests on this connection");
                 break;
             }

@@ -382,10 +382,14 @@ impl Pool {
         let rng = ring::rand::SystemRandom::new();
         let mut awaiting: Option<Vec<u8>> = None;
         let mut misses = 0u32;
+        // One wait for cancellation for the whole loop: a fresh one per turn would join and leave
+        // the token's waiter list (a lock each way) for every message.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
         let reason = loop {
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break "shutdown",
+                _ = &mut cancelled => break "shutdown",
                 Some(first) = rx.recv() => {
                     let more = link.pending.len() > 1;
                     if conn.write_batch(first, &mut rx, more, |(_, f)| f).await.is_err() {
