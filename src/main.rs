@@ -5,7 +5,7 @@ mod cli;
 
 // mimalloc, not glibc's malloc: the relay allocates and frees record-sized buffers for every
 // TLS record in each direction (inside rustls). With glibc's allocator a 16 KiB request cost
-// the worker about a fifth more CPU (docs/PERFORMANCE.md, "Allocator").
+// the worker about a fifth more CPU (docs/PERFORMANCE.md, "What was done").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
