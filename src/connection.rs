@@ -616,7 +616,7 @@ mod tests {
 
     /// The read timer stays armed between reads; it must follow the idle deadline as frames
     /// keep arriving, and still fire once they stop.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn the_idle_deadline_moves_with_each_frame() {
         let (mut a, b) = tokio::io::duplex(1024);
         let idle = Duration::from_millis(500);
@@ -646,18 +646,20 @@ mod tests {
             );
         }
         assert!(started.elapsed() >= idle * 2);
-        let _a = writer.await.unwrap();
         let quiet = Instant::now();
+        let _a = writer.await.unwrap();
         let err = rx.read_message().await.unwrap_err();
         assert!(matches!(err, ConnError::Idle(_)), "{err}");
-        // Not before the idle timeout counted from the last frame.
-        assert!(quiet.elapsed() >= idle - Duration::from_millis(100));
-        assert!(quiet.elapsed() < Duration::from_secs(5));
+        let waited = quiet.elapsed();
+        assert!(
+            waited >= idle && waited <= idle + Duration::from_millis(1),
+            "{waited:?}"
+        );
     }
 
     /// A frame's deadline, sooner than the idle deadline the timer was armed for, is the one
     /// that applies.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_slow_frame_is_cut_off_at_its_own_deadline_not_the_idle_one() {
         let (mut a, b) = tokio::io::duplex(1024);
         let mut rx = Connection::new(
@@ -676,11 +678,18 @@ mod tests {
                 }
             }
         });
+        let started = Instant::now();
         let err = tokio::time::timeout(Duration::from_secs(30), rx.read_message())
             .await
             .expect("cut off at the idle deadline, not the frame's")
             .unwrap_err();
         assert!(matches!(err, ConnError::FrameTimeout(_)), "{err}");
+        // First byte at 50 ms, frame deadline 200 ms later.
+        let t = started.elapsed();
+        assert!(
+            t >= Duration::from_millis(250) && t <= Duration::from_millis(251),
+            "{t:?}"
+        );
         drip.abort();
     }
 
