@@ -8,6 +8,7 @@ mod client_cmd;
 mod components;
 mod logformat;
 mod logwriter;
+mod memcpy;
 
 use clap::{Args, Parser, Subcommand};
 use securesrv::config::{Config, ConfigError};
@@ -177,6 +178,8 @@ struct WatchdogArgs {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
+    // Before anything else runs: this may replace the process image (see `memcpy`).
+    memcpy::reexec_if_useful();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

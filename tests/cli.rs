@@ -494,6 +494,59 @@ fn a_stopping_worker_leaves_no_job_process_behind() {
     }
 }
 
+/// On an AMD CPU, a glibc x86-64 build executes itself once at start with glibc's memcpy tunable
+/// (src/cli/memcpy.rs), keeping its PID and arguments. A `GLIBC_TUNABLES` the operator set,
+/// even to the empty string, is left as it is; so is every other CPU.
+#[test]
+fn the_memcpy_tunable_is_set_on_amd_unless_the_operator_chose() {
+    const TUNABLE: &str = "glibc.cpu.x86_rep_movsb_threshold=4294967295";
+    let amd = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
+        info.lines().any(|l| {
+            l.starts_with("vendor_id") && (l.contains("AuthenticAMD") || l.contains("HygonGenuine"))
+        })
+    });
+    let tuned = amd && cfg!(all(target_arch = "x86_64", target_env = "gnu"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases: [(Option<&str>, Option<&str>); 3] = [
+        (None, tuned.then_some(TUNABLE)),
+        (Some(""), Some("")),
+        (
+            Some("glibc.malloc.perturb=0"),
+            Some("glibc.malloc.perturb=0"),
+        ),
+    ];
+    for (given, expected) in cases {
+        // The menu waits on stdin until `input` is dropped.
+        let (stdin, input) = std::io::pipe().expect("pipe");
+        let mut cmd = Command::new(bin());
+        cmd.arg("--menu").current_dir(dir.path()).stdin(stdin);
+        match given {
+            Some(v) => cmd.env("GLIBC_TUNABLES", v),
+            None => cmd.env_remove("GLIBC_TUNABLES"),
+        };
+        let mut p = Proc::spawn_command("menu", cmd);
+        // Printed by the program's final image: any re-execution has happened.
+        p.wait_for_n(false, &["2. Run Client"], 1, WAIT);
+        let environ = std::fs::read(format!("/proc/{}/environ", p.pid)).expect("environ");
+        let found = environ
+            .split(|&b| b == 0)
+            .find_map(|kv| kv.strip_prefix(b"GLIBC_TUNABLES="))
+            .map(|v| String::from_utf8_lossy(v).into_owned());
+        assert_eq!(found.as_deref(), expected, "given {given:?}");
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", p.pid)).expect("cmdline");
+        assert!(
+            cmdline.split(|&b| b == 0).any(|a| a == b"--menu"),
+            "arguments kept: {cmdline:?}"
+        );
+        // End of input ends the menu.
+        drop(input);
+        assert!(
+            p.wait_exit(WAIT).is_some_and(|s| s.success()),
+            "menu did not end"
+        );
+    }
+}
+
 #[test]
 fn the_menu_of_the_original() {
     let pki = pki(1);

@@ -270,11 +270,17 @@ impl Proc {
 
     /// Starts `securesrv args...` with the given stdin.
     pub fn spawn_with(name: &str, args: &[&str], cwd: &Path, stdin: Stdio) -> Proc {
-        let child = Command::new(bin())
-            .args(args)
+        let mut cmd = Command::new(bin());
+        cmd.args(args)
             .current_dir(cwd)
             .env("SECURESRV_LOG", "info")
-            .stdin(stdin)
+            .stdin(stdin);
+        Self::spawn_command(name, cmd)
+    }
+
+    /// Starts `cmd` (set up by the caller: arguments, environment, stdin), reading its output.
+    pub fn spawn_command(name: &str, mut cmd: Command) -> Proc {
+        let child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
