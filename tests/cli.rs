@@ -495,7 +495,7 @@ fn a_stopping_worker_leaves_no_job_process_behind() {
 }
 
 /// On an AMD CPU, a glibc x86-64 build executes itself once at start with glibc's memcpy tunable
-/// (src/cli/memcpy.rs), keeping its PID and arguments. A `GLIBC_TUNABLES` the operator set,
+/// (src/cli/memcpy.rs), keeping its PID, name and arguments. A `GLIBC_TUNABLES` the operator set,
 /// even to the empty string, is left as it is; so is every other CPU.
 #[test]
 fn the_memcpy_tunable_is_set_on_amd_unless_the_operator_chose() {
@@ -538,6 +538,9 @@ fn the_memcpy_tunable_is_set_on_amd_unless_the_operator_chose() {
             cmdline.split(|&b| b == 0).any(|a| a == b"--menu"),
             "arguments kept: {cmdline:?}"
         );
+        // Still named after its file (what ps, top and pgrep show), not `exe`.
+        let comm = std::fs::read_to_string(format!("/proc/{}/comm", p.pid)).expect("comm");
+        assert_eq!(comm.trim_end(), "securesrv", "process name");
         // End of input ends the menu.
         drop(input);
         assert!(

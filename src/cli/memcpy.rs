@@ -11,8 +11,8 @@
 //!
 //! The loader reads glibc's tunables once, when a program starts, so a running process cannot
 //! change its own `memcpy`. On a glibc x86-64 build running on an AMD CPU, [`reexec_if_useful`]
-//! therefore executes the same binary image again, in the same process (same PID, same open
-//! descriptors, same arguments), with `GLIBC_TUNABLES` set so that glibc uses its vector loop
+//! therefore executes the same binary file again, in the same process (same PID, name, open
+//! descriptors and arguments), with `GLIBC_TUNABLES` set so that glibc uses its vector loop
 //! instead of `rep movsb`. It does so only when `GLIBC_TUNABLES` is absent from the
 //! environment: an operator who sets it, even to the empty string, keeps their choice, and that
 //! is also how to turn this off. Children (the watchdog's dispatcher and workers) inherit the
@@ -52,8 +52,13 @@ pub fn reexec_if_useful() {
     }
     let mut args = std::env::args_os();
     let Some(argv0) = args.next() else { return };
-    // The image this process runs, even if its file has been replaced or removed since.
-    let _failed = std::process::Command::new("/proc/self/exe")
+    // The file this process runs, by its own name: executing `/proc/self/exe` would name the
+    // process `exe` (its `comm`, what `ps`, `top` and `pgrep` show). A file replaced or removed
+    // since the start ("... (deleted)") fails to execute, and this process goes on as it is.
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let _failed = std::process::Command::new(exe)
         .arg0(argv0)
         .args(args)
         .env(ENV, TUNABLE)
