@@ -496,10 +496,13 @@ fn a_stopping_worker_leaves_no_job_process_behind() {
 
 /// On an AMD CPU, a glibc x86-64 build executes itself once at start with glibc's memcpy tunable
 /// (src/cli/memcpy.rs), keeping its PID, name and arguments. A `GLIBC_TUNABLES` the operator set,
-/// even to the empty string, is left as it is; so is every other CPU.
+/// even to the empty string, is left as it is, and so is a process that was re-executed already
+/// (the marker), one started by running the dynamic loader, and every other CPU.
 #[test]
 fn the_memcpy_tunable_is_set_on_amd_unless_the_operator_chose() {
     const TUNABLE: &str = "glibc.cpu.x86_rep_movsb_threshold=4294967295";
+    const MARKER: &str = "SECURESRV_MEMCPY_TUNED";
+    const LOADER: &str = "/lib64/ld-linux-x86-64.so.2";
     let amd = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
         info.lines().any(|l| {
             l.starts_with("vendor_id") && (l.contains("AuthenticAMD") || l.contains("HygonGenuine"))
@@ -507,45 +510,71 @@ fn the_memcpy_tunable_is_set_on_amd_unless_the_operator_chose() {
     });
     let tuned = amd && cfg!(all(target_arch = "x86_64", target_env = "gnu"));
     let dir = tempfile::tempdir().expect("tempdir");
-    let cases: [(Option<&str>, Option<&str>); 3] = [
-        (None, tuned.then_some(TUNABLE)),
-        (Some(""), Some("")),
+    // (GLIBC_TUNABLES given, marker given, through the loader) -> (GLIBC_TUNABLES, marker) seen.
+    type Case<'a> = ((Option<&'a str>, bool, bool), (Option<&'a str>, bool));
+    let mut cases: Vec<Case> = vec![
+        ((None, false, false), (tuned.then_some(TUNABLE), tuned)),
+        ((Some(""), false, false), (Some(""), false)),
         (
-            Some("glibc.malloc.perturb=0"),
-            Some("glibc.malloc.perturb=0"),
+            (Some("glibc.malloc.perturb=0"), false, false),
+            (Some("glibc.malloc.perturb=0"), false),
         ),
+        ((None, true, false), (None, true)),
     ];
-    for (given, expected) in cases {
-        // The menu waits on stdin until `input` is dropped.
-        let (stdin, input) = std::io::pipe().expect("pipe");
-        let mut cmd = Command::new(bin());
-        cmd.arg("--menu").current_dir(dir.path()).stdin(stdin);
+    if std::path::Path::new(LOADER).exists() && cfg!(target_env = "gnu") {
+        cases.push(((None, false, true), (None, false)));
+    }
+    for ((given, marked, via_loader), (expected, marker_seen)) in cases {
+        let case = format!("given {given:?}, marked {marked}, via the loader {via_loader}");
+        let mut cmd = if via_loader {
+            let mut c = Command::new(LOADER);
+            c.arg(bin());
+            c
+        } else {
+            Command::new(bin())
+        };
+        cmd.arg("--menu")
+            .current_dir(dir.path())
+            .stdin(Stdio::piped());
         match given {
             Some(v) => cmd.env("GLIBC_TUNABLES", v),
             None => cmd.env_remove("GLIBC_TUNABLES"),
         };
+        if marked {
+            cmd.env(MARKER, "1");
+        } else {
+            cmd.env_remove(MARKER);
+        }
         let mut p = Proc::spawn_command("menu", cmd);
         // Printed by the program's final image: any re-execution has happened.
         p.wait_for_n(false, &["2. Run Client"], 1, WAIT);
         let environ = std::fs::read(format!("/proc/{}/environ", p.pid)).expect("environ");
-        let found = environ
-            .split(|&b| b == 0)
-            .find_map(|kv| kv.strip_prefix(b"GLIBC_TUNABLES="))
-            .map(|v| String::from_utf8_lossy(v).into_owned());
-        assert_eq!(found.as_deref(), expected, "given {given:?}");
-        let cmdline = std::fs::read(format!("/proc/{}/cmdline", p.pid)).expect("cmdline");
-        assert!(
-            cmdline.split(|&b| b == 0).any(|a| a == b"--menu"),
-            "arguments kept: {cmdline:?}"
-        );
-        // Still named after its file (what ps, top and pgrep show), not `exe`.
-        let comm = std::fs::read_to_string(format!("/proc/{}/comm", p.pid)).expect("comm");
-        assert_eq!(comm.trim_end(), "securesrv", "process name");
+        let var = |name: &str| {
+            let prefix = format!("{name}=");
+            environ
+                .split(|&b| b == 0)
+                .find_map(|kv| kv.strip_prefix(prefix.as_bytes()))
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        assert_eq!(var("GLIBC_TUNABLES").as_deref(), expected, "{case}");
+        assert_eq!(var(MARKER).is_some(), marker_seen, "{case}");
+        if !via_loader {
+            // Every argument kept, the first included.
+            let cmdline = std::fs::read(format!("/proc/{}/cmdline", p.pid)).expect("cmdline");
+            let args: Vec<&[u8]> = cmdline
+                .split(|&b| b == 0)
+                .filter(|a| !a.is_empty())
+                .collect();
+            assert_eq!(args, [bin().as_bytes(), b"--menu"], "{case}");
+            // Still named after its file (what ps, top and pgrep show), not `exe`.
+            let comm = std::fs::read_to_string(format!("/proc/{}/comm", p.pid)).expect("comm");
+            assert_eq!(comm.trim_end(), "securesrv", "{case}");
+        }
         // End of input ends the menu.
-        drop(input);
+        p.close_stdin();
         assert!(
             p.wait_exit(WAIT).is_some_and(|s| s.success()),
-            "menu did not end"
+            "menu did not end: {case}"
         );
     }
 }

@@ -251,6 +251,9 @@ struct Output {
 /// A real `securesrv` process, killed (by PID) when dropped.
 pub struct Proc {
     pub pid: u32,
+    /// Its stdin, when piped: held open here (`Child::wait` would close it) until
+    /// [`Proc::close_stdin`] or drop.
+    stdin: Option<std::process::ChildStdin>,
     output: Arc<Output>,
     exit: mpsc::Receiver<ExitStatus>,
     status: Option<ExitStatus>,
@@ -289,6 +292,7 @@ impl Proc {
     }
 
     fn watch(name: &str, mut child: Child) -> Proc {
+        let stdin = child.stdin.take();
         let output = Arc::new(Output::default());
         for (is_err, pipe) in [
             (
@@ -330,11 +334,17 @@ impl Proc {
         });
         Proc {
             pid,
+            stdin,
             output,
             exit: rx,
             status: None,
             name: name.to_string(),
         }
+    }
+
+    /// Closes its stdin (end of input), if it was piped.
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
     }
 
     /// Everything written to stdout so far.
