@@ -244,7 +244,8 @@ impl Cluster {
 /// Output of a child process, collected by reader threads; waiters are woken on each line.
 #[derive(Default)]
 struct Output {
-    text: Mutex<(String, String)>,
+    /// stdout, stderr, and how many of the two pipes are still being read.
+    text: Mutex<(String, String, usize)>,
     changed: Condvar,
 }
 
@@ -312,6 +313,7 @@ impl Proc {
         ] {
             let Some(pipe) = pipe else { continue };
             let out = output.clone();
+            out.text.lock().unwrap().2 += 1;
             std::thread::spawn(move || {
                 use std::io::BufRead;
                 let reader = std::io::BufReader::new(pipe);
@@ -323,6 +325,8 @@ impl Proc {
                     s.push('\n');
                     out.changed.notify_all();
                 }
+                out.text.lock().unwrap().2 -= 1;
+                out.changed.notify_all();
             });
         }
         let pid = child.id();
@@ -409,9 +413,23 @@ impl Proc {
     }
 
     /// Waits for the process to exit, up to `timeout`.
+    /// Once it has exited, what it wrote before is read too: the readers get to the end of
+    /// both pipes (bounded: a child of the process may still hold them open).
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         if self.status.is_none() {
             self.status = self.exit.recv_timeout(timeout).ok();
+            if self.status.is_some() {
+                let deadline = Instant::now() + Duration::from_secs(2);
+                let mut t = self.output.text.lock().unwrap();
+                while t.2 > 0 && Instant::now() < deadline {
+                    t = self
+                        .output
+                        .changed
+                        .wait_timeout(t, deadline.saturating_duration_since(Instant::now()))
+                        .unwrap()
+                        .0;
+                }
+            }
         }
         self.status
     }
