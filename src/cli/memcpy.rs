@@ -73,22 +73,31 @@ pub fn parse_auxv(bytes: &[u8]) -> Option<Start> {
 }
 
 /// Whether to execute again with [`TUNABLE`]: given the current `GLIBC_TUNABLES`, whether
-/// [`MARKER`] is set, the CPU's `vendor_id` and how this process started.
-pub fn wanted(existing: Option<&OsStr>, marked: bool, vendor: Option<&str>, start: Start) -> bool {
+/// [`MARKER`] is set, how this process started and (asked last, only if all else agrees) the
+/// CPU's `vendor_id`.
+pub fn wanted(
+    existing: Option<&OsStr>,
+    marked: bool,
+    start: Start,
+    vendor: impl FnOnce() -> Option<String>,
+) -> bool {
     existing.is_none()
         && !marked
         && !start.secure
         && start.through_loader
-        && matches!(vendor, Some("AuthenticAMD" | "HygonGenuine"))
+        && matches!(vendor().as_deref(), Some("AuthenticAMD" | "HygonGenuine"))
 }
 
-/// The CPU's `vendor_id` from `/proc/cpuinfo`, if it can be read.
+/// The CPU's `vendor_id` from `/proc/cpuinfo` (read only as far as that line), if it can be
+/// read.
 pub fn cpu_vendor() -> Option<String> {
-    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("vendor_id"))
-        .and_then(|rest| rest.split(':').nth(1))
-        .map(|v| v.trim().to_owned())
+    use std::io::BufRead;
+    let info = std::io::BufReader::new(std::fs::File::open("/proc/cpuinfo").ok()?);
+    info.lines().map_while(Result::ok).find_map(|l| {
+        l.strip_prefix("vendor_id")
+            .and_then(|rest| rest.split(':').nth(1))
+            .map(|v| v.trim().to_owned())
+    })
 }
 
 /// Executes this program again with [`TUNABLE`] set, when [`wanted`]; returns only if it is
@@ -106,7 +115,7 @@ pub fn reexec_if_useful() {
     };
     let existing = std::env::var_os(ENV);
     let marked = std::env::var_os(MARKER).is_some();
-    if !wanted(existing.as_deref(), marked, cpu_vendor().as_deref(), start) {
+    if !wanted(existing.as_deref(), marked, start, cpu_vendor) {
         return;
     }
     // The file this process runs, by its own name: executing `/proc/self/exe` would name the
@@ -180,9 +189,12 @@ mod tests {
             (None, false, amd, secure, false),
             (None, false, amd, loader_run, false),
         ];
+        // The vendor is not looked up when the rest already says no.
+        assert!(!wanted(Some(empty), false, normal, || unreachable!()));
+        assert!(!wanted(None, false, secure, || unreachable!()));
         for &(existing, marked, vendor, start, want) in cases {
             assert_eq!(
-                wanted(existing, marked, vendor, start),
+                wanted(existing, marked, start, || vendor.map(str::to_owned)),
                 want,
                 "{existing:?} {marked} {vendor:?} {start:?}"
             );
