@@ -275,7 +275,9 @@ pub async fn drive<S, F>(
                     return;
                 }
             }
-            Some(answer) = rx.recv() => {
+            // Only spawned requests answer through the channel, and a current-thread runtime
+            // runs every request inline: polling it there would register a waker per turn.
+            Some(answer) = rx.recv(), if session.multi_thread => {
                 if let Err(e) = write_answers(&mut conn, &mut session, &mut rx, answer).await {
                     info!(error = %e, "connection lost while writing");
                     return;
@@ -329,7 +331,7 @@ pub async fn drive<S, F>(
                     return;
                 }
             }
-            Some(answer) = rx.recv() => {
+            Some(answer) = rx.recv(), if session.multi_thread => {
                 if write_answers(&mut conn, &mut session, &mut rx, answer).await.is_err() {
                     return;
                 }
