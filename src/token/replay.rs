@@ -46,13 +46,17 @@ impl ReplayCache {
         now_ms: u64,
     ) -> Result<(), TokenError> {
         self.prune(now_ms);
-        if self.seen.contains(&id) {
+        if self.seen.len() >= self.capacity {
+            return Err(if self.seen.contains(&id) {
+                TokenError::Replayed
+            } else {
+                TokenError::ReplayCacheFull
+            });
+        }
+        // One look-up on the common path: `insert` says whether the id was there.
+        if !self.seen.insert(id) {
             return Err(TokenError::Replayed);
         }
-        if self.seen.len() >= self.capacity {
-            return Err(TokenError::ReplayCacheFull);
-        }
-        self.seen.insert(id);
         self.order.push_back((forget_after_ms, id));
         Ok(())
     }
@@ -93,6 +97,8 @@ mod tests {
             c.insert(id, 1_000, 0).unwrap();
         }
         assert_eq!(c.insert(99, 1_000, 10), Err(TokenError::ReplayCacheFull));
+        // A replay is still called one when the cache is full.
+        assert_eq!(c.insert(1, 1_000, 10), Err(TokenError::Replayed));
         assert_eq!(c.len(), 3);
         // Once old entries expire there is room again.
         assert!(c.insert(99, 3_000, 1_001).is_ok());
