@@ -258,10 +258,10 @@ pub async fn drive<S, F>(
         refusals: (0, None),
     };
     let mut last: Option<Message> = None;
-    // One wait for cancellation for the whole loop: a fresh one per turn would join and leave
-    // the token's waiter list (a lock each way) for every message.
-    let cancelled = shutdown.cancelled();
-    tokio::pin!(cancelled);
+    // One wait for cancellation for the whole loop, looked at only once it has woken us: a
+    // fresh one per turn would join and leave the token's waiter list, and polling one every
+    // turn takes two locks, for every message.
+    let mut cancelled = crate::shutdown::cancelled(&shutdown);
     loop {
         tokio::select! {
             biased;

@@ -2,15 +2,95 @@
 //! watchdog, the end of its stdin, which means the watchdog is gone) cancel one token that
 //! every task selects on. A second SIGINT/SIGTERM while draining exits at once.
 
+use futures_util::task::AtomicWaker;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::{info, warn};
 
 /// Exit status used when a second signal cuts the drain short.
 pub const EXIT_INTERRUPTED: i32 = 130;
+
+/// Waits for `token`'s cancellation like [`CancellationToken::cancelled`], for a loop that
+/// selects on it every turn: the token is looked at on the first poll and then only after it
+/// has woken the task. Each poll of `WaitForCancellationFuture` takes two locks (the token's
+/// state and its waiter list), which a request loop would pay for every message; this one pays
+/// two atomic operations instead. A cancellation is still seen on the first turn after it.
+pub fn cancelled(token: &CancellationToken) -> Cancelled<'_> {
+    let flag = Arc::new(WokenFlag {
+        woken: AtomicBool::new(false),
+        task: AtomicWaker::new(),
+    });
+    Cancelled {
+        wait: Box::pin(token.cancelled()),
+        waker: Waker::from(flag.clone()),
+        flag,
+        first: true,
+        done: false,
+    }
+}
+
+/// The future of [`cancelled`].
+pub struct Cancelled<'a> {
+    wait: Pin<Box<WaitForCancellationFuture<'a>>>,
+    /// Set by `waker`, which is what `wait` is polled with.
+    flag: Arc<WokenFlag>,
+    waker: Waker,
+    first: bool,
+    done: bool,
+}
+
+struct WokenFlag {
+    woken: AtomicBool,
+    /// The task polling the [`Cancelled`].
+    task: AtomicWaker,
+}
+
+impl Wake for WokenFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl Future for Cancelled<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(());
+        }
+        // Registered before the flag is read: a wake-up in between is seen now, one after it
+        // wakes this task again.
+        this.flag.task.register(cx.waker());
+        if !this.first && !this.flag.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        this.first = false;
+        let ready = this
+            .wait
+            .as_mut()
+            .poll(&mut Context::from_waker(&this.waker))
+            .is_ready();
+        this.done = ready;
+        if ready {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
 
 /// Watches for SIGINT/SIGTERM (and, with `parent_watch`, EOF on stdin) and cancels `token`.
 /// With `parent_watch`, the process also exits on its own `hard_deadline` after the parent
@@ -72,4 +152,77 @@ pub fn watch_with(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+
+    #[test]
+    fn cancelled_looks_again_only_after_a_wake_up_and_then_stays_ready() {
+        let token = CancellationToken::new();
+        let mut c = cancelled(&token);
+        for _ in 0..3 {
+            assert_eq!((&mut c).now_or_never(), None);
+        }
+        token.cancel();
+        assert_eq!((&mut c).now_or_never(), Some(()));
+        assert_eq!((&mut c).now_or_never(), Some(()));
+    }
+
+    #[test]
+    fn cancelled_before_the_first_poll_or_through_a_parent_is_seen() {
+        let token = CancellationToken::new();
+        token.cancel();
+        assert_eq!(cancelled(&token).now_or_never(), Some(()));
+
+        let parent = CancellationToken::new();
+        let child = parent.child_token();
+        let mut c = cancelled(&child);
+        assert_eq!((&mut c).now_or_never(), None);
+        parent.cancel();
+        assert_eq!((&mut c).now_or_never(), Some(()));
+    }
+
+    /// A task that waits for nothing else is woken by the cancellation.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cancelled_wakes_a_task_waiting_only_for_it() {
+        let token = CancellationToken::new();
+        let t = token.clone();
+        let waiter = tokio::spawn(async move { cancelled(&t).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        token.cancel();
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the cancellation woke the waiting task")
+            .expect("the task did not panic");
+    }
+
+    /// In a loop that keeps selecting on it (as the request loops do), a cancellation from
+    /// another task wakes the waiting task and ends the loop.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cancelled_wakes_a_waiting_task() {
+        let token = CancellationToken::new();
+        let t = token.clone();
+        let waiter = tokio::spawn(async move {
+            let mut c = cancelled(&t);
+            let mut ticks = 0u32;
+            let mut tick = tokio::time::interval(Duration::from_millis(5));
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut c => break ticks,
+                    _ = tick.tick() => ticks += 1,
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        token.cancel();
+        let ticks = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the cancellation woke the waiting task")
+            .expect("the task did not panic");
+        assert!(ticks > 0, "the loop turned while waiting");
+    }
 }

@@ -382,10 +382,10 @@ impl Pool {
         let rng = ring::rand::SystemRandom::new();
         let mut awaiting: Option<Vec<u8>> = None;
         let mut misses = 0u32;
-        // One wait for cancellation for the whole loop: a fresh one per turn would join and leave
-        // the token's waiter list (a lock each way) for every message.
-        let cancelled = shutdown.cancelled();
-        tokio::pin!(cancelled);
+        // One wait for cancellation for the whole loop, looked at only once it has woken us: a
+        // fresh one per turn would join and leave the token's waiter list, and polling one every
+        // turn takes two locks, for every message.
+        let mut cancelled = crate::shutdown::cancelled(shutdown);
         let reason = loop {
             tokio::select! {
                 biased;
