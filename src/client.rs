@@ -378,10 +378,9 @@ async fn run_link(
     // Whether the dispatcher has answered anything yet: until it has, an alert is its verdict
     // on our certificate, sent once it has seen the end of our handshake.
     let mut answered = false;
-    // One wait for cancellation for the whole loop: a fresh one per turn would join and leave
-    // the token's waiter list (a lock each way) for every message.
-    let cancelled = link.close.cancelled();
-    tokio::pin!(cancelled);
+    // One wait for cancellation for the whole loop, looked at only once it has woken us
+    // (`shutdown::cancelled`): polling one every turn takes two locks, for every message.
+    let mut cancelled = crate::shutdown::cancelled(&link.close);
     loop {
         tokio::select! {
             _ = &mut cancelled => break,
