@@ -18,10 +18,13 @@ use tracing::{info, warn};
 pub const EXIT_INTERRUPTED: i32 = 130;
 
 /// Waits for `token`'s cancellation like [`CancellationToken::cancelled`], for a loop that
-/// selects on it every turn: the token is looked at on the first poll and then only after it
-/// has woken the task. Each poll of `WaitForCancellationFuture` takes two locks (the token's
-/// state and its waiter list), which a request loop would pay for every message; this one pays
-/// two atomic operations instead. A cancellation is still seen on the first turn after it.
+/// selects on it every turn: the token is looked at on the first poll and then only after its
+/// wake-up reached this future. Each poll of `WaitForCancellationFuture` takes two locks (the
+/// token's state and its waiter list), which a request loop would pay for every message; this
+/// one pays three atomic operations instead. A cancellation is seen on the first turn after
+/// the token's wake-up reaches this waiter (`cancel` wakes its waiters in batches of 32,
+/// so with thousands of connections the last are woken a little later than the first), not on
+/// the first turn after `is_cancelled` turns true.
 pub fn cancelled(token: &CancellationToken) -> Cancelled<'_> {
     let flag = Arc::new(WokenFlag {
         woken: AtomicBool::new(false),
@@ -37,6 +40,7 @@ pub fn cancelled(token: &CancellationToken) -> Cancelled<'_> {
 }
 
 /// The future of [`cancelled`].
+#[must_use = "futures do nothing unless polled"]
 pub struct Cancelled<'a> {
     wait: Pin<Box<WaitForCancellationFuture<'a>>>,
     /// Set by `waker`, which is what `wait` is polled with.
@@ -159,8 +163,22 @@ mod tests {
     use super::*;
     use futures_util::FutureExt;
 
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn woken(c: &Arc<Count>) -> usize {
+        c.0.load(Ordering::SeqCst)
+    }
+
     #[test]
-    fn cancelled_looks_again_only_after_a_wake_up_and_then_stays_ready() {
+    fn cancelled_is_pending_until_cancelled_and_then_stays_ready() {
         let token = CancellationToken::new();
         let mut c = cancelled(&token);
         for _ in 0..3 {
@@ -183,6 +201,45 @@ mod tests {
         assert_eq!((&mut c).now_or_never(), None);
         parent.cancel();
         assert_eq!((&mut c).now_or_never(), Some(()));
+    }
+
+    /// Polled by one waker and then another (the future moved to another task), the
+    /// cancellation wakes the latest one, once.
+    #[test]
+    fn cancelled_wakes_the_waker_of_the_latest_poll() {
+        let token = CancellationToken::new();
+        let mut c = cancelled(&token);
+        let (first, second) = (Arc::new(Count::default()), Arc::new(Count::default()));
+        let (w1, w2) = (Waker::from(first.clone()), Waker::from(second.clone()));
+        assert!(
+            Pin::new(&mut c)
+                .poll(&mut Context::from_waker(&w1))
+                .is_pending()
+        );
+        assert!(
+            Pin::new(&mut c)
+                .poll(&mut Context::from_waker(&w2))
+                .is_pending()
+        );
+        token.cancel();
+        assert_eq!((woken(&first), woken(&second)), (0, 1));
+        assert!(
+            Pin::new(&mut c)
+                .poll(&mut Context::from_waker(&w2))
+                .is_ready()
+        );
+    }
+
+    /// Cancelled by the task that waits on it, on a current-thread runtime.
+    #[tokio::test]
+    async fn cancelled_by_its_own_task_is_seen_on_the_next_poll() {
+        let token = CancellationToken::new();
+        let mut c = cancelled(&token);
+        assert_eq!((&mut c).now_or_never(), None);
+        token.cancel();
+        tokio::time::timeout(Duration::from_secs(5), c)
+            .await
+            .expect("seen without another wake-up");
     }
 
     /// A task that waits for nothing else is woken by the cancellation.
