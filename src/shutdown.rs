@@ -242,13 +242,31 @@ mod tests {
             .expect("seen without another wake-up");
     }
 
-    /// A task that waits for nothing else is woken by the cancellation.
+    /// A task that waits for nothing else is woken by the cancellation, which comes once the
+    /// task's own waker is registered.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cancelled_wakes_a_task_waiting_only_for_it() {
         let token = CancellationToken::new();
         let t = token.clone();
-        let waiter = tokio::spawn(async move { cancelled(&t).await });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (waiting, is_waiting) = tokio::sync::oneshot::channel();
+        let waiter = tokio::spawn(async move {
+            let mut c = cancelled(&t);
+            let mut waiting = Some(waiting);
+            std::future::poll_fn(|cx| {
+                let r = Pin::new(&mut c).poll(cx);
+                if r.is_pending() {
+                    if let Some(w) = waiting.take() {
+                        let _ = w.send(());
+                    }
+                }
+                r
+            })
+            .await
+        });
+        tokio::time::timeout(Duration::from_secs(5), is_waiting)
+            .await
+            .expect("the task polled")
+            .expect("the task is waiting");
         token.cancel();
         tokio::time::timeout(Duration::from_secs(5), waiter)
             .await
@@ -257,13 +275,15 @@ mod tests {
     }
 
     /// In a loop that keeps selecting on it (as the request loops do), a cancellation from
-    /// another task wakes the waiting task and ends the loop.
+    /// another task ends the loop.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn cancelled_wakes_a_waiting_task() {
+    async fn cancelled_ends_a_busy_select_loop() {
         let token = CancellationToken::new();
         let t = token.clone();
+        let (turning, is_turning) = tokio::sync::oneshot::channel();
         let waiter = tokio::spawn(async move {
             let mut c = cancelled(&t);
+            let mut turning = Some(turning);
             let mut ticks = 0u32;
             let mut tick = tokio::time::interval(Duration::from_millis(5));
             loop {
@@ -272,14 +292,22 @@ mod tests {
                     _ = &mut c => break ticks,
                     _ = tick.tick() => ticks += 1,
                 }
+                if ticks == 3 {
+                    if let Some(t) = turning.take() {
+                        let _ = t.send(());
+                    }
+                }
             }
         });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::timeout(Duration::from_secs(5), is_turning)
+            .await
+            .expect("the loop turned")
+            .expect("the loop is running");
         token.cancel();
         let ticks = tokio::time::timeout(Duration::from_secs(5), waiter)
             .await
-            .expect("the cancellation woke the waiting task")
+            .expect("the cancellation ended the loop")
             .expect("the task did not panic");
-        assert!(ticks > 0, "the loop turned while waiting");
+        assert!(ticks >= 3);
     }
 }
