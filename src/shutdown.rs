@@ -263,15 +263,7 @@ mod tests {
             })
             .await
         });
-        tokio::time::timeout(Duration::from_secs(5), is_waiting)
-            .await
-            .expect("the task polled")
-            .expect("the task is waiting");
-        token.cancel();
-        tokio::time::timeout(Duration::from_secs(5), waiter)
-            .await
-            .expect("the cancellation woke the waiting task")
-            .expect("the task did not panic");
+        cancel_once_ready(&token, is_waiting, waiter).await;
     }
 
     /// In a loop that keeps selecting on it (as the request loops do), a cancellation from
@@ -299,15 +291,25 @@ mod tests {
                 }
             }
         });
-        tokio::time::timeout(Duration::from_secs(5), is_turning)
-            .await
-            .expect("the loop turned")
-            .expect("the loop is running");
-        token.cancel();
-        let ticks = tokio::time::timeout(Duration::from_secs(5), waiter)
-            .await
-            .expect("the cancellation ended the loop")
-            .expect("the task did not panic");
+        let ticks = cancel_once_ready(&token, is_turning, waiter).await;
         assert!(ticks >= 3);
+    }
+
+    /// Waits (bounded) until the waiting task says it is ready, cancels `token`, and returns
+    /// what the task returns once the cancellation has ended it (bounded too).
+    async fn cancel_once_ready<T>(
+        token: &CancellationToken,
+        ready: tokio::sync::oneshot::Receiver<()>,
+        waiter: tokio::task::JoinHandle<T>,
+    ) -> T {
+        tokio::time::timeout(Duration::from_secs(5), ready)
+            .await
+            .expect("the task got ready")
+            .expect("the task did not end first");
+        token.cancel();
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the cancellation woke the waiting task")
+            .expect("the task did not panic")
     }
 }
