@@ -10,8 +10,10 @@
 use crate::frame::{self, Encoded, FrameError, Spliced};
 use crate::message::Message;
 use bytes::{Buf, BytesMut};
+use std::future::Future;
 use std::io::IoSlice;
 use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
@@ -116,6 +118,9 @@ pub struct Connection<S> {
     frame_started: Option<Instant>,
     /// When the last complete frame arrived (or the connection opened).
     last_frame: Instant,
+    /// When the last read that returned bytes did: every byte buffered arrived by then, so
+    /// this one clock reading dates both the frames it completed and the one it started.
+    last_read: Instant,
     /// The read deadline's timer, kept armed from one read to the next: the idle deadline
     /// moves with every frame, and re-arming a timer each time would cost two timer-wheel
     /// updates per request. It is moved only when the deadline comes sooner, or when it
@@ -127,6 +132,7 @@ pub struct Connection<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Wraps a stream.
     pub fn new(stream: S, limits: IoLimits) -> Self {
+        let now = Instant::now();
         Connection {
             stream,
             read_buf: BytesMut::new(),
@@ -136,7 +142,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             spliced_len: 0,
             broken: false,
             frame_started: None,
-            last_frame: Instant::now(),
+            last_frame: now,
+            last_read: now,
             read_timer: None,
             limits,
         }
@@ -220,8 +227,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     Err(ConnError::Truncated)
                 };
             }
+            self.last_read = Instant::now();
             if self.frame_started.is_none() {
-                self.frame_started = Some(Instant::now());
+                self.frame_started = Some(self.last_read);
             }
         }
     }
@@ -251,7 +259,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     fn consumed(&mut self) {
-        let now = Instant::now();
+        let now = self.last_read;
         self.last_frame = now;
         self.frame_started = (!self.read_buf.is_empty()).then_some(now);
         if self.read_buf.is_empty() && self.read_buf.capacity() > KEEP_BUFFER {
@@ -408,14 +416,11 @@ async fn write_within<S: AsyncWrite + Unpin>(
     data: &[u8],
     limit: Duration,
 ) -> Result<(), ConnError> {
-    let fut = async {
+    within(limit, async {
         stream.write_all(data).await?;
         stream.flush().await
-    };
-    match tokio::time::timeout(limit, fut).await {
-        Ok(r) => Ok(r?),
-        Err(_) => Err(ConnError::WriteTimeout(limit)),
-    }
+    })
+    .await
 }
 
 /// Writes all of `bufs` (in order) and flushes, within `limit`. The TLS layer copies the
@@ -436,10 +441,30 @@ async fn write_vectored_within<S: AsyncWrite + Unpin>(
         }
         stream.flush().await
     };
-    match tokio::time::timeout(limit, fut).await {
-        Ok(r) => Ok(r?),
-        Err(_) => Err(ConnError::WriteTimeout(limit)),
-    }
+    within(limit, fut).await
+}
+
+/// Runs a write, failing it if it is still waiting `limit` after it first had to wait. Most
+/// writes finish on their first poll (the socket has room), and those arm no timer and read
+/// no clock; the deadline then starts within the same turn of the task as the write did.
+async fn within(
+    limit: Duration,
+    fut: impl Future<Output = std::io::Result<()>>,
+) -> Result<(), ConnError> {
+    let mut fut = std::pin::pin!(fut);
+    let at_once = std::future::poll_fn(|cx| match fut.as_mut().poll(cx) {
+        Poll::Ready(r) => Poll::Ready(Some(r)),
+        Poll::Pending => Poll::Ready(None),
+    })
+    .await;
+    let result = match at_once {
+        Some(r) => r,
+        None => match tokio::time::timeout(limit, fut).await {
+            Ok(r) => r,
+            Err(_) => return Err(ConnError::WriteTimeout(limit)),
+        },
+    };
+    Ok(result?)
 }
 
 #[cfg(test)]
