@@ -138,7 +138,7 @@ impl Dispatcher {
     async fn handle_request(self: Arc<Self>, client: Arc<Caller>, req: Request) -> Message {
         let started = Instant::now();
         let running = crate::session::Running::enter(&self.running);
-        let (worker, result) = self.route(&client, &req).await;
+        let (worker, result) = self.route(&client, &req, started).await;
         drop(running);
         let micros = started.elapsed().as_micros() as u64;
         let id = req.id;
@@ -165,10 +165,12 @@ impl Dispatcher {
     }
 
     /// ACL, worker choice, forward, retry. Returns the worker that answered (if any).
+    /// `started` is when the request arrived: its deadline counts from then.
     async fn route(
         &self,
         client: &Caller,
         req: &Request,
+        started: Instant,
     ) -> (Option<Arc<pool::Slot>>, Result<Bytes, (ErrorCode, String)>) {
         let cfg = &self.cfg;
         let Some(info) = cfg.op_info(&req.op) else {
@@ -197,15 +199,29 @@ impl Dispatcher {
             .timeout_ms
             .map_or(cfg.limits.request_timeout_ms, u64::from)
             .clamp(1, cfg.limits.max_request_timeout_ms);
-        let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+        let deadline = started + Duration::from_millis(timeout_ms);
         let wait = Duration::from_millis(cfg.dispatcher.unavailable_wait_ms);
         let mut exclude: Vec<u32> = Vec::new();
         let mut lost = 0;
         let mut last_worker = None;
-        for _ in 0..MAX_ATTEMPTS {
-            let wait_until = (Instant::now() + wait).min(deadline);
-            let Some((slot, link)) = self.pool.pick_or_wait(&exclude, wait_until).await else {
-                let why = if Instant::now() >= deadline {
+        // The time now, read again only after something may have waited: the clock is read
+        // a handful of times per request, and each reading counts at small sizes.
+        let mut now = started;
+        for attempt in 0..MAX_ATTEMPTS {
+            if attempt > 0 {
+                now = Instant::now();
+            }
+            let picked = match self.pool.pick(&exclude) {
+                Some(p) => Some(p),
+                None => {
+                    let wait_until = (now + wait).min(deadline);
+                    let p = self.pool.pick_or_wait(&exclude, wait_until).await;
+                    now = Instant::now();
+                    p
+                }
+            };
+            let Some((slot, link)) = picked else {
+                let why = if now >= deadline {
                     (
                         ErrorCode::Timeout,
                         "deadline passed while waiting for a worker".to_string(),
@@ -221,7 +237,7 @@ impl Dispatcher {
             last_worker = Some(slot.clone());
             match self
                 .pool
-                .forward(&slot, &link, &client.text, &req.op, &req.payload, deadline)
+                .forward(&slot, &link, &client.text, req, now, deadline)
                 .await
             {
                 Ok(out) => return (Some(slot.clone()), Ok(out)),

@@ -14,7 +14,7 @@ use crate::frame::{self, Encoded};
 use crate::identity::SpiffeId;
 use crate::inflight::InFlight;
 use crate::message::Bytes;
-use crate::message::{ErrorCode, ForwardRef, Message, Ping};
+use crate::message::{ErrorCode, ForwardRef, Message, Ping, Request};
 use crate::tls::{ClientStream, Connector};
 use crate::token::{MintRequest, Minter, TokenError};
 use std::net::SocketAddr;
@@ -177,7 +177,7 @@ impl Pool {
 
     /// The available worker with the fewest outstanding requests (ties rotate), skipping
     /// `exclude`.
-    fn pick(&self, exclude: &[u32]) -> Option<(Arc<Slot>, Arc<Link>)> {
+    pub(crate) fn pick(&self, exclude: &[u32]) -> Option<(Arc<Slot>, Arc<Link>)> {
         let n = self.slots.len();
         if n == 0 {
             return None;
@@ -246,16 +246,18 @@ impl Pool {
     }
 
     /// Sends one request to `slot` over `link` with a fresh token and waits for the answer
-    /// until `deadline`.
+    /// until `deadline`. `now` is the time the caller read just before (this spares a reading
+    /// of the clock per request).
     pub async fn forward(
         &self,
         slot: &Slot,
         link: &Link,
         client: &str,
-        op: &str,
-        payload: &Bytes,
+        req: &Request,
+        now: Instant,
         deadline: Instant,
     ) -> Result<Bytes, ForwardError> {
+        let (op, payload) = (req.op.as_str(), &req.payload);
         let (token, _) = self.minter.mint(
             MintRequest {
                 audience: &slot.identity,
@@ -266,9 +268,9 @@ impl Pool {
             crate::token::now_ms(),
         )?;
         // `None` (a lifetime beyond the clock's range): the token never expires in practice.
-        let token_expires = Instant::now().checked_add(self.minter.lifetime());
+        let token_expires = now.checked_add(self.minter.lifetime());
         let id = link.next_id.fetch_add(1, Ordering::Relaxed);
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = deadline.saturating_duration_since(now);
         let frame = frame::encode_spliced(
             &ForwardRef::Forward {
                 id,
