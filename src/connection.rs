@@ -118,9 +118,16 @@ pub struct Connection<S> {
     frame_started: Option<Instant>,
     /// When the last complete frame arrived (or the connection opened).
     last_frame: Instant,
-    /// When the last read that returned bytes did: every byte buffered arrived by then, so
-    /// this one clock reading dates both the frames it completed and the one it started.
+    /// When the last read that returned bytes did.
     last_read: Instant,
+    /// That read completed a frame not yet taken, within the same [`read_message`] call: the
+    /// frame is taken at once, so the read's clock reading dates it (and the partial frame
+    /// behind it) and the clock need not be read again. Frames taken later (the second of
+    /// several that one read brought, after the caller's own work) read the clock, so that
+    /// time spent on this side is not charged to the peer's frame and idle deadlines.
+    ///
+    /// [`read_message`]: Self::read_message
+    fresh_read: bool,
     /// The read deadline's timer, kept armed from one read to the next: the idle deadline
     /// moves with every frame, and re-arming a timer each time would cost two timer-wheel
     /// updates per request. It is moved only when the deadline comes sooner, or when it
@@ -144,6 +151,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             frame_started: None,
             last_frame: now,
             last_read: now,
+            fresh_read: false,
             read_timer: None,
             limits,
         }
@@ -228,6 +236,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 };
             }
             self.last_read = Instant::now();
+            self.fresh_read = true;
             if self.frame_started.is_none() {
                 self.frame_started = Some(self.last_read);
             }
@@ -259,7 +268,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     fn consumed(&mut self) {
-        let now = self.last_read;
+        let now = if std::mem::take(&mut self.fresh_read) {
+            self.last_read
+        } else {
+            Instant::now()
+        };
         self.last_frame = now;
         self.frame_started = (!self.read_buf.is_empty()).then_some(now);
         if self.read_buf.is_empty() && self.read_buf.capacity() > KEEP_BUFFER {
@@ -680,6 +693,35 @@ mod tests {
             waited >= idle && waited <= idle + Duration::from_millis(1),
             "{waited:?}"
         );
+    }
+
+    /// Frames that one read brought but that are taken later are dated when they are taken:
+    /// time spent on this side (the caller's work between pipelined frames) is not charged
+    /// to the frame behind them.
+    #[tokio::test(start_paused = true)]
+    async fn frames_taken_later_do_not_shorten_the_next_frames_deadline() {
+        let (mut a, b) = tokio::io::duplex(4096);
+        let frame_timeout = limits().frame_timeout;
+        let mut rx = Connection::new(b, limits());
+        // Two whole frames and the start of a third, in one write: one read.
+        let mut bytes = frame::encode_to_vec(&ping(1), 1024).unwrap();
+        bytes.extend(frame::encode_to_vec(&ping(2), 1024).unwrap());
+        bytes.extend(&frame::encode_to_vec(&ping(3), 1024).unwrap()[..5]);
+        a.write_all(&bytes).await.unwrap();
+        assert_eq!(rx.read_message().await.unwrap(), Some(ping(1)));
+        // Our own work takes longer than a frame may.
+        tokio::time::sleep(frame_timeout + Duration::from_millis(100)).await;
+        assert_eq!(rx.buffered_message().unwrap(), Some(ping(2)));
+        let taken = Instant::now();
+        // The third frame never completes: cut off a frame timeout after the second was taken.
+        let err = rx.read_message().await.unwrap_err();
+        assert!(matches!(err, ConnError::FrameTimeout(_)), "{err}");
+        let waited = taken.elapsed();
+        assert!(
+            waited >= frame_timeout && waited <= frame_timeout + Duration::from_millis(1),
+            "{waited:?}"
+        );
+        drop(a);
     }
 
     /// A frame's deadline, sooner than the idle deadline the timer was armed for, is the one

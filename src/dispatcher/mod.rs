@@ -165,7 +165,8 @@ impl Dispatcher {
     }
 
     /// ACL, worker choice, forward, retry. Returns the worker that answered (if any).
-    /// `started` is when the request arrived: its deadline counts from then.
+    /// `started` is when the dispatcher began to handle the request: its deadline counts
+    /// from then.
     async fn route(
         &self,
         client: &Caller,

@@ -246,8 +246,9 @@ impl Pool {
     }
 
     /// Sends one request to `slot` over `link` with a fresh token and waits for the answer
-    /// until `deadline`. `now` is the time the caller read just before (this spares a reading
-    /// of the clock per request).
+    /// until `deadline`. `now` is the time the caller read just before (it dates the token's
+    /// local expiry estimate; the time left for the worker is read afresh, after minting, so
+    /// that it is never more than the dispatcher still waits).
     pub async fn forward(
         &self,
         slot: &Slot,
@@ -270,7 +271,7 @@ impl Pool {
         // `None` (a lifetime beyond the clock's range): the token never expires in practice.
         let token_expires = now.checked_add(self.minter.lifetime());
         let id = link.next_id.fetch_add(1, Ordering::Relaxed);
-        let left = deadline.saturating_duration_since(now);
+        let left = deadline.saturating_duration_since(Instant::now());
         let frame = frame::encode_spliced(
             &ForwardRef::Forward {
                 id,
