@@ -684,15 +684,24 @@ mod tests {
             );
         }
         assert!(started.elapsed() >= idle * 2);
-        let quiet = Instant::now();
         let _a = writer.await.unwrap();
-        let err = rx.read_message().await.unwrap_err();
+        let err = fails_after(&mut rx, idle).await;
         assert!(matches!(err, ConnError::Idle(_)), "{err}");
-        let waited = quiet.elapsed();
+    }
+
+    /// The error of the next read, which must come `wait` (of paused time) from now.
+    async fn fails_after<S: AsyncRead + AsyncWrite + Unpin>(
+        rx: &mut Connection<S>,
+        wait: Duration,
+    ) -> ConnError {
+        let from = Instant::now();
+        let err = rx.read_message().await.unwrap_err();
+        let waited = from.elapsed();
         assert!(
-            waited >= idle && waited <= idle + Duration::from_millis(1),
-            "{waited:?}"
+            waited >= wait && waited <= wait + Duration::from_millis(1),
+            "{err} after {waited:?}"
         );
+        err
     }
 
     /// Frames that one read brought but that are taken later are dated when they are taken:
@@ -712,15 +721,9 @@ mod tests {
         // Our own work takes longer than a frame may.
         tokio::time::sleep(frame_timeout + Duration::from_millis(100)).await;
         assert_eq!(rx.buffered_message().unwrap(), Some(ping(2)));
-        let taken = Instant::now();
         // The third frame never completes: cut off a frame timeout after the second was taken.
-        let err = rx.read_message().await.unwrap_err();
+        let err = fails_after(&mut rx, frame_timeout).await;
         assert!(matches!(err, ConnError::FrameTimeout(_)), "{err}");
-        let waited = taken.elapsed();
-        assert!(
-            waited >= frame_timeout && waited <= frame_timeout + Duration::from_millis(1),
-            "{waited:?}"
-        );
         drop(a);
     }
 
