@@ -177,7 +177,7 @@ impl Pool {
 
     /// The available worker with the fewest outstanding requests (ties rotate), skipping
     /// `exclude`.
-    pub(crate) fn pick(&self, exclude: &[u32]) -> Option<(Arc<Slot>, Arc<Link>)> {
+    pub fn pick(&self, exclude: &[u32]) -> Option<(Arc<Slot>, Arc<Link>)> {
         let n = self.slots.len();
         if n == 0 {
             return None;
@@ -222,16 +222,14 @@ impl Pool {
         }
     }
 
-    /// Picks a worker, waiting until `wait_until` for one to become available.
+    /// Picks a worker, waiting until `wait_until` for one to become available. It listens
+    /// for changes before each look, so that none is missed in between; callers try the
+    /// cheaper [`pick`](Self::pick) first, as the dispatcher does.
     pub async fn pick_or_wait(
         &self,
         exclude: &[u32],
         wait_until: Instant,
     ) -> Option<(Arc<Slot>, Arc<Link>)> {
-        // Fast path: a worker is available now; no waiter registration needed.
-        if let Some(p) = self.pick(exclude) {
-            return Some(p);
-        }
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
