@@ -121,7 +121,7 @@ pub fn decode_shared<T: DeserializeOwned>(frame: &bytes::Bytes) -> Result<T, Fra
 }
 
 /// Decodes a frame body (no header) that must hold exactly one message, in the one shape
-/// docs/PROTOCOL.md §3 allows (see [`Shape::Message`]).
+/// docs/PROTOCOL.md §3 allows (see `Shape::Message` in this module).
 pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
     // A structural pass first: the exact extent of the value (so trailing bytes are caught),
     // its depth and its envelope, without allocating. Then serde decodes from the borrowed

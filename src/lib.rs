@@ -23,7 +23,7 @@
 //! | [`inflight`] | requests in flight on a multiplexed connection, matched by id |
 //! | [`dispatcher`], [`worker`], [`watchdog`], [`client`] | one component each |
 //! | [`shutdown`] | SIGINT/SIGTERM (and loss of the supervisor) to one cancellation token |
-//! | [`bench`] | the `securesrv bench` load generator and a reference echo backend |
+//! | [`bench`](mod@bench) | the `securesrv bench` load generator and a reference echo backend |
 //!
 //! # Path of a request
 //!

@@ -1,7 +1,7 @@
 //! The dispatcher: accepts clients and the watchdog over mTLS, enforces the ACL, and forwards
 //! each request with a fresh token to the least-loaded available worker.
 //!
-//! Path of a request: [`crate::session`] reads it and starts a task; [`Dispatcher::route`]
+//! Path of a request: [`crate::session`] reads it and starts a task; `Dispatcher::route`
 //! checks the op and the ACL, picks a worker ([`pool::Pool`]), forwards, and retries on
 //! another worker when the first one went away — always for requests that never left, and for
 //! idempotent ops also when the worker may have started them. Every request has a deadline and
