@@ -120,8 +120,9 @@ pub struct Connection<S> {
     last_frame: Instant,
     /// When the last read that returned bytes did.
     last_read: Instant,
-    /// That read completed a frame not yet taken, within the same [`read_message`] call: the
-    /// frame is taken at once, so the read's clock reading dates it (and the partial frame
+    /// Set by a read that returned bytes, cleared when a frame is taken. The first frame
+    /// taken after such a read is the one that read completed, taken at once within the same
+    /// [`read_message`] call, so the read's clock reading dates it (and the partial frame
     /// behind it) and the clock need not be read again. Frames taken later (the second of
     /// several that one read brought, after the caller's own work) read the clock, so that
     /// time spent on this side is not charged to the peer's frame and idle deadlines.
