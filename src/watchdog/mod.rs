@@ -556,14 +556,7 @@ impl Supervisor {
             .filter_map(|s| s.running.as_ref().map(|r| r.pid))
             .chain(self.stopping.iter().copied())
             .collect();
-        // A PID can come back as a new component's: its session is then a live one.
-        let dead: HashSet<u32> = self
-            .dead
-            .iter()
-            .copied()
-            .filter(|pid| !live.contains(pid))
-            .collect();
-        orphans::sweep(&live, &dead)
+        orphans::sweep(&live, &dead_sessions(&self.dead, &live))
     }
 
     /// Prints the ready line once every component is up (or has been given up on).
@@ -639,5 +632,26 @@ impl Supervisor {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         info!("watchdog stopped");
+    }
+}
+
+/// The sessions whose leftovers are to be killed: those of components that exited, except
+/// PIDs the kernel has since handed to a live component, whose session is a live one again.
+fn dead_sessions(dead: &VecDeque<u32>, live: &HashSet<u32>) -> HashSet<u32> {
+    dead.iter()
+        .copied()
+        .filter(|pid| !live.contains(pid))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pid_that_came_back_as_a_live_component_is_not_a_dead_session() {
+        let dead = VecDeque::from([100, 200, 300]);
+        let live = HashSet::from([200, 400]);
+        assert_eq!(dead_sessions(&dead, &live), HashSet::from([100, 300]));
     }
 }
