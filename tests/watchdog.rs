@@ -26,12 +26,18 @@ impl Fixture {
 
     /// The usual configuration followed by `extra` (TOML tables).
     fn with(extra: &str) -> Self {
+        Self::with_heartbeat(300, extra)
+    }
+
+    /// The usual configuration with heartbeats every `beat_ms`, each allowed `beat_ms` (as
+    /// by default, the timeout equals the interval), followed by `extra`.
+    fn with_heartbeat(beat_ms: u64, extra: &str) -> Self {
         let pki = pki(2);
         let base = free_port_block(2);
         let cfg = format!(
             "certs_dir = {:?}\nworkers = 2\n\
              [dispatcher]\nlisten = \"127.0.0.1:{base}\"\nworker_ping_interval_ms = 200\n\
-             [watchdog]\nheartbeat_interval_ms = 300\nheartbeat_timeout_ms = 300\nmax_missed = 3\n\
+             [watchdog]\nheartbeat_interval_ms = {beat_ms}\nheartbeat_timeout_ms = {beat_ms}\nmax_missed = 3\n\
              restart_backoff_initial_ms = 100\nrestart_backoff_max_ms = 2000\nstop_grace_ms = 3000\n{extra}",
             pki.dir
         );
@@ -307,6 +313,36 @@ fn a_stopped_worker_is_detected_killed_and_replaced() {
         assert_eq!(failed, 0, "{errors:?}");
         assert_eq!(c.call("echo", b"after").await.unwrap(), b"after");
     });
+}
+
+#[test]
+fn a_hung_component_is_probed_every_interval_not_every_second_one() {
+    // The timeout equals the interval, as by default, so each heartbeat of a stopped worker
+    // takes a whole interval and the next tick finds it still in flight. The next heartbeat
+    // must then start as soon as that one ends: three misses take about two intervals after
+    // the first, not four (which they took when the tick was simply skipped).
+    const BEAT_MS: u64 = 500;
+    let f = Fixture::with_heartbeat(BEAT_MS, "");
+    let w = f.ready();
+    let pid = pid_of(&w, "worker-2", 1);
+    common::stop_process(pid);
+    w.wait_log(
+        &["heartbeat failed", "component=worker-2 ", "misses=1 "],
+        WAIT,
+    );
+    let first = Instant::now();
+    let line = w.wait_log(&["stopping component", "component=worker-2 "], WAIT);
+    let rest = first.elapsed();
+    assert!(line.contains("3 heartbeats failed"), "{line}");
+    eprintln!("misses 2 and 3 came {rest:?} after the first");
+    assert!(
+        rest < Duration::from_millis(3 * BEAT_MS),
+        "misses 2 and 3 came {rest:?} after the first; heartbeats every {BEAT_MS} ms should take \
+         about {} ms",
+        2 * BEAT_MS
+    );
+    w.wait_for_n(true, &["component up", "component=worker-2 "], 2, WAIT);
+    assert!(!alive(pid), "the stopped worker was killed");
 }
 
 #[test]

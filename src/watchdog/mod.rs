@@ -100,6 +100,11 @@ struct Slot {
     phase: Phase,
     /// `None` while a heartbeat is in flight.
     prober: Option<Box<Prober>>,
+    /// A heartbeat interval ended while the previous heartbeat was still in flight: the next
+    /// one starts as soon as that one ends. Otherwise a component that never answers would be
+    /// probed every second interval (its heartbeat takes the whole timeout, and the timeout
+    /// is by default the interval), and be found hung after twice the time configured.
+    beat_due: bool,
     /// Bumped at every start, so late heartbeat results of a previous process are ignored.
     generation: u64,
     misses: u32,
@@ -218,6 +223,7 @@ pub async fn run(
                 until: Instant::now(),
             },
             prober: Some(Box::new(prober)),
+            beat_due: false,
             generation: 0,
             misses: 0,
             restarts: VecDeque::new(),
@@ -274,6 +280,7 @@ impl Supervisor {
         let slot = &mut self.slots[idx];
         slot.generation += 1;
         slot.misses = 0;
+        slot.beat_due = false;
         if let Some(p) = slot.prober.as_mut() {
             p.reset();
         }
@@ -355,11 +362,17 @@ impl Supervisor {
         None
     }
 
-    /// Starts one heartbeat per live component, each in its own task.
+    /// Starts one heartbeat per live component, each in its own task; for a component whose
+    /// previous heartbeat is still in flight, as soon as that one ends.
     fn heartbeats(&mut self) {
         for idx in 0..self.slots.len() {
-            if matches!(self.slots[idx].phase, Phase::Up { .. }) {
-                self.beat(idx);
+            let slot = &mut self.slots[idx];
+            if matches!(slot.phase, Phase::Up { .. }) {
+                if slot.prober.is_some() {
+                    self.beat(idx);
+                } else {
+                    slot.beat_due = true;
+                }
             }
         }
     }
@@ -444,6 +457,10 @@ impl Supervisor {
                         debug!(component = %slot.comp.name, reason = %e, "not answering yet");
                     }
                     _ => {}
+                }
+                let slot = &mut self.slots[idx];
+                if std::mem::take(&mut slot.beat_due) && matches!(slot.phase, Phase::Up { .. }) {
+                    self.beat(idx);
                 }
             }
             Event::Stopped {
