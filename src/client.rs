@@ -343,8 +343,9 @@ impl Client {
         });
         let task = tokio::spawn(run_link(
             link.clone(),
-            Connection::new(stream, self.cfg.io),
+            stream,
             rx,
+            self.cfg.io,
             self.cfg.addr,
         ));
         *link.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
@@ -366,37 +367,49 @@ enum RequestRef<'a> {
     },
 }
 
-/// Owns the connection: writes queued requests in batches, routes answers to their callers,
-/// and fails every waiting call when the connection ends.
+/// Owns the connection: a task of its own writes queued requests in batches (see
+/// [`crate::connection::write_link`] for why apart), this one routes answers to their callers,
+/// and when the connection ends every waiting call learns how.
 async fn run_link(
     link: Arc<Link>,
-    mut conn: Connection<ClientStream>,
-    mut rx: mpsc::Receiver<(u64, Encoded)>,
+    stream: ClientStream,
+    rx: mpsc::Receiver<(u64, Encoded)>,
+    io: IoLimits,
     addr: SocketAddr,
 ) {
+    let (read_half, write_half) = tokio::io::split(stream);
+    let mut conn = Connection::new(read_half, io);
+    let stop = link.close.child_token();
+    let writer = tokio::spawn(crate::connection::write_link(
+        Connection::new(write_half, io),
+        rx,
+        {
+            let link = link.clone();
+            move || link.pending.len() > 1
+        },
+        |(_, f): &(u64, Encoded)| f,
+        stop.clone(),
+    ));
     let mut closing_reason: Option<ClientError> = None;
     // Whether the dispatcher has answered anything yet: until it has, an alert is its verdict
     // on our certificate, sent once it has seen the end of our handshake.
     let mut answered = false;
     // One wait for cancellation for the whole loop, looked at only once it has woken us
     // (`shutdown::cancelled`): polling one every turn takes two locks, for every message.
-    let mut cancelled = crate::shutdown::cancelled(&link.close);
+    // `stop` ends with `close` and with a failed write.
+    let mut cancelled = crate::shutdown::cancelled(&stop);
     loop {
         tokio::select! {
-            _ = &mut cancelled => break,
-            Some(first) = rx.recv() => {
-                let more = link.pending.len() > 1;
-                if conn.write_batch(first, &mut rx, more, |(_, f)| f).await.is_err() {
-                    if !answered {
-                        // The dispatcher may have refused us and closed before our request
-                        // arrived; its alert may still be waiting to be read.
-                        let read = tokio::time::timeout(ALERT_GRACE, conn.read_message()).await;
-                        if let Ok(Err(e)) = read {
-                            closing_reason = refusal(&e, addr);
-                        }
+            _ = &mut cancelled => {
+                if !link.close.is_cancelled() && !answered {
+                    // A write failed. The dispatcher may have refused us and closed before
+                    // our request arrived; its alert may still be waiting to be read.
+                    let read = tokio::time::timeout(ALERT_GRACE, conn.read_message()).await;
+                    if let Ok(Err(e)) = read {
+                        closing_reason = refusal(&e, addr);
                     }
-                    break;
                 }
+                break;
             }
             r = conn.read_message() => match r {
                 Ok(Some(Message::Reply(r))) => {
@@ -418,9 +431,15 @@ async fn run_link(
                 }
                 Ok(Some(_)) | Ok(None) | Err(_) => break,
             },
-            else => break,
         }
     }
+    drop(cancelled);
+    stop.cancel();
+    let (mut rx, mut writer) = match writer.await {
+        Ok(end) => (end.rx, Some(end.conn)),
+        // The writer panicked: the queue went with it, so nothing counts as never sent.
+        Err(_) => (mpsc::channel(1).1, None),
+    };
     // A refusal of our certificate is final for every call on this connection, written or
     // not; after other endings, requests that never left are sent again.
     let refusal = closing_reason.clone().filter(ClientError::is_tls_refusal);
@@ -438,7 +457,9 @@ async fn run_link(
             None => Outcome::Lost,
         },
     );
-    conn.close(None).await;
+    if let Some(w) = writer.as_mut() {
+        w.close(None).await;
+    }
 }
 
 /// The dispatcher's refusal of our certificate, if `e` is the alert that says so.

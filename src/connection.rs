@@ -1,7 +1,9 @@
 //! A framed message stream over any `AsyncRead + AsyncWrite`, with every wait bounded.
 //!
 //! [`Connection::read_message`] is cancel-safe (all state lives in the struct), so components
-//! can `select!` between reading and writing on one task. Reads are bounded three ways: an idle
+//! can `select!` between reading and writing on one task; a multiplexed link instead writes
+//! from a task of its own over the stream's write half ([`write_link`]), so that it never
+//! stops reading while a write waits. Reads are bounded three ways: an idle
 //! deadline while waiting for a frame to start, a per-frame deadline once its first byte has
 //! arrived (a peer dripping one byte a second is cut off), and the frame size cap, checked on
 //! the header before the body is buffered. Outgoing frames are queued and written together, so
@@ -137,8 +139,9 @@ pub struct Connection<S> {
     limits: IoLimits,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
-    /// Wraps a stream.
+impl<S> Connection<S> {
+    /// Wraps a stream (or one half of it, see [`tokio::io::split`]: a connection over a read
+    /// half only reads, one over a write half only writes).
     pub fn new(stream: S, limits: IoLimits) -> Self {
         let now = Instant::now();
         Connection {
@@ -167,7 +170,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub fn limits(&self) -> IoLimits {
         self.limits
     }
+}
 
+impl<S: AsyncRead + Unpin> Connection<S> {
     /// Reads the next message. `Ok(None)` is a clean close between frames.
     ///
     /// Cancel-safe: dropping the future loses no bytes.
@@ -280,7 +285,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             self.read_buf = BytesMut::new();
         }
     }
+}
 
+impl<S: AsyncWrite + Unpin> Connection<S> {
     /// Queues a message to be written by the next [`flush`](Self::flush). A large payload is
     /// not copied: it is written from its own buffer.
     pub fn queue(&mut self, msg: &Message) -> Result<(), FrameError> {
@@ -402,6 +409,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.flush().await
     }
 
+    /// A write was dropped part-way: nothing more is written (as after a failed one).
+    fn abandon_writes(&mut self) {
+        self.broken = true;
+        self.write_buf.clear();
+        self.splices.clear();
+        self.spliced_len = 0;
+    }
+
     /// Queues and writes one message.
     pub async fn send(&mut self, msg: &Message) -> Result<(), ConnError> {
         self.queue(msg)?;
@@ -422,6 +437,69 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         })
         .await;
     }
+}
+
+/// How the writing half of a link ended (see [`write_link`]).
+pub struct WriterEnd<W, T> {
+    /// The connection's write half, to close.
+    pub conn: Connection<W>,
+    /// The link's queue: the frames still in it never left.
+    pub rx: tokio::sync::mpsc::Receiver<T>,
+    /// `Err` if a write failed (and ended the link).
+    pub result: Result<(), ConnError>,
+}
+
+/// The writing half of a multiplexed link (the dispatcher's to a worker, a client's to the
+/// dispatcher): writes what arrives on `rx` in batches ([`Connection::write_batch`], with
+/// `more_coming` asked before each) until `stop` is cancelled, `rx` is closed, or a write
+/// fails; then cancels `stop` itself, so that the reading half ends too, and gives back what
+/// the end of the link needs.
+///
+/// It runs as a task of its own while another reads: a link whose one task read only between
+/// writes would deadlock with its peer once both directions carry more than the socket buffers
+/// hold, each side blocked writing to the other and neither reading (seen with 1 MiB requests
+/// pipelined on the dispatcher's link to a worker). A stop while a batch is being written drops
+/// the rest of that batch: the frames taken for it count as sent.
+pub async fn write_link<W, T>(
+    mut conn: Connection<W>,
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+    more_coming: impl Fn() -> bool,
+    frame: impl Fn(&T) -> &Encoded + Copy,
+    stop: tokio_util::sync::CancellationToken,
+) -> WriterEnd<W, T>
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut stopped = crate::shutdown::cancelled(&stop);
+    let result = loop {
+        let first = tokio::select! {
+            biased;
+            _ = &mut stopped => break Ok(()),
+            next = rx.recv() => match next {
+                Some(first) => first,
+                None => break Ok(()),
+            },
+        };
+        let more = more_coming();
+        let written = tokio::select! {
+            biased;
+            _ = &mut stopped => None,
+            r = conn.write_batch(first, &mut rx, more, frame) => Some(r),
+        };
+        match written {
+            Some(Ok(())) => {}
+            Some(Err(e)) => break Err(e),
+            None => {
+                // Stopped part-way through a batch: what follows would not line up with
+                // frames.
+                conn.abandon_writes();
+                break Ok(());
+            }
+        }
+    };
+    drop(stopped);
+    stop.cancel();
+    WriterEnd { conn, rx, result }
 }
 
 /// Writes all of `data` and flushes it, within `limit`.
@@ -942,5 +1020,62 @@ mod tests {
         }))
         .unwrap();
         assert!(matches!(tx.flush().await, Err(ConnError::WriteTimeout(_))));
+    }
+
+    /// A link's writer stopped while a batch is blocked half-written sends nothing more, its
+    /// close included: the peer sees a prefix of the frames, never a repeat. A writer whose
+    /// write fails stops the link's reading side through the token they share.
+    #[tokio::test]
+    async fn a_link_writer_stopped_mid_batch_sends_nothing_more() {
+        let (msgs, plain) = spliced_frames();
+        let limits = limits_with_max(1 << 20);
+        let (qtx, qrx) = tokio::sync::mpsc::channel(16);
+        for m in &msgs {
+            let p = m.payload().cloned().unwrap_or_default();
+            qtx.send(frame::encode_spliced(m, &p, limits.max_frame).unwrap())
+                .await
+                .unwrap();
+        }
+        let (a, mut b) = tokio::io::duplex(1000);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let writer = tokio::spawn(write_link(
+            Connection::new(a, limits),
+            qrx,
+            || true,
+            |e: &Encoded| e,
+            stop.clone(),
+        ));
+        // The first byte shows the batch is being written; the pipe holds less than it.
+        let mut first = [0u8; 1];
+        b.read_exact(&mut first).await.unwrap();
+        stop.cancel();
+        let mut end = writer.await.unwrap();
+        assert!(end.result.is_ok());
+        assert!(matches!(end.conn.flush().await, Err(ConnError::Broken)));
+        end.conn.close(None).await;
+        drop(end);
+        let mut got = first.to_vec();
+        b.read_to_end(&mut got).await.unwrap();
+        assert!(got.len() < plain.len(), "the whole batch went out");
+        assert_eq!(got[..], plain[..got.len()], "not a prefix of the frames");
+
+        // A failed write (the peer is gone) ends the writer and cancels the shared token.
+        let (a, b) = tokio::io::duplex(64);
+        drop(b);
+        let (qtx, qrx) = tokio::sync::mpsc::channel(1);
+        qtx.send(frame::encode_spliced(&ping(1), &bytes::Bytes::new(), 1 << 20).unwrap())
+            .await
+            .unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let end = write_link(
+            Connection::new(a, limits),
+            qrx,
+            || false,
+            |e: &Encoded| e,
+            stop.clone(),
+        )
+        .await;
+        assert!(end.result.is_err());
+        assert!(stop.is_cancelled());
     }
 }

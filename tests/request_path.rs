@@ -112,6 +112,56 @@ async fn thousand_concurrent_requests_each_get_their_own_answer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_requests_in_flight_both_ways_do_not_stall_the_links() {
+    // Dozens of near-cap requests and their answers in flight at once, on one client
+    // connection and on the dispatcher's link to its worker: far more in each direction than
+    // the socket buffers hold. A link whose one task read only between writes deadlocked here
+    // (both ends blocked writing, neither reading) until the write deadline cut it, failing
+    // nearly every call with `timeout` and stalling other clients' requests meanwhile.
+    let pki = pki(1);
+    pki.add_client("bystander");
+    let cluster = start_cluster(&pki, 1, |_| {}).await;
+    let c = cluster.client(&pki).await;
+    let bystander = cluster.client_as(&pki, "client-bystander").await;
+    let size = cluster.cfg.limits.max_frame_bytes - 64;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..48u32 {
+        let c = c.clone();
+        tasks.spawn(async move {
+            let payload: Vec<u8> = (0..size).map(|j| (j as u32 ^ i) as u8).collect();
+            match c.call("echo", &payload).await {
+                Ok(answer) if answer == payload => Ok(()),
+                Ok(_) => Err(format!("request {i}: another answer")),
+                Err(e) => Err(format!("request {i}: {e}")),
+            }
+        });
+    }
+    let others = tokio::spawn(async move {
+        for k in 0..20 {
+            let p = format!("bystander {k}");
+            let answer = bystander.call("echo", p.as_bytes()).await;
+            assert_eq!(answer.expect("bystander answered"), p.as_bytes());
+        }
+    });
+    let mut failures = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r.expect("task") {
+            failures.push(e);
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 48 failed: {failures:?}",
+        failures.len()
+    );
+    others
+        .await
+        .expect("the other client was served throughout");
+    still_serving(&c).await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acl_and_unknown_op_refusals() {
     let pki = pki(1);
     pki.add_client("alice");

@@ -368,7 +368,7 @@ impl Pool {
         ping_every: Duration,
         shutdown: &CancellationToken,
     ) -> &'static str {
-        let (tx, mut rx) = mpsc::channel(self.max_in_flight + 64);
+        let (tx, rx) = mpsc::channel(self.max_in_flight + 64);
         let link = Arc::new(Link {
             tx,
             pending: InFlight::default(),
@@ -377,7 +377,21 @@ impl Pool {
         });
         slot.set_link(Some(link.clone()));
         self.changed.notify_waiters();
-        let mut conn = Connection::new(stream, io);
+        // Requests are written by a task of their own while this one reads the answers: see
+        // `write_link` for the deadlock that one task doing both would meet.
+        let (read_half, write_half) = tokio::io::split(stream);
+        let mut conn = Connection::new(read_half, io);
+        let stop = shutdown.child_token();
+        let writer = tokio::spawn(crate::connection::write_link(
+            Connection::new(write_half, io),
+            rx,
+            {
+                let link = link.clone();
+                move || link.pending.len() > 1
+            },
+            |(_, f): &(u64, Encoded)| f,
+            stop.clone(),
+        ));
         let mut ticker = tokio::time::interval(ping_every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let rng = ring::rand::SystemRandom::new();
@@ -385,18 +399,13 @@ impl Pool {
         let mut misses = 0u32;
         // One wait for cancellation for the whole loop, looked at only once it has woken us: a
         // fresh one per turn would join and leave the token's waiter list, and polling one every
-        // turn takes two locks, for every message.
-        let mut cancelled = crate::shutdown::cancelled(shutdown);
-        let reason = loop {
+        // turn takes two locks, for every message. `stop` ends with the dispatcher's shutdown
+        // and with a failed write.
+        let mut cancelled = crate::shutdown::cancelled(&stop);
+        let mut reason = loop {
             tokio::select! {
                 biased;
                 _ = &mut cancelled => break "shutdown",
-                Some(first) = rx.recv() => {
-                    let more = link.pending.len() > 1;
-                    if conn.write_batch(first, &mut rx, more, |(_, f)| f).await.is_err() {
-                        break "write failed";
-                    }
-                }
                 r = conn.read_message() => match r {
                     Ok(Some(Message::Reply(r))) => link.pending.complete(r.id, Answer::Reply(r.payload)),
                     Ok(Some(Message::Error(e))) if e.id == 0 => {
@@ -438,22 +447,41 @@ impl Pool {
                     if ring::rand::SecureRandom::fill(&rng, &mut nonce).is_err() {
                         break "random generator failed";
                     }
-                    if conn.queue(&Message::Ping(Ping { nonce: nonce.clone() })).is_err()
-                        || conn.flush().await.is_err()
-                    {
-                        break "write failed";
+                    let ping = Message::Ping(Ping { nonce: nonce.clone() });
+                    let Ok(frame) = frame::encode_spliced(&ping, &Bytes::new(), io.max_frame) else {
+                        break "cannot encode a ping";
+                    };
+                    // Id 0 is no request's. A full queue means a link too busy for the ping
+                    // to be answered in time anyway: it is skipped, and the last one still
+                    // counts as unanswered if it is.
+                    match link.tx.try_send((0, frame)) {
+                        Ok(()) => awaiting = Some(nonce),
+                        Err(mpsc::error::TrySendError::Full(_)) => {}
+                        Err(mpsc::error::TrySendError::Closed(_)) => break "write failed",
                     }
-                    // Only the latest ping counts: a late pong to an older one is ignored.
-                    awaiting = Some(nonce);
                 }
             }
         };
+        drop(cancelled);
+        stop.cancel();
         slot.set_link(None);
+        let (mut rx, mut writer) = match writer.await {
+            Ok(end) => {
+                if end.result.is_err() && !shutdown.is_cancelled() {
+                    reason = "write failed";
+                }
+                (end.rx, Some(end.conn))
+            }
+            // The writer panicked: the queue went with it, so nothing counts as never sent.
+            Err(_) => (mpsc::channel(1).1, None),
+        };
         // Frames still in the channel never left: those requests may go elsewhere.
         link.pending
             .close(&mut rx, || Answer::NotSent, || Answer::Lost);
         self.changed.notify_waiters();
-        conn.close(None).await;
+        if let Some(w) = writer.as_mut() {
+            w.close(None).await;
+        }
         reason
     }
 }
