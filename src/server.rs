@@ -180,10 +180,44 @@ fn handshake_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Connections in their handshake, per source address (see [`handshake_key`]).
+/// Connections in their handshake, per source address (see [`handshake_key`]), and the
+/// listener's log of refused handshakes.
 #[derive(Default)]
 struct Handshaking {
     counts: Mutex<HashMap<IpAddr, usize>>,
+    refusals: RefusalLog,
+}
+
+/// Refused handshakes, logged at `info` at most once a second per listener, with how many
+/// there were since the last such line; the others at `debug`. Anyone who can reach the port
+/// can make a handshake fail, and must not be able to write a log line per connection.
+#[derive(Default)]
+struct RefusalLog {
+    /// Refusals not in an `info` line yet, and when the last one was written.
+    state: Mutex<(u64, Option<tokio::time::Instant>)>,
+}
+
+impl RefusalLog {
+    fn log(&self, e: &HandshakeError) {
+        if let HandshakeError::Io(io) = e {
+            if io.kind() == std::io::ErrorKind::UnexpectedEof {
+                debug!(reason = %e, "handshake abandoned by peer");
+                return;
+            }
+        }
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.0 += 1;
+        let now = tokio::time::Instant::now();
+        if state
+            .1
+            .is_none_or(|last| now.duration_since(last) >= Duration::from_secs(1))
+        {
+            info!(reason = %e, refused = state.0, "handshake refused");
+            *state = (0, Some(now));
+        } else {
+            debug!(reason = %e, "handshake refused");
+        }
+    }
 }
 
 /// One connection's place among its address's handshakes, given back when dropped.
@@ -329,11 +363,12 @@ async fn handle_one<H: ConnectionHandler>(
         _ = shutdown.cancelled() => return,
         r = acceptor.accept(tcp) => r,
     };
+    let handshaking = handshake.handshaking.clone();
     drop(handshake);
     let (stream, id) = match accepted {
         Ok(x) => x,
         Err(e) => {
-            log_refusal(&e);
+            handshaking.refusals.log(&e);
             return;
         }
     };
@@ -372,16 +407,6 @@ async fn handle_one<H: ConnectionHandler>(
         )
         .await;
     debug!("connection closed");
-}
-
-/// Refusals are part of normal operation on a hostile network: one line each, with the reason.
-fn log_refusal(e: &HandshakeError) {
-    match e {
-        HandshakeError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-            debug!(reason = %e, "handshake abandoned by peer");
-        }
-        _ => info!(reason = %e, "handshake refused"),
-    }
 }
 
 /// Binds a listener, with a message that names the address on failure.

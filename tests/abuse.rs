@@ -208,6 +208,51 @@ fn slow_handshakes_and_slow_frames_are_cut_off() {
 }
 
 #[test]
+fn a_flood_of_failed_handshakes_writes_a_line_a_second_not_one_each() {
+    // Anyone who can reach the port can make handshakes fail; each used to write an info line.
+    let s = start("");
+    const FLOOD: usize = 300;
+    rt().block_on(async {
+        let good = s.client("client").await;
+        let started = Instant::now();
+        for _ in 0..FLOOD {
+            let mut tcp = TcpStream::connect(s.addr).await.expect("connect");
+            tcp.write_all(b"GET / HTTP/1.0\r\n\r\n")
+                .await
+                .expect("write");
+            // The dispatcher closes it after refusing; bounded.
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(WAIT, tcp.read_to_end(&mut rest)).await;
+        }
+        let took = started.elapsed();
+        served(&good).await;
+        let lines: Vec<String> = s
+            .dispatcher
+            .stderr()
+            .lines()
+            .filter(|l| l.contains("handshake refused"))
+            .map(str::to_string)
+            .collect();
+        // One line a second at most (and the first at once), however fast the flood.
+        let allowed = 2 + took.as_secs() as usize;
+        assert!(
+            !lines.is_empty() && lines.len() <= allowed,
+            "{} lines for {FLOOD} refusals in {took:?}",
+            lines.len()
+        );
+        let counted: u64 = lines
+            .iter()
+            .filter_map(|l| common::field(l, "refused"))
+            .filter_map(|n| n.parse::<u64>().ok())
+            .sum();
+        assert!(
+            (1..=FLOOD as u64).contains(&counted),
+            "refusal counts {counted} in {lines:?}"
+        );
+    });
+}
+
+#[test]
 fn hostile_bytes_end_only_their_own_connection() {
     let s = start("");
     rt().block_on(async {

@@ -47,9 +47,12 @@ fn start_worker_and_dispatcher(
         cwd,
     );
     worker.wait_log(&["worker listening"], WAIT);
+    // Refused handshakes beyond one a second are logged at debug only.
     let dispatcher = Proc::spawn(
         "dispatcher",
         &[
+            "--log",
+            "info,securesrv::server=debug",
             "--config",
             config,
             "dispatcher",
