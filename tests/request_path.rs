@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Pki, WAIT, alive, pki, start_cluster, wait_pid_file};
+use common::{Pki, WAIT, alive, pki, start_cluster, start_cluster_staged, wait_pid_file};
 use securesrv::client::{CallOptions, ClientError};
 use securesrv::config::JobConfig;
 use securesrv::connection::{Connection, IoLimits};
@@ -393,6 +393,56 @@ async fn forged_replayed_expired_and_retargeted_tokens_are_refused() {
         b"ok"
     );
     still_serving(&good_client).await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_left_on_an_old_token_key_costs_a_retry_not_a_refusal() {
+    // The token key is rotated after worker 1 has loaded its key and before worker 2 and the
+    // dispatcher load theirs: an operator who restarted only some workers. Worker 1 refuses
+    // every token; that is the dispatcher's problem, not the client's, and the request did not
+    // run, so it goes to worker 2.
+    let pki = pki(2);
+    let dir = pki.dir.clone();
+    let cluster = start_cluster_staged(
+        &pki,
+        2,
+        |_| {},
+        |next| {
+            if next == Some(2) {
+                securesrv::certs::rotate_token_key(&dir, "securesrv", 600_000).expect("rotate");
+            }
+        },
+    )
+    .await;
+    let c = cluster.client(&pki).await;
+    for i in 0..20 {
+        let p = format!("request {i}");
+        assert_eq!(
+            c.call("echo", p.as_bytes())
+                .await
+                .expect("answered by worker 2"),
+            p.as_bytes()
+        );
+    }
+    // With worker 2 gone, no worker takes the request: once the wait for a worker is over, a
+    // clear internal error, not `invalid_token` (which reads as the client's fault) nor a
+    // plain `unavailable`.
+    cluster.stop_worker(2);
+    let started = std::time::Instant::now();
+    let err = c
+        .call("echo", b"x")
+        .await
+        .expect_err("no worker accepts our tokens");
+    let ClientError::Remote { code, message } = &err else {
+        panic!("{err:?}");
+    };
+    assert_eq!(*code, ErrorCode::Internal, "{message}");
+    assert!(message.contains("token"), "{message}");
+    eprintln!(
+        "refused everywhere after {:?}: {message}",
+        started.elapsed()
+    );
     cluster.stop().await;
 }
 

@@ -205,6 +205,8 @@ impl Dispatcher {
         let mut exclude: Vec<u32> = Vec::new();
         let mut lost = 0;
         let mut last_worker = None;
+        // A worker refused our token: if no worker takes the request, that is why.
+        let mut token_refused = false;
         // The time now, read again only after something may have waited: the clock is read
         // a handful of times per request, and each reading counts at small sizes.
         let mut now = started;
@@ -222,7 +224,9 @@ impl Dispatcher {
                 }
             };
             let Some((slot, link)) = picked else {
-                let why = if now >= deadline {
+                let why = if token_refused {
+                    token_refused_error()
+                } else if now >= deadline {
                     (
                         ErrorCode::Timeout,
                         "deadline passed while waiting for a worker".to_string(),
@@ -288,6 +292,23 @@ impl Dispatcher {
                         )),
                     );
                 }
+                Err(ForwardError::Remote(ErrorCode::InvalidToken, message)) => {
+                    // A token this dispatcher minted for that worker a moment ago: nothing the
+                    // client did. Usually the token keys are out of step (a worker still
+                    // running on the key before `certs rotate-token-key`). The request did not
+                    // run there, so it may go to another worker.
+                    warn!(
+                        worker = slot.id,
+                        op = %req.op,
+                        reason = %crate::identity::printable(&message),
+                        "worker refused the dispatcher's token; token keys out of step? (after rotate-token-key, restart every worker, then the dispatcher)"
+                    );
+                    exclude.push(slot.id);
+                    token_refused = true;
+                    if exclude.len() >= self.pool.slots().len() {
+                        return (Some(slot.clone()), Err(token_refused_error()));
+                    }
+                }
                 Err(ForwardError::Remote(code, message)) => {
                     return (Some(slot.clone()), Err((code, message)));
                 }
@@ -305,13 +326,15 @@ impl Dispatcher {
                 exclude.clear();
             }
         }
-        (
-            last_worker,
-            Err((
+        let why = if token_refused {
+            token_refused_error()
+        } else {
+            (
                 ErrorCode::Unavailable,
                 "no worker could take the request".into(),
-            )),
-        )
+            )
+        };
+        (last_worker, Err(why))
     }
 
     fn pong(&self, nonce: Vec<u8>) -> Message {
@@ -321,6 +344,15 @@ impl Dispatcher {
             workers_available: Some(self.pool.available() as u32),
         })
     }
+}
+
+/// What a client is told when no worker accepted the tokens minted for it: the dispatcher's
+/// fault, not the client's (`invalid_token` is a worker link's code).
+fn token_refused_error() -> (ErrorCode, String) {
+    (
+        ErrorCode::Internal,
+        "no worker accepted the dispatcher's token (see the dispatcher's log)".into(),
+    )
 }
 
 #[derive(Clone)]

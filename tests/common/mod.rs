@@ -157,6 +157,17 @@ pub struct Cluster {
 /// Starts `workers` workers and a dispatcher with `tweak` applied to the configuration, and
 /// waits until the dispatcher can use every worker.
 pub async fn start_cluster(pki: &Pki, workers: u32, tweak: impl FnOnce(&mut Config)) -> Cluster {
+    start_cluster_staged(pki, workers, tweak, |_| {}).await
+}
+
+/// [`start_cluster`], calling `before_load(Some(id))` before worker `id` loads its keys and
+/// `before_load(None)` before the dispatcher does (to change the files between them).
+pub async fn start_cluster_staged(
+    pki: &Pki,
+    workers: u32,
+    tweak: impl FnOnce(&mut Config),
+    mut before_load: impl FnMut(Option<u32>),
+) -> Cluster {
     let mut cfg = Config {
         certs_dir: pki.dir.clone(),
         ..Config::default()
@@ -181,6 +192,7 @@ pub async fn start_cluster(pki: &Pki, workers: u32, tweak: impl FnOnce(&mut Conf
     let mut worker_stops = Vec::new();
     for (i, l) in listeners.into_iter().enumerate() {
         let id = i as u32 + 1;
+        before_load(Some(id));
         let (w, m) = Worker::load(id, cfg.clone(), OpRegistry::from_config(&cfg)).expect("worker");
         let acceptor = m
             .acceptor(Role::Worker, cfg.limits.handshake_timeout())
@@ -189,6 +201,7 @@ pub async fn start_cluster(pki: &Pki, workers: u32, tweak: impl FnOnce(&mut Conf
         tracker.spawn(worker::run(Arc::new(w), l, acceptor, stop.clone()));
         worker_stops.push(stop);
     }
+    before_load(None);
     let (d, m) = Dispatcher::load(cfg.clone()).expect("dispatcher");
     let shutdown = CancellationToken::new();
     d.start_links(&m, &shutdown, &tracker).expect("links");
