@@ -314,7 +314,10 @@ pub async fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
                         match &shared {
                             Some(c) => c.call_bytes(&op, payload.clone(), opts).await,
                             None => {
-                                let c = Client::connect(cfg.clone()).await?;
+                                // Connects within the call, retrying like a persistent
+                                // client: a server that is down is waited for, not counted
+                                // as thousands of refused connections a second.
+                                let c = Client::new(cfg.clone());
                                 let r = c.call_bytes(&op, payload.clone(), opts).await;
                                 c.close().await;
                                 r

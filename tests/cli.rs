@@ -708,6 +708,14 @@ fn bench_command_measures_through_a_real_dispatcher() {
 
 #[test]
 fn bench_counts_the_calls_a_server_killed_mid_run_leaves_unanswered() {
+    for mode in [&[][..], &["--new-connection-per-request"][..]] {
+        bench_with_the_server_killed_mid_run(mode);
+    }
+}
+
+/// With connections opened per request, each call waits for the server too (it used to fail
+/// at once and start the next: thousands of `connection` errors a second, a core spinning).
+fn bench_with_the_server_killed_mid_run(mode: &[&str]) {
     let pki = pki(1);
     let dir = pki.dir.to_str().unwrap().to_string();
     let cwd = pki.tmp.path();
@@ -719,28 +727,26 @@ fn bench_counts_the_calls_a_server_killed_mid_run_leaves_unanswered() {
     );
     echo.wait_log(&["echo backend listening"], WAIT);
     let (cert, key) = (format!("{dir}/client.crt"), format!("{dir}/client.key"));
-    let mut bench = Proc::spawn(
+    let mut args = vec![
+        "--log",
+        "securesrv::bench=debug",
         "bench",
-        &[
-            "--log",
-            "securesrv::bench=debug",
-            "bench",
-            "--cert",
-            &cert,
-            "--key",
-            &key,
-            "--connect",
-            &addr,
-            "--connections",
-            "4",
-            "--warmup",
-            "0",
-            "--duration",
-            "2",
-            "--json",
-        ],
-        cwd,
-    );
+        "--cert",
+        &cert,
+        "--key",
+        &key,
+        "--connect",
+        &addr,
+        "--connections",
+        "4",
+        "--warmup",
+        "0",
+        "--duration",
+        "2",
+        "--json",
+    ];
+    args.extend_from_slice(mode);
+    let mut bench = Proc::spawn("bench", &args, cwd);
     // The load runs; then the server dies. The calls it leaves unanswered keep re-dialling
     // (up to their 30 s timeout), well past the window.
     bench.wait_log(&["measured window started"], WAIT);
@@ -763,6 +769,9 @@ fn bench_counts_the_calls_a_server_killed_mid_run_leaves_unanswered() {
     );
     // Each unfinished call was still running a grace of 1 s after the window ended.
     assert!(r["error_max_us"].as_u64().unwrap() >= 1_000_000, "{r}");
+    // Each of the 4 connections' calls waited for the server rather than failing at once
+    // and trying again (a few may fail while the server is dying).
+    assert!(r["errors"].as_u64().unwrap() <= 40, "{mode:?}: {r}");
 }
 
 #[test]
