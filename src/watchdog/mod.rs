@@ -61,13 +61,15 @@ pub enum WatchdogError {
     Identity(#[from] IdentityError),
     /// The dispatcher kept failing.
     #[error(
-        "dispatcher restarted more than {burst} times within {window_ms} ms; giving up so that an outer supervisor can take over"
+        "dispatcher restarted more than {burst} times within {window_ms} ms (last: {last}); giving up so that an outer supervisor can take over"
     )]
     DispatcherFailed {
         /// The configured burst.
         burst: u32,
         /// The configured window.
         window_ms: u64,
+        /// Why it went down the last time.
+        last: String,
     },
 }
 
@@ -113,6 +115,8 @@ struct Slot {
     backoff: Duration,
     /// When the last stop began, to log the time to recovery.
     down_since: Option<Instant>,
+    /// Why it last went down, once it is marked failed.
+    failed_because: String,
 }
 
 enum Event {
@@ -230,6 +234,7 @@ pub async fn run(
             total_restarts: 0,
             backoff: Duration::from_millis(cfg.watchdog.restart_backoff_initial_ms),
             down_since: None,
+            failed_because: String::new(),
         });
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -354,6 +359,7 @@ impl Supervisor {
                     return Some(WatchdogError::DispatcherFailed {
                         burst: self.cfg.watchdog.restart_limit_burst,
                         window_ms: self.cfg.watchdog.restart_limit_window_ms,
+                        last: self.slots[idx].failed_because.clone(),
                     });
                 }
                 _ => {}
@@ -533,13 +539,19 @@ impl Supervisor {
             slot.phase = Phase::Failed {
                 retry_at: now + window,
             };
+            let next = if slot.comp.is_dispatcher {
+                "the watchdog gives up"
+            } else {
+                "trying it again once its restart window has passed"
+            };
             error!(
                 component = %slot.comp.name,
                 restarts = slot.restarts.len(),
                 window_ms = w.restart_limit_window_ms,
                 last_reason = %reason,
-                "COMPONENT FAILED: restarted too often; not restarting it again"
+                "COMPONENT FAILED: restarted too often; {next}"
             );
+            slot.failed_because = reason;
             self.maybe_announce();
             return;
         }
@@ -605,8 +617,14 @@ impl Supervisor {
                 format!("{} {}{}", s.comp.name, s.comp.addr, state)
             })
             .collect();
-        println!("securesrv ready: {}", parts.join(", "));
-        info!(components = %parts.join(", "), "all components answered their first heartbeat");
+        // Serving, but without the workers marked FAILED: say so on the line itself.
+        let degraded = self
+            .slots
+            .iter()
+            .any(|s| matches!(s.phase, Phase::Failed { .. }));
+        let how = if degraded { " (degraded)" } else { "" };
+        println!("securesrv ready{how}: {}", parts.join(", "));
+        info!(components = %parts.join(", "), degraded, "every component answered its first heartbeat or was marked FAILED");
     }
 
     /// Stops the dispatcher first (its in-flight requests drain through the workers), then the
