@@ -123,6 +123,16 @@ pub enum TlsConfigError {
     /// Building the client certificate verifier failed.
     #[error("client verifier: {0}")]
     Verifier(String),
+    /// The private key is not the one of the certificate (or not usable for TLS).
+    #[error("{key} is not the private key of {cert} ({why})")]
+    KeyMismatch {
+        /// The certificate file.
+        cert: String,
+        /// The key file.
+        key: String,
+        /// What rustls said.
+        why: String,
+    },
 }
 
 /// The `ring` provider, restricted to TLS 1.3 suites, `TLS13_AES_128_GCM_SHA256` preferred.
@@ -175,13 +185,31 @@ impl TlsMaterial {
                 err,
             }
         })?;
-        let key = certs::load_private_key(key)?;
+        let key_path = key;
+        let key = certs::load_private_key(key_path)?;
+        let provider = provider();
+        // Checked here, where the files are known: rustls would say only `KeyMismatch` when
+        // the configuration is built.
+        let mismatch = |why: String| TlsConfigError::KeyMismatch {
+            cert: cert.display().to_string(),
+            key: key_path.display().to_string(),
+            why,
+        };
+        let signing = provider
+            .key_provider
+            .load_private_key(key.clone_key())
+            .map_err(|e| mismatch(e.to_string()))?;
+        match rustls::sign::CertifiedKey::new(chain.clone(), signing).keys_match() {
+            // `Unknown`: the key cannot tell its public half; rustls checks no further either.
+            Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+            Err(e) => return Err(mismatch(e.to_string())),
+        }
         Ok(TlsMaterial {
             roots: Arc::new(roots),
             chain,
             key,
             own_id,
-            provider: provider(),
+            provider,
         })
     }
 

@@ -500,3 +500,24 @@ async fn our_peers_agree_on_aes_128_gcm_and_the_other_suites_stay_enabled() {
     assert_eq!(suite, Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
     assert_eq!(next(&mut t.rx).await.unwrap(), *t.dispatcher.own_id());
 }
+
+#[test]
+fn a_key_that_is_not_the_certificates_is_refused_naming_both_files() {
+    let pki = pki();
+    let ca = pki.dir.join(crate::certs::CA_CERT);
+    let cert = pki.dir.join("dispatcher.crt");
+    // Another identity's key, and the same identity's key from another PKI.
+    for key in [
+        pki.dir.join("worker-1.key"),
+        pki.other_dir.join("dispatcher.key"),
+    ] {
+        let err = TlsMaterial::load(&ca, &cert, &key).expect_err("mismatched key");
+        let text = err.to_string();
+        assert!(matches!(err, TlsConfigError::KeyMismatch { .. }), "{text}");
+        assert!(
+            text.contains(&*key.to_string_lossy()) && text.contains(&*cert.to_string_lossy()),
+            "{text}"
+        );
+    }
+    assert!(TlsMaterial::load(&ca, &cert, &pki.dir.join("dispatcher.key")).is_ok());
+}
