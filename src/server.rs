@@ -3,8 +3,10 @@
 //!
 //! A connection is counted from the moment TCP accepts it (so half-open handshakes count
 //! against `max_connections`), and again per verified peer identity after the handshake
-//! (`max_connections_per_identity`). Over the total limit the TCP connection is closed at once,
-//! before any TLS work; over the per-identity limit the peer gets an `overloaded` error frame.
+//! (`max_connections_per_identity`). At the total limit the oldest connection still in its
+//! handshake gives its slot to the new one; with none in their handshake the new TCP connection
+//! is closed at once, before any TLS work. Over the per-identity limit the peer gets an
+//! `overloaded` error frame.
 //! Components supply a [`ConnectionHandler`] that sees a framed connection and an identity,
 //! never a raw socket.
 
@@ -22,6 +24,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
+
+/// How long a new connection waits for the slot of the handshake evicted for it.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
 
 /// Bounds on a listener.
 #[derive(Debug, Clone, Copy)]
@@ -185,7 +190,16 @@ fn handshake_key(ip: IpAddr) -> IpAddr {
 #[derive(Default)]
 struct Handshaking {
     counts: Mutex<HashMap<IpAddr, usize>>,
+    /// Every connection still in its handshake, oldest first (see [`Self::evict_oldest`]).
+    pending: Mutex<Pending>,
     refusals: RefusalLog,
+}
+
+/// Connections in their handshake by age, each with the token that makes it give up.
+#[derive(Default)]
+struct Pending {
+    next: u64,
+    by_age: std::collections::BTreeMap<u64, CancellationToken>,
 }
 
 /// Refused handshakes, logged at `info` at most once a second per listener, with how many
@@ -224,6 +238,10 @@ impl RefusalLog {
 struct HandshakeSlot {
     handshaking: Arc<Handshaking>,
     ip: IpAddr,
+    /// Its place in [`Handshaking::pending`].
+    seq: u64,
+    /// Cancelled if a newer connection needs its connection slot.
+    evicted: CancellationToken,
 }
 
 impl Handshaking {
@@ -235,15 +253,46 @@ impl Handshaking {
             return None;
         }
         *n += 1;
+        drop(map);
+        let evicted = CancellationToken::new();
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = pending.next;
+        pending.next += 1;
+        pending.by_age.insert(seq, evicted.clone());
         Some(HandshakeSlot {
             handshaking: self.clone(),
             ip,
+            seq,
+            evicted,
         })
+    }
+
+    /// Every connection slot is taken: the oldest connection still in its handshake (other
+    /// than `keep`, the one asking) gives its slot up. Connections in their handshake are the
+    /// only ones not yet authenticated, so connections that never finish theirs, however many
+    /// addresses they come from, cannot keep authenticated peers out: a fresh handshake is the
+    /// last to go, and a genuine one finishes in a round trip or two. Returns whether one was
+    /// told to go.
+    fn evict_oldest(&self, keep: u64) -> bool {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(seq) = pending.by_age.keys().copied().find(|&s| s != keep) else {
+            return false;
+        };
+        if let Some(token) = pending.by_age.remove(&seq) {
+            token.cancel();
+        }
+        true
     }
 }
 
 impl Drop for HandshakeSlot {
     fn drop(&mut self) {
+        self.handshaking
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_age
+            .remove(&self.seq);
         let mut map = self
             .handshaking
             .counts
@@ -308,7 +357,18 @@ pub async fn serve<H: ConnectionHandler>(
             }
             continue;
         };
-        let Ok(permit) = total.clone().try_acquire_owned() else {
+        let permit = match total.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) if handshaking.evict_oldest(handshake.seq) => {
+                // The evicted connection's task gives its slot back as soon as it runs.
+                tokio::time::timeout(EVICTION_WAIT, total.clone().acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
+            Err(_) => None,
+        };
+        let Some(permit) = permit else {
             drop(tcp);
             refused_since_log += 1;
             if last_refusal_log.elapsed() >= Duration::from_secs(1) {
@@ -361,6 +421,10 @@ async fn handle_one<H: ConnectionHandler>(
 ) {
     let accepted = tokio::select! {
         _ = shutdown.cancelled() => return,
+        _ = handshake.evicted.cancelled() => {
+            debug!("handshake not finished before the connection slots ran out; closing it");
+            return;
+        }
         r = acceptor.accept(tcp) => r,
     };
     let handshaking = handshake.handshaking.clone();

@@ -253,6 +253,45 @@ fn a_flood_of_failed_handshakes_writes_a_line_a_second_not_one_each() {
 }
 
 #[test]
+fn handshakes_that_never_finish_from_many_addresses_do_not_keep_clients_out() {
+    // Every connection slot held by TCP connections that never start TLS, from four addresses
+    // (each within its per-address handshake limit): the oldest of them gives way to each new
+    // connection, so clients still get in. Before, every new connection was closed at once.
+    let s = start(
+        "max_connections = 64\nmax_connections_per_identity = 32\nmax_handshakes_per_address = 16\n\
+         handshake_timeout_ms = 60000\n",
+    );
+    rt().block_on(async {
+        let mut silent = Vec::new();
+        for a in 10..14u8 {
+            for _ in 0..16 {
+                let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+                sock.bind(SocketAddr::from(([127, 0, 0, a], 0)))
+                    .expect("bind a loopback source address");
+                silent.push(sock.connect(s.addr).await.expect("connect"));
+            }
+        }
+        // The dispatcher takes connections in order: by the time it gets to a client's, all
+        // 64 slots are held.
+        for stem in ["client", "client-alice", "client-bob"] {
+            let c = s.client(stem).await;
+            served(&c).await;
+        }
+        // The three oldest were closed to make room.
+        for (i, tcp) in silent.iter_mut().take(3).enumerate() {
+            let mut buf = [0u8; 16];
+            let n = tokio::time::timeout(WAIT, tcp.read(&mut buf))
+                .await
+                .expect("the evicted connection is closed");
+            assert!(
+                matches!(n, Ok(0) | Err(_)),
+                "silent connection {i} got {n:?}"
+            );
+        }
+    });
+}
+
+#[test]
 fn hostile_bytes_end_only_their_own_connection() {
     let s = start("");
     rt().block_on(async {
