@@ -383,6 +383,7 @@ async fn run_link(
     let writer = tokio::spawn(crate::connection::write_link(
         Connection::new(write_half, io),
         rx,
+        None,
         {
             let link = link.clone();
             move || link.pending.len() > 1

@@ -452,8 +452,9 @@ pub struct WriterEnd<W, T> {
 /// The writing half of a multiplexed link (the dispatcher's to a worker, a client's to the
 /// dispatcher): writes what arrives on `rx` in batches ([`Connection::write_batch`], with
 /// `more_coming` asked before each) until `stop` is cancelled, `rx` is closed, or a write
-/// fails; then cancels `stop` itself, so that the reading half ends too, and gives back what
-/// the end of the link needs.
+/// fails; then cancels `stop` itself (also if it panics), so that the reading half ends too,
+/// and gives back what the end of the link needs. What arrives on `urgent` (pings) goes out
+/// with the next batch, ahead of the frames queued on `rx`.
 ///
 /// It runs as a task of its own while another reads: a link whose one task read only between
 /// writes would deadlock with its peer once both directions carry more than the socket buffers
@@ -463,6 +464,7 @@ pub struct WriterEnd<W, T> {
 pub async fn write_link<W, T>(
     mut conn: Connection<W>,
     mut rx: tokio::sync::mpsc::Receiver<T>,
+    mut urgent: Option<tokio::sync::mpsc::Receiver<T>>,
     more_coming: impl Fn() -> bool,
     frame: impl Fn(&T) -> &Encoded + Copy,
     stop: tokio_util::sync::CancellationToken,
@@ -470,11 +472,18 @@ pub async fn write_link<W, T>(
 where
     W: AsyncWrite + Unpin,
 {
+    let cancel_on_exit = stop.clone().drop_guard();
     let mut stopped = crate::shutdown::cancelled(&stop);
     let result = loop {
         let first = tokio::select! {
             biased;
             _ = &mut stopped => break Ok(()),
+            Some(first) = async {
+                match urgent.as_mut() {
+                    Some(u) => u.recv().await,
+                    None => None,
+                }
+            }, if urgent.is_some() => first,
             next = rx.recv() => match next {
                 Some(first) => first,
                 None => break Ok(()),
@@ -498,7 +507,7 @@ where
         }
     };
     drop(stopped);
-    stop.cancel();
+    drop(cancel_on_exit);
     WriterEnd { conn, rx, result }
 }
 
@@ -1041,6 +1050,7 @@ mod tests {
         let writer = tokio::spawn(write_link(
             Connection::new(a, limits),
             qrx,
+            None,
             || true,
             |e: &Encoded| e,
             stop.clone(),
@@ -1070,6 +1080,7 @@ mod tests {
         let end = write_link(
             Connection::new(a, limits),
             qrx,
+            None,
             || false,
             |e: &Encoded| e,
             stop.clone(),
@@ -1077,5 +1088,47 @@ mod tests {
         .await;
         assert!(end.result.is_err());
         assert!(stop.is_cancelled());
+    }
+
+    /// A frame on the urgent queue (a ping) goes out ahead of those already queued on the
+    /// link's main queue.
+    #[tokio::test]
+    async fn a_link_writer_sends_urgent_frames_first() {
+        let limits = limits_with_max(1 << 20);
+        let enc = |m: &Message| {
+            let p = m.payload().cloned().unwrap_or_default();
+            frame::encode_spliced(m, &p, limits.max_frame).unwrap()
+        };
+        let (qtx, qrx) = tokio::sync::mpsc::channel(16);
+        let (utx, urx) = tokio::sync::mpsc::channel(1);
+        let reply = |id| {
+            Message::Reply(Reply {
+                id,
+                payload: vec![1; 100].into(),
+            })
+        };
+        for id in 1..=3 {
+            qtx.send(enc(&reply(id))).await.unwrap();
+        }
+        utx.send(enc(&ping(9))).await.unwrap();
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let writer = tokio::spawn(write_link(
+            Connection::new(a, limits),
+            qrx,
+            Some(urx),
+            || true,
+            |e: &Encoded| e,
+            stop.clone(),
+        ));
+        let mut rx = Connection::new(b, limits);
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            got.push(rx.read_message().await.unwrap().unwrap());
+        }
+        assert_eq!(got[0], ping(9), "{got:?}");
+        assert_eq!(got[1..], [reply(1), reply(2), reply(3)]);
+        stop.cancel();
+        assert!(writer.await.unwrap().result.is_ok());
     }
 }

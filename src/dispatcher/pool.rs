@@ -382,9 +382,13 @@ impl Pool {
         let (read_half, write_half) = tokio::io::split(stream);
         let mut conn = Connection::new(read_half, io);
         let stop = shutdown.child_token();
+        // Pings skip the queue of requests: their round trip measures the worker, not how
+        // much is queued for it.
+        let (ping_tx, ping_rx) = mpsc::channel(1);
         let writer = tokio::spawn(crate::connection::write_link(
             Connection::new(write_half, io),
             rx,
+            Some(ping_rx),
             {
                 let link = link.clone();
                 move || link.pending.len() > 1
@@ -451,10 +455,9 @@ impl Pool {
                     let Ok(frame) = frame::encode_spliced(&ping, &Bytes::new(), io.max_frame) else {
                         break "cannot encode a ping";
                     };
-                    // Id 0 is no request's. A full queue means a link too busy for the ping
-                    // to be answered in time anyway: it is skipped, and the last one still
-                    // counts as unanswered if it is.
-                    match link.tx.try_send((0, frame)) {
+                    // Id 0 is no request's. If the last ping has not even been written yet,
+                    // this one is skipped, and the last one counts as unanswered meanwhile.
+                    match ping_tx.try_send((0, frame)) {
                         Ok(()) => awaiting = Some(nonce),
                         Err(mpsc::error::TrySendError::Full(_)) => {}
                         Err(mpsc::error::TrySendError::Closed(_)) => break "write failed",
