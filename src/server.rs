@@ -199,7 +199,7 @@ struct Handshaking {
 #[derive(Default)]
 struct Pending {
     next: u64,
-    by_age: std::collections::BTreeMap<u64, CancellationToken>,
+    by_age: std::collections::BTreeMap<u64, (IpAddr, CancellationToken)>,
 }
 
 /// Refused handshakes, logged at `info` at most once a second per listener, with how many
@@ -258,7 +258,7 @@ impl Handshaking {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         let seq = pending.next;
         pending.next += 1;
-        pending.by_age.insert(seq, evicted.clone());
+        pending.by_age.insert(seq, (ip, evicted.clone()));
         Some(HandshakeSlot {
             handshaking: self.clone(),
             ip,
@@ -267,18 +267,34 @@ impl Handshaking {
         })
     }
 
-    /// Every connection slot is taken: the oldest connection still in its handshake (other
-    /// than `keep`, the one asking) gives its slot up. Connections in their handshake are the
-    /// only ones not yet authenticated, so connections that never finish theirs, however many
-    /// addresses they come from, cannot keep authenticated peers out: a fresh handshake is the
-    /// last to go, and a genuine one finishes in a round trip or two. Returns whether one was
-    /// told to go.
+    /// Every connection slot is taken: a connection still in its handshake (other than `keep`,
+    /// the one asking) gives its slot up — the oldest of those from the address with the most
+    /// of them. Connections in their handshake are the only ones not yet authenticated, so
+    /// connections that never finish theirs, however many addresses they come from, cannot keep
+    /// authenticated peers out; and a host opening connections as fast as it can evicts its own
+    /// first, not the one genuine handshake of each other address, which finishes in a round
+    /// trip or two. Returns whether one was told to go.
     fn evict_oldest(&self, keep: u64) -> bool {
+        let busiest = {
+            let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+            counts
+                .iter()
+                .max_by_key(|(_, n)| **n)
+                .filter(|(_, n)| **n > 1)
+                .map(|(ip, _)| *ip)
+        };
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(seq) = pending.by_age.keys().copied().find(|&s| s != keep) else {
+        let victim = |from: Option<IpAddr>| {
+            pending
+                .by_age
+                .iter()
+                .find(|(seq, (ip, _))| **seq != keep && from.is_none_or(|f| *ip == f))
+                .map(|(seq, _)| *seq)
+        };
+        let Some(seq) = victim(busiest).or_else(|| victim(None)) else {
             return false;
         };
-        if let Some(token) = pending.by_age.remove(&seq) {
+        if let Some((_, token)) = pending.by_age.remove(&seq) {
             token.cancel();
         }
         true
@@ -361,10 +377,12 @@ pub async fn serve<H: ConnectionHandler>(
             Ok(p) => Some(p),
             Err(_) if handshaking.evict_oldest(handshake.seq) => {
                 // The evicted connection's task gives its slot back as soon as it runs.
-                tokio::time::timeout(EVICTION_WAIT, total.clone().acquire_owned())
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
+                tokio::select! {
+                    _ = shutdown.cancelled() => None,
+                    r = tokio::time::timeout(EVICTION_WAIT, total.clone().acquire_owned()) => {
+                        r.ok().and_then(Result::ok)
+                    }
+                }
             }
             Err(_) => None,
         };
@@ -421,11 +439,14 @@ async fn handle_one<H: ConnectionHandler>(
 ) {
     let accepted = tokio::select! {
         _ = shutdown.cancelled() => return,
-        _ = handshake.evicted.cancelled() => {
-            debug!("handshake not finished before the connection slots ran out; closing it");
-            return;
-        }
-        r = acceptor.accept(tcp) => r,
+        _ = handshake.evicted.cancelled() => None,
+        r = acceptor.accept(tcp) => Some(r),
+    };
+    // Evicted, even if the handshake finished at the same moment: a new connection is waiting
+    // for this slot.
+    let Some(accepted) = accepted.filter(|_| !handshake.evicted.is_cancelled()) else {
+        debug!("handshake not finished before the connection slots ran out; closing it");
+        return;
     };
     let handshaking = handshake.handshaking.clone();
     drop(handshake);
