@@ -205,8 +205,8 @@ impl Dispatcher {
         let mut exclude: Vec<u32> = Vec::new();
         let mut lost = 0;
         let mut last_worker = None;
-        // A worker refused our token: if no worker takes the request, that is why.
-        let mut token_refused = false;
+        // Workers that refused our token: if no worker takes the request, that is why.
+        let mut token_refused_by: Vec<u32> = Vec::new();
         // The time now, read again only after something may have waited: the clock is read
         // a handful of times per request, and each reading counts at small sizes.
         let mut now = started;
@@ -224,7 +224,7 @@ impl Dispatcher {
                 }
             };
             let Some((slot, link)) = picked else {
-                let why = if token_refused {
+                let why = if !token_refused_by.is_empty() {
                     token_refused_error()
                 } else if now >= deadline {
                     (
@@ -304,8 +304,10 @@ impl Dispatcher {
                         "worker refused the dispatcher's token; token keys out of step? (after rotate-token-key, restart every worker, then the dispatcher)"
                     );
                     exclude.push(slot.id);
-                    token_refused = true;
-                    if exclude.len() >= self.pool.slots().len() {
+                    if !token_refused_by.contains(&slot.id) {
+                        token_refused_by.push(slot.id);
+                    }
+                    if token_refused_by.len() >= self.pool.slots().len() {
                         return (Some(slot.clone()), Err(token_refused_error()));
                     }
                 }
@@ -326,7 +328,7 @@ impl Dispatcher {
                 exclude.clear();
             }
         }
-        let why = if token_refused {
+        let why = if !token_refused_by.is_empty() {
             token_refused_error()
         } else {
             (
