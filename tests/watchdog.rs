@@ -321,7 +321,9 @@ fn a_hung_component_is_probed_every_interval_not_every_second_one() {
     // takes a whole interval and the next tick finds it still in flight. The next heartbeat
     // must then start as soon as that one ends: three misses take about two intervals after
     // the first, not four (which they took when the tick was simply skipped).
-    const BEAT_MS: u64 = 500;
+    // Long enough that scheduling delays on a busy machine stay well inside the margin
+    // between the two (one interval: 1 s).
+    const BEAT_MS: u64 = 1000;
     let f = Fixture::with_heartbeat(BEAT_MS, "");
     let w = f.ready();
     let pid = pid_of(&w, "worker-2", 1);
