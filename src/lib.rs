@@ -55,6 +55,7 @@ pub mod message;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+mod throttle;
 pub mod tls;
 pub mod token;
 pub mod watchdog;

@@ -13,6 +13,7 @@
 use crate::connection::{Connection, IoLimits};
 use crate::identity::SpiffeId;
 use crate::message::{ErrorCode, Message};
+use crate::throttle::Throttle;
 use crate::tls::{Acceptor, HandshakeError, ServerStream};
 use std::collections::HashMap;
 use std::future::Future;
@@ -206,10 +207,7 @@ struct Pending {
 /// there were since the last such line; the others at `debug`. Anyone who can reach the port
 /// can make a handshake fail, and must not be able to write a log line per connection.
 #[derive(Default)]
-struct RefusalLog {
-    /// Refusals not in an `info` line yet, and when the last one was written.
-    state: Mutex<(u64, Option<tokio::time::Instant>)>,
-}
+struct RefusalLog(Mutex<Throttle>);
 
 impl RefusalLog {
     fn log(&self, e: &HandshakeError) {
@@ -219,17 +217,10 @@ impl RefusalLog {
                 return;
             }
         }
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.0 += 1;
-        let now = tokio::time::Instant::now();
-        if state
-            .1
-            .is_none_or(|last| now.duration_since(last) >= Duration::from_secs(1))
-        {
-            info!(reason = %e, refused = state.0, "handshake refused");
-            *state = (0, Some(now));
-        } else {
-            debug!(reason = %e, "handshake refused");
+        let due = self.0.lock().unwrap_or_else(|p| p.into_inner()).hit();
+        match due {
+            Some(refused) => info!(reason = %e, refused, "handshake refused"),
+            None => debug!(reason = %e, "handshake refused"),
         }
     }
 }
@@ -337,10 +328,8 @@ pub async fn serve<H: ConnectionHandler>(
     let total = Arc::new(Semaphore::new(limits.max_connections));
     let per_id = Arc::new(IdentityCounts::default());
     let handshaking = Arc::new(Handshaking::default());
-    let mut refused_since_log: u64 = 0;
-    let mut last_refusal_log = tokio::time::Instant::now() - Duration::from_secs(60);
-    let mut busy_since_log: u64 = 0;
-    let mut last_busy_log = last_refusal_log;
+    let mut over_limit = Throttle::default();
+    let mut busy_address = Throttle::default();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -359,17 +348,14 @@ pub async fn serve<H: ConnectionHandler>(
         let Some(handshake) = handshaking.try_take(addr.ip(), limits.max_handshakes_per_address)
         else {
             drop(tcp);
-            busy_since_log += 1;
-            if last_busy_log.elapsed() >= Duration::from_secs(1) {
+            if let Some(refused) = busy_address.hit() {
                 warn!(
-                    refused = busy_since_log,
+                    refused,
                     address = %addr.ip(),
                     counted_as = %handshake_key(addr.ip()),
                     limit = limits.max_handshakes_per_address,
                     "too many handshakes from one address; closing its new connections"
                 );
-                busy_since_log = 0;
-                last_busy_log = tokio::time::Instant::now();
             }
             continue;
         };
@@ -388,15 +374,12 @@ pub async fn serve<H: ConnectionHandler>(
         };
         let Some(permit) = permit else {
             drop(tcp);
-            refused_since_log += 1;
-            if last_refusal_log.elapsed() >= Duration::from_secs(1) {
+            if let Some(refused) = over_limit.hit() {
                 warn!(
-                    refused = refused_since_log,
+                    refused,
                     limit = limits.max_connections,
                     "connection limit reached; closing new connections"
                 );
-                refused_since_log = 0;
-                last_refusal_log = tokio::time::Instant::now();
             }
             continue;
         };

@@ -12,11 +12,12 @@
 
 use crate::connection::{ConnError, Connection};
 use crate::message::{ErrorCode, ErrorReply, Message};
+use crate::throttle::Throttle;
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use std::future::Future;
 use std::pin::Pin;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -70,8 +71,8 @@ pub struct Session {
     max_in_flight: usize,
     identity: crate::server::IdentitySlots,
     multi_thread: bool,
-    /// Refusals since the last log line about them (logged at most once a second).
-    refusals: (u64, Option<Instant>),
+    /// Refusals, logged at most once a second.
+    refusals: Throttle,
 }
 
 impl Session {
@@ -151,13 +152,8 @@ impl Session {
 
     /// An `overloaded` answer, with a log line at most once a second per connection.
     fn refuse(&mut self, id: u64, message: String) -> Message {
-        let (count, last) = self.refusals;
-        let now = Instant::now();
-        if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
-            warn!(refused = count + 1, reason = %message, "refusing requests: limit reached");
-            self.refusals = (0, Some(now));
-        } else {
-            self.refusals = (count + 1, last);
+        if let Some(refused) = self.refusals.hit() {
+            warn!(refused, reason = %message, "refusing requests: limit reached");
         }
         Message::Error(ErrorReply {
             id,
@@ -255,7 +251,7 @@ pub async fn drive<S, F>(
         max_in_flight,
         identity: limits.identity,
         multi_thread,
-        refusals: (0, None),
+        refusals: Throttle::default(),
     };
     let mut last: Option<Message> = None;
     // One wait for cancellation for the whole loop, looked at only once it has woken us: a
