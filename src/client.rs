@@ -472,14 +472,14 @@ fn refusal(e: &ConnError, addr: SocketAddr) -> Option<ClientError> {
     }
 }
 
-/// Parses `HOST:PORT` for `--connect`: an IP address, or a host name resolved once, now. Of
-/// the name's addresses the first IPv4 one is taken if there is one (the default listeners
-/// are IPv4), else the first.
-pub fn resolve_addr(addr: &str) -> Result<SocketAddr, String> {
-    if let Ok(a) = addr.parse() {
-        return Ok(a);
+/// Checks that `addr` has the form `IP:PORT` or `HOST:PORT` without resolving it, so that a
+/// command line can be refused as a usage error while a name that does not resolve is a
+/// connection failure.
+pub fn check_addr(addr: &str) -> Result<String, String> {
+    if addr.parse::<SocketAddr>().is_ok() {
+        return Ok(addr.to_owned());
     }
-    let Some((host, _port)) = addr.rsplit_once(':') else {
+    let Some((host, port)) = addr.rsplit_once(':') else {
         return Err(format!("{addr:?} has no port: give HOST:PORT"));
     };
     if host.contains(':') && !host.starts_with('[') {
@@ -487,6 +487,25 @@ pub fn resolve_addr(addr: &str) -> Result<SocketAddr, String> {
             "{addr:?}: an IPv6 address needs brackets, as in [2001:db8::1]:2222"
         ));
     }
+    if host.is_empty() {
+        return Err(format!("{addr:?} has no host: give HOST:PORT"));
+    }
+    if port.parse::<u16>().is_err() {
+        return Err(format!(
+            "{addr:?}: the port must be a number from 0 to 65535"
+        ));
+    }
+    Ok(addr.to_owned())
+}
+
+/// Parses `HOST:PORT` for `--connect`: an IP address, or a host name resolved once, now. Of
+/// the name's addresses the first IPv4 one is taken if there is one (the default listeners
+/// are IPv4), else the first.
+pub fn resolve_addr(addr: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = addr.parse() {
+        return Ok(a);
+    }
+    check_addr(addr)?;
     let all: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(addr)
         .map_err(|e| format!("cannot resolve {addr:?}: {e}"))?
         .collect();

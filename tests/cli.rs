@@ -338,6 +338,31 @@ fn client_command_end_to_end() {
     );
     assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains(&nowhere));
+    // A host name that does not resolve is a connection failure too (it was a usage error,
+    // exit 2); an address without a port is still a usage error.
+    for (addr, code, says) in [
+        ("nosuchhost.invalid:2222", 5, "cannot resolve"),
+        ("localhost", 2, "no port"),
+    ] {
+        let out = run(
+            cwd,
+            &[
+                "client",
+                "--cert",
+                &cert,
+                "--key",
+                &key,
+                "--connect",
+                addr,
+                "echo",
+                "x",
+            ],
+            b"",
+        );
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{addr}: {err}");
+        assert!(err.contains(says), "{addr}: {err}");
+    }
     drop(worker);
     dispatcher.wait_log(&["worker link down"], WAIT);
     let out = client(&["echo", "x"], b"");

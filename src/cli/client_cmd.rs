@@ -24,8 +24,8 @@ pub struct ClientArgs {
     #[arg(long, value_name = "FILE")]
     ca: Option<PathBuf>,
     /// Dispatcher address, IP:PORT or HOST:PORT (default: from the config, 127.0.0.1:2222).
-    #[arg(long, value_name = "ADDR", value_parser = securesrv::client::resolve_addr)]
-    connect: Option<SocketAddr>,
+    #[arg(long, value_name = "ADDR", value_parser = securesrv::client::check_addr)]
+    connect: Option<String>,
     /// The dispatcher identity to accept (default: spiffe://<trust-domain>/dispatcher/main).
     #[arg(long, value_name = "SPIFFE_ID")]
     server_id: Option<String>,
@@ -84,7 +84,15 @@ pub fn run(args: ClientArgs, config: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let addr = args.connect.unwrap_or(cfg.dispatcher.listen);
+    let addr: SocketAddr = match args.connect.as_deref().map(securesrv::client::resolve_addr) {
+        None => cfg.dispatcher.listen,
+        Some(Ok(a)) => a,
+        Some(Err(e)) => {
+            // A name that does not resolve is a connection failure, as an unreachable address.
+            eprintln!("securesrv: --connect: {e}");
+            return ExitCode::from(5);
+        }
+    };
     let material = match TlsMaterial::load(&ca, &cert, &key) {
         Ok(m) => m,
         Err(e) => {

@@ -108,5 +108,14 @@ fn connect_addresses_are_ip_or_host_with_port() {
     let err = resolve_addr("::1").unwrap_err();
     assert!(err.contains("brackets"), "{err}");
     let err = resolve_addr("localhost:http").unwrap_err();
+    assert!(err.contains("port must be a number"), "{err}");
+    let err = resolve_addr(":2222").unwrap_err();
+    assert!(err.contains("no host"), "{err}");
+    // A well-formed name is only refused when it is resolved.
+    assert_eq!(
+        check_addr("nosuchhost.invalid:2222").as_deref(),
+        Ok("nosuchhost.invalid:2222")
+    );
+    let err = resolve_addr("nosuchhost.invalid:2222").unwrap_err();
     assert!(err.contains("cannot resolve"), "{err}");
 }
