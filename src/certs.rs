@@ -43,6 +43,12 @@ pub enum CertError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A certificate or key to be loaded does not exist.
+    #[error(
+        "{0}: no such file; make certificates and keys with `securesrv certs init` (or \
+         scripts/gen-certs.sh), or point --certs or `certs_dir` at where they are"
+    )]
+    Missing(PathBuf),
     /// A secret file is readable by group or others.
     #[error(
         "{path} is accessible by group or others (mode {mode:04o}); private keys must be \
@@ -85,6 +91,14 @@ pub enum CertError {
     /// A host name for the certificate is not valid.
     #[error("invalid --host {0:?}")]
     BadHost(String),
+}
+
+/// As [`io_err`], for a file being loaded: a missing one says how to make it.
+fn load_err(path: &Path) -> impl FnOnce(std::io::Error) -> CertError + '_ {
+    move |source| match source.kind() {
+        std::io::ErrorKind::NotFound => CertError::Missing(path.to_path_buf()),
+        _ => io_err(path)(source),
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CertError + '_ {
@@ -351,7 +365,7 @@ pub fn write_file(path: &Path, data: &[u8], mode: u32, overwrite: bool) -> Resul
 
 /// Reads a secret (private key or token key) after checking that only its owner can read it.
 pub fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, CertError> {
-    let meta = fs::metadata(path).map_err(io_err(path))?;
+    let meta = fs::metadata(path).map_err(load_err(path))?;
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 {
         return Err(CertError::KeyTooOpen {
@@ -364,7 +378,7 @@ pub fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, CertError> {
 
 /// Loads every certificate in a PEM file (leaf first, then any intermediates).
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
-    let data = fs::read(path).map_err(io_err(path))?;
+    let data = fs::read(path).map_err(load_err(path))?;
     let certs = CertificateDer::pem_slice_iter(&data)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CertError::BadPem {

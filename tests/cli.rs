@@ -151,9 +151,23 @@ fn components_with_bad_certificates_or_keys_exit_64() {
         &["dispatcher", "--certs", "nosuch", "--listen", "127.0.0.1:0"],
         b"",
     );
-    assert_eq!(out.status.code(), Some(64), "{}", text(&out.stderr));
+    // Said once (it was said twice, as a log line and a plain line), with the way out.
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert_eq!(err.matches("nosuch/ca.crt").count(), 1, "{err}");
+    assert!(err.contains("securesrv certs init"), "{err}");
     let out = run(tmp.path(), &["watchdog", "--certs", "nosuch"], b"");
     assert_eq!(out.status.code(), Some(64), "{}", text(&out.stderr));
+    // With error lines filtered out of the log, the reason is still printed.
+    let out = Command::new(bin())
+        .args(["dispatcher", "--certs", "nosuch", "--listen", "127.0.0.1:0"])
+        .current_dir(tmp.path())
+        .env("SECURESRV_LOG", "off")
+        .output()
+        .expect("run");
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert_eq!(err.matches("nosuch/ca.crt").count(), 1, "{err}");
     // A token key readable by the group is refused, as ssh refuses such a key.
     let pki = pki(1);
     let key = pki.dir.join("worker-1.token");

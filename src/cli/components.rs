@@ -65,11 +65,16 @@ fn fail_config(what: &str, e: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(crate::cli::EXIT_CONFIG)
 }
 
+/// Says why the command fails: as a log line, or where the log filter drops error lines, as a
+/// plain line on stderr (never both: both go to stderr).
 fn fail(what: &str, e: impl std::fmt::Display) -> ExitCode {
-    error!("{what}: {e}");
-    // One write, so that the lines of components failing together do not interleave.
-    let line = format!("securesrv: {what}: {e}\n");
-    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+    if tracing::enabled!(tracing::Level::ERROR) {
+        error!("{what}: {e}");
+    } else {
+        // One write, so that the lines of components failing together do not interleave.
+        let line = format!("securesrv: {what}: {e}\n");
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+    }
     ExitCode::FAILURE
 }
 
