@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Pki, Proc, WAIT, alive, bin, free_port, free_port_block, pki, wait_pid_file};
+use common::{Pki, Proc, WAIT, alive, bin, field, free_port, free_port_block, pki, wait_pid_file};
 use nix::sys::signal::Signal;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -854,4 +854,82 @@ fn the_interactive_client_waits_for_a_dispatcher_that_is_still_starting() {
     };
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "early\n");
+}
+
+/// A worker still on the token key from before `certs rotate-token-key` refuses every token the
+/// dispatcher mints; the dispatcher says so at most once a second per worker, with a count, not
+/// once per request.
+#[test]
+fn a_worker_on_a_stale_token_key_is_reported_once_a_second_not_per_request() {
+    let (pki, dir, d_addr, w_addr) = one_worker();
+    let cwd = pki.tmp.path();
+    let worker = Proc::spawn(
+        "worker",
+        &["worker", "--id", "1", "--listen", &w_addr, "--certs", &dir],
+        cwd,
+    );
+    worker.wait_log(&["worker listening"], WAIT);
+    let out = run(cwd, &["certs", "rotate-token-key", "--dir", &dir], b"");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let dispatcher = Proc::spawn(
+        "dispatcher",
+        &[
+            "dispatcher",
+            "--listen",
+            &d_addr,
+            "--workers",
+            "1",
+            "--certs",
+            &dir,
+        ],
+        cwd,
+    );
+    dispatcher.wait_log(&["worker link up", "worker=1"], WAIT);
+    let (cert, key) = (format!("{dir}/client.crt"), format!("{dir}/client.key"));
+    // Batches of 300 requests from the interactive client, one per line, for 1.5 s or more.
+    let mut input = Vec::new();
+    for _ in 0..300 {
+        input.extend_from_slice(b"echo x\n");
+    }
+    let client = [
+        "client",
+        "--cert",
+        &cert,
+        "--key",
+        &key,
+        "--connect",
+        &d_addr,
+    ];
+    let started = Instant::now();
+    let mut refused = 0;
+    while started.elapsed() < Duration::from_millis(1500) && refused < 30_000 {
+        let err = text(&run(cwd, &client, &input).stderr);
+        let n = err
+            .matches("no worker accepted the dispatcher's token")
+            .count();
+        assert_eq!(n, 300, "every request refused: {err}");
+        refused += n;
+    }
+    let spent = started.elapsed();
+    // Let the dispatcher's log writer catch up before reading it.
+    dispatcher.wait_log(&["outcome=internal"], WAIT);
+    let log = dispatcher.stderr();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("refused the dispatcher's token"))
+        .collect();
+    assert!(
+        (1..=4).contains(&lines.len()),
+        "{} lines for {refused} refusals or more in {spent:?}:\n{}",
+        lines.len(),
+        lines.join("\n")
+    );
+    let counted: u64 = lines
+        .iter()
+        .filter_map(|l| field(l, "refusals")?.parse::<u64>().ok())
+        .sum();
+    assert!(
+        counted > lines.len() as u64,
+        "the lines count the refusals: {log}"
+    );
 }

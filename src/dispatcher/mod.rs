@@ -297,12 +297,16 @@ impl Dispatcher {
                     // client did. Usually the token keys are out of step (a worker still
                     // running on the key before `certs rotate-token-key`). The request did not
                     // run there, so it may go to another worker.
-                    warn!(
-                        worker = slot.id,
-                        op = %req.op,
-                        reason = %crate::identity::printable(&message),
-                        "worker refused the dispatcher's token; token keys out of step? (after rotate-token-key, restart every worker, then the dispatcher)"
-                    );
+                    // At most a line a second per worker: with stale keys it is every request.
+                    if let Some(refusals) = slot.token_refused() {
+                        warn!(
+                            worker = slot.id,
+                            refusals,
+                            op = %req.op,
+                            reason = %crate::identity::printable(&message),
+                            "worker refused the dispatcher's token; token keys out of step? (after rotate-token-key, restart every worker, then the dispatcher)"
+                        );
+                    }
                     exclude.push(slot.id);
                     if !token_refused_by.contains(&slot.id) {
                         token_refused_by.push(slot.id);

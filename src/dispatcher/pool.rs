@@ -15,6 +15,7 @@ use crate::identity::SpiffeId;
 use crate::inflight::InFlight;
 use crate::message::Bytes;
 use crate::message::{ErrorCode, ForwardRef, Message, Ping, Request};
+use crate::throttle::Throttle;
 use crate::tls::{ClientStream, Connector};
 use crate::token::{MintRequest, Minter, TokenError};
 use std::net::SocketAddr;
@@ -79,6 +80,9 @@ pub struct Slot {
     pub addr: SocketAddr,
     link: Mutex<Option<Arc<Link>>>,
     outstanding: AtomicUsize,
+    /// Its refusals of our tokens, logged at most once a second: a worker on a stale token
+    /// key refuses every request sent to it.
+    token_refusals: Mutex<Throttle>,
 }
 
 impl Slot {
@@ -88,6 +92,15 @@ impl Slot {
 
     fn set_link(&self, link: Option<Arc<Link>>) {
         *self.link.lock().unwrap_or_else(|p| p.into_inner()) = link;
+    }
+
+    /// Counts a refusal of our token by this worker: `Some(n)` when a log line is due, `n`
+    /// counting the refusals since the last one.
+    pub fn token_refused(&self) -> Option<u64> {
+        self.token_refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .hit()
     }
 
     /// Requests outstanding on this worker.
@@ -145,6 +158,7 @@ impl Pool {
                         addr,
                         link: Mutex::new(None),
                         outstanding: AtomicUsize::new(0),
+                        token_refusals: Mutex::new(Throttle::default()),
                     })
                 })
                 .collect(),
