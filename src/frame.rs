@@ -132,7 +132,12 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
     }
     let mut de = rmp_serde::Deserializer::from_read_ref(body);
     de.set_max_depth(MAX_DEPTH);
-    T::deserialize(&mut de).map_err(|e| FrameError::Malformed(e.to_string()))
+    // serde's message quotes the peer's bytes (an unknown field or kind): logged and sent
+    // back, so cut short and stripped of control characters.
+    T::deserialize(&mut de).map_err(|e| {
+        let text = e.to_string();
+        FrameError::Malformed(crate::identity::printable_within(&text, 160).into_owned())
+    })
 }
 
 /// The length in bytes of the one MessagePack value at the start of `buf`, refusing nesting
@@ -223,7 +228,8 @@ fn scan(buf: &[u8], shape: Shape) -> Result<usize, FrameError> {
         if matches!(marker, 0x80..=0x9f | 0xdc..=0xdf) {
             if depth + 1 >= MAX_DEPTH {
                 return Err(FrameError::Malformed(format!(
-                    "MessagePack nested deeper than {MAX_DEPTH} levels"
+                    "MessagePack nested more than {} levels deep",
+                    MAX_DEPTH - 1
                 )));
             }
             depth += 1;

@@ -311,12 +311,17 @@ fn truncate(s: &str) -> String {
 /// nobody can forge a log line with a newline or make one read differently than it is.
 /// Borrowed (no allocation) when the string is already safe, as it is on the hot path.
 pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.len() <= 80 && !s.chars().any(unsafe_in_log) {
+    printable_within(s, 80)
+}
+
+/// As [`printable`], cut to `max` characters instead of 80.
+pub fn printable_within(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max && !s.chars().any(unsafe_in_log) {
         return std::borrow::Cow::Borrowed(s);
     }
     std::borrow::Cow::Owned(
         s.chars()
-            .take(80)
+            .take(max)
             .map(|c| if unsafe_in_log(c) { '\u{fffd}' } else { c })
             .collect(),
     )

@@ -93,7 +93,8 @@ where
 /// `DefaultFields` writes without colours (strings quoted, `%` values displayed, `?` values
 /// debug-printed, terminal control characters escaped in messages and errors, an error's
 /// sources listed, `log.*` metadata of bridged `log` records left out), minus its styling
-/// machinery on every field.
+/// machinery on every field; besides, every value and message has its line breaks and other
+/// control characters escaped (see [`Escaped`]), so that one event is always one line.
 pub struct LeanFields;
 
 impl<'w> FormatFields<'w> for LeanFields {
@@ -155,17 +156,22 @@ impl Visit for LeanVisitor<'_, '_> {
         self.first = false;
         self.result = self.result.and_then(|()| match name {
             "message" => write!(self.w, "{:?}", Escaped(value, self.sanitize)),
+            // A displayed (`%`) value is written as it is: one holding a line break could
+            // forge a line of its own, whatever the caller meant to sanitize.
             _ => write!(
                 self.w,
-                "{}={value:?}",
-                name.strip_prefix("r#").unwrap_or(name)
+                "{}={:?}",
+                name.strip_prefix("r#").unwrap_or(name),
+                Escaped(value, true)
             ),
         });
     }
 }
 
-/// `value`, with the terminal control characters tracing-subscriber escapes escaped when
-/// `.1` is set (ESC, BEL, BS, FF, DEL as `\xNN`, C1 controls as `\u{NN}`).
+/// `value`, with control characters escaped when `.1` is set: those tracing-subscriber
+/// escapes (ESC, BEL, BS, FF, DEL as `\xNN`, C1 controls as `\u{NN}`), and besides them line
+/// breaks (`\n`, `\r`), the other C0 controls but tab, and the Unicode line separators and
+/// bidirectional controls, so that a logged value cannot start a line or reorder one.
 struct Escaped<T>(T, bool);
 
 struct EscapingWriter<'a, 'b>(&'a mut fmt::Formatter<'b>);
@@ -174,10 +180,17 @@ impl fmt::Write for EscapingWriter<'_, '_> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         for ch in s.chars() {
             match ch {
-                '\x1b' | '\x07' | '\x08' | '\x0c' | '\x7f' => {
-                    write!(self.0, "\\x{:02x}", ch as u32)?
-                }
-                '\u{80}'..='\u{9f}' => write!(self.0, "\\u{{{:x}}}", ch as u32)?,
+                '\n' => self.0.write_str("\\n")?,
+                '\r' => self.0.write_str("\\r")?,
+                '\t' => self.0.write_char(ch)?,
+                '\x00'..='\x1f' | '\x7f' => write!(self.0, "\\x{:02x}", ch as u32)?,
+                '\u{80}'..='\u{9f}'
+                | '\u{2028}'
+                | '\u{2029}'
+                | '\u{200e}'
+                | '\u{200f}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2066}'..='\u{2069}' => write!(self.0, "\\u{{{:x}}}", ch as u32)?,
                 _ => self.0.write_char(ch)?,
             }
         }
@@ -306,6 +319,25 @@ pub(super) mod tests {
             .event_format(LeanFormat)
             .fmt_fields(LeanFields)
             .finish()
+    }
+
+    #[test]
+    fn a_value_cannot_start_a_line_of_its_own() {
+        let out = Capture::default();
+        tracing::subscriber::with_default(lean_subscriber(&out), || {
+            let forged = "x\n2026-11-30T05:40:09Z  INFO securesrv::watchdog: FORGED\r\x1b[31m\u{202e}\u{2028}";
+            tracing::info!(reason = %forged, also = ?forged, "closing\nconnection {}", forged);
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains("reason=x\\n2026"), "{text}");
+        assert!(
+            !text
+                .trim_end_matches('\n')
+                .chars()
+                .any(|c| c.is_control() || matches!(c, '\u{202e}' | '\u{2028}')),
+            "{text:?}"
+        );
     }
 
     #[test]

@@ -315,7 +315,10 @@ fn deep_nesting_is_refused_without_recursing() {
     let mut bare = vec![0x91u8; depth];
     bare.push(0xc0);
     let in_a_field = [&b"\x81\xa7request\x81\xa2id"[..], &bare].concat();
-    for (body, why) in [(bare, "one entry"), (in_a_field, "nested deeper")] {
+    for (body, why) in [
+        (bare, "one entry"),
+        (in_a_field, "nested more than 15 levels"),
+    ] {
         let mut frame = (body.len() as u32).to_be_bytes().to_vec();
         frame.extend_from_slice(&body);
         for result in [
@@ -522,4 +525,30 @@ proptest! {
         );
         prop_assert!(is_incomplete);
     }
+}
+
+#[test]
+fn peer_text_in_a_refusal_is_cut_short_and_has_no_control_characters() {
+    // An unknown field whose name holds a forged log line, escapes and 100 KiB: serde quotes
+    // the name in its message, which is logged and sent back to the peer.
+    let name = format!(
+        "zz\n2026-11-30T05:40:09Z  INFO securesrv::watchdog: FORGED\x1b[31m\u{202e}{}",
+        "A".repeat(100_000)
+    );
+    let mut body = b"\x81\xa7request\x81".to_vec();
+    body.push(0xdb);
+    body.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    body.extend_from_slice(name.as_bytes());
+    body.push(0x01);
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    let Err(FrameError::Malformed(m)) = decode::<Message>(&frame, DEFAULT_MAX_FRAME) else {
+        panic!("an unknown field is refused");
+    };
+    assert!(m.contains("zz"), "{m}");
+    assert!(m.chars().count() <= 160, "{} characters", m.chars().count());
+    assert!(
+        !m.chars().any(|c| c.is_control() || c == '\u{202e}'),
+        "{m:?}"
+    );
 }
