@@ -88,6 +88,19 @@ pub enum CertError {
     /// Token key generation failed.
     #[error("cannot generate a token key: {0}")]
     Token(#[from] crate::token::TokenError),
+    /// A worker's token key file was not derived from the master key for any trust domain
+    /// tried.
+    #[error(
+        "{path} was not derived from token.key for trust domain {tried}; pass the workers' \
+         trust domain with --trust-domain (or --config), or remake the keys with \
+         `securesrv certs token-keys --force`"
+    )]
+    TokenKeysDiffer {
+        /// The worker's token key file.
+        path: PathBuf,
+        /// The trust domains tried.
+        tried: String,
+    },
     /// A host name for the certificate is not valid.
     #[error("invalid --host {0:?}")]
     BadHost(String),
@@ -536,19 +549,26 @@ pub fn issue(dir: &Path, opts: &IssueOptions) -> Result<Vec<PathBuf>, CertError>
 /// `worker-*.token` in `dir` is re-derived. Returns the paths written.
 pub fn rotate_token_key(
     dir: &Path,
-    trust_domain: &str,
+    trust_domain: Option<&str>,
     keep_ms: u64,
 ) -> Result<Vec<PathBuf>, CertError> {
     let master_path = dir.join(MASTER_TOKEN_KEY);
     let master = load_key_file(&master_path)?;
-    let now = crate::token::now_ms();
-    let rotated = master
-        .rotated(SecretKey::generate()?, now, now.saturating_add(keep_ms))
-        .map_err(|source| CertError::KeyFile {
-            path: master_path.clone(),
-            source,
-        })?;
-    let mut written = Vec::new();
+    // The workers' keys are derived for their identities, trust domain included: re-derived
+    // for another one, every token would fail to verify. The trust domain is the one given,
+    // else the one the current files were derived for (the CA's, or the default).
+    let candidates: Vec<String> = match trust_domain {
+        Some(td) => vec![td.to_string()],
+        None => {
+            let ca = fs::read_to_string(dir.join(CA_CERT))
+                .ok()
+                .and_then(|pem| ca_trust_domain(&pem));
+            ca.into_iter()
+                .chain([crate::identity::DEFAULT_TRUST_DOMAIN.to_string()])
+                .collect()
+        }
+    };
+    let mut workers = Vec::new();
     let entries = fs::read_dir(dir).map_err(io_err(dir))?;
     for entry in entries {
         let entry = entry.map_err(io_err(dir))?;
@@ -560,11 +580,73 @@ pub fn rotate_token_key(
         else {
             continue;
         };
-        let id = SpiffeId::worker(trust_domain, n)?;
-        written.push(write_worker_token(dir, &rotated, &id, true)?);
+        let current = load_key_file(&entry.path())?.render();
+        let mut made_for = None;
+        for td in &candidates {
+            let id = SpiffeId::worker(td, n)?;
+            if *master.map_keys(|k| k.derive_for(&id)).render() == *current {
+                made_for = Some(id);
+                break;
+            }
+        }
+        let Some(id) = made_for else {
+            return Err(CertError::TokenKeysDiffer {
+                path: entry.path(),
+                tried: candidates.join(", "),
+            });
+        };
+        workers.push(id);
+    }
+    let now = crate::token::now_ms();
+    let rotated = master
+        .rotated(SecretKey::generate()?, now, now.saturating_add(keep_ms))
+        .map_err(|source| CertError::KeyFile {
+            path: master_path.clone(),
+            source,
+        })?;
+    let mut written = Vec::new();
+    for id in &workers {
+        written.push(write_worker_token(dir, &rotated, id, true)?);
     }
     write_file(&master_path, rotated.render().as_bytes(), 0o600, true)?;
     written.push(master_path);
+    Ok(written)
+}
+
+/// `certs token-keys`: a new master token key and the keys of workers 1 to `workers` derived
+/// from it, for certificates made by another tool (`certs init` makes them too). Refuses to
+/// replace an existing `token.key` unless `force`.
+pub fn token_keys(
+    dir: &Path,
+    trust_domain: Option<&str>,
+    workers: u32,
+    force: bool,
+) -> Result<Vec<PathBuf>, CertError> {
+    let td = match trust_domain {
+        Some(td) => td.to_string(),
+        None => fs::read_to_string(dir.join(CA_CERT))
+            .ok()
+            .and_then(|pem| ca_trust_domain(&pem))
+            .unwrap_or_else(|| crate::identity::DEFAULT_TRUST_DOMAIN.to_string()),
+    };
+    let ids = (1..=workers)
+        .map(|n| SpiffeId::worker(&td, n))
+        .collect::<Result<Vec<_>, _>>()?;
+    let master_path = dir.join(MASTER_TOKEN_KEY);
+    if master_path.exists() && !force {
+        return Err(CertError::Exists(
+            master_path,
+            " (a new token key makes every worker's key invalid; to change keys while serving, \
+             use rotate-token-key)",
+        ));
+    }
+    create_private_dir(dir)?;
+    let master = KeyFile::single(1, SecretKey::generate()?);
+    write_file(&master_path, master.render().as_bytes(), 0o600, true)?;
+    let mut written = vec![master_path];
+    for id in &ids {
+        written.push(write_worker_token(dir, &master, id, true)?);
+    }
     Ok(written)
 }
 

@@ -62,18 +62,20 @@ enum Command {
 enum CertsCmd {
     /// Make a CA, every component's certificate and key, and the token keys.
     Init {
-        /// Directory to write into (created with mode 0700).
-        #[arg(long, default_value = "certs")]
-        dir: PathBuf,
-        /// Number of workers to issue for.
-        #[arg(long, default_value_t = 2)]
-        workers: u32,
+        /// Directory to write into, created with mode 0700 [default: the config's
+        /// `certs_dir`, certs].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Number of workers to issue for [default: the config's workers, 2].
+        #[arg(long)]
+        workers: Option<u32>,
         /// Validity of the leaf certificates in days.
-        #[arg(long, default_value_t = securesrv::certs::DEFAULT_DAYS)]
+        #[arg(long, default_value_t = securesrv::certs::DEFAULT_DAYS,
+              value_parser = clap::value_parser!(u32).range(1..))]
         days: u32,
-        /// Trust domain of the identities.
-        #[arg(long, default_value = securesrv::identity::DEFAULT_TRUST_DOMAIN)]
-        trust_domain: String,
+        /// Trust domain of the identities [default: the config's `trust_domain`, securesrv].
+        #[arg(long)]
+        trust_domain: Option<String>,
         /// Extra DNS name or IP for the server certificates (repeatable).
         #[arg(long = "host", value_name = "NAME")]
         hosts: Vec<String>,
@@ -83,9 +85,9 @@ enum CertsCmd {
     },
     /// Issue one more identity from the existing CA.
     Issue {
-        /// Directory holding ca.crt and ca.key.
-        #[arg(long, default_value = "certs")]
-        dir: PathBuf,
+        /// Directory holding ca.crt and ca.key [default: the config's `certs_dir`, certs].
+        #[arg(long)]
+        dir: Option<PathBuf>,
         /// dispatcher, worker, watchdog or client.
         #[arg(long)]
         role: String,
@@ -93,7 +95,8 @@ enum CertsCmd {
         #[arg(long)]
         name: String,
         /// Validity in days.
-        #[arg(long, default_value_t = securesrv::certs::DEFAULT_DAYS)]
+        #[arg(long, default_value_t = securesrv::certs::DEFAULT_DAYS,
+              value_parser = clap::value_parser!(u32).range(1..))]
         days: u32,
         /// Trust domain (default: the CA's).
         #[arg(long)]
@@ -105,17 +108,36 @@ enum CertsCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Make the token keys alone (token.key and worker-N.token), for certificates made by
+    /// another tool (openssl, step, cfssl); `init` makes them with the certificates.
+    TokenKeys {
+        /// Directory to write into [default: the config's `certs_dir`, certs].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Number of workers to make keys for [default: the config's workers, 2].
+        #[arg(long)]
+        workers: Option<u32>,
+        /// Trust domain of the workers [default: the config's, else the one in ca.crt, else
+        /// securesrv].
+        #[arg(long)]
+        trust_domain: Option<String>,
+        /// Replace an existing token.key (every worker's key changes at once).
+        #[arg(long)]
+        force: bool,
+    },
     /// Start a new token key; previous keys stay accepted for a while.
     RotateTokenKey {
-        /// Directory holding token.key and worker-N.token.
-        #[arg(long, default_value = "certs")]
-        dir: PathBuf,
+        /// Directory holding token.key and worker-N.token [default: the config's
+        /// `certs_dir`, certs].
+        #[arg(long)]
+        dir: Option<PathBuf>,
         /// How long workers keep accepting the previous key, in seconds.
         #[arg(long, default_value_t = 600)]
         keep_previous_secs: u64,
-        /// Trust domain of the workers.
-        #[arg(long, default_value = securesrv::identity::DEFAULT_TRUST_DOMAIN)]
-        trust_domain: String,
+        /// Trust domain of the workers [default: the one their current token keys were
+        /// made for: the config's `trust_domain`, the CA's, or securesrv].
+        #[arg(long)]
+        trust_domain: Option<String>,
     },
 }
 
@@ -213,7 +235,7 @@ fn run_command(cmd: Command, config: Option<PathBuf>, log: Option<String>) -> Ex
         }
     }
     match cmd {
-        Command::Certs(c) => certs(c),
+        Command::Certs(c) => certs(c, config),
         Command::Dispatcher(a) => {
             let cfg = load_config(config.as_deref(), |cfg| {
                 apply_layout(cfg, a.listen, a.workers);
@@ -294,7 +316,21 @@ pub fn load_config(
     })
 }
 
-fn certs(cmd: CertsCmd) -> ExitCode {
+/// `securesrv certs ...`. What a flag leaves out comes from `--config` (its `certs_dir`,
+/// `trust_domain`, `workers`), so that the certificates made are those the components of that
+/// configuration will look for.
+fn certs(cmd: CertsCmd, config: Option<PathBuf>) -> ExitCode {
+    let cfg = match load_config(config.as_deref(), |_| {}) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let dir_or_default = |dir: Option<PathBuf>| dir.unwrap_or_else(|| cfg.certs_dir.clone());
+    let configured_workers = (cfg.worker_addresses().into_iter().map(|(id, _)| id))
+        .max()
+        .unwrap_or(cfg.workers);
+    // The config's trust domain, when a config was given: the built-in default must not hide
+    // the one in ca.crt.
+    let configured_td = config.as_ref().map(|_| cfg.trust_domain.clone());
     let result = match cmd {
         CertsCmd::Init {
             dir,
@@ -304,10 +340,10 @@ fn certs(cmd: CertsCmd) -> ExitCode {
             hosts,
             force,
         } => securesrv::certs::init(
-            &dir,
+            &dir_or_default(dir),
             &securesrv::certs::InitOptions {
-                trust_domain,
-                workers,
+                trust_domain: trust_domain.unwrap_or_else(|| cfg.trust_domain.clone()),
+                workers: workers.unwrap_or(configured_workers),
                 days,
                 hosts,
                 force,
@@ -323,7 +359,7 @@ fn certs(cmd: CertsCmd) -> ExitCode {
             force,
         } => match role.parse::<Role>() {
             Ok(role) => securesrv::certs::issue(
-                &dir,
+                &dir_or_default(dir),
                 &securesrv::certs::IssueOptions {
                     role,
                     name,
@@ -343,9 +379,20 @@ fn certs(cmd: CertsCmd) -> ExitCode {
             keep_previous_secs,
             trust_domain,
         } => securesrv::certs::rotate_token_key(
-            &dir,
-            &trust_domain,
+            &dir_or_default(dir),
+            trust_domain.or(configured_td).as_deref(),
             keep_previous_secs.saturating_mul(1000),
+        ),
+        CertsCmd::TokenKeys {
+            dir,
+            workers,
+            trust_domain,
+            force,
+        } => securesrv::certs::token_keys(
+            &dir_or_default(dir),
+            trust_domain.or(configured_td).as_deref(),
+            workers.unwrap_or(configured_workers),
+            force,
         ),
     };
     match result {

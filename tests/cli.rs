@@ -111,6 +111,114 @@ fn certs_commands() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(tmp.path().join("script-certs/dispatcher.key").exists());
+    // Certificates that expire at once are refused (they were written).
+    let out = run(
+        tmp.path(),
+        &["certs", "init", "--dir", "d0", "--days", "0"],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(!tmp.path().join("d0").exists());
+}
+
+/// `certs` commands take their directory, trust domain and number of workers from `--config`
+/// (they ignored it, even a file that does not exist), and keep the trust domain when
+/// rotating the token key.
+#[test]
+fn certs_commands_follow_the_configuration() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("s.toml"),
+        "trust_domain = \"corp.example\"\ncerts_dir = \"mycerts\"\nworkers = 3\n",
+    )
+    .unwrap();
+    let out = run(
+        tmp.path(),
+        &["--config", "nosuch.toml", "certs", "init"],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out.stderr));
+    assert!(!tmp.path().join("certs").exists());
+    let out = run(tmp.path(), &["--config", "s.toml", "certs", "init"], b"");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let dir = tmp.path().join("mycerts");
+    let w3 = std::fs::read(dir.join("worker-3.crt")).expect("three workers");
+    assert!(
+        String::from_utf8_lossy(&w3).contains("-----BEGIN CERTIFICATE"),
+        "a certificate"
+    );
+    let pki = securesrv::tls::TlsMaterial::load(
+        &dir.join("ca.crt"),
+        &dir.join("worker-3.crt"),
+        &dir.join("worker-3.key"),
+    )
+    .expect("load");
+    assert_eq!(pki.own_id().to_string(), "spiffe://corp.example/worker/3");
+    // Rotation without --trust-domain keeps corp.example, read from the files themselves (it
+    // re-derived every worker's key for `securesrv`, and every token failed to verify).
+    let out = run(
+        tmp.path(),
+        &["certs", "rotate-token-key", "--dir", "mycerts"],
+        b"",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let master = securesrv::certs::load_key_file(&dir.join("token.key")).unwrap();
+    let worker = securesrv::certs::load_key_file(&dir.join("worker-3.token")).unwrap();
+    let id: securesrv::identity::SpiffeId = "spiffe://corp.example/worker/3".parse().unwrap();
+    assert_eq!(
+        worker.current().key.expose(),
+        master.current().key.derive_for(&id).expose()
+    );
+    // Another trust domain is refused, naming the way out.
+    let out = run(
+        tmp.path(),
+        &[
+            "certs",
+            "rotate-token-key",
+            "--dir",
+            "mycerts",
+            "--trust-domain",
+            "securesrv",
+        ],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("--trust-domain"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Token keys alone, for certificates made by another tool.
+    for f in [
+        "token.key",
+        "worker-1.token",
+        "worker-2.token",
+        "worker-3.token",
+    ] {
+        std::fs::remove_file(dir.join(f)).unwrap();
+    }
+    let out = run(
+        tmp.path(),
+        &["--config", "s.toml", "certs", "token-keys"],
+        b"",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("mycerts/worker-3.token"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run(
+        tmp.path(),
+        &["--config", "s.toml", "certs", "token-keys"],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("--force"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]

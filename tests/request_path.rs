@@ -410,7 +410,8 @@ async fn a_worker_left_on_an_old_token_key_costs_a_retry_not_a_refusal() {
         |_| {},
         |next| {
             if next == Some(2) {
-                securesrv::certs::rotate_token_key(&dir, "securesrv", 600_000).expect("rotate");
+                securesrv::certs::rotate_token_key(&dir, Some("securesrv"), 600_000)
+                    .expect("rotate");
             }
         },
     )

@@ -301,7 +301,7 @@ fn rotation_rederives_every_worker_file() {
     let tmp = tempfile::tempdir().unwrap();
     init(tmp.path(), &opts(2)).unwrap();
     let before = load_key_file(&tmp.path().join("token.key")).unwrap();
-    rotate_token_key(tmp.path(), DEFAULT_TRUST_DOMAIN, 60_000).unwrap();
+    rotate_token_key(tmp.path(), None, 60_000).unwrap();
     let after = load_key_file(&tmp.path().join("token.key")).unwrap();
     assert_eq!(after.current().id, 2);
     assert_eq!(
@@ -318,4 +318,71 @@ fn rotation_rederives_every_worker_file() {
         );
         assert_eq!(w.entries().len(), 2);
     }
+}
+
+#[test]
+fn rotation_keeps_the_trust_domain_the_worker_keys_were_made_for() {
+    // Made for example.org: re-derived for the default trust domain, every token would fail
+    // to verify at the workers (it did, with the default taken when none was given).
+    let tmp = tempfile::tempdir().unwrap();
+    let mut o = opts(2);
+    o.trust_domain = "example.org".into();
+    init(tmp.path(), &o).unwrap();
+    let worker_file =
+        |n: u32| load_key_file(&tmp.path().join(format!("worker-{n}.token"))).unwrap();
+    let before = worker_file(1).render();
+    let err = rotate_token_key(tmp.path(), Some(DEFAULT_TRUST_DOMAIN), 60_000).unwrap_err();
+    assert!(matches!(err, CertError::TokenKeysDiffer { .. }), "{err}");
+    assert!(err.to_string().contains("--trust-domain"), "{err}");
+    assert_eq!(
+        *worker_file(1).render(),
+        *before,
+        "nothing written after a refusal"
+    );
+    for td in [None, Some("example.org")] {
+        rotate_token_key(tmp.path(), td, 60_000).unwrap();
+        let master = load_key_file(&tmp.path().join("token.key")).unwrap();
+        for n in 1..=2 {
+            let id = SpiffeId::worker("example.org", n).unwrap();
+            assert_eq!(
+                worker_file(n).current().key.expose(),
+                master.current().key.derive_for(&id).expose()
+            );
+        }
+    }
+}
+
+#[test]
+fn token_keys_alone_for_certificates_made_elsewhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut o = opts(1);
+    o.trust_domain = "corp.example".into();
+    init(tmp.path(), &o).unwrap();
+    for f in ["token.key", "worker-1.token"] {
+        fs::remove_file(tmp.path().join(f)).unwrap();
+    }
+    // The trust domain comes from ca.crt.
+    let written = token_keys(tmp.path(), None, 3, false).unwrap();
+    assert_eq!(written.len(), 4, "{written:?}");
+    let master = load_key_file(&tmp.path().join("token.key")).unwrap();
+    let w3 = load_key_file(&tmp.path().join("worker-3.token")).unwrap();
+    let id = SpiffeId::worker("corp.example", 3).unwrap();
+    assert_eq!(
+        w3.current().key.expose(),
+        master.current().key.derive_for(&id).expose()
+    );
+    let mode = fs::metadata(tmp.path().join("worker-3.token"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // An existing master key is not replaced by accident.
+    let err = token_keys(tmp.path(), None, 3, false).unwrap_err();
+    assert!(matches!(err, CertError::Exists(..)), "{err}");
+    token_keys(tmp.path(), None, 3, true).unwrap();
+    let replaced = load_key_file(&tmp.path().join("token.key")).unwrap();
+    assert_ne!(
+        replaced.current().key.expose(),
+        master.current().key.expose()
+    );
 }
