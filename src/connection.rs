@@ -15,12 +15,15 @@ use bytes::{Buf, BytesMut};
 use std::future::Future;
 use std::io::IoSlice;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-/// Initial read buffer; grows only as bytes actually arrive.
+/// Initial read buffer, grown in steps up to [`BIG_READ_CHUNK`] while no frame of
+/// [`SHARE_FRAMES_FROM`] bytes or more is pending (such a frame gets a buffer of its own).
 const READ_CHUNK: usize = 4 * 1024;
 /// Larger growth step once a big frame is on its way.
 const BIG_READ_CHUNK: usize = 64 * 1024;
@@ -28,8 +31,9 @@ const BIG_READ_CHUNK: usize = 64 * 1024;
 const KEEP_BUFFER: usize = 64 * 1024;
 /// Bytes of queued frames gathered into one write.
 const MAX_BATCH: usize = 256 * 1024;
-/// Frames from this long up to [`BIG_READ_CHUNK`] that do not arrive in one read are received
-/// into a buffer of exactly their size and decoded without copying their payloads (a payload
+/// Frames this long or longer that do not arrive in one read are received into a buffer of
+/// exactly their size, charged to the connection's frame budget if it has one (see
+/// [`Connection::set_frame_budget`]), and decoded without copying their payloads (a payload
 /// then holds on to its own frame and nothing else). Other frames are decoded from the shared
 /// read buffer, their payloads copied: a slice of that buffer would keep all of it alive.
 const SHARE_FRAMES_FROM: usize = 1024;
@@ -136,7 +140,22 @@ pub struct Connection<S> {
     /// updates per request. It is moved only when the deadline comes sooner, or when it
     /// fires before the deadline it stands for (then it is set to that deadline).
     read_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Charged one permit per started KiB for a frame being received into a buffer of its
+    /// own, so that frames sent in part cannot pin more memory than the budget holds.
+    frame_budget: Option<FrameBudget>,
+    /// The charge for the frame now being received.
+    frame_permit: Option<OwnedSemaphorePermit>,
     limits: IoLimits,
+}
+
+/// A budget of memory for frames being received, shared by connections.
+#[derive(Clone, Debug)]
+pub struct FrameBudget {
+    /// One permit per KiB.
+    pub kib: Arc<Semaphore>,
+    /// Its size in KiB: a frame is never charged more, so that it can always be received
+    /// alone.
+    pub kib_limit: usize,
 }
 
 impl<S> Connection<S> {
@@ -157,8 +176,19 @@ impl<S> Connection<S> {
             last_read: now,
             fresh_read: false,
             read_timer: None,
+            frame_budget: None,
+            frame_permit: None,
             limits,
         }
+    }
+
+    /// Charges every frame of [`SHARE_FRAMES_FROM`] bytes or more that does not arrive in one
+    /// read to `budget` while it is being received: it is read only once the budget has room
+    /// for all of it (waiting within the frame deadline), and its charge is returned when the
+    /// frame is taken. A peer that sends frames in part holds its own budget, not the memory
+    /// of the process.
+    pub fn set_frame_budget(&mut self, budget: FrameBudget) {
+        self.frame_budget = Some(budget);
     }
 
     /// The underlying stream.
@@ -181,11 +211,57 @@ impl<S: AsyncRead + Unpin> Connection<S> {
             if let Some(msg) = self.buffered_message()? {
                 return Ok(Some(msg));
             }
+            let limits = self.limits;
+            let in_frame = self.frame_started.is_some();
+            let deadline = match self.frame_started {
+                Some(t) => t + limits.frame_timeout,
+                None => self.last_frame + limits.idle_timeout,
+            };
+            let err = || {
+                if in_frame {
+                    ConnError::FrameTimeout(limits.frame_timeout)
+                } else {
+                    ConnError::Idle(limits.idle_timeout)
+                }
+            };
+            let timer = self
+                .read_timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if timer.deadline() > deadline {
+                timer.as_mut().reset(deadline);
+            }
             match frame::check_header(&self.read_buf, self.limits.max_frame)? {
-                // An incomplete frame of a sharable size: move it into a buffer of its own.
-                // No more is allocated than a plain read of the rest would have reserved.
-                Some(total) if (SHARE_FRAMES_FROM..=BIG_READ_CHUNK).contains(&total) => {
+                // An incomplete frame of a sharable size: charged to the frame budget, then
+                // moved into a buffer of its own, of exactly its size (allocated, not yet
+                // touched: memory is used as bytes arrive).
+                Some(total) if total >= SHARE_FRAMES_FROM => {
                     if self.spare.is_none() {
+                        if let Some(budget) = &self.frame_budget {
+                            if self.frame_permit.is_none() {
+                                let kib = total.div_ceil(1024).min(budget.kib_limit).max(1);
+                                let kib = u32::try_from(kib).unwrap_or(u32::MAX);
+                                let sem = budget.kib.clone();
+                                let permit = match sem.clone().try_acquire_many_owned(kib) {
+                                    Ok(p) => p,
+                                    Err(_) => loop {
+                                        tokio::select! {
+                                            biased;
+                                            p = sem.clone().acquire_many_owned(kib) => {
+                                                // Closed only if the semaphore was: never.
+                                                break p.map_err(|_| err())?;
+                                            }
+                                            () = timer.as_mut() => {
+                                                if Instant::now() >= deadline {
+                                                    return Err(err());
+                                                }
+                                                timer.as_mut().reset(deadline);
+                                            }
+                                        }
+                                    },
+                                };
+                                self.frame_permit = Some(permit);
+                            }
+                        }
                         let mut own = BytesMut::with_capacity(total);
                         own.extend_from_slice(&self.read_buf);
                         self.read_buf.clear();
@@ -197,6 +273,7 @@ impl<S: AsyncRead + Unpin> Connection<S> {
                         self.spare = Some(spare);
                     }
                 }
+                // Frames under SHARE_FRAMES_FROM, or a header still incomplete.
                 frame_len => {
                     let missing = frame_len.map_or(READ_CHUNK, |n| n - self.read_buf.len());
                     let want = missing.clamp(READ_CHUNK, BIG_READ_CHUNK);
@@ -205,29 +282,13 @@ impl<S: AsyncRead + Unpin> Connection<S> {
                     }
                 }
             }
-            let (deadline, err) = match self.frame_started {
-                Some(t) => (
-                    t + self.limits.frame_timeout,
-                    ConnError::FrameTimeout(self.limits.frame_timeout),
-                ),
-                None => (
-                    self.last_frame + self.limits.idle_timeout,
-                    ConnError::Idle(self.limits.idle_timeout),
-                ),
-            };
-            let timer = self
-                .read_timer
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-            if timer.deadline() > deadline {
-                timer.as_mut().reset(deadline);
-            }
             let n = loop {
                 tokio::select! {
                     biased;
                     r = self.stream.read_buf(&mut self.read_buf) => break r?,
                     () = timer.as_mut() => {
                         if Instant::now() >= deadline {
-                            return Err(err);
+                            return Err(err());
                         }
                         // Armed for an earlier deadline that has since moved on.
                         timer.as_mut().reset(deadline);
@@ -257,6 +318,8 @@ impl<S: AsyncRead + Unpin> Connection<S> {
         if self.read_buf.len() < total {
             return Ok(None);
         }
+        // Its charge ends here; a request's payload is charged again while it runs.
+        self.frame_permit = None;
         let msg = if let Some(mut spare) = self.spare.take() {
             // The frame's own buffer: its payloads become slices of it, not copies.
             let own = self.read_buf.split_to(total).freeze();
@@ -690,6 +753,103 @@ mod tests {
                 owned.capacity()
             );
         }
+    }
+
+    /// A reply frame of `payload_len` payload bytes, encoded.
+    fn reply_frame(id: u64, payload_len: usize, max: usize) -> Vec<u8> {
+        let m = Message::Reply(Reply {
+            id,
+            payload: vec![id as u8; payload_len].into(),
+        });
+        frame::encode_to_vec(&m, max).unwrap()
+    }
+
+    /// Frames sent in part are charged to the budget the connections share: a frame that does
+    /// not fit is not read (nothing allocated for it) until another is taken, and its buffer is
+    /// exactly its size, not a doubling of what has arrived.
+    #[tokio::test]
+    async fn frames_sent_in_part_are_charged_to_their_budget() {
+        let limits = IoLimits {
+            frame_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(30),
+            ..limits_with_max(512 * 1024)
+        };
+        let budget = FrameBudget {
+            kib: Arc::new(Semaphore::new(300)),
+            kib_limit: 300,
+        };
+        let (mut a1, b1) = tokio::io::duplex(1024 * 1024);
+        let (mut a2, b2) = tokio::io::duplex(1024 * 1024);
+        let mut rx1 = Connection::new(b1, limits);
+        let mut rx2 = Connection::new(b2, limits);
+        rx1.set_frame_budget(budget.clone());
+        rx2.set_frame_budget(budget.clone());
+        let f1 = reply_frame(1, 200 * 1024, limits.max_frame);
+        let f2 = reply_frame(2, 200 * 1024, limits.max_frame);
+        a1.write_all(&f1[..10_000]).await.unwrap();
+        a2.write_all(&f2[..10_000]).await.unwrap();
+        // Neither frame is complete: these only run until they wait.
+        let pending = Duration::from_millis(50);
+        assert!(
+            tokio::time::timeout(pending, rx1.read_message())
+                .await
+                .is_err()
+        );
+        assert!(
+            tokio::time::timeout(pending, rx2.read_message())
+                .await
+                .is_err()
+        );
+        assert!(rx1.frame_permit.is_some(), "the first frame is charged");
+        assert_eq!(
+            rx1.read_buf.capacity(),
+            f1.len(),
+            "a buffer of exactly its size"
+        );
+        assert_eq!(
+            budget.kib.available_permits(),
+            300 - f1.len().div_ceil(1024)
+        );
+        assert!(
+            rx2.frame_permit.is_none(),
+            "the second does not fit beside it"
+        );
+        assert!(
+            rx2.read_buf.capacity() <= BIG_READ_CHUNK,
+            "nothing allocated for it"
+        );
+        // The first frame completes and is taken: its charge is returned, and the second
+        // frame is read.
+        a1.write_all(&f1[10_000..]).await.unwrap();
+        let Some(Message::Reply(r)) = rx1.read_message().await.unwrap() else {
+            panic!("the first frame");
+        };
+        assert_eq!(r.payload.len(), 200 * 1024);
+        assert!(rx1.frame_permit.is_none());
+        a2.write_all(&f2[10_000..]).await.unwrap();
+        let Some(Message::Reply(r)) = rx2.read_message().await.unwrap() else {
+            panic!("the second frame");
+        };
+        assert_eq!((r.id, r.payload.len()), (2, 200 * 1024));
+        assert_eq!(budget.kib.available_permits(), 300);
+    }
+
+    /// A frame left waiting for budget is still bound by the frame deadline.
+    #[tokio::test]
+    async fn a_frame_waiting_for_budget_is_cut_off_at_its_deadline() {
+        let budget = FrameBudget {
+            kib: Arc::new(Semaphore::new(2)),
+            kib_limit: 2,
+        };
+        let held = budget.kib.clone().try_acquire_many_owned(2).unwrap();
+        let (mut a, b) = tokio::io::duplex(64 * 1024);
+        let mut rx = Connection::new(b, limits_with_max(8 * 1024));
+        rx.set_frame_budget(budget.clone());
+        let f = reply_frame(1, 1500, 8 * 1024);
+        a.write_all(&f[..100]).await.unwrap();
+        let err = rx.read_message().await.unwrap_err();
+        assert!(matches!(err, ConnError::FrameTimeout(_)), "{err}");
+        drop(held);
     }
 
     #[tokio::test]

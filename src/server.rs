@@ -83,6 +83,10 @@ pub struct IdentitySlots {
     pub kib: Arc<Semaphore>,
     /// Its size in KiB.
     pub kib_limit: usize,
+    /// A budget of the same size for frames being received in part (see
+    /// [`Connection::set_frame_budget`]): kept apart from the payload budget so that a request
+    /// beyond that one is still read and refused `overloaded`, not left unread.
+    pub frames: crate::connection::FrameBudget,
 }
 
 impl IdentitySlots {
@@ -96,6 +100,10 @@ impl IdentitySlots {
             limit: requests,
             kib: Arc::new(Semaphore::new(kib_limit)),
             kib_limit,
+            frames: crate::connection::FrameBudget {
+                kib: Arc::new(Semaphore::new(kib_limit)),
+                kib_limit,
+            },
         }
     }
 }
@@ -462,6 +470,12 @@ async fn handle_one<H: ConnectionHandler>(
         .await;
         return;
     };
+    // Frames a client sends in part are charged to a budget of its identity, so that its
+    // connections cannot pin more memory than that. Components (the dispatcher at a worker)
+    // are not: a link waiting for budget would stall every request on it.
+    if id.role() == crate::identity::Role::Client {
+        conn.set_frame_budget(identity_slots.frames.clone());
+    }
     debug!("connection established");
     handler
         .serve(

@@ -37,9 +37,14 @@ fn start(extra_limits: &str) -> Service {
     } else {
         "handshake_timeout_ms = 500\n"
     };
+    let frame = if extra_limits.contains("frame_timeout_ms") {
+        ""
+    } else {
+        "frame_timeout_ms = 500\n"
+    };
     let cfg = format!(
         "certs_dir = {:?}\nworkers = 1\n[dispatcher]\nlisten = \"127.0.0.1:{base}\"\n\
-         [limits]\n{handshake}frame_timeout_ms = 500\n{extra_limits}",
+         [limits]\n{handshake}{frame}{extra_limits}",
         pki.dir
     );
     std::fs::write(pki.tmp.path().join("securesrv.toml"), cfg).unwrap();
@@ -881,4 +886,53 @@ fn one_identity_cannot_pin_more_payload_than_its_budget() {
         }
     });
     s.dispatcher.wait_log(&["payload bytes in flight"], WAIT);
+}
+
+/// Frames sent in part used to be read into buffers that grew with them (doubling), so one
+/// client identity could pin gigabytes with a few thousand connections each sending most of a
+/// 1 MiB frame. They are now charged to a budget of the identity's: beyond it, a frame is left
+/// unread (in the kernel's socket buffers) until another is taken or times out.
+#[test]
+fn frames_sent_in_part_cannot_pin_more_memory_than_the_identity_budget() {
+    let s = start("max_in_flight_bytes_per_identity = 8388608\nframe_timeout_ms = 30000\n");
+    rt().block_on(async {
+        let good = s.client("client").await;
+        served(&good).await;
+        let before = s.rss_kib();
+        // 100 connections of one identity, each sending 700 KiB of a 1 MiB frame.
+        let total: u32 = 1024 * 1024 - 64;
+        let mut writers = tokio::task::JoinSet::new();
+        for _ in 0..100 {
+            let mut stream = s.raw("client").await;
+            writers.spawn(async move {
+                let mut part = total.to_be_bytes().to_vec();
+                part.resize(700 * 1024, 0x90);
+                let _ = stream.write_all(&part).await;
+                let _ = stream.flush().await;
+                // Held open, the frame unfinished, until the test ends.
+                std::future::pending::<()>().await;
+            });
+        }
+        // Until the dispatcher's memory stops growing (it reads what it will read).
+        let mut last = s.rss_kib();
+        let settled = Instant::now() + Duration::from_secs(20);
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = s.rss_kib();
+            if now.abs_diff(last) < 1024 || Instant::now() > settled {
+                last = now;
+                break;
+            }
+            last = now;
+        }
+        let grown_mib = last.saturating_sub(before) / 1024;
+        eprintln!("100 partial 1 MiB frames: dispatcher RSS {before} KiB -> {last} KiB");
+        // 8 MiB of budget, plus the connections' own buffers (< 40 KiB each) and slack; the
+        // frames all read would take 70 MiB or more.
+        assert!(grown_mib < 32, "dispatcher grew by {grown_mib} MiB");
+        // Small requests of the same identity, and other identities, are still served.
+        served(&good).await;
+        served(&s.client("client-alice").await).await;
+        writers.abort_all();
+    });
 }
