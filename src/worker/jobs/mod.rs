@@ -20,10 +20,15 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
+use tokio::time::Instant;
 
 /// Runs `job` with `payload` on stdin, its process group registered in `groups`; the answer
 /// is its stdout.
+///
+/// One deadline, set here, bounds the whole job: feeding stdin, collecting stdout and waiting
+/// for the program to exit.
 pub async fn run(job: Arc<JobConfig>, payload: Bytes, groups: JobGroups) -> Result<Bytes, OpError> {
+    let deadline = Instant::now() + Duration::from_millis(job.timeout_ms);
     let mut cmd = Command::new(&job.program);
     cmd.args(&job.args)
         .env_clear()
@@ -67,8 +72,7 @@ pub async fn run(job: Arc<JobConfig>, payload: Bytes, groups: JobGroups) -> Resu
         let ((), out) = tokio::join!(feed, collect);
         out
     };
-    let limit = Duration::from_millis(job.timeout_ms);
-    let Ok(out) = tokio::time::timeout(limit, work).await else {
+    let Ok(out) = tokio::time::timeout_at(deadline, work).await else {
         let _ = process.finish().await;
         return Err(OpError::Timeout(format!(
             "job {} ran longer than {} ms and was killed",
@@ -82,8 +86,9 @@ pub async fn run(job: Arc<JobConfig>, payload: Bytes, groups: JobGroups) -> Resu
             job.name
         )));
     }
-    // Output is complete (stdout closed); the program should be exiting. Bound the wait anyway.
-    let exited = tokio::time::timeout(limit, process.exited()).await;
+    // Output is complete (stdout closed); the program should be exiting, within what is left
+    // of the job's time.
+    let exited = tokio::time::timeout_at(deadline, process.exited()).await;
     // The job is over: whatever it left running in its group is killed, then it is reaped.
     let status = match (exited, process.finish().await) {
         (Err(_), _) => {
@@ -232,6 +237,29 @@ mod tests {
         let err = run_alone(job, Bytes::new()).await;
         assert!(matches!(err, Err(OpError::TooLarge(_))), "{err:?}");
         assert_gone(read_pid(&pidfile).await).await;
+    }
+
+    #[tokio::test]
+    async fn one_deadline_covers_output_and_exit() {
+        // Stdout closes at 0.6 s, then the program lingers: the 1 s timeout still counts from
+        // the start (not afresh once output is complete, which would answer after ~1.6 s).
+        let started = Instant::now();
+        let err = run_alone(
+            job(
+                "/bin/sh",
+                &["-c", "sleep 0.6; exec >&-; sleep 100"],
+                1_000,
+                1024,
+            ),
+            Bytes::new(),
+        )
+        .await;
+        assert!(matches!(err, Err(OpError::Timeout(_))), "{err:?}");
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(1_500),
+            "answered after {took:?}"
+        );
     }
 
     #[tokio::test]
