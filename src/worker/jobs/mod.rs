@@ -15,6 +15,7 @@ use crate::config::JobConfig;
 use crate::message::Bytes;
 use group::{JobProcess, StartError};
 use std::os::unix::process::ExitStatusExt;
+use std::pin::pin;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,26 +54,40 @@ pub async fn run(job: Arc<JobConfig>, payload: Bytes, groups: JobGroups) -> Resu
             )));
         }
     };
-    let (mut stdin, mut stdout) = process.take_stdio();
+    let (stdin, stdout) = process.take_stdio();
     let cap = job.max_output_bytes;
-    let work = async {
-        let feed = async {
-            if let Some(mut s) = stdin.take() {
-                // A job that does not read its input is not an error.
+    let work = async move {
+        let feed = async move {
+            if let Some(mut s) = stdin {
+                // A job that does not read its input is not an error: once it has exited, the
+                // rest of the payload meets a closed pipe (EPIPE) and is dropped.
                 let _ = s.write_all(&payload).await;
             }
         };
-        let collect = async {
+        let collect = async move {
             let mut out = Vec::new();
-            if let Some(s) = stdout.as_mut() {
-                let _ = s.take(cap as u64 + 1).read_to_end(&mut out).await;
-            }
-            out
+            let read = match stdout {
+                Some(s) => s.take(cap as u64 + 1).read_to_end(&mut out).await.map(drop),
+                None => Ok(()),
+            };
+            (out, read)
         };
-        let ((), out) = tokio::join!(feed, collect);
-        out
+        let mut feed = pin!(feed);
+        let mut collect = pin!(collect);
+        tokio::select! {
+            () = &mut feed => collect.await,
+            (out, read) = &mut collect => {
+                // Stdout closed: the program may still be reading its input, so keep feeding
+                // it. Past the cap, or if stdout failed, the job is over: its stdin is dropped
+                // with `feed` (a program that never reads would keep the write blocked).
+                if read.is_ok() && out.len() <= cap {
+                    feed.await;
+                }
+                (out, read)
+            }
+        }
     };
-    let Ok(out) = tokio::time::timeout_at(deadline, work).await else {
+    let Ok((out, read)) = tokio::time::timeout_at(deadline, work).await else {
         let _ = process.finish().await;
         return Err(OpError::Timeout(format!(
             "job {} ran longer than {} ms and was killed",
@@ -83,6 +98,14 @@ pub async fn run(job: Arc<JobConfig>, payload: Bytes, groups: JobGroups) -> Resu
         let _ = process.finish().await;
         return Err(OpError::TooLarge(format!(
             "job {} wrote more than {cap} bytes",
+            job.name
+        )));
+    }
+    if let Err(e) = read {
+        tracing::warn!(job = %job.name, error = %e, "cannot read job output");
+        let _ = process.finish().await;
+        return Err(OpError::Failed(format!(
+            "job {}: its output could not be read",
             job.name
         )));
     }
@@ -237,6 +260,32 @@ mod tests {
         let err = run_alone(job, Bytes::new()).await;
         assert!(matches!(err, Err(OpError::TooLarge(_))), "{err:?}");
         assert_gone(read_pid(&pidfile).await).await;
+    }
+
+    #[tokio::test]
+    async fn output_cap_ends_a_job_that_does_not_read_its_input() {
+        // `yes` never reads stdin: feeding it 1 MB blocks once the pipe is full, but the
+        // output cap is reached at once and must end the job, not its timeout.
+        let started = Instant::now();
+        let err = run_alone(
+            job("/usr/bin/yes", &[], 20_000, 64 * 1024),
+            Bytes::from(vec![b'x'; 1_000_000]),
+        )
+        .await;
+        assert!(matches!(err, Err(OpError::TooLarge(_))), "{err:?}");
+        assert!(started.elapsed() < WAIT, "took {:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn a_job_may_exit_without_reading_all_its_input() {
+        // `head` exits after one read: the rest of the payload meets a closed pipe (EPIPE),
+        // which is not an error.
+        let out = run_alone(
+            job("/usr/bin/head", &["-c", "5"], 5_000, 1024),
+            Bytes::from(vec![b'x'; 1_000_000]),
+        )
+        .await;
+        assert_eq!(out.unwrap(), b"xxxxx".as_slice());
     }
 
     #[tokio::test]
