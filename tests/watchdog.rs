@@ -347,6 +347,93 @@ fn a_hung_component_is_probed_every_interval_not_every_second_one() {
     assert!(!alive(pid), "the stopped worker was killed");
 }
 
+/// A dispatcher that stalls for a moment while clients hold every connection slot: the
+/// watchdog's heartbeat used to drop its connection after one late answer and dial again, and
+/// a client reconnecting in a loop took the freed slot first, so the next beats were refused
+/// and a dispatcher that had recovered was killed (taking every client's requests with it).
+/// The heartbeat connection is now kept across a late answer.
+#[test]
+fn a_stall_while_clients_hold_every_slot_does_not_get_the_dispatcher_killed() {
+    const BEAT_MS: u64 = 1000;
+    let f = Fixture::with_heartbeat(
+        BEAT_MS,
+        "[limits]\nmax_connections = 6\nmax_connections_per_identity = 6\n",
+    );
+    let w = f.ready();
+    let pid = pid_of(&w, "dispatcher", 1);
+    rt().block_on(async {
+        // Takes every free slot and keeps trying for more, as a client that reconnects in a
+        // loop would.
+        let stop = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(AtomicU64::new(0));
+        let grabber = {
+            let (stop, held) = (stop.clone(), held.clone());
+            let m = f.pki.material("client");
+            let addr = f.addr(0);
+            tokio::spawn(async move {
+                let connector = m
+                    .connector(
+                        &SpiffeId::dispatcher("securesrv").unwrap(),
+                        Duration::from_secs(2),
+                    )
+                    .unwrap();
+                let mut conns = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    match connector.connect(addr).await {
+                        Ok((s, _)) => {
+                            conns.push(s);
+                            held.store(conns.len() as u64, Ordering::Relaxed);
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                    }
+                }
+                conns
+            })
+        };
+        // The watchdog's heartbeat holds one slot; the grabber the five others.
+        assert!(
+            wait_until(WAIT, || held.load(Ordering::Relaxed) >= 5),
+            "the grabber holds the free slots"
+        );
+        common::stop_process(pid);
+        w.wait_log(
+            &["heartbeat failed", "component=dispatcher ", "misses=1 "],
+            WAIT,
+        );
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGCONT).unwrap();
+        let mut outcome = None;
+        wait_until(WAIT, || {
+            let log = w.stderr();
+            outcome = log.lines().find_map(|l| {
+                let about_dispatcher = l.contains("component=dispatcher ");
+                if about_dispatcher && l.contains("heartbeat answered again") {
+                    Some(Ok(()))
+                } else if about_dispatcher && l.contains("stopping component") {
+                    Some(Err(l.to_string()))
+                } else {
+                    None
+                }
+            });
+            outcome.is_some()
+        });
+        match outcome {
+            Some(Ok(())) => {}
+            Some(Err(line)) => panic!("the dispatcher was killed after it recovered: {line}"),
+            None => panic!("neither recovered nor killed:\n{}", w.stderr()),
+        }
+        assert!(alive(pid), "the same dispatcher serves on");
+        stop.store(true, Ordering::Relaxed);
+        drop(grabber.await.unwrap());
+        // The slots come free as the dispatcher reads each close: retried until one has.
+        let m = f.pki.material("client");
+        let mut cfg =
+            ClientConfig::new(&m, f.addr(0), SpiffeId::dispatcher("securesrv").unwrap()).unwrap();
+        cfg.call_timeout = Duration::from_secs(15);
+        let c = Client::new(cfg);
+        assert_eq!(c.call("echo", b"still").await.unwrap(), b"still");
+    });
+}
+
 #[test]
 fn a_dispatcher_told_to_stop_sends_new_calls_to_its_successor() {
     // SIGTERM to the dispatcher while a client's request runs: the request is answered in the

@@ -15,6 +15,10 @@ pub struct Prober {
     addr: SocketAddr,
     io: IoLimits,
     conn: Option<Connection<ClientStream>>,
+    /// Set once the current beat's ping is written: a beat that times out after that keeps
+    /// the connection (its pong, if it comes, is skipped by its nonce), one that times out
+    /// before does not (a half-written frame would garble the next).
+    ping_sent: bool,
     rng: ring::rand::SystemRandom,
 }
 
@@ -35,6 +39,7 @@ impl Prober {
             addr,
             io,
             conn: None,
+            ping_sent: false,
             rng: ring::rand::SystemRandom::new(),
         }
     }
@@ -44,8 +49,13 @@ impl Prober {
         self.conn = None;
     }
 
-    /// One heartbeat within `deadline`. On failure the connection is dropped.
+    /// One heartbeat within `deadline`. When it fails the connection is dropped, except after
+    /// a beat whose ping went out but whose answer was late: that connection is kept for the
+    /// next beat. A component that stalls for a moment (a paused VM, a loaded machine) then
+    /// answers on it as soon as it runs again, even while its listener is full (clients
+    /// holding every connection slot would keep a new connection out).
     pub async fn beat(&mut self, deadline: Duration) -> Result<Beat, String> {
+        self.ping_sent = false;
         match tokio::time::timeout(deadline, self.beat_inner()).await {
             Ok(Ok(b)) => Ok(b),
             Ok(Err(e)) => {
@@ -53,7 +63,9 @@ impl Prober {
                 Err(e)
             }
             Err(_) => {
-                self.conn = None;
+                if !self.ping_sent {
+                    self.conn = None;
+                }
                 Err(format!("no answer within {} ms", deadline.as_millis()))
             }
         }
@@ -77,6 +89,7 @@ impl Prober {
         }))
         .await
         .map_err(|e| e.to_string())?;
+        self.ping_sent = true;
         loop {
             match conn.read_message().await {
                 Ok(Some(Message::Pong(p))) if p.nonce == nonce => {
