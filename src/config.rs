@@ -424,6 +424,19 @@ impl Config {
                 self.watchdog.restart_limit_burst.into(),
             ),
             ("watchdog.start_timeout_ms", self.watchdog.start_timeout_ms),
+            // 0 would turn the restart limit, or the backoff, off without saying so.
+            (
+                "watchdog.restart_limit_window_ms",
+                self.watchdog.restart_limit_window_ms,
+            ),
+            (
+                "watchdog.restart_backoff_initial_ms",
+                self.watchdog.restart_backoff_initial_ms,
+            ),
+            (
+                "watchdog.restart_backoff_max_ms",
+                self.watchdog.restart_backoff_max_ms,
+            ),
         ] {
             if v == 0 {
                 p.push(format!("{name} must be greater than 0"));
@@ -526,10 +539,17 @@ impl Config {
                     j.name
                 ));
             }
-            if j.max_output_bytes == 0 || j.max_output_bytes > self.limits.max_frame_bytes {
+            // The output goes back in one reply frame, beside the reply's envelope.
+            let most = self
+                .limits
+                .max_frame_bytes
+                .saturating_sub(crate::frame::REPLY_OVERHEAD);
+            if j.max_output_bytes == 0 || j.max_output_bytes > most {
                 p.push(format!(
-                    "job {:?}: max_output_bytes must be between 1 and limits.max_frame_bytes",
-                    j.name
+                    "job {:?}: max_output_bytes must be between 1 and {most} \
+                     (limits.max_frame_bytes less {} bytes for the reply around it)",
+                    j.name,
+                    crate::frame::REPLY_OVERHEAD
                 ));
             }
         }
@@ -690,9 +710,15 @@ mod tests {
             max_frame_bytes = 10
             request_timeout_ms = 0
             max_in_flight_bytes_per_identity = 1
+            [watchdog]
+            restart_limit_window_ms = 0
             [[jobs]]
             name = "echo"
             program = "bin/date"
+            [[jobs]]
+            name = "big"
+            program = "/bin/cat"
+            max_output_bytes = 10
             [acl]
             nosuch = ["*"]
             echo = ["spiffe://securesrv/worker/1", "bogus"]
@@ -713,9 +739,29 @@ mod tests {
             "unknown op \"nosuch\"",
             "not a client identity",
             "\"bogus\"",
+            "restart_limit_window_ms must be greater than 0",
+            "job \"big\": max_output_bytes must be between 1 and",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
+    }
+
+    #[test]
+    fn a_job_output_cap_leaves_room_for_the_reply_around_it() {
+        let job = |cap: usize| {
+            Config::parse(&format!(
+                "[[jobs]]\nname = \"j\"\nprogram = \"/bin/cat\"\nmax_output_bytes = {cap}\n"
+            ))
+            .unwrap()
+            .validate()
+        };
+        let max = crate::frame::DEFAULT_MAX_FRAME;
+        assert!(job(max - crate::frame::REPLY_OVERHEAD).is_ok());
+        // Accepted before; its full output could never be sent.
+        let Err(ConfigError::Invalid(p)) = job(max) else {
+            panic!("a cap of the whole frame is refused");
+        };
+        assert!(p[0].contains("for the reply around it"), "{p:?}");
     }
 
     #[test]

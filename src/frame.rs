@@ -23,6 +23,9 @@ pub const MAX_FRAME_CEILING: usize = 64 << 20;
 /// Extra room on dispatcher-to-worker links: a forward carries the client's request plus a
 /// token, so a request that fits the client-facing cap still fits the link.
 pub const LINK_HEADROOM: usize = 4096;
+/// Room a reply's envelope takes in a frame besides its payload (33 bytes with the largest
+/// id, rounded up): a payload of at most `max_frame - REPLY_OVERHEAD` bytes always fits.
+pub const REPLY_OVERHEAD: usize = 64;
 
 /// MessagePack nesting bound: at most `MAX_DEPTH - 1` nested maps/arrays. Our messages nest
 /// two; anything much deeper is hostile and is refused before the decoder recurses into it.

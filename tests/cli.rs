@@ -1041,3 +1041,80 @@ fn a_worker_on_a_stale_token_key_is_reported_once_a_second_not_per_request() {
         "the lines count the refusals: {log}"
     );
 }
+
+/// An answer too large for the client's frames (here from a worker configured with a larger
+/// frame and output cap than the dispatcher) is refused `too_large`, and the audit line says
+/// so: it said `outcome=ok` while the client got `too_large`.
+#[test]
+fn an_answer_too_large_for_the_client_is_audited_as_refused() {
+    let (pki, dir, d_addr, w_addr) = one_worker();
+    let cwd = pki.tmp.path();
+    let job = "[[jobs]]\nname = \"big\"\nprogram = \"/usr/bin/head\"\n\
+               args = [\"-c\", \"1048576\", \"/dev/zero\"]\n";
+    std::fs::write(
+        cwd.join("worker.toml"),
+        format!(
+            "[limits]\nmax_frame_bytes = 2097152\n{job}max_output_bytes = 1572864\n\
+             [acl]\nbig = [\"*\"]\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        cwd.join("dispatcher.toml"),
+        format!("{job}[acl]\nbig = [\"*\"]\n"),
+    )
+    .unwrap();
+    let worker = Proc::spawn(
+        "worker",
+        &[
+            "--config",
+            "worker.toml",
+            "worker",
+            "--id",
+            "1",
+            "--listen",
+            &w_addr,
+            "--certs",
+            &dir,
+        ],
+        cwd,
+    );
+    worker.wait_log(&["worker listening"], WAIT);
+    let dispatcher = Proc::spawn(
+        "dispatcher",
+        &[
+            "--config",
+            "dispatcher.toml",
+            "dispatcher",
+            "--listen",
+            &d_addr,
+            "--workers",
+            "1",
+            "--certs",
+            &dir,
+        ],
+        cwd,
+    );
+    dispatcher.wait_log(&["worker link up", "worker=1"], WAIT);
+    let (cert, key) = (format!("{dir}/client.crt"), format!("{dir}/client.key"));
+    let out = run(
+        cwd,
+        &[
+            "client",
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--connect",
+            &d_addr,
+            "big",
+        ],
+        b"",
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("too_large"), "{err}");
+    let line = dispatcher.wait_log(&["op=big"], WAIT);
+    assert!(line.contains("outcome=too_large"), "{line}");
+    drop(worker);
+}

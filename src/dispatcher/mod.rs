@@ -138,8 +138,22 @@ impl Dispatcher {
     async fn handle_request(self: Arc<Self>, client: Arc<Caller>, req: Request) -> Message {
         let started = Instant::now();
         let running = crate::session::Running::enter(&self.running);
-        let (worker, result) = self.route(&client, &req, started).await;
+        let (worker, mut result) = self.route(&client, &req, started).await;
         drop(running);
+        // An answer too large for the client's frames (a worker configured with a larger
+        // output cap) is refused here, so that the audit line says what the client gets.
+        let most = self.cfg.limits.max_frame_bytes - crate::frame::REPLY_OVERHEAD;
+        if let Ok(payload) = &result {
+            if payload.len() > most {
+                result = Err((
+                    ErrorCode::TooLarge,
+                    format!(
+                        "answer of {} bytes exceeds the {most} bytes a reply may carry",
+                        payload.len()
+                    ),
+                ));
+            }
+        }
         let micros = started.elapsed().as_micros() as u64;
         let id = req.id;
         crate::audit::record(|| crate::audit::Record {

@@ -552,3 +552,14 @@ fn peer_text_in_a_refusal_is_cut_short_and_has_no_control_characters() {
         "{m:?}"
     );
 }
+
+#[test]
+fn a_reply_of_the_largest_payload_allowed_fits_its_frame() {
+    let max = 4096;
+    let m = Message::Reply(Reply {
+        id: u64::MAX,
+        payload: vec![0; max - REPLY_OVERHEAD].into(),
+    });
+    let f = encode_to_vec(&m, max).expect("fits");
+    assert!(f.len() - HEADER_LEN <= max);
+}

@@ -61,7 +61,7 @@ pub enum WatchdogError {
     Identity(#[from] IdentityError),
     /// The dispatcher kept failing.
     #[error(
-        "dispatcher restarted more than {burst} times within {window_ms} ms (last: {last}); giving up so that an outer supervisor can take over"
+        "dispatcher failed again after {burst} restarts within {window_ms} ms (last: {last}); giving up so that an outer supervisor can take over"
     )]
     DispatcherFailed {
         /// The configured burst.
