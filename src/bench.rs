@@ -47,18 +47,22 @@ pub const UNFINISHED: &str = "unfinished";
 /// Arguments of `securesrv bench`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Client certificate.
-    #[arg(long, default_value = "certs/client.crt")]
-    pub cert: PathBuf,
-    /// Client private key.
-    #[arg(long, default_value = "certs/client.key")]
-    pub key: PathBuf,
+    /// Client certificate [default: client.crt in the config's `certs_dir`, certs].
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// Client private key [default: client.key in the config's `certs_dir`, certs].
+    #[arg(long)]
+    pub key: Option<PathBuf>,
     /// CA certificate (default: ca.crt beside --cert).
     #[arg(long)]
     pub ca: Option<PathBuf>,
-    /// Dispatcher (or relay) address, IP:PORT or HOST:PORT.
-    #[arg(long, default_value = "127.0.0.1:2222", value_parser = crate::client::resolve_addr)]
-    pub connect: SocketAddr,
+    /// Dispatcher (or relay) address, IP:PORT or HOST:PORT [default: the config's dispatcher
+    /// address, 127.0.0.1:2222].
+    #[arg(long, value_parser = crate::client::resolve_addr)]
+    pub connect: Option<SocketAddr>,
+    /// The configuration's frame limit (`limits.max_frame_bytes`), set from `--config`.
+    #[arg(skip)]
+    pub max_frame: Option<usize>,
     /// Server identity to accept.
     #[arg(long, default_value = "spiffe://securesrv/dispatcher/main")]
     pub server_id: String,
@@ -254,19 +258,25 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
 
 /// Runs the benchmark and returns the report.
 pub async fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
-    let ca = args.ca.clone().unwrap_or_else(|| {
-        args.cert
-            .parent()
-            .map_or_else(|| PathBuf::from("ca.crt"), |d| d.join("ca.crt"))
-    });
-    let material = TlsMaterial::load(&ca, &args.cert, &args.key)
-        .map_err(|e| BenchError::Setup(e.to_string()))?;
+    let defaults = crate::config::Config::default();
+    let cert = (args.cert.clone()).unwrap_or_else(|| defaults.certs_dir.join("client.crt"));
+    let key = (args.key.clone()).unwrap_or_else(|| defaults.certs_dir.join("client.key"));
+    let ca = args
+        .ca
+        .clone()
+        .unwrap_or_else(|| cert.with_file_name("ca.crt"));
+    let material =
+        TlsMaterial::load(&ca, &cert, &key).map_err(|e| BenchError::Setup(e.to_string()))?;
     let server_id: SpiffeId = args
         .server_id
         .parse()
         .map_err(|e: crate::identity::IdentityError| BenchError::Setup(e.to_string()))?;
-    let mut cfg = ClientConfig::new(&material, args.connect, server_id)
+    let addr = args.connect.unwrap_or(defaults.dispatcher.listen);
+    let mut cfg = ClientConfig::new(&material, addr, server_id)
         .map_err(|e| BenchError::Setup(e.to_string()))?;
+    if let Some(max) = args.max_frame {
+        cfg.io.max_frame = max;
+    }
     cfg.max_in_flight = args.in_flight.max(1);
     // Shared, not copied, by every call: the load generator should cost as little as it can.
     let payload = Bytes::from((0..args.size).map(|i| (i % 251) as u8).collect::<Vec<u8>>());

@@ -263,7 +263,18 @@ fn run_command(cmd: Command, config: Option<PathBuf>, log: Option<String>) -> Ex
         }
         Command::Watchdog(a) => watchdog(config, a, log),
         Command::Client(a) => client_cmd::run(a, config),
-        Command::Bench(a) => components::bench(*a),
+        Command::Bench(mut a) => match load_config(config.as_deref(), |_| {}) {
+            Ok(cfg) => {
+                a.cert
+                    .get_or_insert_with(|| cfg.certs_dir.join("client.crt"));
+                a.key
+                    .get_or_insert_with(|| cfg.certs_dir.join("client.key"));
+                a.connect.get_or_insert(cfg.dispatcher.listen);
+                a.max_frame = Some(cfg.limits.max_frame_bytes);
+                components::bench(*a)
+            }
+            Err(code) => code,
+        },
         Command::BenchEcho(a) => match load_config(config.as_deref(), |_| {}) {
             Ok(cfg) => components::bench_echo(cfg, a.listen, a.certs),
             Err(code) => code,

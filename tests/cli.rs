@@ -1118,3 +1118,73 @@ fn an_answer_too_large_for_the_client_is_audited_as_refused() {
     assert!(line.contains("outcome=too_large"), "{line}");
     drop(worker);
 }
+
+/// The client and bench commands take the frame limit from `--config`, as the servers do: a
+/// 1.5 MB payload under a 2 MiB limit was refused by the client itself.
+#[test]
+fn the_client_follows_the_configured_frame_limit() {
+    let (pki, dir, d_addr, w_addr) = one_worker();
+    let cwd = pki.tmp.path();
+    std::fs::write(
+        cwd.join("big.toml"),
+        "[limits]\nmax_frame_bytes = 2097152\nmax_in_flight_bytes_per_identity = 4194304\n",
+    )
+    .unwrap();
+    let (_worker, _dispatcher) =
+        start_worker_and_dispatcher(cwd, &dir, &w_addr, &d_addr, "big.toml");
+    std::fs::write(cwd.join("big.bin"), vec![b'z'; 1_500_000]).unwrap();
+    let (cert, key) = (format!("{dir}/client.crt"), format!("{dir}/client.key"));
+    let client = |config: &[&str]| {
+        let mut args: Vec<&str> = config.to_vec();
+        args.extend([
+            "client",
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--connect",
+            &d_addr,
+            "--data-file",
+            "big.bin",
+            "echo",
+        ]);
+        run(cwd, &args, b"")
+    };
+    let out = client(&["--config", "big.toml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(out.stdout.len(), 1_500_000);
+    // Without the configuration, the built-in 1 MiB limit.
+    let out = client(&[]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    // The load generator too, with its certificate and address from the configuration.
+    std::fs::write(
+        cwd.join("bench.toml"),
+        format!(
+            "certs_dir = {dir:?}\n[dispatcher]\nlisten = \"{d_addr}\"\n[limits]\n\
+             max_frame_bytes = 2097152\nmax_in_flight_bytes_per_identity = 4194304\n"
+        ),
+    )
+    .unwrap();
+    let out = run(
+        cwd,
+        &[
+            "--config",
+            "bench.toml",
+            "bench",
+            "--connections",
+            "1",
+            "--duration",
+            "0.3",
+            "--warmup",
+            "0",
+            "--size",
+            "1500000",
+            "--json",
+        ],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r["requests"].as_u64().unwrap_or(0) > 0, "{r}");
+    assert_eq!(r["errors"], 0, "{r}");
+}

@@ -107,6 +107,8 @@ pub fn run(args: ClientArgs, config: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // The configuration's frame limit, both ways: requests and answers up to it.
+    client_cfg.io.max_frame = cfg.limits.max_frame_bytes;
     if let Some(ms) = args.timeout_ms {
         client_cfg.call_timeout = Duration::from_millis(ms.max(1));
     }
