@@ -102,8 +102,41 @@ pub enum CertError {
         tried: String,
     },
     /// A host name for the certificate is not valid.
-    #[error("invalid --host {0:?}")]
+    #[error(
+        "invalid --host {0:?}: give an IP address or a DNS name (letters, digits, hyphens, dots)"
+    )]
     BadHost(String),
+}
+
+/// Refuses a `--host` that is neither an IP address nor a DNS name, before anything is written.
+fn check_hosts(hosts: &[String]) -> Result<(), CertError> {
+    match hosts
+        .iter()
+        .find(|h| h.parse::<std::net::IpAddr>().is_err() && !valid_dns_name(h))
+    {
+        Some(bad) => Err(CertError::BadHost(bad.clone())),
+        None => Ok(()),
+    }
+}
+
+/// A DNS name a certificate may carry: dot-separated labels of 1 to 63 letters, digits and
+/// hyphens (not at either end of a label), 253 characters at most; the first label may be `*`
+/// when others follow.
+fn valid_dns_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let labels: Vec<&str> = name.split('.').collect();
+    !name.is_empty()
+        && name.len() <= 253
+        && labels.iter().enumerate().all(|(i, label)| {
+            (i == 0 && *label == "*" && labels.len() > 1)
+                || (!label.is_empty()
+                    && label.len() <= 63
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+        })
 }
 
 /// As [`io_err`], for a file being loaded: a missing one says how to make it.
@@ -312,6 +345,8 @@ impl CertAuthority {
         for host in &spec.hosts {
             sans.push(match host.parse::<std::net::IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
+                // rcgen takes any IA5 string; a client would never match a name with a space.
+                Err(_) if !valid_dns_name(host) => return Err(CertError::BadHost(host.clone())),
                 Err(_) => SanType::DnsName(
                     host.clone()
                         .try_into()
@@ -467,6 +502,7 @@ pub fn init(dir: &Path, opts: &InitOptions) -> Result<Vec<PathBuf>, CertError> {
     let workers = (1..=opts.workers)
         .map(|n| SpiffeId::worker(td, n))
         .collect::<Result<Vec<_>, _>>()?;
+    check_hosts(&opts.hosts)?;
     create_private_dir(dir)?;
     for existing in [CA_CERT, CA_KEY] {
         let p = dir.join(existing);
@@ -520,6 +556,7 @@ pub struct IssueOptions {
 /// `certs issue`: one more identity signed by the existing CA in `dir` (and, for a worker, its
 /// token key derived from `token.key`).
 pub fn issue(dir: &Path, opts: &IssueOptions) -> Result<Vec<PathBuf>, CertError> {
+    check_hosts(&opts.hosts)?;
     let ca = CertAuthority::load(dir)?;
     let td = match &opts.trust_domain {
         Some(td) => td.clone(),

@@ -456,10 +456,14 @@ fn init_logging(filter: Option<&str>) -> logwriter::Guard {
         .map(str::to_string)
         .or_else(|| std::env::var("SECURESRV_LOG").ok())
         .unwrap_or_else(|| "info".into());
+    let env_filter = EnvFilter::try_new(&filter).unwrap_or_else(|e| {
+        eprintln!("securesrv: invalid log filter {filter:?} ({e}); logging at info");
+        EnvFilter::new("info")
+    });
     let (writer, guard) = logwriter::buffered_stderr();
     securesrv::audit::install(Box::new(writer.clone()));
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(env_filter)
         .with_writer(writer)
         .with_ansi(false)
         .event_format(logformat::LeanFormat)

@@ -111,6 +111,40 @@ fn certs_commands() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(tmp.path().join("script-certs/dispatcher.key").exists());
+    // Options without DIR (the first used to be taken as DIR), and ./certs is the caller's.
+    let out = Command::new(&script)
+        .args(["--workers", "3"])
+        .current_dir(tmp.path().join("c"))
+        .env("SECURESRV_BIN", bin())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(tmp.path().join("c/certs/worker-3.key").exists());
+    // A log filter that does not parse is said to be ignored (it was, silently).
+    let out = run(
+        tmp.path(),
+        &["--log", "foo=verbose", "certs", "init", "--dir", "e"],
+        b"",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("invalid log filter"),
+        "{}",
+        text(&out.stderr)
+    );
+    // So is a --host that is not a host name, before anything is written.
+    let out = run(
+        tmp.path(),
+        &["certs", "init", "--dir", "h", "--host", "bad host"],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("invalid --host"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!tmp.path().join("h").exists());
     // Certificates that expire at once are refused (they were written).
     let out = run(
         tmp.path(),

@@ -386,3 +386,29 @@ fn token_keys_alone_for_certificates_made_elsewhere() {
         master.current().key.expose()
     );
 }
+
+#[test]
+fn host_names_are_dns_names_or_addresses() {
+    for good in ["svc.example", "a-b.c", "*.svc.example", "localhost", "x."] {
+        assert!(valid_dns_name(good), "{good}");
+    }
+    for bad in [
+        "bad host",
+        "",
+        "-a.b",
+        "a-.b",
+        "a..b",
+        "*",
+        "a.*.b",
+        "\u{e9}.example",
+    ] {
+        assert!(!valid_dns_name(bad), "{bad:?}");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut o = opts(1);
+    o.hosts = vec!["bad host".into()];
+    let dir = tmp.path().join("c");
+    let err = init(&dir, &o).unwrap_err();
+    assert!(matches!(err, CertError::BadHost(_)), "{err}");
+    assert!(!dir.exists(), "nothing written");
+}
