@@ -234,6 +234,66 @@ fn start_serve_and_stop_with_sigterm() {
     }
 }
 
+/// `securesrv ready` is said only once the dispatcher has linked to every worker that is up:
+/// it could be said while the dispatcher was still waiting out its backoff before dialling a
+/// worker that had just come up, and the first request then waited for it.
+#[test]
+fn ready_waits_for_the_dispatchers_links_to_the_workers() {
+    let f = Fixture::new();
+    // Worker 2 is restarted every 200 ms at most, and not marked FAILED meanwhile; the
+    // dispatcher's backoff between dials grows to its default cap of 2 s.
+    let path = f.pki.tmp.path().join("securesrv.toml");
+    let cfg = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace(
+            "restart_backoff_max_ms = 2000\n",
+            "restart_backoff_max_ms = 200\n",
+        )
+        .replace(
+            "max_missed = 3\n",
+            "max_missed = 3\nrestart_limit_burst = 100\n",
+        );
+    std::fs::write(&path, cfg).unwrap();
+    // Worker 2's port is held by something that closes every connection: worker 2 cannot
+    // start, and each dial of the dispatcher fails at once.
+    let squatter = std::net::TcpListener::bind(f.addr(2)).unwrap();
+    squatter.set_nonblocking(true).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let closer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match squatter.accept() {
+                    Ok((s, _)) => drop(s),
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        })
+    };
+    let w = f.watchdog();
+    // Eight failed dials (about 5 s): the dispatcher now waits 2 s before the next one.
+    w.wait_log(&["cannot reach worker", "worker=2 ", "attempts=8 "], WAIT);
+    stop.store(true, Ordering::Relaxed);
+    closer.join().unwrap();
+    // Worker 2 comes up at its next restart (within 0.2 s), well before that.
+    w.wait_for_n(false, &["securesrv ready"], 1, WAIT);
+    let sees = rt().block_on(async {
+        let dispatcher = SpiffeId::dispatcher("securesrv").unwrap();
+        f.pki
+            .watchdog_ping(&dispatcher, f.addr(0))
+            .await
+            .1
+            .workers_available
+    });
+    assert_eq!(
+        sees,
+        Some(2),
+        "workers the dispatcher can use when ready is said:\n{}\n{}",
+        w.stdout(),
+        w.stderr()
+    );
+}
+
 #[test]
 fn sigkill_of_a_worker_is_repaired_without_client_failures() {
     let f = Fixture::new();

@@ -141,6 +141,9 @@ struct Supervisor {
     slots: Vec<Slot>,
     events: mpsc::UnboundedSender<Event>,
     announced: bool,
+    /// Workers the dispatcher could use at its latest heartbeat: `ready` waits until it has
+    /// a link to every worker that is up.
+    dispatcher_sees: u32,
     /// Components being stopped in the background (live, though in no slot).
     stopping: HashSet<u32>,
     /// Stops running in the background, awaited on the way out.
@@ -245,6 +248,7 @@ pub async fn run(
         slots,
         events: tx,
         announced: false,
+        dispatcher_sees: 0,
         stopping: HashSet::new(),
         stop_tasks: tokio::task::JoinSet::new(),
         dead: VecDeque::new(),
@@ -418,6 +422,10 @@ impl Supervisor {
                     return;
                 }
                 slot.prober = Some(prober);
+                if let (Ok(beat), true) = (&result, slot.comp.is_dispatcher) {
+                    self.dispatcher_sees = beat.workers_available.unwrap_or(0);
+                }
+                let slot = &mut self.slots[idx];
                 match (result, slot.phase) {
                     (Ok(beat), Phase::Starting { since }) => {
                         slot.phase = Phase::Up {
@@ -441,6 +449,9 @@ impl Supervisor {
                             slot.down_since = None;
                         }
                         slot.misses = 0;
+                        if slot.comp.is_dispatcher {
+                            self.maybe_announce();
+                        }
                     }
                     (Err(e), Phase::Up { .. }) => {
                         slot.misses += 1;
@@ -597,12 +608,32 @@ impl Supervisor {
             .slots
             .iter()
             .all(|s| matches!(s.phase, Phase::Up { .. } | Phase::Failed { .. }));
-        let dispatcher_up = self
+        let Some(dispatcher_up_for) = self.slots.iter().find_map(|s| match s.phase {
+            Phase::Up { since } if s.comp.is_dispatcher => Some(since.elapsed()),
+            _ => None,
+        }) else {
+            return;
+        };
+        if !settled {
+            return;
+        }
+        // Ready means a request is served at once: the dispatcher must have its links to the
+        // workers that are up (it dials them as it starts). Should that take longer than a
+        // component may take to start, ready is said anyway, with what the dispatcher sees.
+        let workers_up = self
             .slots
             .iter()
-            .any(|s| s.comp.is_dispatcher && matches!(s.phase, Phase::Up { .. }));
-        if !settled || !dispatcher_up {
-            return;
+            .filter(|s| !s.comp.is_dispatcher && matches!(s.phase, Phase::Up { .. }))
+            .count() as u32;
+        let start_timeout = Duration::from_millis(self.cfg.watchdog.start_timeout_ms);
+        if self.dispatcher_sees < workers_up {
+            if dispatcher_up_for < start_timeout {
+                return;
+            }
+            warn!(
+                linked = self.dispatcher_sees,
+                workers_up, "the dispatcher has not linked to every worker that is up"
+            );
         }
         self.announced = true;
         let parts: Vec<String> = self
