@@ -182,7 +182,7 @@ impl<S> Connection<S> {
         }
     }
 
-    /// Charges every frame of [`SHARE_FRAMES_FROM`] bytes or more that does not arrive in one
+    /// Charges every frame of 1 KiB or more that does not arrive in one
     /// read to `budget` while it is being received: it is read only once the budget has room
     /// for all of it (waiting within the frame deadline), and its charge is returned when the
     /// frame is taken. A peer that sends frames in part holds its own budget, not the memory
