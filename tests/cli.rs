@@ -39,14 +39,27 @@ fn start_worker_and_dispatcher(
     d_addr: &str,
     config: &str,
 ) -> (Proc, Proc) {
+    start_pair(cwd, certs, (w_addr, config), (d_addr, config), || {})
+}
+
+/// Worker 1 on `worker.0` reading the config file `worker.1`, then `between()`, then a
+/// dispatcher on `dispatcher.0` reading `dispatcher.1`, linked to the worker.
+fn start_pair(
+    cwd: &Path,
+    certs: &str,
+    worker: (&str, &str),
+    dispatcher: (&str, &str),
+    between: impl FnOnce(),
+) -> (Proc, Proc) {
     let worker = Proc::spawn(
         "worker",
         &[
-            "--config", config, "worker", "--id", "1", "--listen", w_addr, "--certs", certs,
+            "--config", worker.1, "worker", "--id", "1", "--listen", worker.0, "--certs", certs,
         ],
         cwd,
     );
     worker.wait_log(&["worker listening"], WAIT);
+    between();
     // Refused handshakes beyond one a second are logged at debug only.
     let dispatcher = Proc::spawn(
         "dispatcher",
@@ -54,10 +67,10 @@ fn start_worker_and_dispatcher(
             "--log",
             "info,securesrv::server=debug",
             "--config",
-            config,
+            dispatcher.1,
             "dispatcher",
             "--listen",
-            d_addr,
+            dispatcher.0,
             "--workers",
             "1",
             "--certs",
@@ -1005,28 +1018,17 @@ fn the_interactive_client_waits_for_a_dispatcher_that_is_still_starting() {
 fn a_worker_on_a_stale_token_key_is_reported_once_a_second_not_per_request() {
     let (pki, dir, d_addr, w_addr) = one_worker();
     let cwd = pki.tmp.path();
-    let worker = Proc::spawn(
-        "worker",
-        &["worker", "--id", "1", "--listen", &w_addr, "--certs", &dir],
+    std::fs::write(cwd.join("empty.toml"), "").unwrap();
+    let (_worker, dispatcher) = start_pair(
         cwd,
+        &dir,
+        (&w_addr, "empty.toml"),
+        (&d_addr, "empty.toml"),
+        || {
+            let out = run(cwd, &["certs", "rotate-token-key", "--dir", &dir], b"");
+            assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        },
     );
-    worker.wait_log(&["worker listening"], WAIT);
-    let out = run(cwd, &["certs", "rotate-token-key", "--dir", &dir], b"");
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let dispatcher = Proc::spawn(
-        "dispatcher",
-        &[
-            "dispatcher",
-            "--listen",
-            &d_addr,
-            "--workers",
-            "1",
-            "--certs",
-            &dir,
-        ],
-        cwd,
-    );
-    dispatcher.wait_log(&["worker link up", "worker=1"], WAIT);
     let (cert, key) = (format!("{dir}/client.crt"), format!("{dir}/client.key"));
     // Batches of 300 requests from the interactive client, one per line, for 1.5 s or more.
     let mut input = Vec::new();
@@ -1098,38 +1100,13 @@ fn an_answer_too_large_for_the_client_is_audited_as_refused() {
         format!("{job}[acl]\nbig = [\"*\"]\n"),
     )
     .unwrap();
-    let worker = Proc::spawn(
-        "worker",
-        &[
-            "--config",
-            "worker.toml",
-            "worker",
-            "--id",
-            "1",
-            "--listen",
-            &w_addr,
-            "--certs",
-            &dir,
-        ],
+    let (_worker, dispatcher) = start_pair(
         cwd,
+        &dir,
+        (&w_addr, "worker.toml"),
+        (&d_addr, "dispatcher.toml"),
+        || {},
     );
-    worker.wait_log(&["worker listening"], WAIT);
-    let dispatcher = Proc::spawn(
-        "dispatcher",
-        &[
-            "--config",
-            "dispatcher.toml",
-            "dispatcher",
-            "--listen",
-            &d_addr,
-            "--workers",
-            "1",
-            "--certs",
-            &dir,
-        ],
-        cwd,
-    );
-    dispatcher.wait_log(&["worker link up", "worker=1"], WAIT);
     let (cert, key) = (format!("{dir}/client.crt"), format!("{dir}/client.key"));
     let out = run(
         cwd,
@@ -1150,7 +1127,6 @@ fn an_answer_too_large_for_the_client_is_audited_as_refused() {
     assert!(err.contains("too_large"), "{err}");
     let line = dispatcher.wait_log(&["op=big"], WAIT);
     assert!(line.contains("outcome=too_large"), "{line}");
-    drop(worker);
 }
 
 /// The client and bench commands take the frame limit from `--config`, as the servers do: a
