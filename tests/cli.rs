@@ -31,6 +31,14 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Asserts that a command exited with `code` and said `needle` on stderr.
+#[track_caller]
+fn exits_saying(out: &Output, code: i32, needle: &str) {
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{err}");
+    assert!(err.contains(needle), "{needle:?} not in: {err}");
+}
+
 /// Worker 1 on `w_addr`, then a dispatcher on `d_addr` linked to it, both reading `config`.
 fn start_worker_and_dispatcher(
     cwd: &Path,
@@ -139,24 +147,14 @@ fn certs_commands() {
         &["--log", "foo=verbose", "certs", "init", "--dir", "e"],
         b"",
     );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("invalid log filter"),
-        "{}",
-        text(&out.stderr)
-    );
+    exits_saying(&out, 0, "invalid log filter");
     // So is a --host that is not a host name, before anything is written.
     let out = run(
         tmp.path(),
         &["certs", "init", "--dir", "h", "--host", "bad host"],
         b"",
     );
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("invalid --host"),
-        "{}",
-        text(&out.stderr)
-    );
+    exits_saying(&out, 1, "invalid --host");
     assert!(!tmp.path().join("h").exists());
     // Certificates that expire at once are refused (they were written).
     let out = run(
@@ -229,12 +227,7 @@ fn certs_commands_follow_the_configuration() {
         ],
         b"",
     );
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("--trust-domain"),
-        "{}",
-        text(&out.stderr)
-    );
+    exits_saying(&out, 1, "--trust-domain");
     // Token keys alone, for certificates made by another tool.
     for f in [
         "token.key",
@@ -260,12 +253,7 @@ fn certs_commands_follow_the_configuration() {
         &["--config", "s.toml", "certs", "token-keys"],
         b"",
     );
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("--force"),
-        "{}",
-        text(&out.stderr)
-    );
+    exits_saying(&out, 1, "--force");
 }
 
 #[test]
@@ -288,12 +276,7 @@ fn bad_configuration_exits_64_and_lists_every_problem() {
         &["--config", "typo.toml", "worker", "--id", "1"],
         b"",
     );
-    assert_eq!(out.status.code(), Some(64));
-    assert!(
-        text(&out.stderr).contains("max_frames"),
-        "{}",
-        text(&out.stderr)
-    );
+    exits_saying(&out, 64, "max_frames");
     let out = run(tmp.path(), &["--config", "missing.toml", "watchdog"], b"");
     assert_eq!(out.status.code(), Some(64));
 }
@@ -478,60 +461,34 @@ fn client_command_end_to_end() {
     // A key others can read is refused with the fix, exit 64.
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let out = client(&["echo", "x"], b"");
-    assert_eq!(out.status.code(), Some(64));
-    assert!(
-        text(&out.stderr).contains("chmod 600"),
-        "{}",
-        text(&out.stderr)
-    );
+    exits_saying(&out, 64, "chmod 600");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
 
-    // Nothing listening: exit 5 with the address; no worker: exit 4 (bounded).
+    // Nothing listening: exit 5 with the address. A host name that does not resolve is a
+    // connection failure too (it was a usage error, exit 2); an address without a port is
+    // still a usage error.
     let nowhere = format!("127.0.0.1:{}", free_port());
-    let out = run(
-        cwd,
-        &[
+    for (addr, code, says) in [
+        (nowhere.as_str(), 5, nowhere.as_str()),
+        ("nosuchhost.invalid:2222", 5, "cannot resolve"),
+        ("localhost", 2, "no port"),
+    ] {
+        let args = [
             "client",
             "--cert",
             &cert,
             "--key",
             &key,
             "--connect",
-            &nowhere,
+            addr,
             "--timeout-ms",
             "2000",
             "echo",
             "x",
-        ],
-        b"",
-    );
-    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains(&nowhere));
-    // A host name that does not resolve is a connection failure too (it was a usage error,
-    // exit 2); an address without a port is still a usage error.
-    for (addr, code, says) in [
-        ("nosuchhost.invalid:2222", 5, "cannot resolve"),
-        ("localhost", 2, "no port"),
-    ] {
-        let out = run(
-            cwd,
-            &[
-                "client",
-                "--cert",
-                &cert,
-                "--key",
-                &key,
-                "--connect",
-                addr,
-                "echo",
-                "x",
-            ],
-            b"",
-        );
-        let err = text(&out.stderr);
-        assert_eq!(out.status.code(), Some(code), "{addr}: {err}");
-        assert!(err.contains(says), "{addr}: {err}");
+        ];
+        exits_saying(&run(cwd, &args, b""), code, says);
     }
+    // No worker: exit 4 (bounded).
     drop(worker);
     dispatcher.wait_log(&["worker link down"], WAIT);
     let out = client(&["echo", "x"], b"");
