@@ -145,17 +145,62 @@ pub struct Connection<S> {
     frame_budget: Option<FrameBudget>,
     /// The charge for the frame now being received.
     frame_permit: Option<OwnedSemaphorePermit>,
+    /// The wait for that charge, while the budget has no room.
+    budget_wait: Option<BudgetWait>,
     limits: IoLimits,
 }
+
+/// Runs `fut` until it completes, or `None` once `deadline` has passed. `timer` is kept from
+/// one call to the next (see `Connection::read_timer`): armed for an earlier deadline that has
+/// since moved on, it is set to `deadline` and waited on again.
+async fn before<F: Future>(
+    timer: &mut Pin<Box<tokio::time::Sleep>>,
+    deadline: Instant,
+    fut: F,
+) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        tokio::select! {
+            biased;
+            r = &mut fut => return Some(r),
+            () = timer.as_mut() => {
+                if Instant::now() >= deadline {
+                    return None;
+                }
+                timer.as_mut().reset(deadline);
+            }
+        }
+    }
+}
+
+/// A wait for frame budget, kept by the connection across cancelled reads.
+type BudgetWait =
+    Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, tokio::sync::AcquireError>> + Send>>;
 
 /// A budget of memory for frames being received, shared by connections.
 #[derive(Clone, Debug)]
 pub struct FrameBudget {
     /// One permit per KiB.
-    pub kib: Arc<Semaphore>,
+    kib: Arc<Semaphore>,
     /// Its size in KiB: a frame is never charged more, so that it can always be received
     /// alone.
-    pub kib_limit: usize,
+    kib_limit: usize,
+}
+
+impl FrameBudget {
+    /// A budget of `kib` KiB (capped at what a semaphore holds).
+    pub fn new(kib: usize) -> Self {
+        let kib_limit = kib.min(Semaphore::MAX_PERMITS);
+        FrameBudget {
+            kib: Arc::new(Semaphore::new(kib_limit)),
+            kib_limit,
+        }
+    }
+
+    /// KiB not charged now.
+    pub fn available_kib(&self) -> usize {
+        self.kib.available_permits()
+    }
 }
 
 impl<S> Connection<S> {
@@ -178,6 +223,7 @@ impl<S> Connection<S> {
             read_timer: None,
             frame_budget: None,
             frame_permit: None,
+            budget_wait: None,
             limits,
         }
     }
@@ -205,8 +251,24 @@ impl<S> Connection<S> {
 impl<S: AsyncRead + Unpin> Connection<S> {
     /// Reads the next message. `Ok(None)` is a clean close between frames.
     ///
-    /// Cancel-safe: dropping the future loses no bytes.
+    /// Cancel-safe: dropping the future loses no bytes, and a frame waiting for its budget
+    /// keeps its place in the budget's queue.
     pub async fn read_message(&mut self) -> Result<Option<Message>, ConnError> {
+        let result = self.read_next().await;
+        if result.is_err() {
+            // Nothing more is read: the frame in progress gives back its charge and its
+            // buffer now, not when the connection is finally dropped.
+            self.budget_wait = None;
+            self.frame_permit = None;
+            if let Some(mut spare) = self.spare.take() {
+                spare.clear();
+                self.read_buf = spare;
+            }
+        }
+        result
+    }
+
+    async fn read_next(&mut self) -> Result<Option<Message>, ConnError> {
         loop {
             if let Some(msg) = self.buffered_message()? {
                 return Ok(Some(msg));
@@ -233,33 +295,30 @@ impl<S: AsyncRead + Unpin> Connection<S> {
             match frame::check_header(&self.read_buf, self.limits.max_frame)? {
                 // An incomplete frame of a sharable size: charged to the frame budget, then
                 // moved into a buffer of its own, of exactly its size (allocated, not yet
-                // touched: memory is used as bytes arrive).
+                // touched: memory is used as bytes arrive). Without a budget (a component's
+                // link, whose peer is authenticated infrastructure) it is not charged.
                 Some(total) if total >= SHARE_FRAMES_FROM => {
                     if self.spare.is_none() {
-                        if let Some(budget) = &self.frame_budget {
-                            if self.frame_permit.is_none() {
+                        if let (Some(budget), None) = (&self.frame_budget, &self.frame_permit) {
+                            if self.budget_wait.is_none() {
                                 let kib = total.div_ceil(1024).min(budget.kib_limit).max(1);
                                 let kib = u32::try_from(kib).unwrap_or(u32::MAX);
-                                let sem = budget.kib.clone();
-                                let permit = match sem.clone().try_acquire_many_owned(kib) {
-                                    Ok(p) => p,
-                                    Err(_) => loop {
-                                        tokio::select! {
-                                            biased;
-                                            p = sem.clone().acquire_many_owned(kib) => {
-                                                // Closed only if the semaphore was: never.
-                                                break p.map_err(|_| err())?;
-                                            }
-                                            () = timer.as_mut() => {
-                                                if Instant::now() >= deadline {
-                                                    return Err(err());
-                                                }
-                                                timer.as_mut().reset(deadline);
-                                            }
-                                        }
-                                    },
-                                };
-                                self.frame_permit = Some(permit);
+                                match budget.kib.clone().try_acquire_many_owned(kib) {
+                                    Ok(p) => self.frame_permit = Some(p),
+                                    // Queued, and kept across cancelled calls: dropping the
+                                    // wait would give up its place in the queue.
+                                    Err(_) => {
+                                        self.budget_wait = Some(Box::pin(
+                                            budget.kib.clone().acquire_many_owned(kib),
+                                        ))
+                                    }
+                                }
+                            }
+                            if let Some(wait) = self.budget_wait.as_mut() {
+                                let got = before(timer, deadline, wait.as_mut()).await;
+                                self.budget_wait = None;
+                                // The semaphore is never closed.
+                                self.frame_permit = Some(got.ok_or_else(err)?.map_err(|_| err())?);
                             }
                         }
                         let mut own = BytesMut::with_capacity(total);
@@ -282,19 +341,8 @@ impl<S: AsyncRead + Unpin> Connection<S> {
                     }
                 }
             }
-            let n = loop {
-                tokio::select! {
-                    biased;
-                    r = self.stream.read_buf(&mut self.read_buf) => break r?,
-                    () = timer.as_mut() => {
-                        if Instant::now() >= deadline {
-                            return Err(err());
-                        }
-                        // Armed for an earlier deadline that has since moved on.
-                        timer.as_mut().reset(deadline);
-                    }
-                }
-            };
+            let read = self.stream.read_buf(&mut self.read_buf);
+            let n = before(timer, deadline, read).await.ok_or_else(err)??;
             if n == 0 {
                 return if self.read_buf.is_empty() {
                     Ok(None)
@@ -774,10 +822,7 @@ mod tests {
             idle_timeout: Duration::from_secs(30),
             ..limits_with_max(512 * 1024)
         };
-        let budget = FrameBudget {
-            kib: Arc::new(Semaphore::new(300)),
-            kib_limit: 300,
-        };
+        let budget = FrameBudget::new(300);
         let (mut a1, b1) = tokio::io::duplex(1024 * 1024);
         let (mut a2, b2) = tokio::io::duplex(1024 * 1024);
         let mut rx1 = Connection::new(b1, limits);
@@ -806,10 +851,6 @@ mod tests {
             f1.len(),
             "a buffer of exactly its size"
         );
-        assert_eq!(
-            budget.kib.available_permits(),
-            300 - f1.len().div_ceil(1024)
-        );
         assert!(
             rx2.frame_permit.is_none(),
             "the second does not fit beside it"
@@ -831,16 +872,97 @@ mod tests {
             panic!("the second frame");
         };
         assert_eq!((r.id, r.payload.len()), (2, 200 * 1024));
-        assert_eq!(budget.kib.available_permits(), 300);
+        assert_eq!(budget.available_kib(), 300);
+    }
+
+    /// A frame waiting for budget keeps its place in the queue when the read is cancelled
+    /// (a session drops its read whenever an answer is ready to write); a frame that arrives
+    /// whole in one read is not charged; and a connection that fails gives its charge back
+    /// at once.
+    #[tokio::test]
+    async fn a_budget_wait_keeps_its_place_across_cancelled_reads() {
+        let limits = IoLimits {
+            frame_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(30),
+            ..limits_with_max(512 * 1024)
+        };
+        let budget = FrameBudget::new(300);
+        let conn = |stream| {
+            let mut c = Connection::new(stream, limits);
+            c.set_frame_budget(budget.clone());
+            c
+        };
+        let (mut a1, b1) = tokio::io::duplex(1024 * 1024);
+        let (mut a2, b2) = tokio::io::duplex(1024 * 1024);
+        let (mut a3, b3) = tokio::io::duplex(1024 * 1024);
+        let (mut rx1, mut rx2, mut rx3) = (conn(b1), conn(b2), conn(b3));
+        let f1 = reply_frame(1, 200 * 1024, limits.max_frame);
+        let f2 = reply_frame(2, 200 * 1024, limits.max_frame);
+        let f3 = reply_frame(3, 150 * 1024, limits.max_frame);
+        let pending = Duration::from_millis(50);
+        // 1 holds 201 KiB; 2 queues for 201, then 3 for 151.
+        a1.write_all(&f1[..10_000]).await.unwrap();
+        assert!(
+            tokio::time::timeout(pending, rx1.read_message())
+                .await
+                .is_err()
+        );
+        a2.write_all(&f2[..10_000]).await.unwrap();
+        assert!(
+            tokio::time::timeout(pending, rx2.read_message())
+                .await
+                .is_err()
+        );
+        a3.write_all(&f3[..10_000]).await.unwrap();
+        let third = tokio::spawn(async move {
+            let r = rx3.read_message().await;
+            (rx3, r)
+        });
+        tokio::time::sleep(pending).await;
+        // 2's read is cancelled again and again while 1's charge comes back.
+        for _ in 0..3 {
+            assert!(
+                tokio::time::timeout(pending, rx2.read_message())
+                    .await
+                    .is_err()
+            );
+        }
+        a1.write_all(&f1[10_000..]).await.unwrap();
+        assert!(matches!(rx1.read_message().await, Ok(Some(_))));
+        assert!(
+            tokio::time::timeout(pending, rx2.read_message())
+                .await
+                .is_err()
+        );
+        // (What is left goes to 3 as it waits: tokio hands permits to the queue's head.)
+        assert!(rx2.frame_permit.is_some(), "2 was first in the queue");
+        // 2 fails (its peer goes away mid-frame): its charge goes to 3 at once.
+        drop(a2);
+        assert!(matches!(
+            rx2.read_message().await,
+            Err(ConnError::Truncated)
+        ));
+        assert!(rx2.frame_permit.is_none() && rx2.spare.is_none());
+        a3.write_all(&f3[10_000..]).await.unwrap();
+        let (_rx3, r) = third.await.unwrap();
+        assert!(matches!(r, Ok(Some(Message::Reply(r))) if r.id == 3));
+        assert_eq!(budget.available_kib(), 300);
+        // A 2 KiB frame that arrives whole is read without a charge: with the whole budget
+        // taken, it is still read at once.
+        let held = budget.kib.clone().try_acquire_many_owned(300).unwrap();
+        let (mut a4, b4) = tokio::io::duplex(64 * 1024);
+        let mut rx4 = conn(b4);
+        a4.write_all(&reply_frame(4, 2048, limits.max_frame))
+            .await
+            .unwrap();
+        assert!(matches!(rx4.read_message().await, Ok(Some(_))));
+        drop(held);
     }
 
     /// A frame left waiting for budget is still bound by the frame deadline.
     #[tokio::test]
     async fn a_frame_waiting_for_budget_is_cut_off_at_its_deadline() {
-        let budget = FrameBudget {
-            kib: Arc::new(Semaphore::new(2)),
-            kib_limit: 2,
-        };
+        let budget = FrameBudget::new(2);
         let held = budget.kib.clone().try_acquire_many_owned(2).unwrap();
         let (mut a, b) = tokio::io::duplex(64 * 1024);
         let mut rx = Connection::new(b, limits_with_max(8 * 1024));

@@ -100,10 +100,7 @@ impl IdentitySlots {
             limit: requests,
             kib: Arc::new(Semaphore::new(kib_limit)),
             kib_limit,
-            frames: crate::connection::FrameBudget {
-                kib: Arc::new(Semaphore::new(kib_limit)),
-                kib_limit,
-            },
+            frames: crate::connection::FrameBudget::new(kib_limit),
         }
     }
 }
