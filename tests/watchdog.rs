@@ -241,7 +241,9 @@ fn start_serve_and_stop_with_sigterm() {
 fn ready_waits_for_the_dispatchers_links_to_the_workers() {
     let f = Fixture::new();
     // Worker 2 is restarted every 200 ms at most, and not marked FAILED meanwhile; the
-    // dispatcher's backoff between dials grows to its default cap of 2 s.
+    // dispatcher's backoff between dials grows to its default cap of 2 s. The 4 s allowed
+    // for the links count from when worker 2 is up (about 5 s after the dispatcher), not from
+    // when the dispatcher came up.
     let path = f.pki.tmp.path().join("securesrv.toml");
     let cfg = std::fs::read_to_string(&path)
         .unwrap()
@@ -251,7 +253,7 @@ fn ready_waits_for_the_dispatchers_links_to_the_workers() {
         )
         .replace(
             "max_missed = 3\n",
-            "max_missed = 3\nrestart_limit_burst = 100\n",
+            "max_missed = 3\nrestart_limit_burst = 100\nstart_timeout_ms = 4000\n",
         );
     std::fs::write(&path, cfg).unwrap();
     // Worker 2's port is held by something that closes every connection: worker 2 cannot

@@ -144,6 +144,8 @@ struct Supervisor {
     /// Workers the dispatcher could use at its latest heartbeat: `ready` waits until it has
     /// a link to every worker that is up.
     dispatcher_sees: u32,
+    /// Since when every component has been up or FAILED, before `ready` is said.
+    settled_since: Option<Instant>,
     /// Components being stopped in the background (live, though in no slot).
     stopping: HashSet<u32>,
     /// Stops running in the background, awaited on the way out.
@@ -249,6 +251,7 @@ pub async fn run(
         events: tx,
         announced: false,
         dispatcher_sees: 0,
+        settled_since: None,
         stopping: HashSet::new(),
         stop_tasks: tokio::task::JoinSet::new(),
         dead: VecDeque::new(),
@@ -608,18 +611,22 @@ impl Supervisor {
             .slots
             .iter()
             .all(|s| matches!(s.phase, Phase::Up { .. } | Phase::Failed { .. }));
-        let Some(dispatcher_up_for) = self.slots.iter().find_map(|s| match s.phase {
-            Phase::Up { since } if s.comp.is_dispatcher => Some(since.elapsed()),
-            _ => None,
-        }) else {
-            return;
-        };
-        if !settled {
+        let dispatcher_up = self
+            .slots
+            .iter()
+            .any(|s| s.comp.is_dispatcher && matches!(s.phase, Phase::Up { .. }));
+        if !settled || !dispatcher_up {
+            self.settled_since = None;
             return;
         }
+        let settled_for = self
+            .settled_since
+            .get_or_insert_with(Instant::now)
+            .elapsed();
         // Ready means a request is served at once: the dispatcher must have its links to the
         // workers that are up (it dials them as it starts). Should that take longer than a
-        // component may take to start, ready is said anyway, with what the dispatcher sees.
+        // component may take to start (counted from when the last of them came up), ready is
+        // said anyway, with what the dispatcher sees.
         let workers_up = self
             .slots
             .iter()
@@ -627,7 +634,7 @@ impl Supervisor {
             .count() as u32;
         let start_timeout = Duration::from_millis(self.cfg.watchdog.start_timeout_ms);
         if self.dispatcher_sees < workers_up {
-            if dispatcher_up_for < start_timeout {
+            if settled_for < start_timeout {
                 return;
             }
             warn!(
