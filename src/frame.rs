@@ -27,6 +27,25 @@ pub const LINK_HEADROOM: usize = 4096;
 /// id, rounded up): a payload of at most `max_frame - REPLY_OVERHEAD` bytes always fits.
 pub const REPLY_OVERHEAD: usize = 64;
 
+/// The exact body length of the frame of a reply to request `id` carrying `payload_len`
+/// bytes (`{"reply": {"id": id, "payload": bin}}`), without encoding it.
+pub fn reply_body_len(id: u64, payload_len: usize) -> usize {
+    let id_len = match id {
+        0..=0x7f => 1,
+        0x80..=0xff => 2,
+        0x100..=0xffff => 3,
+        0x1_0000..=0xffff_ffff => 5,
+        _ => 9,
+    };
+    let bin_header = match payload_len {
+        0..=0xff => 2,
+        0x100..=0xffff => 3,
+        _ => 5,
+    };
+    // fixmap, "reply", fixmap, "id", id, "payload", bin header, payload
+    1 + 6 + 1 + 3 + id_len + 8 + bin_header + payload_len
+}
+
 /// MessagePack nesting bound: at most `MAX_DEPTH - 1` nested maps/arrays. Our messages nest
 /// two; anything much deeper is hostile and is refused before the decoder recurses into it.
 pub const MAX_DEPTH: usize = 16;

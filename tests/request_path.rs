@@ -577,3 +577,32 @@ async fn the_watchdog_identity_may_ping_but_not_send_requests() {
     }
     cluster.stop().await;
 }
+
+/// The largest echo a frame holds is answered: a reply's envelope is smaller than its
+/// request's, so an echo always fits on the way back (a worst-case allowance for the reply's
+/// envelope refused the last few bytes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_echo_a_frame_holds_is_answered() {
+    let pki = pki(1);
+    let cluster = start_cluster(&pki, 1, |_| {}).await;
+    let c = cluster.client(&pki).await;
+    let max = securesrv::frame::DEFAULT_MAX_FRAME;
+    // The longest payload whose request (as the client sends it, with a large id) fits.
+    let fits = |len: usize| {
+        let m = Message::Request(securesrv::message::Request {
+            id: u64::MAX,
+            op: "echo".into(),
+            payload: vec![0u8; len].into(),
+            timeout_ms: Some(u32::MAX),
+        });
+        securesrv::frame::encode_to_vec(&m, max).is_ok()
+    };
+    let mut len = max - 64;
+    while fits(len + 1) {
+        len += 1;
+    }
+    assert!(max - len < 64, "{len}");
+    let payload = vec![b'e'; len];
+    assert_eq!(c.call("echo", &payload).await.expect("answered"), payload);
+    cluster.stop().await;
+}

@@ -142,13 +142,14 @@ impl Dispatcher {
         drop(running);
         // An answer too large for the client's frames (a worker configured with a larger
         // output cap) is refused here, so that the audit line says what the client gets.
-        let most = self.cfg.limits.max_frame_bytes - crate::frame::REPLY_OVERHEAD;
+        let max = self.cfg.limits.max_frame_bytes;
         if let Ok(payload) = &result {
-            if payload.len() > most {
+            let len = crate::frame::reply_body_len(req.id, payload.len());
+            if len > max {
                 result = Err((
                     ErrorCode::TooLarge,
                     format!(
-                        "answer of {} bytes exceeds the {most} bytes a reply may carry",
+                        "answer of {} bytes does not fit a frame of {max} bytes",
                         payload.len()
                     ),
                 ));

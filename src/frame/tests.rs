@@ -563,3 +563,32 @@ fn a_reply_of_the_largest_payload_allowed_fits_its_frame() {
     let f = encode_to_vec(&m, max).expect("fits");
     assert!(f.len() - HEADER_LEN <= max);
 }
+
+#[test]
+fn reply_body_len_is_the_encoded_length() {
+    for id in [
+        1,
+        127,
+        128,
+        255,
+        256,
+        65_535,
+        65_536,
+        u32::MAX as u64,
+        u32::MAX as u64 + 1,
+        u64::MAX,
+    ] {
+        for len in [0, 1, 255, 256, 65_535, 65_536, 100_000] {
+            let m = Message::Reply(Reply {
+                id,
+                payload: vec![0; len].into(),
+            });
+            let f = encode_to_vec(&m, 1 << 20).unwrap();
+            assert_eq!(
+                reply_body_len(id, len),
+                f.len() - HEADER_LEN,
+                "id {id}, {len} B"
+            );
+        }
+    }
+}
