@@ -103,7 +103,7 @@ pub enum CertError {
     },
     /// A host name for the certificate is not valid.
     #[error(
-        "invalid --host {0:?}: give an IP address or a DNS name (letters, digits, hyphens, dots)"
+        "invalid --host {0:?}: give an IP address or a DNS name (letters, digits, hyphens, underscores, dots)"
     )]
     BadHost(String),
 }
@@ -119,9 +119,9 @@ fn check_hosts(hosts: &[String]) -> Result<(), CertError> {
     }
 }
 
-/// A DNS name a certificate may carry: dot-separated labels of 1 to 63 letters, digits and
-/// hyphens (not at either end of a label), 253 characters at most; the first label may be `*`
-/// when others follow.
+/// A DNS name a certificate may carry: dot-separated labels of 1 to 63 letters, digits,
+/// underscores (rustls takes them) and hyphens (not at either end of a label), 253
+/// characters at most; the first label may be `*` when others follow.
 fn valid_dns_name(name: &str) -> bool {
     let name = name.strip_suffix('.').unwrap_or(name);
     let labels: Vec<&str> = name.split('.').collect();
@@ -135,7 +135,7 @@ fn valid_dns_name(name: &str) -> bool {
                     && !label.ends_with('-')
                     && label
                         .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
         })
 }
 
@@ -163,11 +163,6 @@ pub fn file_stem(id: &SpiffeId) -> String {
         }
         (role, name) => format!("{}-{}", role.as_str(), name),
     }
-}
-
-/// The token key file of worker `id` in `dir`.
-pub fn worker_token_path(dir: &Path, id: &SpiffeId) -> PathBuf {
-    dir.join(format!("{}.token", file_stem(id)))
 }
 
 /// `(certificate, key)` paths of an identity in `dir`.
@@ -451,19 +446,6 @@ pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError
     })
 }
 
-/// Loads a token key file, refusing a file others can read.
-pub fn load_key_file(path: &Path) -> Result<KeyFile, CertError> {
-    let data = read_secret_file(path)?;
-    let text = std::str::from_utf8(&data).map_err(|_| CertError::KeyFile {
-        path: path.to_path_buf(),
-        source: KeyFileError::BadLine(0),
-    })?;
-    KeyFile::parse(text).map_err(|source| CertError::KeyFile {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
 fn write_leaf(
     dir: &Path,
     ca: &CertAuthority,
@@ -477,18 +459,6 @@ fn write_leaf(
     write_file(&key, leaf.key_pem.as_bytes(), 0o600, force)?;
     write_file(&crt, leaf.cert_pem.as_bytes(), 0o644, force)?;
     Ok(vec![crt, key])
-}
-
-fn write_worker_token(
-    dir: &Path,
-    master: &KeyFile,
-    id: &SpiffeId,
-    force: bool,
-) -> Result<PathBuf, CertError> {
-    let path = worker_token_path(dir, id);
-    let derived = master.map_keys(|k| k.derive_for(id));
-    write_file(&path, derived.render().as_bytes(), 0o600, force)?;
-    Ok(path)
 }
 
 /// `certs init`: a new CA, every component's certificate and key, and the token keys.
@@ -582,113 +552,8 @@ pub fn issue(dir: &Path, opts: &IssueOptions) -> Result<Vec<PathBuf>, CertError>
     Ok(written)
 }
 
-/// `certs rotate-token-key`: a new master key; previous keys stay valid for `keep_ms`. Every
-/// `worker-*.token` in `dir` is re-derived. Returns the paths written.
-pub fn rotate_token_key(
-    dir: &Path,
-    trust_domain: Option<&str>,
-    keep_ms: u64,
-) -> Result<Vec<PathBuf>, CertError> {
-    let master_path = dir.join(MASTER_TOKEN_KEY);
-    let master = load_key_file(&master_path)?;
-    // The workers' keys are derived for their identities, trust domain included: re-derived
-    // for another one, every token would fail to verify. The trust domain is the one given,
-    // else the one the current files were derived for (the CA's, or the default).
-    let candidates: Vec<String> = match trust_domain {
-        Some(td) => vec![td.to_string()],
-        None => {
-            let ca = fs::read_to_string(dir.join(CA_CERT))
-                .ok()
-                .and_then(|pem| ca_trust_domain(&pem));
-            ca.into_iter()
-                .chain([crate::identity::DEFAULT_TRUST_DOMAIN.to_string()])
-                .collect()
-        }
-    };
-    let mut workers = Vec::new();
-    let entries = fs::read_dir(dir).map_err(io_err(dir))?;
-    for entry in entries {
-        let entry = entry.map_err(io_err(dir))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(n) = name
-            .strip_prefix("worker-")
-            .and_then(|s| s.strip_suffix(".token"))
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let current = load_key_file(&entry.path())?.render();
-        let mut made_for = None;
-        for td in &candidates {
-            let id = SpiffeId::worker(td, n)?;
-            if *master.map_keys(|k| k.derive_for(&id)).render() == *current {
-                made_for = Some(id);
-                break;
-            }
-        }
-        let Some(id) = made_for else {
-            return Err(CertError::TokenKeysDiffer {
-                path: entry.path(),
-                tried: candidates.join(", "),
-            });
-        };
-        workers.push(id);
-    }
-    let now = crate::token::now_ms();
-    let rotated = master
-        .rotated(SecretKey::generate()?, now, now.saturating_add(keep_ms))
-        .map_err(|source| CertError::KeyFile {
-            path: master_path.clone(),
-            source,
-        })?;
-    let mut written = Vec::new();
-    for id in &workers {
-        written.push(write_worker_token(dir, &rotated, id, true)?);
-    }
-    write_file(&master_path, rotated.render().as_bytes(), 0o600, true)?;
-    written.push(master_path);
-    Ok(written)
-}
-
-/// `certs token-keys`: a new master token key and the keys of workers 1 to `workers` derived
-/// from it, for certificates made by another tool (`certs init` makes them too). Refuses to
-/// replace an existing `token.key` unless `force`.
-pub fn token_keys(
-    dir: &Path,
-    trust_domain: Option<&str>,
-    workers: u32,
-    force: bool,
-) -> Result<Vec<PathBuf>, CertError> {
-    let td = match trust_domain {
-        Some(td) => td.to_string(),
-        None => fs::read_to_string(dir.join(CA_CERT))
-            .ok()
-            .and_then(|pem| ca_trust_domain(&pem))
-            .unwrap_or_else(|| crate::identity::DEFAULT_TRUST_DOMAIN.to_string()),
-    };
-    let ids = (1..=workers)
-        .map(|n| SpiffeId::worker(&td, n))
-        .collect::<Result<Vec<_>, _>>()?;
-    let master_path = dir.join(MASTER_TOKEN_KEY);
-    if master_path.exists() && !force {
-        return Err(CertError::Exists(
-            master_path,
-            " (a new token key makes every worker's key invalid; to change keys while serving, \
-             use rotate-token-key)",
-        ));
-    }
-    create_private_dir(dir)?;
-    let master = KeyFile::single(1, SecretKey::generate()?);
-    write_file(&master_path, master.render().as_bytes(), 0o600, true)?;
-    let mut written = vec![master_path];
-    for id in &ids {
-        written.push(write_worker_token(dir, &master, id, true)?);
-    }
-    Ok(written)
-}
-
 /// The trust domain named by a CA certificate's `spiffe://<td>` URI SAN, if any.
-fn ca_trust_domain(pem: &str) -> Option<String> {
+pub(crate) fn ca_trust_domain(pem: &str) -> Option<String> {
     let der = CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
     let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
     let san = cert.subject_alternative_name().ok()??;
@@ -700,6 +565,10 @@ fn ca_trust_domain(pem: &str) -> Option<String> {
         _ => None,
     })
 }
+
+mod token_keys;
+use token_keys::write_worker_token;
+pub use token_keys::{load_key_file, rotate_token_key, token_keys, worker_token_path};
 
 #[cfg(test)]
 mod tests;

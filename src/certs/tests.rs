@@ -379,17 +379,32 @@ fn token_keys_alone_for_certificates_made_elsewhere() {
     // An existing master key is not replaced by accident.
     let err = token_keys(tmp.path(), None, 3, false).unwrap_err();
     assert!(matches!(err, CertError::Exists(..)), "{err}");
-    token_keys(tmp.path(), None, 3, true).unwrap();
+    // Replaced for fewer workers than there are files: the others are derived afresh too
+    // (left on the old key, the next rotation refused them, and its hint led back here).
+    token_keys(tmp.path(), None, 1, true).unwrap();
     let replaced = load_key_file(&tmp.path().join("token.key")).unwrap();
     assert_ne!(
         replaced.current().key.expose(),
         master.current().key.expose()
     );
+    let w3 = load_key_file(&tmp.path().join("worker-3.token")).unwrap();
+    assert_eq!(
+        w3.current().key.expose(),
+        replaced.current().key.derive_for(&id).expose()
+    );
+    rotate_token_key(tmp.path(), None, 60_000).unwrap();
 }
 
 #[test]
 fn host_names_are_dns_names_or_addresses() {
-    for good in ["svc.example", "a-b.c", "*.svc.example", "localhost", "x."] {
+    for good in [
+        "svc.example",
+        "a-b.c",
+        "*.svc.example",
+        "localhost",
+        "x.",
+        "my_svc.internal",
+    ] {
         assert!(valid_dns_name(good), "{good}");
     }
     for bad in [

@@ -1,0 +1,164 @@
+//! Token key files: the dispatcher's master key (`token.key`) and each worker's key derived
+//! from it for the worker's identity (`worker-N.token`), made, rotated and read.
+
+use super::{
+    CA_CERT, CertError, MASTER_TOKEN_KEY, ca_trust_domain, create_private_dir, file_stem, io_err,
+    read_secret_file, write_file,
+};
+use crate::identity::SpiffeId;
+use crate::token::{KeyFile, KeyFileError, SecretKey};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// The token key file of worker `id` in `dir`.
+pub fn worker_token_path(dir: &Path, id: &SpiffeId) -> PathBuf {
+    dir.join(format!("{}.token", file_stem(id)))
+}
+
+/// Loads a token key file, refusing a file others can read.
+pub fn load_key_file(path: &Path) -> Result<KeyFile, CertError> {
+    let data = read_secret_file(path)?;
+    let text = std::str::from_utf8(&data).map_err(|_| CertError::KeyFile {
+        path: path.to_path_buf(),
+        source: KeyFileError::BadLine(0),
+    })?;
+    KeyFile::parse(text).map_err(|source| CertError::KeyFile {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes worker `id`'s key file, derived from `master`.
+pub(super) fn write_worker_token(
+    dir: &Path,
+    master: &KeyFile,
+    id: &SpiffeId,
+    force: bool,
+) -> Result<PathBuf, CertError> {
+    let path = worker_token_path(dir, id);
+    let derived = master.map_keys(|k| k.derive_for(id));
+    write_file(&path, derived.render().as_bytes(), 0o600, force)?;
+    Ok(path)
+}
+
+/// The numbers N of the `worker-N.token` files in `dir`, ascending.
+fn worker_numbers(dir: &Path) -> Result<Vec<u32>, CertError> {
+    let mut numbers = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let name = entry.map_err(io_err(dir))?.file_name();
+        if let Some(n) = name
+            .to_str()
+            .and_then(|s| s.strip_prefix("worker-"))
+            .and_then(|s| s.strip_suffix(".token"))
+            .and_then(|s| s.parse::<u32>().ok())
+        {
+            numbers.push(n);
+        }
+    }
+    numbers.sort_unstable();
+    Ok(numbers)
+}
+
+/// The trust domain of the CA in `dir`, if it names one.
+fn ca_trust_domain_in(dir: &Path) -> Option<String> {
+    let pem = fs::read_to_string(dir.join(CA_CERT)).ok()?;
+    ca_trust_domain(&pem)
+}
+
+/// `certs rotate-token-key`: a new master key; previous keys stay valid for `keep_ms`. Every
+/// `worker-*.token` in `dir` is re-derived, for the trust domain it was made for: the one
+/// given, else whichever of the CA's and the default it matches. A file made for neither is
+/// refused before anything is written (re-derived for another trust domain, every token
+/// would fail to verify). Returns the paths written.
+pub fn rotate_token_key(
+    dir: &Path,
+    trust_domain: Option<&str>,
+    keep_ms: u64,
+) -> Result<Vec<PathBuf>, CertError> {
+    let master_path = dir.join(MASTER_TOKEN_KEY);
+    let master = load_key_file(&master_path)?;
+    let candidates: Vec<String> = match trust_domain {
+        Some(td) => vec![td.to_string()],
+        None => ca_trust_domain_in(dir)
+            .into_iter()
+            .chain([crate::identity::DEFAULT_TRUST_DOMAIN.to_string()])
+            .collect(),
+    };
+    let mut workers = Vec::new();
+    for n in worker_numbers(dir)? {
+        let path = dir.join(format!("worker-{n}.token"));
+        let current = load_key_file(&path)?.render();
+        let mut made_for = None;
+        for td in &candidates {
+            let id = SpiffeId::worker(td, n)?;
+            if *master.map_keys(|k| k.derive_for(&id)).render() == *current {
+                made_for = Some(id);
+                break;
+            }
+        }
+        let Some(id) = made_for else {
+            return Err(CertError::TokenKeysDiffer {
+                path,
+                tried: candidates.join(", "),
+            });
+        };
+        workers.push(id);
+    }
+    let now = crate::token::now_ms();
+    let rotated = master
+        .rotated(SecretKey::generate()?, now, now.saturating_add(keep_ms))
+        .map_err(|source| CertError::KeyFile {
+            path: master_path.clone(),
+            source,
+        })?;
+    let mut written = Vec::new();
+    for id in &workers {
+        written.push(write_worker_token(dir, &rotated, id, true)?);
+    }
+    write_file(&master_path, rotated.render().as_bytes(), 0o600, true)?;
+    written.push(master_path);
+    Ok(written)
+}
+
+/// `certs token-keys`: a new master token key and the keys of workers 1 to `workers` derived
+/// from it, for certificates made by another tool (`certs init` makes them too), in the
+/// trust domain given, else the CA's, else the default. The key files of other workers
+/// already in `dir` are derived afresh too, so that none is left on the old key. Refuses to
+/// replace an existing `token.key` unless `force`.
+pub fn token_keys(
+    dir: &Path,
+    trust_domain: Option<&str>,
+    workers: u32,
+    force: bool,
+) -> Result<Vec<PathBuf>, CertError> {
+    let td = trust_domain
+        .map(str::to_string)
+        .or_else(|| ca_trust_domain_in(dir))
+        .unwrap_or_else(|| crate::identity::DEFAULT_TRUST_DOMAIN.to_string());
+    let mut numbers: Vec<u32> = (1..=workers).collect();
+    if dir.exists() {
+        numbers.extend(worker_numbers(dir)?);
+    }
+    numbers.sort_unstable();
+    numbers.dedup();
+    let ids = numbers
+        .into_iter()
+        .map(|n| SpiffeId::worker(&td, n))
+        .collect::<Result<Vec<_>, _>>()?;
+    let master_path = dir.join(MASTER_TOKEN_KEY);
+    if master_path.exists() && !force {
+        return Err(CertError::Exists(
+            master_path,
+            " (a new token key makes every worker's key invalid; to change keys while serving, \
+             use rotate-token-key)",
+        ));
+    }
+    create_private_dir(dir)?;
+    let master = KeyFile::single(1, SecretKey::generate()?);
+    write_file(&master_path, master.render().as_bytes(), 0o600, true)?;
+    let mut written = vec![master_path];
+    for id in &ids {
+        written.push(write_worker_token(dir, &master, id, true)?);
+    }
+    Ok(written)
+}
