@@ -21,7 +21,6 @@ use crate::tls::TlsMaterial;
 use hdrhistogram::Histogram;
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,14 +57,15 @@ pub struct BenchArgs {
     pub ca: Option<PathBuf>,
     /// Dispatcher (or relay) address, IP:PORT or HOST:PORT [default: the config's dispatcher
     /// address, 127.0.0.1:2222].
-    #[arg(long, value_parser = crate::client::resolve_addr)]
-    pub connect: Option<SocketAddr>,
-    /// The configuration's frame limit (`limits.max_frame_bytes`), set from `--config`.
+    #[arg(long, value_parser = crate::client::check_addr)]
+    pub connect: Option<String>,
+    /// Server identity to accept [default: spiffe://<the config's trust domain>/dispatcher/main].
+    #[arg(long)]
+    pub server_id: Option<String>,
+    /// The configuration (`--config`), for what the flags above leave out and for the frame
+    /// limit; the built-in defaults without it.
     #[arg(skip)]
-    pub max_frame: Option<usize>,
-    /// Server identity to accept.
-    #[arg(long, default_value = "spiffe://securesrv/dispatcher/main")]
-    pub server_id: String,
+    pub config: Option<crate::config::Config>,
     /// Concurrent connections.
     #[arg(long, default_value_t = 32)]
     pub connections: usize,
@@ -258,25 +258,26 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
 
 /// Runs the benchmark and returns the report.
 pub async fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
-    let defaults = crate::config::Config::default();
+    let setup = |e: &dyn std::fmt::Display| BenchError::Setup(e.to_string());
+    let defaults = args.config.clone().unwrap_or_default();
     let cert = (args.cert.clone()).unwrap_or_else(|| defaults.certs_dir.join("client.crt"));
     let key = (args.key.clone()).unwrap_or_else(|| defaults.certs_dir.join("client.key"));
     let ca = args
         .ca
         .clone()
         .unwrap_or_else(|| cert.with_file_name("ca.crt"));
-    let material =
-        TlsMaterial::load(&ca, &cert, &key).map_err(|e| BenchError::Setup(e.to_string()))?;
-    let server_id: SpiffeId = args
-        .server_id
-        .parse()
-        .map_err(|e: crate::identity::IdentityError| BenchError::Setup(e.to_string()))?;
-    let addr = args.connect.unwrap_or(defaults.dispatcher.listen);
-    let mut cfg = ClientConfig::new(&material, addr, server_id)
-        .map_err(|e| BenchError::Setup(e.to_string()))?;
-    if let Some(max) = args.max_frame {
-        cfg.io.max_frame = max;
+    let material = TlsMaterial::load(&ca, &cert, &key).map_err(|e| setup(&e))?;
+    let server_id = match &args.server_id {
+        Some(id) => id.parse::<SpiffeId>(),
+        None => SpiffeId::dispatcher(&defaults.trust_domain),
     }
+    .map_err(|e| setup(&e))?;
+    let addr = match &args.connect {
+        Some(a) => crate::client::resolve_addr(a).map_err(|e| setup(&e))?,
+        None => defaults.dispatcher.listen,
+    };
+    let mut cfg = ClientConfig::new(&material, addr, server_id).map_err(|e| setup(&e))?;
+    cfg.io.max_frame = defaults.limits.max_frame_bytes;
     cfg.max_in_flight = args.in_flight.max(1);
     // Shared, not copied, by every call: the load generator should cost as little as it can.
     let payload = Bytes::from((0..args.size).map(|i| (i % 251) as u8).collect::<Vec<u8>>());

@@ -265,12 +265,7 @@ fn run_command(cmd: Command, config: Option<PathBuf>, log: Option<String>) -> Ex
         Command::Client(a) => client_cmd::run(a, config),
         Command::Bench(mut a) => match load_config(config.as_deref(), |_| {}) {
             Ok(cfg) => {
-                a.cert
-                    .get_or_insert_with(|| cfg.certs_dir.join("client.crt"));
-                a.key
-                    .get_or_insert_with(|| cfg.certs_dir.join("client.key"));
-                a.connect.get_or_insert(cfg.dispatcher.listen);
-                a.max_frame = Some(cfg.limits.max_frame_bytes);
+                a.config = Some(cfg);
                 components::bench(*a)
             }
             Err(code) => code,

@@ -214,6 +214,58 @@ fn certs_commands_follow_the_configuration() {
         worker.current().key.expose(),
         master.current().key.derive_for(&id).expose()
     );
+    // And a worker and dispatcher on the rotated keys serve the client and the load
+    // generator, which take their certificates and the dispatcher's identity
+    // (spiffe://corp.example/...) from the same configuration.
+    let base = free_port_block(1);
+    let (d_addr, w_addr) = (
+        format!("127.0.0.1:{base}"),
+        format!("127.0.0.1:{}", base + 1),
+    );
+    let cwd = tmp.path();
+    let (_worker, _dispatcher) = start_pair(
+        cwd,
+        "mycerts",
+        (&w_addr, "s.toml"),
+        (&d_addr, "s.toml"),
+        || {},
+    );
+    let args = [
+        "--config",
+        "s.toml",
+        "client",
+        "--connect",
+        &d_addr,
+        "echo",
+        "rotated",
+    ];
+    let out = run(cwd, &args, b"");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim_end(), "rotated");
+    let bench = |connect: &str| {
+        let args = [
+            "--config",
+            "s.toml",
+            "bench",
+            "--connect",
+            connect,
+            "--connections",
+            "1",
+            "--duration",
+            "0.3",
+            "--warmup",
+            "0",
+            "--json",
+        ];
+        run(cwd, &args, b"")
+    };
+    let out = bench(&d_addr);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r["requests"].as_u64().unwrap_or(0) > 0, "{r}");
+    assert_eq!(r["errors"], 0, "{r}");
+    // A host name that does not resolve is a failure to connect, not a usage error.
+    exits_saying(&bench("nosuchhost.invalid:2222"), 1, "cannot resolve");
     // Another trust domain is refused, naming the way out.
     let out = run(
         tmp.path(),
