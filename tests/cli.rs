@@ -141,6 +141,15 @@ fn certs_commands() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(tmp.path().join("c/certs/worker-3.key").exists());
+    // --dir among the options (it was passed twice, and refused).
+    let out = Command::new(&script)
+        .args(["--dir", "flagged", "--workers", "1"])
+        .current_dir(tmp.path().join("c"))
+        .env("SECURESRV_BIN", bin())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(tmp.path().join("c/flagged/worker-1.key").exists());
     // A log filter that does not parse is said to be ignored (it was, silently).
     let out = run(
         tmp.path(),
@@ -1071,8 +1080,9 @@ fn a_worker_on_a_stale_token_key_is_reported_once_a_second_not_per_request() {
         .lines()
         .filter(|l| l.contains("refused the dispatcher's token"))
         .collect();
+    // One a second, and the first at once: the loop takes 1.5 s or a little more.
     assert!(
-        (1..=4).contains(&lines.len()),
+        !lines.is_empty() && lines.len() as u64 <= spent.as_secs() + 2,
         "{} lines for {refused} refusals or more in {spent:?}:\n{}",
         lines.len(),
         lines.join("\n")

@@ -290,15 +290,15 @@ mod tests {
 
     #[tokio::test]
     async fn one_deadline_covers_output_and_exit() {
-        // Stdout closes at 1.2 s, then the program lingers: the 1.5 s timeout still counts from
-        // the start, so the answer comes at ~1.5 s; a fresh timeout once output is complete
-        // would answer at 2.7 s or later. The bound sits between the two.
+        // Stdout closes at 2.5 s, then the program lingers: the 3 s timeout still counts from
+        // the start, so the answer comes at ~3 s; a fresh timeout once output is complete
+        // would answer at 5.5 s or later. The bound sits halfway.
         let started = Instant::now();
         let err = run_alone(
             job(
                 "/bin/sh",
-                &["-c", "sleep 1.2; exec >&-; sleep 100"],
-                1_500,
+                &["-c", "sleep 2.5; exec >&-; sleep 100"],
+                3_000,
                 1024,
             ),
             Bytes::new(),
@@ -307,7 +307,7 @@ mod tests {
         assert!(matches!(err, Err(OpError::Timeout(_))), "{err:?}");
         let took = started.elapsed();
         assert!(
-            took < Duration::from_millis(2_100),
+            took < Duration::from_millis(4_250),
             "answered after {took:?}"
         );
     }
