@@ -46,7 +46,8 @@ pub enum CertError {
     /// A certificate or key to be loaded does not exist.
     #[error(
         "{0}: no such file; make certificates and keys with `securesrv certs init` (or \
-         scripts/gen-certs.sh), or point --certs or `certs_dir` at where they are"
+         scripts/gen-certs.sh), or say where they are (--certs or `certs_dir`; the client's \
+         --cert, --key and --ca)"
     )]
     Missing(PathBuf),
     /// A secret file is readable by group or others.
