@@ -16,5 +16,6 @@ if [ -z "$bin" ]; then
     (cd "$repo" && cargo build --release --quiet)
     bin="$repo/target/release/securesrv"
 fi
-"$bin" certs init "${dir[@]}" "$@"
+# ${dir[@]+...}: an empty array under `set -u` on bash before 4.4 too.
+"$bin" certs init ${dir[@]+"${dir[@]}"} "$@"
 echo "certificates and keys written (keys mode 0600; never commit them)"

@@ -259,7 +259,8 @@ pub struct WatchdogConfig {
     pub restart_limit_window_ms: u64,
     /// How long a component may take to stop after SIGTERM before SIGKILL.
     pub stop_grace_ms: u64,
-    /// How long a started component may take to answer its first heartbeat.
+    /// How long a started component may take to answer its first heartbeat; also how long
+    /// `ready` waits for the dispatcher's links to the workers once every component is up.
     pub start_timeout_ms: u64,
 }
 

@@ -174,8 +174,9 @@ async fn before<F: Future>(
 }
 
 /// A wait for frame budget, kept by the connection across cancelled reads.
-type BudgetWait =
-    Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, tokio::sync::AcquireError>> + Send>>;
+type BudgetWait = Pin<
+    Box<dyn Future<Output = Result<OwnedSemaphorePermit, tokio::sync::AcquireError>> + Send + Sync>,
+>;
 
 /// A budget of memory for frames being received, shared by connections.
 #[derive(Clone, Debug)]

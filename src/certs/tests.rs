@@ -301,6 +301,8 @@ fn rotation_rederives_every_worker_file() {
     let tmp = tempfile::tempdir().unwrap();
     init(tmp.path(), &opts(2)).unwrap();
     let before = load_key_file(&tmp.path().join("token.key")).unwrap();
+    // Not a name we write: left alone (it was taken for worker 3's file).
+    write_file(&tmp.path().join("worker-03.token"), b"junk", 0o600, false).unwrap();
     rotate_token_key(tmp.path(), None, 60_000).unwrap();
     let after = load_key_file(&tmp.path().join("token.key")).unwrap();
     assert_eq!(after.current().id, 2);

@@ -50,7 +50,8 @@ fn worker_numbers(dir: &Path) -> Result<Vec<u32>, CertError> {
             .to_str()
             .and_then(|s| s.strip_prefix("worker-"))
             .and_then(|s| s.strip_suffix(".token"))
-            .and_then(|s| s.parse::<u32>().ok())
+            // Only the names we write: not `worker-03.token` or `worker-+3.token`.
+            .and_then(|s| s.parse::<u32>().ok().filter(|n| n.to_string() == s))
         {
             numbers.push(n);
         }

@@ -91,9 +91,9 @@ enum Phase {
     Stopping,
     /// Waiting out the restart backoff.
     Waiting { until: Instant },
-    /// Restarted too often; left down until `retry_at` (a worker; a failed dispatcher ends the
-    /// watchdog).
-    Failed { retry_at: Instant },
+    /// Restarted too often (at `since`); left down until `retry_at` (a worker; a failed
+    /// dispatcher ends the watchdog).
+    Failed { since: Instant, retry_at: Instant },
 }
 
 struct Slot {
@@ -144,8 +144,6 @@ struct Supervisor {
     /// Workers the dispatcher could use at its latest heartbeat: `ready` waits until it has
     /// a link to every worker that is up.
     dispatcher_sees: u32,
-    /// Since when every component has been up or FAILED, before `ready` is said.
-    settled_since: Option<Instant>,
     /// Components being stopped in the background (live, though in no slot).
     stopping: HashSet<u32>,
     /// Stops running in the background, awaited on the way out.
@@ -251,7 +249,6 @@ pub async fn run(
         events: tx,
         announced: false,
         dispatcher_sees: 0,
-        settled_since: None,
         stopping: HashSet::new(),
         stop_tasks: tokio::task::JoinSet::new(),
         dead: VecDeque::new(),
@@ -331,7 +328,7 @@ impl Supervisor {
             }
             match self.slots[idx].phase {
                 Phase::Waiting { until } if now >= until => self.start(idx),
-                Phase::Failed { retry_at }
+                Phase::Failed { retry_at, .. }
                     if now >= retry_at && !self.slots[idx].comp.is_dispatcher =>
                 {
                     let slot = &mut self.slots[idx];
@@ -551,6 +548,7 @@ impl Supervisor {
             // a failed worker gets a fresh start after the window, so that the service does
             // not run one worker short until the watchdog itself is restarted.
             slot.phase = Phase::Failed {
+                since: now,
                 retry_at: now + window,
             };
             let next = if slot.comp.is_dispatcher {
@@ -616,13 +614,18 @@ impl Supervisor {
             .iter()
             .any(|s| s.comp.is_dispatcher && matches!(s.phase, Phase::Up { .. }));
         if !settled || !dispatcher_up {
-            self.settled_since = None;
             return;
         }
+        // Since the last of them came up or was marked FAILED.
         let settled_for = self
-            .settled_since
-            .get_or_insert_with(Instant::now)
-            .elapsed();
+            .slots
+            .iter()
+            .filter_map(|s| match s.phase {
+                Phase::Up { since } | Phase::Failed { since, .. } => Some(since.elapsed()),
+                _ => None,
+            })
+            .min()
+            .unwrap_or_default();
         // Ready means a request is served at once: the dispatcher must have its links to the
         // workers that are up (it dials them as it starts). Should that take longer than a
         // component may take to start (counted from when the last of them came up), ready is
