@@ -141,12 +141,9 @@ pub struct Connection<S> {
     /// fires before the deadline it stands for (then it is set to that deadline).
     read_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Charged one permit per started KiB for a frame being received into a buffer of its
-    /// own, so that frames sent in part cannot pin more memory than the budget holds.
-    frame_budget: Option<FrameBudget>,
-    /// The charge for the frame now being received.
-    frame_permit: Option<OwnedSemaphorePermit>,
-    /// The wait for that charge, while the budget has no room.
-    budget_wait: Option<BudgetWait>,
+    /// own, so that frames sent in part cannot pin more memory than the budget holds. Boxed:
+    /// most connections have none, and every connection's size counts.
+    budget: Option<Box<Budgeted>>,
     limits: IoLimits,
 }
 
@@ -177,6 +174,15 @@ async fn before<F: Future>(
 type BudgetWait = Pin<
     Box<dyn Future<Output = Result<OwnedSemaphorePermit, tokio::sync::AcquireError>> + Send + Sync>,
 >;
+
+/// A connection's frame budget, and its charge for the frame now being received.
+struct Budgeted {
+    budget: FrameBudget,
+    /// The charge for the frame now being received.
+    permit: Option<OwnedSemaphorePermit>,
+    /// The wait for that charge, while the budget has no room.
+    wait: Option<BudgetWait>,
+}
 
 /// A budget of memory for frames being received, shared by connections.
 #[derive(Clone, Debug)]
@@ -222,9 +228,7 @@ impl<S> Connection<S> {
             last_read: now,
             fresh_read: false,
             read_timer: None,
-            frame_budget: None,
-            frame_permit: None,
-            budget_wait: None,
+            budget: None,
             limits,
         }
     }
@@ -235,7 +239,17 @@ impl<S> Connection<S> {
     /// frame is taken. A peer that sends frames in part holds its own budget, not the memory
     /// of the process.
     pub fn set_frame_budget(&mut self, budget: FrameBudget) {
-        self.frame_budget = Some(budget);
+        self.budget = Some(Box::new(Budgeted {
+            budget,
+            permit: None,
+            wait: None,
+        }));
+    }
+
+    /// Whether the frame now being received holds a charge on the frame budget.
+    #[cfg(test)]
+    fn charged(&self) -> bool {
+        self.budget.as_ref().is_some_and(|b| b.permit.is_some())
     }
 
     /// The underlying stream.
@@ -259,8 +273,10 @@ impl<S: AsyncRead + Unpin> Connection<S> {
         if result.is_err() {
             // Nothing more is read: the frame in progress gives back its charge and its
             // buffer now, not when the connection is finally dropped.
-            self.budget_wait = None;
-            self.frame_permit = None;
+            if let Some(b) = self.budget.as_mut() {
+                b.wait = None;
+                b.permit = None;
+            }
             if let Some(mut spare) = self.spare.take() {
                 spare.clear();
                 self.read_buf = spare;
@@ -300,26 +316,26 @@ impl<S: AsyncRead + Unpin> Connection<S> {
                 // link, whose peer is authenticated infrastructure) it is not charged.
                 Some(total) if total >= SHARE_FRAMES_FROM => {
                     if self.spare.is_none() {
-                        if let (Some(budget), None) = (&self.frame_budget, &self.frame_permit) {
-                            if self.budget_wait.is_none() {
-                                let kib = total.div_ceil(1024).min(budget.kib_limit).max(1);
+                        if let Some(b) = self.budget.as_deref_mut().filter(|b| b.permit.is_none()) {
+                            if b.wait.is_none() {
+                                let kib = total.div_ceil(1024).min(b.budget.kib_limit).max(1);
                                 let kib = u32::try_from(kib).unwrap_or(u32::MAX);
-                                match budget.kib.clone().try_acquire_many_owned(kib) {
-                                    Ok(p) => self.frame_permit = Some(p),
+                                match b.budget.kib.clone().try_acquire_many_owned(kib) {
+                                    Ok(p) => b.permit = Some(p),
                                     // Queued, and kept across cancelled calls: dropping the
                                     // wait would give up its place in the queue.
                                     Err(_) => {
-                                        self.budget_wait = Some(Box::pin(
-                                            budget.kib.clone().acquire_many_owned(kib),
+                                        b.wait = Some(Box::pin(
+                                            b.budget.kib.clone().acquire_many_owned(kib),
                                         ))
                                     }
                                 }
                             }
-                            if let Some(wait) = self.budget_wait.as_mut() {
+                            if let Some(wait) = b.wait.as_mut() {
                                 let got = before(timer, deadline, wait.as_mut()).await;
-                                self.budget_wait = None;
+                                b.wait = None;
                                 // The semaphore is never closed.
-                                self.frame_permit = Some(got.ok_or_else(err)?.map_err(|_| err())?);
+                                b.permit = Some(got.ok_or_else(err)?.map_err(|_| err())?);
                             }
                         }
                         let mut own = BytesMut::with_capacity(total);
@@ -368,7 +384,9 @@ impl<S: AsyncRead + Unpin> Connection<S> {
             return Ok(None);
         }
         // Its charge ends here; a request's payload is charged again while it runs.
-        self.frame_permit = None;
+        if let Some(b) = self.budget.as_mut() {
+            b.permit = None;
+        }
         let msg = if let Some(mut spare) = self.spare.take() {
             // The frame's own buffer: its payloads become slices of it, not copies.
             let own = self.read_buf.split_to(total).freeze();
@@ -846,16 +864,13 @@ mod tests {
                 .await
                 .is_err()
         );
-        assert!(rx1.frame_permit.is_some(), "the first frame is charged");
+        assert!(rx1.charged(), "the first frame is charged");
         assert_eq!(
             rx1.read_buf.capacity(),
             f1.len(),
             "a buffer of exactly its size"
         );
-        assert!(
-            rx2.frame_permit.is_none(),
-            "the second does not fit beside it"
-        );
+        assert!(!rx2.charged(), "the second does not fit beside it");
         assert!(
             rx2.read_buf.capacity() <= BIG_READ_CHUNK,
             "nothing allocated for it"
@@ -867,7 +882,7 @@ mod tests {
             panic!("the first frame");
         };
         assert_eq!(r.payload.len(), 200 * 1024);
-        assert!(rx1.frame_permit.is_none());
+        assert!(!rx1.charged());
         a2.write_all(&f2[10_000..]).await.unwrap();
         let Some(Message::Reply(r)) = rx2.read_message().await.unwrap() else {
             panic!("the second frame");
@@ -936,14 +951,14 @@ mod tests {
                 .is_err()
         );
         // (What is left goes to 3 as it waits: tokio hands permits to the queue's head.)
-        assert!(rx2.frame_permit.is_some(), "2 was first in the queue");
+        assert!(rx2.charged(), "2 was first in the queue");
         // 2 fails (its peer goes away mid-frame): its charge goes to 3 at once.
         drop(a2);
         assert!(matches!(
             rx2.read_message().await,
             Err(ConnError::Truncated)
         ));
-        assert!(rx2.frame_permit.is_none() && rx2.spare.is_none());
+        assert!(!rx2.charged() && rx2.spare.is_none());
         a3.write_all(&f3[10_000..]).await.unwrap();
         let (_rx3, r) = third.await.unwrap();
         assert!(matches!(r, Ok(Some(Message::Reply(r))) if r.id == 3));
