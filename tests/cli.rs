@@ -124,31 +124,26 @@ fn certs_commands() {
         b"",
     );
     assert_eq!(bad.status.code(), Some(2));
+    // scripts/gen-certs.sh ARGS, run from `cwd`, succeeds.
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gen-certs.sh");
-    let out = Command::new(&script)
-        .arg(tmp.path().join("script-certs"))
-        .env("SECURESRV_BIN", bin())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let gen_certs = |cwd: &Path, args: &[&std::ffi::OsStr]| {
+        let out = Command::new(&script)
+            .args(args)
+            .current_dir(cwd)
+            .env("SECURESRV_BIN", bin())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    };
+    gen_certs(tmp.path(), &[tmp.path().join("script-certs").as_os_str()]);
     assert!(tmp.path().join("script-certs/dispatcher.key").exists());
     // Options without DIR (the first used to be taken as DIR), and ./certs is the caller's.
-    let out = Command::new(&script)
-        .args(["--workers", "3"])
-        .current_dir(tmp.path().join("c"))
-        .env("SECURESRV_BIN", bin())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let c = tmp.path().join("c");
+    gen_certs(&c, &["--workers".as_ref(), "3".as_ref()]);
     assert!(tmp.path().join("c/certs/worker-3.key").exists());
     // --dir among the options (it was passed twice, and refused).
-    let out = Command::new(&script)
-        .args(["--dir", "flagged", "--workers", "1"])
-        .current_dir(tmp.path().join("c"))
-        .env("SECURESRV_BIN", bin())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let args = ["--dir", "flagged", "--workers", "1"].map(std::ffi::OsStr::new);
+    gen_certs(&c, &args);
     assert!(tmp.path().join("c/flagged/worker-1.key").exists());
     // A log filter that does not parse is said to be ignored (it was, silently).
     let out = run(
