@@ -89,18 +89,18 @@ pub enum CertError {
     /// Token key generation failed.
     #[error("cannot generate a token key: {0}")]
     Token(#[from] crate::token::TokenError),
-    /// A worker's token key file was not derived from the master key for any trust domain
-    /// tried.
+    /// A worker's token key file was not derived from the master key for the workers' trust
+    /// domain.
     #[error(
-        "{path} was not derived from token.key for trust domain {tried}; pass the workers' \
-         trust domain with --trust-domain (or --config), or remake the keys with \
-         `securesrv certs token-keys --force`"
+        "{path} was not derived from token.key for trust domain {trust_domain}; pass the \
+         workers' trust domain with --trust-domain (or --config), or remake the keys with \
+         `securesrv certs token-keys --force` and restart every component"
     )]
     TokenKeysDiffer {
         /// The worker's token key file.
         path: PathBuf,
-        /// The trust domains tried.
-        tried: String,
+        /// The trust domain it was checked against.
+        trust_domain: String,
     },
     /// A host name for the certificate is not valid.
     #[error(

@@ -341,6 +341,13 @@ fn rotation_keeps_the_trust_domain_the_worker_keys_were_made_for() {
         *before,
         "nothing written after a refusal"
     );
+    // Keys derived for another trust domain than the CA's (as the rotation above used to
+    // leave them) are refused, not carried on.
+    let broken = tempfile::tempdir().unwrap();
+    init(broken.path(), &o).unwrap();
+    token_keys(broken.path(), Some(DEFAULT_TRUST_DOMAIN), 2, true).unwrap();
+    let err = rotate_token_key(broken.path(), None, 60_000).unwrap_err();
+    assert!(matches!(err, CertError::TokenKeysDiffer { .. }), "{err}");
     for td in [None, Some("example.org")] {
         rotate_token_key(tmp.path(), td, 60_000).unwrap();
         let master = load_key_file(&tmp.path().join("token.key")).unwrap();

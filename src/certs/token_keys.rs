@@ -60,17 +60,23 @@ fn worker_numbers(dir: &Path) -> Result<Vec<u32>, CertError> {
     Ok(numbers)
 }
 
-/// The trust domain of the CA in `dir`, if it names one.
-fn ca_trust_domain_in(dir: &Path) -> Option<String> {
-    let pem = fs::read_to_string(dir.join(CA_CERT)).ok()?;
-    ca_trust_domain(&pem)
+/// The workers' trust domain: `given`, else the one the CA in `dir` names (its certificates
+/// carry it), else the default.
+fn trust_domain_for(dir: &Path, given: Option<&str>) -> String {
+    given
+        .map(str::to_string)
+        .or_else(|| {
+            let pem = fs::read_to_string(dir.join(CA_CERT)).ok()?;
+            ca_trust_domain(&pem)
+        })
+        .unwrap_or_else(|| crate::identity::DEFAULT_TRUST_DOMAIN.to_string())
 }
 
 /// `certs rotate-token-key`: a new master key; previous keys stay valid for `keep_ms`. Every
-/// `worker-*.token` in `dir` is re-derived, for the trust domain it was made for: the one
-/// given, else whichever of the CA's and the default it matches. A file made for neither is
-/// refused before anything is written (re-derived for another trust domain, every token
-/// would fail to verify). Returns the paths written.
+/// `worker-*.token` in `dir` is re-derived for its worker's identity in the trust domain
+/// given, else the CA's (the one its workers' certificates carry), else the default. A file
+/// not made for that trust domain is refused before anything is written: re-derived for
+/// another one, or left as it is, no token would verify. Returns the paths written.
 pub fn rotate_token_key(
     dir: &Path,
     trust_domain: Option<&str>,
@@ -78,31 +84,18 @@ pub fn rotate_token_key(
 ) -> Result<Vec<PathBuf>, CertError> {
     let master_path = dir.join(MASTER_TOKEN_KEY);
     let master = load_key_file(&master_path)?;
-    let candidates: Vec<String> = match trust_domain {
-        Some(td) => vec![td.to_string()],
-        None => ca_trust_domain_in(dir)
-            .into_iter()
-            .chain([crate::identity::DEFAULT_TRUST_DOMAIN.to_string()])
-            .collect(),
-    };
+    let td = trust_domain_for(dir, trust_domain);
     let mut workers = Vec::new();
     for n in worker_numbers(dir)? {
         let path = dir.join(format!("worker-{n}.token"));
+        let id = SpiffeId::worker(&td, n)?;
         let current = load_key_file(&path)?.render();
-        let mut made_for = None;
-        for td in &candidates {
-            let id = SpiffeId::worker(td, n)?;
-            if *master.map_keys(|k| k.derive_for(&id)).render() == *current {
-                made_for = Some(id);
-                break;
-            }
-        }
-        let Some(id) = made_for else {
+        if *master.map_keys(|k| k.derive_for(&id)).render() != *current {
             return Err(CertError::TokenKeysDiffer {
                 path,
-                tried: candidates.join(", "),
+                trust_domain: td.clone(),
             });
-        };
+        }
         workers.push(id);
     }
     let now = crate::token::now_ms();
@@ -132,10 +125,7 @@ pub fn token_keys(
     workers: u32,
     force: bool,
 ) -> Result<Vec<PathBuf>, CertError> {
-    let td = trust_domain
-        .map(str::to_string)
-        .or_else(|| ca_trust_domain_in(dir))
-        .unwrap_or_else(|| crate::identity::DEFAULT_TRUST_DOMAIN.to_string());
+    let td = trust_domain_for(dir, trust_domain);
     let mut numbers: Vec<u32> = (1..=workers).collect();
     if dir.exists() {
         numbers.extend(worker_numbers(dir)?);
