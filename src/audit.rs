@@ -39,6 +39,9 @@ pub struct Record {
     pub duration_us: u64,
 }
 
+/// Characters of an error message an audit line keeps.
+const MAX_REASON: usize = 1024;
+
 impl Record {
     /// The line after the level, exactly as the `tracing` event reads through the command's
     /// log format: `conn{peer=.. id=..}: securesrv::audit: request client=.. op=.. ...`.
@@ -55,7 +58,13 @@ impl Record {
         )?;
         match &self.outcome {
             Ok(()) => w.write_str("ok")?,
-            Err((code, reason)) => write!(w, "{code} reason={reason}")?,
+            // The message may quote what a peer sent: no line break or control character
+            // of it reaches the line (the log formatter escapes the event form likewise).
+            Err((code, reason)) => write!(
+                w,
+                "{code} reason={}",
+                crate::identity::printable_within(reason, MAX_REASON)
+            )?,
         }
         write!(w, " duration_us={}", self.duration_us)
     }
@@ -68,7 +77,7 @@ impl Record {
                 tracing::info!(target: TARGET, client = %self.client, op = %self.op, worker = %worker, outcome = %"ok", duration_us = self.duration_us, "request");
             }
             Err((code, reason)) => {
-                tracing::info!(target: TARGET, client = %self.client, op = %self.op, worker = %worker, outcome = %code, reason = %reason, duration_us = self.duration_us, "request");
+                tracing::info!(target: TARGET, client = %self.client, op = %self.op, worker = %worker, outcome = %code, reason = %crate::identity::printable_within(reason, MAX_REASON), duration_us = self.duration_us, "request");
             }
         }
     }
@@ -97,5 +106,35 @@ pub fn record(make: impl FnOnce() -> Record) {
     match SINK.get() {
         Some(sink) => sink.record(r),
         None => r.emit_event(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_message_cannot_break_the_audit_line() {
+        let r = Record {
+            at: SystemTime::now(),
+            peer: "127.0.0.1:9".parse().unwrap(),
+            in_conn_span: true,
+            client: "spiffe://securesrv/client/default".into(),
+            op: "echo".into(),
+            worker: None,
+            outcome: Err((
+                ErrorCode::BadRequest,
+                format!("x\nINFO forged line\x1b[31m\u{202e}{}", "y".repeat(5000)),
+            )),
+            duration_us: 1,
+        };
+        let mut line = String::new();
+        r.write_body(&mut line).unwrap();
+        assert!(line.contains("reason=x"), "{line}");
+        assert!(
+            !line.chars().any(|c| c.is_control() || c == '\u{202e}'),
+            "{line:?}"
+        );
+        assert!(line.len() < MAX_REASON + 300, "{} bytes", line.len());
     }
 }
