@@ -534,9 +534,12 @@ pub fn issue(dir: &Path, opts: &IssueOptions) -> Result<Vec<PathBuf>, CertError>
         None => ca_trust_domain(ca.cert_pem())
             .unwrap_or_else(|| crate::identity::DEFAULT_TRUST_DOMAIN.to_string()),
     };
-    if opts.role == Role::Worker && opts.name.parse::<u32>().map_or(true, |n| n == 0) {
+    // Written as the number is printed: `03` or `+3` would name a certificate that no worker
+    // id matches (worker 3 expects `.../worker/3`), and a key file the scans skip.
+    let canonical_number = |s: &str| s.parse::<u32>().is_ok_and(|n| n > 0 && n.to_string() == s);
+    if opts.role == Role::Worker && !canonical_number(&opts.name) {
         return Err(CertError::Identity(IdentityError::BadName(format!(
-            "{} (a worker's name is its number, 1 or more)",
+            "{} (a worker's name is its number, 1 or more, without leading zeros)",
             opts.name
         ))));
     }

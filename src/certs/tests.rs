@@ -262,18 +262,28 @@ fn issue_adds_identities_signed_by_the_existing_ca() {
         },
     );
     assert!(matches!(again, Err(CertError::Exists(..))));
-    let bad_worker = issue(
-        tmp.path(),
-        &IssueOptions {
-            role: Role::Worker,
-            name: "bob".into(),
-            trust_domain: None,
-            days: 10,
-            hosts: vec![],
-            force: false,
-        },
-    );
-    assert!(bad_worker.is_err());
+    // A worker's name is its number as written by `worker --id N`: nothing else names one.
+    for name in ["bob", "0", "03", "+3", "4294967296"] {
+        let bad_worker = issue(
+            tmp.path(),
+            &IssueOptions {
+                role: Role::Worker,
+                name: name.into(),
+                trust_domain: None,
+                days: 10,
+                hosts: vec![],
+                force: false,
+            },
+        );
+        assert!(
+            matches!(
+                bad_worker,
+                Err(CertError::Identity(IdentityError::BadName(_)))
+            ),
+            "worker name {name:?}: {bad_worker:?}"
+        );
+    }
+    assert!(!tmp.path().join("worker-03.crt").exists());
 }
 
 #[test]
