@@ -24,6 +24,24 @@ pub const BUILTIN_OPS: &[&str] = &["echo", "sha256", "sleep"];
 /// Ceiling on `workers` (each is a process and a port).
 pub const MAX_WORKERS: u32 = 256;
 
+/// Longest time any `*_ms` setting may take: one day. Far beyond any sensible timeout, and
+/// small enough that no sum or product of times overflows.
+pub const MAX_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Largest count a limit may take (connections, requests in flight, cache entries): far above
+/// any real deployment, far below what tokio's semaphores and channels hold (2^61 permits,
+/// beyond which they panic), and small enough that products of counts do not overflow.
+pub const MAX_COUNT: usize = 1 << 24;
+
+/// Longest token lifetime, and longest clock skew. A token only has to live from its minting
+/// to the worker's check, and a worker remembers every id for lifetime + skew: its replay
+/// cache holds `replay_cache_entries / (lifetime + skew)` requests a second.
+pub const MAX_TOKEN_LIFETIME_MS: u64 = 60_000;
+
+/// The dispatcher's first pause before dialling a worker again; its longest pause may not be
+/// shorter.
+pub const RECONNECT_INITIAL_MS: u64 = 50;
+
 /// Problems with a configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -373,74 +391,135 @@ impl Config {
         if crate::identity::SpiffeId::new(&self.trust_domain, Role::Client, "x").is_err() {
             p.push(format!("trust_domain {:?} is not valid", self.trust_domain));
         }
-        let l = &self.limits;
-        for (name, v) in [
-            ("limits.handshake_timeout_ms", l.handshake_timeout_ms),
-            ("limits.idle_timeout_ms", l.idle_timeout_ms),
-            ("limits.frame_timeout_ms", l.frame_timeout_ms),
-            ("limits.write_timeout_ms", l.write_timeout_ms),
-            ("limits.request_timeout_ms", l.request_timeout_ms),
-            ("limits.max_request_timeout_ms", l.max_request_timeout_ms),
-            ("limits.max_connections", l.max_connections as u64),
+        let (l, d, t, w) = (&self.limits, &self.dispatcher, &self.token, &self.watchdog);
+        // Times: (name, value, whether 0 means something). A 0 where it does not would turn a
+        // limit, the backoff or the restart window off without saying so.
+        for (name, v, zero_ok) in [
+            ("limits.handshake_timeout_ms", l.handshake_timeout_ms, false),
+            ("limits.idle_timeout_ms", l.idle_timeout_ms, false),
+            ("limits.frame_timeout_ms", l.frame_timeout_ms, false),
+            ("limits.write_timeout_ms", l.write_timeout_ms, false),
+            ("limits.request_timeout_ms", l.request_timeout_ms, false),
             (
-                "limits.max_connections_per_identity",
-                l.max_connections_per_identity as u64,
+                "limits.max_request_timeout_ms",
+                l.max_request_timeout_ms,
+                false,
             ),
+            ("limits.max_sleep_ms", l.max_sleep_ms, true),
             (
-                "limits.max_handshakes_per_address",
-                l.max_handshakes_per_address as u64,
-            ),
-            (
-                "limits.max_in_flight_per_connection",
-                l.max_in_flight_per_connection as u64,
-            ),
-            (
-                "limits.worker_max_concurrent",
-                l.worker_max_concurrent as u64,
-            ),
-            ("token.lifetime_ms", self.token.lifetime_ms),
-            (
-                "token.replay_cache_entries",
-                self.token.replay_cache_entries as u64,
-            ),
-            (
-                "dispatcher.max_in_flight_per_worker",
-                self.dispatcher.max_in_flight_per_worker as u64,
+                "dispatcher.unavailable_wait_ms",
+                d.unavailable_wait_ms,
+                true,
             ),
             (
                 "dispatcher.worker_ping_interval_ms",
-                self.dispatcher.worker_ping_interval_ms,
+                d.worker_ping_interval_ms,
+                false,
             ),
             (
+                "dispatcher.reconnect_backoff_max_ms",
+                d.reconnect_backoff_max_ms,
+                false,
+            ),
+            ("token.lifetime_ms", t.lifetime_ms, false),
+            ("token.clock_skew_ms", t.clock_skew_ms, true),
+            (
                 "watchdog.heartbeat_interval_ms",
-                self.watchdog.heartbeat_interval_ms,
+                w.heartbeat_interval_ms,
+                false,
             ),
             (
                 "watchdog.heartbeat_timeout_ms",
-                self.watchdog.heartbeat_timeout_ms,
-            ),
-            ("watchdog.max_missed", self.watchdog.max_missed.into()),
-            (
-                "watchdog.restart_limit_burst",
-                self.watchdog.restart_limit_burst.into(),
-            ),
-            ("watchdog.start_timeout_ms", self.watchdog.start_timeout_ms),
-            // 0 would turn the restart limit, or the backoff, off without saying so.
-            (
-                "watchdog.restart_limit_window_ms",
-                self.watchdog.restart_limit_window_ms,
+                w.heartbeat_timeout_ms,
+                false,
             ),
             (
                 "watchdog.restart_backoff_initial_ms",
-                self.watchdog.restart_backoff_initial_ms,
+                w.restart_backoff_initial_ms,
+                false,
             ),
             (
                 "watchdog.restart_backoff_max_ms",
-                self.watchdog.restart_backoff_max_ms,
+                w.restart_backoff_max_ms,
+                false,
             ),
+            ("watchdog.stable_after_ms", w.stable_after_ms, true),
+            (
+                "watchdog.restart_limit_window_ms",
+                w.restart_limit_window_ms,
+                false,
+            ),
+            ("watchdog.stop_grace_ms", w.stop_grace_ms, true),
+            ("watchdog.start_timeout_ms", w.start_timeout_ms, false),
+        ] {
+            if v == 0 && !zero_ok {
+                p.push(format!("{name} must be greater than 0"));
+            } else if v > MAX_MS {
+                p.push(format!("{name} must be at most {MAX_MS} (one day)"));
+            }
+        }
+        // Counts: each sizes a semaphore, a channel or a cache.
+        for (name, v) in [
+            ("limits.max_connections", l.max_connections),
+            (
+                "limits.max_connections_per_identity",
+                l.max_connections_per_identity,
+            ),
+            (
+                "limits.max_handshakes_per_address",
+                l.max_handshakes_per_address,
+            ),
+            (
+                "limits.max_in_flight_per_connection",
+                l.max_in_flight_per_connection,
+            ),
+            (
+                "limits.max_in_flight_per_identity",
+                l.max_in_flight_per_identity.unwrap_or(1),
+            ),
+            ("limits.worker_max_concurrent", l.worker_max_concurrent),
+            ("token.replay_cache_entries", t.replay_cache_entries),
+            (
+                "dispatcher.max_in_flight_per_worker",
+                d.max_in_flight_per_worker,
+            ),
+        ] {
+            if v == 0 || v > MAX_COUNT {
+                p.push(format!("{name} must be between 1 and {MAX_COUNT}"));
+            }
+        }
+        for (name, v) in [
+            ("watchdog.max_missed", w.max_missed),
+            ("watchdog.restart_limit_burst", w.restart_limit_burst),
         ] {
             if v == 0 {
                 p.push(format!("{name} must be greater than 0"));
+            }
+        }
+        if t.lifetime_ms > MAX_TOKEN_LIFETIME_MS || t.clock_skew_ms > MAX_TOKEN_LIFETIME_MS {
+            p.push(format!(
+                "token.lifetime_ms and token.clock_skew_ms must be at most {MAX_TOKEN_LIFETIME_MS} \
+                 (a worker remembers every request id for their sum)"
+            ));
+        }
+        if d.reconnect_backoff_max_ms < RECONNECT_INITIAL_MS {
+            p.push(format!(
+                "dispatcher.reconnect_backoff_max_ms must be at least {RECONNECT_INITIAL_MS}"
+            ));
+        }
+        // A connection quiet for the idle timeout is closed: the pings that keep a link up
+        // must come sooner.
+        for (name, v) in [
+            (
+                "dispatcher.worker_ping_interval_ms",
+                d.worker_ping_interval_ms,
+            ),
+            ("watchdog.heartbeat_interval_ms", w.heartbeat_interval_ms),
+        ] {
+            if v >= l.idle_timeout_ms {
+                p.push(format!(
+                    "{name} must be less than limits.idle_timeout_ms, or the link is closed as idle between pings"
+                ));
             }
         }
         if l.max_frame_bytes < 1024 || l.max_frame_bytes > crate::frame::MAX_FRAME_CEILING {
@@ -595,7 +674,7 @@ impl Config {
             return Some(w.listen);
         }
         if self.worker.is_empty() {
-            let port = u32::from(self.dispatcher.listen.port()) + id;
+            let port = u32::from(self.dispatcher.listen.port()).checked_add(id)?;
             let mut a = self.dispatcher.listen;
             a.set_port(u16::try_from(port).ok()?);
             return Some(a);
@@ -651,7 +730,8 @@ impl Config {
     /// [`Limits::max_in_flight_per_identity`]).
     pub fn dispatcher_in_flight_per_identity(&self) -> usize {
         self.limits.max_in_flight_per_identity.unwrap_or_else(|| {
-            let capacity = self.worker_addresses().len() * self.dispatcher.max_in_flight_per_worker;
+            let capacity = (self.worker_addresses().len())
+                .saturating_mul(self.dispatcher.max_in_flight_per_worker);
             (capacity / 2).max(1)
         })
     }
@@ -659,7 +739,7 @@ impl Config {
     /// How long a component lets in-flight requests finish once it is told to stop: most of
     /// the watchdog's grace period before SIGKILL.
     pub fn drain_period(&self) -> Duration {
-        Duration::from_millis(self.watchdog.stop_grace_ms * 4 / 5)
+        Duration::from_millis(self.watchdog.stop_grace_ms.saturating_mul(4) / 5)
     }
 
     /// A job by name.
@@ -745,6 +825,93 @@ mod tests {
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
+    }
+
+    #[test]
+    fn values_that_would_break_a_component_are_refused() {
+        // Each passed the old checks (greater than 0) and then panicked in a semaphore or a
+        // channel, wrapped in arithmetic, stormed a worker with dials, or had every request
+        // refused `internal`.
+        for (text, needle) in [
+            (
+                "[limits]\nmax_in_flight_per_connection = 4611686018427387904",
+                "max_in_flight_per_connection must be between 1 and",
+            ),
+            (
+                "[limits]\nmax_connections = 4611686018427387904",
+                "max_connections must be between 1 and",
+            ),
+            (
+                "[limits]\nmax_in_flight_per_identity = 4611686018427387904",
+                "max_in_flight_per_identity must be between 1 and",
+            ),
+            (
+                "[dispatcher]\nmax_in_flight_per_worker = 4611686018427387904",
+                "max_in_flight_per_worker must be between 1 and",
+            ),
+            (
+                "[token]\nreplay_cache_entries = 4611686018427387904",
+                "replay_cache_entries must be between 1 and",
+            ),
+            (
+                "[watchdog]\nstop_grace_ms = 18446744073709551615",
+                "stop_grace_ms must be at most 86400000",
+            ),
+            (
+                "[limits]\nmax_sleep_ms = 86400001",
+                "max_sleep_ms must be at most",
+            ),
+            (
+                "[token]\nlifetime_ms = 86400000",
+                "token.lifetime_ms and token.clock_skew_ms must be at most 60000",
+            ),
+            (
+                "[token]\nclock_skew_ms = 600000",
+                "token.lifetime_ms and token.clock_skew_ms must be at most 60000",
+            ),
+            (
+                "[dispatcher]\nreconnect_backoff_max_ms = 0",
+                "reconnect_backoff_max_ms must be greater than 0",
+            ),
+            (
+                "[dispatcher]\nreconnect_backoff_max_ms = 10",
+                "reconnect_backoff_max_ms must be at least 50",
+            ),
+            (
+                "[dispatcher]\nworker_ping_interval_ms = 5000\n[limits]\nidle_timeout_ms = 2000",
+                "worker_ping_interval_ms must be less than limits.idle_timeout_ms",
+            ),
+            (
+                "[watchdog]\nheartbeat_interval_ms = 60000",
+                "heartbeat_interval_ms must be less than limits.idle_timeout_ms",
+            ),
+            (
+                &format!("trust_domain = \"{}\"", "t".repeat(175)),
+                "trust_domain",
+            ),
+        ] {
+            let cfg = Config::parse(text).unwrap();
+            let Err(ConfigError::Invalid(p)) = cfg.validate() else {
+                panic!("accepted: {text}");
+            };
+            assert!(p.iter().any(|m| m.contains(needle)), "{text}: {p:?}");
+        }
+        // The edges are accepted.
+        let edges = format!(
+            "trust_domain = \"{}\"\n[token]\nlifetime_ms = 60000\nclock_skew_ms = 60000\n\
+             [limits]\nmax_connections = {MAX_COUNT}\nmax_connections_per_identity = 1\n\
+             max_sleep_ms = {MAX_MS}\n[dispatcher]\nreconnect_backoff_max_ms = 50\n",
+            "t".repeat(crate::identity::MAX_TRUST_DOMAIN_LEN)
+        );
+        Config::parse(&edges).unwrap().validate().unwrap();
+        // The longest identity of that trust domain still fits a token's claim.
+        let id = SpiffeId::new(
+            &"t".repeat(crate::identity::MAX_TRUST_DOMAIN_LEN),
+            Role::Client,
+            &"n".repeat(64),
+        )
+        .unwrap();
+        assert_eq!(id.to_string().len(), 255);
     }
 
     #[test]

@@ -180,7 +180,7 @@ pub enum IdentityError {
     #[error("URI SAN {0:?} is not of the form spiffe://<trust-domain>/<role>/<name>")]
     NotSpiffe(String),
     /// The trust domain is malformed.
-    #[error("invalid trust domain {0:?}")]
+    #[error("invalid trust domain {0:?} (1-174 of a-z 0-9 . _ -)")]
     BadTrustDomain(String),
     /// The name is malformed.
     #[error("invalid name {0:?} (1-64 of A-Z a-z 0-9 . _ -)")]
@@ -273,9 +273,14 @@ impl PeerPolicy {
     }
 }
 
+/// Longest trust domain: SPIFFE allows 255 bytes, but a request token carries the client's
+/// identity in a claim of at most 255 bytes, and `spiffe://` + the domain + `/client/` + a
+/// name of 64 must fit in it.
+pub const MAX_TRUST_DOMAIN_LEN: usize = 255 - "spiffe://".len() - "/client/".len() - 64;
+
 fn validate_trust_domain(td: &str) -> Result<(), IdentityError> {
     let ok = !td.is_empty()
-        && td.len() <= 255
+        && td.len() <= MAX_TRUST_DOMAIN_LEN
         && td.bytes().all(|b| {
             b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
         });

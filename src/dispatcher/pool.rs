@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 /// First reconnection delay.
-const RECONNECT_INITIAL: Duration = Duration::from_millis(50);
+const RECONNECT_INITIAL: Duration = Duration::from_millis(crate::config::RECONNECT_INITIAL_MS);
 /// Unanswered pings before a worker counts as unavailable.
 const PING_MISSES_UNAVAILABLE: u32 = 2;
 /// Unanswered pings before the link is dropped and re-dialled.
