@@ -160,7 +160,8 @@ pub struct Limits {
     pub max_frame_bytes: usize,
     /// Deadline for TCP connect + TLS handshake.
     pub handshake_timeout_ms: u64,
-    /// A connection that sends no frame for this long is closed.
+    /// A connection that sends no frame for this long, while none of its requests is
+    /// running, is closed.
     pub idle_timeout_ms: u64,
     /// Once a frame has started, all of it must arrive within this time.
     pub frame_timeout_ms: u64,

@@ -375,6 +375,13 @@ impl<S: AsyncRead + Unpin> Connection<S> {
         }
     }
 
+    /// Starts the idle timeout again from now, as if a frame had just arrived. For a peer
+    /// that is quiet because it waits for answers. No effect while a frame is arriving (its
+    /// own deadline runs).
+    pub fn restart_idle_clock(&mut self) {
+        self.last_frame = Instant::now();
+    }
+
     /// The next message if a whole frame is already buffered; never waits or reads.
     pub fn buffered_message(&mut self) -> Result<Option<Message>, ConnError> {
         let Some(total) = frame::check_header(&self.read_buf, self.limits.max_frame)? else {

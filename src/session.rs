@@ -296,6 +296,12 @@ pub async fn drive<S, F>(
                             Next::Close(m) => break Some(m),
                         },
                         Ok(None) => break Some(None),
+                        // A peer quiet while its requests run waits for their answers: not
+                        // idle. The clock starts again; a request's own deadline bounds it.
+                        Err(ConnError::Idle(_)) if session.in_flight() > 0 => {
+                            conn.restart_idle_clock();
+                            break None;
+                        }
                         Err(e) => {
                             log_read_error(&e);
                             break Some(e.to_message());

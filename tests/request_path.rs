@@ -606,3 +606,26 @@ async fn the_largest_echo_a_frame_holds_is_answered() {
     assert_eq!(c.call("echo", &payload).await.expect("answered"), payload);
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_outlasts_the_idle_timeout_is_answered() {
+    // A client waiting for a long request sends nothing meanwhile; that is not idleness. The
+    // dispatcher used to close it at the idle timeout and drop the answer.
+    let pki = pki(1);
+    let cluster = start_cluster(&pki, 1, |cfg| {
+        cfg.limits.idle_timeout_ms = 1_500;
+        cfg.dispatcher.worker_ping_interval_ms = 200;
+        // An idle connection closes after a drain of 4/5 of this: 0.4 s, not 4 s.
+        cfg.watchdog.stop_grace_ms = 500;
+    })
+    .await;
+    let c = cluster.client(&pki).await;
+    let opts = CallOptions {
+        idempotent: false,
+        timeout: Duration::from_secs(20),
+    };
+    let answer = c.call_with("sleep", b"3500", opts).await;
+    assert_eq!(answer.unwrap(), b"slept 3500 ms");
+    still_serving(&c).await;
+    cluster.stop().await;
+}
