@@ -369,42 +369,95 @@ fn random_serial() -> Result<SerialNumber, CertError> {
     Ok(SerialNumber::from_slice(&bytes))
 }
 
-/// Creates `dir` with mode 0700 (or tightens an existing one to 0700).
+/// Creates `dir` with mode 0700 if it does not exist. An existing directory keeps its mode:
+/// it may be the working directory or a home (`--dir .`); the key files in it are 0600.
 pub fn create_private_dir(dir: &Path) -> Result<(), CertError> {
-    if !dir.exists() {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io_err(dir))?;
+    if dir.exists() {
+        return Ok(());
     }
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err(dir))
 }
 
 /// Writes `data` to `path` with `mode`, never through an existing file's permissions: an
-/// existing file is refused unless `overwrite`, in which case it is removed first.
+/// existing file is refused unless `overwrite`, in which case it is replaced. Either way the
+/// file appears whole or not at all (see [`Staged`]).
 pub fn write_file(path: &Path, data: &[u8], mode: u32, overwrite: bool) -> Result<(), CertError> {
-    if overwrite {
-        match fs::remove_file(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(path)(e)),
+    Staged::write(path, data, mode)?.commit(overwrite)
+}
+
+/// A file written and synced beside its destination under a temporary name, not yet in place.
+/// [`Staged::commit`] renames it into place, so that a reader (a restarting component) sees
+/// the old file or the new one, never a part; dropped uncommitted, it is removed. Staging
+/// every file of a change before committing any keeps a full disk or an unwritable file from
+/// leaving the change half done.
+pub struct Staged {
+    tmp: PathBuf,
+    path: PathBuf,
+    committed: bool,
+}
+
+impl Staged {
+    /// Writes `data` with `mode` to a fresh temporary file next to `path`, and syncs it.
+    pub fn write(path: &Path, data: &[u8], mode: u32) -> Result<Staged, CertError> {
+        let name = path.file_name().map_or_else(
+            || std::ffi::OsString::from("file"),
+            std::ffi::OsStr::to_os_string,
+        );
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(&name);
+        tmp_name.push(format!(".{}.tmp", std::process::id()));
+        let tmp = path.with_file_name(tmp_name);
+        // Left by a run of the same pid that was killed: never written through.
+        let _ = fs::remove_file(&tmp);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(io_err(path))?;
+        let staged = Staged {
+            tmp,
+            path: path.to_path_buf(),
+            committed: false,
+        };
+        f.write_all(data).map_err(io_err(path))?;
+        f.sync_all().map_err(io_err(path))?;
+        Ok(staged)
+    }
+
+    /// Where the file goes.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Puts the file in place: refused if `path` exists and not `overwrite`, else renamed over
+    /// it; then the directory is synced, so that the rename survives a crash.
+    pub fn commit(mut self, overwrite: bool) -> Result<(), CertError> {
+        if !overwrite && fs::symlink_metadata(&self.path).is_ok() {
+            return Err(CertError::Exists(self.path.clone(), ""));
+        }
+        fs::rename(&self.tmp, &self.path).map_err(io_err(&self.path))?;
+        self.committed = true;
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir))
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.tmp);
         }
     }
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                CertError::Exists(path.to_path_buf(), "")
-            } else {
-                io_err(path)(e)
-            }
-        })?;
-    f.write_all(data).map_err(io_err(path))?;
-    f.sync_all().map_err(io_err(path))
 }
 
 /// Reads a secret (private key or token key) after checking that only its owner can read it.

@@ -306,6 +306,79 @@ fn readable_key_files_are_refused_with_the_fix() {
     ));
 }
 
+/// Puts a directory where `path`'s staged copy would be written, so that staging it fails.
+fn block_staging(path: &Path) -> PathBuf {
+    let name = path.file_name().unwrap().to_str().unwrap();
+    let blocker = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    fs::create_dir(&blocker).unwrap();
+    blocker
+}
+
+/// Every file in `dir` and its bytes.
+fn contents(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                fs::read(&p).unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_file_is_replaced_whole_or_not_at_all() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("a.key");
+    write_file(&path, b"old", 0o600, false).unwrap();
+    let blocker = block_staging(&path);
+    assert!(write_file(&path, b"new", 0o600, true).is_err());
+    assert_eq!(fs::read(&path).unwrap(), b"old", "the old file is kept");
+    fs::remove_dir(&blocker).unwrap();
+    assert!(matches!(
+        write_file(&path, b"new", 0o600, false),
+        Err(CertError::Exists(..))
+    ));
+    write_file(&path, b"new", 0o600, true).unwrap();
+    assert_eq!(fs::read(&path).unwrap(), b"new");
+    assert_eq!(mode(&path), 0o600);
+    // Nothing is left beside it.
+    assert_eq!(contents(tmp.path()).len(), 1);
+}
+
+#[test]
+fn a_rotation_that_cannot_write_every_file_changes_none() {
+    let tmp = tempfile::tempdir().unwrap();
+    init(tmp.path(), &opts(2)).unwrap();
+    let before = contents(tmp.path());
+    // The last file a rotation writes is token.key.
+    let blocker = block_staging(&tmp.path().join("token.key"));
+    assert!(rotate_token_key(tmp.path(), None, 60_000).is_err());
+    fs::remove_dir(&blocker).unwrap();
+    assert_eq!(contents(tmp.path()), before, "a worker file changed");
+    // And it can be done again once the cause is gone.
+    rotate_token_key(tmp.path(), None, 60_000).unwrap();
+    assert_eq!(
+        load_key_file(&tmp.path().join("token.key"))
+            .unwrap()
+            .current()
+            .id,
+        2
+    );
+}
+
+#[test]
+fn an_existing_directory_keeps_its_mode() {
+    // `--dir .` must not make the working directory private.
+    let tmp = tempfile::tempdir().unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    init(tmp.path(), &opts(1)).unwrap();
+    assert_eq!(mode(tmp.path()), 0o755);
+}
+
 #[test]
 fn rotation_rederives_every_worker_file() {
     let tmp = tempfile::tempdir().unwrap();

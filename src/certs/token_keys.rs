@@ -2,8 +2,8 @@
 //! from it for the worker's identity (`worker-N.token`), made, rotated and read.
 
 use super::{
-    CA_CERT, CertError, MASTER_TOKEN_KEY, ca_trust_domain, create_private_dir, file_stem, io_err,
-    read_secret_file, write_file,
+    CA_CERT, CertError, MASTER_TOKEN_KEY, Staged, ca_trust_domain, create_private_dir, file_stem,
+    io_err, read_secret_file,
 };
 use crate::identity::SpiffeId;
 use crate::token::{KeyFile, KeyFileError, SecretKey};
@@ -35,10 +35,20 @@ pub(super) fn write_worker_token(
     id: &SpiffeId,
     force: bool,
 ) -> Result<PathBuf, CertError> {
-    let path = worker_token_path(dir, id);
-    let derived = master.map_keys(|k| k.derive_for(id));
-    write_file(&path, derived.render().as_bytes(), 0o600, force)?;
+    let staged = stage_worker_token(dir, master, id)?;
+    let path = staged.path().to_path_buf();
+    staged.commit(force)?;
     Ok(path)
+}
+
+/// Worker `id`'s key file, derived from `master`, staged (not yet in place).
+fn stage_worker_token(dir: &Path, master: &KeyFile, id: &SpiffeId) -> Result<Staged, CertError> {
+    let derived = master.map_keys(|k| k.derive_for(id));
+    Staged::write(
+        &worker_token_path(dir, id),
+        derived.render().as_bytes(),
+        0o600,
+    )
 }
 
 /// The numbers N of the `worker-N.token` files in `dir`, ascending.
@@ -105,13 +115,19 @@ pub fn rotate_token_key(
             path: master_path.clone(),
             source,
         })?;
-    let mut written = Vec::new();
+    // Every file is written before any is put in place: a failed write changes nothing. The
+    // workers' files go in first, so that a dispatcher restarted in between still mints with
+    // a key every worker knows.
+    let mut staged = Vec::new();
     for id in &workers {
-        written.push(write_worker_token(dir, &rotated, id, true)?);
+        staged.push(stage_worker_token(dir, &rotated, id)?);
     }
-    write_file(&master_path, rotated.render().as_bytes(), 0o600, true)?;
-    written.push(master_path);
-    Ok(written)
+    staged.push(Staged::write(
+        &master_path,
+        rotated.render().as_bytes(),
+        0o600,
+    )?);
+    commit_all(staged)
 }
 
 /// `certs token-keys`: a new master token key and the keys of workers 1 to `workers` derived
@@ -146,10 +162,23 @@ pub fn token_keys(
     }
     create_private_dir(dir)?;
     let master = KeyFile::single(1, SecretKey::generate()?);
-    write_file(&master_path, master.render().as_bytes(), 0o600, true)?;
-    let mut written = vec![master_path];
+    let mut staged = vec![Staged::write(
+        &master_path,
+        master.render().as_bytes(),
+        0o600,
+    )?];
     for id in &ids {
-        written.push(write_worker_token(dir, &master, id, true)?);
+        staged.push(stage_worker_token(dir, &master, id)?);
+    }
+    commit_all(staged)
+}
+
+/// Puts staged files in place, in order; returns their paths.
+fn commit_all(staged: Vec<Staged>) -> Result<Vec<PathBuf>, CertError> {
+    let mut written = Vec::new();
+    for file in staged {
+        written.push(file.path().to_path_buf());
+        file.commit(true)?;
     }
     Ok(written)
 }
