@@ -13,7 +13,7 @@
 use crate::connection::{Connection, IoLimits};
 use crate::identity::SpiffeId;
 use crate::message::{ErrorCode, Message};
-use crate::throttle::Throttle;
+use crate::throttle::{SharedThrottle, Throttle};
 use crate::tls::{Acceptor, HandshakeError, ServerStream};
 use std::collections::HashMap;
 use std::future::Future;
@@ -87,6 +87,9 @@ pub struct IdentitySlots {
     /// [`Connection::set_frame_budget`]): kept apart from the payload budget so that a request
     /// beyond that one is still read and refused `overloaded`, not left unread.
     pub frames: crate::connection::FrameBudget,
+    /// Its requests refused `overloaded`, logged at most once a second over all its
+    /// connections.
+    pub(crate) refusals: Arc<SharedThrottle>,
 }
 
 impl IdentitySlots {
@@ -101,6 +104,7 @@ impl IdentitySlots {
             kib: Arc::new(Semaphore::new(kib_limit)),
             kib_limit,
             frames: crate::connection::FrameBudget::new(kib_limit),
+            refusals: Arc::default(),
         }
     }
 }
@@ -199,6 +203,8 @@ struct Handshaking {
     /// Every connection still in its handshake, oldest first (see [`Self::evict_oldest`]).
     pending: Mutex<Pending>,
     refusals: RefusalLog,
+    /// Connections refused for their identity's connection limit.
+    over_identity_limit: SharedThrottle,
 }
 
 /// Connections in their handshake by age, each with the token that makes it give up.
@@ -212,7 +218,7 @@ struct Pending {
 /// there were since the last such line; the others at `debug`. Anyone who can reach the port
 /// can make a handshake fail, and must not be able to write a log line per connection.
 #[derive(Default)]
-struct RefusalLog(Mutex<Throttle>);
+struct RefusalLog(SharedThrottle);
 
 impl RefusalLog {
     fn log(&self, e: &HandshakeError) {
@@ -222,8 +228,7 @@ impl RefusalLog {
                 return;
             }
         }
-        let due = self.0.lock().unwrap_or_else(|p| p.into_inner()).hit();
-        match due {
+        match self.0.hit() {
             Some(refused) => info!(reason = %e, refused, "handshake refused"),
             None => debug!(reason = %e, "handshake refused"),
         }
@@ -335,6 +340,7 @@ pub async fn serve<H: ConnectionHandler>(
     let handshaking = Arc::new(Handshaking::default());
     let mut over_limit = Throttle::default();
     let mut busy_address = Throttle::default();
+    let mut accept_failed = Throttle::default();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -345,7 +351,9 @@ pub async fn serve<H: ConnectionHandler>(
             Ok(x) => x,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                warn!(error = %e, "accept failed");
+                if let Some(failures) = accept_failed.hit() {
+                    warn!(error = %e, failures, "accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -453,10 +461,13 @@ async fn handle_one<H: ConnectionHandler>(
         limits.max_in_flight_per_identity,
         limits.max_in_flight_bytes_per_identity,
     ) else {
-        warn!(
-            limit = limits.max_per_identity,
-            "per-identity connection limit reached; refusing"
-        );
+        if let Some(refused) = handshaking.over_identity_limit.hit() {
+            warn!(
+                refused,
+                limit = limits.max_per_identity,
+                "per-identity connection limit reached; refusing"
+            );
+        }
         conn.close(Some(&Message::connection_error(
             ErrorCode::Overloaded,
             format!(

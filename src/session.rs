@@ -12,7 +12,6 @@
 
 use crate::connection::{ConnError, Connection};
 use crate::message::{ErrorCode, ErrorReply, Message};
-use crate::throttle::Throttle;
 use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use std::future::Future;
@@ -71,8 +70,6 @@ pub struct Session {
     max_in_flight: usize,
     identity: crate::server::IdentitySlots,
     multi_thread: bool,
-    /// Refusals, logged at most once a second.
-    refusals: Throttle,
 }
 
 impl Session {
@@ -150,9 +147,9 @@ impl Session {
         self.inline.len() + self.spawned.len()
     }
 
-    /// An `overloaded` answer, with a log line at most once a second per connection.
+    /// An `overloaded` answer, with a log line at most once a second per identity.
     fn refuse(&mut self, id: u64, message: String) -> Message {
-        if let Some(refused) = self.refusals.hit() {
+        if let Some(refused) = self.identity.refusals.hit() {
             warn!(refused, reason = %message, "refusing requests: limit reached");
         }
         Message::Error(ErrorReply {
@@ -251,7 +248,6 @@ pub async fn drive<S, F>(
         max_in_flight,
         identity: limits.identity,
         multi_thread,
-        refusals: Throttle::default(),
     };
     let mut last: Option<Message> = None;
     // One wait for cancellation for the whole loop, looked at only once it has woken us: a

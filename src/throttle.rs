@@ -30,6 +30,18 @@ impl Throttle {
     }
 }
 
+/// A [`Throttle`] shared by tasks: one per listener, identity or worker, so that a peer
+/// cannot multiply the lines by opening more connections.
+#[derive(Debug, Default)]
+pub(crate) struct SharedThrottle(std::sync::Mutex<Throttle>);
+
+impl SharedThrottle {
+    /// As [`Throttle::hit`].
+    pub(crate) fn hit(&self) -> Option<u64> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).hit()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -466,6 +466,47 @@ fn two_thousand_idle_connections_stay_within_the_memory_bound() {
 }
 
 #[test]
+fn a_flood_over_the_identity_connection_limit_writes_a_line_a_second() {
+    // Each connection over an identity's limit used to write a warning: a client holding its
+    // limit could write one line per (cheap, resumed) connection.
+    let s = start("max_connections_per_identity = 2\n");
+    const FLOOD: usize = 150;
+    rt().block_on(async {
+        let good = s.client("client").await;
+        let held = [s.raw("client-alice").await, s.raw("client-alice").await];
+        let started = Instant::now();
+        for _ in 0..FLOOD {
+            let extra = s.raw("client-alice").await;
+            assert_eq!(closing_reason(extra).await, Some(ErrorCode::Overloaded));
+        }
+        let took = started.elapsed();
+        served(&good).await;
+        drop(held);
+        let lines: Vec<String> = s
+            .dispatcher
+            .stderr()
+            .lines()
+            .filter(|l| l.contains("per-identity connection limit reached"))
+            .map(str::to_string)
+            .collect();
+        let allowed = 2 + took.as_secs() as usize;
+        assert!(
+            !lines.is_empty() && lines.len() <= allowed,
+            "{} lines for {FLOOD} refusals in {took:?}",
+            lines.len()
+        );
+        let counted: u64 = lines
+            .iter()
+            .filter_map(|l| common::field(l, "refused"))
+            .filter_map(|v| v.parse::<u64>().ok())
+            .sum();
+        // The refusals since the last line are counted in the next one; the last few may be
+        // waiting for a line not yet due.
+        assert!(counted >= 1 && counted <= FLOOD as u64, "counted {counted}");
+    });
+}
+
+#[test]
 fn connection_limits_refuse_the_excess_and_serve_the_rest() {
     let s = start("max_connections = 60\nmax_connections_per_identity = 10\n");
     rt().block_on(async {

@@ -267,7 +267,9 @@ impl Dispatcher {
                     continue;
                 }
                 Err(ForwardError::Expired) => {
-                    warn!(worker = slot.id, op = %req.op, "worker read the request after its token expired; sending it elsewhere");
+                    if let Some(requests) = slot.expired_tokens.hit() {
+                        warn!(worker = slot.id, requests, op = %req.op, "worker read requests after their tokens expired; sending them elsewhere");
+                    }
                     exclude.push(slot.id);
                 }
                 Err(ForwardError::Lost) => {
@@ -295,7 +297,9 @@ impl Dispatcher {
                             )),
                         );
                     }
-                    warn!(worker = slot.id, op = %req.op, "worker lost mid-request; retrying idempotent request");
+                    if let Some(requests) = slot.lost_retries.hit() {
+                        warn!(worker = slot.id, requests, op = %req.op, "worker lost mid-request; retrying idempotent requests");
+                    }
                     exclude.push(slot.id);
                 }
                 Err(ForwardError::Timeout) => {
@@ -313,7 +317,7 @@ impl Dispatcher {
                     // running on the key before `certs rotate-token-key`). The request did not
                     // run there, so it may go to another worker.
                     // At most a line a second per worker: with stale keys it is every request.
-                    if let Some(refusals) = slot.token_refused() {
+                    if let Some(refusals) = slot.token_refusals.hit() {
                         warn!(
                             worker = slot.id,
                             refusals,

@@ -15,7 +15,7 @@ use crate::identity::SpiffeId;
 use crate::inflight::InFlight;
 use crate::message::Bytes;
 use crate::message::{ErrorCode, ForwardRef, Message, Ping, Request};
-use crate::throttle::Throttle;
+use crate::throttle::SharedThrottle;
 use crate::tls::{ClientStream, Connector};
 use crate::token::{MintRequest, Minter, TokenError};
 use std::net::SocketAddr;
@@ -82,7 +82,11 @@ pub struct Slot {
     outstanding: AtomicUsize,
     /// Its refusals of our tokens, logged at most once a second: a worker on a stale token
     /// key refuses every request sent to it.
-    token_refusals: Mutex<Throttle>,
+    pub(crate) token_refusals: SharedThrottle,
+    /// Requests it read after their tokens expired (it was behind: clients can cause that).
+    pub(crate) expired_tokens: SharedThrottle,
+    /// Idempotent requests sent elsewhere after its link broke: one per request in flight.
+    pub(crate) lost_retries: SharedThrottle,
 }
 
 impl Slot {
@@ -92,15 +96,6 @@ impl Slot {
 
     fn set_link(&self, link: Option<Arc<Link>>) {
         *self.link.lock().unwrap_or_else(|p| p.into_inner()) = link;
-    }
-
-    /// Counts a refusal of our token by this worker: `Some(n)` when a log line is due, `n`
-    /// counting the refusals since the last one.
-    pub fn token_refused(&self) -> Option<u64> {
-        self.token_refusals
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .hit()
     }
 
     /// Requests outstanding on this worker.
@@ -158,7 +153,9 @@ impl Pool {
                         addr,
                         link: Mutex::new(None),
                         outstanding: AtomicUsize::new(0),
-                        token_refusals: Mutex::new(Throttle::default()),
+                        token_refusals: SharedThrottle::default(),
+                        expired_tokens: SharedThrottle::default(),
+                        lost_retries: SharedThrottle::default(),
                     })
                 })
                 .collect(),
