@@ -454,6 +454,12 @@ async fn run_link(
             None => Outcome::NotSent,
         },
         || match &closing_reason {
+            // The dispatcher stopped and said it answered every request it read: the others
+            // were never read and did not run, so they may be sent again, idempotent or not.
+            Some(ClientError::Remote {
+                code: ErrorCode::ShuttingDown,
+                ..
+            }) => Outcome::NotSent,
             Some(e) => Outcome::Closed(e.clone()),
             None => Outcome::Lost,
         },

@@ -26,6 +26,10 @@ use tracing::{debug, info, warn};
 /// Bytes of answers gathered into one write.
 const MAX_BATCH: usize = 256 * 1024;
 
+/// How long a stopping connection, its running requests answered, still refuses the requests
+/// already on their way (sent before the peer could know) before it closes.
+const STRAGGLERS_WINDOW: Duration = Duration::from_millis(100);
+
 /// Pings a connection may have unanswered beyond its request limit before it is cut off.
 pub const PING_HEADROOM: usize = 8;
 
@@ -321,8 +325,29 @@ pub async fn drive<S, F>(
     // When stopping, the peer is still heard while the running requests finish: a ping is
     // answered (the component is busy, not dead) and a new request gets `shutting_down` at
     // once, so that the peer takes it elsewhere rather than waiting on an unread connection.
-    let mut hearing = last.is_none() && shutdown.is_cancelled();
-    while session.in_flight() > 0 || !rx.is_empty() {
+    let stopping = last.is_none() && shutdown.is_cancelled();
+    let mut hearing = stopping;
+    // After the running requests, requests already on their way are refused too, for a
+    // moment; then the connection closes.
+    let mut stragglers: Option<tokio::time::Instant> = None;
+    loop {
+        let running = session.in_flight() > 0 || !rx.is_empty();
+        if !running {
+            if !hearing {
+                break;
+            }
+            let until = *stragglers.get_or_insert_with(|| {
+                deadline.min(tokio::time::Instant::now() + STRAGGLERS_WINDOW)
+            });
+            if tokio::time::Instant::now() >= until {
+                break;
+            }
+        }
+        let quiet_until = if running {
+            deadline
+        } else {
+            stragglers.unwrap_or(deadline)
+        };
         tokio::select! {
             Some(answer) = session.inline.next(), if !session.inline.is_empty() => {
                 if write_answers(&mut conn, &mut session, &mut rx, answer).await.is_err() {
@@ -362,13 +387,33 @@ pub async fn drive<S, F>(
                     }
                 }
             }
-            _ = tokio::time::sleep_until(deadline) => {
-                info!(unanswered = session.in_flight(), "drain deadline passed; closing without their answers");
-                break;
+            _ = tokio::time::sleep_until(quiet_until), if running || stragglers.is_some() => {
+                if running {
+                    info!(unanswered = session.in_flight(), "drain deadline passed; closing without their answers");
+                    break;
+                }
             }
         }
     }
-    conn.close(last.as_ref()).await;
+    // A component that stops says so, and whether every request it read was answered: then
+    // the requests the peer sent that have no answer were never read, did not run, and may
+    // be sent elsewhere whatever they are.
+    if stopping && last.is_none() {
+        last = Some(match session.in_flight() {
+            0 => Message::connection_error(
+                ErrorCode::ShuttingDown,
+                "shutting down; every request read on this connection was answered, \
+                 the others were not read",
+            ),
+            n => Message::connection_error(
+                ErrorCode::Timeout,
+                format!(
+                    "shutting down; {n} requests still running were not answered and may have run"
+                ),
+            ),
+        });
+    }
+    conn.close_lingering(last.as_ref()).await;
 }
 
 /// Requests still running when their connection ends, however it ends, are run to the end

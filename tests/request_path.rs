@@ -629,3 +629,67 @@ async fn a_request_that_outlasts_the_idle_timeout_is_answered() {
     still_serving(&c).await;
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_dispatcher_answers_refuses_then_says_it_read_nothing_more() {
+    // Told to stop while a client's request runs: the request is answered, one sent meanwhile
+    // is refused `shutting_down`, and the connection ends with an id-0 `shutting_down` (every
+    // request read was answered; anything else was not read and may go elsewhere), then a
+    // clean TLS close.
+    let pki = pki(1);
+    let cluster = start_cluster(&pki, 1, |_| {}).await;
+    let (stream, _) = pki
+        .material("client")
+        .connector(&SpiffeId::dispatcher("securesrv").unwrap(), WAIT)
+        .unwrap()
+        .connect(cluster.addr)
+        .await
+        .unwrap();
+    let mut conn = Connection::new(stream, IoLimits::default());
+    let request = |id, op: &str, payload: &'static [u8]| {
+        Message::Request(securesrv::message::Request {
+            id,
+            op: op.into(),
+            payload: Bytes::from_static(payload),
+            timeout_ms: None,
+        })
+    };
+    conn.send(&request(1, "sleep", b"500")).await.unwrap();
+    let until = std::time::Instant::now() + WAIT;
+    while cluster.dispatcher.pool().slots()[0].outstanding() == 0 {
+        assert!(std::time::Instant::now() < until, "the sleep never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    cluster.stop_dispatcher();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    conn.send(&request(2, "echo", b"late")).await.unwrap();
+    let mut heard = Vec::new();
+    let end = loop {
+        match tokio::time::timeout(WAIT, conn.read_message()).await {
+            Ok(Ok(Some(m))) => heard.push(m),
+            Ok(end) => break end,
+            Err(_) => panic!("no end after {heard:?}"),
+        }
+    };
+    assert!(
+        matches!(end, Ok(None)),
+        "not a clean close: {end:?} after {heard:?}"
+    );
+    assert!(
+        heard.iter().any(
+            |m| matches!(m, Message::Reply(r) if r.id == 1 && r.payload[..] == b"slept 500 ms"[..])
+        ),
+        "{heard:?}"
+    );
+    assert!(
+        heard.iter().any(
+            |m| matches!(m, Message::Error(e) if e.id == 2 && e.code == ErrorCode::ShuttingDown)
+        ),
+        "{heard:?}"
+    );
+    assert!(
+        matches!(heard.last(), Some(Message::Error(e)) if e.id == 0 && e.code == ErrorCode::ShuttingDown),
+        "{heard:?}"
+    );
+    cluster.stop().await;
+}

@@ -527,6 +527,53 @@ fn a_dispatcher_told_to_stop_sends_new_calls_to_its_successor() {
 }
 
 #[test]
+fn a_worker_told_to_stop_by_someone_else_finishes_its_requests() {
+    // An operator's SIGTERM to a worker running a non-idempotent job: the worker closes the
+    // watchdog's heartbeat connection saying it is stopping, and the watchdog lets it drain
+    // and exit. It used to count the closed connection and the closed port as missed
+    // heartbeats and send its own SIGTERM, the second, on which a component exits at once
+    // (exit 130): the job was cut and its client told `worker_lost`.
+    let f = Fixture::with(
+        "[[jobs]]\nname = \"nap\"\nprogram = \"/bin/sleep\"\nargs = [\"2\"]\n\
+         timeout_ms = 10000\nidempotent = false\n[acl]\nnap = [\"*\"]\n",
+    );
+    let w = f.ready();
+    let busy = rt().block_on(async {
+        let c = f.client().await;
+        let opts = CallOptions {
+            idempotent: false,
+            timeout: Duration::from_secs(20),
+        };
+        let running = tokio::spawn(async move { c.call_with("nap", b"", opts).await });
+        let until = Instant::now() + WAIT;
+        let busy = 'found: loop {
+            for n in 1..=2u32 {
+                let id = SpiffeId::worker("securesrv", n).unwrap();
+                if f.pki.watchdog_ping(&id, f.addr(n as u16)).await.1.in_flight > 0 {
+                    break 'found n;
+                }
+            }
+            assert!(Instant::now() < until, "the job never started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let pid = pid_of(&w, &format!("worker-{busy}"), 1);
+        w.signal_pid(pid, Signal::SIGTERM);
+        let answer = running.await.unwrap();
+        assert_eq!(answer.unwrap(), b"", "the job was cut short");
+        busy
+    });
+    let component = format!("component=worker-{busy} ");
+    w.wait_log(&["stopping by itself", &component], WAIT);
+    let exited = w.wait_log(&["component exited", &component], WAIT);
+    assert!(exited.contains("exit status 0"), "{exited}");
+    w.wait_for_n(true, &["component up", &component], 2, WAIT);
+    assert!(
+        !w.stderr().contains("heartbeats failed in a row"),
+        "the watchdog stopped it"
+    );
+}
+
+#[test]
 fn sigkill_of_the_dispatcher_clients_recover() {
     let f = Fixture::new();
     let w = f.ready();

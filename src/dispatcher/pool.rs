@@ -412,6 +412,9 @@ impl Pool {
         let rng = ring::rand::SystemRandom::new();
         let mut awaiting: Option<Vec<u8>> = None;
         let mut misses = 0u32;
+        // The worker stopped and said every forward it read was answered: the others were
+        // never read, and may go elsewhere, idempotent or not.
+        let mut unread_did_not_run = false;
         // One wait for cancellation for the whole loop, looked at only once it has woken us: a
         // fresh one per turn would join and leave the token's waiter list, and polling one every
         // turn takes two locks, for every message. `stop` ends with the dispatcher's shutdown
@@ -424,7 +427,12 @@ impl Pool {
                 r = conn.read_message() => match r {
                     Ok(Some(Message::Reply(r))) => link.pending.complete(r.id, Answer::Reply(r.payload)),
                     Ok(Some(Message::Error(e))) if e.id == 0 => {
-                        warn!(worker = slot.id, code = %e.code, message = %crate::identity::printable(&e.message), "worker closed the link");
+                        unread_did_not_run = e.code == ErrorCode::ShuttingDown;
+                        if unread_did_not_run {
+                            info!(worker = slot.id, "worker is stopping; requests it did not read go elsewhere");
+                        } else {
+                            warn!(worker = slot.id, code = %e.code, message = %crate::identity::printable(&e.message), "worker closed the link");
+                        }
                         break "closed by worker";
                     }
                     Ok(Some(Message::Error(e))) => link.pending.complete(e.id, Answer::Error(e.code, e.message)),
@@ -490,8 +498,17 @@ impl Pool {
             Err(_) => (mpsc::channel(1).1, None),
         };
         // Frames still in the channel never left: those requests may go elsewhere.
-        link.pending
-            .close(&mut rx, || Answer::NotSent, || Answer::Lost);
+        link.pending.close(
+            &mut rx,
+            || Answer::NotSent,
+            || {
+                if unread_did_not_run {
+                    Answer::NotSent
+                } else {
+                    Answer::Lost
+                }
+            },
+        );
         self.changed.notify_waiters();
         if let Some(w) = writer.as_mut() {
             w.close(None).await;

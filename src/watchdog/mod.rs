@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::identity::{IdentityError, SpiffeId};
 use crate::tls::{TlsConfigError, TlsMaterial};
 use child::Running;
-use probe::{Beat, Prober};
+use probe::{Heard, Prober};
 use std::collections::{HashSet, VecDeque};
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -89,6 +89,11 @@ enum Phase {
     Up { since: Instant },
     /// Being stopped (SIGTERM/SIGKILL in progress).
     Stopping,
+    /// Stopping by itself (told to by someone else, e.g. an operator's SIGTERM), since
+    /// `since`: not probed, and left to finish its requests and exit, for at most
+    /// `stop_grace_ms`. A SIGTERM of ours meanwhile would be its second signal, on which a
+    /// component exits at once.
+    Draining { since: Instant },
     /// Waiting out the restart backoff.
     Waiting { until: Instant },
     /// Restarted too often (at `since`); left down until `retry_at` (a worker; a failed
@@ -124,7 +129,7 @@ enum Event {
         idx: usize,
         generation: u64,
         prober: Box<Prober>,
-        result: Result<Beat, String>,
+        result: Result<Heard, String>,
     },
     Stopped {
         idx: usize,
@@ -338,6 +343,16 @@ impl Supervisor {
                         Duration::from_millis(self.cfg.watchdog.restart_backoff_initial_ms);
                     self.start(idx);
                 }
+                Phase::Draining { since }
+                    if now.duration_since(since)
+                        > Duration::from_millis(self.cfg.watchdog.stop_grace_ms) =>
+                {
+                    let ms = self.cfg.watchdog.stop_grace_ms;
+                    self.stop(
+                        idx,
+                        format!("still running {ms} ms after it began stopping by itself"),
+                    );
+                }
                 Phase::Starting { since }
                     if now.duration_since(since)
                         > Duration::from_millis(self.cfg.watchdog.start_timeout_ms) =>
@@ -422,12 +437,25 @@ impl Supervisor {
                     return;
                 }
                 slot.prober = Some(prober);
-                if let (Ok(beat), true) = (&result, slot.comp.is_dispatcher) {
+                if let (Ok(Heard::Beat(beat)), true) = (&result, slot.comp.is_dispatcher) {
                     self.dispatcher_sees = beat.workers_available.unwrap_or(0);
                 }
                 let slot = &mut self.slots[idx];
                 match (result, slot.phase) {
-                    (Ok(beat), Phase::Starting { since }) => {
+                    (Ok(Heard::Stopping), Phase::Starting { .. } | Phase::Up { .. }) => {
+                        slot.phase = Phase::Draining {
+                            since: Instant::now(),
+                        };
+                        slot.misses = 0;
+                        slot.down_since.get_or_insert(Instant::now());
+                        warn!(
+                            component = %slot.comp.name,
+                            pid = slot.running.as_ref().map(|r| r.pid),
+                            grace_ms = self.cfg.watchdog.stop_grace_ms,
+                            "component is stopping by itself; letting it finish its requests and exit, then starting it again"
+                        );
+                    }
+                    (Ok(Heard::Beat(beat)), Phase::Starting { since }) => {
                         slot.phase = Phase::Up {
                             since: Instant::now(),
                         };
@@ -443,7 +471,7 @@ impl Supervisor {
                         );
                         self.maybe_announce();
                     }
-                    (Ok(_), Phase::Up { .. }) => {
+                    (Ok(Heard::Beat(_)), Phase::Up { .. }) => {
                         if slot.misses > 0 {
                             info!(component = %slot.comp.name, after_misses = slot.misses, "heartbeat answered again");
                             slot.down_since = None;

@@ -4,8 +4,9 @@
 //! never counts as healthy.
 
 use crate::connection::{Connection, IoLimits};
-use crate::message::{Message, Ping};
+use crate::message::{ErrorCode, Message, Ping};
 use crate::tls::{ClientStream, Connector};
+use futures_util::FutureExt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -20,6 +21,16 @@ pub struct Prober {
     /// before does not (a half-written frame would garble the next).
     ping_sent: bool,
     rng: ring::rand::SystemRandom,
+}
+
+/// What a heartbeat heard.
+#[derive(Debug, Clone, Copy)]
+pub enum Heard {
+    /// The component answered.
+    Beat(Beat),
+    /// The component is stopping by itself (it was told to by someone else): it closed our
+    /// connection saying `shutting_down`, and will exit once its requests are done.
+    Stopping,
 }
 
 /// What a successful heartbeat reports.
@@ -54,7 +65,7 @@ impl Prober {
     /// next beat. A component that stalls for a moment (a paused VM, a loaded machine) then
     /// answers on it as soon as it runs again, even while its listener is full (clients
     /// holding every connection slot would keep a new connection out).
-    pub async fn beat(&mut self, deadline: Duration) -> Result<Beat, String> {
+    pub async fn beat(&mut self, deadline: Duration) -> Result<Heard, String> {
         self.ping_sent = false;
         match tokio::time::timeout(deadline, self.beat_inner()).await {
             Ok(Ok(b)) => Ok(b),
@@ -71,7 +82,28 @@ impl Prober {
         }
     }
 
-    async fn beat_inner(&mut self) -> Result<Beat, String> {
+    async fn beat_inner(&mut self) -> Result<Heard, String> {
+        // What the component sent since the last beat: a stopping component says so when it
+        // closes the connection, between our beats.
+        if let Some(conn) = self.conn.as_mut() {
+            while let Some(r) = conn.read_message().now_or_never() {
+                match r {
+                    Ok(Some(Message::Error(e)))
+                        if e.id == 0 && e.code == ErrorCode::ShuttingDown =>
+                    {
+                        self.conn = None;
+                        return Ok(Heard::Stopping);
+                    }
+                    // A late pong to an earlier beat.
+                    Ok(Some(Message::Pong(_))) => {}
+                    // Closed or broken: dial again.
+                    _ => {
+                        self.conn = None;
+                        break;
+                    }
+                }
+            }
+        }
         if self.conn.is_none() {
             let (stream, _) = self
                 .connector
@@ -93,10 +125,14 @@ impl Prober {
         loop {
             match conn.read_message().await {
                 Ok(Some(Message::Pong(p))) if p.nonce == nonce => {
-                    return Ok(Beat {
+                    return Ok(Heard::Beat(Beat {
                         in_flight: p.in_flight,
                         workers_available: p.workers_available,
-                    });
+                    }));
+                }
+                Ok(Some(Message::Error(e))) if e.id == 0 && e.code == ErrorCode::ShuttingDown => {
+                    self.conn = None;
+                    return Ok(Heard::Stopping);
                 }
                 // A late pong to an earlier beat: skip it.
                 Ok(Some(Message::Pong(_))) => continue,

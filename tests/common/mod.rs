@@ -150,6 +150,7 @@ pub struct Cluster {
     pub addr: SocketAddr,
     pub worker_addrs: Vec<SocketAddr>,
     shutdown: CancellationToken,
+    links: CancellationToken,
     worker_stops: Vec<CancellationToken>,
     tracker: TaskTracker,
 }
@@ -204,7 +205,9 @@ pub async fn start_cluster_staged(
     before_load(None);
     let (d, m) = Dispatcher::load(cfg.clone()).expect("dispatcher");
     let shutdown = CancellationToken::new();
-    d.start_links(&m, &shutdown, &tracker).expect("links");
+    // As the binary does: the links to the workers outlive the dispatcher's drain.
+    let links = CancellationToken::new();
+    d.start_links(&m, &links, &tracker).expect("links");
     let acceptor = m
         .acceptor(Role::Dispatcher, cfg.limits.handshake_timeout())
         .expect("acceptor");
@@ -219,6 +222,7 @@ pub async fn start_cluster_staged(
         cfg,
         dispatcher: d,
         shutdown,
+        links,
         worker_stops,
         tracker,
     }
@@ -238,6 +242,11 @@ impl Cluster {
         self.client_as(pki, "client").await
     }
 
+    /// Tells the dispatcher to stop (graceful), as SIGTERM does.
+    pub fn stop_dispatcher(&self) {
+        self.shutdown.cancel();
+    }
+
     /// Stops worker `id` (graceful).
     pub fn stop_worker(&self, id: u32) {
         self.worker_stops[id as usize - 1].cancel();
@@ -246,6 +255,7 @@ impl Cluster {
     /// Stops everything and waits (bounded).
     pub async fn stop(self) {
         self.shutdown.cancel();
+        self.links.cancel();
         for s in &self.worker_stops {
             s.cancel();
         }
