@@ -131,7 +131,8 @@ impl OpRegistry {
 async fn sleep(req: OpRequest, max_ms: u64) -> Result<Bytes, OpError> {
     let text = std::str::from_utf8(&req.payload)
         .ok()
-        .map(str::trim)
+        // ASCII whitespace only, as documented (str::trim would take any Unicode space).
+        .map(|t| t.trim_matches(|c: char| c.is_ascii_whitespace()))
         .filter(|t| !t.is_empty() && t.len() <= 12 && t.bytes().all(|b| b.is_ascii_digit()))
         .ok_or_else(|| OpError::BadInput("sleep wants a number of milliseconds".into()))?;
     let ms: u64 = text
@@ -168,7 +169,21 @@ mod tests {
             b"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad".as_slice()
         );
         assert_eq!(call("sleep", b"5").await.unwrap(), b"slept 5 ms".as_slice());
-        for bad in [&b"x"[..], b"", b"-1", b"99999999999999"] {
+        assert_eq!(
+            call("sleep", b" \t\r\n\x0c005 \n").await.unwrap(),
+            b"slept 5 ms".as_slice()
+        );
+        // ASCII whitespace only, as PROTOCOL.md says: not U+00A0, U+3000 or U+0085.
+        for bad in [
+            &b"x"[..],
+            b"",
+            b"-1",
+            b"99999999999999",
+            "\u{a0}5".as_bytes(),
+            "\u{3000}5".as_bytes(),
+            "5\u{85}".as_bytes(),
+            b"\x0b5",
+        ] {
             assert!(
                 matches!(call("sleep", bad).await, Err(OpError::BadInput(_))),
                 "{bad:?}"
