@@ -457,6 +457,8 @@ fn init_logging(filter: Option<&str>) -> logwriter::Guard {
     });
     let (writer, guard) = logwriter::buffered_stderr();
     securesrv::audit::install(Box::new(writer.clone()));
+    let last_words = writer.clone();
+    securesrv::shutdown::before_forced_exit(move || last_words.flush_now());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(env_filter)
         .with_writer(writer)

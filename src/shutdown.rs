@@ -14,6 +14,25 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::{info, warn};
 
+/// What runs before a forced exit (see [`before_forced_exit`]).
+static BEFORE_FORCED_EXIT: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>> =
+    std::sync::OnceLock::new();
+
+/// Registers what the process runs before every exit of [`watch`] that skips the drain (the
+/// second signal, the hard deadline): the binary writes out its buffered log there, so that
+/// the line saying why it exited is not lost. Only the first registration counts.
+pub fn before_forced_exit(f: impl Fn() + Send + Sync + 'static) {
+    let _ = BEFORE_FORCED_EXIT.set(Box::new(f));
+}
+
+/// Exits at once with `code`, after the registered [`before_forced_exit`].
+fn exit_now(code: i32) -> ! {
+    if let Some(f) = BEFORE_FORCED_EXIT.get() {
+        f();
+    }
+    std::process::exit(code)
+}
+
 /// Exit status used when a second signal cuts the drain short.
 pub const EXIT_INTERRUPTED: i32 = 130;
 
@@ -134,7 +153,7 @@ pub fn watch_with(
         }
         warn!("second signal; exiting now");
         on_signal();
-        std::process::exit(EXIT_INTERRUPTED);
+        exit_now(EXIT_INTERRUPTED);
     });
     if parent_watch {
         let t = token;
@@ -152,7 +171,7 @@ pub fn watch_with(
             tokio::time::sleep(hard_deadline).await;
             warn!("drain did not finish in time after supervisor loss; exiting");
             before_exit();
-            std::process::exit(1);
+            exit_now(1);
         });
     }
     Ok(())

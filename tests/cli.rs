@@ -701,6 +701,10 @@ fn a_stopping_worker_leaves_no_job_process_behind() {
             "after {signals} SIGTERM, job process {grandchild} outlived the worker"
         );
         assert_eq!(status.code(), Some(code), "{}", worker.stderr());
+        if signals == 2 {
+            // Said before exiting: the log is flushed first (it is buffered).
+            worker.wait_log(&["second signal; exiting now"], WAIT);
+        }
     }
 }
 

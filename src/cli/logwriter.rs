@@ -77,6 +77,13 @@ impl Shared {
 #[derive(Clone)]
 pub struct BufferedStderr(Arc<Shared>);
 
+impl BufferedStderr {
+    /// Writes out what is buffered now (before an exit that skips the guard's drop).
+    pub fn flush_now(&self) {
+        self.0.flush();
+    }
+}
+
 /// Stops the flusher and writes what is left when dropped.
 pub struct Guard {
     shared: Arc<Shared>,
