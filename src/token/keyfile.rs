@@ -101,9 +101,14 @@ impl KeyFile {
 
     /// The text of the file, in a zeroizing buffer.
     pub fn render(&self) -> Zeroizing<String> {
-        let mut out = Zeroizing::new(String::from(
-            "# securesrv token keys: keep secret (mode 0600). First line = current key.\n",
+        const HEADER: &str =
+            "# securesrv token keys: keep secret (mode 0600). First line = current key.\n";
+        // Sized once: a string that grows frees its old buffer, key text and all, without
+        // zeroing it. A line is `key <u32> <64 hex> retire-after <u64>\n`: under 128 bytes.
+        let mut out = Zeroizing::new(String::with_capacity(
+            HEADER.len() + 128 * self.entries.len(),
         ));
+        out.push_str(HEADER);
         for e in &self.entries {
             let hex = Zeroizing::new(hex::encode(e.key.expose()));
             let _ = write!(out, "key {} {}", e.id, hex.as_str());
@@ -199,6 +204,9 @@ mod tests {
             .rotated(SecretKey::from_bytes([9; 32]), 1_000, 5_000)
             .unwrap();
         let text = rotated.render();
+        // Never grown (a grown buffer is freed unzeroed): the capacity it was given at first.
+        let header = text.find('\n').unwrap() + 1;
+        assert_eq!(text.capacity(), header + 128 * 2);
         let back = KeyFile::parse(&text).unwrap();
         assert_eq!(back.current().id, 2);
         assert_eq!(back.current().key.expose(), &[9; 32]);
