@@ -693,3 +693,41 @@ async fn a_stopping_dispatcher_answers_refuses_then_says_it_read_nothing_more() 
     );
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_never_sends_a_worker_more_than_it_runs() {
+    // With the dispatcher's per-worker limit equal to what the worker runs at once, requests
+    // picked at the same moment on several threads could all pass the limit check before any
+    // was counted, and the worker refused the excess `overloaded`. They wait instead.
+    let pki = pki(1);
+    let cluster = start_cluster(&pki, 1, |cfg| {
+        cfg.dispatcher.max_in_flight_per_worker = 2;
+        cfg.limits.worker_max_concurrent = 2;
+        cfg.limits.max_in_flight_per_identity = Some(1024);
+        cfg.dispatcher.unavailable_wait_ms = 20_000;
+    })
+    .await;
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(cluster.client(&pki).await);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..400usize {
+        let c = clients[i % clients.len()].clone();
+        tasks.spawn(async move { c.call("echo", b"burst").await });
+    }
+    let mut refused = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        match r.expect("task") {
+            Ok(answer) => assert_eq!(answer, b"burst"),
+            Err(e) => refused.push(e.to_string()),
+        }
+    }
+    assert!(
+        refused.is_empty(),
+        "{} refused: {:?}",
+        refused.len(),
+        refused.first()
+    );
+    cluster.stop().await;
+}

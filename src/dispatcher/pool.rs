@@ -293,11 +293,22 @@ impl Pool {
             self.max_frame,
         )
         .map_err(|e| ForwardError::Remote(ErrorCode::TooLarge, e.to_string()))?;
+        // Counted only while under the limit: on a multi-threaded runtime requests picked at
+        // the same moment on other threads may have filled the worker since `pick` looked.
+        // Not sent, the request picks again.
+        if slot
+            .outstanding
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_in_flight).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Err(ForwardError::NotSent);
+        }
+        let _outstanding = Outstanding { pool: self, slot };
         let Some(orx) = link.pending.register(id) else {
             return Err(ForwardError::NotSent);
         };
-        slot.outstanding.fetch_add(1, Ordering::AcqRel);
-        let _outstanding = Outstanding { pool: self, slot };
         match tokio::time::timeout_at(deadline, link.tx.send((id, frame))).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => {
