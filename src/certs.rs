@@ -61,6 +61,22 @@ pub enum CertError {
         /// Its permission bits.
         mode: u32,
     },
+    /// A secret file is owned by another user (not root either), who could replace it.
+    #[error(
+        "{path} is owned by uid {owner}, not by this user (uid {me}) or root: its owner could \
+         replace the key; run `chown {me} {path}`"
+    )]
+    KeyNotOwned {
+        /// The file.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// Our effective uid.
+        me: u32,
+    },
+    /// A secret file too large to be a key: not a key file.
+    #[error("{0} is larger than 1 MiB; not a key file")]
+    KeyFileTooLarge(PathBuf),
     /// Refusing to replace an existing file.
     #[error("{0} already exists; pass --force to replace it{1}")]
     Exists(PathBuf, &'static str),
@@ -460,9 +476,16 @@ impl Drop for Staged {
     }
 }
 
-/// Reads a secret (private key or token key) after checking that only its owner can read it.
+/// Reads a secret (private key or token key) after checking that only its owner can read it
+/// and that its owner is us or root, as ssh does. The checks look at the file opened, not at
+/// the path again (which could be swapped in between); a symbolic link is followed, as
+/// Kubernetes mounts secrets through them.
 pub fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, CertError> {
-    let meta = fs::metadata(path).map_err(load_err(path))?;
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    const MAX_KEY_FILE: u64 = 1024 * 1024;
+    let mut f = fs::File::open(path).map_err(load_err(path))?;
+    let meta = f.metadata().map_err(io_err(path))?;
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 {
         return Err(CertError::KeyTooOpen {
@@ -470,7 +493,24 @@ pub fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, CertError> {
             mode,
         });
     }
-    Ok(Zeroizing::new(fs::read(path).map_err(io_err(path))?))
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(CertError::KeyNotOwned {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+            me,
+        });
+    }
+    if meta.len() > MAX_KEY_FILE {
+        return Err(CertError::KeyFileTooLarge(path.to_path_buf()));
+    }
+    // Room for all of it at once: a buffer that grows frees its old copy without zeroing it.
+    let mut data = Zeroizing::new(Vec::with_capacity(meta.len() as usize + 1));
+    Read::by_ref(&mut f)
+        .take(MAX_KEY_FILE)
+        .read_to_end(&mut data)
+        .map_err(io_err(path))?;
+    Ok(data)
 }
 
 /// Loads every certificate in a PEM file (leaf first, then any intermediates).

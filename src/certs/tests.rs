@@ -287,6 +287,48 @@ fn issue_adds_identities_signed_by_the_existing_ca() {
 }
 
 #[test]
+fn key_files_of_another_user_or_too_large_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    init(tmp.path(), &opts(1)).unwrap();
+    let key = tmp.path().join("client.key");
+    // Through a symbolic link (as Kubernetes mounts secrets): followed, and judged by the file.
+    let link = tmp.path().join("link.key");
+    std::os::unix::fs::symlink(&key, &link).unwrap();
+    assert!(load_private_key(&link).is_ok());
+    let big = tmp.path().join("big.key");
+    write_file(&big, &vec![b'A'; 1024 * 1024 + 1], 0o600, false).unwrap();
+    assert!(matches!(
+        read_secret_file(&big),
+        Err(CertError::KeyFileTooLarge(_))
+    ));
+    if nix::unistd::geteuid().is_root() {
+        // Root reads a file another user owns: that user could swap the key.
+        std::os::unix::fs::chown(&key, Some(4242), None).unwrap();
+        let err = load_private_key(&key).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                CertError::KeyNotOwned {
+                    owner: 4242,
+                    me: 0,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("chown 0"), "{err}");
+        std::os::unix::fs::chown(&key, Some(0), None).unwrap();
+    } else {
+        // Not root: files owned by others cannot be made here; ours are accepted.
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::uid(&fs::metadata(&key).unwrap()),
+            nix::unistd::geteuid().as_raw()
+        );
+    }
+    assert!(load_private_key(&key).is_ok());
+}
+
+#[test]
 fn readable_key_files_are_refused_with_the_fix() {
     let tmp = tempfile::tempdir().unwrap();
     init(tmp.path(), &opts(1)).unwrap();
