@@ -458,7 +458,21 @@ fn init_logging(filter: Option<&str>) -> logwriter::Guard {
     let (writer, guard) = logwriter::buffered_stderr();
     securesrv::audit::install(Box::new(writer.clone()));
     let last_words = writer.clone();
-    securesrv::shutdown::before_forced_exit(move || last_words.flush_now());
+    securesrv::shutdown::before_forced_exit(move || {
+        // On a thread of its own, waited for briefly: a blocked stderr (a paused terminal, a
+        // stuck pipe) must not keep a forced exit from happening.
+        let (done, wait) = std::sync::mpsc::channel();
+        let w = last_words.clone();
+        let flushing = std::thread::Builder::new()
+            .name("last-words".into())
+            .spawn(move || {
+                w.flush_now();
+                let _ = done.send(());
+            });
+        if flushing.is_ok() {
+            let _ = wait.recv_timeout(std::time::Duration::from_millis(200));
+        }
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(env_filter)
         .with_writer(writer)

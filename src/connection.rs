@@ -578,20 +578,22 @@ impl<S: AsyncWrite + Unpin> Connection<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// [`Connection::close`], then reads and discards what the peer still sends until it
-    /// closes too, for at most [`LINGER`]. Closing a socket with unread data in it makes the
-    /// kernel reset the connection, and a reset can destroy what we sent last (answers, the
-    /// reason for closing) before the peer has read it.
-    pub async fn close_lingering(&mut self, last: Option<&Message>) {
+    /// closes too, or `until` (see [`LINGER`]). Closing a socket with unread data in it makes
+    /// the kernel reset the connection, and a reset can destroy what we sent last (answers,
+    /// the reason for closing) before the peer has read it.
+    pub async fn close_lingering(&mut self, last: Option<&Message>, until: Instant) {
         self.close(last).await;
-        let mut scratch = [0u8; 4096];
-        let _ = tokio::time::timeout(LINGER, async {
+        // On the heap, and only now: a buffer in the future would be part of every
+        // connection's task for its whole life.
+        let mut scratch = vec![0u8; 4096];
+        let _ = tokio::time::timeout_at(until, async {
             while matches!(self.stream.read(&mut scratch).await, Ok(n) if n > 0) {}
         })
         .await;
     }
 }
 
-/// How long [`Connection::close_lingering`] waits for the peer to close.
+/// How long a closing connection waits for its peer to close ([`Connection::close_lingering`]).
 pub const LINGER: Duration = Duration::from_millis(500);
 
 /// How the writing half of a link ended (see [`write_link`]).

@@ -526,6 +526,45 @@ fn a_dispatcher_told_to_stop_sends_new_calls_to_its_successor() {
     assert_ne!(pid_of(&w, "dispatcher", 2), old);
 }
 
+/// A watchdog whose workers have `nap`, a non-idempotent job of 2 s open to every client.
+fn nap_fixture() -> Fixture {
+    Fixture::with(
+        "[[jobs]]\nname = \"nap\"\nprogram = \"/bin/sleep\"\nargs = [\"2\"]\n\
+         timeout_ms = 10000\nidempotent = false\n[acl]\nnap = [\"*\"]\n",
+    )
+}
+
+/// Calls `nap` on `c`, sends SIGTERM to the worker running it once it runs (an operator's
+/// signal, not the watchdog's), and returns the call and that worker's `component=` log field.
+async fn nap_on_a_worker_told_to_stop(
+    f: &Fixture,
+    w: &Proc,
+    c: Client,
+) -> (
+    tokio::task::JoinHandle<Result<Vec<u8>, securesrv::client::ClientError>>,
+    String,
+) {
+    let opts = CallOptions {
+        idempotent: false,
+        timeout: Duration::from_secs(20),
+    };
+    let running = tokio::spawn(async move { c.call_with("nap", b"", opts).await });
+    let until = Instant::now() + WAIT;
+    let busy = 'found: loop {
+        for n in 1..=2u32 {
+            let id = SpiffeId::worker("securesrv", n).unwrap();
+            if f.pki.watchdog_ping(&id, f.addr(n as u16)).await.1.in_flight > 0 {
+                break 'found n;
+            }
+        }
+        assert!(Instant::now() < until, "the job never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let pid = pid_of(w, &format!("worker-{busy}"), 1);
+    w.signal_pid(pid, Signal::SIGTERM);
+    (running, format!("component=worker-{busy} "))
+}
+
 #[test]
 fn a_worker_told_to_stop_by_someone_else_finishes_its_requests() {
     // An operator's SIGTERM to a worker running a non-idempotent job: the worker closes the
@@ -533,36 +572,14 @@ fn a_worker_told_to_stop_by_someone_else_finishes_its_requests() {
     // and exit. It used to count the closed connection and the closed port as missed
     // heartbeats and send its own SIGTERM, the second, on which a component exits at once
     // (exit 130): the job was cut and its client told `worker_lost`.
-    let f = Fixture::with(
-        "[[jobs]]\nname = \"nap\"\nprogram = \"/bin/sleep\"\nargs = [\"2\"]\n\
-         timeout_ms = 10000\nidempotent = false\n[acl]\nnap = [\"*\"]\n",
-    );
+    let f = nap_fixture();
     let w = f.ready();
-    let busy = rt().block_on(async {
-        let c = f.client().await;
-        let opts = CallOptions {
-            idempotent: false,
-            timeout: Duration::from_secs(20),
-        };
-        let running = tokio::spawn(async move { c.call_with("nap", b"", opts).await });
-        let until = Instant::now() + WAIT;
-        let busy = 'found: loop {
-            for n in 1..=2u32 {
-                let id = SpiffeId::worker("securesrv", n).unwrap();
-                if f.pki.watchdog_ping(&id, f.addr(n as u16)).await.1.in_flight > 0 {
-                    break 'found n;
-                }
-            }
-            assert!(Instant::now() < until, "the job never started");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        let pid = pid_of(&w, &format!("worker-{busy}"), 1);
-        w.signal_pid(pid, Signal::SIGTERM);
+    let component = rt().block_on(async {
+        let (running, component) = nap_on_a_worker_told_to_stop(&f, &w, f.client().await).await;
         let answer = running.await.unwrap();
         assert_eq!(answer.unwrap(), b"", "the job was cut short");
-        busy
+        component
     });
-    let component = format!("component=worker-{busy} ");
     w.wait_log(&["stopping by itself", &component], WAIT);
     let exited = w.wait_log(&["component exited", &component], WAIT);
     assert!(exited.contains("exit status 0"), "{exited}");

@@ -137,6 +137,19 @@ pub fn signal(pid: u32, sig: Signal) {
     }
 }
 
+/// Waits up to `first` for a child that is already stopping by itself to exit, unsignalled
+/// (a SIGTERM would be its second signal, on which it exits at once), then [`stop`]s it.
+pub async fn stop_after(
+    mut r: Running,
+    first: Duration,
+    grace: Duration,
+) -> std::io::Result<ExitStatus> {
+    if let Ok(status) = tokio::time::timeout(first, r.child.wait()).await {
+        return status;
+    }
+    stop(r, grace).await
+}
+
 /// SIGTERM (+SIGCONT), wait up to `grace`, then SIGKILL. Returns how it ended.
 pub async fn stop(mut r: Running, grace: Duration) -> std::io::Result<ExitStatus> {
     if let Some(status) = r.child.try_wait()? {

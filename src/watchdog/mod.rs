@@ -93,7 +93,11 @@ enum Phase {
     /// `since`: not probed, and left to finish its requests and exit, for at most
     /// `stop_grace_ms`. A SIGTERM of ours meanwhile would be its second signal, on which a
     /// component exits at once.
-    Draining { since: Instant },
+    Draining {
+        since: Instant,
+        /// When it came up, if it was up (a long-stable component gets its backoff reset).
+        up_since: Option<Instant>,
+    },
     /// Waiting out the restart backoff.
     Waiting { until: Instant },
     /// Restarted too often (at `since`); left down until `retry_at` (a worker; a failed
@@ -343,7 +347,7 @@ impl Supervisor {
                         Duration::from_millis(self.cfg.watchdog.restart_backoff_initial_ms);
                     self.start(idx);
                 }
-                Phase::Draining { since }
+                Phase::Draining { since, .. }
                     if now.duration_since(since)
                         > Duration::from_millis(self.cfg.watchdog.stop_grace_ms) =>
                 {
@@ -443,8 +447,13 @@ impl Supervisor {
                 let slot = &mut self.slots[idx];
                 match (result, slot.phase) {
                     (Ok(Heard::Stopping), Phase::Starting { .. } | Phase::Up { .. }) => {
+                        let up_since = match slot.phase {
+                            Phase::Up { since } => Some(since),
+                            _ => None,
+                        };
                         slot.phase = Phase::Draining {
                             since: Instant::now(),
+                            up_since,
                         };
                         slot.misses = 0;
                         slot.down_since.get_or_insert(Instant::now());
@@ -558,7 +567,12 @@ impl Supervisor {
         let w = &self.cfg.watchdog;
         let now = Instant::now();
         let slot = &mut self.slots[idx];
-        if let Phase::Up { since } = slot.phase {
+        if let Phase::Up { since }
+        | Phase::Draining {
+            up_since: Some(since),
+            ..
+        } = slot.phase
+        {
             if now.duration_since(since) >= Duration::from_millis(w.stable_after_ms) {
                 slot.backoff = Duration::from_millis(w.restart_backoff_initial_ms);
             }
@@ -710,7 +724,19 @@ impl Supervisor {
                 if let Some(r) = slot.running.take() {
                     let name = slot.comp.name.clone();
                     self.dead.push_back(r.pid);
-                    stops.spawn(async move { (name, child::stop(r, grace).await) });
+                    // One already stopping by itself has its grace counted from then.
+                    let first = match slot.phase {
+                        Phase::Draining { since, .. } => grace.saturating_sub(since.elapsed()),
+                        _ => Duration::ZERO,
+                    };
+                    stops.spawn(async move {
+                        let status = if first.is_zero() {
+                            child::stop(r, grace).await
+                        } else {
+                            child::stop_after(r, first, HUNG_GRACE).await
+                        };
+                        (name, status)
+                    });
                 }
             }
             while let Some(done) = stops.join_next().await {
