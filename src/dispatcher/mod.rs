@@ -238,7 +238,7 @@ impl Dispatcher {
                     p
                 }
             };
-            let Some((slot, link)) = picked else {
+            let Some(picked) = picked else {
                 let why = if !token_refused_by.is_empty() {
                     token_refused_error()
                 } else if now >= deadline {
@@ -254,10 +254,11 @@ impl Dispatcher {
                 };
                 return (last_worker, Err(why));
             };
+            let slot = picked.slot.clone();
             last_worker = Some(slot.clone());
             match self
                 .pool
-                .forward(&slot, &link, &client.text, req, now, deadline)
+                .forward(&picked, &client.text, req, now, deadline)
                 .await
             {
                 Ok(out) => return (Some(slot.clone()), Ok(out)),

@@ -115,12 +115,16 @@ pub struct Link {
 
 /// Decrements a slot's outstanding count when a forward ends, waking waiters if the worker
 /// just dropped below its in-flight limit.
-struct Outstanding<'a> {
+/// A worker picked for one request: counted among its outstanding requests until dropped.
+pub struct Picked<'a> {
+    /// The worker.
+    pub slot: Arc<Slot>,
+    /// Its link now.
+    pub link: Arc<Link>,
     pool: &'a Pool,
-    slot: &'a Slot,
 }
 
-impl Drop for Outstanding<'_> {
+impl Drop for Picked<'_> {
     fn drop(&mut self) {
         let before = self.slot.outstanding.fetch_sub(1, Ordering::AcqRel);
         if before >= self.pool.max_in_flight {
@@ -187,28 +191,47 @@ impl Pool {
     }
 
     /// The available worker with the fewest outstanding requests (ties rotate), skipping
-    /// `exclude`.
-    pub fn pick(&self, exclude: &[u32]) -> Option<(Arc<Slot>, Arc<Link>)> {
+    /// `exclude`, counted as taken. The count is taken only while under the limit: on a
+    /// multi-threaded runtime another request may fill the worker between the look and the
+    /// count, and then the workers are looked at again.
+    pub fn pick(&self, exclude: &[u32]) -> Option<Picked<'_>> {
         let n = self.slots.len();
         if n == 0 {
             return None;
         }
-        let start = self.rotate.fetch_add(1, Ordering::Relaxed) % n;
-        let mut best: Option<(usize, &Arc<Slot>, Arc<Link>)> = None;
-        for i in 0..n {
-            let slot = &self.slots[(start + i) % n];
-            if exclude.contains(&slot.id) {
-                continue;
+        // Each lost race means another request took a place: progress. Bounded all the same;
+        // the caller then waits for a change.
+        for _ in 0..64 {
+            let start = self.rotate.fetch_add(1, Ordering::Relaxed) % n;
+            let mut best: Option<(usize, &Arc<Slot>, Arc<Link>)> = None;
+            for i in 0..n {
+                let slot = &self.slots[(start + i) % n];
+                if exclude.contains(&slot.id) {
+                    continue;
+                }
+                let Some(link) = self.is_available(slot) else {
+                    continue;
+                };
+                let load = slot.outstanding();
+                if best.as_ref().is_none_or(|b| load < b.0) {
+                    best = Some((load, slot, link));
+                }
             }
-            let Some(link) = self.is_available(slot) else {
-                continue;
-            };
-            let load = slot.outstanding();
-            if best.as_ref().is_none_or(|b| load < b.0) {
-                best = Some((load, slot, link));
+            let (_, slot, link) = best?;
+            let counted = slot
+                .outstanding
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < self.max_in_flight).then_some(n + 1)
+                });
+            if counted.is_ok() {
+                return Some(Picked {
+                    slot: slot.clone(),
+                    link,
+                    pool: self,
+                });
             }
         }
-        best.map(|(_, s, l)| (s.clone(), l))
+        None
     }
 
     /// Waits (up to `timeout`) until at least `n` workers are available; true if they are.
@@ -240,7 +263,7 @@ impl Pool {
         &self,
         exclude: &[u32],
         wait_until: Instant,
-    ) -> Option<(Arc<Slot>, Arc<Link>)> {
+    ) -> Option<Picked<'_>> {
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -254,19 +277,19 @@ impl Pool {
         }
     }
 
-    /// Sends one request to `slot` over `link` with a fresh token and waits for the answer
+    /// Sends one request to the `picked` worker with a fresh token and waits for the answer
     /// until `deadline`. `now` is the time the caller read just before (it dates the token's
     /// local expiry estimate; the time left for the worker is read afresh, after minting, so
     /// that it is never more than the dispatcher still waits).
     pub async fn forward(
         &self,
-        slot: &Slot,
-        link: &Link,
+        picked: &Picked<'_>,
         client: &str,
         req: &Request,
         now: Instant,
         deadline: Instant,
     ) -> Result<Bytes, ForwardError> {
+        let (slot, link) = (&*picked.slot, &*picked.link);
         let (op, payload) = (req.op.as_str(), &req.payload);
         let (token, _) = self.minter.mint(
             MintRequest {
@@ -293,19 +316,6 @@ impl Pool {
             self.max_frame,
         )
         .map_err(|e| ForwardError::Remote(ErrorCode::TooLarge, e.to_string()))?;
-        // Counted only while under the limit: on a multi-threaded runtime requests picked at
-        // the same moment on other threads may have filled the worker since `pick` looked.
-        // Not sent, the request picks again.
-        if slot
-            .outstanding
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max_in_flight).then_some(n + 1)
-            })
-            .is_err()
-        {
-            return Err(ForwardError::NotSent);
-        }
-        let _outstanding = Outstanding { pool: self, slot };
         let Some(orx) = link.pending.register(id) else {
             return Err(ForwardError::NotSent);
         };
