@@ -450,13 +450,23 @@ impl Staged {
         &self.path
     }
 
-    /// Puts the file in place: refused if `path` exists and not `overwrite`, else renamed over
-    /// it; then the directory is synced, so that the rename survives a crash.
+    /// Puts the file in place: renamed over `path` if `overwrite`, else linked to it, which
+    /// fails if it exists (no check-then-write window); then the directory is synced, so that
+    /// the change survives a crash.
     pub fn commit(mut self, overwrite: bool) -> Result<(), CertError> {
-        if !overwrite && fs::symlink_metadata(&self.path).is_ok() {
-            return Err(CertError::Exists(self.path.clone(), ""));
+        if overwrite {
+            fs::rename(&self.tmp, &self.path).map_err(io_err(&self.path))?;
+        } else {
+            fs::hard_link(&self.tmp, &self.path).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    CertError::Exists(self.path.clone(), "")
+                } else {
+                    io_err(&self.path)(e)
+                }
+            })?;
+            // Dropped uncommitted below, the temporary name goes.
+            let _ = fs::remove_file(&self.tmp);
         }
-        fs::rename(&self.tmp, &self.path).map_err(io_err(&self.path))?;
         self.committed = true;
         let dir = match self.path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,
@@ -484,8 +494,19 @@ pub fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, CertError> {
     use std::io::Read;
     use std::os::unix::fs::MetadataExt;
     const MAX_KEY_FILE: u64 = 1024 * 1024;
-    let mut f = fs::File::open(path).map_err(load_err(path))?;
+    // Non-blocking: opening a FIFO put in a key's place must not hang the process.
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(load_err(path))?;
     let meta = f.metadata().map_err(io_err(path))?;
+    if !meta.is_file() {
+        return Err(CertError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other("not a regular file"),
+        });
+    }
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 {
         return Err(CertError::KeyTooOpen {
@@ -505,11 +526,19 @@ pub fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, CertError> {
         return Err(CertError::KeyFileTooLarge(path.to_path_buf()));
     }
     // Room for all of it at once: a buffer that grows frees its old copy without zeroing it.
-    let mut data = Zeroizing::new(Vec::with_capacity(meta.len() as usize + 1));
+    // A file that grew since it was looked at is not read beyond that room.
+    let room = meta.len() as usize + 1;
+    let mut data = Zeroizing::new(Vec::with_capacity(room));
     Read::by_ref(&mut f)
-        .take(MAX_KEY_FILE)
+        .take(room as u64)
         .read_to_end(&mut data)
         .map_err(io_err(path))?;
+    if data.len() == room {
+        return Err(CertError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other("changed while being read"),
+        });
+    }
     Ok(data)
 }
 

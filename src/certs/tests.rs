@@ -295,6 +295,23 @@ fn key_files_of_another_user_or_too_large_are_refused() {
     let link = tmp.path().join("link.key");
     std::os::unix::fs::symlink(&key, &link).unwrap();
     assert!(load_private_key(&link).is_ok());
+    // A FIFO in a key's place is refused at once, not waited on.
+    let fifo = tmp.path().join("fifo.key");
+    let made = std::process::Command::new("mkfifo")
+        .arg("-m")
+        .arg("600")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let f = fifo.clone();
+    std::thread::spawn(move || tx.send(read_secret_file(&f).is_err()));
+    assert_eq!(
+        rx.recv_timeout(std::time::Duration::from_secs(10)),
+        Ok(true),
+        "a FIFO was waited on or accepted"
+    );
     let big = tmp.path().join("big.key");
     write_file(&big, &vec![b'A'; 1024 * 1024 + 1], 0o600, false).unwrap();
     assert!(matches!(

@@ -162,6 +162,8 @@ pub fn token_keys(
     }
     create_private_dir(dir)?;
     let master = KeyFile::single(1, SecretKey::generate()?);
+    // All new keys: every component restarts to use them, so the order they go in does not
+    // matter (a rotation's does).
     let mut staged = vec![Staged::write(
         &master_path,
         master.render().as_bytes(),
