@@ -460,6 +460,12 @@ async fn run_link(
                 code: ErrorCode::ShuttingDown,
                 ..
             }) => Outcome::NotSent,
+            // Closed with requests still running (a drain that ran out) or for slowness: they
+            // may have run, as after a broken connection; an idempotent call tries again.
+            Some(ClientError::Remote {
+                code: ErrorCode::Timeout,
+                ..
+            }) => Outcome::Lost,
             Some(e) => Outcome::Closed(e.clone()),
             None => Outcome::Lost,
         },

@@ -591,6 +591,33 @@ fn a_worker_told_to_stop_by_someone_else_finishes_its_requests() {
 }
 
 #[test]
+fn an_idempotent_call_outlasting_the_dispatchers_drain_is_sent_again() {
+    // A dispatcher told to stop closes, once its drain (2.4 s here) runs out, with an id-0
+    // `timeout`: the requests still running may have run. An idempotent call takes that as a
+    // lost connection and tries again on the restarted dispatcher; it used to end there.
+    let f = Fixture::new();
+    let w = f.ready();
+    let old = pid_of(&w, "dispatcher", 1);
+    rt().block_on(async {
+        let c = f.client().await;
+        let opts = CallOptions {
+            idempotent: true,
+            timeout: Duration::from_secs(30),
+        };
+        let running = tokio::spawn(async move { c.call_with("sleep", b"3000", opts).await });
+        let until = Instant::now() + WAIT;
+        while dispatcher_in_flight(&f).await == 0 {
+            assert!(Instant::now() < until, "the sleep never started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        w.signal_pid(old, Signal::SIGTERM);
+        assert_eq!(running.await.unwrap().unwrap(), b"slept 3000 ms");
+    });
+    let drained = w.wait_log(&["component exited", "component=dispatcher "], WAIT);
+    assert!(drained.contains("exit status 0"), "{drained}");
+}
+
+#[test]
 fn sigkill_of_the_dispatcher_clients_recover() {
     let f = Fixture::new();
     let w = f.ready();

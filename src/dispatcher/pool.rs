@@ -259,11 +259,7 @@ impl Pool {
     /// Picks a worker, waiting until `wait_until` for one to become available. It listens
     /// for changes before each look, so that none is missed in between; callers try the
     /// cheaper [`pick`](Self::pick) first, as the dispatcher does.
-    pub async fn pick_or_wait(
-        &self,
-        exclude: &[u32],
-        wait_until: Instant,
-    ) -> Option<Picked<'_>> {
+    pub async fn pick_or_wait(&self, exclude: &[u32], wait_until: Instant) -> Option<Picked<'_>> {
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
