@@ -618,6 +618,24 @@ fn an_idempotent_call_outlasting_the_dispatchers_drain_is_sent_again() {
 }
 
 #[test]
+fn restarts_an_operator_asks_for_are_not_a_crash_loop() {
+    // Three SIGTERMs to a worker, with a restart limit of two: each clean exit (status 0, only
+    // after a signal someone sent) is restarted and not counted. They used to be, and the
+    // operator's third restart marked the worker FAILED (for the dispatcher: the watchdog
+    // gave up and exited).
+    let f = Fixture::with("restart_limit_burst = 2\n");
+    let w = f.ready();
+    for n in 1..=3 {
+        let pid = pid_of(&w, "worker-1", n);
+        w.signal_pid(pid, Signal::SIGTERM);
+        w.wait_for_n(true, &["component up", "component=worker-1 "], n + 1, WAIT);
+    }
+    assert!(!w.stderr().contains("COMPONENT FAILED"), "{}", w.stderr());
+    let restarted = w.wait_for_n(true, &["not counted against the restart limit"], 3, WAIT);
+    assert!(restarted.contains("component=worker-1"), "{restarted}");
+}
+
+#[test]
 fn sigkill_of_the_dispatcher_clients_recover() {
     let f = Fixture::new();
     let w = f.ready();

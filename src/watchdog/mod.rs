@@ -329,7 +329,11 @@ impl Supervisor {
                     slot.running = None;
                     slot.down_since.get_or_insert(now);
                     warn!(component = %slot.comp.name, pid, status = %child::describe(&status), "component exited");
-                    self.schedule_restart(idx, child::describe(&status));
+                    if status.success() {
+                        self.restart_after_clean_stop(idx);
+                    } else {
+                        self.schedule_restart(idx, child::describe(&status));
+                    }
                     self.exited(pid);
                     let _ = self.sweep_orphans();
                     continue;
@@ -615,6 +619,20 @@ impl Supervisor {
         slot.backoff = (slot.backoff * 2).min(Duration::from_millis(w.restart_backoff_max_ms));
         slot.phase = Phase::Waiting { until: now + delay };
         info!(component = %slot.comp.name, reason = %reason, restart = slot.total_restarts, delay_ms = delay.as_millis() as u64, "restarting component");
+    }
+
+    /// Starts again, after the first backoff step, a component that exited with status 0: a
+    /// component does so only after a SIGTERM or SIGINT it was sent (by an operator, not by
+    /// us: ours are counted where they are sent), so this is a restart someone asked for, not
+    /// a crash, and it counts neither against the restart limit nor towards the backoff.
+    fn restart_after_clean_stop(&mut self, idx: usize) {
+        let delay = Duration::from_millis(self.cfg.watchdog.restart_backoff_initial_ms);
+        let slot = &mut self.slots[idx];
+        slot.total_restarts += 1;
+        slot.phase = Phase::Waiting {
+            until: Instant::now() + delay,
+        };
+        info!(component = %slot.comp.name, restart = slot.total_restarts, delay_ms = delay.as_millis() as u64, "restarting component after a clean stop it was asked for (not counted against the restart limit)");
     }
 
     /// Remembers an exited component, whose session's orphans are now to be killed.
