@@ -509,15 +509,21 @@ impl Config {
             ));
         }
         // A connection quiet for the idle timeout is closed: the pings that keep a link up
-        // must come sooner.
-        for (name, v) in [
+        // must come sooner, with room for one that is late. The dispatcher skips a ping while
+        // the last one is unwritten (a gap of two intervals); a heartbeat may take its whole
+        // timeout before the next interval starts.
+        for (name, gap) in [
             (
-                "dispatcher.worker_ping_interval_ms",
-                d.worker_ping_interval_ms,
+                "2 x dispatcher.worker_ping_interval_ms",
+                d.worker_ping_interval_ms.saturating_mul(2),
             ),
-            ("watchdog.heartbeat_interval_ms", w.heartbeat_interval_ms),
+            (
+                "watchdog.heartbeat_interval_ms + heartbeat_timeout_ms",
+                w.heartbeat_interval_ms
+                    .saturating_add(w.heartbeat_timeout_ms),
+            ),
         ] {
-            if v >= l.idle_timeout_ms {
+            if gap >= l.idle_timeout_ms {
                 p.push(format!(
                     "{name} must be less than limits.idle_timeout_ms, or the link is closed as idle between pings"
                 ));
@@ -534,9 +540,6 @@ impl Config {
                 "limits.max_in_flight_bytes_per_identity is less than limits.max_frame_bytes"
                     .into(),
             );
-        }
-        if l.max_in_flight_per_identity == Some(0) {
-            p.push("limits.max_in_flight_per_identity must be greater than 0".into());
         }
         if l.request_timeout_ms > l.max_request_timeout_ms {
             p.push("limits.request_timeout_ms exceeds limits.max_request_timeout_ms".into());
@@ -614,9 +617,9 @@ impl Config {
                     j.name, j.program
                 ));
             }
-            if j.timeout_ms == 0 {
+            if j.timeout_ms == 0 || j.timeout_ms > MAX_MS {
                 p.push(format!(
-                    "job {:?}: timeout_ms must be greater than 0",
+                    "job {:?}: timeout_ms must be between 1 and {MAX_MS} (one day)",
                     j.name
                 ));
             }
@@ -879,12 +882,16 @@ mod tests {
                 "reconnect_backoff_max_ms must be at least 50",
             ),
             (
-                "[dispatcher]\nworker_ping_interval_ms = 5000\n[limits]\nidle_timeout_ms = 2000",
-                "worker_ping_interval_ms must be less than limits.idle_timeout_ms",
+                "[dispatcher]\nworker_ping_interval_ms = 1000\n[limits]\nidle_timeout_ms = 2000",
+                "2 x dispatcher.worker_ping_interval_ms must be less than limits.idle_timeout_ms",
             ),
             (
-                "[watchdog]\nheartbeat_interval_ms = 60000",
-                "heartbeat_interval_ms must be less than limits.idle_timeout_ms",
+                "[watchdog]\nheartbeat_interval_ms = 30000\nheartbeat_timeout_ms = 30000",
+                "heartbeat_interval_ms + heartbeat_timeout_ms must be less than limits.idle_timeout_ms",
+            ),
+            (
+                "[[jobs]]\nname = \"j\"\nprogram = \"/bin/cat\"\ntimeout_ms = 86400001",
+                "job \"j\": timeout_ms must be between 1 and 86400000",
             ),
             (
                 &format!("trust_domain = \"{}\"", "t".repeat(175)),

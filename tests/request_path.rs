@@ -615,6 +615,8 @@ async fn a_request_that_outlasts_the_idle_timeout_is_answered() {
     let cluster = start_cluster(&pki, 1, |cfg| {
         cfg.limits.idle_timeout_ms = 1_500;
         cfg.dispatcher.worker_ping_interval_ms = 200;
+        cfg.watchdog.heartbeat_interval_ms = 500;
+        cfg.watchdog.heartbeat_timeout_ms = 500;
         // An idle connection closes after a drain of 4/5 of this: 0.4 s, not 4 s.
         cfg.watchdog.stop_grace_ms = 500;
     })

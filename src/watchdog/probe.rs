@@ -88,9 +88,7 @@ impl Prober {
         if let Some(conn) = self.conn.as_mut() {
             while let Some(r) = conn.read_message().now_or_never() {
                 match r {
-                    Ok(Some(Message::Error(e)))
-                        if e.id == 0 && e.code == ErrorCode::ShuttingDown =>
-                    {
+                    Ok(Some(m)) if says_stopping(&m) => {
                         self.conn = None;
                         return Ok(Heard::Stopping);
                     }
@@ -130,7 +128,7 @@ impl Prober {
                         workers_available: p.workers_available,
                     }));
                 }
-                Ok(Some(Message::Error(e))) if e.id == 0 && e.code == ErrorCode::ShuttingDown => {
+                Ok(Some(m)) if says_stopping(&m) => {
                     self.conn = None;
                     return Ok(Heard::Stopping);
                 }
@@ -143,4 +141,9 @@ impl Prober {
             }
         }
     }
+}
+
+/// Whether `m` is a component's closing word that it is stopping by itself (PROTOCOL.md §5).
+fn says_stopping(m: &Message) -> bool {
+    matches!(m, Message::Error(e) if e.id == 0 && e.code == ErrorCode::ShuttingDown)
 }
