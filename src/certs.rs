@@ -456,18 +456,31 @@ impl Staged {
     pub fn commit(mut self, overwrite: bool) -> Result<(), CertError> {
         if overwrite {
             fs::rename(&self.tmp, &self.path).map_err(io_err(&self.path))?;
+            self.committed = true;
         } else {
-            fs::hard_link(&self.tmp, &self.path).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    CertError::Exists(self.path.clone(), "")
-                } else {
-                    io_err(&self.path)(e)
+            match fs::hard_link(&self.tmp, &self.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Err(CertError::Exists(self.path.clone(), ""));
                 }
-            })?;
-            // Dropped uncommitted below, the temporary name goes.
-            let _ = fs::remove_file(&self.tmp);
+                // A file system without hard links (vfat, some network and FUSE mounts):
+                // look, then rename.
+                Err(_) if fs::symlink_metadata(&self.path).is_ok() => {
+                    return Err(CertError::Exists(self.path.clone(), ""));
+                }
+                Err(_) => {
+                    fs::rename(&self.tmp, &self.path).map_err(io_err(&self.path))?;
+                }
+            }
+            // Linked: the temporary name must go, or a second name of the key stays behind.
+            self.committed = true;
+            match fs::remove_file(&self.tmp) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io_err(&self.tmp)(e));
+                }
+                _ => {}
+            }
         }
-        self.committed = true;
         let dir = match self.path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,
             _ => Path::new("."),
@@ -494,18 +507,20 @@ pub fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, CertError> {
     use std::io::Read;
     use std::os::unix::fs::MetadataExt;
     const MAX_KEY_FILE: u64 = 1024 * 1024;
-    // Non-blocking: opening a FIFO put in a key's place must not hang the process.
-    let mut f = OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NONBLOCK)
-        .open(path)
-        .map_err(load_err(path))?;
+    // A regular file only, looked at before opening: opening a FIFO put in a key's place
+    // would hang the process. Then the file opened must be the one looked at.
+    let seen = fs::metadata(path).map_err(load_err(path))?;
+    let not_a_key = |why: &str| CertError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(why.to_string()),
+    };
+    if !seen.is_file() {
+        return Err(not_a_key("not a regular file"));
+    }
+    let mut f = fs::File::open(path).map_err(load_err(path))?;
     let meta = f.metadata().map_err(io_err(path))?;
-    if !meta.is_file() {
-        return Err(CertError::Io {
-            path: path.to_path_buf(),
-            source: std::io::Error::other("not a regular file"),
-        });
+    if (meta.dev(), meta.ino()) != (seen.dev(), seen.ino()) {
+        return Err(not_a_key("replaced while being opened"));
     }
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 {

@@ -578,16 +578,20 @@ impl<S: AsyncWrite + Unpin> Connection<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// [`Connection::close`], then reads and discards what the peer still sends until it
-    /// closes too, or `until` (see [`LINGER`]). Closing a socket with unread data in it makes
-    /// the kernel reset the connection, and a reset can destroy what we sent last (answers,
-    /// the reason for closing) before the peer has read it.
+    /// closes too, for at most [`LINGER`]; all of it ends by `until` at the latest. Closing a
+    /// socket with unread data in it makes the kernel reset the connection, and a reset can
+    /// destroy what we sent last (answers, the reason for closing) before the peer has read
+    /// it.
     pub async fn close_lingering(&mut self, last: Option<&Message>, until: Instant) {
-        self.close(last).await;
-        // On the heap, and only now: a buffer in the future would be part of every
-        // connection's task for its whole life.
-        let mut scratch = vec![0u8; 4096];
         let _ = tokio::time::timeout_at(until, async {
-            while matches!(self.stream.read(&mut scratch).await, Ok(n) if n > 0) {}
+            self.close(last).await;
+            // On the heap, and only now: a buffer in the future would be part of every
+            // connection's task for its whole life.
+            let mut scratch = vec![0u8; 4096];
+            let _ = tokio::time::timeout(LINGER, async {
+                while matches!(self.stream.read(&mut scratch).await, Ok(n) if n > 0) {}
+            })
+            .await;
         })
         .await;
     }

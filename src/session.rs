@@ -351,7 +351,8 @@ pub async fn drive<S, F>(
             stragglers.unwrap_or(deadline)
         };
         tokio::select! {
-            // Answers first: one ready as the deadline passes is still written.
+            // Answers first: one ready as the deadline passes is still written. Then the
+            // deadline, before reading: a peer that keeps sending must not postpone it.
             biased;
             Some(answer) = session.inline.next(), if !session.inline.is_empty() => {
                 if write_answers(&mut conn, &mut session, &mut rx, answer).await.is_err() {
@@ -361,6 +362,13 @@ pub async fn drive<S, F>(
             Some(answer) = rx.recv(), if session.multi_thread => {
                 if write_answers(&mut conn, &mut session, &mut rx, answer).await.is_err() {
                     return;
+                }
+            }
+            _ = tokio::time::sleep_until(quiet_until), if running || stragglers.is_some() => {
+                if running {
+                    info!(unanswered = session.in_flight(), "drain deadline passed; closing without their answers");
+                    timed_out = true;
+                    break;
                 }
             }
             r = conn.read_message(), if hearing => {
@@ -399,41 +407,43 @@ pub async fn drive<S, F>(
                     }
                 }
             }
-            _ = tokio::time::sleep_until(quiet_until), if running || stragglers.is_some() => {
-                if running {
-                    info!(unanswered = session.in_flight(), "drain deadline passed; closing without their answers");
-                    timed_out = true;
-                    break;
-                }
-            }
         }
     }
-    // A component that stops says so, and whether every request it read was answered: then
-    // the requests the peer sent that have no answer were never read, did not run, and may
-    // be sent elsewhere whatever they are.
     if stopping && last.is_none() {
-        // Decided by how the drain ended, not by a count read now: a request that finished
-        // after the deadline has an answer that was not written.
-        last = Some(match session.in_flight() {
-            0 if !timed_out && rx.is_empty() => Message::connection_error(
-                ErrorCode::ShuttingDown,
-                "shutting down; every request read on this connection was answered, \
-                 the others were not read",
-            ),
-            n => Message::connection_error(
-                ErrorCode::Timeout,
-                format!(
-                    "shutting down; {} requests still running were not answered and may have run",
-                    n.max(1)
-                ),
-            ),
-        });
+        last = Some(closing_verdict(timed_out, session.in_flight() + rx.len()));
     }
-    // The linger ends in time for the component's own wait for its connections (the drain
-    // period and a little more), so that the process does not exit with it pending.
-    let linger_until =
-        (tokio::time::Instant::now() + LINGER).min(deadline + Duration::from_millis(100));
-    conn.close_lingering(last.as_ref(), linger_until).await;
+    // Closing and lingering end in time for the component's own wait for its connections
+    // (the drain period and a little more) when it stops, so that the process does not exit
+    // with a socket still pending.
+    let until = if stopping {
+        deadline + Duration::from_millis(100)
+    } else {
+        tokio::time::Instant::now() + conn.limits().write_timeout + LINGER
+    };
+    conn.close_lingering(last.as_ref(), until).await;
+}
+
+/// What a stopping connection says as it closes (PROTOCOL.md §5), decided by how its drain
+/// ended: `shutting_down` only if it did not run out and nothing is left unanswered (every
+/// request it read was answered, so the others were not read and did not run); `timeout`
+/// otherwise (those may have run). Not by a count alone: a request that finished after the
+/// deadline has an answer that was not written.
+fn closing_verdict(timed_out: bool, unanswered: usize) -> Message {
+    if !timed_out && unanswered == 0 {
+        Message::connection_error(
+            ErrorCode::ShuttingDown,
+            "shutting down; every request read on this connection was answered, \
+             the others were not read",
+        )
+    } else {
+        Message::connection_error(
+            ErrorCode::Timeout,
+            format!(
+                "shutting down; {} requests still running were not answered and may have run",
+                unanswered.max(1)
+            ),
+        )
+    }
 }
 
 /// Requests still running when their connection ends, however it ends, are run to the end
@@ -556,5 +566,93 @@ mod tests {
             }
         }
         assert_eq!(wrong, 0, "id-0 shutting_down for a request that ran");
+    }
+
+    #[test]
+    fn the_closing_verdict_says_did_not_run_only_when_nothing_is_left() {
+        let code = |m: Message| match m {
+            Message::Error(e) if e.id == 0 => (e.code, e.message),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(closing_verdict(false, 0).kind(), "error");
+        assert_eq!(code(closing_verdict(false, 0)).0, ErrorCode::ShuttingDown);
+        // The drain ran out, even if the count reads 0 now (an answer left unwritten).
+        let (c, m) = code(closing_verdict(true, 0));
+        assert_eq!(c, ErrorCode::Timeout);
+        assert!(m.contains("1 requests"), "{m}");
+        // Answers not yet written (running, or waiting in the channel) are counted.
+        let (c, m) = code(closing_verdict(false, 3));
+        assert_eq!(c, ErrorCode::Timeout);
+        assert!(m.contains("3 requests"), "{m}");
+    }
+
+    /// A peer that keeps sending requests while the connection drains: each is refused, and
+    /// the drain deadline still ends the connection. With the read polled before the
+    /// deadline, a flood held it open for as long as it lasted (3.45 s for a 100 ms drain).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_of_requests_does_not_postpone_the_drain_deadline() {
+        let drain = Duration::from_millis(100);
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let server = Connection::new(a, IoLimits::default());
+        let (br, bw) = tokio::io::split(b);
+        let mut from_server = Connection::new(br, IoLimits::default());
+        let mut to_server = Connection::new(bw, IoLimits::default());
+        let shutdown = CancellationToken::new();
+        let limits = RequestLimits {
+            per_connection: 8,
+            identity: crate::server::IdentitySlots::new(8, 1 << 20),
+            drain,
+        };
+        // Request 1 never ends, so the drain can only end at its deadline.
+        let srv = tokio::spawn(drive(server, shutdown.clone(), limits, |m, s| match m {
+            Message::Request(q) if q.id == 1 => s.start(q.id, Placement::Inline, 0, async {
+                std::future::pending::<Message>().await
+            }),
+            _ => Next::Continue,
+        }));
+        let request = |id| {
+            Message::Request(Request {
+                id,
+                op: "x".into(),
+                payload: Bytes::new(),
+                timeout_ms: None,
+            })
+        };
+        to_server.send(&request(1)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        shutdown.cancel();
+        let cancelled = Instant::now();
+        let reader = tokio::spawn(async move {
+            let mut verdict = None;
+            while let Ok(Some(m)) = from_server.read_message().await {
+                if let Message::Error(e) = m {
+                    if e.id == 0 {
+                        verdict = Some(e.code);
+                    }
+                }
+            }
+            verdict
+        });
+        let flood = tokio::spawn(async move {
+            let until = Instant::now() + Duration::from_secs(3);
+            let mut id = 2;
+            while Instant::now() < until {
+                for _ in 0..64 {
+                    let _ = to_server.queue(&request(id));
+                    id += 1;
+                }
+                if to_server.flush().await.is_err() {
+                    break;
+                }
+            }
+        });
+        let _ = srv.await;
+        let took = cancelled.elapsed();
+        flood.abort();
+        assert!(
+            took < Duration::from_millis(1_000),
+            "the drain lasted {took:?}"
+        );
+        assert_eq!(reader.await.unwrap(), Some(ErrorCode::Timeout));
     }
 }

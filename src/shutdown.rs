@@ -25,6 +25,20 @@ pub fn before_forced_exit(f: impl Fn() + Send + Sync + 'static) {
     let _ = BEFORE_FORCED_EXIT.set(Box::new(f));
 }
 
+/// How long a forced exit may take to write its last log lines.
+const FORCED_EXIT_WITHIN: Duration = Duration::from_millis(500);
+
+/// Exits with `code` after `within`, from a thread of its own, whatever the others are doing
+/// (a thread blocked writing a log line keeps a forced exit from happening otherwise).
+fn exit_within(code: i32, within: Duration) {
+    let _ = std::thread::Builder::new()
+        .name("forced-exit".into())
+        .spawn(move || {
+            std::thread::sleep(within);
+            std::process::exit(code)
+        });
+}
+
 /// Exits at once with `code`, after the registered [`before_forced_exit`].
 fn exit_now(code: i32) -> ! {
     if let Some(f) = BEFORE_FORCED_EXIT.get() {
@@ -151,8 +165,11 @@ pub fn watch_with(
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        warn!("second signal; exiting now");
+        // What must not outlive the process first, then the line saying why: writing a log
+        // line can block (a full buffer, a stuck stderr), and the exit must happen anyway.
         on_signal();
+        exit_within(EXIT_INTERRUPTED, FORCED_EXIT_WITHIN);
+        warn!("second signal; exiting now");
         exit_now(EXIT_INTERRUPTED);
     });
     if parent_watch {
@@ -169,8 +186,9 @@ pub fn watch_with(
             warn!("supervisor is gone (stdin closed); shutting down");
             t.cancel();
             tokio::time::sleep(hard_deadline).await;
-            warn!("drain did not finish in time after supervisor loss; exiting");
             before_exit();
+            exit_within(1, FORCED_EXIT_WITHIN);
+            warn!("drain did not finish in time after supervisor loss; exiting");
             exit_now(1);
         });
     }

@@ -113,9 +113,8 @@ pub struct Link {
     healthy: AtomicBool,
 }
 
-/// Decrements a slot's outstanding count when a forward ends, waking waiters if the worker
-/// just dropped below its in-flight limit.
-/// A worker picked for one request: counted among its outstanding requests until dropped.
+/// A worker picked for one request: counted among its outstanding requests until dropped,
+/// which wakes the requests waiting for a worker if it was at its in-flight limit.
 pub struct Picked<'a> {
     /// The worker.
     pub slot: Arc<Slot>,

@@ -621,13 +621,30 @@ impl Supervisor {
         info!(component = %slot.comp.name, reason = %reason, restart = slot.total_restarts, delay_ms = delay.as_millis() as u64, "restarting component");
     }
 
-    /// Starts again, after the first backoff step, a component that exited with status 0: a
-    /// component does so only after a SIGTERM or SIGINT it was sent (by an operator, not by
-    /// us: ours are counted where they are sent), so this is a restart someone asked for, not
-    /// a crash, and it counts neither against the restart limit nor towards the backoff.
+    /// Starts again a component that exited with status 0. A component does so only after a
+    /// SIGTERM or SIGINT it was sent (by someone else: the watchdog's own stops are counted
+    /// where it sends them), so this is a restart someone asked for, not a crash, and it does
+    /// not count against the restart limit. The backoff still applies: reset if the component
+    /// had been up for `stable_after_ms`, doubled if not, so that something sending SIGTERM
+    /// in a loop restarts it at most once per `restart_backoff_max_ms`.
     fn restart_after_clean_stop(&mut self, idx: usize) {
-        let delay = Duration::from_millis(self.cfg.watchdog.restart_backoff_initial_ms);
+        let w = &self.cfg.watchdog;
         let slot = &mut self.slots[idx];
+        let up_since = match slot.phase {
+            Phase::Up { since }
+            | Phase::Draining {
+                up_since: Some(since),
+                ..
+            } => Some(since),
+            _ => None,
+        };
+        let stable =
+            up_since.is_some_and(|t| t.elapsed() >= Duration::from_millis(w.stable_after_ms));
+        if stable {
+            slot.backoff = Duration::from_millis(w.restart_backoff_initial_ms);
+        }
+        let delay = slot.backoff;
+        slot.backoff = (slot.backoff * 2).min(Duration::from_millis(w.restart_backoff_max_ms));
         slot.total_restarts += 1;
         slot.phase = Phase::Waiting {
             until: Instant::now() + delay,
