@@ -92,6 +92,34 @@ impl Service {
         s
     }
 
+    /// The dispatcher logged `flood` refusals that took `took` as lines containing `what`:
+    /// one a second at most (the first at once), however fast the flood, each counting the
+    /// refusals since the last (`refused=`; the last few may wait for a line not yet due).
+    fn logged_a_line_a_second(&self, what: &str, flood: usize, took: Duration) {
+        let lines: Vec<String> = self
+            .dispatcher
+            .stderr()
+            .lines()
+            .filter(|l| l.contains(what))
+            .map(str::to_string)
+            .collect();
+        let allowed = 2 + took.as_secs() as usize;
+        assert!(
+            !lines.is_empty() && lines.len() <= allowed,
+            "{} lines for {flood} refusals in {took:?}",
+            lines.len()
+        );
+        let counted: u64 = lines
+            .iter()
+            .filter_map(|l| common::field(l, "refused"))
+            .filter_map(|n| n.parse::<u64>().ok())
+            .sum();
+        assert!(
+            (1..=flood as u64).contains(&counted),
+            "refusal counts {counted} in {lines:?}"
+        );
+    }
+
     fn rss_kib(&self) -> u64 {
         let status =
             std::fs::read_to_string(format!("/proc/{}/status", self.dispatcher.pid)).unwrap();
@@ -231,29 +259,7 @@ fn a_flood_of_failed_handshakes_writes_a_line_a_second_not_one_each() {
         }
         let took = started.elapsed();
         served(&good).await;
-        let lines: Vec<String> = s
-            .dispatcher
-            .stderr()
-            .lines()
-            .filter(|l| l.contains("handshake refused"))
-            .map(str::to_string)
-            .collect();
-        // One line a second at most (and the first at once), however fast the flood.
-        let allowed = 2 + took.as_secs() as usize;
-        assert!(
-            !lines.is_empty() && lines.len() <= allowed,
-            "{} lines for {FLOOD} refusals in {took:?}",
-            lines.len()
-        );
-        let counted: u64 = lines
-            .iter()
-            .filter_map(|l| common::field(l, "refused"))
-            .filter_map(|n| n.parse::<u64>().ok())
-            .sum();
-        assert!(
-            (1..=FLOOD as u64).contains(&counted),
-            "refusal counts {counted} in {lines:?}"
-        );
+        s.logged_a_line_a_second("handshake refused", FLOOD, took);
     });
 }
 
@@ -482,27 +488,7 @@ fn a_flood_over_the_identity_connection_limit_writes_a_line_a_second() {
         let took = started.elapsed();
         served(&good).await;
         drop(held);
-        let lines: Vec<String> = s
-            .dispatcher
-            .stderr()
-            .lines()
-            .filter(|l| l.contains("per-identity connection limit reached"))
-            .map(str::to_string)
-            .collect();
-        let allowed = 2 + took.as_secs() as usize;
-        assert!(
-            !lines.is_empty() && lines.len() <= allowed,
-            "{} lines for {FLOOD} refusals in {took:?}",
-            lines.len()
-        );
-        let counted: u64 = lines
-            .iter()
-            .filter_map(|l| common::field(l, "refused"))
-            .filter_map(|v| v.parse::<u64>().ok())
-            .sum();
-        // The refusals since the last line are counted in the next one; the last few may be
-        // waiting for a line not yet due.
-        assert!(counted >= 1 && counted <= FLOOD as u64, "counted {counted}");
+        s.logged_a_line_a_second("per-identity connection limit reached", FLOOD, took);
     });
 }
 
