@@ -107,6 +107,15 @@ async fn dispatcher_in_flight(f: &Fixture) -> u32 {
         .in_flight
 }
 
+/// Waits (bounded) until the dispatcher has a request in flight.
+async fn until_the_dispatcher_runs_a_request(f: &Fixture) {
+    let until = Instant::now() + WAIT;
+    while dispatcher_in_flight(f).await == 0 {
+        assert!(Instant::now() < until, "the request never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// PID of the n-th start (1-based) of `component`, from the watchdog's log.
 fn pid_of(w: &Proc, component: &str, nth: usize) -> u32 {
     let line = w.wait_for_n(
@@ -508,11 +517,7 @@ fn a_dispatcher_told_to_stop_sends_new_calls_to_its_successor() {
         let c = f.client().await;
         let c1 = c.clone();
         let running = tokio::spawn(async move { c1.call("sleep", b"1000").await });
-        let until = Instant::now() + WAIT;
-        while dispatcher_in_flight(&f).await == 0 {
-            assert!(Instant::now() < until, "the sleep never started");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        until_the_dispatcher_runs_a_request(&f).await;
         w.signal_pid(old, Signal::SIGTERM);
         tokio::task::block_in_place(|| w.wait_log(&["SIGTERM received"], WAIT));
         let opts = CallOptions {
@@ -605,11 +610,7 @@ fn an_idempotent_call_outlasting_the_dispatchers_drain_is_sent_again() {
             timeout: Duration::from_secs(30),
         };
         let running = tokio::spawn(async move { c.call_with("sleep", b"3000", opts).await });
-        let until = Instant::now() + WAIT;
-        while dispatcher_in_flight(&f).await == 0 {
-            assert!(Instant::now() < until, "the sleep never started");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        until_the_dispatcher_runs_a_request(&f).await;
         w.signal_pid(old, Signal::SIGTERM);
         assert_eq!(running.await.unwrap().unwrap(), b"slept 3000 ms");
     });
