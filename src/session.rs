@@ -151,6 +151,15 @@ impl Session {
         self.inline.len() + self.spawned.len()
     }
 
+    /// Once the last running request is answered, the idle timeout counts from then: a
+    /// connection is idle when nothing arrives and nothing runs, and a long request must not
+    /// leave its client a moment to send the next one.
+    fn idle_from_last_answer<S: AsyncRead + Unpin>(&self, conn: &mut Connection<S>) {
+        if self.in_flight() == 0 {
+            conn.restart_idle_clock();
+        }
+    }
+
     /// An `overloaded` answer, with a log line at most once a second per identity.
     fn refuse(&mut self, id: u64, message: String) -> Message {
         if let Some(refused) = self.identity.refusals.hit() {
@@ -270,6 +279,7 @@ pub async fn drive<S, F>(
                     info!(error = %e, "connection lost while writing");
                     return;
                 }
+                session.idle_from_last_answer(&mut conn);
             }
             // Only spawned requests answer through the channel, and a current-thread runtime
             // runs every request inline: polling it there would register a waker per turn.
@@ -278,6 +288,7 @@ pub async fn drive<S, F>(
                     info!(error = %e, "connection lost while writing");
                     return;
                 }
+                session.idle_from_last_answer(&mut conn);
             }
             r = conn.read_message() => {
                 // Handle every request that arrived with this one before writing answers, so

@@ -733,3 +733,52 @@ async fn a_burst_never_sends_a_worker_more_than_it_runs() {
     );
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_long_request_the_client_gets_a_whole_idle_timeout() {
+    // The idle clock restarted each time it ran out while the request ran, and not when the
+    // request ended: a 2.9 s request with a 1.5 s idle timeout was answered at 2.9 s and the
+    // connection closed as idle at 3.0 s. It now counts from the answer.
+    let pki = pki(1);
+    let cluster = start_cluster(&pki, 1, |cfg| {
+        cfg.limits.idle_timeout_ms = 1_500;
+        cfg.dispatcher.worker_ping_interval_ms = 200;
+        cfg.watchdog.heartbeat_interval_ms = 500;
+        cfg.watchdog.heartbeat_timeout_ms = 500;
+    })
+    .await;
+    let (stream, _) = pki
+        .material("client")
+        .connector(&SpiffeId::dispatcher("securesrv").unwrap(), WAIT)
+        .unwrap()
+        .connect(cluster.addr)
+        .await
+        .unwrap();
+    let mut conn = Connection::new(stream, IoLimits::default());
+    let request = |id, op: &str, payload: &'static [u8]| {
+        Message::Request(securesrv::message::Request {
+            id,
+            op: op.into(),
+            payload: Bytes::from_static(payload),
+            timeout_ms: Some(20_000),
+        })
+    };
+    conn.send(&request(1, "sleep", b"2900")).await.unwrap();
+    let answer = tokio::time::timeout(WAIT, conn.read_message())
+        .await
+        .unwrap();
+    assert!(
+        matches!(&answer, Ok(Some(Message::Reply(r))) if r.id == 1),
+        "{answer:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    conn.send(&request(2, "echo", b"next")).await.unwrap();
+    let answer = tokio::time::timeout(WAIT, conn.read_message())
+        .await
+        .unwrap();
+    assert!(
+        matches!(&answer, Ok(Some(Message::Reply(r))) if r.id == 2 && r.payload[..] == b"next"[..]),
+        "{answer:?}"
+    );
+    cluster.stop().await;
+}
