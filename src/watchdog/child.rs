@@ -166,6 +166,16 @@ pub async fn stop(mut r: Running, grace: Duration) -> std::io::Result<ExitStatus
     }
 }
 
+/// Whether a component ended as one does when someone sent it SIGTERM or SIGINT: status 0
+/// after its drain, or killed by that signal if it came before the component had set up its
+/// handling of it (early in its start).
+pub fn asked_to_stop(status: &ExitStatus) -> bool {
+    status.success()
+        || status
+            .signal()
+            .is_some_and(|s| s == Signal::SIGTERM as i32 || s == Signal::SIGINT as i32)
+}
+
 /// "exit status 3" / "killed by signal 9 (SIGKILL)".
 pub fn describe(status: &ExitStatus) -> String {
     match (status.code(), status.signal()) {
@@ -175,6 +185,28 @@ pub fn describe(status: &ExitStatus) -> String {
             Err(_) => format!("killed by signal {s}"),
         },
         _ => "ended".into(),
+    }
+}
+
+#[cfg(test)]
+mod stop_kinds {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    #[test]
+    fn a_stop_someone_asked_for_is_told_from_a_crash() {
+        // Wait statuses: a signal number alone, or the exit code shifted by 8.
+        assert!(asked_to_stop(&ExitStatus::from_raw(0)));
+        assert!(asked_to_stop(&ExitStatus::from_raw(Signal::SIGTERM as i32)));
+        assert!(asked_to_stop(&ExitStatus::from_raw(Signal::SIGINT as i32)));
+        assert!(!asked_to_stop(&ExitStatus::from_raw(
+            Signal::SIGKILL as i32
+        )));
+        assert!(!asked_to_stop(&ExitStatus::from_raw(
+            Signal::SIGSEGV as i32
+        )));
+        assert!(!asked_to_stop(&ExitStatus::from_raw(1 << 8)));
+        assert!(!asked_to_stop(&ExitStatus::from_raw(130 << 8)));
     }
 }
 

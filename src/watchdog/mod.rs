@@ -329,7 +329,7 @@ impl Supervisor {
                     slot.running = None;
                     slot.down_since.get_or_insert(now);
                     warn!(component = %slot.comp.name, pid, status = %child::describe(&status), "component exited");
-                    if status.success() {
+                    if child::asked_to_stop(&status) {
                         self.restart_after_clean_stop(idx);
                     } else {
                         self.schedule_restart(idx, child::describe(&status));
@@ -621,7 +621,8 @@ impl Supervisor {
         info!(component = %slot.comp.name, reason = %reason, restart = slot.total_restarts, delay_ms = delay.as_millis() as u64, "restarting component");
     }
 
-    /// Starts again a component that exited with status 0. A component does so only after a
+    /// Starts again a component that exited with status 0, or was killed by SIGTERM or SIGINT
+    /// before it handled them ([`child::asked_to_stop`]). A component exits 0 only after a
     /// SIGTERM or SIGINT it was sent (by someone else: the watchdog's own stops are counted
     /// where it sends them), so this is a restart someone asked for, not a crash, and it does
     /// not count against the restart limit. The backoff still applies: reset if the component
