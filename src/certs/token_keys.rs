@@ -175,12 +175,58 @@ pub fn token_keys(
     commit_all(staged)
 }
 
-/// Puts staged files in place, in order; returns their paths.
+/// Puts staged files in place, in order, all or none; returns their paths. Each file about
+/// to be replaced is copied aside first: if a later file cannot be put in place (a rename
+/// refused: an immutable file, a read-only mount), the ones already replaced get their old
+/// contents back and new ones are removed, so that no worker is left on keys the master
+/// does not hold.
 fn commit_all(staged: Vec<Staged>) -> Result<Vec<PathBuf>, CertError> {
-    let mut written = Vec::new();
-    for file in staged {
-        written.push(file.path().to_path_buf());
-        file.commit(true)?;
+    let paths: Vec<PathBuf> = staged.iter().map(|f| f.path().to_path_buf()).collect();
+    let mut saved: Vec<(PathBuf, Option<PathBuf>)> = Vec::new();
+    let forget = |saved: &[(PathBuf, Option<PathBuf>)]| {
+        for aside in saved.iter().filter_map(|(_, a)| a.as_ref()) {
+            let _ = fs::remove_file(aside);
+        }
+    };
+    for path in &paths {
+        let aside = if path.exists() {
+            let mut name = std::ffi::OsString::from(".");
+            name.push(path.file_name().unwrap_or_default());
+            name.push(format!(".{}.old", std::process::id()));
+            let aside = path.with_file_name(name);
+            let _ = fs::remove_file(&aside);
+            // fs::copy keeps the mode (0600).
+            if let Err(e) = fs::copy(path, &aside) {
+                forget(&saved);
+                return Err(io_err(path)(e));
+            }
+            Some(aside)
+        } else {
+            None
+        };
+        saved.push((path.clone(), aside));
     }
-    Ok(written)
+    for (n, file) in staged.into_iter().enumerate() {
+        if let Err(e) = file.commit(true) {
+            // This one and those before it go back as they were.
+            for (path, aside) in &saved[..=n] {
+                match aside {
+                    // Refused too (the file that failed, if its rename was): then it was
+                    // never replaced, and the copy goes.
+                    Some(aside) => {
+                        if fs::rename(aside, path).is_err() {
+                            let _ = fs::remove_file(aside);
+                        }
+                    }
+                    None => {
+                        let _ = fs::remove_file(path);
+                    }
+                }
+            }
+            forget(&saved[n + 1..]);
+            return Err(e);
+        }
+    }
+    forget(&saved);
+    Ok(paths)
 }
