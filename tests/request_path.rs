@@ -607,16 +607,22 @@ async fn the_largest_echo_a_frame_holds_is_answered() {
     cluster.stop().await;
 }
 
+/// An idle timeout of 1.5 s, with the pings that keep links up well inside it (as
+/// validation requires).
+fn idle_after_1_5_s(cfg: &mut securesrv::config::Config) {
+    cfg.limits.idle_timeout_ms = 1_500;
+    cfg.dispatcher.worker_ping_interval_ms = 200;
+    cfg.watchdog.heartbeat_interval_ms = 500;
+    cfg.watchdog.heartbeat_timeout_ms = 500;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_outlasts_the_idle_timeout_is_answered() {
     // A client waiting for a long request sends nothing meanwhile; that is not idleness. The
     // dispatcher used to close it at the idle timeout and drop the answer.
     let pki = pki(1);
     let cluster = start_cluster(&pki, 1, |cfg| {
-        cfg.limits.idle_timeout_ms = 1_500;
-        cfg.dispatcher.worker_ping_interval_ms = 200;
-        cfg.watchdog.heartbeat_interval_ms = 500;
-        cfg.watchdog.heartbeat_timeout_ms = 500;
+        idle_after_1_5_s(cfg);
         // An idle connection closes after a drain of 4/5 of this: 0.4 s, not 4 s.
         cfg.watchdog.stop_grace_ms = 500;
     })
@@ -740,13 +746,7 @@ async fn after_a_long_request_the_client_gets_a_whole_idle_timeout() {
     // request ended: a 2.9 s request with a 1.5 s idle timeout was answered at 2.9 s and the
     // connection closed as idle at 3.0 s. It now counts from the answer.
     let pki = pki(1);
-    let cluster = start_cluster(&pki, 1, |cfg| {
-        cfg.limits.idle_timeout_ms = 1_500;
-        cfg.dispatcher.worker_ping_interval_ms = 200;
-        cfg.watchdog.heartbeat_interval_ms = 500;
-        cfg.watchdog.heartbeat_timeout_ms = 500;
-    })
-    .await;
+    let cluster = start_cluster(&pki, 1, idle_after_1_5_s).await;
     let (stream, _) = pki
         .material("client")
         .connector(&SpiffeId::dispatcher("securesrv").unwrap(), WAIT)
