@@ -638,6 +638,31 @@ async fn a_request_that_outlasts_the_idle_timeout_is_answered() {
     cluster.stop().await;
 }
 
+/// A raw mTLS connection to the cluster's dispatcher with the default client's identity.
+async fn raw_client(
+    pki: &Pki,
+    cluster: &common::Cluster,
+) -> Connection<securesrv::tls::ClientStream> {
+    let (stream, _) = pki
+        .material("client")
+        .connector(&SpiffeId::dispatcher("securesrv").unwrap(), WAIT)
+        .unwrap()
+        .connect(cluster.addr)
+        .await
+        .unwrap();
+    Connection::new(stream, IoLimits::default())
+}
+
+/// A request message.
+fn request(id: u64, op: &str, payload: &'static [u8], timeout_ms: Option<u32>) -> Message {
+    Message::Request(securesrv::message::Request {
+        id,
+        op: op.into(),
+        payload: Bytes::from_static(payload),
+        timeout_ms,
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_dispatcher_answers_refuses_then_says_it_read_nothing_more() {
     // Told to stop while a client's request runs: the request is answered, one sent meanwhile
@@ -646,22 +671,8 @@ async fn a_stopping_dispatcher_answers_refuses_then_says_it_read_nothing_more() 
     // clean TLS close.
     let pki = pki(1);
     let cluster = start_cluster(&pki, 1, |_| {}).await;
-    let (stream, _) = pki
-        .material("client")
-        .connector(&SpiffeId::dispatcher("securesrv").unwrap(), WAIT)
-        .unwrap()
-        .connect(cluster.addr)
-        .await
-        .unwrap();
-    let mut conn = Connection::new(stream, IoLimits::default());
-    let request = |id, op: &str, payload: &'static [u8]| {
-        Message::Request(securesrv::message::Request {
-            id,
-            op: op.into(),
-            payload: Bytes::from_static(payload),
-            timeout_ms: None,
-        })
-    };
+    let mut conn = raw_client(&pki, &cluster).await;
+    let request = |id, op: &str, payload: &'static [u8]| request(id, op, payload, None);
     conn.send(&request(1, "sleep", b"500")).await.unwrap();
     let until = std::time::Instant::now() + WAIT;
     while cluster.dispatcher.pool().slots()[0].outstanding() == 0 {
@@ -747,22 +758,8 @@ async fn after_a_long_request_the_client_gets_a_whole_idle_timeout() {
     // connection closed as idle at 3.0 s. It now counts from the answer.
     let pki = pki(1);
     let cluster = start_cluster(&pki, 1, idle_after_1_5_s).await;
-    let (stream, _) = pki
-        .material("client")
-        .connector(&SpiffeId::dispatcher("securesrv").unwrap(), WAIT)
-        .unwrap()
-        .connect(cluster.addr)
-        .await
-        .unwrap();
-    let mut conn = Connection::new(stream, IoLimits::default());
-    let request = |id, op: &str, payload: &'static [u8]| {
-        Message::Request(securesrv::message::Request {
-            id,
-            op: op.into(),
-            payload: Bytes::from_static(payload),
-            timeout_ms: Some(20_000),
-        })
-    };
+    let mut conn = raw_client(&pki, &cluster).await;
+    let request = |id, op: &str, payload: &'static [u8]| request(id, op, payload, Some(20_000));
     conn.send(&request(1, "sleep", b"2900")).await.unwrap();
     let answer = tokio::time::timeout(WAIT, conn.read_message())
         .await
