@@ -123,6 +123,35 @@ pub enum CertError {
         "invalid --host {0:?}: give an IP address or a DNS name (letters, digits, hyphens, underscores, dots)"
     )]
     BadHost(String),
+    /// A number given on the command line is outside what can be issued.
+    #[error("{0}")]
+    OutOfRange(String),
+}
+
+/// Longest validity `certs init` and `certs issue` give a certificate, in days (100 years).
+pub const MAX_DAYS: u32 = 36_500;
+
+/// Refuses a validity that cannot be written as a certificate date, before anything is written.
+fn check_days(days: u32) -> Result<(), CertError> {
+    if (1..=MAX_DAYS).contains(&days) {
+        Ok(())
+    } else {
+        Err(CertError::OutOfRange(format!(
+            "--days {days}: a certificate's validity must be between 1 and {MAX_DAYS} days"
+        )))
+    }
+}
+
+/// Refuses more workers than a configuration can have, before anything is written.
+fn check_workers(workers: u32) -> Result<(), CertError> {
+    if workers <= crate::config::MAX_WORKERS {
+        Ok(())
+    } else {
+        Err(CertError::OutOfRange(format!(
+            "--workers {workers}: at most {} workers",
+            crate::config::MAX_WORKERS
+        )))
+    }
 }
 
 /// Refuses a `--host` that is neither an IP address nor a DNS name, before anything is written.
@@ -603,7 +632,9 @@ fn write_leaf(
 /// Returns the paths written.
 pub fn init(dir: &Path, opts: &InitOptions) -> Result<Vec<PathBuf>, CertError> {
     let td = &opts.trust_domain;
-    // Validate identities before touching the disk.
+    // Validate everything before touching the disk.
+    check_days(opts.days)?;
+    check_workers(opts.workers)?;
     let dispatcher = SpiffeId::dispatcher(td)?;
     let watchdog = SpiffeId::watchdog(td)?;
     let client = SpiffeId::new(td, Role::Client, "default")?;
@@ -665,6 +696,7 @@ pub struct IssueOptions {
 /// token key derived from `token.key`).
 pub fn issue(dir: &Path, opts: &IssueOptions) -> Result<Vec<PathBuf>, CertError> {
     check_hosts(&opts.hosts)?;
+    check_days(opts.days)?;
     let ca = CertAuthority::load(dir)?;
     let td = match &opts.trust_domain {
         Some(td) => td.clone(),
@@ -685,10 +717,31 @@ pub fn issue(dir: &Path, opts: &IssueOptions) -> Result<Vec<PathBuf>, CertError>
     if crt.exists() && !opts.force {
         return Err(CertError::Exists(crt, ""));
     }
+    // A worker also needs its token key. Find out whether it can be made before the
+    // certificate is written, so that a refusal leaves no half-made identity behind. One
+    // already derived from token.key (by `certs token-keys`) is kept as it is.
+    let master = match opts.role {
+        Role::Worker => {
+            let master = load_key_file(&dir.join(MASTER_TOKEN_KEY))?;
+            let token = worker_token_path(dir, &id);
+            if token.exists() && !opts.force {
+                let derived = master.map_keys(|k| k.derive_for(&id)).render();
+                if *load_key_file(&token)?.render() != *derived {
+                    return Err(CertError::Exists(
+                        token,
+                        " (it was not derived from token.key)",
+                    ));
+                }
+                None
+            } else {
+                Some(master)
+            }
+        }
+        _ => None,
+    };
     let mut written = write_leaf(dir, &ca, &id, opts.days, &opts.hosts, opts.force)?;
-    if opts.role == Role::Worker {
-        let master = load_key_file(&dir.join(MASTER_TOKEN_KEY))?;
-        written.push(write_worker_token(dir, &master, &id, opts.force)?);
+    if let Some(master) = &master {
+        written.push(write_worker_token(dir, master, &id, opts.force)?);
     }
     Ok(written)
 }

@@ -622,3 +622,83 @@ fn host_names_are_dns_names_or_addresses() {
     assert!(matches!(err, CertError::BadHost(_)), "{err}");
     assert!(!dir.exists(), "nothing written");
 }
+
+fn worker_issue(name: &str, days: u32) -> IssueOptions {
+    IssueOptions {
+        role: Role::Worker,
+        name: name.into(),
+        trust_domain: None,
+        days,
+        hosts: vec![],
+        force: false,
+    }
+}
+
+#[test]
+fn out_of_range_days_and_workers_are_refused_before_anything_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("certs");
+    for (days, workers) in [(MAX_DAYS + 1, 1), (u32::MAX, 1), (0, 1), (30, 257)] {
+        let o = InitOptions {
+            days,
+            workers,
+            ..opts(1)
+        };
+        let err = init(&dir, &o).unwrap_err();
+        assert!(matches!(err, CertError::OutOfRange(_)), "{err}");
+        assert!(
+            !dir.exists(),
+            "days {days}, workers {workers}: wrote {dir:?}"
+        );
+    }
+    let err = token_keys(&dir, None, u32::MAX, false).unwrap_err();
+    assert!(matches!(err, CertError::OutOfRange(_)), "{err}");
+    assert!(!dir.exists());
+
+    // The longest validity allowed is issued.
+    let o = InitOptions {
+        days: MAX_DAYS,
+        ..opts(1)
+    };
+    init(&dir, &o).unwrap();
+    let err = issue(&dir, &worker_issue("2", u32::MAX)).unwrap_err();
+    assert!(matches!(err, CertError::OutOfRange(_)), "{err}");
+    assert!(!dir.join("worker-2.crt").exists());
+    issue(&dir, &worker_issue("2", MAX_DAYS)).unwrap();
+}
+
+#[test]
+fn issuing_a_worker_whose_token_file_cannot_be_kept_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    init(tmp.path(), &opts(1)).unwrap();
+    // A token file derived from token.key (as `certs token-keys` makes them) is kept as it is.
+    let master = load_key_file(&tmp.path().join("token.key")).unwrap();
+    let id2 = SpiffeId::worker(DEFAULT_TRUST_DOMAIN, 2).unwrap();
+    let token2 = tmp.path().join("worker-2.token");
+    let derived = master.map_keys(|k| k.derive_for(&id2)).render();
+    write_file(&token2, derived.as_bytes(), 0o600, false).unwrap();
+    let made = fs::read(&token2).unwrap();
+    let written = issue(tmp.path(), &worker_issue("2", 10)).unwrap();
+    assert!(!written.contains(&token2), "{written:?}");
+    assert_eq!(fs::read(&token2).unwrap(), made);
+    assert!(tmp.path().join("worker-2.crt").exists());
+
+    // One that was not derived from token.key is refused before the certificate is written.
+    let token3 = tmp.path().join("worker-3.token");
+    fs::copy(tmp.path().join("worker-1.token"), &token3).unwrap();
+    let err = issue(tmp.path(), &worker_issue("3", 10)).unwrap_err();
+    assert!(matches!(err, CertError::Exists(..)), "{err}");
+    assert!(!tmp.path().join("worker-3.crt").exists());
+    assert!(!tmp.path().join("worker-3.key").exists());
+    // --force replaces it with the derived one.
+    let forced = IssueOptions {
+        force: true,
+        ..worker_issue("3", 10)
+    };
+    issue(tmp.path(), &forced).unwrap();
+    let id = SpiffeId::worker(DEFAULT_TRUST_DOMAIN, 3).unwrap();
+    assert_eq!(
+        *load_key_file(&token3).unwrap().render(),
+        *master.map_keys(|k| k.derive_for(&id)).render()
+    );
+}

@@ -141,6 +141,7 @@ pub fn token_keys(
     workers: u32,
     force: bool,
 ) -> Result<Vec<PathBuf>, CertError> {
+    super::check_workers(workers)?;
     let td = trust_domain_for(dir, trust_domain);
     let mut numbers: Vec<u32> = (1..=workers).collect();
     if dir.exists() {
