@@ -67,11 +67,11 @@ enum CertsCmd {
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Number of workers to issue for [default: the config's workers, 2].
-        #[arg(long)]
+        #[arg(long, value_parser = workers_range())]
         workers: Option<u32>,
         /// Validity of the leaf certificates in days.
         #[arg(long, default_value_t = securesrv::certs::DEFAULT_DAYS,
-              value_parser = clap::value_parser!(u32).range(1..))]
+              value_parser = clap::value_parser!(u32).range(1..=i64::from(securesrv::certs::MAX_DAYS)))]
         days: u32,
         /// Trust domain of the identities [default: the config's `trust_domain`, securesrv].
         #[arg(long)]
@@ -96,9 +96,9 @@ enum CertsCmd {
         name: String,
         /// Validity in days.
         #[arg(long, default_value_t = securesrv::certs::DEFAULT_DAYS,
-              value_parser = clap::value_parser!(u32).range(1..))]
+              value_parser = clap::value_parser!(u32).range(1..=i64::from(securesrv::certs::MAX_DAYS)))]
         days: u32,
-        /// Trust domain (default: the CA's).
+        /// Trust domain [default: the config's `trust_domain`, else the CA's].
         #[arg(long)]
         trust_domain: Option<String>,
         /// Extra DNS name or IP (repeatable).
@@ -115,7 +115,7 @@ enum CertsCmd {
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Number of workers to make keys for [default: the config's workers, 2].
-        #[arg(long)]
+        #[arg(long, value_parser = workers_range())]
         workers: Option<u32>,
         /// Trust domain of the workers [default: the config's, else the one in ca.crt, else
         /// securesrv].
@@ -169,7 +169,7 @@ struct WorkerArgs {
     #[command(flatten)]
     common: CommonArgs,
     /// Worker number (1, 2, ...).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     id: u32,
     /// Address to listen on (default: the dispatcher's port + id).
     #[arg(long)]
@@ -196,6 +196,11 @@ struct WatchdogArgs {
     /// Dispatcher address (workers at its port + N).
     #[arg(long)]
     listen: Option<SocketAddr>,
+}
+
+/// `--workers` of the `certs` commands: as many as a configuration can have.
+fn workers_range() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(0..=i64::from(securesrv::config::MAX_WORKERS))
 }
 
 /// Entry point of the binary.
@@ -369,7 +374,7 @@ fn certs(cmd: CertsCmd, config: Option<PathBuf>) -> ExitCode {
                 &securesrv::certs::IssueOptions {
                     role,
                     name,
-                    trust_domain,
+                    trust_domain: trust_domain.or(configured_td),
                     days,
                     hosts,
                     force,

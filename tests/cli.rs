@@ -203,6 +203,30 @@ fn certs_commands_follow_the_configuration() {
     )
     .expect("load");
     assert_eq!(pki.own_id().to_string(), "spiffe://corp.example/worker/3");
+    // `certs issue` takes the trust domain from the configuration too, not from the CA (whose
+    // certificate need not name one: openssl's do not).
+    std::fs::write(
+        tmp.path().join("other.toml"),
+        "trust_domain = \"other.example\"\ncerts_dir = \"mycerts\"\n",
+    )
+    .unwrap();
+    let issue = ["certs", "issue", "--role", "client", "--name", "bob"];
+    let out = run(
+        tmp.path(),
+        &[&["--config", "other.toml"][..], &issue].concat(),
+        b"",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let bob = securesrv::tls::TlsMaterial::load(
+        &dir.join("ca.crt"),
+        &dir.join("client-bob.crt"),
+        &dir.join("client-bob.key"),
+    )
+    .expect("load");
+    assert_eq!(
+        bob.own_id().to_string(),
+        "spiffe://other.example/client/bob"
+    );
     // Rotation without --trust-domain keeps corp.example, read from the files themselves (it
     // re-derived every worker's key for `securesrv`, and every token failed to verify).
     let out = run(
@@ -898,6 +922,26 @@ fn bench_command_measures_through_a_real_dispatcher() {
     );
     // The requests went through the dispatcher to the worker: the audit lines say so.
     dispatcher.wait_log(&["op=sha256", "outcome=ok"], WAIT);
+
+    // A run time that cannot be counted is a usage error, before anything is measured (it
+    // made the load generator panic once connected).
+    for (flag, value) in [
+        ("--duration", "1e30"),
+        ("--warmup", "inf"),
+        ("--duration", "0"),
+    ] {
+        let args = [
+            "bench",
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--connect",
+            &d_addr,
+        ];
+        let out = run(cwd, &[&args[..], &[flag, value]].concat(), b"");
+        exits_saying(&out, 2, &format!("invalid value '{value}' for '{flag}"));
+    }
 
     // Refusals are reported, not benchmarked: an op the ACL does not allow, nothing listening.
     let out = bench(&d_addr, &["--op", "nope", "--json"]);
