@@ -72,11 +72,11 @@ pub struct BenchArgs {
     /// Requests each connection keeps outstanding.
     #[arg(long, default_value_t = 1)]
     pub in_flight: usize,
-    /// Measured seconds.
-    #[arg(long, default_value_t = 10.0)]
+    /// Measured seconds (more than 0, at most a day).
+    #[arg(long, default_value_t = 10.0, value_parser = measured_seconds)]
     pub duration: f64,
-    /// Seconds of warm-up before measuring.
-    #[arg(long, default_value_t = 2.0)]
+    /// Seconds of warm-up before measuring (at most a day).
+    #[arg(long, default_value_t = 2.0, value_parser = warmup_seconds)]
     pub warmup: f64,
     /// Operation to call.
     #[arg(long, default_value = "echo")]
@@ -95,6 +95,26 @@ pub struct BenchArgs {
     /// generator itself is the bottleneck (it shows as one core at 100 %).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: u16,
+}
+
+/// Longest `--duration` or `--warmup`, in seconds: a day.
+const MAX_SECONDS: f64 = 86_400.0;
+
+/// `--duration`: a number of seconds above 0 and at most a day.
+fn measured_seconds(s: &str) -> Result<f64, String> {
+    match warmup_seconds(s)? {
+        0.0 => Err("must be more than 0 seconds".into()),
+        v => Ok(v),
+    }
+}
+
+/// `--warmup`: a number of seconds from 0 to a day.
+fn warmup_seconds(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.0..=MAX_SECONDS).contains(&v) => Ok(v),
+        Ok(_) => Err(format!("must be between 0 and {MAX_SECONDS} seconds")),
+        Err(e) => Err(format!("not a number of seconds: {e}")),
+    }
 }
 
 /// Why a benchmark could not run.

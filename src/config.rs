@@ -576,6 +576,12 @@ impl Config {
             }
             return;
         }
+        if self.worker.len() > MAX_WORKERS as usize {
+            p.push(format!(
+                "{} [[worker]] entries: at most {MAX_WORKERS}",
+                self.worker.len()
+            ));
+        }
         let mut ids = HashSet::new();
         let mut addrs = HashSet::from([self.dispatcher.listen]);
         for w in &self.worker {
@@ -996,5 +1002,26 @@ mod tests {
             panic!("duplicates must be refused");
         };
         assert_eq!(p.len(), 2, "{p:?}");
+
+        // As many as `workers` may be, and no more.
+        let entry = |n: u32| {
+            format!(
+                "[[worker]]\nid = {n}\nlisten = \"127.0.0.1:{}\"\n",
+                3000 + n
+            )
+        };
+        let list = |count: u32| (1..=count).map(entry).collect::<String>();
+        assert!(
+            Config::parse(&list(MAX_WORKERS))
+                .unwrap()
+                .validate()
+                .is_ok()
+        );
+        let Err(ConfigError::Invalid(p)) =
+            Config::parse(&list(MAX_WORKERS + 1)).unwrap().validate()
+        else {
+            panic!("too many workers must be refused");
+        };
+        assert_eq!(p, ["257 [[worker]] entries: at most 256"]);
     }
 }
