@@ -66,6 +66,10 @@ pub struct RequestLimits {
 
 type Answer = Pin<Box<dyn Future<Output = Message> + Send>>;
 
+/// A request's place among those running: its identity's request slot and payload budget,
+/// held until its answer exists.
+pub struct Admission((OwnedSemaphorePermit, OwnedSemaphorePermit));
+
 /// Handle through which a message handler starts requests.
 pub struct Session {
     inline: FuturesUnordered<Answer>,
@@ -74,28 +78,47 @@ pub struct Session {
     max_in_flight: usize,
     identity: crate::server::IdentitySlots,
     multi_thread: bool,
+    /// The connection is stopping: every new request is refused `shutting_down`.
+    stopping: bool,
 }
 
 impl Session {
     /// Starts `work` for request `id`, whose payload is `payload_len` bytes; its answer is
-    /// written when it is ready ([`Next::Continue`]). If the connection or the peer's identity
-    /// already has its limit of requests in flight, or the identity's payload budget has no
-    /// room for this one, the request is answered `overloaded` at once instead
-    /// ([`Next::Reply`]).
+    /// written when it is ready ([`Next::Continue`]). If [`Session::admit`] refuses it, the
+    /// refusal is the answer instead ([`Next::Reply`]).
     pub fn start<F>(&mut self, id: u64, placement: Placement, payload_len: usize, work: F) -> Next
     where
         F: Future<Output = Message> + Send + 'static,
     {
+        match self.admit(id, payload_len) {
+            Ok(admission) => self.run_admitted(admission, placement, work),
+            Err(refusal) => Next::Reply(refusal),
+        }
+    }
+
+    /// Whether request `id`, whose payload is `payload_len` bytes, may run now. Refused with
+    /// `shutting_down` once the connection is stopping (it was not read, so it did not run),
+    /// and with `overloaded` if the connection or the peer's identity already has its limit
+    /// of requests in flight, or the identity's payload budget has no room for it. The
+    /// refusal is the request's answer, for the handler to send (and record) as it sees fit.
+    pub fn admit(&mut self, id: u64, payload_len: usize) -> Result<Admission, Message> {
+        if self.stopping {
+            return Err(Message::Error(ErrorReply {
+                id,
+                code: ErrorCode::ShuttingDown,
+                message: "shutting down; send it elsewhere".into(),
+            }));
+        }
         if self.in_flight() >= self.max_in_flight {
             let limit = self.max_in_flight;
-            return Next::Reply(self.refuse(
+            return Err(self.refuse(
                 id,
                 format!("too many requests in flight on this connection (limit {limit})"),
             ));
         }
         let Ok(permit) = self.identity.slots.clone().try_acquire_owned() else {
             let limit = self.identity.limit;
-            return Next::Reply(self.refuse(
+            return Err(self.refuse(
                 id,
                 format!("too many requests in flight for this identity (limit {limit})"),
             ));
@@ -103,12 +126,21 @@ impl Session {
         let kib = u32::try_from(payload_len.div_ceil(1024)).unwrap_or(u32::MAX);
         let Ok(budget) = self.identity.kib.clone().try_acquire_many_owned(kib) else {
             let limit = self.identity.kib_limit;
-            return Next::Reply(self.refuse(
+            return Err(self.refuse(
                 id,
                 format!("too many payload bytes in flight for this identity (limit {limit} KiB)"),
             ));
         };
-        self.run(placement, Box::pin(hold((permit, budget), work)));
+        Ok(Admission((permit, budget)))
+    }
+
+    /// Starts `work` for a request [`Session::admit`] let in; its answer is written when it
+    /// is ready.
+    pub fn run_admitted<F>(&mut self, admission: Admission, placement: Placement, work: F) -> Next
+    where
+        F: Future<Output = Message> + Send + 'static,
+    {
+        self.run(placement, Box::pin(hold(admission.0, work)));
         Next::Continue
     }
 
@@ -261,6 +293,7 @@ pub async fn drive<S, F>(
         max_in_flight,
         identity: limits.identity,
         multi_thread,
+        stopping: false,
     };
     let mut last: Option<Message> = None;
     // One wait for cancellation for the whole loop, looked at only once it has woken us: a
@@ -337,6 +370,7 @@ pub async fn drive<S, F>(
     // answered (the component is busy, not dead) and a new request gets `shutting_down` at
     // once, so that the peer takes it elsewhere rather than waiting on an unread connection.
     let stopping = last.is_none() && shutdown.is_cancelled();
+    session.stopping = true;
     let mut hearing = stopping;
     // After the running requests, requests already on their way are refused too, for a
     // moment; then the connection closes.
@@ -383,23 +417,12 @@ pub async fn drive<S, F>(
                 }
             }
             r = conn.read_message(), if hearing => {
-                let refusal = |id| Message::Error(ErrorReply {
-                    id,
-                    code: ErrorCode::ShuttingDown,
-                    message: "shutting down; send it elsewhere".into(),
-                });
+                // The handler sees requests and pings as before; the session now refuses
+                // every request `shutting_down`, and the handler answers (and records) that.
                 let next = match r {
-                    // Id 0 is the connection's, never a request's: a refusal with it would
-                    // read as the closing verdict (§5 of PROTOCOL.md).
-                    Ok(Some(Message::Request(q))) if q.id == 0 => Next::Close(Some(
-                        Message::connection_error(ErrorCode::BadRequest, "request id 0 is reserved"),
-                    )),
-                    Ok(Some(Message::Forward(f))) if f.id == 0 => Next::Close(Some(
-                        Message::connection_error(ErrorCode::BadRequest, "forward id 0 is reserved"),
-                    )),
-                    Ok(Some(Message::Request(q))) => Next::Reply(refusal(q.id)),
-                    Ok(Some(Message::Forward(f))) => Next::Reply(refusal(f.id)),
-                    Ok(Some(m @ Message::Ping(_))) => on_message(m, &mut session),
+                    Ok(Some(m @ (Message::Request(_) | Message::Forward(_) | Message::Ping(_)))) => {
+                        on_message(m, &mut session)
+                    }
                     Ok(Some(_)) | Ok(None) | Err(_) => {
                         hearing = false;
                         Next::Continue
@@ -616,7 +639,7 @@ mod tests {
         };
         // Request 1 never ends, so the drain can only end at its deadline.
         let srv = tokio::spawn(drive(server, shutdown.clone(), limits, |m, s| match m {
-            Message::Request(q) if q.id == 1 => s.start(q.id, Placement::Inline, 0, async {
+            Message::Request(q) => s.start(q.id, Placement::Inline, 0, async {
                 std::future::pending::<Message>().await
             }),
             _ => Next::Continue,

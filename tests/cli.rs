@@ -1260,3 +1260,121 @@ fn the_client_follows_the_configured_frame_limit() {
     assert!(r["requests"].as_u64().unwrap_or(0) > 0, "{r}");
     assert_eq!(r["errors"], 0, "{r}");
 }
+
+/// A raw connection to the dispatcher at `addr` as the identity whose files are `stem`.
+async fn raw_connection(
+    pki: &Pki,
+    stem: &str,
+    addr: &str,
+) -> securesrv::connection::Connection<securesrv::tls::ClientStream> {
+    let dispatcher = securesrv::identity::SpiffeId::dispatcher("securesrv").unwrap();
+    let (stream, _) = (pki.material(stem).connector(&dispatcher, WAIT).unwrap())
+        .connect(addr.parse().unwrap())
+        .await
+        .unwrap();
+    securesrv::connection::Connection::new(stream, Default::default())
+}
+
+/// A request message.
+fn raw_request(id: u64, op: &str, payload: &'static [u8]) -> securesrv::message::Message {
+    securesrv::message::Message::Request(securesrv::message::Request {
+        id,
+        op: op.into(),
+        payload: payload.into(),
+        timeout_ms: None,
+    })
+}
+
+/// The next answer to request `id` on `conn`, skipping others: its error code, if an error.
+async fn answer_to<S>(
+    conn: &mut securesrv::connection::Connection<S>,
+    id: u64,
+) -> Option<securesrv::message::ErrorCode>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use securesrv::message::Message;
+    loop {
+        match tokio::time::timeout(WAIT, conn.read_message()).await {
+            Ok(Ok(Some(Message::Reply(r)))) if r.id == id => return None,
+            Ok(Ok(Some(Message::Error(e)))) if e.id == id => return Some(e.code),
+            Ok(Ok(Some(_))) => {}
+            other => panic!("no answer to request {id}: {other:?}"),
+        }
+    }
+}
+
+/// DESIGN: every request leaves an audit line. Those refused before reaching a worker had
+/// none: over the connection's limit, from an identity that may not send requests, with the
+/// reserved id 0, and while the dispatcher drains.
+#[tokio::test(flavor = "current_thread")]
+async fn requests_refused_before_reaching_a_worker_are_audited() {
+    use securesrv::message::ErrorCode;
+    let (pki, dir, d_addr, w_addr) = one_worker();
+    let cwd = pki.tmp.path();
+    std::fs::write(
+        cwd.join("one.toml"),
+        "[limits]\nmax_in_flight_per_connection = 1\n",
+    )
+    .unwrap();
+    let (_worker, mut dispatcher) =
+        start_worker_and_dispatcher(cwd, &dir, &w_addr, &d_addr, "one.toml");
+
+    // Over the connection's limit of one request in flight.
+    let mut client = raw_connection(&pki, "client", &d_addr).await;
+    client.queue(&raw_request(1, "sleep", b"300")).unwrap();
+    client.queue(&raw_request(2, "echo", b"over")).unwrap();
+    client.flush().await.unwrap();
+    assert_eq!(answer_to(&mut client, 2).await, Some(ErrorCode::Overloaded));
+    assert_eq!(answer_to(&mut client, 1).await, None);
+    // From the watchdog, which may only ping.
+    let mut watchdog = raw_connection(&pki, "watchdog", &d_addr).await;
+    watchdog.send(&raw_request(3, "echo", b"")).await.unwrap();
+    assert_eq!(answer_to(&mut watchdog, 3).await, Some(ErrorCode::Denied));
+    // With id 0, which closes the connection.
+    let mut zero = raw_connection(&pki, "client", &d_addr).await;
+    zero.send(&raw_request(0, "sha256", b"")).await.unwrap();
+    assert_eq!(answer_to(&mut zero, 0).await, Some(ErrorCode::BadRequest));
+    // While the dispatcher drains (a request keeps it draining, and the next one refused
+    // `overloaded` shows that it runs): sent until refused.
+    client
+        .send(&raw_request(4, "sleep", b"2000"))
+        .await
+        .unwrap();
+    client.send(&raw_request(40, "echo", b"")).await.unwrap();
+    assert_eq!(
+        answer_to(&mut client, 40).await,
+        Some(ErrorCode::Overloaded)
+    );
+    dispatcher.signal(Signal::SIGTERM);
+    let until = Instant::now() + WAIT;
+    let mut id = 5;
+    loop {
+        client
+            .send(&raw_request(id, "echo", b"late"))
+            .await
+            .unwrap();
+        match answer_to(&mut client, id).await {
+            Some(ErrorCode::ShuttingDown) => break,
+            other => assert!(Instant::now() < until, "never refused: {other:?}"),
+        }
+        id += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(answer_to(&mut client, 4).await, None);
+    assert!(dispatcher.wait_exit(WAIT).is_some_and(|s| s.success()));
+
+    for needles in [
+        &["op=echo", "outcome=overloaded", "limit 1"][..],
+        &[
+            "client=spiffe://securesrv/watchdog/main",
+            "op=echo",
+            "outcome=denied",
+        ],
+        &["op=sha256", "outcome=bad_request", "id 0"],
+        &["op=echo", "outcome=shutting_down"],
+    ] {
+        let line = dispatcher.wait_log(needles, WAIT);
+        assert!(line.contains("securesrv::audit: request"), "{line}");
+    }
+}

@@ -46,6 +46,39 @@ pub struct Caller {
     in_conn_span: bool,
 }
 
+impl Caller {
+    /// The audit line of one of this client's requests (DESIGN: every request has one).
+    fn audit(
+        &self,
+        op: String,
+        worker: Option<Arc<str>>,
+        outcome: Result<(), (ErrorCode, String)>,
+        duration_us: u64,
+    ) {
+        crate::audit::record(|| crate::audit::Record {
+            at: std::time::SystemTime::now(),
+            peer: self.peer,
+            in_conn_span: self.in_conn_span,
+            client: self.text.clone(),
+            op: match crate::identity::op_for_log(&op) {
+                std::borrow::Cow::Borrowed(_) => op,
+                std::borrow::Cow::Owned(printable) => printable,
+            },
+            worker,
+            outcome,
+            duration_us,
+        });
+    }
+
+    /// Audits a request answered with `refusal` before it reached a worker, and returns it.
+    fn refused(&self, op: String, refusal: Message) -> Message {
+        if let Message::Error(e) = &refusal {
+            self.audit(op, None, Err((e.code, e.message.clone())), 0);
+        }
+        refusal
+    }
+}
+
 /// The dispatcher's shared state.
 pub struct Dispatcher {
     cfg: Arc<Config>,
@@ -157,22 +190,15 @@ impl Dispatcher {
         }
         let micros = started.elapsed().as_micros() as u64;
         let id = req.id;
-        crate::audit::record(|| crate::audit::Record {
-            at: std::time::SystemTime::now(),
-            peer: client.peer,
-            in_conn_span: client.in_conn_span,
-            client: client.text.clone(),
-            op: match crate::identity::op_for_log(&req.op) {
-                std::borrow::Cow::Borrowed(_) => req.op,
-                std::borrow::Cow::Owned(printable) => printable,
-            },
-            worker: worker.as_ref().map(|s| s.identity_text.clone()),
-            outcome: match &result {
+        client.audit(
+            req.op,
+            worker.as_ref().map(|s| s.identity_text.clone()),
+            match &result {
                 Ok(_) => Ok(()),
                 Err((code, message)) => Err((*code, message.clone())),
             },
-            duration_us: micros,
-        });
+            micros,
+        );
         match result {
             Ok(payload) => Message::Reply(Reply { id, payload }),
             Err((code, message)) => Message::Error(ErrorReply { id, code, message }),
@@ -407,27 +433,33 @@ impl ConnectionHandler for Handler {
                 identity: peer.identity_slots.clone(),
                 drain: self.drain,
             },
+            // Every request is audited, those refused here included.
             move |msg, s| match msg {
-                Message::Request(req) if req.id == 0 => {
-                    Next::Close(Some(Message::connection_error(
+                Message::Request(req) if req.id == 0 => Next::Close(Some(client.refused(
+                    req.op,
+                    Message::connection_error(
                         ErrorCode::BadRequest,
                         "request id 0 is reserved for connection-level errors",
-                    )))
-                }
+                    ),
+                ))),
                 Message::Request(req) if client.id.role() == Role::Client => {
-                    let (id, len) = (req.id, req.payload.len());
-                    s.start(
-                        id,
-                        Placement::Inline,
-                        len,
-                        d.clone().handle_request(client.clone(), req),
-                    )
+                    match s.admit(req.id, req.payload.len()) {
+                        Ok(admitted) => s.run_admitted(
+                            admitted,
+                            Placement::Inline,
+                            d.clone().handle_request(client.clone(), req),
+                        ),
+                        Err(refusal) => Next::Reply(client.refused(req.op, refusal)),
+                    }
                 }
-                Message::Request(req) => Next::Reply(Message::Error(ErrorReply {
-                    id: req.id,
-                    code: ErrorCode::Denied,
-                    message: format!("{} may not send requests", client.text),
-                })),
+                Message::Request(req) => Next::Reply(client.refused(
+                    req.op,
+                    Message::Error(ErrorReply {
+                        id: req.id,
+                        code: ErrorCode::Denied,
+                        message: format!("{} may not send requests", client.text),
+                    }),
+                )),
                 Message::Ping(p) => {
                     let d = d.clone();
                     s.ping(p.nonce, Placement::Inline, move |nonce| d.pong(nonce))
