@@ -604,13 +604,17 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError
     Ok(certs)
 }
 
-/// Loads a private key (PKCS#8, PKCS#1 or SEC1 PEM), refusing a file others can read.
-pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
+/// Loads a private key (PKCS#8, PKCS#1 or SEC1 PEM), refusing a file others can read. The
+/// key is zeroized when dropped, as the file's text is.
+pub fn load_private_key(path: &Path) -> Result<Zeroizing<PrivateKeyDer<'static>>, CertError> {
     let data = read_secret_file(path)?;
-    PrivateKeyDer::from_pem_slice(&data).map_err(|_| CertError::BadPem {
-        path: path.to_path_buf(),
-        what: "no private key (PKCS#8, PKCS#1 or SEC1 PEM) in file".into(),
-    })
+    match PrivateKeyDer::from_pem_slice(&data) {
+        Ok(key) => Ok(Zeroizing::new(key)),
+        Err(_) => Err(CertError::BadPem {
+            path: path.to_path_buf(),
+            what: "no private key (PKCS#8, PKCS#1 or SEC1 PEM) in file".into(),
+        }),
+    }
 }
 
 fn write_leaf(

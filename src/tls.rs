@@ -16,6 +16,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError};
 use rustls::{RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -152,10 +153,11 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 /// Everything one endpoint needs for mTLS: the CA to trust and its own certificate and key.
+/// The key is held only as `ring` parsed it, once: no copy of its encoded form outlives
+/// [`TlsMaterial::load`] unzeroized.
 pub struct TlsMaterial {
     roots: Arc<RootCertStore>,
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
+    certified: Arc<CertifiedKey>,
     own_id: SpiffeId,
     provider: Arc<CryptoProvider>,
 }
@@ -164,9 +166,27 @@ impl std::fmt::Debug for TlsMaterial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsMaterial")
             .field("own_id", &self.own_id)
-            .field("chain_len", &self.chain.len())
+            .field("chain_len", &self.certified.cert.len())
             .field("key", &"<redacted>")
             .finish()
+    }
+}
+
+/// `chain` with the signing key parsed from `key`, checked to belong to its first certificate.
+/// The key is read from where it lies (rustls's own loader takes an owned copy and drops it
+/// unzeroized).
+fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: &PrivateKeyDer<'_>,
+) -> Result<Arc<CertifiedKey>, rustls::Error> {
+    let signing = rustls::crypto::ring::sign::any_supported_type(key)?;
+    let certified = CertifiedKey::new(chain, signing);
+    match certified.keys_match() {
+        // `Unknown`: the key cannot tell its public half; rustls checks no further either.
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {
+            Ok(Arc::new(certified))
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -185,31 +205,20 @@ impl TlsMaterial {
                 err,
             }
         })?;
-        let key_path = key;
-        let key = certs::load_private_key(key_path)?;
-        let provider = provider();
+        let key_der = certs::load_private_key(key)?;
         // Checked here, where the files are known: rustls would say only `KeyMismatch` when
         // the configuration is built.
-        let mismatch = |why: String| TlsConfigError::KeyMismatch {
-            cert: cert.display().to_string(),
-            key: key_path.display().to_string(),
-            why,
-        };
-        let signing = provider
-            .key_provider
-            .load_private_key(key.clone_key())
-            .map_err(|e| mismatch(e.to_string()))?;
-        match rustls::sign::CertifiedKey::new(chain.clone(), signing).keys_match() {
-            // `Unknown`: the key cannot tell its public half; rustls checks no further either.
-            Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
-            Err(e) => return Err(mismatch(e.to_string())),
-        }
+        let certified =
+            certified_key(chain, &key_der).map_err(|e| TlsConfigError::KeyMismatch {
+                cert: cert.display().to_string(),
+                key: key.display().to_string(),
+                why: e.to_string(),
+            })?;
         Ok(TlsMaterial {
             roots: Arc::new(roots),
-            chain,
-            key,
+            certified,
             own_id,
-            provider,
+            provider: provider(),
         })
     }
 
@@ -243,7 +252,7 @@ impl TlsMaterial {
         let mut cfg = rustls::ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+            .with_cert_resolver(Arc::new(SingleCertAndKey::from(self.certified.clone())));
         cfg.alpn_protocols = vec![ALPN.to_vec()];
         // Stateless, encrypted, rotating tickets: clients that reconnect resume without a full
         // handshake and the server keeps no per-session memory.
@@ -265,7 +274,7 @@ impl TlsMaterial {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+            .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(self.certified.clone())));
         cfg.alpn_protocols = vec![ALPN.to_vec()];
         // Room for a ticket per concurrent connection, so reconnects resume (see `tickets`).
         cfg.resumption = rustls::client::Resumption::store(Arc::new(TicketStore::new()));

@@ -371,8 +371,11 @@ async fn odd_identities_are_refused_with_a_readable_reason() {
             // TlsMaterial::load refuses a certificate without a valid identity for itself,
             // so build this hostile peer by hand.
             roots: material(&pki.dir, "dispatcher").roots.clone(),
-            chain: crate::certs::load_certs(&pki.dir.join(format!("{stem}.crt"))).unwrap(),
-            key: crate::certs::load_private_key(&pki.dir.join(format!("{stem}.key"))).unwrap(),
+            certified: certified_key(
+                crate::certs::load_certs(&pki.dir.join(format!("{stem}.crt"))).unwrap(),
+                &crate::certs::load_private_key(&pki.dir.join(format!("{stem}.key"))).unwrap(),
+            )
+            .unwrap(),
             own_id: SpiffeId::dispatcher(TD).unwrap(),
             provider: provider(),
         };
