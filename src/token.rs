@@ -160,8 +160,7 @@ pub struct Claims {
     pub version: u8,
     /// Which key generation signed the token (for rotation).
     pub key_id: u32,
-    /// Unique per request (64 random bits per dispatcher process + a 64-bit counter); the
-    /// replay cache key.
+    /// Random, unique per request (see `RequestIds`); the replay cache key.
     pub request_id: [u8; REQUEST_ID_LEN],
     /// Milliseconds since the Unix epoch when minted.
     pub issued_at_ms: u64,
@@ -333,10 +332,62 @@ pub struct Minter {
     /// Per-audience HMAC keys, derived once at start-up, with the audience as text.
     keys: HashMap<SpiffeId, (String, hmac::Key)>,
     lifetime_ms: u64,
-    /// Request ids are this random prefix (drawn once per process) followed by a counter:
-    /// unique without a system call per request, and different after every restart.
-    id_prefix: [u8; 8],
+    ids: RequestIds,
+}
+
+/// Random 128-bit request ids without a system call per request: AES-128 of a counter under a
+/// key drawn from the operating system when the minter is made (a counter-mode generator, as
+/// NIST's CTR_DRBG). The ids cannot be told from random or guessed without the key, never
+/// repeat within a process (AES is a permutation of distinct inputs), and are unrelated after
+/// a restart.
+struct RequestIds {
+    key: ring::aead::LessSafeKey,
     counter: std::sync::atomic::AtomicU64,
+}
+
+impl RequestIds {
+    /// Keyed from the OS generator; should it fail (it does not on Linux), from the master
+    /// key, the clock and the process id, so that the ids stay secret and differ per restart.
+    fn new(master: &SecretKey) -> Self {
+        let mut key = Zeroizing::new([0u8; 16]);
+        if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key[..]).is_err() {
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let mut ctx = hmac::Context::with_key(&master.hmac_key());
+            ctx.update(b"securesrv/request-ids");
+            ctx.update(&nanos.to_be_bytes());
+            ctx.update(&std::process::id().to_be_bytes());
+            key.copy_from_slice(&ctx.sign().as_ref()[..16]);
+        }
+        let key = ring::aead::UnboundKey::new(&ring::aead::AES_128_GCM, &key[..])
+            .map(ring::aead::LessSafeKey::new);
+        RequestIds {
+            // AES-128-GCM takes any 16-byte key; this never fails.
+            key: key.unwrap_or_else(|_| unreachable!("a 16-byte AES-128 key")),
+            counter: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The next id: the cipher's block for this counter value (zeros sealed with the counter
+    /// as the nonce, so each nonce is used once; the tag is not needed).
+    fn next(&self) -> Result<[u8; REQUEST_ID_LEN], TokenError> {
+        let n = self
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut nonce = [0u8; ring::aead::NONCE_LEN];
+        nonce[4..].copy_from_slice(&n.to_be_bytes());
+        let mut id = [0u8; REQUEST_ID_LEN];
+        let _tag = self
+            .key
+            .seal_in_place_separate_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::empty(),
+                &mut id,
+            )
+            .map_err(|_| TokenError::Random)?;
+        Ok(id)
+    }
 }
 
 impl fmt::Debug for Minter {
@@ -379,8 +430,7 @@ impl Minter {
             key_id: master.id,
             keys,
             lifetime_ms,
-            id_prefix: random_prefix(),
-            counter: std::sync::atomic::AtomicU64::new(0),
+            ids: RequestIds::new(&master.key),
         }
     }
 
@@ -399,12 +449,7 @@ impl Minter {
             .keys
             .get(req.audience)
             .ok_or_else(|| TokenError::NoKeyForAudience(req.audience.to_string()))?;
-        let n = self
-            .counter
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut request_id = [0u8; REQUEST_ID_LEN];
-        request_id[..8].copy_from_slice(&self.id_prefix);
-        request_id[8..].copy_from_slice(&n.to_be_bytes());
+        let request_id = self.ids.next()?;
         // Encoded straight from the borrowed parts: the token is the one allocation.
         let fields = SignedFields {
             version: TOKEN_VERSION,
@@ -425,19 +470,6 @@ impl Minter {
         out.extend_from_slice(tag.as_ref());
         Ok((out, request_id))
     }
-}
-
-/// 64 random bits from the OS; should the OS generator fail (it does not on Linux), the clock
-/// and the process id still make the prefix differ between restarts.
-fn random_prefix() -> [u8; 8] {
-    let mut p = [0u8; 8];
-    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut p).is_err() {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        p = (nanos ^ (u64::from(std::process::id()) << 40)).to_be_bytes();
-    }
-    p
 }
 
 /// The worker's side: checks tokens addressed to it.

@@ -266,3 +266,43 @@ fn no_token_for_a_worker_the_minter_does_not_know() {
         TokenError::NoKeyForAudience("spiffe://securesrv/worker/3".into())
     );
 }
+
+/// DESIGN: a random 128-bit request id. The ids were a prefix drawn once per process and a
+/// counter, so that one id told the next; now every bit of each looks random, none repeats,
+/// and a second minter on the same key (a restarted dispatcher) shares none of them.
+#[test]
+fn request_ids_are_random_128_bit_values_that_never_repeat() {
+    let f = fixture();
+    let other = Minter::new(f.master.current(), &[worker(1)], 5_000);
+    let id = |m: &Minter| {
+        let r = MintRequest {
+            audience: &worker(1),
+            client: "spiffe://securesrv/client/default",
+            op: "echo",
+            payload: b"",
+        };
+        m.mint(r, 1_000).unwrap().1
+    };
+    let n = 20_000;
+    let mut seen = std::collections::HashSet::new();
+    // How often each of the 128 bits is set: about half the time for random ids.
+    let mut ones = [0u32; 128];
+    for _ in 0..n {
+        let a = id(&f.minter);
+        for (bit, count) in ones.iter_mut().enumerate() {
+            *count += u32::from(a[bit / 8] >> (7 - bit % 8) & 1);
+        }
+        assert!(seen.insert(a), "repeated id");
+        assert!(
+            seen.insert(id(&other)),
+            "an id of the other minter repeated one"
+        );
+    }
+    // 10,000 ± 6 standard deviations (70) for each bit.
+    for (bit, count) in ones.iter().enumerate() {
+        assert!(
+            (9_650..=10_350).contains(count),
+            "bit {bit} set {count} times in {n}"
+        );
+    }
+}
