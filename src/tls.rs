@@ -121,6 +121,19 @@ pub enum TlsConfigError {
         /// Why its identity is unusable.
         err: IdentityError,
     },
+    /// Our own certificate names another identity than the one this component is.
+    #[error(
+        "own certificate {path} is {found}, not {expected}: check `trust_domain` in the \
+         configuration, or issue the certificate again (`securesrv certs issue`)"
+    )]
+    NotOwnIdentity {
+        /// The certificate file.
+        path: String,
+        /// The identity this component is.
+        expected: String,
+        /// The identity the certificate names.
+        found: String,
+    },
     /// Building the client certificate verifier failed.
     #[error("client verifier: {0}")]
     Verifier(String),
@@ -222,10 +235,20 @@ impl TlsMaterial {
         })
     }
 
-    /// Loads the identity named `stem` (`dispatcher`, `worker-1`, ...) from a certs directory.
+    /// Loads identity `id`'s files (`dispatcher.crt`, `worker-1.crt`, ...) from a certs
+    /// directory, refusing a certificate that names another identity: a component whose
+    /// certificate is not its own would start and then be refused by every peer.
     pub fn load_from_dir(dir: &Path, id: &SpiffeId) -> Result<Self, TlsConfigError> {
         let (cert, key) = certs::identity_paths(dir, id);
-        Self::load(&dir.join(certs::CA_CERT), &cert, &key)
+        let material = Self::load(&dir.join(certs::CA_CERT), &cert, &key)?;
+        if material.own_id != *id {
+            return Err(TlsConfigError::NotOwnIdentity {
+                path: cert.display().to_string(),
+                expected: id.to_string(),
+                found: material.own_id.to_string(),
+            });
+        }
+        Ok(material)
     }
 
     /// The identity in our own certificate.

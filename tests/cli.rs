@@ -407,6 +407,38 @@ fn components_with_bad_certificates_or_keys_exit_64() {
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(err.contains("worker-1.token"), "{err}");
+
+    // A certificate of another identity in a component's place: it started (only the
+    // dispatcher's role and a worker's identity were checked) and was then refused by every
+    // peer. Here a client's as the watchdog's, and certificates of another trust domain.
+    for ext in ["crt", "key"] {
+        let from = pki.dir.join(format!("client.{ext}"));
+        std::fs::copy(from, pki.dir.join(format!("watchdog.{ext}"))).unwrap();
+    }
+    std::fs::write(pki.tmp.path().join("td.toml"), "trust_domain = \"other\"\n").unwrap();
+    for (args, found) in [
+        (
+            &["watchdog", "--certs", dir][..],
+            "is spiffe://securesrv/client/default, not spiffe://securesrv/watchdog/main",
+        ),
+        (
+            &[
+                "--config",
+                "td.toml",
+                "dispatcher",
+                "--certs",
+                dir,
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            "is spiffe://securesrv/dispatcher/main, not spiffe://other/dispatcher/main",
+        ),
+    ] {
+        let mut p = Proc::spawn("component", args, pki.tmp.path());
+        let status = p.wait_exit(WAIT);
+        assert_eq!(status.and_then(|s| s.code()), Some(64), "{args:?}");
+        p.wait_log(&[found, "trust_domain"], WAIT);
+    }
 }
 
 /// Certificates for one worker, their directory, and free addresses for a dispatcher and the

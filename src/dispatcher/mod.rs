@@ -98,9 +98,6 @@ pub enum DispatcherError {
     /// A configured identity is invalid.
     #[error("{0}")]
     Identity(#[from] crate::identity::IdentityError),
-    /// The certificate is not the dispatcher's.
-    #[error("certificate identity {0} is not a dispatcher")]
-    WrongCertificate(String),
 }
 
 impl Dispatcher {
@@ -108,11 +105,6 @@ impl Dispatcher {
     pub fn load(cfg: Arc<Config>) -> Result<(Arc<Self>, TlsMaterial), DispatcherError> {
         let me = SpiffeId::dispatcher(&cfg.trust_domain)?;
         let material = TlsMaterial::load_from_dir(&cfg.certs_dir, &me)?;
-        if material.own_id().role() != Role::Dispatcher {
-            return Err(DispatcherError::WrongCertificate(
-                material.own_id().to_string(),
-            ));
-        }
         let master =
             crate::certs::load_key_file(&cfg.certs_dir.join(crate::certs::MASTER_TOKEN_KEY))?;
         let workers = cfg

@@ -54,16 +54,6 @@ pub enum WorkerError {
     /// The token key file could not be loaded.
     #[error("{0}")]
     Keys(#[from] crate::certs::CertError),
-    /// The certificate is not this worker's.
-    #[error("certificate identity {found} is not worker {id} (expected {expected})")]
-    WrongCertificate {
-        /// Worker number.
-        id: u32,
-        /// Identity expected.
-        expected: String,
-        /// Identity found in the certificate.
-        found: String,
-    },
     /// Bad worker id.
     #[error("{0}")]
     Identity(#[from] crate::identity::IdentityError),
@@ -98,13 +88,6 @@ impl Worker {
     ) -> Result<(Self, TlsMaterial), WorkerError> {
         let me = SpiffeId::worker(&cfg.trust_domain, id)?;
         let material = TlsMaterial::load_from_dir(&cfg.certs_dir, &me)?;
-        if *material.own_id() != me {
-            return Err(WorkerError::WrongCertificate {
-                id,
-                expected: me.to_string(),
-                found: material.own_id().to_string(),
-            });
-        }
         let keys =
             crate::certs::load_key_file(&crate::certs::worker_token_path(&cfg.certs_dir, &me))?;
         Ok((Worker::new(me, cfg, &keys, ops), material))
