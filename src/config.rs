@@ -493,9 +493,18 @@ impl Config {
             ("watchdog.max_missed", w.max_missed),
             ("watchdog.restart_limit_burst", w.restart_limit_burst),
         ] {
-            if v == 0 {
-                p.push(format!("{name} must be greater than 0"));
+            if v == 0 || v as usize > MAX_COUNT {
+                p.push(format!("{name} must be between 1 and {MAX_COUNT}"));
             }
+        }
+        // A hung component is killed after about max_missed beats: within a day, as every
+        // other wait, so that a large count cannot turn hang detection off.
+        let beat = w.heartbeat_interval_ms.max(w.heartbeat_timeout_ms);
+        if u64::from(w.max_missed).saturating_mul(beat) > MAX_MS {
+            p.push(format!(
+                "watchdog.max_missed x max(heartbeat_interval_ms, heartbeat_timeout_ms) must be \
+                 at most {MAX_MS} (one day): a hung component must be found"
+            ));
         }
         if t.lifetime_ms > MAX_TOKEN_LIFETIME_MS || t.clock_skew_ms > MAX_TOKEN_LIFETIME_MS {
             p.push(format!(
@@ -902,6 +911,14 @@ mod tests {
             (
                 &format!("trust_domain = \"{}\"", "t".repeat(175)),
                 "trust_domain",
+            ),
+            (
+                "[watchdog]\nrestart_limit_burst = 4294967295",
+                "watchdog.restart_limit_burst must be between 1 and 16777216",
+            ),
+            (
+                "[watchdog]\nmax_missed = 86401",
+                "watchdog.max_missed x max(heartbeat_interval_ms, heartbeat_timeout_ms) must be at most 86400000",
             ),
         ] {
             let cfg = Config::parse(text).unwrap();
