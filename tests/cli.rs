@@ -452,6 +452,17 @@ fn one_worker() -> (Pki, String, String, String) {
     (pki, dir, d_addr, w_addr)
 }
 
+/// Certificates for one worker, then that worker and a dispatcher linked to it, both reading
+/// `config` (written to the file `name` in the working directory): the certificates, their
+/// directory, the dispatcher's address, the worker and the dispatcher.
+fn running_pair(name: &str, config: &str) -> (Pki, String, String, Proc, Proc) {
+    let (pki, dir, d_addr, w_addr) = one_worker();
+    std::fs::write(pki.tmp.path().join(name), config).unwrap();
+    let (worker, dispatcher) =
+        start_worker_and_dispatcher(pki.tmp.path(), &dir, &w_addr, &d_addr, name);
+    (pki, dir, d_addr, worker, dispatcher)
+}
+
 #[test]
 fn client_command_end_to_end() {
     let (pki, dir, d_addr, w_addr) = one_worker();
@@ -891,29 +902,15 @@ fn the_menu_of_the_original() {
 
 #[test]
 fn bench_command_measures_through_a_real_dispatcher() {
-    let (pki, dir, d_addr, w_addr) = one_worker();
+    let (pki, dir, d_addr, _worker, dispatcher) = running_pair("empty.toml", "");
     let cwd = pki.tmp.path();
-    std::fs::write(cwd.join("empty.toml"), "").unwrap();
-    let (_worker, dispatcher) =
-        start_worker_and_dispatcher(cwd, &dir, &w_addr, &d_addr, "empty.toml");
     let cert = format!("{dir}/client.crt");
     let key = format!("{dir}/client.key");
+    let command = ["bench", "--cert", &cert, "--key", &key];
     let bench = |addr: &str, extra: &[&str]| {
-        let mut args = vec![
-            "bench",
-            "--cert",
-            &cert,
-            "--key",
-            &key,
-            "--connect",
-            addr,
-            "--connections",
-            "4",
-            "--duration",
-            "0.5",
-            "--warmup",
-            "0.2",
-        ];
+        let mut args = command.to_vec();
+        args.extend(["--connect", addr, "--connections", "4"]);
+        args.extend(["--duration", "0.5", "--warmup", "0.2"]);
         args.extend_from_slice(extra);
         run(cwd, &args, b"")
     };
@@ -962,16 +959,8 @@ fn bench_command_measures_through_a_real_dispatcher() {
         ("--warmup", "inf"),
         ("--duration", "0"),
     ] {
-        let args = [
-            "bench",
-            "--cert",
-            &cert,
-            "--key",
-            &key,
-            "--connect",
-            &d_addr,
-        ];
-        let out = run(cwd, &[&args[..], &[flag, value]].concat(), b"");
+        let args = [&command[..], &["--connect", &d_addr, flag, value]].concat();
+        let out = run(cwd, &args, b"");
         exits_saying(&out, 2, &format!("invalid value '{value}' for '{flag}"));
     }
 
@@ -1227,15 +1216,11 @@ fn an_answer_too_large_for_the_client_is_audited_as_refused() {
 /// 1.5 MB payload under a 2 MiB limit was refused by the client itself.
 #[test]
 fn the_client_follows_the_configured_frame_limit() {
-    let (pki, dir, d_addr, w_addr) = one_worker();
-    let cwd = pki.tmp.path();
-    std::fs::write(
-        cwd.join("big.toml"),
+    let (pki, dir, d_addr, _worker, _dispatcher) = running_pair(
+        "big.toml",
         "[limits]\nmax_frame_bytes = 2097152\nmax_in_flight_bytes_per_identity = 4194304\n",
-    )
-    .unwrap();
-    let (_worker, _dispatcher) =
-        start_worker_and_dispatcher(cwd, &dir, &w_addr, &d_addr, "big.toml");
+    );
+    let cwd = pki.tmp.path();
     std::fs::write(cwd.join("big.bin"), vec![b'z'; 1_500_000]).unwrap();
     let (cert, key) = (format!("{dir}/client.crt"), format!("{dir}/client.key"));
     let client = |config: &[&str]| {
@@ -1342,15 +1327,8 @@ where
 #[tokio::test(flavor = "current_thread")]
 async fn requests_refused_before_reaching_a_worker_are_audited() {
     use securesrv::message::ErrorCode;
-    let (pki, dir, d_addr, w_addr) = one_worker();
-    let cwd = pki.tmp.path();
-    std::fs::write(
-        cwd.join("one.toml"),
-        "[limits]\nmax_in_flight_per_connection = 1\n",
-    )
-    .unwrap();
-    let (_worker, mut dispatcher) =
-        start_worker_and_dispatcher(cwd, &dir, &w_addr, &d_addr, "one.toml");
+    let (pki, _, d_addr, _worker, mut dispatcher) =
+        running_pair("one.toml", "[limits]\nmax_in_flight_per_connection = 1\n");
 
     // Over the connection's limit of one request in flight.
     let mut client = raw_connection(&pki, "client", &d_addr).await;
