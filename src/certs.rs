@@ -143,15 +143,21 @@ fn check_days(days: u32) -> Result<(), CertError> {
 }
 
 /// Refuses more workers than a configuration can have, before anything is written.
-fn check_workers(workers: u32) -> Result<(), CertError> {
-    if workers <= crate::config::MAX_WORKERS {
-        Ok(())
-    } else {
+fn check_workers(workers: &[u32]) -> Result<(), CertError> {
+    if workers.len() > crate::config::MAX_WORKERS as usize {
         Err(CertError::OutOfRange(format!(
-            "--workers {workers}: at most {} workers",
+            "{} workers: at most {}",
+            workers.len(),
             crate::config::MAX_WORKERS
         )))
+    } else {
+        Ok(())
     }
+}
+
+/// Workers 1 to `n`, as `--workers N` or `workers = N` in a configuration name them.
+pub fn numbered_workers(n: u32) -> Vec<u32> {
+    (1..=n).collect()
 }
 
 /// Refuses a `--host` that is neither an IP address nor a DNS name, before anything is written.
@@ -225,8 +231,9 @@ pub fn identity_paths(dir: &Path, id: &SpiffeId) -> (PathBuf, PathBuf) {
 pub struct InitOptions {
     /// Trust domain of every identity.
     pub trust_domain: String,
-    /// How many workers to issue certificates and token keys for.
-    pub workers: u32,
+    /// The workers to issue certificates and token keys for, by number
+    /// ([`numbered_workers`] for 1 to N).
+    pub workers: Vec<u32>,
     /// Validity of leaf certificates.
     pub days: u32,
     /// Extra DNS names or IP addresses for the server certificates.
@@ -638,12 +645,12 @@ pub fn init(dir: &Path, opts: &InitOptions) -> Result<Vec<PathBuf>, CertError> {
     let td = &opts.trust_domain;
     // Validate everything before touching the disk.
     check_days(opts.days)?;
-    check_workers(opts.workers)?;
+    check_workers(&opts.workers)?;
     let dispatcher = SpiffeId::dispatcher(td)?;
     let watchdog = SpiffeId::watchdog(td)?;
     let client = SpiffeId::new(td, Role::Client, "default")?;
-    let workers = (1..=opts.workers)
-        .map(|n| SpiffeId::worker(td, n))
+    let workers = (opts.workers.iter())
+        .map(|&n| SpiffeId::worker(td, n))
         .collect::<Result<Vec<_>, _>>()?;
     check_hosts(&opts.hosts)?;
     create_private_dir(dir)?;

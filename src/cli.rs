@@ -336,9 +336,11 @@ fn certs(cmd: CertsCmd, config: Option<PathBuf>) -> ExitCode {
         Err(code) => return code,
     };
     let dir_or_default = |dir: Option<PathBuf>| dir.unwrap_or_else(|| cfg.certs_dir.clone());
-    let configured_workers = (cfg.worker_addresses().into_iter().map(|(id, _)| id))
-        .max()
-        .unwrap_or(cfg.workers);
+    // The workers of the configuration, by number (a `[[worker]]` list names its own).
+    let workers_or_configured = |workers: Option<u32>| match workers {
+        Some(n) => securesrv::certs::numbered_workers(n),
+        None => (cfg.worker_addresses().into_iter().map(|(id, _)| id)).collect(),
+    };
     // The config's trust domain, when a config was given: the built-in default must not hide
     // the one in ca.crt.
     let configured_td = config.as_ref().map(|_| cfg.trust_domain.clone());
@@ -354,7 +356,7 @@ fn certs(cmd: CertsCmd, config: Option<PathBuf>) -> ExitCode {
             &dir_or_default(dir),
             &securesrv::certs::InitOptions {
                 trust_domain: trust_domain.unwrap_or_else(|| cfg.trust_domain.clone()),
-                workers: workers.unwrap_or(configured_workers),
+                workers: workers_or_configured(workers),
                 days,
                 hosts,
                 force,
@@ -402,7 +404,7 @@ fn certs(cmd: CertsCmd, config: Option<PathBuf>) -> ExitCode {
         } => securesrv::certs::token_keys(
             &dir_or_default(dir),
             trust_domain.or(configured_td).as_deref(),
-            workers.unwrap_or(configured_workers),
+            &workers_or_configured(workers),
             force,
         ),
     };

@@ -441,6 +441,49 @@ fn components_with_bad_certificates_or_keys_exit_64() {
     }
 }
 
+/// A `[[worker]]` list names its workers: `certs init` and `certs token-keys` issue for those
+/// numbers. They issued for 1 to the highest (300 certificates for worker 300), and once the
+/// count was capped, refused a configuration the components accept.
+#[test]
+fn certs_commands_issue_for_the_workers_a_list_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("list.toml"),
+        "[[worker]]\nid = 2\nlisten = \"127.0.0.1:25002\"\n\
+         [[worker]]\nid = 300\nlisten = \"127.0.0.1:25300\"\n",
+    )
+    .unwrap();
+    let out = run(tmp.path(), &["--config", "list.toml", "certs", "init"], b"");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let dir = tmp.path().join("certs");
+    let mut workers: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("worker-"))
+        .collect();
+    workers.sort();
+    let expected = ["crt", "key", "token"].map(|ext| format!("worker-2.{ext}"));
+    let expected = [
+        expected,
+        ["crt", "key", "token"].map(|ext| format!("worker-300.{ext}")),
+    ];
+    assert_eq!(workers, expected.concat());
+    let out = run(
+        tmp.path(),
+        &["--config", "list.toml", "certs", "token-keys", "--force"],
+        b"",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!dir.join("worker-1.token").exists());
+    let id: securesrv::identity::SpiffeId = "spiffe://securesrv/worker/300".parse().unwrap();
+    let master = securesrv::certs::load_key_file(&dir.join("token.key")).unwrap();
+    let worker = securesrv::certs::load_key_file(&dir.join("worker-300.token")).unwrap();
+    assert_eq!(
+        worker.current().key.expose(),
+        master.current().key.derive_for(&id).expose()
+    );
+}
+
 /// Certificates for one worker, their directory, and free addresses for a dispatcher and the
 /// worker.
 fn one_worker() -> (Pki, String, String, String) {

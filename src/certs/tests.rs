@@ -10,7 +10,7 @@ use x509_parser::extensions::{GeneralName, ParsedExtension};
 fn opts(workers: u32) -> InitOptions {
     InitOptions {
         trust_domain: DEFAULT_TRUST_DOMAIN.into(),
-        workers,
+        workers: numbered_workers(workers),
         days: 30,
         hosts: vec!["svc.example".into()],
         force: false,
@@ -531,7 +531,7 @@ fn rotation_keeps_the_trust_domain_the_worker_keys_were_made_for() {
     // leave them) are refused, not carried on.
     let broken = tempfile::tempdir().unwrap();
     init(broken.path(), &o).unwrap();
-    token_keys(broken.path(), Some(DEFAULT_TRUST_DOMAIN), 2, true).unwrap();
+    token_keys(broken.path(), Some(DEFAULT_TRUST_DOMAIN), &[1, 2], true).unwrap();
     let err = rotate_token_key(broken.path(), None, 60_000).unwrap_err();
     assert!(matches!(err, CertError::TokenKeysDiffer { .. }), "{err}");
     for td in [None, Some("example.org")] {
@@ -557,7 +557,7 @@ fn token_keys_alone_for_certificates_made_elsewhere() {
         fs::remove_file(tmp.path().join(f)).unwrap();
     }
     // The trust domain comes from ca.crt.
-    let written = token_keys(tmp.path(), None, 3, false).unwrap();
+    let written = token_keys(tmp.path(), None, &[1, 2, 3], false).unwrap();
     assert_eq!(written.len(), 4, "{written:?}");
     let master = load_key_file(&tmp.path().join("token.key")).unwrap();
     let w3 = load_key_file(&tmp.path().join("worker-3.token")).unwrap();
@@ -572,11 +572,11 @@ fn token_keys_alone_for_certificates_made_elsewhere() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
     // An existing master key is not replaced by accident.
-    let err = token_keys(tmp.path(), None, 3, false).unwrap_err();
+    let err = token_keys(tmp.path(), None, &[1, 2, 3], false).unwrap_err();
     assert!(matches!(err, CertError::Exists(..)), "{err}");
     // Replaced for fewer workers than there are files: the others are derived afresh too
     // (left on the old key, the next rotation refused them, and its hint led back here).
-    token_keys(tmp.path(), None, 1, true).unwrap();
+    token_keys(tmp.path(), None, &[1], true).unwrap();
     let replaced = load_key_file(&tmp.path().join("token.key")).unwrap();
     assert_ne!(
         replaced.current().key.expose(),
@@ -641,8 +641,7 @@ fn out_of_range_days_and_workers_are_refused_before_anything_is_written() {
     for (days, workers) in [(MAX_DAYS + 1, 1), (u32::MAX, 1), (0, 1), (30, 257)] {
         let o = InitOptions {
             days,
-            workers,
-            ..opts(1)
+            ..opts(workers)
         };
         let err = init(&dir, &o).unwrap_err();
         assert!(matches!(err, CertError::OutOfRange(_)), "{err}");
@@ -651,7 +650,7 @@ fn out_of_range_days_and_workers_are_refused_before_anything_is_written() {
             "days {days}, workers {workers}: wrote {dir:?}"
         );
     }
-    let err = token_keys(&dir, None, u32::MAX, false).unwrap_err();
+    let err = token_keys(&dir, None, &numbered_workers(257), false).unwrap_err();
     assert!(matches!(err, CertError::OutOfRange(_)), "{err}");
     assert!(!dir.exists());
 

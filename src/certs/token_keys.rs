@@ -130,20 +130,20 @@ pub fn rotate_token_key(
     commit_all(staged)
 }
 
-/// `certs token-keys`: a new master token key and the keys of workers 1 to `workers` derived
-/// from it, for certificates made by another tool (`certs init` makes them too), in the
+/// `certs token-keys`: a new master token key and the keys of the workers numbered in
+/// `workers` derived from it, for certificates made by another tool (`certs init` makes them too), in the
 /// trust domain given, else the CA's, else the default. The key files of other workers
 /// already in `dir` are derived afresh too, so that none is left on the old key. Refuses to
 /// replace an existing `token.key` unless `force`.
 pub fn token_keys(
     dir: &Path,
     trust_domain: Option<&str>,
-    workers: u32,
+    workers: &[u32],
     force: bool,
 ) -> Result<Vec<PathBuf>, CertError> {
     super::check_workers(workers)?;
     let td = trust_domain_for(dir, trust_domain);
-    let mut numbers: Vec<u32> = (1..=workers).collect();
+    let mut numbers = workers.to_vec();
     if dir.exists() {
         numbers.extend(worker_numbers(dir)?);
     }

@@ -14,7 +14,7 @@ fn config(addr: SocketAddr, timeout: Duration) -> (tempfile::TempDir, ClientConf
         &dir,
         &InitOptions {
             trust_domain: "securesrv".into(),
-            workers: 1,
+            workers: vec![1],
             days: 2,
             hosts: vec![],
             force: false,

@@ -25,7 +25,7 @@ fn pki() -> Pki {
     let other_dir = tmp.path().join("other");
     let opts = InitOptions {
         trust_domain: TD.into(),
-        workers: 2,
+        workers: vec![1, 2],
         days: 30,
         hosts: vec![],
         force: false,

@@ -38,7 +38,7 @@ pub fn pki(workers: u32) -> Pki {
         &dir,
         &InitOptions {
             trust_domain: "securesrv".into(),
-            workers,
+            workers: certs::numbered_workers(workers),
             days: 2,
             hosts: vec![],
             force: false,
