@@ -185,6 +185,64 @@ impl std::fmt::Debug for TlsMaterial {
     }
 }
 
+/// PKCS#8 `version` and `privateKeyAlgorithm` for ECDSA keys on P-256 and on P-384: what a
+/// SEC1 key needs in front of it to be PKCS#8.
+const PKCS8_PREFIXES_EC: [&[u8]; 2] = [
+    b"\x02\x01\x00\x30\x13\x06\x07\x2a\x86\x48\xce\x3d\x02\x01\x06\x08\x2a\x86\x48\xce\x3d\x03\x01\x07",
+    b"\x02\x01\x00\x30\x10\x06\x07\x2a\x86\x48\xce\x3d\x02\x01\x06\x05\x2b\x81\x04\x00\x22",
+];
+
+/// `ring`'s signing key for `key`. `ring` reads PKCS#8 and PKCS#1 keys where they lie; a SEC1
+/// key (`BEGIN EC PRIVATE KEY`, as `openssl ecparam -genkey` writes them) it takes only as
+/// PKCS#8, and rustls would wrap it in buffers of its own that it frees unzeroized. So it is
+/// wrapped here, in a zeroizing buffer, for each curve in turn.
+fn signing_key(
+    key: &PrivateKeyDer<'_>,
+) -> Result<Arc<dyn rustls::sign::SigningKey>, rustls::Error> {
+    let PrivateKeyDer::Sec1(sec1) = key else {
+        return rustls::crypto::ring::sign::any_supported_type(key);
+    };
+    let sec1 = sec1.secret_sec1_der();
+    for prefix in PKCS8_PREFIXES_EC {
+        // SEQUENCE { prefix, OCTET STRING { sec1 } }, in one buffer sized up front (growing it
+        // would leave copies behind).
+        let inner = 1 + der_length(sec1.len(), None) + sec1.len();
+        let body = prefix.len() + inner;
+        let mut pkcs8 =
+            zeroize::Zeroizing::new(Vec::with_capacity(1 + der_length(body, None) + body));
+        pkcs8.push(0x30);
+        der_length(body, Some(&mut pkcs8));
+        pkcs8.extend_from_slice(prefix);
+        pkcs8.push(0x04);
+        der_length(sec1.len(), Some(&mut pkcs8));
+        pkcs8.extend_from_slice(sec1);
+        let der = PrivateKeyDer::Pkcs8(rustls_pki_types::PrivatePkcs8KeyDer::from(&pkcs8[..]));
+        if let Ok(signing) = rustls::crypto::ring::sign::any_ecdsa_type(&der) {
+            return Ok(signing);
+        }
+    }
+    Err(rustls::Error::General(
+        "failed to parse ECDSA private key as SEC1".into(),
+    ))
+}
+
+/// The size of a DER length field for `len`; with `out`, also appends it.
+fn der_length(len: usize, out: Option<&mut Vec<u8>>) -> usize {
+    let bytes = len.to_be_bytes();
+    let skip = bytes.iter().take_while(|&&b| b == 0).count();
+    let field: &[u8] = &bytes[skip..];
+    let size = if len < 0x80 { 1 } else { 1 + field.len() };
+    if let Some(out) = out {
+        if len < 0x80 {
+            out.push(len as u8);
+        } else {
+            out.push(0x80 | field.len() as u8);
+            out.extend_from_slice(field);
+        }
+    }
+    size
+}
+
 /// `chain` with the signing key parsed from `key`, checked to belong to its first certificate.
 /// The key is read from where it lies (rustls's own loader takes an owned copy and drops it
 /// unzeroized).
@@ -192,7 +250,7 @@ fn certified_key(
     chain: Vec<CertificateDer<'static>>,
     key: &PrivateKeyDer<'_>,
 ) -> Result<Arc<CertifiedKey>, rustls::Error> {
-    let signing = rustls::crypto::ring::sign::any_supported_type(key)?;
+    let signing = signing_key(key)?;
     let certified = CertifiedKey::new(chain, signing);
     match certified.keys_match() {
         // `Unknown`: the key cannot tell its public half; rustls checks no further either.

@@ -524,3 +524,20 @@ fn a_key_that_is_not_the_certificates_is_refused_naming_both_files() {
     }
     assert!(TlsMaterial::load(&ca, &cert, &pki.dir.join("dispatcher.key")).is_ok());
 }
+
+#[test]
+fn der_lengths_are_encoded_in_their_shortest_form() {
+    for (len, expected) in [
+        (0usize, &[0x00][..]),
+        (0x7f, &[0x7f]),
+        (0x80, &[0x81, 0x80]),
+        (0xff, &[0x81, 0xff]),
+        (0x100, &[0x82, 0x01, 0x00]),
+        (0x1_0000, &[0x83, 0x01, 0x00, 0x00]),
+    ] {
+        let mut out = Vec::new();
+        assert_eq!(der_length(len, Some(&mut out)), expected.len(), "{len}");
+        assert_eq!(der_length(len, None), expected.len(), "{len}");
+        assert_eq!(out, expected, "{len}");
+    }
+}
