@@ -66,7 +66,8 @@ enum CertsCmd {
         /// `certs_dir`, certs].
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// Number of workers to issue for [default: the config's workers, 2].
+        /// Issue for workers 1 to N [default: the config's workers: those its `[[worker]]`
+        /// list names, else 1 to `workers`, 2].
         #[arg(long, value_parser = workers_range())]
         workers: Option<u32>,
         /// Validity of the leaf certificates in days.
@@ -114,7 +115,8 @@ enum CertsCmd {
         /// Directory to write into [default: the config's `certs_dir`, certs].
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// Number of workers to make keys for [default: the config's workers, 2].
+        /// Make keys for workers 1 to N [default: the config's workers: those its
+        /// `[[worker]]` list names, else 1 to `workers`, 2].
         #[arg(long, value_parser = workers_range())]
         workers: Option<u32>,
         /// Trust domain of the workers [default: the config's, else the one in ca.crt, else
