@@ -167,10 +167,12 @@ pub async fn stop(mut r: Running, grace: Duration) -> std::io::Result<ExitStatus
 }
 
 /// Whether a component ended as one does when someone sent it SIGTERM or SIGINT: status 0
-/// after its drain, or killed by that signal if it came before the component had set up its
-/// handling of it (early in its start).
+/// after its drain, 130 if a second signal cut the drain short (the watchdog never sends
+/// one), or killed by that signal if it came before the component had set up its handling of
+/// it (early in its start).
 pub fn asked_to_stop(status: &ExitStatus) -> bool {
     status.success()
+        || status.code() == Some(crate::shutdown::EXIT_INTERRUPTED)
         || status
             .signal()
             .is_some_and(|s| s == Signal::SIGTERM as i32 || s == Signal::SIGINT as i32)
@@ -206,7 +208,10 @@ mod stop_kinds {
             Signal::SIGSEGV as i32
         )));
         assert!(!asked_to_stop(&ExitStatus::from_raw(1 << 8)));
-        assert!(!asked_to_stop(&ExitStatus::from_raw(130 << 8)));
+        assert!(!asked_to_stop(&ExitStatus::from_raw(64 << 8)));
+        // Two signals from an operator (or systemd's default KillMode): exit 130 at once. It
+        // counted as a crash, and six such stops marked a worker FAILED for a minute.
+        assert!(asked_to_stop(&ExitStatus::from_raw(130 << 8)));
     }
 }
 
