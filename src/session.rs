@@ -748,17 +748,16 @@ mod tests {
         assert_eq!(reader.await.unwrap(), Some(ErrorCode::Timeout));
     }
 
-    /// A spawned request counted against the limit until its task ended, a moment after it
-    /// handed its answer over: a peer that had the answer and sent its next request at once
-    /// could be refused `overloaded` although it kept within the limit (seen once in CI, in
-    /// `a_burst_never_sends_a_worker_more_than_it_runs`, with the machine busy). Here a thread
-    /// that spins keeps the runtime's threads from finishing their tasks at once (without the
-    /// fix, 23 and 28 of 2,000 requests were refused in two runs).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_request_sent_after_the_last_answer_is_within_the_limit() {
+    /// A connection that takes one request at a time and answers requests and pings at once
+    /// (from tasks of their own on a multi-threaded runtime): the client's end, the shutdown
+    /// token and the server's task.
+    fn one_request_at_a_time() -> (
+        Connection<tokio::io::DuplexStream>,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
         let (a, b) = tokio::io::duplex(1 << 16);
         let server = Connection::new(a, IoLimits::default());
-        let mut client = Connection::new(b, IoLimits::default());
         let limits = RequestLimits {
             per_connection: 1,
             identity: crate::server::IdentitySlots::new(8, 1 << 20),
@@ -772,8 +771,27 @@ mod tests {
                     payload: Bytes::new(),
                 })
             }),
+            Message::Ping(p) => s.ping(p.nonce, Placement::Task, |nonce| {
+                Message::Pong(crate::message::Pong {
+                    nonce,
+                    in_flight: 0,
+                    workers_available: None,
+                })
+            }),
             _ => Next::Continue,
         }));
+        (Connection::new(b, IoLimits::default()), shutdown, srv)
+    }
+
+    /// A spawned request counted against the limit until its task ended, a moment after it
+    /// handed its answer over: a peer that had the answer and sent its next request at once
+    /// could be refused `overloaded` although it kept within the limit (seen once in CI, in
+    /// `a_burst_never_sends_a_worker_more_than_it_runs`, with the machine busy). Here a thread
+    /// that spins keeps the runtime's threads from finishing their tasks at once (without the
+    /// fix, 23 and 28 of 2,000 requests were refused in two runs).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_sent_after_the_last_answer_is_within_the_limit() {
+        let (mut client, shutdown, srv) = one_request_at_a_time();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let spinners: Vec<_> = (0..1)
             .map(|_| {
@@ -813,31 +831,7 @@ mod tests {
     /// same writes as its forwards, and a worker whose limit equals the dispatcher's refused
     /// the forward read with a ping `overloaded` (a review saw 88 in 10 s with 10 ms pings).
     async fn a_ping_read_with_a_request_leaves_room_for_it() {
-        let (a, b) = tokio::io::duplex(1 << 16);
-        let server = Connection::new(a, IoLimits::default());
-        let mut client = Connection::new(b, IoLimits::default());
-        let limits = RequestLimits {
-            per_connection: 1,
-            identity: crate::server::IdentitySlots::new(8, 1 << 20),
-            drain: Duration::from_millis(100),
-        };
-        let shutdown = CancellationToken::new();
-        let srv = tokio::spawn(drive(server, shutdown.clone(), limits, |m, s| match m {
-            Message::Request(q) => s.start(q.id, Placement::Task, 0, async move {
-                Message::Reply(Reply {
-                    id: q.id,
-                    payload: Bytes::new(),
-                })
-            }),
-            Message::Ping(p) => s.ping(p.nonce, Placement::Task, |nonce| {
-                Message::Pong(crate::message::Pong {
-                    nonce,
-                    in_flight: 0,
-                    workers_available: None,
-                })
-            }),
-            _ => Next::Continue,
-        }));
+        let (mut client, shutdown, srv) = one_request_at_a_time();
         for id in 1..=20 {
             let ping = Message::Ping(crate::message::Ping { nonce: vec![7; 16] });
             client.queue(&ping).unwrap();
