@@ -88,8 +88,8 @@ pub struct Session {
     stopping: bool,
 }
 
-/// Counts one spawned request as working until dropped: when its answer exists, or when its
-/// task is dropped unfinished.
+/// Counts one item in a gauge until dropped: a spawned request until its answer exists (or
+/// its task is dropped unfinished), or a ping run inline until it is answered.
 struct Working(Arc<AtomicUsize>);
 
 impl Working {
