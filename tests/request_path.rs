@@ -4,7 +4,10 @@
 
 mod common;
 
-use common::{Pki, WAIT, alive, pki, start_cluster, start_cluster_staged, wait_pid_file};
+use common::{
+    Pki, WAIT, alive, pki, start_cluster, start_cluster_per_worker, start_cluster_staged,
+    wait_pid_file,
+};
 use securesrv::client::{CallOptions, ClientError};
 use securesrv::config::JobConfig;
 use securesrv::connection::{Connection, IoLimits};
@@ -748,6 +751,95 @@ async fn a_burst_never_sends_a_worker_more_than_it_runs() {
         refused.len(),
         refused.first()
     );
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_refusing_overloaded_sends_the_request_elsewhere_or_back_at_once() {
+    // Worker 1 runs one request at a time while the dispatcher believes it takes four (as
+    // when requests whose client stopped waiting still run there). Its `overloaded` means the
+    // request did not run, so it goes to worker 2, which has room, even when it is not
+    // idempotent; the client saw `overloaded` before.
+    let pki = pki(2);
+    let cluster = start_cluster_per_worker(
+        &pki,
+        2,
+        |cfg| {
+            cfg.dispatcher.max_in_flight_per_worker = 4;
+            cfg.limits.worker_max_concurrent = 4;
+            cfg.limits.max_in_flight_per_identity = Some(1024);
+            cfg.dispatcher.unavailable_wait_ms = 20_000;
+        },
+        |id, cfg| {
+            if id == 1 {
+                cfg.dispatcher.max_in_flight_per_worker = 1;
+                cfg.limits.worker_max_concurrent = 1;
+            }
+        },
+    )
+    .await;
+    let c = cluster.client(&pki).await;
+    let not_idempotent = CallOptions {
+        idempotent: false,
+        timeout: Duration::from_secs(20),
+    };
+    // Four at once: least outstanding load sends two to each worker, and worker 1 refuses
+    // one of its two.
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let c = c.clone();
+        let opts = not_idempotent;
+        tasks.spawn(async move { c.call_with("sleep", b"600", opts).await });
+    }
+    while let Some(r) = tasks.join_next().await {
+        assert_eq!(r.expect("task").expect("answered"), b"slept 600 ms");
+    }
+    // With worker 2 gone, worker 1's refusal comes back to the client at once, not after the
+    // 20 s wait for a worker. (Before, it came back at once too, but was never retried.)
+    cluster.stop_worker(2);
+    assert!(
+        cluster
+            .dispatcher
+            .pool()
+            .wait_until(|available| available == 1, WAIT)
+            .await,
+        "the dispatcher noticed worker 2 is gone"
+    );
+    let give_up = std::time::Instant::now() + WAIT;
+    let (code, message, took) = loop {
+        assert!(
+            std::time::Instant::now() < give_up,
+            "worker 1 never refused while busy"
+        );
+        let busy = {
+            let c = c.clone();
+            tokio::spawn(async move { c.call_with("sleep", b"1000", not_idempotent).await })
+        };
+        let mut refused = None;
+        while refused.is_none() && !busy.is_finished() {
+            let asked = std::time::Instant::now();
+            match c.call_with("echo", b"x", not_idempotent).await {
+                Err(ClientError::Remote { code, message }) => {
+                    refused = Some((code, message, asked.elapsed()))
+                }
+                Ok(_) => {} // worker 1 is not running the sleep (yet, or any more)
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        let slept = busy.await.expect("task");
+        if let Some(refusal) = refused {
+            assert_eq!(slept.expect("the sleep ran"), b"slept 1000 ms");
+            break refusal;
+        }
+        // The sleep reached worker 1 while an echo ran there, and was refused itself.
+        assert_eq!(code_of(slept), ErrorCode::Overloaded);
+    };
+    assert_eq!(code, ErrorCode::Overloaded, "{message}");
+    assert!(
+        took < Duration::from_secs(10),
+        "the refusal waited {took:?}"
+    );
+    still_serving(&c).await;
     cluster.stop().await;
 }
 

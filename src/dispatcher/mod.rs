@@ -240,6 +240,10 @@ impl Dispatcher {
         let mut last_worker = None;
         // Workers that refused our token: if no worker takes the request, that is why.
         let mut token_refused_by: Vec<u32> = Vec::new();
+        // A worker that refused the request `overloaded` (it did not run there): the request
+        // goes to another worker that can take it now, and if none can, the client is told
+        // at once rather than after a wait that would only add to the load.
+        let mut overloaded: Option<(ErrorCode, String)> = None;
         // The time now, read again only after something may have waited: the clock is read
         // a handful of times per request, and each reading counts at small sizes.
         let mut now = started;
@@ -249,6 +253,7 @@ impl Dispatcher {
             }
             let picked = match self.pool.pick(&exclude) {
                 Some(p) => Some(p),
+                None if overloaded.is_some() => None,
                 None => {
                     let wait_until = (now + wait).min(deadline);
                     let p = self.pool.pick_or_wait(&exclude, wait_until).await;
@@ -257,7 +262,9 @@ impl Dispatcher {
                 }
             };
             let Some(picked) = picked else {
-                let why = if !token_refused_by.is_empty() {
+                let why = if let Some(refusal) = overloaded {
+                    refusal
+                } else if !token_refused_by.is_empty() {
                     token_refused_error()
                 } else if now >= deadline {
                     (
@@ -353,6 +360,13 @@ impl Dispatcher {
                         return (Some(slot.clone()), Err(token_refused_error()));
                     }
                 }
+                Err(ForwardError::Remote(ErrorCode::Overloaded, message)) => {
+                    // The worker runs as many requests as it takes, counting some the
+                    // dispatcher no longer waits for (their client's deadline passed first,
+                    // or a dispatcher before a restart sent them).
+                    exclude.push(slot.id);
+                    overloaded = Some((ErrorCode::Overloaded, message));
+                }
                 Err(ForwardError::Remote(code, message)) => {
                     return (Some(slot.clone()), Err((code, message)));
                 }
@@ -367,10 +381,15 @@ impl Dispatcher {
             // A retry may go back to a worker that was excluded only if nothing else is
             // left (e.g. a single worker that was restarted).
             if exclude.len() >= self.pool.slots().len() {
+                if let Some(refusal) = overloaded {
+                    return (last_worker, Err(refusal));
+                }
                 exclude.clear();
             }
         }
-        let why = if !token_refused_by.is_empty() {
+        let why = if let Some(refusal) = overloaded {
+            refusal
+        } else if !token_refused_by.is_empty() {
             token_refused_error()
         } else {
             (

@@ -167,6 +167,27 @@ pub async fn start_cluster_staged(
     pki: &Pki,
     workers: u32,
     tweak: impl FnOnce(&mut Config),
+    before_load: impl FnMut(Option<u32>),
+) -> Cluster {
+    start_cluster_with(pki, workers, tweak, |_, _| {}, before_load).await
+}
+
+/// [`start_cluster`], with worker `id` running on the configuration `worker_tweak(id, ..)`
+/// makes of the dispatcher's (as workers with configuration files of their own).
+pub async fn start_cluster_per_worker(
+    pki: &Pki,
+    workers: u32,
+    tweak: impl FnOnce(&mut Config),
+    worker_tweak: impl FnMut(u32, &mut Config),
+) -> Cluster {
+    start_cluster_with(pki, workers, tweak, worker_tweak, |_| {}).await
+}
+
+async fn start_cluster_with(
+    pki: &Pki,
+    workers: u32,
+    tweak: impl FnOnce(&mut Config),
+    mut worker_tweak: impl FnMut(u32, &mut Config),
     mut before_load: impl FnMut(Option<u32>),
 ) -> Cluster {
     let mut cfg = Config {
@@ -194,9 +215,13 @@ pub async fn start_cluster_staged(
     for (i, l) in listeners.into_iter().enumerate() {
         let id = i as u32 + 1;
         before_load(Some(id));
-        let (w, m) = Worker::load(id, cfg.clone(), OpRegistry::from_config(&cfg)).expect("worker");
+        let mut own = Config::clone(&cfg);
+        worker_tweak(id, &mut own);
+        own.validate().expect("valid worker config");
+        let own = Arc::new(own);
+        let (w, m) = Worker::load(id, own.clone(), OpRegistry::from_config(&own)).expect("worker");
         let acceptor = m
-            .acceptor(Role::Worker, cfg.limits.handshake_timeout())
+            .acceptor(Role::Worker, own.limits.handshake_timeout())
             .expect("acceptor");
         let stop = CancellationToken::new();
         tracker.spawn(worker::run(Arc::new(w), l, acceptor, stop.clone()));
