@@ -837,6 +837,58 @@ fn children_exit_when_the_watchdog_is_killed() {
     assert!(gone, "children {left:?} outlived the watchdog by 10 s");
 }
 
+#[test]
+fn a_second_signal_to_the_watchdog_stops_every_component_at_once() {
+    // SIGTERM, then SIGINT while a job keeps the components draining: the operator wants
+    // everything gone now. The watchdog used to exit 130 alone, and its components noticed
+    // only its closed pipe and went on draining for up to their grace period after it.
+    let tmp = tempfile::tempdir().unwrap();
+    let pidfile = tmp.path().join("job.pid");
+    let f = Fixture::with(&spawn_job("echo $$ > '{}'; exec sleep 60", &pidfile));
+    let mut w = f.ready();
+    let pids: Vec<u32> = ["dispatcher", "worker-1", "worker-2"]
+        .iter()
+        .map(|c| pid_of(&w, c, 1))
+        .collect();
+    let rt = rt();
+    let c = rt.block_on(f.client());
+    let call = {
+        let _in = rt.enter();
+        call_spawn(c)
+    };
+    let job = common::wait_pid_file(&pidfile, WAIT);
+    w.signal(Signal::SIGTERM);
+    w.wait_log(&["stopping all components"], WAIT);
+    w.signal(Signal::SIGINT);
+    let status = w
+        .wait_exit(WAIT)
+        .expect("watchdog exits on its second signal");
+    assert_eq!(status.code(), Some(130), "{}", w.stderr());
+    // The watchdog's line and one from each component: each exited on a second signal of
+    // its own, not after a drain.
+    w.wait_for_n(true, &["second signal; exiting now"], 4, WAIT);
+    let gone = wait_until(WAIT, || pids.iter().chain([&job]).all(|p| !alive(*p)));
+    let left: Vec<u32> = pids
+        .iter()
+        .chain([&job])
+        .copied()
+        .filter(|p| alive(*p))
+        .collect();
+    for p in &left {
+        w.signal_pid(*p, Signal::SIGKILL);
+    }
+    assert!(gone, "{left:?} outlived the watchdog");
+    assert!(
+        !w.stderr().contains("supervisor is gone"),
+        "a component was left to notice the watchdog's exit by itself"
+    );
+    let answer = rt.block_on(async { tokio::time::timeout(WAIT, call).await });
+    assert!(
+        !matches!(answer, Ok(Ok(Ok(_)))),
+        "the job was not cut short: {answer:?}"
+    );
+}
+
 /// `/proc/PID/stat` of a process, parsed; `None` once it is gone (reaped).
 fn stat_of(pid: u32) -> Option<securesrv::watchdog::orphans::ProcStat> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

@@ -171,7 +171,14 @@ pub fn watchdog(cfg: Config, config_file: Option<PathBuf>, log_filter: Option<St
     };
     block_on(async move {
         let shutdown = CancellationToken::new();
-        if let Err(e) = securesrv::shutdown::watch(shutdown.clone(), false, grace(&cfg)) {
+        // A second signal stops the components at once too, rather than leaving them to
+        // drain after the watchdog has gone.
+        if let Err(e) = securesrv::shutdown::watch_with(
+            shutdown.clone(),
+            false,
+            grace(&cfg),
+            securesrv::watchdog::child::stop_all_now,
+        ) {
             return fail("cannot install signal handlers", e);
         }
         // Orphans of a component (jobs of a SIGKILLed worker) become ours, to be killed.

@@ -3,7 +3,8 @@
 //! Each child gets a pipe on stdin whose write end only the watchdog holds: if the watchdog
 //! dies, even by SIGKILL, the kernel closes it and the child (started with `--supervised`)
 //! shuts down by itself. Stopping is SIGTERM (plus SIGCONT, so a stopped process can act on
-//! it), then SIGKILL after a grace period.
+//! it), then SIGKILL after a grace period. A second signal to the watchdog passes a second
+//! signal on to every component still running ([`stop_all_now`]).
 //!
 //! A child's stdout is a pipe too: once it has bound its port it writes [`BOUND_LINE`] there,
 //! and only then is it heartbeaten. Otherwise a heartbeat could reach whatever else answers
@@ -17,8 +18,8 @@ use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, Command};
@@ -48,6 +49,29 @@ pub fn announce_bound() {
     let _ = out.flush();
 }
 
+/// The PIDs of the components started and not yet reaped, for [`stop_all_now`]. A PID leaves
+/// with its [`Running`], which is dropped as soon as a wait has reaped the process, so the
+/// PID of a component that is gone (and may since name another process) is never signalled.
+static LIVE: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+fn live() -> MutexGuard<'static, Vec<u32>> {
+    LIVE.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// For the watchdog's exit on a second signal: gives every component still running a second
+/// signal too, on which it exits at once (a worker kills its jobs first), instead of draining
+/// for up to its grace period after the watchdog has gone. SIGTERM and SIGINT both, as two
+/// different signals cannot merge into one pending signal: a component that has not yet had
+/// the watchdog's SIGTERM sees two, one that is draining sees at least one more. SIGCONT lets
+/// a stopped one act on them.
+pub fn stop_all_now() {
+    for &pid in live().iter() {
+        signal(pid, Signal::SIGTERM);
+        signal(pid, Signal::SIGINT);
+        signal(pid, Signal::SIGCONT);
+    }
+}
+
 /// A running component process.
 pub struct Running {
     /// The process.
@@ -58,6 +82,12 @@ pub struct Running {
     pub pid: u32,
     /// Set once the child has said it bound its port.
     bound: Arc<AtomicBool>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        live().retain(|&pid| pid != self.pid);
+    }
 }
 
 impl Running {
@@ -85,6 +115,7 @@ pub fn spawn(exe: &Path, args: &[OsString], threads: usize) -> std::io::Result<R
     let pid = child
         .id()
         .ok_or_else(|| std::io::Error::other("child exited at once"))?;
+    live().push(pid);
     let bound = Arc::new(AtomicBool::new(false));
     if let Some(stdout) = child.stdout.take() {
         tokio::spawn(read_stdout(stdout, bound.clone()));
