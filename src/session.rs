@@ -603,7 +603,8 @@ mod tests {
             let shutdown = CancellationToken::new();
             let cancel_at: Arc<Mutex<Option<Instant>>> = Arc::default();
             let notify = Arc::new(tokio::sync::Notify::new());
-            let (at, go) = (cancel_at.clone(), notify.clone());
+            let read = Arc::new(tokio::sync::Notify::new());
+            let (at, go, was_read) = (cancel_at.clone(), notify.clone(), read.clone());
             let limits = RequestLimits {
                 per_connection: 8,
                 identity: crate::server::IdentitySlots::new(8, 1 << 20),
@@ -616,6 +617,7 @@ mod tests {
                 move |m, s| match m {
                     Message::Request(q) => {
                         let (at, go) = (at.clone(), go.clone());
+                        was_read.notify_one();
                         s.start(q.id, Placement::Task, 0, async move {
                             go.notified().await;
                             let cancelled = *at.lock().unwrap_or_else(|p| p.into_inner());
@@ -639,7 +641,11 @@ mod tests {
                 }))
                 .await
                 .unwrap();
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            // Stopping before the request is read would rightly refuse it `shutting_down`
+            // (on a busy machine 5 ms were not always enough for the read).
+            tokio::time::timeout(Duration::from_secs(10), read.notified())
+                .await
+                .expect("the request is read");
             *cancel_at.lock().unwrap() = Some(Instant::now());
             shutdown.cancel();
             notify.notify_one();
