@@ -35,6 +35,13 @@ fn code_of(r: Result<Vec<u8>, ClientError>) -> ErrorCode {
     }
 }
 
+fn call_options(idempotent: bool, timeout_s: u64) -> CallOptions {
+    CallOptions {
+        idempotent,
+        timeout: Duration::from_secs(timeout_s),
+    }
+}
+
 async fn still_serving(c: &securesrv::client::Client) {
     assert_eq!(c.call("echo", b"still here").await.unwrap(), b"still here");
 }
@@ -468,14 +475,7 @@ async fn no_worker_available_is_a_bounded_unavailable() {
     );
     let started = std::time::Instant::now();
     let r = c
-        .call_with(
-            "echo",
-            b"anyone?",
-            CallOptions {
-                idempotent: true,
-                timeout: Duration::from_secs(20),
-            },
-        )
+        .call_with("echo", b"anyone?", call_options(true, 20))
         .await;
     let took = started.elapsed();
     assert_eq!(code_of(r), ErrorCode::Unavailable);
@@ -531,10 +531,7 @@ async fn a_stopped_worker_kills_the_jobs_still_running_after_its_drain() {
     let c = cluster.client(&pki).await;
     // The request would run for a minute: the worker's drain (0.8 s) does not wait for it.
     let call = tokio::spawn(async move {
-        let opts = CallOptions {
-            idempotent: false,
-            timeout: Duration::from_secs(60),
-        };
+        let opts = call_options(false, 60);
         c.call_with("spawn", b"", opts).await
     });
     let pid = tokio::task::spawn_blocking(move || wait_pid_file(&pidfile, WAIT))
@@ -631,10 +628,7 @@ async fn a_request_that_outlasts_the_idle_timeout_is_answered() {
     })
     .await;
     let c = cluster.client(&pki).await;
-    let opts = CallOptions {
-        idempotent: false,
-        timeout: Duration::from_secs(20),
-    };
+    let opts = call_options(false, 20);
     let answer = c.call_with("sleep", b"3500", opts).await;
     assert_eq!(answer.unwrap(), b"slept 3500 ms");
     still_serving(&c).await;
@@ -779,10 +773,7 @@ async fn a_worker_refusing_overloaded_sends_the_request_elsewhere_or_back_at_onc
     )
     .await;
     let c = cluster.client(&pki).await;
-    let not_idempotent = CallOptions {
-        idempotent: false,
-        timeout: Duration::from_secs(20),
-    };
+    let not_idempotent = call_options(false, 20);
     // Four at once: least outstanding load sends two to each worker, and worker 1 refuses
     // one of its two.
     let mut tasks = tokio::task::JoinSet::new();
