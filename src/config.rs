@@ -577,6 +577,13 @@ impl Config {
     }
 
     fn validate_workers(&self, p: &mut Vec<String>) {
+        // Port 0 would bind wherever the system chooses, and nobody else could find it:
+        // clients and the watchdog dial the dispatcher, the dispatcher and the watchdog the
+        // workers (whose ports are derived from the dispatcher's unless listed).
+        if self.dispatcher.listen.port() == 0 {
+            p.push("dispatcher.listen needs a port other than 0".into());
+            return;
+        }
         if self.worker.is_empty() {
             if self.workers == 0 || self.workers > MAX_WORKERS {
                 p.push(format!("workers must be between 1 and {MAX_WORKERS}"));
@@ -600,7 +607,9 @@ impl Config {
             if !ids.insert(w.id) {
                 p.push(format!("worker {} is listed twice", w.id));
             }
-            if !addrs.insert(w.listen) {
+            if w.listen.port() == 0 {
+                p.push(format!("worker {} needs a listen port other than 0", w.id));
+            } else if !addrs.insert(w.listen) {
                 p.push(format!("address {} is used twice", w.listen));
             }
         }
@@ -915,6 +924,14 @@ mod tests {
             (
                 "[watchdog]\nrestart_limit_burst = 4294967295",
                 "watchdog.restart_limit_burst must be between 1 and 16777216",
+            ),
+            (
+                "[dispatcher]\nlisten = \"127.0.0.1:0\"",
+                "dispatcher.listen needs a port other than 0",
+            ),
+            (
+                "[[worker]]\nid = 1\nlisten = \"127.0.0.1:0\"",
+                "worker 1 needs a listen port other than 0",
             ),
             (
                 "[watchdog]\nmax_missed = 86401",

@@ -364,9 +364,11 @@ fn bad_configuration_exits_64_and_lists_every_problem() {
 #[test]
 fn components_with_bad_certificates_or_keys_exit_64() {
     let tmp = tempfile::tempdir().unwrap();
+    // Never bound: each refusal comes first.
+    let listen = format!("127.0.0.1:{}", free_port());
     let out = run(
         tmp.path(),
-        &["dispatcher", "--certs", "nosuch", "--listen", "127.0.0.1:0"],
+        &["dispatcher", "--certs", "nosuch", "--listen", &listen],
         b"",
     );
     // Said once (it was said twice, as a log line and a plain line), with the way out.
@@ -378,7 +380,7 @@ fn components_with_bad_certificates_or_keys_exit_64() {
     assert_eq!(out.status.code(), Some(64), "{}", text(&out.stderr));
     // With error lines filtered out of the log, the reason is still printed.
     let out = Command::new(bin())
-        .args(["dispatcher", "--certs", "nosuch", "--listen", "127.0.0.1:0"])
+        .args(["dispatcher", "--certs", "nosuch", "--listen", &listen])
         .current_dir(tmp.path())
         .env("SECURESRV_LOG", "off")
         .output()
@@ -429,7 +431,7 @@ fn components_with_bad_certificates_or_keys_exit_64() {
                 "--certs",
                 dir,
                 "--listen",
-                "127.0.0.1:0",
+                &listen,
             ],
             "is spiffe://securesrv/dispatcher/main, not spiffe://other/dispatcher/main",
         ),
