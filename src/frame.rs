@@ -154,12 +154,21 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
     }
     let mut de = rmp_serde::Deserializer::from_read_ref(body);
     de.set_max_depth(MAX_DEPTH);
-    // serde's message quotes the peer's bytes (an unknown field or kind): logged and sent
-    // back, so cut short and stripped of control characters.
-    T::deserialize(&mut de).map_err(|e| {
-        let text = e.to_string();
-        FrameError::Malformed(crate::identity::printable_within(&text, 160).into_owned())
-    })
+    T::deserialize(&mut de).map_err(|e| FrameError::Malformed(without_fields(&e.to_string())))
+}
+
+/// serde's message quotes the peer's bytes (an unknown field or kind), and it is logged and
+/// sent back: cut short, stripped of control characters, and with no `=` or `"` left, so that
+/// the peer's text cannot pose as fields of the log line (`key=value`, a quoted value).
+fn without_fields(text: &str) -> String {
+    crate::identity::printable_within(text, 160)
+        .chars()
+        .map(|c| match c {
+            '=' => '?',
+            '"' => '\'',
+            c => c,
+        })
+        .collect()
 }
 
 /// The length in bytes of the one MessagePack value at the start of `buf`, refusing nesting

@@ -592,3 +592,19 @@ fn reply_body_len_is_the_encoded_length() {
         }
     }
 }
+
+#[test]
+fn a_peers_unknown_field_cannot_pose_as_log_fields() {
+    // serde quotes an unknown kind in its message, which is logged: the peer's text once put
+    // a whole forged audit record into an INFO line.
+    let forged = " securesrv::audit: request client=spiffe://securesrv/client/alice op=cat \
+                  outcome=ok reason=\"x\" ";
+    let mut body = vec![0x81, 0xd9, forged.len() as u8];
+    body.extend_from_slice(forged.as_bytes());
+    body.push(0x80);
+    let Err(FrameError::Malformed(text)) = decode_body::<Message>(&body) else {
+        panic!("accepted");
+    };
+    assert!(text.contains("securesrv::audit: request client"), "{text}");
+    assert!(!text.contains('=') && !text.contains('"'), "{text}");
+}
