@@ -70,6 +70,8 @@ pub struct Peer {
     /// Request slots shared by every connection of this identity, so that one identity
     /// cannot take all of the capacity.
     pub identity_slots: IdentitySlots,
+    /// Where requests that outlive the connection run on (see [`crate::session::Leftovers`]).
+    pub leftovers: crate::session::Leftovers,
 }
 
 /// Request slots shared by all connections of one identity.
@@ -335,6 +337,7 @@ pub async fn serve<H: ConnectionHandler>(
     drain: Duration,
 ) {
     let tracker = TaskTracker::new();
+    let leftovers = crate::session::Leftovers::default();
     let total = Arc::new(Semaphore::new(limits.max_connections));
     let per_id = Arc::new(IdentityCounts::default());
     let handshaking = Arc::new(Handshaking::default());
@@ -403,7 +406,16 @@ pub async fn serve<H: ConnectionHandler>(
         let span = info_span!("conn", peer = %addr, id = tracing::field::Empty);
         tracker.spawn(
             handle_one(
-                tcp, addr, acceptor, limits, handler, shutdown, per_id, permit, handshake,
+                tcp,
+                addr,
+                acceptor,
+                limits,
+                handler,
+                shutdown,
+                per_id,
+                permit,
+                handshake,
+                leftovers.clone(),
             )
             .instrument(span),
         );
@@ -412,12 +424,28 @@ pub async fn serve<H: ConnectionHandler>(
     // successor (a restarted watchdog's new component) can bind it while this one finishes.
     drop(listener);
     tracker.close();
-    // Each connection drains for `drain` itself; a little slack for the goodbye.
-    if tokio::time::timeout(drain + Duration::from_millis(200), tracker.wait())
+    // Each connection drains for `drain` itself; a little slack for the goodbye. Requests
+    // whose connection has already ended (the peer left) get the same period.
+    let until = tokio::time::Instant::now() + drain + Duration::from_millis(200);
+    if tokio::time::timeout_at(until, tracker.wait())
         .await
         .is_err()
     {
         warn!("connections still open after the drain period; closing them");
+    }
+    let running = leftovers.len();
+    if running > 0 {
+        info!(
+            running,
+            "waiting for requests whose connection has closed to finish"
+        );
+    }
+    let dropped = leftovers.finish(until).await;
+    if dropped > 0 {
+        warn!(
+            dropped,
+            "requests whose connection had closed still running after the drain period; dropped"
+        );
     }
 }
 
@@ -432,6 +460,7 @@ async fn handle_one<H: ConnectionHandler>(
     per_id: Arc<IdentityCounts>,
     _permit: OwnedSemaphorePermit,
     handshake: HandshakeSlot,
+    leftovers: crate::session::Leftovers,
 ) {
     let accepted = tokio::select! {
         _ = shutdown.cancelled() => return,
@@ -492,6 +521,7 @@ async fn handle_one<H: ConnectionHandler>(
                 id,
                 addr,
                 identity_slots,
+                leftovers,
             },
             shutdown,
         )

@@ -64,6 +64,61 @@ pub struct RequestLimits {
     pub identity: crate::server::IdentitySlots,
     /// How long running requests may take to finish once the connection stops reading.
     pub drain: Duration,
+    /// Where the requests still running when the connection ends go on running.
+    pub leftovers: Leftovers,
+}
+
+/// Requests that outlive their connection: its peer closed it, or its drain ran out. They
+/// run on, still holding their identity's slots, and the server gives them its drain period
+/// when it stops ([`Leftovers::finish`]) rather than dropping them unseen; a dispatcher's
+/// request then still ends with its audit line.
+#[derive(Clone, Default)]
+pub struct Leftovers {
+    tracker: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Leftovers {
+    /// Runs `work` to its end, or until [`finish`](Self::finish) gives up on it.
+    fn adopt(&self, work: impl Future<Output = ()> + Send + 'static) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let stop = self.stop.clone();
+        rt.spawn(self.tracker.track_future(async move {
+            tokio::select! {
+                _ = work => {}
+                _ = stop.cancelled() => {}
+            }
+        }));
+    }
+
+    /// Waits until every leftover request has finished, or until `until`; then drops those
+    /// still running (a handler may see the drop: the dispatcher audits it) and returns how
+    /// many there were. Requests left over later are dropped at once.
+    pub async fn finish(&self, until: tokio::time::Instant) -> usize {
+        self.tracker.close();
+        if tokio::time::timeout_at(until, self.tracker.wait())
+            .await
+            .is_ok()
+        {
+            return 0;
+        }
+        let left = self.tracker.len();
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_millis(100), self.tracker.wait()).await;
+        left
+    }
+
+    /// Requests running on after their connection ended.
+    pub fn len(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.tracker.is_empty()
+    }
 }
 
 type Answer = Pin<Box<dyn Future<Output = Message> + Send>>;
@@ -86,6 +141,8 @@ pub struct Session {
     inline_pings: Arc<AtomicUsize>,
     /// The connection is stopping: every new request is refused `shutting_down`.
     stopping: bool,
+    /// Where its requests go when the connection ends before they do.
+    leftovers: Leftovers,
 }
 
 /// Counts one item in a gauge until dropped: a spawned request until its answer exists (or
@@ -352,6 +409,7 @@ pub async fn drive<S, F>(
         spawned_working: Arc::default(),
         inline_pings: Arc::default(),
         stopping: false,
+        leftovers: limits.leftovers,
     };
     let mut last: Option<Message> = None;
     // One wait for cancellation for the whole loop, looked at only once it has woken us: a
@@ -547,11 +605,15 @@ fn closing_verdict(timed_out: bool, unanswered: usize) -> Message {
 impl Drop for Session {
     fn drop(&mut self) {
         let mut inline = std::mem::take(&mut self.inline);
-        if inline.is_empty() {
-            return;
+        if !inline.is_empty() {
+            self.leftovers
+                .adopt(async move { while inline.next().await.is_some() {} });
         }
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move { while inline.next().await.is_some() {} });
+        // Spawned requests run on in their own tasks; the server waits for them as well.
+        self.spawned.close();
+        if !self.spawned.is_empty() {
+            let spawned = self.spawned.clone();
+            self.leftovers.adopt(async move { spawned.wait().await });
         }
     }
 }
@@ -609,6 +671,7 @@ mod tests {
                 per_connection: 8,
                 identity: crate::server::IdentitySlots::new(8, 1 << 20),
                 drain,
+                leftovers: Leftovers::default(),
             };
             let srv = tokio::spawn(drive(
                 server,
@@ -700,6 +763,7 @@ mod tests {
             per_connection: 8,
             identity: crate::server::IdentitySlots::new(8, 1 << 20),
             drain,
+            leftovers: Leftovers::default(),
         };
         // Request 1 never ends, so the drain can only end at its deadline.
         let srv = tokio::spawn(drive(server, shutdown.clone(), limits, |m, s| match m {
@@ -768,6 +832,7 @@ mod tests {
             per_connection: 1,
             identity: crate::server::IdentitySlots::new(8, 1 << 20),
             drain: Duration::from_millis(100),
+            leftovers: Leftovers::default(),
         };
         let shutdown = CancellationToken::new();
         let srv = tokio::spawn(drive(server, shutdown.clone(), limits, |m, s| match m {

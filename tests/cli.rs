@@ -1433,3 +1433,52 @@ async fn requests_refused_before_reaching_a_worker_are_audited() {
         assert!(line.contains("securesrv::audit: request"), "{line}");
     }
 }
+
+/// Requests whose client closed its connection run on. The dispatcher used to stop without
+/// waiting for them or auditing them: it waited only for open connections, so a stop right
+/// after the client left dropped every such request without an audit line. It now gives
+/// them its drain period, and audits those still running after it as cut short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_of_a_closed_connection_are_finished_or_audited_at_a_stop() {
+    // A drain of 4/5 of the grace: 1.6 s.
+    let (pki, _, d_addr, _worker, mut dispatcher) =
+        running_pair("grace.toml", "[watchdog]\nstop_grace_ms = 2000\n");
+    let mut client = raw_connection(&pki, "client", &d_addr).await;
+    client.queue(&raw_request(1, "sleep", b"500")).unwrap();
+    client.queue(&raw_request(2, "sleep", b"8000")).unwrap();
+    client.queue(&raw_request(3, "echo", b"")).unwrap();
+    client.flush().await.unwrap();
+    // Read after the two sleeps, so they run once this is answered.
+    assert_eq!(answer_to(&mut client, 3).await, None);
+    drop(client);
+    dispatcher.signal(Signal::SIGTERM);
+    let status = tokio::task::block_in_place(|| dispatcher.wait_exit(WAIT));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{}",
+        dispatcher.stderr()
+    );
+    // The short one finished within the drain, the long one did not.
+    let done = dispatcher.wait_log(
+        &["securesrv::audit: request", "op=sleep", "outcome=ok"],
+        WAIT,
+    );
+    assert!(
+        done.contains("worker=spiffe://securesrv/worker/1"),
+        "{done}"
+    );
+    dispatcher.wait_log(
+        &[
+            "securesrv::audit: request",
+            "op=sleep",
+            "outcome=timeout",
+            "dispatcher stopped before the answer",
+        ],
+        WAIT,
+    );
+    assert!(
+        !dispatcher.stderr().contains("worker_lost"),
+        "{}",
+        dispatcher.stderr()
+    );
+}

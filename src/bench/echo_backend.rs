@@ -60,6 +60,7 @@ pub async fn run(
                 per_connection: per_conn,
                 identity: IdentitySlots::new(per_conn, usize::MAX),
                 drain: Duration::from_secs(1),
+                leftovers: Default::default(),
             };
             session::drive(
                 Connection::new(stream, io),

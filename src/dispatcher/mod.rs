@@ -163,7 +163,15 @@ impl Dispatcher {
     async fn handle_request(self: Arc<Self>, client: Arc<Caller>, req: Request) -> Message {
         let started = Instant::now();
         let running = crate::session::Running::enter(&self.running);
+        let mut unfinished = Unfinished {
+            client: &client,
+            op: &req.op,
+            started,
+            armed: true,
+        };
         let (worker, mut result) = self.route(&client, &req, started).await;
+        unfinished.armed = false;
+        drop(unfinished);
         drop(running);
         // An answer too large for the client's frames (a worker configured with a larger
         // output cap) is refused here, so that the audit line says what the client gets.
@@ -409,6 +417,33 @@ impl Dispatcher {
     }
 }
 
+/// Audits a request whose handling is dropped before it ended: the dispatcher stopped, and
+/// the request was still running when its drain period ran out (its client, if still
+/// connected, is told id-0 `timeout`). Without it such a request left no audit line.
+struct Unfinished<'a> {
+    client: &'a Caller,
+    op: &'a str,
+    started: Instant,
+    armed: bool,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.client.audit(
+                self.op.to_string(),
+                None,
+                Err((
+                    ErrorCode::Timeout,
+                    "the dispatcher stopped before the answer came; the request may have run"
+                        .into(),
+                )),
+                self.started.elapsed().as_micros() as u64,
+            );
+        }
+    }
+}
+
 /// What a client is told when no worker accepted the tokens minted for it: the dispatcher's
 /// fault, not the client's (`invalid_token` is a worker link's code).
 fn token_refused_error() -> (ErrorCode, String) {
@@ -443,6 +478,7 @@ impl ConnectionHandler for Handler {
                 per_connection: self.max_in_flight,
                 identity: peer.identity_slots.clone(),
                 drain: self.drain,
+                leftovers: peer.leftovers.clone(),
             },
             // Every request is audited, those refused here included.
             move |msg, s| match msg {

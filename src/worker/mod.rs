@@ -208,6 +208,7 @@ impl ConnectionHandler for Handler {
                 per_connection: self.max_in_flight,
                 identity: peer.identity_slots.clone(),
                 drain: self.drain,
+                leftovers: peer.leftovers.clone(),
             },
             move |msg, s| match msg {
                 Message::Forward(f) if f.id == 0 => Next::Close(Some(Message::connection_error(
