@@ -368,12 +368,16 @@ impl Dispatcher {
                         return (Some(slot.clone()), Err(token_refused_error()));
                     }
                 }
-                Err(ForwardError::Remote(ErrorCode::Overloaded, message)) => {
+                Err(ForwardError::Remote(ErrorCode::Overloaded, _)) => {
                     // The worker runs as many requests as it takes, counting some the
                     // dispatcher no longer waits for (their client's deadline passed first,
-                    // or a dispatcher before a restart sent them).
+                    // or a dispatcher before a restart sent them), or its replay cache is
+                    // full. Its message names its limits, which are not the client's to know.
                     exclude.push(slot.id);
-                    overloaded = Some((ErrorCode::Overloaded, message));
+                    overloaded = Some((
+                        ErrorCode::Overloaded,
+                        "the workers are busy; try again later".into(),
+                    ));
                 }
                 Err(ForwardError::Remote(code, message)) => {
                     return (Some(slot.clone()), Err((code, message)));
