@@ -835,6 +835,64 @@ async fn a_worker_refusing_overloaded_sends_the_request_elsewhere_or_back_at_onc
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_worker_down_one_identity_cannot_take_what_is_left() {
+    // The default per-identity limit is half the capacity of every configured worker: 4 of
+    // 2 x 4 here. With worker 2 down, that was all of worker 1, and one client holding it kept
+    // every other client waiting. The share now follows the workers linked: 2 of 4.
+    let pki = pki(2);
+    pki.add_client("alice");
+    let cluster = start_cluster(&pki, 2, |cfg| {
+        cfg.dispatcher.max_in_flight_per_worker = 4;
+        cfg.limits.worker_max_concurrent = 4;
+        cfg.dispatcher.unavailable_wait_ms = 20_000;
+    })
+    .await;
+    cluster.stop_worker(2);
+    assert!(
+        cluster
+            .dispatcher
+            .pool()
+            .wait_until(|available| available == 1, WAIT)
+            .await,
+        "the dispatcher noticed worker 2 is gone"
+    );
+    let greedy = cluster.client(&pki).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let c = greedy.clone();
+        tasks.spawn(async move { c.call_with("sleep", b"3000", call_options(false, 20)).await });
+    }
+    // Wait until the greedy client's share is taken (each check is a request of its own).
+    let until = std::time::Instant::now() + WAIT;
+    while cluster.dispatcher.pool().slots()[0].outstanding() < 2 {
+        assert!(
+            std::time::Instant::now() < until,
+            "the sleeps never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let alice = cluster.client_as(&pki, "client-alice").await;
+    let started = std::time::Instant::now();
+    assert_eq!(alice.call("echo", b"me too").await.unwrap(), b"me too");
+    let waited = started.elapsed();
+    let mut refused = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        match r.expect("task") {
+            Ok(answer) => assert_eq!(answer, b"slept 3000 ms"),
+            Err(ClientError::Remote { code, message }) => refused.push((code, message)),
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    for (code, message) in &refused {
+        assert_eq!(*code, ErrorCode::Overloaded, "{message}");
+        assert!(message.contains("workers are down"), "{message}");
+    }
+    assert!(waited < Duration::from_secs(2), "alice waited {waited:?}");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_long_request_the_client_gets_a_whole_idle_timeout() {
     // The idle clock restarted each time it ran out while the request ran, and not when the
     // request ended: a 2.9 s request with a 1.5 s idle timeout was answered at 2.9 s and the

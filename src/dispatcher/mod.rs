@@ -412,6 +412,43 @@ impl Dispatcher {
         (last_worker, Err(why))
     }
 
+    /// Whether `identity`, its request just admitted, holds more than half the capacity of
+    /// the workers linked now. The default per-identity limit is half the capacity of every
+    /// configured worker, so with workers down one identity could take all that is left and
+    /// keep every other client out. An explicit `limits.max_in_flight_per_identity` stands as
+    /// the operator set it. Workers are counted only once the identity holds more than half of
+    /// one worker's capacity, so the usual request does not look at the pool.
+    fn over_share(&self, identity: &crate::server::IdentitySlots) -> bool {
+        if self.cfg.limits.max_in_flight_per_identity.is_some() {
+            return false;
+        }
+        let per_worker = self.cfg.dispatcher.max_in_flight_per_worker;
+        let held = identity
+            .limit
+            .saturating_sub(identity.slots.available_permits());
+        held > (per_worker / 2).max(1) && held > self.identity_share(per_worker)
+    }
+
+    /// Half the capacity of the workers linked now (of one, when none is).
+    fn identity_share(&self, per_worker: usize) -> usize {
+        (self.pool.linked().max(1).saturating_mul(per_worker) / 2).max(1)
+    }
+
+    fn share_refusal(&self, identity: &crate::server::IdentitySlots, id: u64) -> Message {
+        let limit = self.identity_share(self.cfg.dispatcher.max_in_flight_per_worker);
+        let message = format!(
+            "too many requests in flight for this identity while workers are down (limit {limit})"
+        );
+        if let Some(refused) = identity.refusals.hit() {
+            warn!(refused, reason = %message, "refusing requests: limit reached");
+        }
+        Message::Error(crate::message::ErrorReply {
+            id,
+            code: ErrorCode::Overloaded,
+            message,
+        })
+    }
+
     fn pong(&self, nonce: Vec<u8>) -> Message {
         Message::Pong(Pong {
             nonce,
@@ -475,14 +512,15 @@ impl ConnectionHandler for Handler {
                 .metadata()
                 .is_some_and(|m| m.name() == "conn"),
         });
+        let identity = peer.identity_slots.clone();
         session::drive(
             conn,
             shutdown,
             session::RequestLimits {
                 per_connection: self.max_in_flight,
-                identity: peer.identity_slots.clone(),
+                identity: peer.identity_slots,
                 drain: self.drain,
-                leftovers: peer.leftovers.clone(),
+                leftovers: peer.leftovers,
             },
             // Every request is audited, those refused here included.
             move |msg, s| match msg {
@@ -495,6 +533,10 @@ impl ConnectionHandler for Handler {
                 ))),
                 Message::Request(req) if client.id.role() == Role::Client => {
                     match s.admit(req.id, req.payload.len()) {
+                        Ok(admitted) if d.over_share(&identity) => {
+                            drop(admitted);
+                            Next::Reply(client.refused(req.op, d.share_refusal(&identity, req.id)))
+                        }
                         Ok(admitted) => s.run_admitted(
                             admitted,
                             Placement::Inline,

@@ -175,6 +175,14 @@ impl Pool {
         &self.slots
     }
 
+    /// Workers whose link is up and answering, with room or not.
+    pub fn linked(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| s.link().is_some_and(|l| l.healthy.load(Ordering::Acquire)))
+            .count()
+    }
+
     /// Workers available right now.
     pub fn available(&self) -> usize {
         self.slots
