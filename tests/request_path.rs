@@ -893,6 +893,49 @@ async fn with_a_worker_down_one_identity_cannot_take_what_is_left() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_a_stopping_worker_refuses_goes_to_it_once_restarted() {
+    // A single worker told to stop refuses new requests `shutting_down` while it drains; the
+    // dispatcher kept that worker excluded for the rest of the request, so the request waited
+    // out the whole wait for a worker and got `unavailable` although the worker was back
+    // long before. It now excludes only that link, and the restarted worker takes it.
+    let pki = pki(1);
+    let mut cluster = start_cluster(&pki, 1, |cfg| {
+        cfg.dispatcher.unavailable_wait_ms = 20_000;
+    })
+    .await;
+    let c = cluster.client(&pki).await;
+    // Keeps the stopping worker draining, its link up, for a while.
+    let draining = {
+        let c = c.clone();
+        tokio::spawn(async move { c.call_with("sleep", b"1500", call_options(false, 20)).await })
+    };
+    let until = std::time::Instant::now() + WAIT;
+    while cluster.dispatcher.pool().slots()[0].outstanding() == 0 {
+        assert!(std::time::Instant::now() < until, "the sleep never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cluster.stop_worker(1);
+    // Its successor binds the port once the old worker has given it up, which it does as
+    // it begins to stop.
+    cluster.restart_worker(1).await;
+    let started = std::time::Instant::now();
+    let answer = c
+        .call_with("echo", b"still here?", call_options(false, 30))
+        .await;
+    let took = started.elapsed();
+    assert_eq!(
+        answer.expect("answered by the restarted worker"),
+        b"still here?"
+    );
+    assert!(took < Duration::from_secs(15), "waited {took:?}");
+    assert_eq!(
+        draining.await.expect("task").expect("drained"),
+        b"slept 1500 ms"
+    );
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_long_request_the_client_gets_a_whole_idle_timeout() {
     // The idle clock restarted each time it ran out while the request ran, and not when the
     // request ended: a 2.9 s request with a 1.5 s idle timeout was answered at 2.9 s and the

@@ -243,7 +243,9 @@ impl Dispatcher {
             .clamp(1, cfg.limits.max_request_timeout_ms);
         let deadline = started + Duration::from_millis(timeout_ms);
         let wait = Duration::from_millis(cfg.dispatcher.unavailable_wait_ms);
-        let mut exclude: Vec<u32> = Vec::new();
+        // Links (not workers) a retry may not go back to: a worker that was stopping, or lost
+        // the request, takes it again once it is back on a new link.
+        let mut exclude: Vec<pool::Excluded> = Vec::new();
         let mut lost = 0;
         let mut last_worker = None;
         // Workers that refused our token: if no worker takes the request, that is why.
@@ -288,6 +290,7 @@ impl Dispatcher {
                 return (last_worker, Err(why));
             };
             let slot = picked.slot.clone();
+            let here = picked.link.excluded(&slot);
             last_worker = Some(slot.clone());
             match self
                 .pool
@@ -297,14 +300,19 @@ impl Dispatcher {
                 Ok(out) => return (Some(slot.clone()), Ok(out)),
                 Err(ForwardError::NotSent) => continue,
                 Err(ForwardError::Remote(ErrorCode::ShuttingDown, _)) => {
-                    exclude.push(slot.id);
-                    continue;
+                    // Elsewhere, or to this worker once it is back (on a new link).
+                    exclude.push(here);
                 }
                 Err(ForwardError::Expired) => {
                     if let Some(requests) = slot.expired_tokens.hit() {
                         warn!(worker = slot.id, requests, op = %req.op, "worker read requests after their tokens expired; sending them elsewhere");
                     }
-                    exclude.push(slot.id);
+                    // Elsewhere if another worker can take it; otherwise back to this one,
+                    // which is reading again (it answered), with a fresh token.
+                    exclude.push(here);
+                    if !self.pool.can_pick(&exclude) {
+                        exclude.pop();
+                    }
                 }
                 Err(ForwardError::Lost) => {
                     lost += 1;
@@ -334,7 +342,7 @@ impl Dispatcher {
                     if let Some(requests) = slot.lost_retries.hit() {
                         warn!(worker = slot.id, requests, op = %req.op, "worker lost mid-request; retrying idempotent requests");
                     }
-                    exclude.push(slot.id);
+                    exclude.push(here);
                 }
                 Err(ForwardError::Timeout) => {
                     return (
@@ -360,7 +368,7 @@ impl Dispatcher {
                             "worker refused the dispatcher's token; token keys out of step? (after rotate-token-key, restart every worker, then the dispatcher)"
                         );
                     }
-                    exclude.push(slot.id);
+                    exclude.push(here);
                     if !token_refused_by.contains(&slot.id) {
                         token_refused_by.push(slot.id);
                     }
@@ -373,7 +381,7 @@ impl Dispatcher {
                     // dispatcher no longer waits for (their client's deadline passed first,
                     // or a dispatcher before a restart sent them), or its replay cache is
                     // full. Its message names its limits, which are not the client's to know.
-                    exclude.push(slot.id);
+                    exclude.push(here);
                     overloaded = Some((
                         ErrorCode::Overloaded,
                         "the workers are busy; try again later".into(),
@@ -389,14 +397,6 @@ impl Dispatcher {
                         Err((ErrorCode::Internal, "internal error".into())),
                     );
                 }
-            }
-            // A retry may go back to a worker that was excluded only if nothing else is
-            // left (e.g. a single worker that was restarted).
-            if exclude.len() >= self.pool.slots().len() {
-                if let Some(refusal) = overloaded {
-                    return (last_worker, Err(refusal));
-                }
-                exclude.clear();
             }
         }
         let why = if let Some(refusal) = overloaded {

@@ -111,6 +111,20 @@ pub struct Link {
     pending: InFlight<Answer>,
     next_id: AtomicU64,
     healthy: AtomicBool,
+    /// Which of the pool's links this is: a worker that refused a request on one link (it
+    /// was stopping, say) may take it again on the next, once it has restarted.
+    generation: u64,
+}
+
+/// A worker's link, as a request that may not go back to it names it: the worker's id and
+/// the link's generation.
+pub type Excluded = (u32, u64);
+
+impl Link {
+    /// This link, as a request that may not go back to it names it.
+    pub fn excluded(&self, slot: &Slot) -> Excluded {
+        (slot.id, self.generation)
+    }
 }
 
 /// A worker picked for one request: counted among its outstanding requests until dropped,
@@ -140,6 +154,8 @@ pub struct Pool {
     max_in_flight: usize,
     rotate: AtomicUsize,
     max_frame: usize,
+    /// Links made so far.
+    links_made: AtomicU64,
 }
 
 impl Pool {
@@ -167,6 +183,7 @@ impl Pool {
             max_in_flight: cfg.dispatcher.max_in_flight_per_worker,
             rotate: AtomicUsize::new(0),
             max_frame: cfg.limits.max_frame_bytes + frame::LINK_HEADROOM,
+            links_made: AtomicU64::new(0),
         }
     }
 
@@ -197,11 +214,19 @@ impl Pool {
             .then_some(link)
     }
 
-    /// The available worker with the fewest outstanding requests (ties rotate), skipping
-    /// `exclude`, counted as taken. The count is taken only while under the limit: on a
+    /// Whether a worker not in `exclude` is available now.
+    pub fn can_pick(&self, exclude: &[Excluded]) -> bool {
+        self.slots.iter().any(|slot| {
+            self.is_available(slot)
+                .is_some_and(|link| !exclude.contains(&(slot.id, link.generation)))
+        })
+    }
+
+    /// The available worker with the fewest outstanding requests (ties rotate), skipping the
+    /// links in `exclude`, counted as taken. The count is taken only while under the limit: on a
     /// multi-threaded runtime another request may fill the worker between the look and the
     /// count, and then the workers are looked at again.
-    pub fn pick(&self, exclude: &[u32]) -> Option<Picked<'_>> {
+    pub fn pick(&self, exclude: &[Excluded]) -> Option<Picked<'_>> {
         let n = self.slots.len();
         if n == 0 {
             return None;
@@ -213,12 +238,12 @@ impl Pool {
             let mut best: Option<(usize, &Arc<Slot>, Arc<Link>)> = None;
             for i in 0..n {
                 let slot = &self.slots[(start + i) % n];
-                if exclude.contains(&slot.id) {
-                    continue;
-                }
                 let Some(link) = self.is_available(slot) else {
                     continue;
                 };
+                if exclude.contains(&(slot.id, link.generation)) {
+                    continue;
+                }
                 let load = slot.outstanding();
                 if best.as_ref().is_none_or(|b| load < b.0) {
                     best = Some((load, slot, link));
@@ -266,7 +291,11 @@ impl Pool {
     /// Picks a worker, waiting until `wait_until` for one to become available. It listens
     /// for changes before each look, so that none is missed in between; callers try the
     /// cheaper [`pick`](Self::pick) first, as the dispatcher does.
-    pub async fn pick_or_wait(&self, exclude: &[u32], wait_until: Instant) -> Option<Picked<'_>> {
+    pub async fn pick_or_wait(
+        &self,
+        exclude: &[Excluded],
+        wait_until: Instant,
+    ) -> Option<Picked<'_>> {
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -409,6 +438,7 @@ impl Pool {
             pending: InFlight::default(),
             next_id: AtomicU64::new(1),
             healthy: AtomicBool::new(true),
+            generation: self.links_made.fetch_add(1, Ordering::Relaxed),
         });
         slot.set_link(Some(link.clone()));
         self.changed.notify_waiters();

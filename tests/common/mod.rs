@@ -277,6 +277,30 @@ impl Cluster {
         self.worker_stops[id as usize - 1].cancel();
     }
 
+    /// Starts worker `id` again on its address once its predecessor (told to stop with
+    /// [`stop_worker`](Self::stop_worker)) has given the port up, as the watchdog would
+    /// restart it.
+    pub async fn restart_worker(&mut self, id: u32) {
+        let addr = self.worker_addrs[id as usize - 1];
+        let until = Instant::now() + WAIT;
+        let listener = loop {
+            match TcpListener::bind(addr).await {
+                Ok(l) => break l,
+                Err(e) => assert!(Instant::now() < until, "{addr} never freed: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let (w, m) =
+            Worker::load(id, self.cfg.clone(), OpRegistry::from_config(&self.cfg)).expect("worker");
+        let acceptor = m
+            .acceptor(Role::Worker, self.cfg.limits.handshake_timeout())
+            .expect("acceptor");
+        let stop = CancellationToken::new();
+        self.tracker
+            .spawn(worker::run(Arc::new(w), listener, acceptor, stop.clone()));
+        self.worker_stops[id as usize - 1] = stop;
+    }
+
     /// Stops everything and waits (bounded).
     pub async fn stop(self) {
         self.shutdown.cancel();
