@@ -134,6 +134,17 @@ pub enum TlsConfigError {
         /// The identity the certificate names.
         found: String,
     },
+    /// A certificate is outside its validity period: every peer would refuse it.
+    #[error(
+        "{path}: certificate {why}; issue a new one (`securesrv certs issue --force`, see \
+         docs/OPERATIONS.md) and restart"
+    )]
+    NotValidNow {
+        /// The certificate file.
+        path: String,
+        /// "expired on ..." or "not valid before ...".
+        why: String,
+    },
     /// Building the client certificate verifier failed.
     #[error("client verifier: {0}")]
     Verifier(String),
@@ -261,15 +272,80 @@ fn certified_key(
     }
 }
 
+/// Certificates expiring sooner than this are warned about when loaded.
+const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// Refuses a certificate outside its validity period, which every peer would refuse at each
+/// handshake (a component would start, then fail its heartbeats with no word of why); warns
+/// when it expires within [`EXPIRY_WARNING`]. A certificate x509-parser cannot read is left
+/// to the checks after this one.
+fn check_file_validity(path: &Path, der: &CertificateDer<'_>) -> Result<(), TlsConfigError> {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(der) else {
+        return Ok(());
+    };
+    let validity = parsed.validity();
+    let now = x509_parser::time::ASN1Time::now();
+    let why = if now > validity.not_after {
+        format!("expired on {}", validity.not_after)
+    } else if now < validity.not_before {
+        format!(
+            "is not valid before {} (is this machine's clock right?)",
+            validity.not_before
+        )
+    } else {
+        if let Some(left) = validity.time_to_expiration() {
+            if left < EXPIRY_WARNING {
+                tracing::warn!(
+                    path = %path.display(),
+                    expires = %validity.not_after,
+                    "certificate expires within 14 days; issue a new one and restart"
+                );
+            }
+        }
+        return Ok(());
+    };
+    Err(TlsConfigError::NotValidNow {
+        path: path.display().to_string(),
+        why,
+    })
+}
+
 impl TlsMaterial {
     /// Loads the CA certificate(s), our certificate chain and our private key (mode 0600).
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsConfigError> {
+        Self::load_checking(ca, cert, key, true)
+    }
+
+    /// [`load`](Self::load) without the validity check, for tests that need a peer with an
+    /// expired certificate.
+    #[cfg(test)]
+    pub(crate) fn load_even_if_expired(
+        ca: &Path,
+        cert: &Path,
+        key: &Path,
+    ) -> Result<Self, TlsConfigError> {
+        Self::load_checking(ca, cert, key, false)
+    }
+
+    fn load_checking(
+        ca: &Path,
+        cert: &Path,
+        key: &Path,
+        validity: bool,
+    ) -> Result<Self, TlsConfigError> {
         let mut roots = RootCertStore::empty();
-        let (added, _ignored) = roots.add_parsable_certificates(certs::load_certs(ca)?);
+        let ca_certs = certs::load_certs(ca)?;
+        if let Some(first) = ca_certs.first().filter(|_| validity) {
+            check_file_validity(ca, first)?;
+        }
+        let (added, _ignored) = roots.add_parsable_certificates(ca_certs);
         if added == 0 {
             return Err(TlsConfigError::NoRoots(ca.display().to_string()));
         }
         let chain = certs::load_certs(cert)?;
+        if validity {
+            check_file_validity(cert, &chain[0])?;
+        }
         let own_id = SpiffeId::from_certificate_der(&chain[0]).map_err(|err| {
             TlsConfigError::OwnIdentity {
                 path: cert.display().to_string(),

@@ -276,7 +276,13 @@ async fn refusals_with_reasons_and_service_continues() {
     spec.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(10);
     spec.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(1);
     let stem = custom_leaf(&pki.dir, "expired", spec);
-    let expired = material(&pki.dir, &stem);
+    let dir = &pki.dir;
+    let leaf = (
+        dir.join(format!("{stem}.crt")),
+        dir.join(format!("{stem}.key")),
+    );
+    // Our own loader refuses it (below); a peer is not bound to.
+    let expired = TlsMaterial::load_even_if_expired(&dir.join("ca.crt"), &leaf.0, &leaf.1).unwrap();
     if let Ok((mut s, _)) = expired.connector(&w1, WAIT).unwrap().connect(addr).await {
         let mut b = [0u8; 1];
         let e = s.read(&mut b).await.unwrap_err();
@@ -539,5 +545,47 @@ fn der_lengths_are_encoded_in_their_shortest_form() {
         assert_eq!(der_length(len, Some(&mut out)), expected.len(), "{len}");
         assert_eq!(der_length(len, None), expected.len(), "{len}");
         assert_eq!(out, expected, "{len}");
+    }
+}
+
+#[test]
+fn a_certificate_outside_its_validity_is_refused_when_loaded() {
+    // It loaded, and the component then failed every handshake (its heartbeats too) with
+    // no word of why in its own log.
+    let pki = pki();
+    let did = SpiffeId::dispatcher(TD).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    for (stem, from, to, says) in [
+        (
+            "old",
+            now - time::Duration::days(10),
+            now - time::Duration::days(1),
+            "expired on",
+        ),
+        (
+            "future",
+            now + time::Duration::days(1),
+            now + time::Duration::days(10),
+            "not valid before",
+        ),
+    ] {
+        let mut spec = LeafSpec::for_identity(&did, 1, &[]);
+        spec.not_before = from;
+        spec.not_after = to;
+        custom_leaf(&pki.dir, stem, spec);
+        let cert = pki.dir.join(format!("{stem}.crt"));
+        let Err(err) = TlsMaterial::load(
+            &pki.dir.join("ca.crt"),
+            &cert,
+            &pki.dir.join(format!("{stem}.key")),
+        ) else {
+            panic!("accepted");
+        };
+        let text = err.to_string();
+        assert!(matches!(err, TlsConfigError::NotValidNow { .. }), "{text}");
+        assert!(
+            text.contains(says) && text.contains(&*cert.to_string_lossy()),
+            "{text}"
+        );
     }
 }
