@@ -737,6 +737,42 @@ fn a_crash_loop_backs_off_and_is_marked_failed() {
 }
 
 #[test]
+fn a_component_refusing_its_key_is_not_restarted_in_a_loop() {
+    // Exit 64 (configuration, certificate or key refused) cannot pass by itself. A worker
+    // was started five times over, each logging the same, before it was marked FAILED, and a
+    // dispatcher six times before the watchdog gave up with exit 1.
+    use std::os::unix::fs::PermissionsExt;
+    let f = Fixture::new();
+    let key = f.pki.dir.join("worker-1.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let w = f.watchdog();
+    let failed = w.wait_log(&["COMPONENT FAILED", "component=worker-1 "], WAIT);
+    assert!(failed.contains("exit status 64"), "{failed}");
+    w.wait_for_n(false, &["securesrv ready (degraded)"], 1, WAIT);
+    let starts = w
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("component started") && l.contains("component=worker-1 "))
+        .count();
+    assert_eq!(starts, 1, "{}", w.stderr());
+    drop(w);
+
+    let f = Fixture::new();
+    let key = f.pki.dir.join("token.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let mut w = f.watchdog();
+    let status = w.wait_exit(WAIT).expect("watchdog gives up");
+    assert_eq!(status.code(), Some(64), "{}", w.stderr());
+    let stderr = w.stderr();
+    assert!(stderr.contains("token.key"), "{stderr}");
+    let starts = stderr
+        .lines()
+        .filter(|l| l.contains("component started") && l.contains("component=dispatcher "))
+        .count();
+    assert_eq!(starts, 1, "{stderr}");
+}
+
+#[test]
 fn a_failed_worker_is_tried_again_after_its_restart_window() {
     let f = Fixture::new();
     let cfg = format!(

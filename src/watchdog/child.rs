@@ -24,6 +24,10 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, Command};
 
+/// What a component exits with when it refuses its configuration, a certificate or a key:
+/// starting it again cannot help until someone fixes them.
+pub const EXIT_CONFIG: i32 = 64;
+
 /// What a supervised component writes on stdout once it has bound its port.
 pub const BOUND_LINE: &str = "securesrv-component-bound";
 

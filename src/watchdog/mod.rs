@@ -71,6 +71,12 @@ pub enum WatchdogError {
         /// Why it went down the last time.
         last: String,
     },
+    /// The dispatcher refused its configuration, certificate or key (exit 64).
+    #[error(
+        "the dispatcher refuses its configuration, certificate or key (exit 64; its reason is \
+         logged above): restarting it cannot help until that is fixed"
+    )]
+    DispatcherMisconfigured,
 }
 
 /// One supervised component.
@@ -329,13 +335,19 @@ impl Supervisor {
                     slot.running = None;
                     slot.down_since.get_or_insert(now);
                     warn!(component = %slot.comp.name, pid, status = %child::describe(&status), "component exited");
+                    let misconfigured = status.code() == Some(child::EXIT_CONFIG);
                     if child::asked_to_stop(&status) {
                         self.restart_after_clean_stop(idx);
-                    } else {
+                    } else if misconfigured && !self.slots[idx].comp.is_dispatcher {
+                        self.fail_misconfigured(idx);
+                    } else if !misconfigured {
                         self.schedule_restart(idx, child::describe(&status));
                     }
                     self.exited(pid);
                     let _ = self.sweep_orphans();
+                    if misconfigured && self.slots[idx].comp.is_dispatcher {
+                        return Some(WatchdogError::DispatcherMisconfigured);
+                    }
                     continue;
                 }
             }
@@ -565,6 +577,28 @@ impl Supervisor {
                 reason,
             });
         });
+    }
+
+    /// A worker that exited 64 refuses its configuration, certificate or key, which no
+    /// restart fixes: FAILED at once (with its restart window for a retry, in case someone
+    /// fixes the files), rather than after a burst of restarts that each say the same.
+    fn fail_misconfigured(&mut self, idx: usize) {
+        let now = Instant::now();
+        let window = Duration::from_millis(self.cfg.watchdog.restart_limit_window_ms);
+        let slot = &mut self.slots[idx];
+        slot.phase = Phase::Failed {
+            since: now,
+            retry_at: now + window,
+        };
+        let reason = "exit status 64: it refuses its configuration, certificate or key (its reason is logged above)";
+        error!(
+            component = %slot.comp.name,
+            retry_in_ms = window.as_millis() as u64,
+            last_reason = reason,
+            "COMPONENT FAILED: restarting cannot help until that is fixed; trying it again once its restart window has passed"
+        );
+        slot.failed_because = reason.to_string();
+        self.maybe_announce();
     }
 
     fn schedule_restart(&mut self, idx: usize, reason: String) {
