@@ -936,6 +936,69 @@ async fn a_request_a_stopping_worker_refuses_goes_to_it_once_restarted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_refuses_the_dispatcher_after_the_handshake_is_dialled_with_backoff() {
+    // In TLS 1.3 the dispatcher's side of the handshake ends before the worker has judged
+    // its certificate. A worker refusing it (here: worker 1's certificate on a listener that
+    // takes only clients) closed every link at once, and the dispatcher, counting the link as
+    // made, dialled again every 50 ms. Links the worker never answered on now back off.
+    use securesrv::identity::Role;
+    let pki = pki(1);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = pki
+        .material("worker-1")
+        .acceptor(Role::Dispatcher, WAIT)
+        .unwrap();
+    let dials = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let fake = {
+        let dials = dials.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                dials.lock().unwrap().push(std::time::Instant::now());
+                let a = acceptor.clone();
+                tokio::spawn(async move {
+                    let refused = a.accept(tcp).await;
+                    assert!(refused.is_err(), "the dispatcher was accepted");
+                });
+            }
+        })
+    };
+    let mut cfg = securesrv::config::Config {
+        certs_dir: pki.dir.clone(),
+        ..Default::default()
+    };
+    cfg.worker.push(securesrv::config::WorkerEntry {
+        id: 1,
+        listen: addr,
+    });
+    cfg.dispatcher.listen = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
+    cfg.validate().unwrap();
+    let (d, m) = securesrv::dispatcher::Dispatcher::load(std::sync::Arc::new(cfg)).unwrap();
+    let links = tokio_util::sync::CancellationToken::new();
+    let tracker = tokio_util::task::TaskTracker::new();
+    d.start_links(&m, &links, &tracker).unwrap();
+    let until = std::time::Instant::now() + WAIT;
+    while dials.lock().unwrap().len() < 5 {
+        assert!(std::time::Instant::now() < until, "fewer than 5 dials");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    links.cancel();
+    fake.abort();
+    let dials = dials.lock().unwrap().clone();
+    // 50 + 100 + 200 + 400 ms of backoff at least between the first and the fifth.
+    let span = dials[4] - dials[0];
+    assert!(
+        span >= Duration::from_millis(700),
+        "5 dials within {span:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_long_request_the_client_gets_a_whole_idle_timeout() {
     // The idle clock restarted each time it ran out while the request ran, and not when the
     // request ended: a 2.9 s request with a 1.5 s idle timeout was answered at 2.9 s and the

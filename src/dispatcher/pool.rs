@@ -398,15 +398,28 @@ impl Pool {
             };
             match attempt {
                 Ok((stream, _)) => {
-                    info!(worker = slot.id, addr = %slot.addr, after_failures = failures, "worker link up");
-                    failures = 0;
-                    backoff = RECONNECT_INITIAL;
-                    let reason = self
+                    if failures == 0 || failures.is_power_of_two() {
+                        info!(worker = slot.id, addr = %slot.addr, after_failures = failures, "worker link up");
+                    }
+                    let (reason, answered) = self
                         .run_link(&slot, stream, io, ping_every, &shutdown)
                         .await;
-                    info!(worker = slot.id, reason, "worker link down");
-                    continue_after_link(&shutdown).await;
-                    continue;
+                    // A link counts as made once the worker has answered on it. In TLS 1.3
+                    // our side of the handshake ends before the worker has judged our
+                    // certificate: a worker refusing it (an expired certificate, another
+                    // trust domain) closed each link at once, and without this the link was
+                    // dialled again at once, ~20 times a second, logging each time.
+                    if answered {
+                        info!(worker = slot.id, reason, "worker link down");
+                        failures = 0;
+                        backoff = RECONNECT_INITIAL;
+                        continue_after_link(&shutdown).await;
+                        continue;
+                    }
+                    failures += 1;
+                    if failures == 1 || failures.is_power_of_two() {
+                        warn!(worker = slot.id, addr = %slot.addr, attempts = failures, reason, "worker link closed before the worker answered");
+                    }
                 }
                 Err(e) => {
                     failures += 1;
@@ -423,7 +436,8 @@ impl Pool {
         }
     }
 
-    /// Serves one link until it fails; returns why it ended.
+    /// Serves one link until it fails; returns why it ended, and whether the worker ever
+    /// answered on it.
     async fn run_link(
         &self,
         slot: &Slot,
@@ -431,7 +445,7 @@ impl Pool {
         io: IoLimits,
         ping_every: Duration,
         shutdown: &CancellationToken,
-    ) -> &'static str {
+    ) -> (&'static str, bool) {
         let (tx, rx) = mpsc::channel(self.max_in_flight + 64);
         let link = Arc::new(Link {
             tx,
@@ -474,11 +488,12 @@ impl Pool {
         // turn takes two locks, for every message. `stop` ends with the dispatcher's shutdown
         // and with a failed write.
         let mut cancelled = crate::shutdown::cancelled(&stop);
+        let mut answered = false;
         let mut reason = loop {
             tokio::select! {
                 biased;
                 _ = &mut cancelled => break "shutdown",
-                r = conn.read_message() => match r {
+                r = conn.read_message() => match r.inspect(|m| answered |= m.is_some()) {
                     Ok(Some(Message::Reply(r))) => link.pending.complete(r.id, Answer::Reply(r.payload)),
                     Ok(Some(Message::Error(e))) if e.id == 0 => {
                         unread_did_not_run = e.code == ErrorCode::ShuttingDown;
@@ -567,7 +582,7 @@ impl Pool {
         if let Some(w) = writer.as_mut() {
             w.close(None).await;
         }
-        reason
+        (reason, answered)
     }
 }
 
