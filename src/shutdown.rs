@@ -1,6 +1,6 @@
-//! One shutdown signal per process: SIGINT or SIGTERM (and, for a component started by the
-//! watchdog, the end of its stdin, which means the watchdog is gone) cancel one token that
-//! every task selects on. A second SIGINT/SIGTERM while draining exits at once.
+//! One shutdown signal per process: SIGINT, SIGTERM or SIGHUP (and, for a component started
+//! by the watchdog, the end of its stdin, which means the watchdog is gone) cancel one token
+//! that every task selects on. A second one while draining exits at once.
 
 use futures_util::task::AtomicWaker;
 use std::future::Future;
@@ -152,18 +152,24 @@ pub fn watch_with(
     let before_exit = Arc::new(before_exit);
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    // SIGHUP (a closed terminal, or someone expecting a reload) stops as SIGTERM does rather
+    // than killing the process without its drain; under the watchdog that is a restart,
+    // which reads the configuration and certificates again.
+    let mut hup = signal(SignalKind::hangup())?;
     let t = token.clone();
     let on_signal = before_exit.clone();
     tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => info!("SIGTERM received; shutting down"),
             _ = int.recv() => info!("SIGINT received; shutting down"),
+            _ = hup.recv() => info!("SIGHUP received; shutting down"),
             _ = t.cancelled() => {}
         }
         t.cancel();
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
+            _ = hup.recv() => {}
         }
         // What must not outlive the process first, then the line saying why: writing a log
         // line can block (a full buffer, a stuck stderr), and the exit must happen anyway.

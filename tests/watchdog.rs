@@ -243,6 +243,43 @@ fn start_serve_and_stop_with_sigterm() {
     }
 }
 
+#[test]
+fn sighup_stops_with_a_drain_like_sigterm() {
+    // SIGHUP (a closed terminal, a reload someone expected) killed a component or the
+    // watchdog at once, without the drain: requests in flight were lost and the watchdog's
+    // components were left to notice its end by themselves.
+    let f = Fixture::new();
+    let mut w = f.ready();
+    let pids: Vec<u32> = ["dispatcher", "worker-1", "worker-2"]
+        .iter()
+        .map(|c| pid_of(&w, c, 1))
+        .collect();
+    let rt = rt();
+    let c = rt.block_on(f.client());
+    // A component: it drains, exits 0, and is started again as after an operator's SIGTERM.
+    w.signal_pid(pids[1], Signal::SIGHUP);
+    let exited = w.wait_log(&["component exited", "component=worker-1 "], WAIT);
+    assert!(exited.contains("exit status 0"), "{exited}");
+    w.wait_log(&["after a clean stop", "component=worker-1 "], WAIT);
+    w.wait_for_n(true, &["component up", "component=worker-1 "], 2, WAIT);
+    // The watchdog: the request in flight is answered, and everything stops.
+    let in_flight = {
+        let c = c.clone();
+        rt.spawn(async move { c.call("sleep", b"800").await })
+    };
+    rt.block_on(until_the_dispatcher_runs_a_request(&f));
+    w.signal(Signal::SIGHUP);
+    let answer = rt.block_on(in_flight).unwrap();
+    assert_eq!(answer.unwrap(), b"slept 800 ms");
+    let status = w.wait_exit(WAIT).expect("watchdog exits after SIGHUP");
+    assert_eq!(status.code(), Some(0), "{}", w.stderr());
+    w.wait_log(&["stopping all components"], WAIT);
+    let restarted = pid_of(&w, "worker-1", 2);
+    for pid in [pids[0], pids[2], restarted] {
+        assert!(!alive(pid), "child {pid} survived the watchdog");
+    }
+}
+
 /// `securesrv ready` is said only once the dispatcher has linked to every worker that is up:
 /// it could be said while the dispatcher was still waiting out its backoff before dialling a
 /// worker that had just come up, and the first request then waited for it.

@@ -201,16 +201,18 @@ pub async fn stop(mut r: Running, grace: Duration) -> std::io::Result<ExitStatus
     }
 }
 
-/// Whether a component ended as one does when someone sent it SIGTERM or SIGINT: status 0
+/// Whether a component ended as one does when someone sent it SIGTERM, SIGINT or SIGHUP: status 0
 /// after its drain, 130 if a second signal cut the drain short (the watchdog never sends
 /// one), or killed by that signal if it came before the component had set up its handling of
 /// it (early in its start).
 pub fn asked_to_stop(status: &ExitStatus) -> bool {
     status.success()
         || status.code() == Some(crate::shutdown::EXIT_INTERRUPTED)
-        || status
-            .signal()
-            .is_some_and(|s| s == Signal::SIGTERM as i32 || s == Signal::SIGINT as i32)
+        || status.signal().is_some_and(|s| {
+            [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP]
+                .iter()
+                .any(|&asked| s == asked as i32)
+        })
 }
 
 /// "exit status 3" / "killed by signal 9 (SIGKILL)".
@@ -236,6 +238,7 @@ mod stop_kinds {
         assert!(asked_to_stop(&ExitStatus::from_raw(0)));
         assert!(asked_to_stop(&ExitStatus::from_raw(Signal::SIGTERM as i32)));
         assert!(asked_to_stop(&ExitStatus::from_raw(Signal::SIGINT as i32)));
+        assert!(asked_to_stop(&ExitStatus::from_raw(Signal::SIGHUP as i32)));
         assert!(!asked_to_stop(&ExitStatus::from_raw(
             Signal::SIGKILL as i32
         )));
