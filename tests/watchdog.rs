@@ -1052,6 +1052,37 @@ fn a_sigkilled_workers_jobs_do_not_outlive_it() {
 }
 
 #[test]
+fn a_daemon_a_job_started_does_not_outlive_the_watchdog() {
+    // A job that starts a helper in a session of its own (`setsid`, as ssh-agent or
+    // gpg-agent do) left it running after the watchdog had stopped: the sweep kills only the
+    // sessions of components, and such a helper has left its worker's. (The job waits for
+    // the helper to be in its session before it ends, and its group is killed.)
+    let tmp = tempfile::tempdir().unwrap();
+    let pidfile = tmp.path().join("daemon.pid");
+    let f = Fixture::with(&spawn_job(
+        "setsid sh -c 'echo $$ > {}; exec sleep 300' > /dev/null 2>&1 & \
+         while [ ! -s {} ]; do sleep 0.01; done",
+        &pidfile,
+    ));
+    let mut w = f.ready();
+    let daemon = rt().block_on(async {
+        let call = call_spawn(f.client().await);
+        let answer = tokio::time::timeout(WAIT, call).await.expect("call ends");
+        assert_eq!(answer.unwrap().unwrap(), b"");
+        tokio::task::block_in_place(|| common::wait_pid_file(&pidfile, WAIT))
+    });
+    assert!(alive(daemon), "the daemon runs on after its job");
+    w.signal(Signal::SIGTERM);
+    let status = w.wait_exit(WAIT).expect("watchdog exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", w.stderr());
+    let gone = wait_until(WAIT, || !alive(daemon));
+    if !gone {
+        w.signal_pid(daemon, Signal::SIGKILL);
+    }
+    assert!(gone, "daemon {daemon} outlived the watchdog");
+}
+
+#[test]
 fn a_live_workers_job_keeps_the_processes_it_started() {
     let tmp = tempfile::tempdir().unwrap();
     let pidfile = tmp.path().join("child.pid");

@@ -824,9 +824,10 @@ impl Supervisor {
         while self.stop_tasks.join_next().await.is_some() {}
         self.dead.extend(self.stopping.drain());
         // Every component is reaped: any child of theirs left is an orphan (a job of a
-        // worker that had to be SIGKILLed). Kill them, and reap them within a short bound.
+        // worker that had to be SIGKILLed, a daemon a job started in a session of its own).
+        // Kill them, and reap them within a short bound.
         for _ in 0..50 {
-            if !self.subreaper || self.sweep_orphans() == 0 {
+            if !self.subreaper || orphans::sweep_all(&HashSet::new()) == 0 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

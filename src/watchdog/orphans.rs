@@ -84,12 +84,24 @@ fn children(live: &HashSet<u32>) -> Vec<(u32, ProcStat)> {
 /// `dead` those of components that have exited (their sessions' orphans are killed). Returns
 /// how many children it killed or reaped.
 pub fn sweep(live: &HashSet<u32>, dead: &HashSet<u32>) -> usize {
+    sweep_where(live, |stat| dead.contains(&stat.session))
+}
+
+/// [`sweep`] for the watchdog's exit, once every component is reaped: every child left is
+/// an orphan of theirs, including one that left its component's session (a job's daemon,
+/// started with `setsid`), which [`sweep`] cannot tell from a live component's. Returns how
+/// many processes it killed or reaped.
+pub fn sweep_all(live: &HashSet<u32>) -> usize {
+    sweep_where(live, |_| true)
+}
+
+fn sweep_where(live: &HashSet<u32>, orphaned: impl Fn(&ProcStat) -> bool) -> usize {
     let own_group = nix::unistd::getpgrp().as_raw() as u32;
     let mut acted = 0;
     for (pid, stat) in children(live) {
         let raw = Pid::from_raw(pid as i32);
         let zombie = stat.state == 'Z';
-        if dead.contains(&stat.session) {
+        if orphaned(&stat) {
             if stat.pgrp == pid && stat.pgrp != own_group {
                 // A group leader, as each job is, even as a zombie (it still holds the group):
                 // everything in its group goes with it.
