@@ -331,8 +331,18 @@ pub struct Minter {
     key_id: u32,
     /// Per-audience HMAC keys, derived once at start-up, with the audience as text.
     keys: HashMap<SpiffeId, (String, hmac::Key)>,
+    /// The newest previous master key, while workers still accept it: for a worker not yet
+    /// restarted since `certs rotate-token-key`, which knows only that one.
+    previous: Option<PreviousKey>,
     lifetime_ms: u64,
     ids: RequestIds,
+}
+
+/// A previous master key's per-audience keys, and when workers stop accepting it.
+struct PreviousKey {
+    key_id: u32,
+    keys: HashMap<SpiffeId, hmac::Key>,
+    not_after_ms: u64,
 }
 
 /// Random 128-bit request ids without a system call per request: AES-128 of a counter under a
@@ -429,9 +439,35 @@ impl Minter {
         Minter {
             key_id: master.id,
             keys,
+            previous: None,
             lifetime_ms,
             ids: RequestIds::new(&master.key),
         }
+    }
+
+    /// Also keeps `previous` (a key file's second key, if it has a retirement time), to sign
+    /// for workers that refuse the current key because they still run on that one.
+    pub fn with_previous(mut self, previous: Option<&KeyEntry>) -> Self {
+        self.previous = previous.and_then(|p| {
+            Some(PreviousKey {
+                key_id: p.id,
+                keys: self
+                    .keys
+                    .keys()
+                    .map(|a| (a.clone(), p.key.derive_for(a).hmac_key()))
+                    .collect(),
+                not_after_ms: p.not_after_ms?,
+            })
+        });
+        self
+    }
+
+    /// Whether a token minted now with the previous key would still be accepted until it
+    /// expires.
+    pub fn previous_usable(&self, now_ms: u64) -> bool {
+        self.previous
+            .as_ref()
+            .is_some_and(|p| now_ms.saturating_add(self.lifetime_ms) <= p.not_after_ms)
     }
 
     /// How long a minted token is valid.
@@ -445,15 +481,35 @@ impl Minter {
         req: MintRequest<'_>,
         now_ms: u64,
     ) -> Result<(Vec<u8>, [u8; REQUEST_ID_LEN]), TokenError> {
+        self.mint_with(req, now_ms, false)
+    }
+
+    /// [`mint`](Self::mint), signed with the previous key if `previous` and
+    /// [`previous_usable`](Self::previous_usable) (with the current key otherwise).
+    pub fn mint_with(
+        &self,
+        req: MintRequest<'_>,
+        now_ms: u64,
+        previous: bool,
+    ) -> Result<(Vec<u8>, [u8; REQUEST_ID_LEN]), TokenError> {
         let (audience, key) = self
             .keys
             .get(req.audience)
             .ok_or_else(|| TokenError::NoKeyForAudience(req.audience.to_string()))?;
+        let (key_id, key) = match self.previous.as_ref() {
+            Some(p) if previous && self.previous_usable(now_ms) => (
+                p.key_id,
+                p.keys
+                    .get(req.audience)
+                    .ok_or_else(|| TokenError::NoKeyForAudience(req.audience.to_string()))?,
+            ),
+            _ => (self.key_id, key),
+        };
         let request_id = self.ids.next()?;
         // Encoded straight from the borrowed parts: the token is the one allocation.
         let fields = SignedFields {
             version: TOKEN_VERSION,
-            key_id: self.key_id,
+            key_id,
             request_id: &request_id,
             issued_at_ms: now_ms,
             expires_at_ms: now_ms.saturating_add(self.lifetime_ms),

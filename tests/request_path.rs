@@ -408,10 +408,10 @@ async fn forged_replayed_expired_and_retargeted_tokens_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_left_on_an_old_token_key_costs_a_retry_not_a_refusal() {
-    // The token key is rotated after worker 1 has loaded its key and before worker 2 and the
-    // dispatcher load theirs: an operator who restarted only some workers. Worker 1 refuses
-    // every token; that is the dispatcher's problem, not the client's, and the request did not
-    // run, so it goes to worker 2.
+    // The token key is rotated twice after worker 1 has loaded its key and before worker 2
+    // and the dispatcher load theirs: worker 1 knows neither the current key nor the previous
+    // one. It refuses every token; that is the dispatcher's problem, not the client's, and
+    // the request did not run, so it goes to worker 2.
     let pki = pki(2);
     let dir = pki.dir.clone();
     let cluster = start_cluster_staged(
@@ -420,8 +420,10 @@ async fn a_worker_left_on_an_old_token_key_costs_a_retry_not_a_refusal() {
         |_| {},
         |next| {
             if next == Some(2) {
-                securesrv::certs::rotate_token_key(&dir, Some("securesrv"), 600_000)
-                    .expect("rotate");
+                for _ in 0..2 {
+                    securesrv::certs::rotate_token_key(&dir, Some("securesrv"), 600_000)
+                        .expect("rotate");
+                }
             }
         },
     )
@@ -454,6 +456,39 @@ async fn a_worker_left_on_an_old_token_key_costs_a_retry_not_a_refusal() {
         "refused everywhere after {:?}: {message}",
         started.elapsed()
     );
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatcher_restarted_before_a_worker_after_a_rotation_signs_with_the_previous_key() {
+    // `certs rotate-token-key`, then the dispatcher restarted (a crash, a hang the watchdog
+    // ended) before worker 1: the dispatcher signs with the new key, which worker 1 does not
+    // know. Every request to it was refused, and with it the only worker, every request. The
+    // dispatcher now signs worker 1's tokens with the previous key, which workers accept
+    // until its window ends.
+    let pki = pki(1);
+    let dir = pki.dir.clone();
+    let cluster = start_cluster_staged(
+        &pki,
+        1,
+        |_| {},
+        |next| {
+            if next.is_none() {
+                securesrv::certs::rotate_token_key(&dir, Some("securesrv"), 600_000)
+                    .expect("rotate");
+            }
+        },
+    )
+    .await;
+    let c = cluster.client(&pki).await;
+    for i in 0..20 {
+        let p = format!("request {i}");
+        let answer = c
+            .call_with("echo", p.as_bytes(), call_options(false, 20))
+            .await
+            .expect("answered by worker 1");
+        assert_eq!(answer, p.as_bytes());
+    }
     cluster.stop().await;
 }
 

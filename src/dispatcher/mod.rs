@@ -113,7 +113,8 @@ impl Dispatcher {
             .map(|(id, addr)| Ok((id, SpiffeId::worker(&cfg.trust_domain, id)?, addr)))
             .collect::<Result<Vec<_>, crate::identity::IdentityError>>()?;
         let audiences: Vec<SpiffeId> = workers.iter().map(|w| w.1.clone()).collect();
-        let minter = Minter::new(master.current(), &audiences, cfg.token.lifetime_ms);
+        let minter = Minter::new(master.current(), &audiences, cfg.token.lifetime_ms)
+            .with_previous(master.entries().get(1));
         let pool = Arc::new(Pool::new(&cfg, workers, minter));
         Ok((
             Arc::new(Dispatcher {
@@ -351,6 +352,18 @@ impl Dispatcher {
                             ErrorCode::Timeout,
                             format!("no answer within {timeout_ms} ms"),
                         )),
+                    );
+                }
+                Err(ForwardError::Remote(ErrorCode::InvalidToken, _))
+                    if !slot.on_previous_key(&picked.link) && self.pool.previous_key_usable() =>
+                {
+                    // A worker not restarted since `certs rotate-token-key` knows only the
+                    // previous key, which workers accept until its window ends: sign its
+                    // tokens with that one until it restarts, and send this request again.
+                    slot.use_previous_key(&picked.link);
+                    warn!(
+                        worker = slot.id,
+                        "worker refused a token signed with the newest token key; signing its tokens with the previous key until it restarts (after rotate-token-key, restart every worker before the key's window ends)"
                     );
                 }
                 Err(ForwardError::Remote(ErrorCode::InvalidToken, message)) => {

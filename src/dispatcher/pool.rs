@@ -87,9 +87,24 @@ pub struct Slot {
     pub(crate) expired_tokens: SharedThrottle,
     /// Idempotent requests sent elsewhere after its link broke: one per request in flight.
     pub(crate) lost_retries: SharedThrottle,
+    /// The generation + 1 of the link on which it refused tokens signed with the current key
+    /// (0: none): its tokens are signed with the previous key on that link. A restarted
+    /// worker, on a new link, has read the key file again.
+    previous_key_on: AtomicU64,
 }
 
 impl Slot {
+    /// Whether tokens for this worker on `link` are signed with the previous key.
+    pub fn on_previous_key(&self, link: &Link) -> bool {
+        self.previous_key_on.load(Ordering::Relaxed) == link.generation.wrapping_add(1)
+    }
+
+    /// Signs this worker's tokens on `link` with the previous key from now on.
+    pub fn use_previous_key(&self, link: &Link) {
+        self.previous_key_on
+            .store(link.generation.wrapping_add(1), Ordering::Relaxed);
+    }
+
     fn link(&self) -> Option<Arc<Link>> {
         self.link.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -175,6 +190,7 @@ impl Pool {
                         token_refusals: SharedThrottle::default(),
                         expired_tokens: SharedThrottle::default(),
                         lost_retries: SharedThrottle::default(),
+                        previous_key_on: AtomicU64::new(0),
                     })
                 })
                 .collect(),
@@ -190,6 +206,12 @@ impl Pool {
     /// The workers.
     pub fn slots(&self) -> &[Arc<Slot>] {
         &self.slots
+    }
+
+    /// Whether tokens signed with the previous token key are still accepted (see
+    /// [`Slot::use_previous_key`]).
+    pub fn previous_key_usable(&self) -> bool {
+        self.minter.previous_usable(crate::token::now_ms())
     }
 
     /// Workers whose link is up and answering, with room or not.
@@ -323,7 +345,7 @@ impl Pool {
     ) -> Result<Bytes, ForwardError> {
         let (slot, link) = (&*picked.slot, &*picked.link);
         let (op, payload) = (req.op.as_str(), &req.payload);
-        let (token, _) = self.minter.mint(
+        let (token, _) = self.minter.mint_with(
             MintRequest {
                 audience: &slot.identity,
                 client,
@@ -331,6 +353,7 @@ impl Pool {
                 payload,
             },
             crate::token::now_ms(),
+            slot.on_previous_key(link),
         )?;
         // `None` (a lifetime beyond the clock's range): the token never expires in practice.
         let token_expires = now.checked_add(self.minter.lifetime());

@@ -306,3 +306,42 @@ fn request_ids_are_random_128_bit_values_that_never_repeat() {
         );
     }
 }
+
+#[test]
+fn the_previous_key_signs_for_a_worker_that_knows_only_it_until_its_window_ends() {
+    // Key 1 rotated to key 2 at t=0 with a window to t=60000; worker 1 still runs on key 1.
+    let old = KeyFile::single(1, SecretKey::from_bytes([42; 32]));
+    let new = old
+        .rotated(SecretKey::from_bytes([7; 32]), 0, 60_000)
+        .unwrap();
+    let minter =
+        Minter::new(new.current(), &[worker(1)], 5_000).with_previous(new.entries().get(1));
+    let stale = Verifier::new(
+        &worker(1),
+        &old.map_keys(|k| k.derive_for(&worker(1))),
+        VerifierLimits::default(),
+    );
+    let req = MintRequest {
+        audience: &worker(1),
+        client: "spiffe://securesrv/client/default",
+        op: "echo",
+        payload: b"hi",
+    };
+    let now = 1_000;
+    let (current, _) = minter.mint_with(req, now, false).unwrap();
+    assert!(stale.verify(&current, "echo", b"hi", now).is_err());
+    assert!(minter.previous_usable(now));
+    let (previous, _) = minter.mint_with(req, now, true).unwrap();
+    assert_eq!(
+        stale.verify(&previous, "echo", b"hi", now).unwrap().key_id,
+        1
+    );
+    // A token that would outlive the window is signed with the current key.
+    assert!(!minter.previous_usable(55_001));
+    let (late, _) = minter.mint_with(req, 55_001, true).unwrap();
+    assert_eq!(parse(&late).unwrap().claims.key_id, 2);
+    // Without a previous key, the current one.
+    let single =
+        Minter::new(old.current(), &[worker(1)], 5_000).with_previous(old.entries().get(1));
+    assert!(!single.previous_usable(now));
+}
