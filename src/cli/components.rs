@@ -58,8 +58,8 @@ pub fn block_on_threads(
     code
 }
 
-/// A failure caused by the configuration, certificates or keys: exit code 64, as for every
-/// command.
+/// A failure caused by the configuration, certificates or keys: exit code 64, as for
+/// `client` (`certs` exits 1 for its files; docs/OPERATIONS.md lists the codes).
 fn fail_config(what: &str, e: impl std::fmt::Display) -> ExitCode {
     let _ = fail(what, e);
     ExitCode::from(crate::cli::EXIT_CONFIG)
