@@ -276,9 +276,8 @@ fn certified_key(
 const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
 
 /// Refuses a certificate outside its validity period, which every peer would refuse at each
-/// handshake (a component would start, then fail its heartbeats with no word of why); warns
-/// when it expires within [`EXPIRY_WARNING`]. A certificate x509-parser cannot read is left
-/// to the checks after this one.
+/// handshake (a component would start, then fail its heartbeats with no word of why). A
+/// certificate x509-parser cannot read is left to the checks after this one.
 fn check_file_validity(path: &Path, der: &CertificateDer<'_>) -> Result<(), TlsConfigError> {
     let Ok((_, parsed)) = x509_parser::parse_x509_certificate(der) else {
         return Ok(());
@@ -293,21 +292,31 @@ fn check_file_validity(path: &Path, der: &CertificateDer<'_>) -> Result<(), TlsC
             validity.not_before
         )
     } else {
-        if let Some(left) = validity.time_to_expiration() {
-            if left < EXPIRY_WARNING {
-                tracing::warn!(
-                    path = %path.display(),
-                    expires = %validity.not_after,
-                    "certificate expires within 14 days; issue a new one and restart"
-                );
-            }
-        }
         return Ok(());
     };
     Err(TlsConfigError::NotValidNow {
         path: path.display().to_string(),
         why,
     })
+}
+
+/// Logs a warning for a component's certificate that expires within [`EXPIRY_WARNING`] (not
+/// for a client's: the client command says one line per failure, nothing more).
+fn warn_if_expiring(path: &Path, der: &CertificateDer<'_>) {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(der) else {
+        return;
+    };
+    let validity = parsed.validity();
+    if validity
+        .time_to_expiration()
+        .is_some_and(|left| left < EXPIRY_WARNING)
+    {
+        tracing::warn!(
+            path = %path.display(),
+            expires = %validity.not_after,
+            "certificate expires within 14 days; issue a new one and restart"
+        );
+    }
 }
 
 impl TlsMaterial {
@@ -381,6 +390,9 @@ impl TlsMaterial {
                 expected: id.to_string(),
                 found: material.own_id.to_string(),
             });
+        }
+        if let Some(leaf) = material.certified.cert.first() {
+            warn_if_expiring(&cert, leaf);
         }
         Ok(material)
     }
