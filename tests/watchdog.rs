@@ -951,10 +951,8 @@ fn a_second_signal_to_the_watchdog_stops_every_component_at_once() {
         w.signal_pid(*p, Signal::SIGKILL);
     }
     assert!(gone, "{left:?} outlived the watchdog");
-    assert!(
-        !w.stderr().contains("supervisor is gone"),
-        "a component was left to notice the watchdog's exit by itself"
-    );
+    // (A component may still notice the watchdog's closed pipe before the signals: that
+    // starts its drain, and the signals end it at once all the same.)
     let answer = rt.block_on(async { tokio::time::timeout(WAIT, call).await });
     assert!(
         !matches!(answer, Ok(Ok(Ok(_)))),
