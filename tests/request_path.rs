@@ -481,12 +481,26 @@ async fn a_dispatcher_restarted_before_a_worker_after_a_rotation_signs_with_the_
     )
     .await;
     let c = cluster.client(&pki).await;
+    // At once: those sent before the worker's first refusal were signed with the new key too,
+    // and are refused after the dispatcher has switched to the previous one.
+    let mut calls = tokio::task::JoinSet::new();
     for i in 0..20 {
-        let p = format!("request {i}");
-        let answer = c
-            .call_with("echo", p.as_bytes(), call_options(false, 20))
-            .await
-            .expect("answered by worker 1");
+        let c = c.clone();
+        calls.spawn(async move {
+            let p = format!("request {i}");
+            let answer = c
+                .call_with("echo", p.as_bytes(), call_options(false, 20))
+                .await;
+            (p, answer)
+        });
+    }
+    while let Some(done) = calls.join_next().await {
+        let (p, answer) = done.expect("task");
+        assert_eq!(answer.expect("answered by worker 1"), p.as_bytes());
+    }
+    for i in 0..5 {
+        let p = format!("then {i}");
+        let answer = c.call("echo", p.as_bytes()).await.expect("answered");
         assert_eq!(answer, p.as_bytes());
     }
     cluster.stop().await;

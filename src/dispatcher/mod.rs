@@ -293,16 +293,22 @@ impl Dispatcher {
             let slot = picked.slot.clone();
             let here = picked.link.excluded(&slot);
             last_worker = Some(slot.clone());
+            // Decided here, so that a refusal is judged by the key its token was signed with:
+            // requests sent before the worker's first refusal were signed with the current key,
+            // and are sent again once the link has switched.
+            let previous_key = slot.on_previous_key(&picked.link);
             match self
                 .pool
-                .forward(&picked, &client.text, req, now, deadline)
+                .forward(&picked, &client.text, req, now, deadline, previous_key)
                 .await
             {
                 Ok(out) => return (Some(slot.clone()), Ok(out)),
                 Err(ForwardError::NotSent) => continue,
                 Err(ForwardError::Remote(ErrorCode::ShuttingDown, _)) => {
-                    // Elsewhere, or to this worker once it is back (on a new link).
+                    // Elsewhere, or to this worker once it is back (on a new link): worth a
+                    // wait for a worker, whatever another one said before.
                     exclude.push(here);
+                    overloaded = None;
                 }
                 Err(ForwardError::Expired) => {
                     if let Some(requests) = slot.expired_tokens.hit() {
@@ -355,16 +361,18 @@ impl Dispatcher {
                     );
                 }
                 Err(ForwardError::Remote(ErrorCode::InvalidToken, _))
-                    if !slot.on_previous_key(&picked.link) && self.pool.previous_key_usable() =>
+                    if !previous_key && self.pool.previous_key_usable() =>
                 {
                     // A worker not restarted since `certs rotate-token-key` knows only the
                     // previous key, which workers accept until its window ends: sign its
                     // tokens with that one until it restarts, and send this request again.
-                    slot.use_previous_key(&picked.link);
-                    warn!(
-                        worker = slot.id,
-                        "worker refused a token signed with the newest token key; signing its tokens with the previous key until it restarts (after rotate-token-key, restart every worker before the key's window ends)"
-                    );
+                    if !slot.on_previous_key(&picked.link) {
+                        slot.use_previous_key(&picked.link);
+                        warn!(
+                            worker = slot.id,
+                            "worker refused a token signed with the newest token key; signing its tokens with the previous key until it restarts (after rotate-token-key, restart every worker before the key's window ends)"
+                        );
+                    }
                 }
                 Err(ForwardError::Remote(ErrorCode::InvalidToken, message)) => {
                     // A token this dispatcher minted for that worker a moment ago: nothing the

@@ -335,6 +335,8 @@ impl Pool {
     /// until `deadline`. `now` is the time the caller read just before (it dates the token's
     /// local expiry estimate; the time left for the worker is read afresh, after minting, so
     /// that it is never more than the dispatcher still waits).
+    /// `previous_key`: sign the token with the previous token key (see
+    /// [`Slot::use_previous_key`]).
     pub async fn forward(
         &self,
         picked: &Picked<'_>,
@@ -342,6 +344,7 @@ impl Pool {
         req: &Request,
         now: Instant,
         deadline: Instant,
+        previous_key: bool,
     ) -> Result<Bytes, ForwardError> {
         let (slot, link) = (&*picked.slot, &*picked.link);
         let (op, payload) = (req.op.as_str(), &req.payload);
@@ -353,7 +356,7 @@ impl Pool {
                 payload,
             },
             crate::token::now_ms(),
-            slot.on_previous_key(link),
+            previous_key,
         )?;
         // `None` (a lifetime beyond the clock's range): the token never expires in practice.
         let token_expires = now.checked_add(self.minter.lifetime());
