@@ -140,6 +140,34 @@ pub fn watch(
     watch_with(token, parent_watch, hard_deadline, || {})
 }
 
+/// The next SIGHUP, or never when it is not listened for.
+async fn hangup(hup: &mut Option<tokio::signal::unix::Signal>) {
+    match hup {
+        Some(h) => {
+            h.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether signal `number` was ignored when this process started (a disposition inherited
+/// through `exec`, as `nohup` sets for SIGHUP). Read from `/proc/self/status`, since asking
+/// for a disposition takes unsafe code; false if it cannot be read.
+fn ignored_at_start(number: i32) -> bool {
+    let Some(bit) = u32::try_from(number - 1).ok().filter(|b| *b < 64) else {
+        return false;
+    };
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status.lines().find_map(|l| {
+                let mask = l.strip_prefix("SigIgn:")?.trim();
+                u64::from_str_radix(mask, 16).ok()
+            })
+        })
+        .is_some_and(|mask| mask & (1 << bit) != 0)
+}
+
 /// [`watch`], running `before_exit` whenever the process exits without its drain (the second
 /// signal, or the hard deadline after the supervisor vanished), for what must not outlive the
 /// process even then: a worker kills its jobs' process groups there.
@@ -154,22 +182,27 @@ pub fn watch_with(
     let mut int = signal(SignalKind::interrupt())?;
     // SIGHUP (a closed terminal, or someone expecting a reload) stops as SIGTERM does rather
     // than killing the process without its drain; under the watchdog that is a restart,
-    // which reads the configuration and certificates again.
-    let mut hup = signal(SignalKind::hangup())?;
+    // which reads the configuration and certificates again. Unless it was ignored when the
+    // process started (`nohup`): then it stays ignored, as the operator asked.
+    let mut hup = if ignored_at_start(SignalKind::hangup().as_raw_value()) {
+        None
+    } else {
+        Some(signal(SignalKind::hangup())?)
+    };
     let t = token.clone();
     let on_signal = before_exit.clone();
     tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => info!("SIGTERM received; shutting down"),
             _ = int.recv() => info!("SIGINT received; shutting down"),
-            _ = hup.recv() => info!("SIGHUP received; shutting down"),
+            _ = hangup(&mut hup) => info!("SIGHUP received; shutting down"),
             _ = t.cancelled() => {}
         }
         t.cancel();
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
-            _ = hup.recv() => {}
+            _ = hangup(&mut hup) => {}
         }
         // What must not outlive the process first, then the line saying why: writing a log
         // line can block (a full buffer, a stuck stderr), and the exit must happen anyway.

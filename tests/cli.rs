@@ -1485,3 +1485,47 @@ async fn requests_of_a_closed_connection_are_finished_or_audited_at_a_stop() {
         dispatcher.stderr()
     );
 }
+
+/// The signal mask `field` (`SigIgn`, `SigCgt`) of process `pid`, from `/proc`.
+fn signal_mask(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in {status}"));
+    u64::from_str_radix(line.trim(), 16).unwrap()
+}
+
+/// SIGHUP stops a component with its drain, unless it was ignored when the component started
+/// (`nohup`): the handler overrode that, and a component started with `nohup` stopped when
+/// its terminal closed.
+#[test]
+fn sighup_stays_ignored_under_nohup() {
+    let (pki, dir, _, w_addr) = one_worker();
+    let args = ["worker", "--id", "1", "--listen", &w_addr, "--certs", &dir];
+    let mut plain = Proc::spawn("worker", &args, pki.tmp.path());
+    plain.wait_log(&["worker listening"], WAIT);
+    let hup = 1u64 << (Signal::SIGHUP as i32 - 1);
+    assert_ne!(
+        signal_mask(plain.pid, "SigCgt") & hup,
+        0,
+        "SIGHUP is handled"
+    );
+    plain.signal(Signal::SIGTERM);
+    assert!(plain.wait_exit(WAIT).is_some_and(|s| s.success()));
+
+    let mut cmd = Command::new("nohup");
+    cmd.arg(bin()).args(args).current_dir(pki.tmp.path());
+    let nohup = Proc::spawn_command("worker under nohup", cmd);
+    nohup.wait_log(&["worker listening"], WAIT);
+    assert_ne!(
+        signal_mask(nohup.pid, "SigIgn") & hup,
+        0,
+        "SIGHUP stays ignored"
+    );
+    assert_eq!(
+        signal_mask(nohup.pid, "SigCgt") & hup,
+        0,
+        "SIGHUP is not caught"
+    );
+}
