@@ -810,6 +810,31 @@ fn a_component_refusing_its_key_is_not_restarted_in_a_loop() {
 }
 
 #[test]
+fn a_component_that_was_up_and_then_refuses_its_key_is_restarted() {
+    // Exit 64 after the component has been up may be a passing state (a certificate and key
+    // replaced one after the other, a configuration being edited): it is restarted as after
+    // any failure, and comes back once the files are right, rather than given up on at once.
+    use std::os::unix::fs::PermissionsExt;
+    let f = Fixture::new();
+    let w = f.ready();
+    let pid = pid_of(&w, "worker-1", 1);
+    let key = f.pki.dir.join("worker-1.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    w.signal_pid(pid, Signal::SIGKILL);
+    w.wait_log(
+        &[
+            "restarting component",
+            "component=worker-1 ",
+            "exit status 64",
+        ],
+        WAIT,
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    w.wait_for_n(true, &["component up", "component=worker-1 "], 2, WAIT);
+    assert!(!w.stderr().contains("COMPONENT FAILED"), "{}", w.stderr());
+}
+
+#[test]
 fn a_failed_worker_is_tried_again_after_its_restart_window() {
     let f = Fixture::new();
     let cfg = format!(

@@ -132,6 +132,11 @@ struct Slot {
     down_since: Option<Instant>,
     /// Why it last went down, once it is marked failed.
     failed_because: String,
+    /// Whether it has answered a heartbeat since the watchdog started: a component that came
+    /// up once and then exits 64 may have met a passing state (a certificate and key pair
+    /// replaced one file after the other, a configuration being edited), so it is restarted as
+    /// after any failure, not given up on at once.
+    ever_up: bool,
 }
 
 enum Event {
@@ -253,6 +258,7 @@ pub async fn run(
             backoff: Duration::from_millis(cfg.watchdog.restart_backoff_initial_ms),
             down_since: None,
             failed_because: String::new(),
+            ever_up: false,
         });
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -335,7 +341,7 @@ impl Supervisor {
                     slot.running = None;
                     slot.down_since.get_or_insert(now);
                     warn!(component = %slot.comp.name, pid, status = %child::describe(&status), "component exited");
-                    let misconfigured = status.code() == Some(child::EXIT_CONFIG);
+                    let misconfigured = status.code() == Some(child::EXIT_CONFIG) && !slot.ever_up;
                     if child::asked_to_stop(&status) {
                         self.restart_after_clean_stop(idx);
                     } else if misconfigured && !self.slots[idx].comp.is_dispatcher {
@@ -484,6 +490,7 @@ impl Supervisor {
                         slot.phase = Phase::Up {
                             since: Instant::now(),
                         };
+                        slot.ever_up = true;
                         slot.misses = 0;
                         let recovered = slot.down_since.take().map(|t| t.elapsed().as_millis());
                         info!(
