@@ -580,14 +580,15 @@ impl Config {
         // Port 0 would bind wherever the system chooses, and nobody else could find it:
         // clients and the watchdog dial the dispatcher, the dispatcher and the watchdog the
         // workers (whose ports are derived from the dispatcher's unless listed).
-        if self.dispatcher.listen.port() == 0 {
+        let port_zero = self.dispatcher.listen.port() == 0;
+        if port_zero {
             p.push("dispatcher.listen needs a port other than 0".into());
-            return;
         }
         if self.worker.is_empty() {
             if self.workers == 0 || self.workers > MAX_WORKERS {
                 p.push(format!("workers must be between 1 and {MAX_WORKERS}"));
-            } else if u32::from(self.dispatcher.listen.port()) + self.workers > 65_535 {
+            } else if !port_zero && u32::from(self.dispatcher.listen.port()) + self.workers > 65_535
+            {
                 p.push("dispatcher port + workers exceeds 65535".into());
             }
             return;

@@ -444,7 +444,7 @@ pub async fn serve<H: ConnectionHandler>(
     if dropped > 0 {
         warn!(
             dropped,
-            "requests whose connection had closed still running after the drain period; dropped"
+            "requests whose connection had closed still running after the drain period; not waited for"
         );
     }
 }

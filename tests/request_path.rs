@@ -829,10 +829,25 @@ async fn a_worker_refusing_overloaded_sends_the_request_elsewhere_or_back_at_onc
     for _ in 0..4 {
         let c = c.clone();
         let opts = not_idempotent;
-        tasks.spawn(async move { c.call_with("sleep", b"600", opts).await });
+        tasks.spawn(async move { c.call_with("sleep", b"2000", opts).await });
+    }
+    // While they run, worker 1 has one and worker 2 the other three: the one worker 1
+    // refused went to worker 2.
+    let pool = cluster.dispatcher.pool();
+    let until = std::time::Instant::now() + WAIT;
+    while (pool.slots()[0].outstanding(), pool.slots()[1].outstanding()) != (1, 3) {
+        assert!(
+            std::time::Instant::now() < until,
+            "never 1 and 3 outstanding"
+        );
+        assert!(
+            !tasks.is_empty() && tasks.try_join_next().is_none(),
+            "a call ended early"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     while let Some(r) = tasks.join_next().await {
-        assert_eq!(r.expect("task").expect("answered"), b"slept 600 ms");
+        assert_eq!(r.expect("task").expect("answered"), b"slept 2000 ms");
     }
     // With worker 2 gone, worker 1's refusal comes back to the client at once, not after the
     // 20 s wait for a worker. (Before, it came back at once too, but was never retried.)
