@@ -216,6 +216,11 @@ impl Session {
         Ok(Admission((permit, budget)))
     }
 
+    /// The request slots of the peer's identity.
+    pub fn identity(&self) -> &crate::server::IdentitySlots {
+        &self.identity
+    }
+
     /// Starts `work` for a request [`Session::admit`] let in; its answer is written when it
     /// is ready.
     pub fn run_admitted<F>(&mut self, admission: Admission, placement: Placement, work: F) -> Next

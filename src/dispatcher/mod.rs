@@ -533,7 +533,6 @@ impl ConnectionHandler for Handler {
                 .metadata()
                 .is_some_and(|m| m.name() == "conn"),
         });
-        let identity = peer.identity_slots.clone();
         session::drive(
             conn,
             shutdown,
@@ -554,9 +553,11 @@ impl ConnectionHandler for Handler {
                 ))),
                 Message::Request(req) if client.id.role() == Role::Client => {
                     match s.admit(req.id, req.payload.len()) {
-                        Ok(admitted) if d.over_share(&identity) => {
+                        Ok(admitted) if d.over_share(s.identity()) => {
                             drop(admitted);
-                            Next::Reply(client.refused(req.op, d.share_refusal(&identity, req.id)))
+                            Next::Reply(
+                                client.refused(req.op, d.share_refusal(s.identity(), req.id)),
+                            )
                         }
                         Ok(admitted) => s.run_admitted(
                             admitted,
