@@ -42,6 +42,33 @@ fn call_options(idempotent: bool, timeout_s: u64) -> CallOptions {
     }
 }
 
+/// A cluster of `workers` whose token key is rotated `times` (10-minute windows) just before
+/// worker `before` (the dispatcher for `None`) loads its keys: the ones loaded earlier are on
+/// an old key.
+async fn rotated_cluster(
+    workers: u32,
+    before: Option<u32>,
+    times: usize,
+) -> (Pki, common::Cluster) {
+    let pki = pki(workers);
+    let dir = pki.dir.clone();
+    let cluster = start_cluster_staged(
+        &pki,
+        workers,
+        |_| {},
+        |next| {
+            if next == before {
+                for _ in 0..times {
+                    securesrv::certs::rotate_token_key(&dir, Some("securesrv"), 600_000)
+                        .expect("rotate");
+                }
+            }
+        },
+    )
+    .await;
+    (pki, cluster)
+}
+
 async fn still_serving(c: &securesrv::client::Client) {
     assert_eq!(c.call("echo", b"still here").await.unwrap(), b"still here");
 }
@@ -412,22 +439,7 @@ async fn a_worker_left_on_an_old_token_key_costs_a_retry_not_a_refusal() {
     // and the dispatcher load theirs: worker 1 knows neither the current key nor the previous
     // one. It refuses every token; that is the dispatcher's problem, not the client's, and
     // the request did not run, so it goes to worker 2.
-    let pki = pki(2);
-    let dir = pki.dir.clone();
-    let cluster = start_cluster_staged(
-        &pki,
-        2,
-        |_| {},
-        |next| {
-            if next == Some(2) {
-                for _ in 0..2 {
-                    securesrv::certs::rotate_token_key(&dir, Some("securesrv"), 600_000)
-                        .expect("rotate");
-                }
-            }
-        },
-    )
-    .await;
+    let (pki, cluster) = rotated_cluster(2, Some(2), 2).await;
     let c = cluster.client(&pki).await;
     for i in 0..20 {
         let p = format!("request {i}");
@@ -466,20 +478,7 @@ async fn a_dispatcher_restarted_before_a_worker_after_a_rotation_signs_with_the_
     // know. Every request to it was refused, and with it the only worker, every request. The
     // dispatcher now signs worker 1's tokens with the previous key, which workers accept
     // until its window ends.
-    let pki = pki(1);
-    let dir = pki.dir.clone();
-    let cluster = start_cluster_staged(
-        &pki,
-        1,
-        |_| {},
-        |next| {
-            if next.is_none() {
-                securesrv::certs::rotate_token_key(&dir, Some("securesrv"), 600_000)
-                    .expect("rotate");
-            }
-        },
-    )
-    .await;
+    let (pki, cluster) = rotated_cluster(1, None, 1).await;
     let c = cluster.client(&pki).await;
     // At once: those sent before the worker's first refusal were signed with the new key too,
     // and are refused after the dispatcher has switched to the previous one.

@@ -129,6 +129,14 @@ fn pid_of(w: &Proc, component: &str, nth: usize) -> u32 {
         .expect("pid in log line")
 }
 
+/// PIDs of the first starts of the dispatcher, worker 1 and worker 2.
+fn first_pids(w: &Proc) -> Vec<u32> {
+    ["dispatcher", "worker-1", "worker-2"]
+        .iter()
+        .map(|c| pid_of(w, c, 1))
+        .collect()
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -206,10 +214,7 @@ fn start_serve_and_stop_with_sigterm() {
         ready.contains("worker-1") && ready.contains("worker-2"),
         "{ready}"
     );
-    let pids: Vec<u32> = ["dispatcher", "worker-1", "worker-2"]
-        .iter()
-        .map(|c| pid_of(&w, c, 1))
-        .collect();
+    let pids = first_pids(&w);
     let rt = rt();
     let c = rt.block_on(async {
         let c = f.client().await;
@@ -250,10 +255,7 @@ fn sighup_stops_with_a_drain_like_sigterm() {
     // components were left to notice its end by themselves.
     let f = Fixture::new();
     let mut w = f.ready();
-    let pids: Vec<u32> = ["dispatcher", "worker-1", "worker-2"]
-        .iter()
-        .map(|c| pid_of(&w, c, 1))
-        .collect();
+    let pids = first_pids(&w);
     let rt = rt();
     let c = rt.block_on(f.client());
     // A component: it drains, exits 0, and is started again as after an operator's SIGTERM.
@@ -921,10 +923,7 @@ fn a_stopped_child_exits_when_the_watchdog_is_killed() {
 fn children_exit_when_the_watchdog_is_killed() {
     let f = Fixture::new();
     let mut w = f.ready();
-    let pids: Vec<u32> = ["dispatcher", "worker-1", "worker-2"]
-        .iter()
-        .map(|c| pid_of(&w, c, 1))
-        .collect();
+    let pids = first_pids(&w);
     w.signal(Signal::SIGKILL);
     w.wait_exit(WAIT).expect("watchdog killed");
     let gone = wait_until(Duration::from_secs(10), || pids.iter().all(|p| !alive(*p)));
@@ -944,10 +943,7 @@ fn a_second_signal_to_the_watchdog_stops_every_component_at_once() {
     let pidfile = tmp.path().join("job.pid");
     let f = Fixture::with(&spawn_job("echo $$ > '{}'; exec sleep 60", &pidfile));
     let mut w = f.ready();
-    let pids: Vec<u32> = ["dispatcher", "worker-1", "worker-2"]
-        .iter()
-        .map(|c| pid_of(&w, c, 1))
-        .collect();
+    let pids = first_pids(&w);
     let rt = rt();
     let c = rt.block_on(f.client());
     let call = {
