@@ -474,12 +474,15 @@ async fn a_worker_left_on_an_old_token_key_costs_a_retry_not_a_refusal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dispatcher_restarted_before_a_worker_after_a_rotation_signs_with_the_previous_key() {
     // `certs rotate-token-key`, then the dispatcher restarted (a crash, a hang the watchdog
-    // ended) before worker 1: the dispatcher signs with the new key, which worker 1 does not
-    // know. Every request to it was refused, and with it the only worker, every request. The
-    // dispatcher now signs worker 1's tokens with the previous key, which workers accept
-    // until its window ends.
-    let (pki, cluster) = rotated_cluster(1, None, 1).await;
+    // ended) before the workers: the dispatcher signs with the new key, which they do not
+    // know, and every request was refused. The dispatcher now signs a refusing worker's tokens
+    // with the previous key, which workers accept until its window ends.
+    // Six workers: a request sent alone meets each of them switching in turn (ties rotate),
+    // which used up its six attempts.
+    let (pki, cluster) = rotated_cluster(6, None, 1).await;
     let c = cluster.client(&pki).await;
+    let first = c.call_with("echo", b"first", call_options(false, 20)).await;
+    assert_eq!(first.expect("the first request"), b"first");
     // At once: those sent before the worker's first refusal were signed with the new key too,
     // and are refused after the dispatcher has switched to the previous one.
     let mut calls = tokio::task::JoinSet::new();
@@ -495,7 +498,7 @@ async fn a_dispatcher_restarted_before_a_worker_after_a_rotation_signs_with_the_
     }
     while let Some(done) = calls.join_next().await {
         let (p, answer) = done.expect("task");
-        assert_eq!(answer.expect("answered by worker 1"), p.as_bytes());
+        assert_eq!(answer.expect("answered"), p.as_bytes());
     }
     for i in 0..5 {
         let p = format!("then {i}");

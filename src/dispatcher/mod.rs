@@ -258,10 +258,16 @@ impl Dispatcher {
         // The time now, read again only after something may have waited: the clock is read
         // a handful of times per request, and each reading counts at small sizes.
         let mut now = started;
-        for attempt in 0..MAX_ATTEMPTS {
+        // A worker switched to the previous token key gives the attempt back: each link
+        // switches once, and a request sent alone after a rotation may meet every worker
+        // switching in turn.
+        let mut attempts = MAX_ATTEMPTS;
+        let mut attempt = 0;
+        while attempt < attempts {
             if attempt > 0 {
                 now = Instant::now();
             }
+            attempt += 1;
             let picked = match self.pool.pick(&exclude) {
                 Some(p) => Some(p),
                 None if overloaded.is_some() => None,
@@ -368,6 +374,7 @@ impl Dispatcher {
                     // tokens with that one until it restarts, and send this request again.
                     if !slot.on_previous_key(&picked.link) {
                         slot.use_previous_key(&picked.link);
+                        attempts += 1;
                         warn!(
                             worker = slot.id,
                             "worker refused a token signed with the newest token key; signing its tokens with the previous key until it restarts (after rotate-token-key, restart every worker before the key's window ends)"
