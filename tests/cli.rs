@@ -1501,6 +1501,7 @@ fn signal_mask(pid: u32, field: &str) -> u64 {
 /// its terminal closed.
 #[test]
 fn sighup_stays_ignored_under_nohup() {
+    common::children_get_default_sighup();
     let (pki, dir, _, w_addr) = one_worker();
     let args = ["worker", "--id", "1", "--listen", &w_addr, "--certs", &dir];
     let mut plain = Proc::spawn("worker", &args, pki.tmp.path());

@@ -253,6 +253,7 @@ fn sighup_stops_with_a_drain_like_sigterm() {
     // SIGHUP (a closed terminal, a reload someone expected) killed a component or the
     // watchdog at once, without the drain: requests in flight were lost and the watchdog's
     // components were left to notice its end by themselves.
+    common::children_get_default_sighup();
     let f = Fixture::new();
     let mut w = f.ready();
     let pids = first_pids(&w);

@@ -333,6 +333,21 @@ pub struct Proc {
     name: String,
 }
 
+/// Makes the processes this test starts begin with SIGHUP at its default action even when the
+/// test runner was started with it ignored (`nohup`), which they would inherit and keep: a
+/// caught signal is reset to its default by `exec`, an ignored one is not. Tokio keeps its
+/// handler installed for the life of the process.
+pub fn children_get_default_sighup() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let _handler = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .expect("SIGHUP handler");
+    });
+}
+
 /// The binary under test.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_securesrv")
