@@ -95,9 +95,10 @@ impl Leftovers {
 
     /// Waits until every leftover request has finished, or until `until`; then stops waiting
     /// and returns how many were still running. Those polled by their connection's task are
-    /// dropped (a handler may see the drop: the dispatcher audits it); those in tasks of their
-    /// own (a worker's) run on until the process exits, as after a drain that ran out. Requests
-    /// left over later are not waited for.
+    /// dropped (a handler may see the drop: the dispatcher audits it), as are all of them on a
+    /// current-thread runtime; those in tasks of their own (a worker's, on a multi-threaded
+    /// runtime) run on until the process exits, as after a drain that ran out. Requests left
+    /// over later are not waited for.
     pub async fn finish(&self, until: tokio::time::Instant) -> usize {
         self.tracker.close();
         if tokio::time::timeout_at(until, self.tracker.wait())
