@@ -836,18 +836,14 @@ async fn a_worker_refusing_overloaded_sends_the_request_elsewhere_or_back_at_onc
     // While they run, worker 1 has one and worker 2 the other three: the one worker 1
     // refused went to worker 2.
     let pool = cluster.dispatcher.pool();
-    let until = std::time::Instant::now() + WAIT;
-    while (pool.slots()[0].outstanding(), pool.slots()[1].outstanding()) != (1, 3) {
-        assert!(
-            std::time::Instant::now() < until,
-            "never 1 and 3 outstanding"
-        );
+    common::until("1 and 3 outstanding", || {
         assert!(
             !tasks.is_empty() && tasks.try_join_next().is_none(),
             "a call ended early"
         );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+        (pool.slots()[0].outstanding(), pool.slots()[1].outstanding()) == (1, 3)
+    })
+    .await;
     while let Some(r) = tasks.join_next().await {
         assert_eq!(r.expect("task").expect("answered"), b"slept 2000 ms");
     }
@@ -929,14 +925,10 @@ async fn with_a_worker_down_one_identity_cannot_take_what_is_left() {
         tasks.spawn(async move { c.call_with("sleep", b"3000", call_options(false, 20)).await });
     }
     // Wait until the greedy client's share is taken (each check is a request of its own).
-    let until = std::time::Instant::now() + WAIT;
-    while cluster.dispatcher.pool().slots()[0].outstanding() < 2 {
-        assert!(
-            std::time::Instant::now() < until,
-            "the sleeps never started"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    common::until("the sleeps start", || {
+        cluster.dispatcher.pool().slots()[0].outstanding() >= 2
+    })
+    .await;
     let alice = cluster.client_as(&pki, "client-alice").await;
     let started = std::time::Instant::now();
     assert_eq!(alice.call("echo", b"me too").await.unwrap(), b"me too");
@@ -975,11 +967,10 @@ async fn a_request_a_stopping_worker_refuses_goes_to_it_once_restarted() {
         let c = c.clone();
         tokio::spawn(async move { c.call_with("sleep", b"1500", call_options(false, 20)).await })
     };
-    let until = std::time::Instant::now() + WAIT;
-    while cluster.dispatcher.pool().slots()[0].outstanding() == 0 {
-        assert!(std::time::Instant::now() < until, "the sleep never started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    common::until("the sleep starts", || {
+        cluster.dispatcher.pool().slots()[0].outstanding() > 0
+    })
+    .await;
     cluster.stop_worker(1);
     // Its successor binds the port once the old worker has given it up, which it does as
     // it begins to stop.
@@ -1048,11 +1039,7 @@ async fn a_worker_that_refuses_the_dispatcher_after_the_handshake_is_dialled_wit
     let links = tokio_util::sync::CancellationToken::new();
     let tracker = tokio_util::task::TaskTracker::new();
     d.start_links(&m, &links, &tracker).unwrap();
-    let until = std::time::Instant::now() + WAIT;
-    while dials.lock().unwrap().len() < 5 {
-        assert!(std::time::Instant::now() < until, "fewer than 5 dials");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::until("5 dials", || dials.lock().unwrap().len() >= 5).await;
     links.cancel();
     fake.abort();
     let dials = dials.lock().unwrap().clone();

@@ -566,6 +566,16 @@ pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// [`wait_until`] for async tests: looks at `done` every few milliseconds, without blocking
+/// the runtime's thread, and panics with `what` after [`WAIT`].
+pub async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        assert!(Instant::now() < deadline, "not within {WAIT:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Sends SIGSTOP to `pid` and waits until every thread of it has stopped: `kill` returns
 /// before the stop takes effect, and a thread that is not stopped yet can still serve a
 /// request (seen on a busy 2-vCPU machine).
