@@ -388,7 +388,6 @@ async fn run_link(
             let link = link.clone();
             move || link.pending.len() > 1
         },
-        |(_, f): &(u64, Encoded)| f,
         stop.clone(),
     ));
     let mut closing_reason: Option<ClientError> = None;
@@ -436,10 +435,10 @@ async fn run_link(
     }
     drop(cancelled);
     stop.cancel();
-    let (mut rx, mut writer) = match writer.await {
-        Ok(end) => (end.rx, Some(end.conn)),
+    let (mut rx, held, mut writer) = match writer.await {
+        Ok(end) => (end.rx, end.held, Some(end.conn)),
         // The writer panicked: the queue went with it, so nothing counts as never sent.
-        Err(_) => (mpsc::channel(1).1, None),
+        Err(_) => (mpsc::channel(1).1, Vec::new(), None),
     };
     // A refusal of our certificate is final for every call on this connection, written or
     // not; after other endings, requests that never left are sent again.
@@ -449,6 +448,7 @@ async fn run_link(
     }
     link.pending.close(
         &mut rx,
+        held,
         || match &refusal {
             Some(e) => Outcome::Closed(e.clone()),
             None => Outcome::NotSent,

@@ -12,6 +12,8 @@
 use crate::frame::{self, Encoded, FrameError, Spliced};
 use crate::message::Message;
 use bytes::{Buf, BytesMut};
+use flows::Flows;
+pub use flows::Outgoing;
 use std::future::Future;
 use std::io::IoSlice;
 use std::pin::Pin;
@@ -21,6 +23,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+
+mod flows;
 
 /// Initial read buffer, grown in steps up to [`BIG_READ_CHUNK`] while no frame of
 /// [`SHARE_FRAMES_FROM`] bytes or more is pending (such a frame gets a buffer of its own).
@@ -504,46 +508,61 @@ impl<S: AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    /// Writes `first` together with every frame already waiting in `rx` (up to a batch of
-    /// 256 KiB). When `more_coming` (other requests on this connection are still in flight),
-    /// it first lets the other ready tasks run once, so that frames finishing at the same
-    /// moment share one TLS record and one system call: batching without a timer. With nothing
-    /// else in flight it writes at once, adding no latency.
-    pub async fn write_batch<T>(
+    /// Writes the next batch: `ping` (if any), then frames from `flows` in their turns, up
+    /// to a batch of 256 KiB, after taking in every frame already waiting in `rx`. When
+    /// `more_coming` (other requests on this link are still in flight), it first lets the
+    /// other ready tasks run once, so that frames finishing at the same moment share one TLS
+    /// record and one system call: batching without a timer. With nothing else in flight it
+    /// writes at once, adding no latency.
+    async fn write_batch<T: Outgoing>(
         &mut self,
-        first: T,
+        ping: Option<T>,
+        flows: &mut Flows<T>,
         rx: &mut tokio::sync::mpsc::Receiver<T>,
         more_coming: bool,
-        frame: impl Fn(&T) -> &Encoded,
     ) -> Result<(), ConnError> {
         if more_coming {
             tokio::task::yield_now().await;
         }
-        let mut next = rx.try_recv().ok();
-        if next.is_none() && self.queued() == 0 {
-            // A batch of one: written from where it is, without a copy into the buffer.
-            if self.broken {
-                return Err(ConnError::Broken);
+        // Held frames are as many again as the queue holds at most, so the queue still
+        // makes its senders wait once the peer reads slowly.
+        while flows.len() < rx.max_capacity() {
+            match rx.try_recv() {
+                Ok(f) => flows.push(f),
+                Err(_) => break,
             }
-            let limit = self.limits.write_timeout;
-            let result = match frame(&first).pieces() {
-                (bytes, None) => write_within(&mut self.stream, bytes, limit).await,
-                (_, Some(_)) => {
-                    let mut parts = frame(&first).parts().map(IoSlice::new);
-                    write_vectored_within(&mut self.stream, &mut parts, limit).await
-                }
-            };
-            self.broken |= result.is_err();
-            return result;
         }
-        self.queue_encoded(frame(&first));
-        while let Some(f) = next.take() {
-            self.queue_encoded(frame(&f));
-            if self.queued() < MAX_BATCH {
-                next = rx.try_recv().ok();
+        if ping.is_none() && flows.len() == 1 && self.queued() == 0 {
+            // A batch of one: written from where it is, without a copy into the buffer.
+            if let Some(only) = flows.pop() {
+                return self.write_one(only.frame()).await;
             }
+        }
+        if let Some(p) = &ping {
+            self.queue_encoded(p.frame());
+        }
+        while self.queued() < MAX_BATCH {
+            let Some(f) = flows.pop() else { break };
+            self.queue_encoded(f.frame());
         }
         self.flush().await
+    }
+
+    /// Writes one frame from where it is, under the write deadline.
+    async fn write_one(&mut self, frame: &Encoded) -> Result<(), ConnError> {
+        if self.broken {
+            return Err(ConnError::Broken);
+        }
+        let limit = self.limits.write_timeout;
+        let result = match frame.pieces() {
+            (bytes, None) => write_within(&mut self.stream, bytes, limit).await,
+            (_, Some(_)) => {
+                let mut parts = frame.parts().map(IoSlice::new);
+                write_vectored_within(&mut self.stream, &mut parts, limit).await
+            }
+        };
+        self.broken |= result.is_err();
+        result
     }
 
     /// A write was dropped part-way: nothing more is written (as after a failed one).
@@ -606,6 +625,8 @@ pub struct WriterEnd<W, T> {
     pub conn: Connection<W>,
     /// The link's queue: the frames still in it never left.
     pub rx: tokio::sync::mpsc::Receiver<T>,
+    /// Frames the writer had taken from the queue and not written: they never left either.
+    pub held: Vec<T>,
     /// `Err` if a write failed (and ended the link).
     pub result: Result<(), ConnError>,
 }
@@ -615,7 +636,8 @@ pub struct WriterEnd<W, T> {
 /// `more_coming` asked before each) until `stop` is cancelled, `rx` is closed, or a write
 /// fails; then cancels `stop` itself (also if it panics), so that the reading half ends too,
 /// and gives back what the end of the link needs. What arrives on `urgent` (pings) goes out
-/// with the next batch, ahead of the frames queued on `rx`.
+/// with the next batch, ahead of the frames queued on `rx`. Frames of different flows
+/// ([`Outgoing::flow`]: the dispatcher's client identities) take turns (see [`flows`]).
 ///
 /// It runs as a task of its own while another reads: a link whose one task read only between
 /// writes would deadlock with its peer once both directions carry more than the socket buffers
@@ -627,34 +649,42 @@ pub async fn write_link<W, T>(
     mut rx: tokio::sync::mpsc::Receiver<T>,
     mut urgent: Option<tokio::sync::mpsc::Receiver<T>>,
     more_coming: impl Fn() -> bool,
-    frame: impl Fn(&T) -> &Encoded + Copy,
     stop: tokio_util::sync::CancellationToken,
 ) -> WriterEnd<W, T>
 where
     W: AsyncWrite + Unpin,
+    T: Outgoing,
 {
     let cancel_on_exit = stop.clone().drop_guard();
     let mut stopped = crate::shutdown::cancelled(&stop);
+    let mut flows = Flows::default();
     let result = loop {
-        let first = tokio::select! {
-            biased;
-            _ = &mut stopped => break Ok(()),
-            Some(first) = async {
-                match urgent.as_mut() {
-                    Some(u) => u.recv().await,
-                    None => None,
-                }
-            }, if urgent.is_some() => first,
-            next = rx.recv() => match next {
-                Some(first) => first,
-                None => break Ok(()),
-            },
+        let ping = if flows.is_empty() {
+            tokio::select! {
+                biased;
+                _ = &mut stopped => break Ok(()),
+                Some(ping) = async {
+                    match urgent.as_mut() {
+                        Some(u) => u.recv().await,
+                        None => None,
+                    }
+                }, if urgent.is_some() => Some(ping),
+                next = rx.recv() => match next {
+                    Some(first) => {
+                        flows.push(first);
+                        None
+                    }
+                    None => break Ok(()),
+                },
+            }
+        } else {
+            urgent.as_mut().and_then(|u| u.try_recv().ok())
         };
         let more = more_coming();
         let written = tokio::select! {
             biased;
             _ = &mut stopped => None,
-            r = conn.write_batch(first, &mut rx, more, frame) => Some(r),
+            r = conn.write_batch(ping, &mut flows, &mut rx, more) => Some(r),
         };
         match written {
             Some(Ok(())) => {}
@@ -669,7 +699,12 @@ where
     };
     drop(stopped);
     drop(cancel_on_exit);
-    WriterEnd { conn, rx, result }
+    WriterEnd {
+        conn,
+        rx,
+        held: flows.into_vec(),
+        result,
+    }
 }
 
 /// Writes all of `data` and flushes it, within `limit`.
@@ -733,6 +768,16 @@ async fn within(
 mod tests {
     use super::*;
     use crate::message::{Ping, Reply};
+
+    /// Frames written on a link in these tests: no request id, one flow.
+    impl Outgoing for Encoded {
+        fn frame(&self) -> &Encoded {
+            self
+        }
+        fn id(&self) -> u64 {
+            0
+        }
+    }
 
     fn limits() -> IoLimits {
         IoLimits {
@@ -1256,15 +1301,19 @@ mod tests {
             })
             .collect();
         let (qtx, mut qrx) = tokio::sync::mpsc::channel(8);
-        tx.write_batch(encoded[1].clone(), &mut qrx, false, |e| e)
+        let mut flows = Flows::default();
+        flows.push(encoded[1].clone());
+        tx.write_batch(None, &mut flows, &mut qrx, false)
             .await
             .unwrap();
+        flows.push(encoded[0].clone());
         for e in &encoded[2..] {
             qtx.send(e.clone()).await.unwrap();
         }
-        tx.write_batch(encoded[0].clone(), &mut qrx, false, |e| e)
+        tx.write_batch(None, &mut flows, &mut qrx, false)
             .await
             .unwrap();
+        assert!(flows.is_empty());
         let expected: Vec<u8> = [
             &encoded[1],
             &encoded[0],
@@ -1381,7 +1430,6 @@ mod tests {
             qrx,
             None,
             || true,
-            |e: &Encoded| e,
             stop.clone(),
         ));
         // The first byte shows the batch is being written; the pipe holds less than it.
@@ -1411,7 +1459,6 @@ mod tests {
             qrx,
             None,
             || false,
-            |e: &Encoded| e,
             stop.clone(),
         )
         .await;
@@ -1447,7 +1494,6 @@ mod tests {
             qrx,
             Some(urx),
             || true,
-            |e: &Encoded| e,
             stop.clone(),
         ));
         let mut rx = Connection::new(b, limits);

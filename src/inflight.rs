@@ -5,6 +5,7 @@
 //! to find the ones that never did): a request that never left can always be sent again; one
 //! that left may have run, which decides whether a non-idempotent request may be retried.
 
+use crate::connection::Outgoing;
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use tokio::sync::{mpsc, oneshot};
@@ -64,17 +65,19 @@ impl<T> InFlight<T> {
     }
 
     /// The connection ended: refuses new registrations, finds the frames still queued in `rx`
-    /// (they never left), and answers every waiter with `not_sent()` or `lost()`.
-    pub fn close<F>(
+    /// or `held` by its writer (they never left), and answers every waiter with `not_sent()` or
+    /// `lost()`.
+    pub fn close<F: Outgoing>(
         &self,
-        rx: &mut mpsc::Receiver<(u64, F)>,
+        rx: &mut mpsc::Receiver<F>,
+        held: Vec<F>,
         not_sent: impl Fn() -> T,
         lost: impl Fn() -> T,
     ) {
         rx.close();
-        let mut unsent = HashSet::new();
-        while let Ok((id, _)) = rx.try_recv() {
-            unsent.insert(id);
+        let mut unsent: HashSet<u64> = held.iter().map(Outgoing::id).collect();
+        while let Ok(f) = rx.try_recv() {
+            unsent.insert(f.id());
         }
         let waiters = self.with(Option::take).unwrap_or_default();
         for (id, tx) in waiters {
@@ -90,22 +93,38 @@ impl<T> InFlight<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frame::Encoded;
+
+    /// A queued frame of request `.0`; never written here.
+    struct Q(u64);
+
+    impl Outgoing for Q {
+        fn frame(&self) -> &Encoded {
+            unreachable!("not written in this test")
+        }
+        fn id(&self) -> u64 {
+            self.0
+        }
+    }
 
     #[tokio::test]
     async fn close_tells_unsent_from_lost_and_refuses_new_waiters() {
         let f: InFlight<&str> = InFlight::default();
-        let (tx, mut rx) = mpsc::channel::<(u64, ())>(8);
+        let (tx, mut rx) = mpsc::channel::<Q>(8);
         let a = f.register(1).unwrap();
         let b = f.register(2).unwrap();
         let c = f.register(3).unwrap();
+        let d = f.register(4).unwrap();
         f.complete(3, "answered");
-        tx.send((2, ())).await.unwrap(); // queued, never written
-        assert_eq!(f.len(), 2);
-        f.close(&mut rx, || "not sent", || "lost");
+        tx.send(Q(2)).await.unwrap(); // queued, never written
+        assert_eq!(f.len(), 3);
+        // Request 4 was taken off the queue by the writer, which held it unwritten.
+        f.close(&mut rx, vec![Q(4)], || "not sent", || "lost");
         assert_eq!(a.await.unwrap(), "lost");
         assert_eq!(b.await.unwrap(), "not sent");
         assert_eq!(c.await.unwrap(), "answered");
-        assert!(f.register(4).is_none());
-        assert!(tx.send((5, ())).await.is_err());
+        assert_eq!(d.await.unwrap(), "not sent");
+        assert!(f.register(5).is_none());
+        assert!(tx.send(Q(6)).await.is_err());
     }
 }

@@ -40,6 +40,9 @@ const MAX_ATTEMPTS: usize = 6;
 pub struct Caller {
     id: SpiffeId,
     text: Arc<str>,
+    /// Its flow on the worker links: one per identity, whatever the connection (the address
+    /// of the identity's request slots, which all its connections share).
+    flow: u64,
     peer: std::net::SocketAddr,
     /// Whether this connection runs inside the server's `conn` span (the log filter may
     /// disable it); decided once per connection, for the audit records.
@@ -305,7 +308,7 @@ impl Dispatcher {
             let previous_key = slot.on_previous_key(&picked.link);
             match self
                 .pool
-                .forward(&picked, &client.text, req, now, deadline, previous_key)
+                .forward(&picked, client, req, now, deadline, previous_key)
                 .await
             {
                 Ok(out) => return (Some(slot.clone()), Ok(out)),
@@ -534,6 +537,7 @@ impl ConnectionHandler for Handler {
         let d = self.dispatcher.clone();
         let client = Arc::new(Caller {
             text: peer.id.to_string().into(),
+            flow: Arc::as_ptr(&peer.identity_slots.slots).addr() as u64,
             id: peer.id,
             peer: peer.addr,
             in_conn_span: tracing::Span::current()

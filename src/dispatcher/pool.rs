@@ -121,7 +121,7 @@ impl Slot {
 
 /// A live connection to one worker (opaque outside this module).
 pub struct Link {
-    tx: mpsc::Sender<(u64, Encoded)>,
+    tx: mpsc::Sender<Forward>,
     /// Requests sent (or being sent) and not yet answered.
     pending: InFlight<Answer>,
     next_id: AtomicU64,
@@ -129,6 +129,28 @@ pub struct Link {
     /// Which of the pool's links this is: a worker that refused a request on one link (it
     /// was stopping, say) may take it again on the next, once it has restarted.
     generation: u64,
+}
+
+/// A frame for a worker's link: a request (or, with id 0, a ping), and the client identity
+/// it is for. Identities take turns on the link (see `connection::write_link`).
+struct Forward {
+    id: u64,
+    client: u64,
+    frame: Encoded,
+}
+
+impl crate::connection::Outgoing for Forward {
+    fn frame(&self) -> &Encoded {
+        &self.frame
+    }
+
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn flow(&self) -> u64 {
+        self.client
+    }
 }
 
 /// A worker's link, as a request that may not go back to it names it: the worker's id and
@@ -340,7 +362,7 @@ impl Pool {
     pub async fn forward(
         &self,
         picked: &Picked<'_>,
-        client: &str,
+        client: &super::Caller,
         req: &Request,
         now: Instant,
         deadline: Instant,
@@ -351,7 +373,7 @@ impl Pool {
         let (token, _) = self.minter.mint_with(
             MintRequest {
                 audience: &slot.identity,
-                client,
+                client: &client.text,
                 op,
                 payload,
             },
@@ -377,7 +399,12 @@ impl Pool {
         let Some(orx) = link.pending.register(id) else {
             return Err(ForwardError::NotSent);
         };
-        match tokio::time::timeout_at(deadline, link.tx.send((id, frame))).await {
+        let forward = Forward {
+            id,
+            client: client.flow,
+            frame,
+        };
+        match tokio::time::timeout_at(deadline, link.tx.send(forward)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => {
                 link.pending.forget(id);
@@ -498,7 +525,6 @@ impl Pool {
                 let link = link.clone();
                 move || link.pending.len() > 1
             },
-            |(_, f): &(u64, Encoded)| f,
             stop.clone(),
         ));
         let mut ticker = tokio::time::interval(ping_every);
@@ -571,7 +597,7 @@ impl Pool {
                     };
                     // Id 0 is no request's. If the last ping has not even been written yet,
                     // this one is skipped, and the last one counts as unanswered meanwhile.
-                    match ping_tx.try_send((0, frame)) {
+                    match ping_tx.try_send(Forward { id: 0, client: 0, frame }) {
                         Ok(()) => awaiting = Some(nonce),
                         Err(mpsc::error::TrySendError::Full(_)) => {}
                         Err(mpsc::error::TrySendError::Closed(_)) => break "write failed",
@@ -582,19 +608,20 @@ impl Pool {
         drop(cancelled);
         stop.cancel();
         slot.set_link(None);
-        let (mut rx, mut writer) = match writer.await {
+        let (mut rx, held, mut writer) = match writer.await {
             Ok(end) => {
                 if end.result.is_err() && !shutdown.is_cancelled() {
                     reason = "write failed";
                 }
-                (end.rx, Some(end.conn))
+                (end.rx, end.held, Some(end.conn))
             }
             // The writer panicked: the queue went with it, so nothing counts as never sent.
-            Err(_) => (mpsc::channel(1).1, None),
+            Err(_) => (mpsc::channel(1).1, Vec::new(), None),
         };
         // Frames still in the channel never left: those requests may go elsewhere.
         link.pending.close(
             &mut rx,
+            held,
             || Answer::NotSent,
             || {
                 if unread_did_not_run {
