@@ -532,17 +532,27 @@ impl<S: AsyncWrite + Unpin> Connection<S> {
                 Err(_) => break,
             }
         }
+        // Frames whose request's deadline has passed are dropped: nobody waits for their
+        // answer. The clock is read once per batch, and only for a frame that has a deadline.
+        let mut now = None;
+        let mut live = |f: &T| {
+            f.expires()
+                .is_none_or(|at| at > *now.get_or_insert_with(Instant::now))
+        };
         if ping.is_none() && flows.len() == 1 && self.queued() == 0 {
             // A batch of one: written from where it is, without a copy into the buffer.
-            if let Some(only) = flows.pop() {
-                return self.write_one(only.frame()).await;
-            }
+            return match flows.pop_live(&mut live) {
+                Some(only) => self.write_one(only.frame()).await,
+                None => Ok(()),
+            };
         }
         if let Some(p) = &ping {
             self.queue_encoded(p.frame());
         }
         while self.queued() < MAX_BATCH {
-            let Some(f) = flows.pop() else { break };
+            let Some(f) = flows.pop_live(&mut live) else {
+                break;
+            };
             self.queue_encoded(f.frame());
         }
         self.flush().await
@@ -637,7 +647,8 @@ pub struct WriterEnd<W, T> {
 /// fails; then cancels `stop` itself (also if it panics), so that the reading half ends too,
 /// and gives back what the end of the link needs. What arrives on `urgent` (pings) goes out
 /// with the next batch, ahead of the frames queued on `rx`. Frames of different flows
-/// ([`Outgoing::flow`]: the dispatcher's client identities) take turns (see [`flows`]).
+/// ([`Outgoing::flow`]: the dispatcher's client identities) take turns (see [`flows`]), and
+/// a frame whose [`Outgoing::expires`] has passed when its turn comes is dropped.
 ///
 /// It runs as a task of its own while another reads: a link whose one task read only between
 /// writes would deadlock with its peer once both directions carry more than the socket buffers

@@ -89,6 +89,12 @@ pub struct IdentitySlots {
     /// [`Connection::set_frame_budget`]): kept apart from the payload budget so that a request
     /// beyond that one is still read and refused `overloaded`, not left unread.
     pub frames: crate::connection::FrameBudget,
+    /// A budget of the same size for the payloads of 1 KiB or more waiting in the
+    /// dispatcher's queues for a worker link, charged until the link writes or drops them.
+    /// Kept apart from the payload budget, which a request gives back when it ends: a request
+    /// whose deadline passed while its frame was still queued would otherwise leave the frame
+    /// there uncounted (one identity with short deadlines queued ~2.4 GB).
+    pub queued: Arc<Semaphore>,
     /// Its requests refused `overloaded`, logged at most once a second over all its
     /// connections.
     pub(crate) refusals: Arc<SharedThrottle>,
@@ -106,6 +112,7 @@ impl IdentitySlots {
             kib: Arc::new(Semaphore::new(kib_limit)),
             kib_limit,
             frames: crate::connection::FrameBudget::new(kib_limit),
+            queued: Arc::new(Semaphore::new(kib_limit)),
             refusals: Arc::default(),
         }
     }

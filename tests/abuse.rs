@@ -23,7 +23,7 @@ struct Service {
     pki: Pki,
     addr: SocketAddr,
     dispatcher: Proc,
-    _worker: Proc,
+    worker: Proc,
 }
 
 fn start(extra_limits: &str) -> Service {
@@ -65,7 +65,7 @@ fn start(extra_limits: &str) -> Service {
         addr: format!("127.0.0.1:{base}").parse().unwrap(),
         pki,
         dispatcher,
-        _worker: worker,
+        worker,
     }
 }
 
@@ -961,5 +961,61 @@ fn frames_sent_in_part_cannot_pin_more_memory_than_the_identity_budget() {
         served(&good).await;
         served(&s.client("client-alice").await).await;
         writers.abort_all();
+    });
+}
+
+/// A request whose deadline passes while its frame waits for a worker link gives its payload
+/// budget back, but the frame stays queued until the link writes or drops it: such frames are
+/// charged to a second budget of the identity's meanwhile. Found by a hostile review: one
+/// identity whose requests had 20 ms deadlines kept ~2.4 GB queued on busy links. Here the
+/// worker is stopped, so nothing leaves the queue, and waves of 1 MB requests that fit the
+/// 8 MiB payload budget time out one after another.
+#[test]
+fn frames_queued_for_a_stopped_worker_stay_within_the_identity_budget() {
+    let s = start(
+        "max_in_flight_bytes_per_identity = 8388608
+",
+    );
+    rt().block_on(async {
+        let alice = s.client("client-alice").await;
+        served(&alice).await;
+        let base = s.rss_kib();
+        common::stop_process(s.worker.pid);
+        let payload = bytes::Bytes::from(vec![3u8; 1_000_000]);
+        let mut peak = base;
+        // Pings go unanswered meanwhile; the worker counts as unavailable after two (2 s).
+        let flood_until = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < flood_until {
+            let mut wave = tokio::task::JoinSet::new();
+            for _ in 0..8 {
+                let (alice, payload) = (alice.clone(), payload.clone());
+                wave.spawn(async move {
+                    let opts = CallOptions {
+                        idempotent: false,
+                        timeout: Duration::from_millis(100),
+                    };
+                    alice.call_bytes("echo", payload, opts).await
+                });
+            }
+            while let Some(r) = wave.join_next().await {
+                match r.expect("call") {
+                    Err(ClientError::Remote {
+                        code: ErrorCode::Timeout | ErrorCode::Overloaded,
+                        ..
+                    })
+                    | Err(ClientError::Timeout(_)) => {}
+                    other => panic!("expected a timeout with the worker stopped, got {other:?}"),
+                }
+            }
+            peak = peak.max(s.rss_kib());
+        }
+        s.worker.signal(nix::sys::signal::Signal::SIGCONT);
+        let grew_mib = (peak - base) / 1024;
+        eprintln!("dispatcher RSS {base} KiB -> peak {peak} KiB (+{grew_mib} MiB)");
+        assert!(
+            grew_mib < 64,
+            "the dispatcher grew by {grew_mib} MiB for an identity with an 8 MiB budget"
+        );
+        served(&alice).await;
     });
 }

@@ -1090,10 +1090,22 @@ fn holdable_relay(
     to: std::net::SocketAddr,
     held: tokio::sync::watch::Receiver<bool>,
 ) -> std::net::SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
+    holdable_counting_relay(to, held, Arc::default())
+}
+
+/// [`holdable_relay`], adding the bytes it passes on to the worker to `passed`.
+fn holdable_counting_relay(
+    to: std::net::SocketAddr,
+    held: tokio::sync::watch::Receiver<bool>,
+    passed: Arc<AtomicUsize>,
+) -> std::net::SocketAddr {
+    // A small receive buffer (inherited by accepted sockets): loopback's autotuning would let
+    // the held direction take up to 32 MiB before the dispatcher's writes block.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(64).unwrap();
     let addr = listener.local_addr().unwrap();
-    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
     tokio::spawn(async move {
         while let Ok((inbound, _)) = listener.accept().await {
             let Ok(outbound) = tokio::net::TcpStream::connect(to).await else {
@@ -1101,7 +1113,7 @@ fn holdable_relay(
             };
             let (mut from_dispatcher, mut to_dispatcher) = inbound.into_split();
             let (mut from_worker, mut to_worker) = outbound.into_split();
-            let mut held = held.clone();
+            let (mut held, passed) = (held.clone(), passed.clone());
             tokio::spawn(async move {
                 use tokio::io::{AsyncReadExt, AsyncWriteExt};
                 let mut buf = vec![0u8; 64 * 1024];
@@ -1115,6 +1127,7 @@ fn holdable_relay(
                             if to_worker.write_all(&buf[..n]).await.is_err() {
                                 return;
                             }
+                            passed.fetch_add(n, Ordering::SeqCst);
                         }
                     }
                 }
@@ -1189,5 +1202,67 @@ async fn identities_take_turns_on_a_worker_link() {
         "bob's echo waited for {before_bob} of alice's {ALICE} 1 MB echoes"
     );
     still_serving(&bob).await;
+    cluster.stop().await;
+}
+
+/// A request whose deadline passed while its frame still waited for the worker link is not
+/// sent to the worker: nobody waits for its answer. They used to be written anyway, each a
+/// megabyte here, for the worker to run, while other clients' requests waited behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_their_deadline_are_not_sent_to_the_worker() {
+    const ALICE: usize = 48;
+    let pki = pki(1);
+    pki.add_client("alice");
+    let (hold, held) = tokio::sync::watch::channel(false);
+    let passed = Arc::new(AtomicUsize::new(0));
+    let cluster = start_cluster(&pki, 1, |cfg| {
+        cfg.worker[0].listen = holdable_counting_relay(cfg.worker[0].listen, held, passed.clone());
+        // No ping goes through while the link is held: not a worker to give up on.
+        cfg.dispatcher.worker_ping_interval_ms = 20_000;
+    })
+    .await;
+    let alice = cluster.client_as(&pki, "client-alice").await;
+    still_serving(&alice).await;
+
+    hold.send_replace(true);
+    let payload = Bytes::from(vec![5u8; 1_000_000]);
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..ALICE {
+        let (alice, payload) = (alice.clone(), payload.clone());
+        calls.spawn(async move {
+            let opts = CallOptions {
+                idempotent: false,
+                timeout: Duration::from_millis(300),
+            };
+            alice.call_bytes("echo", payload, opts).await
+        });
+    }
+    while let Some(r) = calls.join_next().await {
+        match r.expect("alice's call") {
+            Err(ClientError::Remote {
+                code: ErrorCode::Timeout,
+                ..
+            })
+            | Err(ClientError::Timeout(_)) => {}
+            other => panic!("expected a timeout while the link was held, got {other:?}"),
+        }
+    }
+    // The client's deadline can pass before the dispatcher's, which counts from when it read
+    // the request.
+    let slot = cluster.dispatcher.pool().slots()[0].clone();
+    common::until("the dispatcher's deadlines of alice's requests", || {
+        slot.outstanding() == 0
+    })
+    .await;
+    // Some frames were written before the link filled up; those reach the worker.
+    let before = passed.load(Ordering::SeqCst);
+    hold.send_replace(false);
+    still_serving(&alice).await;
+    let after = passed.load(Ordering::SeqCst) - before;
+    eprintln!("passed to the worker once released: {after} bytes (before: {before})");
+    assert!(
+        after < ALICE * 1_000_000 / 2,
+        "{after} bytes of requests past their deadline went to the worker"
+    );
     cluster.stop().await;
 }

@@ -9,6 +9,7 @@
 
 use crate::frame::Encoded;
 use std::collections::VecDeque;
+use tokio::time::Instant;
 
 /// What a link's writer writes ([`super::write_link`]).
 pub trait Outgoing {
@@ -20,6 +21,11 @@ pub trait Outgoing {
     /// The flow it belongs to: flows take turns, frames of one flow keep their order.
     fn flow(&self) -> u64 {
         0
+    }
+    /// When nobody waits for its answer any more: a frame still held then is dropped, not
+    /// written.
+    fn expires(&self) -> Option<Instant> {
+        None
     }
 }
 
@@ -82,20 +88,37 @@ impl<T: Outgoing> Flows<T> {
     }
 
     /// The next frame of the flow whose turn it is; that flow then waits for every other.
+    #[cfg(test)]
     pub(super) fn pop(&mut self) -> Option<T> {
-        let (flow, mut q) = self.turns.pop_front()?;
-        let item = q.pop_front();
-        if q.is_empty() {
-            if self.spare.len() < SPARES && q.capacity() <= SPARE_CAPACITY {
-                self.spare.push(q);
+        self.pop_live(|_| true)
+    }
+
+    /// The next frame of the flow whose turn it is, that flow then waiting for every other;
+    /// the frames for which `live` is false that come first in that flow are dropped (all of
+    /// them at once: dropping costs the link nothing), and if none is left, the next flow's
+    /// turn comes, and so on.
+    pub(super) fn pop_live(&mut self, mut live: impl FnMut(&T) -> bool) -> Option<T> {
+        while let Some((flow, mut q)) = self.turns.pop_front() {
+            let mut found = None;
+            while let Some(item) = q.pop_front() {
+                self.len -= 1;
+                if live(&item) {
+                    found = Some(item);
+                    break;
+                }
             }
-        } else {
-            self.turns.push_back((flow, q));
+            if q.is_empty() {
+                if self.spare.len() < SPARES && q.capacity() <= SPARE_CAPACITY {
+                    self.spare.push(q);
+                }
+            } else {
+                self.turns.push_back((flow, q));
+            }
+            if found.is_some() {
+                return found;
+            }
         }
-        if item.is_some() {
-            self.len -= 1;
-        }
-        item
+        None
     }
 
     /// Every frame held, in no particular order.
@@ -156,6 +179,25 @@ mod tests {
         // Flow 2 ran dry; flow 1 still has a frame and goes first.
         flows.push(F(2, 4));
         assert_eq!(drain(&mut flows), [(1, 2), (2, 4)]);
+    }
+
+    #[test]
+    fn frames_nobody_waits_for_are_dropped_not_taken() {
+        let mut flows = Flows::default();
+        for (flow, id) in [(1, 1), (1, 2), (1, 3), (2, 4), (2, 5), (3, 6)] {
+            flows.push(F(flow, id));
+        }
+        // Ids 1, 2 (flow 1), 4, 5 (all of flow 2) and 6 are dead.
+        let live = |f: &F| f.1 == 3;
+        assert_eq!(flows.pop_live(live).map(|f| f.1), Some(3));
+        assert_eq!(flows.len(), 3);
+        assert!(flows.pop_live(live).is_none());
+        assert!(flows.is_empty());
+        // Turns go on as before afterwards.
+        flows.push(F(1, 7));
+        flows.push(F(2, 8));
+        flows.push(F(1, 9));
+        assert_eq!(drain(&mut flows), [(1, 7), (2, 8), (1, 9)]);
     }
 
     #[test]

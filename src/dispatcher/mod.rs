@@ -40,9 +40,12 @@ const MAX_ATTEMPTS: usize = 6;
 pub struct Caller {
     id: SpiffeId,
     text: Arc<str>,
-    /// Its flow on the worker links: one per identity, whatever the connection (the address
-    /// of the identity's request slots, which all its connections share).
-    flow: u64,
+    /// The identity's request slots, which all its connections share; held here also so
+    /// that the identity's budgets are not forgotten while its frames wait for a worker link.
+    slots: Arc<tokio::sync::Semaphore>,
+    /// The identity's budget for payloads waiting for a worker link
+    /// ([`crate::server::IdentitySlots::queued`]).
+    queued: Arc<tokio::sync::Semaphore>,
     peer: std::net::SocketAddr,
     /// Whether this connection runs inside the server's `conn` span (the log filter may
     /// disable it); decided once per connection, for the audit records.
@@ -50,6 +53,12 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// Its flow on the worker links: one per identity, whatever the connection (see
+    /// `connection::write_link`).
+    fn flow(&self) -> u64 {
+        Arc::as_ptr(&self.slots).addr() as u64
+    }
+
     /// The audit line of one of this client's requests (DESIGN: every request has one).
     fn audit(
         &self,
@@ -537,7 +546,8 @@ impl ConnectionHandler for Handler {
         let d = self.dispatcher.clone();
         let client = Arc::new(Caller {
             text: peer.id.to_string().into(),
-            flow: Arc::as_ptr(&peer.identity_slots.slots).addr() as u64,
+            slots: peer.identity_slots.slots.clone(),
+            queued: peer.identity_slots.queued.clone(),
             id: peer.id,
             peer: peer.addr,
             in_conn_span: tracing::Span::current()

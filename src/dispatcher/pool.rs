@@ -131,12 +131,16 @@ pub struct Link {
     generation: u64,
 }
 
-/// A frame for a worker's link: a request (or, with id 0, a ping), and the client identity
-/// it is for. Identities take turns on the link (see `connection::write_link`).
+/// A frame for a worker's link: a request (or, with id 0, a ping), the client identity it is
+/// for (identities take turns on the link, see `connection::write_link`), when the request's
+/// deadline passes (the frame is dropped, not written, if still queued then), and the charge
+/// of its payload to the identity's queue budget, given back when the link writes or drops it.
 struct Forward {
     id: u64,
     client: u64,
+    deadline: Option<Instant>,
     frame: Encoded,
+    _charge: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl crate::connection::Outgoing for Forward {
@@ -151,7 +155,15 @@ impl crate::connection::Outgoing for Forward {
     fn flow(&self) -> u64 {
         self.client
     }
+
+    fn expires(&self) -> Option<Instant> {
+        self.deadline
+    }
 }
+
+/// Payloads this large are charged to their identity's queue budget while they wait for a
+/// worker link (smaller frames are bounded by the link's queue length alone).
+const CHARGE_FROM: usize = 1024;
 
 /// A worker's link, as a request that may not go back to it names it: the worker's id and
 /// the link's generation.
@@ -396,13 +408,34 @@ impl Pool {
             self.max_frame,
         )
         .map_err(|e| ForwardError::Remote(ErrorCode::TooLarge, e.to_string()))?;
+        // The payload's charge to the identity's queue budget: once that is taken up by
+        // frames still queued, the request waits here (with its payload only) for room, at
+        // most until its deadline.
+        let charge = if payload.len() >= CHARGE_FROM {
+            let kib = u32::try_from(payload.len().div_ceil(1024)).unwrap_or(u32::MAX);
+            let queued = client.queued.clone();
+            match queued.clone().try_acquire_many_owned(kib) {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    match tokio::time::timeout_at(deadline, queued.acquire_many_owned(kib)).await {
+                        Ok(Ok(p)) => Some(p),
+                        Ok(Err(_)) => None,
+                        Err(_) => return Err(ForwardError::Timeout),
+                    }
+                }
+            }
+        } else {
+            None
+        };
         let Some(orx) = link.pending.register(id) else {
             return Err(ForwardError::NotSent);
         };
         let forward = Forward {
             id,
-            client: client.flow,
+            client: client.flow(),
+            deadline: Some(deadline),
             frame,
+            _charge: charge,
         };
         match tokio::time::timeout_at(deadline, link.tx.send(forward)).await {
             Ok(Ok(())) => {}
@@ -597,7 +630,8 @@ impl Pool {
                     };
                     // Id 0 is no request's. If the last ping has not even been written yet,
                     // this one is skipped, and the last one counts as unanswered meanwhile.
-                    match ping_tx.try_send(Forward { id: 0, client: 0, frame }) {
+                    let ping = Forward { id: 0, client: 0, deadline: None, frame, _charge: None };
+                    match ping_tx.try_send(ping) {
                         Ok(()) => awaiting = Some(nonce),
                         Err(mpsc::error::TrySendError::Full(_)) => {}
                         Err(mpsc::error::TrySendError::Closed(_)) => break "write failed",
