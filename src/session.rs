@@ -570,16 +570,27 @@ pub async fn drive<S, F>(
     let unanswered = session.in_flight() + rx.len();
     if stopping && last.is_none() {
         last = Some(closing_verdict(timed_out, unanswered));
-    } else if let Some(Message::Error(e)) = last.as_mut()
-        && e.id == 0
-        && (timed_out || unanswered > 0)
-    {
-        // Closed for the peer's fault (a malformed frame, say) with requests still running
-        // after the drain: the peer learns that they may have run, as at a stop.
-        e.message.push_str(&format!(
-            "; {} requests still running were not answered and may have run",
+    } else if !stopping && (timed_out || unanswered > 0) {
+        // Closed by the peer (a close_notify, a half-close) or for its fault (a malformed
+        // frame, say) with requests still running after the drain: the peer learns that they
+        // may have run, as at a stop.
+        let note = format!(
+            "{} requests still running were not answered and may have run",
             unanswered.max(1)
-        ));
+        );
+        match last.as_mut() {
+            Some(Message::Error(e)) if e.id == 0 => {
+                e.message.push_str("; ");
+                e.message.push_str(&note);
+            }
+            None => {
+                last = Some(Message::connection_error(
+                    ErrorCode::Timeout,
+                    format!("the drain period ended; {note}"),
+                ))
+            }
+            Some(_) => {}
+        }
     }
     // Closing and lingering end in time for the component's own wait for its connections
     // (the drain period and a little more) when it stops, so that the process does not exit
@@ -748,60 +759,73 @@ mod tests {
         assert_eq!(wrong, 0, "id-0 shutting_down for a request that ran");
     }
 
-    /// A connection closed for a malformed frame while a request runs: the request runs
-    /// through the drain, and the id-0 error then says it was not answered and may have run.
-    /// Found by an independent client: it said only why the connection closed.
+    /// A connection closed for a malformed frame, or half-closed by its peer, while a request
+    /// runs: the request runs through the drain, and an id-0 error then says it was not
+    /// answered and may have run. Found by an independent client: the first said only why the
+    /// connection closed, the second nothing at all.
     #[tokio::test]
-    async fn a_close_for_bad_input_tells_of_requests_left_unanswered() {
+    async fn a_close_with_requests_left_unanswered_says_they_may_have_run() {
         use tokio::io::AsyncWriteExt;
-        let (a, mut b) = tokio::io::duplex(1 << 16);
-        let limits = RequestLimits {
-            per_connection: 8,
-            identity: crate::server::IdentitySlots::new(8, 1 << 20),
-            drain: Duration::from_millis(50),
-            leftovers: Leftovers::default(),
-        };
-        let srv = tokio::spawn(drive(
-            Connection::new(a, IoLimits::default()),
-            CancellationToken::new(),
-            limits,
-            |m, s| match m {
-                Message::Request(q) => s.start(q.id, Placement::Inline, 0, async move {
-                    tokio::time::sleep(Duration::from_secs(30)).await;
-                    Message::Reply(Reply {
-                        id: q.id,
-                        payload: Bytes::new(),
-                    })
-                }),
-                _ => Next::Continue,
-            },
-        ));
-        let request = Message::Request(Request {
-            id: 1,
-            op: "x".into(),
-            payload: Bytes::new(),
-            timeout_ms: None,
-        });
-        let mut bytes = crate::frame::encode_to_vec(&request, 1 << 20).unwrap();
-        // A one-byte body: MessagePack's reserved marker.
-        bytes.extend_from_slice(&[0, 0, 0, 1, 0xc1]);
-        b.write_all(&bytes).await.unwrap();
-        let mut client = Connection::new(b, IoLimits::default());
-        let mut closing = None;
-        while let Ok(Some(m)) = client.read_message().await {
-            match m {
-                Message::Error(e) if e.id == 0 => closing = Some((e.code, e.message)),
-                other => panic!("unexpected {other:?}"),
+        for half_close in [false, true] {
+            let (a, mut b) = tokio::io::duplex(1 << 16);
+            let limits = RequestLimits {
+                per_connection: 8,
+                identity: crate::server::IdentitySlots::new(8, 1 << 20),
+                drain: Duration::from_millis(50),
+                leftovers: Leftovers::default(),
+            };
+            let srv = tokio::spawn(drive(
+                Connection::new(a, IoLimits::default()),
+                CancellationToken::new(),
+                limits,
+                |m, s| match m {
+                    Message::Request(q) => s.start(q.id, Placement::Inline, 0, async move {
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        Message::Reply(Reply {
+                            id: q.id,
+                            payload: Bytes::new(),
+                        })
+                    }),
+                    _ => Next::Continue,
+                },
+            ));
+            let request = Message::Request(Request {
+                id: 1,
+                op: "x".into(),
+                payload: Bytes::new(),
+                timeout_ms: None,
+            });
+            let mut bytes = crate::frame::encode_to_vec(&request, 1 << 20).unwrap();
+            if !half_close {
+                // A one-byte body: MessagePack's reserved marker.
+                bytes.extend_from_slice(&[0, 0, 0, 1, 0xc1]);
             }
+            b.write_all(&bytes).await.unwrap();
+            if half_close {
+                b.shutdown().await.unwrap();
+            }
+            let mut client = Connection::new(b, IoLimits::default());
+            let mut closing = None;
+            while let Ok(Some(m)) = client.read_message().await {
+                match m {
+                    Message::Error(e) if e.id == 0 => closing = Some((e.code, e.message)),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            let (code, message) = closing.expect("an id-0 error");
+            let expected = if half_close {
+                ErrorCode::Timeout
+            } else {
+                ErrorCode::BadRequest
+            };
+            assert_eq!(code, expected, "{message}");
+            assert!(
+                message.contains("1 requests still running were not answered and may have run"),
+                "{message}"
+            );
+            drop(client);
+            let _ = srv.await;
         }
-        let (code, message) = closing.expect("an id-0 error");
-        assert_eq!(code, ErrorCode::BadRequest, "{message}");
-        assert!(
-            message.contains("1 requests still running were not answered and may have run"),
-            "{message}"
-        );
-        drop(client);
-        let _ = srv.await;
     }
 
     #[test]
