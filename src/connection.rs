@@ -1517,4 +1517,108 @@ mod tests {
         stop.cancel();
         assert!(writer.await.unwrap().result.is_ok());
     }
+
+    /// A frame for the writer tests: flow, id, the frame, when it expires.
+    struct Held(u64, u64, Encoded, Option<Instant>);
+
+    impl Outgoing for Held {
+        fn frame(&self) -> &Encoded {
+            &self.2
+        }
+        fn id(&self) -> u64 {
+            self.1
+        }
+        fn flow(&self) -> u64 {
+            self.0
+        }
+        fn expires(&self) -> Option<Instant> {
+            self.3
+        }
+    }
+
+    fn encoded_reply(id: u64, len: usize) -> Encoded {
+        let m = Message::Reply(Reply {
+            id,
+            payload: vec![7u8; len].into(),
+        });
+        let p = m.payload().cloned().unwrap_or_default();
+        frame::encode_spliced(&m, &p, 1 << 20).unwrap()
+    }
+
+    /// Frames the writer took off the queue but had not started to write when it stopped are
+    /// given back as never sent; those of the batch being written are not.
+    #[tokio::test]
+    async fn a_stopped_link_writer_gives_back_the_frames_it_held() {
+        let limits = limits_with_max(1 << 20);
+        let (qtx, qrx) = tokio::sync::mpsc::channel(16);
+        for id in 1..=5 {
+            qtx.send(Held(1, id, encoded_reply(id, 200_000), None))
+                .await
+                .unwrap();
+        }
+        let (a, mut b) = tokio::io::duplex(1000);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let writer = tokio::spawn(write_link(
+            Connection::new(a, limits),
+            qrx,
+            None,
+            || true,
+            stop.clone(),
+        ));
+        // The first byte shows the first batch (two frames: 256 KiB) is being written.
+        let mut first = [0u8; 1];
+        b.read_exact(&mut first).await.unwrap();
+        stop.cancel();
+        let end = writer.await.unwrap();
+        let mut held: Vec<u64> = end.held.iter().map(|f| f.1).collect();
+        held.sort_unstable();
+        assert_eq!(held, [3, 4, 5]);
+    }
+
+    /// A frame whose deadline has passed when its turn comes is dropped, not written.
+    #[tokio::test]
+    async fn a_link_writer_drops_frames_past_their_deadline() {
+        let limits = limits_with_max(1 << 20);
+        let (qtx, qrx) = tokio::sync::mpsc::channel(16);
+        let past = Instant::now() - Duration::from_millis(1);
+        let later = Instant::now() + Duration::from_secs(60);
+        qtx.send(Held(1, 1, encoded_reply(1, 10), Some(past)))
+            .await
+            .unwrap();
+        qtx.send(Held(2, 2, encoded_reply(2, 10), None))
+            .await
+            .unwrap();
+        qtx.send(Held(1, 3, encoded_reply(3, 10), Some(past)))
+            .await
+            .unwrap();
+        qtx.send(Held(1, 4, encoded_reply(4, 10), Some(later)))
+            .await
+            .unwrap();
+        drop(qtx);
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let end = write_link(
+            Connection::new(a, limits),
+            qrx,
+            None,
+            || false,
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await;
+        assert!(end.result.is_ok());
+        drop(end);
+        let mut rx = Connection::new(b, limits);
+        let mut got = Vec::new();
+        while let Ok(Some(m)) = rx.read_message().await {
+            got.push(m);
+        }
+        let ids: Vec<u64> = got
+            .iter()
+            .map(|m| match m {
+                Message::Reply(r) => r.id,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        // Flow 1's turn first: 1 and 3 are dropped, 4 is written; then flow 2's.
+        assert_eq!(ids, [4, 2]);
+    }
 }

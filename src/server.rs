@@ -95,12 +95,25 @@ pub struct IdentitySlots {
     /// whose deadline passed while its frame was still queued would otherwise leave the frame
     /// there uncounted (one identity with short deadlines queued ~2.4 GB).
     pub queued: Arc<Semaphore>,
+    /// A number of this identity's own while the server knows it (never reused): its flow on
+    /// the dispatcher's worker links, where identities take turns.
+    pub flow: u64,
     /// Its requests refused `overloaded`, logged at most once a second over all its
     /// connections.
     pub(crate) refusals: Arc<SharedThrottle>,
 }
 
+/// The next [`IdentitySlots::flow`]; 0 is no identity's (a ping's).
+static NEXT_FLOW: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 impl IdentitySlots {
+    /// Whether anything still holds this identity's slots or budgets: a request running
+    /// (even after its connection closed), or a frame of its waiting for a worker link. Its
+    /// entry is kept until nothing does, so that reconnecting never gets fresh ones.
+    fn in_use(&self) -> bool {
+        Arc::strong_count(&self.slots) > 1 || Arc::strong_count(&self.queued) > 1
+    }
+
     /// `requests` slots and a payload budget of `bytes`, rounded up to KiB as payloads are, so
     /// that a budget of at least the largest payload always admits it alone (capped at what a
     /// semaphore holds: in effect unbounded).
@@ -113,6 +126,7 @@ impl IdentitySlots {
             kib_limit,
             frames: crate::connection::FrameBudget::new(kib_limit),
             queued: Arc::new(Semaphore::new(kib_limit)),
+            flow: NEXT_FLOW.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             refusals: Arc::default(),
         }
     }
@@ -156,7 +170,7 @@ impl IdentityCounts {
         let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         if !map.contains_key(&key) {
             // Forget identities with neither connections nor running requests.
-            map.retain(|_, (n, s)| *n > 0 || Arc::strong_count(&s.slots) > 1);
+            map.retain(|_, (n, s)| *n > 0 || s.in_use());
         }
         let (n, slots) = map
             .entry(key.clone())
@@ -181,8 +195,9 @@ impl Drop for IdentitySlot {
         let mut map = self.counts.counts.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((n, slots)) = map.get_mut(&self.key) {
             *n -= 1;
-            // Requests still running hold the slots (each permit keeps the semaphore alive).
-            if *n == 0 && Arc::strong_count(&slots.slots) == 1 {
+            // Requests still running hold the slots, and queued frames the queue budget (each
+            // permit keeps its semaphore alive).
+            if *n == 0 && !slots.in_use() {
                 map.remove(&self.key);
             }
         }
@@ -558,6 +573,33 @@ mod tests {
         assert_eq!(
             IdentitySlots::new(1, usize::MAX).kib_limit,
             usize::MAX.div_ceil(1024)
+        );
+    }
+
+    /// An identity whose frames still wait for a worker link keeps its entry (its budgets and
+    /// its flow) after its last connection closed: reconnecting must not get a fresh queue
+    /// budget while the old frames are queued. Found by review.
+    #[test]
+    fn an_identity_with_queued_frames_is_not_forgotten() {
+        let counts = Arc::new(IdentityCounts::default());
+        let alice = SpiffeId::new("securesrv", crate::identity::Role::Client, "alice").unwrap();
+        let bob = SpiffeId::new("securesrv", crate::identity::Role::Client, "bob").unwrap();
+        let take = |id: &SpiffeId| counts.try_take(id, 8, 8, 1 << 20).expect("a slot");
+        let (conn, slots) = take(&alice);
+        let first = slots.flow;
+        let queued = slots.queued.clone().try_acquire_many_owned(4).unwrap();
+        drop((conn, slots));
+        // A new identity's first connection forgets the unused ones; alice's is in use.
+        drop(take(&bob));
+        let (_conn, slots) = take(&alice);
+        assert_eq!(slots.flow, first);
+        assert_eq!(slots.queued.available_permits(), 1024 - 4);
+        drop((slots, queued));
+        drop(_conn);
+        let (_conn, slots) = take(&alice);
+        assert_ne!(
+            slots.flow, first,
+            "an identity with nothing in use is forgotten"
         );
     }
 

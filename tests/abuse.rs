@@ -1016,6 +1016,29 @@ fn frames_queued_for_a_stopped_worker_stay_within_the_identity_budget() {
             grew_mib < 64,
             "the dispatcher grew by {grew_mib} MiB for an identity with an 8 MiB budget"
         );
-        served(&alice).await;
+        // The budgets are given back: all of it can be used again.
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let (alice, payload) = (alice.clone(), payload.clone());
+            calls.spawn(async move {
+                alice
+                    .call_bytes(
+                        "echo",
+                        payload,
+                        CallOptions {
+                            idempotent: true,
+                            timeout: Duration::from_secs(30),
+                        },
+                    )
+                    .await
+                    .map(|p| p.len())
+            });
+        }
+        while let Some(r) = calls.join_next().await {
+            assert_eq!(
+                r.expect("call").expect("echo after the worker is back"),
+                1_000_000
+            );
+        }
     });
 }

@@ -40,9 +40,9 @@ const MAX_ATTEMPTS: usize = 6;
 pub struct Caller {
     id: SpiffeId,
     text: Arc<str>,
-    /// The identity's request slots, which all its connections share; held here also so
-    /// that the identity's budgets are not forgotten while its frames wait for a worker link.
-    slots: Arc<tokio::sync::Semaphore>,
+    /// The identity's flow on the worker links, where identities take turns (see
+    /// `connection::write_link`): one per identity, whatever the connection.
+    flow: u64,
     /// The identity's budget for payloads waiting for a worker link
     /// ([`crate::server::IdentitySlots::queued`]).
     queued: Arc<tokio::sync::Semaphore>,
@@ -53,12 +53,6 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// Its flow on the worker links: one per identity, whatever the connection (see
-    /// `connection::write_link`).
-    fn flow(&self) -> u64 {
-        Arc::as_ptr(&self.slots).addr() as u64
-    }
-
     /// The audit line of one of this client's requests (DESIGN: every request has one).
     fn audit(
         &self,
@@ -546,7 +540,7 @@ impl ConnectionHandler for Handler {
         let d = self.dispatcher.clone();
         let client = Arc::new(Caller {
             text: peer.id.to_string().into(),
-            slots: peer.identity_slots.slots.clone(),
+            flow: peer.identity_slots.flow,
             queued: peer.identity_slots.queued.clone(),
             id: peer.id,
             peer: peer.addr,

@@ -134,7 +134,8 @@ pub struct Link {
 /// A frame for a worker's link: a request (or, with id 0, a ping), the client identity it is
 /// for (identities take turns on the link, see `connection::write_link`), when the request's
 /// deadline passes (the frame is dropped, not written, if still queued then), and the charge
-/// of its payload to the identity's queue budget, given back when the link writes or drops it.
+/// of its payload to the identity's queue budget, given back when the link's writer takes the
+/// frame for a write (it then holds at most one batch) or drops it.
 struct Forward {
     id: u64,
     client: u64,
@@ -376,12 +377,34 @@ impl Pool {
         picked: &Picked<'_>,
         client: &super::Caller,
         req: &Request,
-        now: Instant,
+        mut now: Instant,
         deadline: Instant,
         previous_key: bool,
     ) -> Result<Bytes, ForwardError> {
         let (slot, link) = (&*picked.slot, &*picked.link);
         let (op, payload) = (req.op.as_str(), &req.payload);
+        // The payload's charge to the identity's queue budget: once that is taken up by
+        // frames still queued, the request waits here for room, at most until its deadline
+        // (before its token is minted and the worker told the time left).
+        let charge = if payload.len() >= CHARGE_FROM {
+            let kib = u32::try_from(payload.len().div_ceil(1024)).unwrap_or(u32::MAX);
+            let queued = client.queued.clone();
+            match queued.clone().try_acquire_many_owned(kib) {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    let waited =
+                        tokio::time::timeout_at(deadline, queued.acquire_many_owned(kib)).await;
+                    now = Instant::now();
+                    match waited {
+                        Ok(Ok(p)) => Some(p),
+                        Ok(Err(_)) => None,
+                        Err(_) => return Err(ForwardError::Timeout),
+                    }
+                }
+            }
+        } else {
+            None
+        };
         let (token, _) = self.minter.mint_with(
             MintRequest {
                 audience: &slot.identity,
@@ -408,31 +431,12 @@ impl Pool {
             self.max_frame,
         )
         .map_err(|e| ForwardError::Remote(ErrorCode::TooLarge, e.to_string()))?;
-        // The payload's charge to the identity's queue budget: once that is taken up by
-        // frames still queued, the request waits here (with its payload only) for room, at
-        // most until its deadline.
-        let charge = if payload.len() >= CHARGE_FROM {
-            let kib = u32::try_from(payload.len().div_ceil(1024)).unwrap_or(u32::MAX);
-            let queued = client.queued.clone();
-            match queued.clone().try_acquire_many_owned(kib) {
-                Ok(p) => Some(p),
-                Err(_) => {
-                    match tokio::time::timeout_at(deadline, queued.acquire_many_owned(kib)).await {
-                        Ok(Ok(p)) => Some(p),
-                        Ok(Err(_)) => None,
-                        Err(_) => return Err(ForwardError::Timeout),
-                    }
-                }
-            }
-        } else {
-            None
-        };
         let Some(orx) = link.pending.register(id) else {
             return Err(ForwardError::NotSent);
         };
         let forward = Forward {
             id,
-            client: client.flow(),
+            client: client.flow,
             deadline: Some(deadline),
             frame,
             _charge: charge,
