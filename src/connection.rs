@@ -1426,33 +1426,19 @@ mod tests {
     #[tokio::test]
     async fn a_link_writer_stopped_mid_batch_sends_nothing_more() {
         let (msgs, plain) = spliced_frames();
-        let limits = limits_with_max(1 << 20);
-        let (qtx, qrx) = tokio::sync::mpsc::channel(16);
-        for m in &msgs {
-            let p = m.payload().cloned().unwrap_or_default();
-            qtx.send(frame::encode_spliced(m, &p, limits.max_frame).unwrap())
-                .await
-                .unwrap();
-        }
-        let (a, mut b) = tokio::io::duplex(1000);
-        let stop = tokio_util::sync::CancellationToken::new();
-        let writer = tokio::spawn(write_link(
-            Connection::new(a, limits),
-            qrx,
-            None,
-            || true,
-            stop.clone(),
-        ));
-        // The first byte shows the batch is being written; the pipe holds less than it.
-        let mut first = [0u8; 1];
-        b.read_exact(&mut first).await.unwrap();
-        stop.cancel();
-        let mut end = writer.await.unwrap();
+        let frames = msgs
+            .iter()
+            .map(|m| {
+                let p = m.payload().cloned().unwrap_or_default();
+                frame::encode_spliced(m, &p, 1 << 20).unwrap()
+            })
+            .collect();
+        let (mut end, mut b, first) = writer_stopped_mid_batch(frames).await;
         assert!(end.result.is_ok());
         assert!(matches!(end.conn.flush().await, Err(ConnError::Broken)));
         end.conn.close(None).await;
         drop(end);
-        let mut got = first.to_vec();
+        let mut got = vec![first];
         b.read_to_end(&mut got).await.unwrap();
         assert!(got.len() < plain.len(), "the whole batch went out");
         assert_eq!(got[..], plain[..got.len()], "not a prefix of the frames");
@@ -1466,7 +1452,7 @@ mod tests {
             .unwrap();
         let stop = tokio_util::sync::CancellationToken::new();
         let end = write_link(
-            Connection::new(a, limits),
+            Connection::new(a, limits_with_max(1 << 20)),
             qrx,
             None,
             || false,
@@ -1545,31 +1531,44 @@ mod tests {
         frame::encode_spliced(&m, &p, 1 << 20).unwrap()
     }
 
-    /// Frames the writer took off the queue but had not started to write when it stopped are
-    /// given back as never sent; those of the batch being written are not.
-    #[tokio::test]
-    async fn a_stopped_link_writer_gives_back_the_frames_it_held() {
-        let limits = limits_with_max(1 << 20);
+    /// Starts a link writer over a 1000-byte pipe with `frames` queued, stops it once the
+    /// first byte of its first batch has come out (the pipe holds less than the batch), and
+    /// gives back how it ended, the pipe's other end, and that byte.
+    async fn writer_stopped_mid_batch<T: Outgoing + Send + 'static>(
+        frames: Vec<T>,
+    ) -> (
+        WriterEnd<tokio::io::DuplexStream, T>,
+        tokio::io::DuplexStream,
+        u8,
+    ) {
         let (qtx, qrx) = tokio::sync::mpsc::channel(16);
-        for id in 1..=5 {
-            qtx.send(Held(1, id, encoded_reply(id, 200_000), None))
-                .await
-                .unwrap();
+        for f in frames {
+            assert!(qtx.try_send(f).is_ok(), "more frames than the queue holds");
         }
         let (a, mut b) = tokio::io::duplex(1000);
         let stop = tokio_util::sync::CancellationToken::new();
         let writer = tokio::spawn(write_link(
-            Connection::new(a, limits),
+            Connection::new(a, limits_with_max(1 << 20)),
             qrx,
             None,
             || true,
             stop.clone(),
         ));
-        // The first byte shows the first batch (two frames: 256 KiB) is being written.
         let mut first = [0u8; 1];
         b.read_exact(&mut first).await.unwrap();
         stop.cancel();
-        let end = writer.await.unwrap();
+        (writer.await.unwrap(), b, first[0])
+    }
+
+    /// Frames the writer took off the queue but had not started to write when it stopped are
+    /// given back as never sent; those of the batch being written are not.
+    #[tokio::test]
+    async fn a_stopped_link_writer_gives_back_the_frames_it_held() {
+        // The first batch (two frames: 256 KiB) is being written when it stops.
+        let frames = (1..=5)
+            .map(|id| Held(1, id, encoded_reply(id, 200_000), None))
+            .collect();
+        let (end, _b, _) = writer_stopped_mid_batch(frames).await;
         let mut held: Vec<u64> = end.held.iter().map(|f| f.1).collect();
         held.sort_unstable();
         assert_eq!(held, [3, 4, 5]);
