@@ -642,12 +642,12 @@ pub struct WriterEnd<W, T> {
 }
 
 /// The writing half of a multiplexed link (the dispatcher's to a worker, a client's to the
-/// dispatcher): writes what arrives on `rx` in batches ([`Connection::write_batch`], with
+/// dispatcher): writes what arrives on `rx` in batches (`Connection::write_batch`, with
 /// `more_coming` asked before each) until `stop` is cancelled, `rx` is closed, or a write
 /// fails; then cancels `stop` itself (also if it panics), so that the reading half ends too,
 /// and gives back what the end of the link needs. What arrives on `urgent` (pings) goes out
 /// with the next batch, ahead of the frames queued on `rx`. Frames of different flows
-/// ([`Outgoing::flow`]: the dispatcher's client identities) take turns (see [`flows`]), and
+/// ([`Outgoing::flow`]: the dispatcher's client identities) take turns (see the `flows` module), and
 /// a frame whose [`Outgoing::expires`] has passed when its turn comes is dropped.
 ///
 /// It runs as a task of its own while another reads: a link whose one task read only between
