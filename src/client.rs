@@ -104,7 +104,7 @@ enum Outcome {
 
 /// One connection and its calls in flight.
 struct Link {
-    tx: mpsc::Sender<(u64, Encoded)>,
+    tx: mpsc::Sender<Queued>,
     /// Cancelled by [`Client::close`]: the connection task says goodbye and ends.
     close: tokio_util::sync::CancellationToken,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -117,6 +117,28 @@ struct Link {
     /// Set when the dispatcher answered `shutting_down`: it finishes what it has on this
     /// connection, and new calls dial again (its successor, once it listens).
     draining: std::sync::atomic::AtomicBool,
+}
+
+/// A request waiting for the connection's writer, dropped unwritten if its call's deadline
+/// passes first: nobody would wait for its answer (see `connection::write_link`).
+struct Queued {
+    id: u64,
+    deadline: Instant,
+    frame: Encoded,
+}
+
+impl crate::connection::Outgoing for Queued {
+    fn frame(&self) -> &Encoded {
+        &self.frame
+    }
+
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn expires(&self) -> Option<Instant> {
+        Some(self.deadline)
+    }
 }
 
 /// A cheap-to-clone handle to a connection to the dispatcher.
@@ -285,7 +307,16 @@ impl Client {
         let Some(orx) = link.pending.register(id) else {
             return Err(gone());
         };
-        if link.tx.send((id, frame)).await.is_err() {
+        if link
+            .tx
+            .send(Queued {
+                id,
+                deadline,
+                frame,
+            })
+            .await
+            .is_err()
+        {
             return Err(gone());
         }
         match orx.await {
@@ -373,7 +404,7 @@ enum RequestRef<'a> {
 async fn run_link(
     link: Arc<Link>,
     stream: ClientStream,
-    rx: mpsc::Receiver<(u64, Encoded)>,
+    rx: mpsc::Receiver<Queued>,
     io: IoLimits,
     addr: SocketAddr,
 ) {

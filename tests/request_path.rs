@@ -1266,3 +1266,57 @@ async fn requests_past_their_deadline_are_not_sent_to_the_worker() {
     );
     cluster.stop().await;
 }
+
+/// The client library does not send a request whose call has already timed out: a request
+/// still waiting for the connection's writer when its deadline passes is dropped. It used to
+/// be written anyway, and the dispatcher, which counts the time left from when it reads the
+/// request, then ran it for nobody. Here the client's direction to the dispatcher is held (a
+/// relay stops passing it on) while 48 calls of 1 MB time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_does_not_send_requests_whose_call_timed_out() {
+    const CALLS: usize = 48;
+    let pki = pki(1);
+    let cluster = start_cluster(&pki, 1, |_| {}).await;
+    let (hold, held) = tokio::sync::watch::channel(false);
+    let passed = Arc::new(AtomicUsize::new(0));
+    let relay = holdable_counting_relay(cluster.addr, held, passed.clone());
+    let cfg = securesrv::client::ClientConfig::new(
+        &pki.material("client"),
+        relay,
+        SpiffeId::dispatcher("securesrv").unwrap(),
+    )
+    .unwrap();
+    let client = securesrv::client::Client::connect(cfg).await.unwrap();
+    still_serving(&client).await;
+
+    hold.send_replace(true);
+    let payload = Bytes::from(vec![5u8; 1_000_000]);
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..CALLS {
+        let (client, payload) = (client.clone(), payload.clone());
+        calls.spawn(async move {
+            let opts = CallOptions {
+                idempotent: false,
+                timeout: Duration::from_millis(300),
+            };
+            client.call_bytes("echo", payload, opts).await
+        });
+    }
+    while let Some(r) = calls.join_next().await {
+        match r.expect("call") {
+            Err(ClientError::Timeout(_)) => {}
+            other => panic!("expected the call to time out, got {other:?}"),
+        }
+    }
+    // Some frames were written before the connection filled up; those reach the dispatcher.
+    let before = passed.load(Ordering::SeqCst);
+    hold.send_replace(false);
+    still_serving(&client).await;
+    let after = passed.load(Ordering::SeqCst) - before;
+    eprintln!("passed to the dispatcher once released: {after} bytes (before: {before})");
+    assert!(
+        after < CALLS * 1_000_000 / 2,
+        "{after} bytes of requests whose calls had timed out went to the dispatcher"
+    );
+    cluster.stop().await;
+}

@@ -29,17 +29,6 @@ pub trait Outgoing {
     }
 }
 
-/// A request (or ping) on a link of one flow: a client's link to the dispatcher.
-impl Outgoing for (u64, Encoded) {
-    fn frame(&self) -> &Encoded {
-        &self.1
-    }
-
-    fn id(&self) -> u64 {
-        self.0
-    }
-}
-
 /// Emptied queues kept for reuse, at most this many, each of at most [`SPARE_CAPACITY`].
 const SPARES: usize = 4;
 const SPARE_CAPACITY: usize = 64;
