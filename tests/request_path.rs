@@ -1205,6 +1205,38 @@ async fn identities_take_turns_on_a_worker_link() {
     cluster.stop().await;
 }
 
+/// Makes `n` concurrent, non-idempotent echo calls of 1 MB with a 300 ms deadline, while
+/// something holds them up, and checks that each times out: in the client, or also at the
+/// dispatcher if `at_dispatcher_too`.
+async fn calls_of_1_mb_that_time_out(
+    client: &securesrv::client::Client,
+    n: usize,
+    at_dispatcher_too: bool,
+) {
+    let payload = Bytes::from(vec![5u8; 1_000_000]);
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let (client, payload) = (client.clone(), payload.clone());
+        calls.spawn(async move {
+            let opts = CallOptions {
+                idempotent: false,
+                timeout: Duration::from_millis(300),
+            };
+            client.call_bytes("echo", payload, opts).await
+        });
+    }
+    while let Some(r) = calls.join_next().await {
+        match r.expect("call") {
+            Err(ClientError::Remote {
+                code: ErrorCode::Timeout,
+                ..
+            }) if at_dispatcher_too => {}
+            Err(ClientError::Timeout(_)) => {}
+            other => panic!("expected a timeout while held up, got {other:?}"),
+        }
+    }
+}
+
 /// A request whose deadline passed while its frame still waited for the worker link is not
 /// sent to the worker: nobody waits for its answer. They used to be written anyway, each a
 /// megabyte here, for the worker to run, while other clients' requests waited behind them.
@@ -1225,28 +1257,7 @@ async fn requests_past_their_deadline_are_not_sent_to_the_worker() {
     still_serving(&alice).await;
 
     hold.send_replace(true);
-    let payload = Bytes::from(vec![5u8; 1_000_000]);
-    let mut calls = tokio::task::JoinSet::new();
-    for _ in 0..ALICE {
-        let (alice, payload) = (alice.clone(), payload.clone());
-        calls.spawn(async move {
-            let opts = CallOptions {
-                idempotent: false,
-                timeout: Duration::from_millis(300),
-            };
-            alice.call_bytes("echo", payload, opts).await
-        });
-    }
-    while let Some(r) = calls.join_next().await {
-        match r.expect("alice's call") {
-            Err(ClientError::Remote {
-                code: ErrorCode::Timeout,
-                ..
-            })
-            | Err(ClientError::Timeout(_)) => {}
-            other => panic!("expected a timeout while the link was held, got {other:?}"),
-        }
-    }
+    calls_of_1_mb_that_time_out(&alice, ALICE, true).await;
     // The client's deadline can pass before the dispatcher's, which counts from when it read
     // the request.
     let slot = cluster.dispatcher.pool().slots()[0].clone();
@@ -1290,24 +1301,7 @@ async fn the_client_does_not_send_requests_whose_call_timed_out() {
     still_serving(&client).await;
 
     hold.send_replace(true);
-    let payload = Bytes::from(vec![5u8; 1_000_000]);
-    let mut calls = tokio::task::JoinSet::new();
-    for _ in 0..CALLS {
-        let (client, payload) = (client.clone(), payload.clone());
-        calls.spawn(async move {
-            let opts = CallOptions {
-                idempotent: false,
-                timeout: Duration::from_millis(300),
-            };
-            client.call_bytes("echo", payload, opts).await
-        });
-    }
-    while let Some(r) = calls.join_next().await {
-        match r.expect("call") {
-            Err(ClientError::Timeout(_)) => {}
-            other => panic!("expected the call to time out, got {other:?}"),
-        }
-    }
+    calls_of_1_mb_that_time_out(&client, CALLS, false).await;
     // Some frames were written before the connection filled up; those reach the dispatcher.
     let before = passed.load(Ordering::SeqCst);
     hold.send_replace(false);
