@@ -647,8 +647,9 @@ pub struct WriterEnd<W, T> {
 /// fails; then cancels `stop` itself (also if it panics), so that the reading half ends too,
 /// and gives back what the end of the link needs. What arrives on `urgent` (pings) goes out
 /// with the next batch, ahead of the frames queued on `rx`. Frames of different flows
-/// ([`Outgoing::flow`]: the dispatcher's client identities) take turns (see the `flows` module), and
-/// a frame whose [`Outgoing::expires`] has passed when its turn comes is dropped.
+/// ([`Outgoing::flow`]: the dispatcher's client identities) take turns by bytes (see the
+/// `flows` module), and a frame whose [`Outgoing::expires`] has passed when its turn comes is
+/// dropped.
 ///
 /// It runs as a task of its own while another reads: a link whose one task read only between
 /// writes would deadlock with its peer once both directions carry more than the socket buffers
