@@ -149,6 +149,21 @@ pub struct Client {
     link: Arc<tokio::sync::Mutex<Option<Arc<Link>>>>,
 }
 
+/// A call's waiter on its connection, removed when the call stops waiting before an answer
+/// came (id 0: nothing to remove; no request has id 0).
+struct Waiting<'a> {
+    link: &'a Link,
+    id: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.id != 0 {
+            self.link.pending.forget(self.id);
+        }
+    }
+}
+
 /// Why one exchange on a connection failed, for the retry loop.
 enum Failure {
     /// Do not retry.
@@ -307,6 +322,9 @@ impl Client {
         let Some(orx) = link.pending.register(id) else {
             return Err(gone());
         };
+        // Dropped at the call's deadline, this future takes its waiter with it: the writer
+        // drops a frame whose deadline has passed, and then no answer would ever remove it.
+        let mut waiting = Waiting { link, id };
         if link
             .tx
             .send(Queued {
@@ -319,7 +337,10 @@ impl Client {
         {
             return Err(gone());
         }
-        match orx.await {
+        let outcome = orx.await;
+        // Answered, or the connection closed: the waiter is gone already.
+        waiting.id = 0;
+        match outcome {
             // The dispatcher is stopping and did not run it: try again on a new connection
             // (a restarted dispatcher), within the deadline, idempotent or not.
             Ok(Outcome::Done(Err(ClientError::Remote {

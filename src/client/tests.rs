@@ -119,3 +119,103 @@ fn connect_addresses_are_ip_or_host_with_port() {
     let err = resolve_addr("nosuchhost.invalid:2222").unwrap_err();
     assert!(err.contains("cannot resolve"), "{err}");
 }
+
+/// A dispatcher stand-in on 127.0.0.1 with a 64 KiB receive buffer, for one connection: it
+/// starts reading once `start` is sent, answers every request it reads with an empty reply,
+/// and counts them in `read`.
+struct StandIn {
+    _tmp: tempfile::TempDir,
+    cfg: ClientConfig,
+    start: tokio::sync::oneshot::Sender<()>,
+    read: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn answering_dispatcher(call_timeout: Duration) -> StandIn {
+    use crate::message::Reply;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(8).unwrap();
+    let (tmp, cfg) = config(listener.local_addr().unwrap(), call_timeout);
+    let dir = tmp.path().join("certs");
+    let acceptor = TlsMaterial::load(
+        &dir.join("ca.crt"),
+        &dir.join("dispatcher.crt"),
+        &dir.join("dispatcher.key"),
+    )
+    .unwrap()
+    .acceptor(crate::identity::Role::Dispatcher, Duration::from_secs(5))
+    .unwrap();
+    let (start, started) = tokio::sync::oneshot::channel::<()>();
+    let read = Arc::new(AtomicU64::new(0));
+    let task = tokio::spawn({
+        let read = read.clone();
+        async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (stream, _) = acceptor.accept(tcp).await.unwrap();
+            let _ = started.await;
+            let mut conn = Connection::new(stream, IoLimits::default());
+            while let Ok(Some(Message::Request(r))) = conn.read_message().await {
+                read.fetch_add(1, Ordering::Relaxed);
+                let reply = Message::Reply(Reply {
+                    id: r.id,
+                    payload: Bytes::new(),
+                });
+                if conn.send(&reply).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    StandIn {
+        _tmp: tmp,
+        cfg,
+        start,
+        read,
+        task,
+    }
+}
+
+/// Calls that time out while their frames wait for a dispatcher that does not read leave no
+/// waiter behind: the writer drops such frames, so no answer would ever remove one, and a
+/// long-lived client grew by one entry per such call for as long as its connection lived.
+#[tokio::test]
+async fn calls_that_time_out_unsent_leave_no_waiter_on_a_live_connection() {
+    let timeout = Duration::from_millis(300);
+    let stand_in = answering_dispatcher(timeout);
+    let client = Client::connect(stand_in.cfg.clone()).await.unwrap();
+    // Few of these fit in the sockets; the rest wait in the client's queue until their calls
+    // have timed out.
+    let payload = Bytes::from(vec![7u8; 1_000_000]);
+    let calls: Vec<_> = (0..16)
+        .map(|_| {
+            let (c, p) = (client.clone(), payload.clone());
+            let opts = CallOptions {
+                idempotent: true,
+                timeout,
+            };
+            tokio::spawn(async move { c.call_bytes("echo", p, opts).await })
+        })
+        .collect();
+    for c in calls {
+        let r = c.await.unwrap();
+        assert!(matches!(r, Err(ClientError::Timeout(_))), "{r:?}");
+    }
+    stand_in.start.send(()).unwrap();
+    // Everything written is read and answered; the frames the writer dropped never will be.
+    let link = client.link.lock().await.clone().expect("connected");
+    let until = Instant::now() + Duration::from_secs(10);
+    while !link.pending.is_empty() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!link.tx.is_closed(), "the connection is still up");
+    let left = link.pending.len();
+    let read = stand_in.read.load(Ordering::Relaxed);
+    assert!(read < 16, "the dispatcher read all {read} requests");
+    assert_eq!(
+        left, 0,
+        "{left} waiters left; the dispatcher read {read} of 16"
+    );
+    stand_in.task.abort();
+}
