@@ -149,6 +149,9 @@ pub struct Client {
     link: Arc<tokio::sync::Mutex<Option<Arc<Link>>>>,
 }
 
+/// What tokio's timers take for "never": about 30 years.
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+
 /// A call's waiter on its connection, removed when the call stops waiting before an answer
 /// came (id 0: nothing to remove; no request has id 0).
 struct Waiting<'a> {
@@ -226,7 +229,11 @@ impl Client {
         payload: Bytes,
         opts: CallOptions,
     ) -> Result<Bytes, ClientError> {
-        let deadline = Instant::now() + opts.timeout;
+        // A timeout beyond the clock's range (`Duration::MAX` for "no timeout") waits as long
+        // as tokio's own timers do.
+        let deadline = Instant::now()
+            .checked_add(opts.timeout)
+            .unwrap_or_else(|| Instant::now() + FAR_FUTURE);
         let Ok(Ok(_slot)) = tokio::time::timeout_at(deadline, self.slots.acquire()).await else {
             return Err(ClientError::Timeout(opts.timeout));
         };

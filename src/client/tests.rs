@@ -219,3 +219,19 @@ async fn calls_that_time_out_unsent_leave_no_waiter_on_a_live_connection() {
     );
     stand_in.task.abort();
 }
+
+/// `Duration::MAX` as a call's timeout means no timeout; it used to overflow the clock.
+#[tokio::test]
+async fn a_call_may_have_no_timeout() {
+    let stand_in = answering_dispatcher(Duration::from_secs(5));
+    stand_in.start.send(()).unwrap();
+    let client = Client::new(stand_in.cfg.clone());
+    let opts = CallOptions {
+        idempotent: true,
+        timeout: Duration::MAX,
+    };
+    let answer = client.call_bytes("echo", Bytes::from_static(b"x"), opts);
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer).await;
+    assert!(matches!(answer, Ok(Ok(_))), "{answer:?}");
+    stand_in.task.abort();
+}
