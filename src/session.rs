@@ -235,9 +235,10 @@ impl Session {
     /// Answers a ping through the same path as requests: `pong` runs like a request, so a
     /// component whose request machinery is stuck does not answer. A busy component is not a
     /// stuck one, so a ping does not count against the request limits (a refusal would need
-    /// id 0, which means the connection is closing, and would make a full worker look dead);
-    /// only a peer with [`PING_HEADROOM`] pings beyond a full connection is cut off. A nonce of
-    /// the wrong size closes the connection.
+    /// id 0, which means the connection is closing, and would make a full worker look dead).
+    /// Pings are bounded together with the requests: a peer with requests and pings unanswered
+    /// reaching the request limit plus [`PING_HEADROOM`] is cut off (on a full connection, at
+    /// the 9th ping). A nonce of the wrong size closes the connection.
     pub fn ping<F>(&mut self, nonce: Vec<u8>, placement: Placement, pong: F) -> Next
     where
         F: FnOnce(Vec<u8>) -> Message + Send + 'static,
@@ -248,7 +249,7 @@ impl Session {
         if self.in_flight() >= self.max_in_flight + PING_HEADROOM {
             return Next::Close(Some(Message::connection_error(
                 ErrorCode::Overloaded,
-                "too many pings unanswered on a full connection",
+                "too many pings unanswered: requests and pings together beyond the connection's limit",
             )));
         }
         if self.spawns(placement) {
