@@ -58,12 +58,12 @@ impl Record {
         )?;
         match &self.outcome {
             Ok(()) => w.write_str("ok")?,
-            // The message may quote what a peer sent: no line break or control character
-            // of it reaches the line (the log formatter escapes the event form likewise).
+            // The message may quote what a peer sent (a worker's error): quoted, so that it
+            // can neither break the line nor pose as further fields of it.
             Err((code, reason)) => write!(
                 w,
                 "{code} reason={}",
-                crate::identity::printable_within(reason, MAX_REASON)
+                crate::identity::quoted(reason, MAX_REASON)
             )?,
         }
         write!(w, " duration_us={}", self.duration_us)
@@ -77,7 +77,7 @@ impl Record {
                 tracing::info!(target: TARGET, client = %self.client, op = %self.op, worker = %worker, outcome = %"ok", duration_us = self.duration_us, "request");
             }
             Err((code, reason)) => {
-                tracing::info!(target: TARGET, client = %self.client, op = %self.op, worker = %worker, outcome = %code, reason = %crate::identity::printable_within(reason, MAX_REASON), duration_us = self.duration_us, "request");
+                tracing::info!(target: TARGET, client = %self.client, op = %self.op, worker = %worker, outcome = %code, reason = %crate::identity::quoted(reason, MAX_REASON), duration_us = self.duration_us, "request");
             }
         }
     }
@@ -130,11 +130,74 @@ mod tests {
         };
         let mut line = String::new();
         r.write_body(&mut line).unwrap();
-        assert!(line.contains("reason=x"), "{line}");
+        assert!(line.contains("reason=\"x"), "{line}");
         assert!(
             !line.chars().any(|c| c.is_control() || c == '\u{202e}'),
             "{line:?}"
         );
         assert!(line.len() < MAX_REASON + 300, "{} bytes", line.len());
+    }
+
+    /// The fields of an audit line after `request `, as a log parser reads them: `key=value`
+    /// separated by spaces, a value in double quotes when it starts with one (`\"` and `\\`
+    /// escaped within).
+    fn fields(line: &str) -> Vec<(String, String)> {
+        let mut rest = line.split_once("request ").expect("an audit line").1;
+        let mut out = Vec::new();
+        while let Some((key, after)) = rest.split_once('=') {
+            let mut value = String::new();
+            let mut chars = after.char_indices();
+            let end = if after.starts_with('"') {
+                chars.next();
+                let mut end = after.len();
+                while let Some((i, c)) = chars.next() {
+                    match c {
+                        '\\' => value.extend(chars.next().map(|(_, c)| c)),
+                        '"' => {
+                            end = i + 1;
+                            break;
+                        }
+                        c => value.push(c),
+                    }
+                }
+                end
+            } else {
+                let end = after.find(' ').unwrap_or(after.len());
+                value.push_str(&after[..end]);
+                end
+            };
+            out.push((key.to_string(), value));
+            rest = after[end..].trim_start_matches(' ');
+        }
+        out
+    }
+
+    #[test]
+    fn an_error_message_cannot_pose_as_fields_of_the_audit_line() {
+        // A compromised worker's error message, made to read as the end of this line and a
+        // successful request of another client.
+        let forged = r#"exit 0 duration_us=1 client=spiffe://securesrv/client/admin op=transfer outcome=ok \" x="#;
+        let r = Record {
+            at: SystemTime::now(),
+            peer: "127.0.0.1:9".parse().unwrap(),
+            in_conn_span: false,
+            client: "spiffe://securesrv/client/alice".into(),
+            op: "echo".into(),
+            worker: Some("spiffe://securesrv/worker/2".into()),
+            outcome: Err((ErrorCode::OpFailed, forged.into())),
+            duration_us: 7,
+        };
+        let mut line = String::new();
+        r.write_body(&mut line).unwrap();
+        let keys: Vec<String> = fields(&line).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            keys,
+            ["client", "op", "worker", "outcome", "reason", "duration_us"],
+            "{line}"
+        );
+        let parsed = fields(&line);
+        assert_eq!(parsed[0].1, "spiffe://securesrv/client/alice", "{line}");
+        assert_eq!(parsed[4].1, forged, "{line}");
+        assert_eq!(parsed[5].1, "7", "{line}");
     }
 }

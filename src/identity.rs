@@ -340,6 +340,34 @@ fn unsafe_in_log(c: char) -> bool {
         )
 }
 
+/// Peer-supplied text as a log field's value: [`printable_within`] `max` characters, in
+/// double quotes, with `"` and `\` escaped. Unquoted, a space and a `=` in the text could pose
+/// as further fields of the line (`reason=x outcome=ok`) to anyone who parses it.
+pub fn quoted(s: &str, max: usize) -> Quoted<'_> {
+    Quoted(printable_within(s, max))
+}
+
+/// See [`quoted`].
+pub struct Quoted<'a>(std::borrow::Cow<'a, str>);
+
+impl std::fmt::Display for Quoted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        f.write_char('"')?;
+        for part in self.0.split_inclusive(['"', '\\']) {
+            match part.strip_suffix(['"', '\\']) {
+                Some(head) => {
+                    f.write_str(head)?;
+                    f.write_char('\\')?;
+                    f.write_str(&part[head.len()..])?;
+                }
+                None => f.write_str(part)?,
+            }
+        }
+        f.write_char('"')
+    }
+}
+
 /// An op name as sent by a peer, for an audit line's `op=` field: unchanged when it is a
 /// valid op name, otherwise every character outside `a-z 0-9 _ - .` replaced by `?` (so no
 /// space, `=` or quote can start a forged field) and cut to 64 characters.

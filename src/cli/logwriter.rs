@@ -253,7 +253,7 @@ mod tests {
             assert_eq!(lines[2 * i], format!("{i}"), "{rendered}");
             assert_eq!(lines[2 * i + 1], expected[i]);
         }
-        assert!(expected[1].contains("outcome=unavailable reason=no worker available"));
+        assert!(expected[1].contains("outcome=unavailable reason=\"no worker available"));
         assert_eq!(lines[8], "last");
         assert!(
             expected[3]

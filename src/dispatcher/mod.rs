@@ -398,7 +398,7 @@ impl Dispatcher {
                             worker = slot.id,
                             refusals,
                             op = %req.op,
-                            reason = %crate::identity::printable(&message),
+                            reason = %crate::identity::quoted(&message, 80),
                             "worker refused the dispatcher's token; token keys out of step? (after rotate-token-key, restart every worker, then the dispatcher)"
                         );
                     }

@@ -589,7 +589,7 @@ impl Pool {
                         if unread_did_not_run {
                             info!(worker = slot.id, "worker is stopping; requests it did not read go elsewhere");
                         } else {
-                            warn!(worker = slot.id, code = %e.code, message = %crate::identity::printable(&e.message), "worker closed the link");
+                            warn!(worker = slot.id, code = %e.code, message = %crate::identity::quoted(&e.message, 80), "worker closed the link");
                         }
                         break "closed by worker";
                     }

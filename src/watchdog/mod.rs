@@ -519,7 +519,7 @@ impl Supervisor {
                         if slot.misses == 1 {
                             slot.down_since.get_or_insert(Instant::now());
                         }
-                        warn!(component = %slot.comp.name, misses = slot.misses, max = self.cfg.watchdog.max_missed, reason = %crate::identity::printable(&e), "heartbeat failed");
+                        warn!(component = %slot.comp.name, misses = slot.misses, max = self.cfg.watchdog.max_missed, reason = %crate::identity::quoted(&e, 80), "heartbeat failed");
                         if slot.misses >= self.cfg.watchdog.max_missed {
                             let reason =
                                 format!("{} heartbeats failed in a row (last: {e})", slot.misses);
@@ -528,7 +528,7 @@ impl Supervisor {
                     }
                     (Err(e), Phase::Starting { .. }) if e.contains("identity refused") => {
                         // Something answers on the component's port with another identity.
-                        warn!(component = %slot.comp.name, addr = %slot.comp.addr, reason = %crate::identity::printable(&e), "wrong identity on the component's port");
+                        warn!(component = %slot.comp.name, addr = %slot.comp.addr, reason = %crate::identity::quoted(&e, 80), "wrong identity on the component's port");
                     }
                     (Err(e), Phase::Starting { .. }) => {
                         debug!(component = %slot.comp.name, reason = %e, "not answering yet");

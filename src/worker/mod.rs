@@ -128,7 +128,7 @@ impl Worker {
         {
             Ok(c) => c,
             Err(e) => {
-                warn!(target: "securesrv::audit", op = %crate::identity::printable(&f.op), reason = %e, "token refused");
+                warn!(target: "securesrv::audit", op = %crate::identity::quoted(&f.op, 80), reason = %e, "token refused");
                 let code = match e {
                     crate::token::TokenError::ReplayCacheFull => ErrorCode::Overloaded,
                     _ => ErrorCode::InvalidToken,
