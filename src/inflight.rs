@@ -38,10 +38,15 @@ impl<T> InFlight<T> {
         })
     }
 
-    /// Delivers the answer to request `id` (ignored if nobody waits for it any more).
-    pub fn complete(&self, id: u64, answer: T) {
-        if let Some(tx) = self.with(|w| w.as_mut().and_then(|m| m.remove(&id))) {
-            let _ = tx.send(answer);
+    /// Delivers the answer to request `id` (ignored if nobody waits for it any more); whether
+    /// a waiter was registered.
+    pub fn complete(&self, id: u64, answer: T) -> bool {
+        match self.with(|w| w.as_mut().and_then(|m| m.remove(&id))) {
+            Some(tx) => {
+                let _ = tx.send(answer);
+                true
+            }
+            None => false,
         }
     }
 

@@ -18,6 +18,7 @@ use crate::message::{ErrorCode, ForwardRef, Message, Ping, Request};
 use crate::throttle::SharedThrottle;
 use crate::tls::{ClientStream, Connector};
 use crate::token::{MintRequest, Minter, TokenError};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -568,6 +569,8 @@ impl Pool {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let rng = ring::rand::SystemRandom::new();
         let mut awaiting: Option<Vec<u8>> = None;
+        // Pings sent before the one awaited, still unanswered: their pongs may come late.
+        let mut late: VecDeque<Vec<u8>> = VecDeque::new();
         let mut misses = 0u32;
         // The worker stopped and said every forward it read was answered: the others were
         // never read, and may go elsewhere, idempotent or not.
@@ -582,8 +585,19 @@ impl Pool {
             tokio::select! {
                 biased;
                 _ = &mut cancelled => break "shutdown",
-                r = conn.read_message() => match r.inspect(|m| answered |= m.is_some()) {
-                    Ok(Some(Message::Reply(r))) => link.pending.complete(r.id, Answer::Reply(r.payload)),
+                // The link counts as made (`answered`) once the worker has answered a
+                // request or a ping: not for an id-0 error or a message it must not send,
+                // which a worker could repeat on every link to be dialled again at once. An
+                // answer for an id not yet given out, or a pong for no ping, is a violation:
+                // read without end, such messages kept the dispatcher's thread busy.
+                r = conn.read_message() => match r {
+                    Ok(Some(m)) if answer_id(&m) >= link.next_id.load(Ordering::Relaxed) => {
+                        warn!(worker = slot.id, id = answer_id(&m), "worker answered a request never sent to it");
+                        break "protocol violation";
+                    }
+                    Ok(Some(Message::Reply(r))) => {
+                        answered |= link.pending.complete(r.id, Answer::Reply(r.payload));
+                    }
                     Ok(Some(Message::Error(e))) if e.id == 0 => {
                         unread_did_not_run = e.code == ErrorCode::ShuttingDown;
                         if unread_did_not_run {
@@ -593,15 +607,24 @@ impl Pool {
                         }
                         break "closed by worker";
                     }
-                    Ok(Some(Message::Error(e))) => link.pending.complete(e.id, Answer::Error(e.code, e.message)),
+                    Ok(Some(Message::Error(e))) => {
+                        answered |= link.pending.complete(e.id, Answer::Error(e.code, e.message));
+                    }
                     Ok(Some(Message::Pong(p))) => {
                         if awaiting.as_deref() == Some(&p.nonce[..]) {
+                            answered = true;
                             awaiting = None;
+                            late.clear();
                             misses = 0;
                             if !link.healthy.swap(true, Ordering::AcqRel) {
                                 info!(worker = slot.id, "worker answering again");
                                 self.changed.notify_waiters();
                             }
+                        } else if let Some(at) = late.iter().position(|n| n[..] == p.nonce[..]) {
+                            late.remove(at);
+                        } else {
+                            warn!(worker = slot.id, "worker sent a pong for no ping");
+                            break "protocol violation";
                         }
                     }
                     Ok(Some(other)) => {
@@ -636,7 +659,13 @@ impl Pool {
                     // this one is skipped, and the last one counts as unanswered meanwhile.
                     let ping = Forward { id: 0, client: 0, deadline: None, frame, _charge: None };
                     match ping_tx.try_send(ping) {
-                        Ok(()) => awaiting = Some(nonce),
+                        Ok(()) => {
+                            if let Some(before) = awaiting.replace(nonce) {
+                                // At most PING_MISSES_RECONNECT are unanswered before the
+                                // link is dropped.
+                                late.push_back(before);
+                            }
+                        }
                         Err(mpsc::error::TrySendError::Full(_)) => {}
                         Err(mpsc::error::TrySendError::Closed(_)) => break "write failed",
                     }
@@ -674,6 +703,15 @@ impl Pool {
             w.close(None).await;
         }
         (reason, answered)
+    }
+}
+
+/// The request id a worker's message answers; 0 (no request's) for other messages.
+fn answer_id(m: &Message) -> u64 {
+    match m {
+        Message::Reply(r) => r.id,
+        Message::Error(e) => e.id,
+        _ => 0,
     }
 }
 

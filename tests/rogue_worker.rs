@@ -1,0 +1,184 @@
+//! A worker that holds a valid certificate but breaks the protocol on its link: the
+//! dispatcher drops the link, and does not let such a worker have it dialled again at once.
+//! The worker is the test's own TLS endpoint with worker 1's certificate; the dispatcher runs
+//! in the test with real TLS on 127.0.0.1.
+
+mod common;
+
+use common::{WAIT, free_port, pki};
+use securesrv::config::{Config, WorkerEntry};
+use securesrv::connection::{Connection, IoLimits};
+use securesrv::dispatcher::Dispatcher;
+use securesrv::identity::Role;
+use securesrv::message::{Bytes, Message, Ping, Pong, Reply};
+use securesrv::tls::{Acceptor, ServerStream};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+type Link = Connection<ServerStream>;
+
+/// Worker 1's address, taken by the test, and a dispatcher linking to it (pinging every
+/// 100 ms).
+struct Setup {
+    _pki: common::Pki,
+    listener: TcpListener,
+    acceptor: Acceptor,
+    dispatcher: Arc<Dispatcher>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+async fn setup() -> Setup {
+    let pki = pki(1);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut cfg = Config {
+        certs_dir: pki.dir.clone(),
+        ..Config::default()
+    };
+    cfg.dispatcher.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    cfg.dispatcher.worker_ping_interval_ms = 100;
+    cfg.worker.push(WorkerEntry {
+        id: 1,
+        listen: listener.local_addr().unwrap(),
+    });
+    cfg.validate().unwrap();
+    let acceptor = pki
+        .material("worker-1")
+        .acceptor(Role::Worker, Duration::from_secs(5))
+        .unwrap();
+    let (dispatcher, m) = Dispatcher::load(Arc::new(cfg)).unwrap();
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    dispatcher.start_links(&m, &stop, &tracker).unwrap();
+    Setup {
+        _pki: pki,
+        listener,
+        acceptor,
+        dispatcher,
+        stop,
+        tracker,
+    }
+}
+
+impl Setup {
+    /// The dispatcher's next link, as worker 1.
+    async fn link(&self) -> Link {
+        let next = async {
+            let (tcp, _) = self.listener.accept().await.unwrap();
+            self.acceptor.accept(tcp).await.unwrap().0
+        };
+        let stream = tokio::time::timeout(WAIT, next).await.expect("a link");
+        Connection::new(stream, IoLimits::default())
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.tracker.close();
+        let _ = tokio::time::timeout(WAIT, self.tracker.wait()).await;
+    }
+}
+
+/// The next ping the dispatcher sends on `link`, skipping nothing else (it sends no request
+/// here); `None` once the dispatcher has closed the link.
+async fn next_ping(link: &mut Link, within: Duration) -> Option<Vec<u8>> {
+    match tokio::time::timeout(within, link.read_message()).await {
+        Ok(Ok(Some(Message::Ping(p)))) => Some(p.nonce),
+        Ok(Ok(Some(other))) => panic!("unexpected {other:?}"),
+        Ok(_) => None,
+        Err(_) => panic!("neither a ping nor the link's end within {within:?}"),
+    }
+}
+
+async fn pong(link: &mut Link, nonce: Vec<u8>) {
+    let pong = Message::Pong(Pong {
+        nonce,
+        in_flight: 0,
+        workers_available: None,
+    });
+    link.send(&pong).await.unwrap();
+}
+
+/// Whether the dispatcher closes `link` within `within`, answering its pings meanwhile.
+async fn closes_within(link: &mut Link, within: Duration) -> bool {
+    let until = tokio::time::Instant::now() + within;
+    loop {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, link.read_message()).await {
+            Err(_) => return false,
+            Ok(Ok(Some(Message::Ping(p)))) => pong(link, p.nonce).await,
+            Ok(Ok(Some(other))) => panic!("unexpected {other:?}"),
+            Ok(_) => return true,
+        }
+    }
+}
+
+/// A worker that sends a message it must not send as soon as each link is up made the
+/// dispatcher dial it again about 20 times a second, with a WARN line each time: the bad
+/// message counted as the worker having answered, which reset the backoff. It no longer
+/// counts, so the links come at the backoff's pace (50 ms, doubling up to 2 s).
+#[tokio::test]
+async fn a_worker_that_breaks_the_protocol_on_every_link_is_redialled_with_backoff() {
+    let s = setup().await;
+    let t0 = tokio::time::Instant::now();
+    let mut links = 0;
+    while t0.elapsed() < Duration::from_secs(3) {
+        let mut link = s.link().await;
+        links += 1;
+        let ping = Message::Ping(Ping { nonce: vec![7; 16] });
+        link.send(&ping).await.unwrap();
+        // The dispatcher's own first ping may come first; then the link's end.
+        while tokio::time::timeout(WAIT, link.read_message())
+            .await
+            .expect("the dispatcher closes the link")
+            .is_ok_and(|m| m.is_some())
+        {}
+    }
+    // With the backoff: links at about 0, 0.05, 0.15, 0.35, 0.75, 1.55 and 3.15 s.
+    assert!(links <= 12, "{links} links in 3 s");
+    s.stop().await;
+}
+
+/// A pong for no ping, and an answer for a request id the dispatcher never gave out, end the
+/// link: read without end, they kept the dispatcher's thread busy (a flood of pongs took a
+/// core). A pong for an earlier ping that comes late does not.
+#[tokio::test]
+async fn a_pong_for_no_ping_or_an_answer_for_no_request_ends_the_link() {
+    let s = setup().await;
+    let bogus = [
+        Message::Pong(Pong {
+            nonce: vec![9; 16],
+            in_flight: 0,
+            workers_available: None,
+        }),
+        Message::Reply(Reply {
+            id: 1_000,
+            payload: Bytes::from_static(b"not yours"),
+        }),
+    ];
+    for (i, bad) in bogus.into_iter().enumerate() {
+        let mut link = s.link().await;
+        // Each ping answered only once the next has come, then both: late pongs.
+        let mut before = next_ping(&mut link, WAIT).await.expect("a ping");
+        for _ in 0..3 {
+            let now = next_ping(&mut link, WAIT).await.expect("a ping");
+            pong(&mut link, before).await;
+            pong(&mut link, now.clone()).await;
+            before = next_ping(&mut link, WAIT).await.expect("a ping");
+        }
+        pong(&mut link, before).await;
+        assert!(
+            !closes_within(&mut link, Duration::from_millis(500)).await,
+            "case {i}: late pongs ended the link"
+        );
+        assert_eq!(s.dispatcher.pool().available(), 1, "case {i}");
+        link.send(&bad).await.unwrap();
+        assert!(
+            closes_within(&mut link, Duration::from_secs(5)).await,
+            "case {i}: the link stayed up after {bad:?}"
+        );
+    }
+    s.stop().await;
+}
