@@ -313,13 +313,14 @@ fn apply_common(cfg: &mut Config, common: &CommonArgs) {
     }
 }
 
-/// Loads the configuration, applies the command-line overrides and validates the result;
-/// on failure prints every problem and returns exit code 64.
+/// Loads the configuration, applies the command-line overrides and validates the result
+/// (once, so that a flag may replace a value the file has wrong, and a problem of the flag's
+/// value is named); on failure prints every problem and returns exit code 64.
 pub fn load_config(
     path: Option<&std::path::Path>,
     overrides: impl FnOnce(&mut Config),
 ) -> Result<Config, ExitCode> {
-    let result = Config::load(path).and_then(|mut cfg| {
+    let result = Config::read(path).and_then(|mut cfg| {
         overrides(&mut cfg);
         cfg.validate().map(|()| cfg)
     });

@@ -364,7 +364,15 @@ pub struct OpInfo {
 impl Config {
     /// Reads `path` (or the defaults for `None`) and validates it.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let cfg = match path {
+        let cfg = Self::read(path)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads `path` (or the defaults for `None`) without validating it: for a caller that
+    /// changes it first (command-line overrides) and validates the result.
+    pub fn read(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Ok(match path {
             None => Config::default(),
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
@@ -376,9 +384,7 @@ impl Config {
                     message,
                 })?
             }
-        };
-        cfg.validate()?;
-        Ok(cfg)
+        })
     }
 
     /// Parses TOML text (no validation).

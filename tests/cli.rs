@@ -1530,3 +1530,55 @@ fn sighup_stays_ignored_under_nohup() {
         "SIGHUP is not caught"
     );
 }
+
+/// A command-line flag is applied before the configuration is checked: it may replace a value
+/// the file has wrong, and a problem of its own value is the one reported. The file used to be
+/// checked alone first.
+#[test]
+fn flags_replace_config_values_before_the_check() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("bad-workers.toml");
+    std::fs::write(&file, "workers = 300\n").unwrap();
+    let config = file.to_str().unwrap();
+    // Fixed by --workers: the dispatcher goes on to look for its certificates.
+    let out = run(
+        tmp.path(),
+        &[
+            "dispatcher",
+            "--config",
+            config,
+            "--workers",
+            "2",
+            "--certs",
+            "none",
+        ],
+        b"",
+    );
+    exits_saying(&out, 64, "none/ca.crt");
+    assert!(
+        !text(&out.stderr).contains("workers must be"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The flag's own problem is named, not the file's value that it replaces.
+    std::fs::write(&file, "[dispatcher]\nlisten = \"127.0.0.1:65535\"\n").unwrap();
+    let out = run(
+        tmp.path(),
+        &[
+            "dispatcher",
+            "--config",
+            config,
+            "--listen",
+            "127.0.0.1:2222",
+            "--workers",
+            "0",
+        ],
+        b"",
+    );
+    exits_saying(&out, 64, "workers must be between 1 and 256");
+    assert!(
+        !text(&out.stderr).contains("65535"),
+        "{}",
+        text(&out.stderr)
+    );
+}
