@@ -25,7 +25,8 @@ pub struct Record {
     pub peer: SocketAddr,
     /// Whether the request ran inside the server's `conn` span (it does unless the log filter
     /// disables that span); the line then starts with `conn{peer=.. id=..}: ` as the event's
-    /// would.
+    /// would. Without it, the line has a `peer=` field of its own, so that no filter loses the
+    /// client's address.
     pub in_conn_span: bool,
     /// The client identity.
     pub client: Arc<str>,
@@ -49,10 +50,13 @@ impl Record {
         if self.in_conn_span {
             write!(w, "conn{{peer={} id={}}}: ", self.peer, self.client)?;
         }
+        write!(w, "{TARGET}: request client={}", self.client)?;
+        if !self.in_conn_span {
+            write!(w, " peer={}", self.peer)?;
+        }
         write!(
             w,
-            "{TARGET}: request client={} op={} worker={} outcome=",
-            self.client,
+            " op={} worker={} outcome=",
             self.op,
             self.worker.as_deref().unwrap_or("-"),
         )?;
@@ -72,12 +76,21 @@ impl Record {
     /// Emits the record as a `tracing` event (what happens without a sink).
     pub fn emit_event(&self) {
         let worker = self.worker.as_deref().unwrap_or("-");
-        match &self.outcome {
-            Ok(()) => {
-                tracing::info!(target: TARGET, client = %self.client, op = %self.op, worker = %worker, outcome = %"ok", duration_us = self.duration_us, "request");
+        let (client, op, peer, us) = (&self.client, &self.op, self.peer, self.duration_us);
+        match (&self.outcome, self.in_conn_span) {
+            (Ok(()), true) => {
+                tracing::info!(target: TARGET, client = %client, op = %op, worker = %worker, outcome = %"ok", duration_us = us, "request");
             }
-            Err((code, reason)) => {
-                tracing::info!(target: TARGET, client = %self.client, op = %self.op, worker = %worker, outcome = %code, reason = %crate::identity::quoted(reason, MAX_REASON), duration_us = self.duration_us, "request");
+            (Ok(()), false) => {
+                tracing::info!(target: TARGET, client = %client, peer = %peer, op = %op, worker = %worker, outcome = %"ok", duration_us = us, "request");
+            }
+            (Err((code, reason)), true) => {
+                let reason = crate::identity::quoted(reason, MAX_REASON);
+                tracing::info!(target: TARGET, client = %client, op = %op, worker = %worker, outcome = %code, reason = %reason, duration_us = us, "request");
+            }
+            (Err((code, reason)), false) => {
+                let reason = crate::identity::quoted(reason, MAX_REASON);
+                tracing::info!(target: TARGET, client = %client, peer = %peer, op = %op, worker = %worker, outcome = %code, reason = %reason, duration_us = us, "request");
             }
         }
     }
@@ -192,12 +205,12 @@ mod tests {
         let keys: Vec<String> = fields(&line).into_iter().map(|(k, _)| k).collect();
         assert_eq!(
             keys,
-            ["client", "op", "worker", "outcome", "reason", "duration_us"],
+            ["client", "peer", "op", "worker", "outcome", "reason", "duration_us"],
             "{line}"
         );
         let parsed = fields(&line);
         assert_eq!(parsed[0].1, "spiffe://securesrv/client/alice", "{line}");
-        assert_eq!(parsed[4].1, forged, "{line}");
-        assert_eq!(parsed[5].1, "7", "{line}");
+        assert_eq!(parsed[5].1, forged, "{line}");
+        assert_eq!(parsed[6].1, "7", "{line}");
     }
 }

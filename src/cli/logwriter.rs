@@ -262,5 +262,14 @@ mod tests {
             "{}",
             expected[3]
         );
+        // Without the span's prefix, the client's address is a field of the line itself.
+        assert!(
+            expected[3].contains(
+                "request client=spiffe://securesrv/client/default peer=127.0.0.1:40000 op=echo"
+            ),
+            "{}",
+            expected[3]
+        );
+        assert!(!expected[0].contains(" peer="), "{}", expected[0]);
     }
 }
