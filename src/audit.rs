@@ -205,7 +205,15 @@ mod tests {
         let keys: Vec<String> = fields(&line).into_iter().map(|(k, _)| k).collect();
         assert_eq!(
             keys,
-            ["client", "peer", "op", "worker", "outcome", "reason", "duration_us"],
+            [
+                "client",
+                "peer",
+                "op",
+                "worker",
+                "outcome",
+                "reason",
+                "duration_us"
+            ],
             "{line}"
         );
         let parsed = fields(&line);

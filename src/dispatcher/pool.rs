@@ -30,6 +30,9 @@ use tracing::{info, warn};
 
 /// First reconnection delay.
 const RECONNECT_INITIAL: Duration = Duration::from_millis(crate::config::RECONNECT_INITIAL_MS);
+/// Failed dials in a row from which "cannot reach worker" is a warning (at this one and every
+/// power of two after it): the 8th comes after about 5 s of backoff.
+const UNREACHABLE_WARN_FROM: u64 = 8;
 /// Unanswered pings before a worker counts as unavailable.
 const PING_MISSES_UNAVAILABLE: u32 = 2;
 /// Unanswered pings before the link is dropped and re-dialled.
@@ -512,10 +515,15 @@ impl Pool {
                         warn!(worker = slot.id, addr = %slot.addr, attempts = failures, reason, "worker link closed before the worker answered");
                     }
                 }
+                // A worker starting (with the dispatcher, or restarted) is not listening for a
+                // moment: said at INFO, and at WARN once it has lasted about 5 s, so that a
+                // normal start or restart sets off no alert on WARN lines.
                 Err(e) => {
                     failures += 1;
-                    if failures == 1 || failures.is_power_of_two() {
+                    if failures >= UNREACHABLE_WARN_FROM && failures.is_power_of_two() {
                         warn!(worker = slot.id, addr = %slot.addr, attempts = failures, error = %e, "cannot reach worker");
+                    } else if failures == 1 {
+                        info!(worker = slot.id, addr = %slot.addr, error = %e, "cannot reach worker yet; dialling again with backoff");
                     }
                 }
             }

@@ -340,7 +340,13 @@ impl Supervisor {
                     let pid = r.pid;
                     slot.running = None;
                     slot.down_since.get_or_insert(now);
-                    warn!(component = %slot.comp.name, pid, status = %child::describe(&status), "component exited");
+                    // Expected when someone asked it to stop (a clean exit after a signal) or
+                    // the watchdog stopped it (which it said at WARN already).
+                    if child::asked_to_stop(&status) || matches!(slot.phase, Phase::Stopping) {
+                        info!(component = %slot.comp.name, pid, status = %child::describe(&status), "component exited");
+                    } else {
+                        warn!(component = %slot.comp.name, pid, status = %child::describe(&status), "component exited");
+                    }
                     let misconfigured = status.code() == Some(child::EXIT_CONFIG) && !slot.ever_up;
                     if child::asked_to_stop(&status) {
                         self.restart_after_clean_stop(idx);
