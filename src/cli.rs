@@ -133,8 +133,9 @@ enum CertsCmd {
         /// `certs_dir`, certs].
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// How long workers keep accepting the previous key, in seconds.
-        #[arg(long, default_value_t = 600)]
+        /// How long workers keep accepting the previous key, in seconds (at most a day; under
+        /// a minute is warned about).
+        #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(0..=86_400))]
         keep_previous_secs: u64,
         /// Trust domain of the workers [default: the one their current token keys were
         /// made for: the config's `trust_domain`, the CA's, or securesrv].
@@ -313,6 +314,9 @@ fn apply_common(cfg: &mut Config, common: &CommonArgs) {
     }
 }
 
+/// A `rotate-token-key` window shorter than this is warned about.
+const SHORT_ROTATION_WINDOW_SECS: u64 = 60;
+
 /// Loads the configuration, applies the command-line overrides and validates the result
 /// (once, so that a flag may replace a value the file has wrong, and a problem of the flag's
 /// value is named); on failure prints every problem and returns exit code 64.
@@ -394,11 +398,20 @@ fn certs(cmd: CertsCmd, config: Option<PathBuf>) -> ExitCode {
             dir,
             keep_previous_secs,
             trust_domain,
-        } => securesrv::certs::rotate_token_key(
-            &dir_or_default(dir),
-            trust_domain.or(configured_td).as_deref(),
-            keep_previous_secs.saturating_mul(1000),
-        ),
+        } => {
+            // Every component must be restarted within the window, and the dispatcher's
+            // fallback to the previous key ends a token lifetime before it does.
+            if keep_previous_secs < SHORT_ROTATION_WINDOW_SECS {
+                eprintln!(
+                    "securesrv: warning: the previous token key retires {keep_previous_secs} s from now; components not restarted by then refuse or sign tokens with a retired key (requests fail with `internal`). Restart every worker, then the dispatcher, at once, or the whole service (docs/OPERATIONS.md, \"Token key rotation\")"
+                );
+            }
+            securesrv::certs::rotate_token_key(
+                &dir_or_default(dir),
+                trust_domain.or(configured_td).as_deref(),
+                keep_previous_secs.saturating_mul(1000),
+            )
+        }
         CertsCmd::TokenKeys {
             dir,
             workers,

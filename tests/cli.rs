@@ -1582,3 +1582,37 @@ fn flags_replace_config_values_before_the_check() {
         text(&out.stderr)
     );
 }
+
+/// A rotation window under a minute is warned about (every component must be restarted
+/// within it), and one over a day is refused: it would keep a key that may have leaked. Any
+/// window used to be taken silently, up to about 2^64 ms.
+#[test]
+fn rotation_windows_that_are_too_short_or_too_long_are_said_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = run(tmp.path(), &["certs", "init", "--dir", "c"], b"");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let rotate = |secs: &str| {
+        let args = [
+            "certs",
+            "rotate-token-key",
+            "--dir",
+            "c",
+            "--keep-previous-secs",
+            secs,
+        ];
+        run(tmp.path(), &args, b"")
+    };
+    exits_saying(
+        &rotate("5"),
+        0,
+        "warning: the previous token key retires 5 s from now",
+    );
+    let out = rotate("600");
+    exits_saying(&out, 0, "");
+    assert!(
+        !text(&out.stderr).contains("warning"),
+        "{}",
+        text(&out.stderr)
+    );
+    exits_saying(&rotate("86401"), 2, "86401");
+}
