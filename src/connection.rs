@@ -591,17 +591,17 @@ impl<S: AsyncWrite + Unpin> Connection<S> {
 
     /// Best effort: writes what is queued plus `last` (if any; not after a write failed
     /// part-way) and shuts the stream down (a TLS close_notify), all within the write
-    /// deadline. Errors are ignored: the connection is going away either way.
-    pub async fn close(&mut self, last: Option<&Message>) {
+    /// deadline. Whether all of it was done; the connection is going away either way.
+    pub async fn close(&mut self, last: Option<&Message>) -> bool {
         if let (Some(m), false) = (last, self.broken) {
             let _ = self.queue(m);
         }
         let limit = self.limits.write_timeout;
-        let _ = tokio::time::timeout(limit, async {
-            let _ = self.flush().await;
-            let _ = self.stream.shutdown().await;
+        let closed = tokio::time::timeout(limit, async {
+            self.flush().await.is_ok() && self.stream.shutdown().await.is_ok()
         })
         .await;
+        closed == Ok(true)
     }
 }
 
@@ -610,10 +610,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// closes too, for at most [`LINGER`]; all of it ends by `until` at the latest. Closing a
     /// socket with unread data in it makes the kernel reset the connection, and a reset can
     /// destroy what we sent last (answers, the reason for closing) before the peer has read
-    /// it.
-    pub async fn close_lingering(&mut self, last: Option<&Message>, until: Instant) {
+    /// it. False if the close itself (the writes and the close_notify) failed or ran out of
+    /// the write deadline: the peer does not take what it is sent. (Cut short by `until`, it
+    /// is true: that is our deadline, not the peer's failure.)
+    pub async fn close_lingering(&mut self, last: Option<&Message>, until: Instant) -> bool {
+        let mut closed = true;
         let _ = tokio::time::timeout_at(until, async {
-            self.close(last).await;
+            closed = self.close(last).await;
             // On the heap, and only now: a buffer in the future would be part of every
             // connection's task for its whole life.
             let mut scratch = vec![0u8; 4096];
@@ -623,6 +626,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             .await;
         })
         .await;
+        closed
     }
 }
 

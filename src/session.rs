@@ -393,15 +393,37 @@ async fn write_answers<S: AsyncRead + AsyncWrite + Unpin>(
     conn.flush().await
 }
 
+/// A connection's stream that can be closed with a reset.
+pub trait Reset {
+    /// Makes the coming close send a TCP reset and drop what is still queued to send.
+    fn reset_on_close(&self);
+}
+
+impl Reset for crate::tls::ServerStream {
+    fn reset_on_close(&self) {
+        let _ = self.get_ref().0.tcp().set_zero_linger();
+    }
+}
+
+/// Gives up on a peer that does not take what it is sent: a plain close would leave the
+/// kernel an orphaned socket holding our unsent answers (up to the send buffer, megabytes)
+/// until the peer reads them or the kernel gives up on it, long after we have.
+fn give_up_writing<S: Reset>(conn: &Connection<S>, e: &ConnError) {
+    info!(error = %e, "connection lost while writing");
+    conn.get_ref().reset_on_close();
+}
+
 /// Drives `conn` until the peer closes, a protocol error, or `shutdown`; then waits up to
-/// the drain period for running requests and delivers their answers before closing.
+/// the drain period for running requests and delivers their answers before closing. A
+/// connection whose peer does not take its answers within the write timeout is reset
+/// ([`Reset`]).
 pub async fn drive<S, F>(
     mut conn: Connection<S>,
     shutdown: CancellationToken,
     limits: RequestLimits,
     mut on_message: F,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Reset,
     F: FnMut(Message, &mut Session) -> Next,
 {
     let max_in_flight = limits.per_connection.max(1);
@@ -434,7 +456,7 @@ pub async fn drive<S, F>(
             }
             Some(answer) = session.inline.next(), if !session.inline.is_empty() => {
                 if let Err(e) = write_answers(&mut conn, &mut session, &mut rx, answer).await {
-                    info!(error = %e, "connection lost while writing");
+                    give_up_writing(&conn, &e);
                     return;
                 }
                 session.idle_from_last_answer(&mut conn);
@@ -443,7 +465,7 @@ pub async fn drive<S, F>(
             // runs every request inline: polling it there would register a waker per turn.
             Some(answer) = rx.recv(), if session.multi_thread => {
                 if let Err(e) = write_answers(&mut conn, &mut session, &mut rx, answer).await {
-                    info!(error = %e, "connection lost while writing");
+                    give_up_writing(&conn, &e);
                     return;
                 }
                 session.idle_from_last_answer(&mut conn);
@@ -458,7 +480,7 @@ pub async fn drive<S, F>(
                             Next::Continue => {}
                             Next::Reply(m) => {
                                 if let Err(e) = conn.send(&m).await {
-                                    info!(error = %e, "connection lost while writing");
+                                    give_up_writing(&conn, &e);
                                     return;
                                 }
                             }
@@ -525,12 +547,14 @@ pub async fn drive<S, F>(
             // deadline, before reading: a peer that keeps sending must not postpone it.
             biased;
             Some(answer) = session.inline.next(), if !session.inline.is_empty() => {
-                if write_answers(&mut conn, &mut session, &mut rx, answer).await.is_err() {
+                if let Err(e) = write_answers(&mut conn, &mut session, &mut rx, answer).await {
+                    give_up_writing(&conn, &e);
                     return;
                 }
             }
             Some(answer) = rx.recv(), if session.multi_thread => {
-                if write_answers(&mut conn, &mut session, &mut rx, answer).await.is_err() {
+                if let Err(e) = write_answers(&mut conn, &mut session, &mut rx, answer).await {
+                    give_up_writing(&conn, &e);
                     return;
                 }
             }
@@ -556,7 +580,8 @@ pub async fn drive<S, F>(
                 match next {
                     Next::Continue => {}
                     Next::Reply(m) => {
-                        if conn.send(&m).await.is_err() {
+                        if let Err(e) = conn.send(&m).await {
+                            give_up_writing(&conn, &e);
                             return;
                         }
                     }
@@ -601,7 +626,11 @@ pub async fn drive<S, F>(
     } else {
         tokio::time::Instant::now() + conn.limits().write_timeout + LINGER
     };
-    conn.close_lingering(last.as_ref(), until).await;
+    // A peer that does not take even the close within the write deadline is reset, as at
+    // a failed write (see `give_up_writing`).
+    if !conn.close_lingering(last.as_ref(), until).await {
+        conn.get_ref().reset_on_close();
+    }
 }
 
 /// What a stopping connection says as it closes (PROTOCOL.md §5), decided by how its drain
@@ -677,6 +706,11 @@ mod tests {
     use super::*;
     use crate::connection::IoLimits;
     use crate::message::{Bytes, Reply, Request};
+
+    /// In-memory pipes have no TCP to reset.
+    impl Reset for tokio::io::DuplexStream {
+        fn reset_on_close(&self) {}
+    }
     use std::sync::{Arc, Mutex};
     use tokio::time::Instant;
 

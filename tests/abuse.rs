@@ -7,7 +7,7 @@ mod common;
 
 use common::{Pki, Proc, WAIT, free_port_block, pki};
 use securesrv::client::{CallOptions, Client, ClientConfig, ClientError};
-use securesrv::connection::{Connection, IoLimits};
+use securesrv::connection::{ConnError, Connection, IoLimits};
 use securesrv::identity::SpiffeId;
 use securesrv::message::{ErrorCode, Message, Ping, Request};
 use securesrv::tls::ClientStream;
@@ -1040,5 +1040,63 @@ fn frames_queued_for_a_stopped_worker_stay_within_the_identity_budget() {
                 1_000_000
             );
         }
+    });
+}
+
+/// A client that asks for large answers and never reads them is reset once the dispatcher
+/// gives up at its write deadline. A plain close left the kernel an orphaned socket holding
+/// the unsent answers (up to the send buffer, megabytes) for as long as the client kept its
+/// window shut, long after the dispatcher had given the connection up. Others are served.
+#[test]
+fn a_client_that_never_reads_its_answers_is_reset_at_the_write_deadline() {
+    let s = start(
+        "write_timeout_ms = 500\n\
+         [[jobs]]\nname = \"zeros\"\nprogram = \"/usr/bin/head\"\n\
+         args = [\"-c\", \"1000000\", \"/dev/zero\"]\nmax_output_bytes = 1000000\n\
+         [acl]\nzeros = [\"*\"]\n",
+    );
+    let rt = rt();
+    let mut conn = rt.block_on(async {
+        // A small receive window, so that the answers wait in the dispatcher's socket.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(32 * 1024).unwrap();
+        let tcp = socket.connect(s.addr).await.unwrap();
+        let (stream, _) = s
+            .pki
+            .material("client-alice")
+            .connector(&SpiffeId::dispatcher("securesrv").unwrap(), WAIT)
+            .unwrap()
+            .connect_over(tcp)
+            .await
+            .expect("handshake");
+        let mut conn = Connection::new(stream, IoLimits::default());
+        // Tiny requests, all read by the dispatcher at once; 20 MB of answers.
+        for id in 1..=20 {
+            let zeros = Message::Request(Request {
+                id,
+                op: "zeros".into(),
+                payload: bytes::Bytes::new(),
+                timeout_ms: None,
+            });
+            conn.queue(&zeros).unwrap();
+        }
+        conn.flush().await.unwrap();
+        conn
+    });
+    s.dispatcher
+        .wait_log(&["connection lost while writing"], WAIT);
+    rt.block_on(async {
+        let end = loop {
+            match tokio::time::timeout(WAIT, conn.read_message()).await {
+                Ok(Ok(Some(_))) => {}
+                Ok(end) => break end,
+                Err(_) => panic!("the connection neither ended nor delivered"),
+            }
+        };
+        match end {
+            Err(ConnError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("expected a reset, got {other:?}"),
+        }
+        served(&s.client("client-bob").await).await;
     });
 }
