@@ -577,7 +577,8 @@ impl Pool {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let rng = ring::rand::SystemRandom::new();
         let mut awaiting: Option<Vec<u8>> = None;
-        // Pings sent before the one awaited, still unanswered: their pongs may come late.
+        // Pings sent before the one awaited, not answered yet: their pongs may come late, and
+        // after the awaited one's.
         let mut late: VecDeque<Vec<u8>> = VecDeque::new();
         let mut misses = 0u32;
         // The worker stopped and said every forward it read was answered: the others were
@@ -622,7 +623,6 @@ impl Pool {
                         if awaiting.as_deref() == Some(&p.nonce[..]) {
                             answered = true;
                             awaiting = None;
-                            late.clear();
                             misses = 0;
                             if !link.healthy.swap(true, Ordering::AcqRel) {
                                 info!(worker = slot.id, "worker answering again");
@@ -669,8 +669,12 @@ impl Pool {
                     match ping_tx.try_send(ping) {
                         Ok(()) => {
                             if let Some(before) = awaiting.replace(nonce) {
-                                // At most PING_MISSES_RECONNECT are unanswered before the
-                                // link is dropped.
+                                // Pongs may come out of order (a worker on several threads),
+                                // and none comes later than a few pings: the link is dropped
+                                // after PING_MISSES_RECONNECT unanswered.
+                                if late.len() >= PING_MISSES_RECONNECT as usize {
+                                    late.pop_front();
+                                }
                                 late.push_back(before);
                             }
                         }
