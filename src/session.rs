@@ -407,7 +407,12 @@ impl Reset for crate::tls::ServerStream {
 
 /// Gives up on a peer that does not take what it is sent: a plain close would leave the
 /// kernel an orphaned socket holding our unsent answers (up to the send buffer, megabytes)
-/// until the peer reads them or the kernel gives up on it, long after we have.
+/// until the peer reads them or the kernel gives up on it, long after we have. A peer that
+/// reads, but too slowly for the write deadline, is reset too (as nginx's
+/// `reset_timedout_connection` does): it loses what the kernel still held for it. Telling it
+/// from one that reads nothing would need the kernel's send queue (`SIOCOUTQ`, `TCP_INFO`):
+/// a writer is woken only once half of what is queued has gone, so from here a slow reader
+/// looks the same as a stalled one.
 fn give_up_writing<S: Reset>(conn: &Connection<S>, e: &ConnError) {
     info!(error = %e, "connection lost while writing");
     conn.get_ref().reset_on_close();
