@@ -177,6 +177,14 @@ struct WorkerArgs {
     /// Address to listen on (default: the dispatcher's port + id).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// The dispatcher's address, replacing the configuration's (the watchdog passes its own
+    /// `--listen` on, so that a worker checks the configuration the watchdog runs).
+    #[arg(long, hide = true)]
+    dispatcher_listen: Option<SocketAddr>,
+    /// The number of workers, replacing the configuration's (passed on by the watchdog, as
+    /// `--dispatcher-listen`).
+    #[arg(long, hide = true, value_parser = clap::value_parser!(u32).range(1..=256))]
+    workers: Option<u32>,
 }
 
 #[derive(Args, Debug)]
@@ -255,7 +263,10 @@ fn run_command(cmd: Command, config: Option<PathBuf>, log: Option<String>) -> Ex
             }
         }
         Command::Worker(a) => {
-            let cfg = load_config(config.as_deref(), |cfg| apply_common(cfg, &a.common));
+            let cfg = load_config(config.as_deref(), |cfg| {
+                apply_layout(cfg, a.dispatcher_listen, a.workers);
+                apply_common(cfg, &a.common);
+            });
             let cfg = match cfg {
                 Ok(cfg) => cfg,
                 Err(code) => return code,

@@ -686,6 +686,31 @@ fn restarts_an_operator_asks_for_are_not_a_crash_loop() {
     assert!(noise.is_empty(), "{noise:#?}");
 }
 
+/// The watchdog's `--workers` replaces the file's value for every component: the workers
+/// were started with the file alone, found `workers = 300` out of range, and exited 64, so
+/// that they were marked FAILED while the watchdog and the dispatcher ran.
+#[test]
+fn the_watchdogs_flags_reach_the_workers_too() {
+    let f = Fixture::new();
+    let dir = f.pki.tmp.path();
+    let cfg = std::fs::read_to_string(dir.join("securesrv.toml")).unwrap();
+    std::fs::write(
+        dir.join("bad.toml"),
+        cfg.replace("workers = 2", "workers = 300"),
+    )
+    .unwrap();
+    let w = Proc::spawn(
+        "watchdog",
+        &["--config", "bad.toml", "watchdog", "--workers", "2"],
+        dir,
+    );
+    let ready = w.wait_for_n(false, &["securesrv ready"], 1, WAIT);
+    assert!(!ready.contains("degraded"), "{ready}\n{}", w.stderr());
+    let stderr = w.stderr();
+    assert!(!stderr.contains("workers must be"), "{stderr}");
+    assert!(!stderr.contains("COMPONENT FAILED"), "{stderr}");
+}
+
 #[test]
 fn sigkill_of_the_dispatcher_clients_recover() {
     let f = Fixture::new();

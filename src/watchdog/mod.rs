@@ -201,13 +201,21 @@ fn component_args(cfg: &Config, spec: &Spec) -> Vec<(String, SocketAddr, Vec<OsS
     d.extend(common.iter().cloned());
     out.push(("dispatcher".to_string(), cfg.dispatcher.listen, d, true));
     for (id, addr) in cfg.worker_addresses() {
+        // The layout the watchdog runs, as the dispatcher gets it: a worker checks the same
+        // configuration, not the file's values that the watchdog's flags replaced.
         let mut w: Vec<OsString> = vec![
             "worker".into(),
             "--id".into(),
             id.to_string().into(),
             "--listen".into(),
             addr.to_string().into(),
+            "--dispatcher-listen".into(),
+            cfg.dispatcher.listen.to_string().into(),
         ];
+        if cfg.worker.is_empty() {
+            w.push("--workers".into());
+            w.push(cfg.workers.to_string().into());
+        }
         w.extend(common.iter().cloned());
         out.push((format!("worker-{id}"), addr, w, false));
     }
