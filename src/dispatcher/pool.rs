@@ -33,6 +33,10 @@ const RECONNECT_INITIAL: Duration = Duration::from_millis(crate::config::RECONNE
 /// Failed dials in a row from which "cannot reach worker" is a warning (at this one and every
 /// power of two after it): the 8th comes after about 5 s of backoff.
 const UNREACHABLE_WARN_FROM: u64 = 8;
+/// Earlier pings whose pongs are still taken when they come late.
+const LATE_PONGS: usize = 16;
+/// Why a link ended when the worker sent what it must not.
+const PROTOCOL_VIOLATION: &str = "protocol violation";
 /// Unanswered pings before a worker counts as unavailable.
 const PING_MISSES_UNAVAILABLE: u32 = 2;
 /// Unanswered pings before the link is dropped and re-dialled.
@@ -495,6 +499,7 @@ impl Pool {
                     if failures == 0 || failures.is_power_of_two() {
                         info!(worker = slot.id, addr = %slot.addr, after_failures = failures, "worker link up");
                     }
+                    let up = tokio::time::Instant::now();
                     let (reason, answered) = self
                         .run_link(&slot, stream, io, ping_every, &shutdown)
                         .await;
@@ -503,7 +508,12 @@ impl Pool {
                     // certificate: a worker refusing it (an expired certificate, another
                     // trust domain) closed each link at once, and without this the link was
                     // dialled again at once, ~20 times a second, logging each time.
-                    if answered {
+                    // Nor does a link that ended in a protocol violation, or within its first
+                    // ping interval: a worker answering the first ping and then breaking the
+                    // protocol had itself dialled again at once, 18 times a second.
+                    let made =
+                        answered && reason != PROTOCOL_VIOLATION && up.elapsed() >= ping_every;
+                    if made {
                         info!(worker = slot.id, reason, "worker link down");
                         failures = 0;
                         backoff = RECONNECT_INITIAL;
@@ -511,8 +521,18 @@ impl Pool {
                         continue;
                     }
                     failures += 1;
-                    if failures == 1 || failures.is_power_of_two() {
-                        warn!(worker = slot.id, addr = %slot.addr, attempts = failures, reason, "worker link closed before the worker answered");
+                    if !answered {
+                        if failures == 1 || failures.is_power_of_two() {
+                            warn!(worker = slot.id, addr = %slot.addr, attempts = failures, reason, "worker link closed before the worker answered");
+                        }
+                    } else if failures >= 4 && failures.is_power_of_two() {
+                        warn!(worker = slot.id, addr = %slot.addr, attempts = failures, reason, "worker link keeps ending soon after it is made");
+                    } else if failures == 1 {
+                        info!(
+                            worker = slot.id,
+                            reason,
+                            "worker link ended soon after it was made; dialling again with backoff"
+                        );
                     }
                 }
                 // A worker starting (with the dispatcher, or restarted) is not listening for a
@@ -602,7 +622,7 @@ impl Pool {
                 r = conn.read_message() => match r {
                     Ok(Some(m)) if answer_id(&m) >= link.next_id.load(Ordering::Relaxed) => {
                         warn!(worker = slot.id, id = answer_id(&m), "worker answered a request never sent to it");
-                        break "protocol violation";
+                        break PROTOCOL_VIOLATION;
                     }
                     Ok(Some(Message::Reply(r))) => {
                         answered |= link.pending.complete(r.id, Answer::Reply(r.payload));
@@ -632,12 +652,12 @@ impl Pool {
                             late.remove(at);
                         } else {
                             warn!(worker = slot.id, "worker sent a pong for no ping");
-                            break "protocol violation";
+                            break PROTOCOL_VIOLATION;
                         }
                     }
                     Ok(Some(other)) => {
                         warn!(worker = slot.id, kind = other.kind(), "unexpected message from worker");
-                        break "protocol violation";
+                        break PROTOCOL_VIOLATION;
                     }
                     Ok(None) => break "closed",
                     Err(e) => {
@@ -670,9 +690,9 @@ impl Pool {
                         Ok(()) => {
                             if let Some(before) = awaiting.replace(nonce) {
                                 // Pongs may come out of order (a worker on several threads),
-                                // and none comes later than a few pings: the link is dropped
-                                // after PING_MISSES_RECONNECT unanswered.
-                                if late.len() >= PING_MISSES_RECONNECT as usize {
+                                // and hardly any later than a few pings: the link is dropped
+                                // after PING_MISSES_RECONNECT unanswered in a row.
+                                if late.len() >= LATE_PONGS {
                                     late.pop_front();
                                 }
                                 late.push_back(before);
