@@ -533,7 +533,7 @@ impl Supervisor {
                         if slot.misses == 1 {
                             slot.down_since.get_or_insert(Instant::now());
                         }
-                        warn!(component = %slot.comp.name, misses = slot.misses, max = self.cfg.watchdog.max_missed, reason = %crate::identity::quoted(&e, 80), "heartbeat failed");
+                        warn!(component = %slot.comp.name, misses = slot.misses, max = self.cfg.watchdog.max_missed, reason = e.as_str(), "heartbeat failed");
                         if slot.misses >= self.cfg.watchdog.max_missed {
                             let reason =
                                 format!("{} heartbeats failed in a row (last: {e})", slot.misses);
@@ -542,10 +542,10 @@ impl Supervisor {
                     }
                     (Err(e), Phase::Starting { .. }) if e.contains("identity refused") => {
                         // Something answers on the component's port with another identity.
-                        warn!(component = %slot.comp.name, addr = %slot.comp.addr, reason = %crate::identity::quoted(&e, 80), "wrong identity on the component's port");
+                        warn!(component = %slot.comp.name, addr = %slot.comp.addr, reason = e.as_str(), "wrong identity on the component's port");
                     }
                     (Err(e), Phase::Starting { .. }) => {
-                        debug!(component = %slot.comp.name, reason = %e, "not answering yet");
+                        debug!(component = %slot.comp.name, reason = e.as_str(), "not answering yet");
                     }
                     _ => {}
                 }
@@ -568,7 +568,7 @@ impl Supervisor {
                     Ok(s) => child::describe(s),
                     Err(e) => format!("wait failed: {e}"),
                 };
-                warn!(component = %slot.comp.name, reason = %reason, status = %how, "component stopped");
+                warn!(component = %slot.comp.name, reason = reason.as_str(), status = %how, "component stopped");
                 self.schedule_restart(idx, reason);
             }
         }
@@ -581,7 +581,7 @@ impl Supervisor {
             self.schedule_restart(idx, reason);
             return;
         };
-        warn!(component = %slot.comp.name, pid = r.pid, reason = %reason, "stopping component");
+        warn!(component = %slot.comp.name, pid = r.pid, reason = reason.as_str(), "stopping component");
         slot.phase = Phase::Stopping;
         slot.down_since.get_or_insert(Instant::now());
         let pid = r.pid;
@@ -661,7 +661,7 @@ impl Supervisor {
                 component = %slot.comp.name,
                 restarts = slot.restarts.len(),
                 window_ms = w.restart_limit_window_ms,
-                last_reason = %reason,
+                last_reason = reason.as_str(),
                 "COMPONENT FAILED: restarted too often; {next}"
             );
             slot.failed_because = reason;
@@ -673,7 +673,7 @@ impl Supervisor {
         let delay = slot.backoff;
         slot.backoff = (slot.backoff * 2).min(Duration::from_millis(w.restart_backoff_max_ms));
         slot.phase = Phase::Waiting { until: now + delay };
-        info!(component = %slot.comp.name, reason = %reason, restart = slot.total_restarts, delay_ms = delay.as_millis() as u64, "restarting component");
+        info!(component = %slot.comp.name, reason = reason.as_str(), restart = slot.total_restarts, delay_ms = delay.as_millis() as u64, "restarting component");
     }
 
     /// Starts again a component that exited with status 0, or was killed by SIGTERM or SIGINT

@@ -134,7 +134,14 @@ impl Prober {
                 }
                 // A late pong to an earlier beat: skip it.
                 Ok(Some(Message::Pong(_))) => continue,
-                Ok(Some(Message::Error(e))) => return Err(format!("{}: {}", e.code, e.message)),
+                // The component's text, cut short; logged quoted.
+                Ok(Some(Message::Error(e))) => {
+                    return Err(format!(
+                        "{}: {}",
+                        e.code,
+                        crate::identity::printable(&e.message)
+                    ));
+                }
                 Ok(Some(other)) => return Err(format!("unexpected {} message", other.kind())),
                 Ok(None) => return Err("connection closed".into()),
                 Err(e) => return Err(e.to_string()),
