@@ -6,10 +6,11 @@
 mod common;
 
 use common::{WAIT, free_port, pki};
+use securesrv::client::{Client, ClientConfig};
 use securesrv::config::{Config, WorkerEntry};
 use securesrv::connection::{Connection, IoLimits};
 use securesrv::dispatcher::Dispatcher;
-use securesrv::identity::Role;
+use securesrv::identity::{Role, SpiffeId};
 use securesrv::message::{Bytes, Message, Ping, Pong, Reply};
 use securesrv::tls::{Acceptor, ServerStream};
 use std::sync::Arc;
@@ -21,9 +22,10 @@ use tokio_util::task::TaskTracker;
 type Link = Connection<ServerStream>;
 
 /// Worker 1's address, taken by the test, and a dispatcher linking to it (pinging every
-/// 100 ms).
+/// 100 ms) and serving clients.
 struct Setup {
-    _pki: common::Pki,
+    pki: common::Pki,
+    listen: std::net::SocketAddr,
     listener: TcpListener,
     acceptor: Acceptor,
     dispatcher: Arc<Dispatcher>,
@@ -49,12 +51,24 @@ async fn setup() -> Setup {
         .material("worker-1")
         .acceptor(Role::Worker, Duration::from_secs(5))
         .unwrap();
+    let listen = cfg.dispatcher.listen;
     let (dispatcher, m) = Dispatcher::load(Arc::new(cfg)).unwrap();
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     dispatcher.start_links(&m, &stop, &tracker).unwrap();
+    let clients = securesrv::server::bind(listen).await.unwrap();
+    let serving = m
+        .acceptor(Role::Dispatcher, Duration::from_secs(5))
+        .unwrap();
+    tracker.spawn(securesrv::dispatcher::run(
+        dispatcher.clone(),
+        clients,
+        serving,
+        stop.clone(),
+    ));
     Setup {
-        _pki: pki,
+        pki,
+        listen,
         listener,
         acceptor,
         dispatcher,
@@ -169,6 +183,10 @@ async fn a_pong_for_no_ping_or_an_answer_for_no_request_ends_the_link() {
             id: 1_000,
             payload: Bytes::from_static(b"not yours"),
         }),
+        Message::Reply(Reply {
+            id: 0,
+            payload: Bytes::new(),
+        }),
     ];
     for (i, bad) in bogus.into_iter().enumerate() {
         let mut link = s.link().await;
@@ -198,5 +216,46 @@ async fn a_pong_for_no_ping_or_an_answer_for_no_request_ends_the_link() {
             "case {i}: the link stayed up after {bad:?}"
         );
     }
+    s.stop().await;
+}
+
+/// A worker that answers a request twice (or keeps sending answers for ids it was given) is
+/// cut off once it has sent more answers than it was given requests: each is answered once.
+/// The client gets the first answer.
+#[tokio::test]
+async fn answers_beyond_the_requests_given_end_the_link() {
+    let s = setup().await;
+    let mut link = s.link().await;
+    let cfg = ClientConfig::new(
+        &s.pki.material("client"),
+        s.listen,
+        SpiffeId::dispatcher("securesrv").unwrap(),
+    )
+    .unwrap();
+    let client = Client::new(cfg);
+    let call = tokio::spawn(async move { client.call("echo", b"x").await });
+    let forward = loop {
+        match tokio::time::timeout(WAIT, link.read_message()).await {
+            Ok(Ok(Some(Message::Ping(p)))) => pong(&mut link, p.nonce).await,
+            Ok(Ok(Some(Message::Forward(f)))) => break f,
+            other => panic!("expected the forward, got {other:?}"),
+        }
+    };
+    let reply = Message::Reply(Reply {
+        id: forward.id,
+        payload: forward.payload.clone(),
+    });
+    link.send(&reply).await.unwrap();
+    let answer = tokio::time::timeout(WAIT, call).await.unwrap().unwrap();
+    assert_eq!(answer.unwrap(), b"x");
+    assert!(
+        !closes_within(&mut link, Duration::from_millis(300)).await,
+        "one answer ended the link"
+    );
+    link.send(&reply).await.unwrap();
+    assert!(
+        closes_within(&mut link, Duration::from_secs(5)).await,
+        "the link stayed up after a second answer to one request"
+    );
     s.stop().await;
 }

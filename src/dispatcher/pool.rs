@@ -610,21 +610,31 @@ impl Pool {
         // and with a failed write.
         let mut cancelled = crate::shutdown::cancelled(&stop);
         let mut answered = false;
+        // Whether an answer (a reply, or an error for a request) is one the worker cannot
+        // owe: for id 0 or an id not yet given out, or beyond as many answers as ids given
+        // out (ids start at 1, and each is answered once; late answers for requests that
+        // timed out still fit). Read without end, such answers kept the dispatcher's thread
+        // busy.
+        let mut answers: u64 = 0;
+        let mut stray = |id: u64| {
+            answers += 1;
+            let given = link.next_id.load(Ordering::Relaxed).saturating_sub(1);
+            id == 0 || id > given || answers > given
+        };
         let mut reason = loop {
             tokio::select! {
                 biased;
                 _ = &mut cancelled => break "shutdown",
                 // The link counts as made (`answered`) once the worker has answered a
                 // request or a ping: not for an id-0 error or a message it must not send,
-                // which a worker could repeat on every link to be dialled again at once. An
-                // answer for an id not yet given out, or a pong for no ping, is a violation:
-                // read without end, such messages kept the dispatcher's thread busy.
+                // which a worker could repeat on every link to be dialled again at once. A
+                // stray answer, or a pong for no ping, is a violation.
                 r = conn.read_message() => match r {
-                    Ok(Some(m)) if answer_id(&m) >= link.next_id.load(Ordering::Relaxed) => {
-                        warn!(worker = slot.id, id = answer_id(&m), "worker answered a request never sent to it");
-                        break PROTOCOL_VIOLATION;
-                    }
                     Ok(Some(Message::Reply(r))) => {
+                        if stray(r.id) {
+                            warn!(worker = slot.id, id = r.id, "worker answered a request it does not owe an answer");
+                            break PROTOCOL_VIOLATION;
+                        }
                         answered |= link.pending.complete(r.id, Answer::Reply(r.payload));
                     }
                     Ok(Some(Message::Error(e))) if e.id == 0 => {
@@ -637,6 +647,10 @@ impl Pool {
                         break "closed by worker";
                     }
                     Ok(Some(Message::Error(e))) => {
+                        if stray(e.id) {
+                            warn!(worker = slot.id, id = e.id, "worker answered a request it does not owe an answer");
+                            break PROTOCOL_VIOLATION;
+                        }
                         answered |= link.pending.complete(e.id, Answer::Error(e.code, e.message));
                     }
                     Ok(Some(Message::Pong(p))) => {
@@ -735,15 +749,6 @@ impl Pool {
             w.close(None).await;
         }
         (reason, answered)
-    }
-}
-
-/// The request id a worker's message answers; 0 (no request's) for other messages.
-fn answer_id(m: &Message) -> u64 {
-    match m {
-        Message::Reply(r) => r.id,
-        Message::Error(e) => e.id,
-        _ => 0,
     }
 }
 
