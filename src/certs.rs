@@ -123,6 +123,12 @@ pub enum CertError {
         "invalid --host {0:?}: give an IP address or a DNS name (letters, digits, hyphens, underscores, dots)"
     )]
     BadHost(String),
+    /// A worker's name given to `certs issue` is not a worker number as `worker --id` takes it.
+    #[error(
+        "invalid worker name {0:?}: a worker's name is its number, 1 or more, without leading \
+         zeros"
+    )]
+    BadWorkerName(String),
     /// A number given on the command line is outside what can be issued.
     #[error("{0}")]
     OutOfRange(String),
@@ -718,10 +724,9 @@ pub fn issue(dir: &Path, opts: &IssueOptions) -> Result<Vec<PathBuf>, CertError>
     // id matches (worker 3 expects `.../worker/3`), and a key file the scans skip.
     let canonical_number = |s: &str| s.parse::<u32>().is_ok_and(|n| n > 0 && n.to_string() == s);
     if opts.role == Role::Worker && !canonical_number(&opts.name) {
-        return Err(CertError::Identity(IdentityError::BadName(format!(
-            "{} (a worker's name is its number, 1 or more, without leading zeros)",
-            opts.name
-        ))));
+        return Err(CertError::BadWorkerName(
+            crate::identity::printable(&opts.name).into_owned(),
+        ));
     }
     let id = SpiffeId::new(&td, opts.role, &opts.name)?;
     let (crt, _) = identity_paths(dir, &id);

@@ -170,6 +170,28 @@ fn certs_commands() {
     assert!(!tmp.path().join("d0").exists());
 }
 
+/// A worker name that is not a number says what a worker's name is, outside the quotes, and
+/// no rule of other names after it (it was `invalid name "abc (a worker's name is ...)" (1-64
+/// of A-Z a-z 0-9 . _ -)`).
+#[test]
+fn certs_issue_says_what_a_worker_name_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = run(tmp.path(), &["certs", "init", "--workers", "1"], b"");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = run(
+        tmp.path(),
+        &["certs", "issue", "--role", "worker", "--name", "abc"],
+        b"",
+    );
+    exits_saying(
+        &out,
+        1,
+        "invalid worker name \"abc\": a worker's name is its number, 1 or more, without \
+         leading zeros\n",
+    );
+    assert!(!text(&out.stderr).contains("1-64"), "{}", text(&out.stderr));
+}
+
 /// `certs` commands take their directory, trust domain and number of workers from `--config`
 /// (they ignored it, even a file that does not exist), and keep the trust domain when
 /// rotating the token key.
