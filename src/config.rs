@@ -396,7 +396,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Vec::new();
         if crate::identity::SpiffeId::new(&self.trust_domain, Role::Client, "x").is_err() {
-            p.push(format!("trust_domain {:?} is not valid", self.trust_domain));
+            p.push(format!(
+                "trust_domain {:?} is not valid (1-{} of {})",
+                self.trust_domain,
+                crate::identity::MAX_TRUST_DOMAIN_LEN,
+                crate::identity::TRUST_DOMAIN_CHARS
+            ));
         }
         let (l, d, t, w) = (&self.limits, &self.dispatcher, &self.token, &self.watchdog);
         // Times: (name, value, whether 0 means something). A 0 where it does not would turn a
@@ -927,6 +932,10 @@ mod tests {
             (
                 &format!("trust_domain = \"{}\"", "t".repeat(175)),
                 "trust_domain",
+            ),
+            (
+                "trust_domain = \"Bad Domain\"",
+                "trust_domain \"Bad Domain\" is not valid (1-174 of a-z 0-9 . - _)",
             ),
             (
                 "[watchdog]\nrestart_limit_burst = 4294967295",

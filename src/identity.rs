@@ -180,7 +180,11 @@ pub enum IdentityError {
     #[error("URI SAN {0:?} is not of the form spiffe://<trust-domain>/<role>/<name>")]
     NotSpiffe(String),
     /// The trust domain is malformed.
-    #[error("invalid trust domain {0:?} (1-174 of a-z 0-9 . _ -)")]
+    #[error(
+        "invalid trust domain {0:?} (1-{max} of {chars})",
+        max = MAX_TRUST_DOMAIN_LEN,
+        chars = TRUST_DOMAIN_CHARS
+    )]
     BadTrustDomain(String),
     /// The name is malformed.
     #[error("invalid name {0:?} (1-64 of A-Z a-z 0-9 . _ -)")]
@@ -277,6 +281,9 @@ impl PeerPolicy {
 /// identity in a claim of at most 255 bytes, and `spiffe://` + the domain + `/client/` + a
 /// name of 64 must fit in it.
 pub const MAX_TRUST_DOMAIN_LEN: usize = 255 - "spiffe://".len() - "/client/".len() - 64;
+
+/// The characters a trust domain may have, as messages state them.
+pub const TRUST_DOMAIN_CHARS: &str = "a-z 0-9 . - _";
 
 fn validate_trust_domain(td: &str) -> Result<(), IdentityError> {
     let ok = !td.is_empty()
