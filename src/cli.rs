@@ -68,7 +68,7 @@ enum CertsCmd {
         dir: Option<PathBuf>,
         /// Issue for workers 1 to N [default: the config's workers: those its `[[worker]]`
         /// list names, else 1 to `workers`, 2].
-        #[arg(long, value_parser = workers_range())]
+        #[arg(long, value_parser = workers_range(1))]
         workers: Option<u32>,
         /// Validity of the leaf certificates in days.
         #[arg(long, default_value_t = securesrv::certs::DEFAULT_DAYS,
@@ -117,7 +117,7 @@ enum CertsCmd {
         dir: Option<PathBuf>,
         /// Make keys for workers 1 to N [default: the config's workers: those its
         /// `[[worker]]` list names, else 1 to `workers`, 2].
-        #[arg(long, value_parser = workers_range())]
+        #[arg(long, value_parser = workers_range(0))]
         workers: Option<u32>,
         /// Trust domain of the workers [default: the config's, else the one in ca.crt, else
         /// securesrv].
@@ -209,9 +209,11 @@ struct WatchdogArgs {
     listen: Option<SocketAddr>,
 }
 
-/// `--workers` of the `certs` commands: as many as a configuration can have.
-fn workers_range() -> clap::builder::RangedI64ValueParser<u32> {
-    clap::value_parser!(u32).range(0..=i64::from(securesrv::config::MAX_WORKERS))
+/// `--workers` of the `certs` commands: from `min` to as many as a configuration can have
+/// (`init` from 1: a configuration has at least one worker, and `--workers 0` would make a
+/// CA with none).
+fn workers_range(min: i64) -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(min..=i64::from(securesrv::config::MAX_WORKERS))
 }
 
 /// Entry point of the binary.

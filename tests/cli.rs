@@ -170,6 +170,27 @@ fn certs_commands() {
     assert!(!tmp.path().join("d0").exists());
 }
 
+/// `certs init --workers 0` is refused by the argument parser, with the range, before
+/// anything is written (it made a CA and no worker files; workers are numbered from 1).
+#[test]
+fn certs_init_refuses_zero_workers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = run(
+        tmp.path(),
+        &["certs", "init", "--dir", "w0", "--workers", "0"],
+        b"",
+    );
+    exits_saying(&out, 2, "1..=256");
+    assert!(!tmp.path().join("w0").exists());
+    let out = run(
+        tmp.path(),
+        &["certs", "init", "--dir", "w1", "--workers", "1"],
+        b"",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(tmp.path().join("w1/worker-1.token").exists());
+}
+
 /// A worker name that is not a number says what a worker's name is, outside the quotes, and
 /// no rule of other names after it (it was `invalid name "abc (a worker's name is ...)" (1-64
 /// of A-Z a-z 0-9 . _ -)`).
