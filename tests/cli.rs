@@ -170,6 +170,28 @@ fn certs_commands() {
     assert!(!tmp.path().join("d0").exists());
 }
 
+/// `client --timeout-ms 0` is a usage error naming the range (it became 1 ms and failed with
+/// `no answer within 1ms`, exit 4, or `cannot connect`, exit 5); so is one over a day.
+#[test]
+fn client_timeout_out_of_range_is_a_usage_error() {
+    let pki = pki(1);
+    for ms in ["0", "86400001"] {
+        let out = run(
+            pki.tmp.path(),
+            &[
+                "client",
+                "--timeout-ms",
+                ms,
+                "--connect",
+                "127.0.0.1:9",
+                "echo",
+            ],
+            b"",
+        );
+        exits_saying(&out, 2, "1..=86400000");
+    }
+}
+
 /// `certs init --workers 0` is refused by the argument parser, with the range, before
 /// anything is written (it made a CA and no worker files; workers are numbered from 1).
 #[test]

@@ -29,8 +29,9 @@ pub struct ClientArgs {
     /// The dispatcher identity to accept (default: spiffe://<trust-domain>/dispatcher/main).
     #[arg(long, value_name = "SPIFFE_ID")]
     server_id: Option<String>,
-    /// Deadline of each request in milliseconds, connecting included [default: 15000].
-    #[arg(long)]
+    /// Deadline of each request in milliseconds, connecting included, 1 to 86400000 (a day)
+    /// [default: 15000].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=securesrv::config::MAX_MS))]
     timeout_ms: Option<u64>,
     /// Treat OP as idempotent (retried after a lost connection); built-ins always are.
     #[arg(long)]
@@ -110,7 +111,7 @@ pub fn run(args: ClientArgs, config: Option<PathBuf>) -> ExitCode {
     // The configuration's frame limit, both ways: requests and answers up to it.
     client_cfg.io.max_frame = cfg.limits.max_frame_bytes;
     if let Some(ms) = args.timeout_ms {
-        client_cfg.call_timeout = Duration::from_millis(ms.max(1));
+        client_cfg.call_timeout = Duration::from_millis(ms);
     }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
