@@ -321,8 +321,10 @@ fn warn_if_expiring(path: &Path, der: &CertificateDer<'_>) {
 
 impl TlsMaterial {
     /// Loads the CA certificate(s), our certificate chain and our private key (mode 0600).
+    /// The certificate is read before the CA: a caller that derives the CA's path from the
+    /// certificate's (as `client` does without `--ca`) hears first of the file it named.
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsConfigError> {
-        Self::load_checking(ca, cert, key, true)
+        Self::load_checking(ca, cert, key, true, false)
     }
 
     /// [`load`](Self::load) without the validity check, for tests that need a peer with an
@@ -333,23 +335,36 @@ impl TlsMaterial {
         cert: &Path,
         key: &Path,
     ) -> Result<Self, TlsConfigError> {
-        Self::load_checking(ca, cert, key, false)
+        Self::load_checking(ca, cert, key, false, false)
     }
 
+    /// Loads the three files; `ca_first`: the CA file is read before the certificate (a
+    /// certificate directory: a missing one is reported as its CA, the file that
+    /// `certs init` makes first).
     fn load_checking(
         ca: &Path,
         cert: &Path,
         key: &Path,
         validity: bool,
+        ca_first: bool,
     ) -> Result<Self, TlsConfigError> {
-        let mut roots = RootCertStore::empty();
-        // Trust anchors are not checked for dates (webpki does not, and a bundle may hold an
-        // old root beside the new one): only our own certificate.
-        let (added, _ignored) = roots.add_parsable_certificates(certs::load_certs(ca)?);
-        if added == 0 {
-            return Err(TlsConfigError::NoRoots(ca.display().to_string()));
-        }
-        let chain = certs::load_certs(cert)?;
+        let load_roots = || {
+            let mut roots = RootCertStore::empty();
+            // Trust anchors are not checked for dates (webpki does not, and a bundle may hold
+            // an old root beside the new one): only our own certificate.
+            let (added, _ignored) = roots.add_parsable_certificates(certs::load_certs(ca)?);
+            if added == 0 {
+                return Err(TlsConfigError::NoRoots(ca.display().to_string()));
+            }
+            Ok(roots)
+        };
+        let (roots, chain) = if ca_first {
+            let roots = load_roots()?;
+            (roots, certs::load_certs(cert)?)
+        } else {
+            let chain = certs::load_certs(cert)?;
+            (load_roots()?, chain)
+        };
         if validity {
             check_file_validity(cert, &chain[0])?;
         }
@@ -381,7 +396,7 @@ impl TlsMaterial {
     /// certificate is not its own would start and then be refused by every peer.
     pub fn load_from_dir(dir: &Path, id: &SpiffeId) -> Result<Self, TlsConfigError> {
         let (cert, key) = certs::identity_paths(dir, id);
-        let material = Self::load(&dir.join(certs::CA_CERT), &cert, &key)?;
+        let material = Self::load_checking(&dir.join(certs::CA_CERT), &cert, &key, true, true)?;
         if material.own_id != *id {
             return Err(TlsConfigError::NotOwnIdentity {
                 path: cert.display().to_string(),

@@ -170,6 +170,38 @@ fn certs_commands() {
     assert!(!tmp.path().join("d0").exists());
 }
 
+/// A `--cert` that does not exist is named (the CA beside it was reported instead: the file
+/// the operator gave was never mentioned); a CA derived from `--cert` is said to be so.
+#[test]
+fn the_client_names_its_certificate_before_the_ca_derived_from_it() {
+    let pki = pki(1);
+    let cwd = pki.tmp.path();
+    let out = run(
+        cwd,
+        &["client", "--cert", "nosuch/c.crt", "echo", "hi"],
+        b"",
+    );
+    exits_saying(&out, 64, "nosuch/c.crt: no such file");
+    assert!(
+        !text(&out.stderr).contains("ca.crt"),
+        "{}",
+        text(&out.stderr)
+    );
+    std::fs::create_dir(cwd.join("other")).unwrap();
+    std::fs::copy(pki.dir.join("client.crt"), cwd.join("other/client.crt")).unwrap();
+    let out = run(
+        cwd,
+        &["client", "--cert", "other/client.crt", "echo", "hi"],
+        b"",
+    );
+    exits_saying(&out, 64, "other/ca.crt: no such file");
+    exits_saying(
+        &out,
+        64,
+        "without --ca, the CA is ca.crt beside the certificate",
+    );
+}
+
 /// `client --timeout-ms 0` is a usage error naming the range (it became 1 ms and failed with
 /// `no answer within 1ms`, exit 4, or `cannot connect`, exit 5); so is one over a day.
 #[test]

@@ -2,9 +2,10 @@
 
 use super::{EXIT_CONFIG, load_config};
 use clap::Args;
+use securesrv::certs::CertError;
 use securesrv::client::{CallOptions, Client, ClientConfig, ClientError, FailureKind};
 use securesrv::identity::SpiffeId;
-use securesrv::tls::TlsMaterial;
+use securesrv::tls::{TlsConfigError, TlsMaterial};
 use std::io::{BufRead, IsTerminal, Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -97,7 +98,15 @@ pub fn run(args: ClientArgs, config: Option<PathBuf>) -> ExitCode {
     let material = match TlsMaterial::load(&ca, &cert, &key) {
         Ok(m) => m,
         Err(e) => {
-            eprintln!("securesrv: {e}");
+            // A CA path the operator did not give: say where it came from.
+            let derived_ca = args.ca.is_none()
+                && matches!(&e, TlsConfigError::Files(CertError::Missing(p)) if *p == ca);
+            let origin = if derived_ca {
+                " (without --ca, the CA is ca.crt beside the certificate)"
+            } else {
+                ""
+            };
+            eprintln!("securesrv: {e}{origin}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
