@@ -74,6 +74,9 @@ pub enum CertError {
         /// Our effective uid.
         me: u32,
     },
+    /// A file given as a private key holds a certificate (and no key).
+    #[error("{0} holds a certificate, not a private key")]
+    CertificateNotKey(PathBuf),
     /// A secret file too large to be a key: not a key file.
     #[error("{0} is larger than 1 MiB; not a key file")]
     KeyFileTooLarge(PathBuf),
@@ -541,11 +544,22 @@ impl Drop for Staged {
     }
 }
 
-/// Reads a secret (private key or token key) after checking that only its owner can read it
-/// and that its owner is us or root, as ssh does. The checks look at the file opened, not at
+/// Reads a secret (private key or token key), refusing it unless only its owner can read it
+/// and its owner is us or root, as ssh does. The checks look at the file opened, not at
 /// the path again (which could be swapped in between); a symbolic link is followed, as
 /// Kubernetes mounts secrets through them.
 pub fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, CertError> {
+    read_secret(path, Ok)
+}
+
+/// [`read_secret_file`] with the contents parsed by `parse` before the file's mode and owner
+/// are judged: a file that is not the secret asked for (a certificate given as the key) is
+/// reported as such, not as a key to `chmod`. Parsing first exposes nothing: what `parse`
+/// makes of the bytes is dropped if the file is then refused.
+fn read_secret<T>(
+    path: &Path,
+    parse: impl FnOnce(Zeroizing<Vec<u8>>) -> Result<T, CertError>,
+) -> Result<T, CertError> {
     use std::io::Read;
     use std::os::unix::fs::MetadataExt;
     const MAX_KEY_FILE: u64 = 1024 * 1024;
@@ -564,21 +578,6 @@ pub fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, CertError> {
     if (meta.dev(), meta.ino()) != (seen.dev(), seen.ino()) {
         return Err(not_a_key("replaced while being opened"));
     }
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(CertError::KeyTooOpen {
-            path: path.to_path_buf(),
-            mode,
-        });
-    }
-    let me = nix::unistd::geteuid().as_raw();
-    if meta.uid() != me && meta.uid() != 0 {
-        return Err(CertError::KeyNotOwned {
-            path: path.to_path_buf(),
-            owner: meta.uid(),
-            me,
-        });
-    }
     if meta.len() > MAX_KEY_FILE {
         return Err(CertError::KeyFileTooLarge(path.to_path_buf()));
     }
@@ -596,7 +595,23 @@ pub fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, CertError> {
             source: std::io::Error::other("changed while being read"),
         });
     }
-    Ok(data)
+    let parsed = parse(data)?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(CertError::KeyTooOpen {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(CertError::KeyNotOwned {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+            me,
+        });
+    }
+    Ok(parsed)
 }
 
 /// Loads every certificate in a PEM file (leaf first, then any intermediates).
@@ -620,14 +635,16 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError
 /// Loads a private key (PKCS#8, PKCS#1 or SEC1 PEM), refusing a file others can read. The
 /// key is zeroized when dropped, as the file's text is.
 pub fn load_private_key(path: &Path) -> Result<Zeroizing<PrivateKeyDer<'static>>, CertError> {
-    let data = read_secret_file(path)?;
-    match PrivateKeyDer::from_pem_slice(&data) {
+    read_secret(path, |data| match PrivateKeyDer::from_pem_slice(&data) {
         Ok(key) => Ok(Zeroizing::new(key)),
+        Err(_) if CertificateDer::pem_slice_iter(&data).any(|c| c.is_ok()) => {
+            Err(CertError::CertificateNotKey(path.to_path_buf()))
+        }
         Err(_) => Err(CertError::BadPem {
             path: path.to_path_buf(),
             what: "no private key (PKCS#8, PKCS#1 or SEC1 PEM) in file".into(),
         }),
-    }
+    })
 }
 
 fn write_leaf(

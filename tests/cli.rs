@@ -202,6 +202,37 @@ fn the_client_names_its_certificate_before_the_ca_derived_from_it() {
     );
 }
 
+/// A certificate given as the key is reported as one, whatever its mode (with the
+/// certificate's 0644 the client advised `chmod 600` on it).
+#[test]
+fn a_certificate_given_as_the_key_is_called_one() {
+    let pki = pki(1);
+    let cwd = pki.tmp.path();
+    std::fs::copy(pki.dir.join("client.crt"), cwd.join("private.crt")).unwrap();
+    for mode in [0o644, 0o600] {
+        for key in ["certs/client.crt", "private.crt"] {
+            let path = cwd.join(key);
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let out = run(cwd, &["client", "--key", key, "echo", "hi"], b"");
+            exits_saying(
+                &out,
+                64,
+                &format!("{key} holds a certificate, not a private key"),
+            );
+            assert!(
+                !text(&out.stderr).contains("chmod"),
+                "{}",
+                text(&out.stderr)
+            );
+        }
+    }
+    // A real key that others can read is still refused for its mode.
+    let key = pki.dir.join("client.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = run(cwd, &["client", "echo", "hi"], b"");
+    exits_saying(&out, 64, "run `chmod 600 certs/client.key`");
+}
+
 /// `client --timeout-ms 0` is a usage error naming the range (it became 1 ms and failed with
 /// `no answer within 1ms`, exit 4, or `cannot connect`, exit 5); so is one over a day.
 #[test]

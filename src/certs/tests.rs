@@ -362,6 +362,29 @@ fn readable_key_files_are_refused_with_the_fix() {
     ));
 }
 
+/// A file given as a private key is judged by what it holds before its mode: a certificate
+/// or some other file is no key, and `chmod 600` would not make it one.
+#[test]
+fn a_file_that_is_no_key_is_called_so_whatever_its_mode() {
+    let tmp = tempfile::tempdir().unwrap();
+    init(tmp.path(), &opts(1)).unwrap();
+    let cert = tmp.path().join("client.crt");
+    let other = tmp.path().join("notes.txt");
+    fs::write(&other, "not a key\n").unwrap();
+    for mode in [0o644, 0o600] {
+        fs::set_permissions(&cert, fs::Permissions::from_mode(mode)).unwrap();
+        let err = load_private_key(&cert).unwrap_err();
+        assert!(matches!(err, CertError::CertificateNotKey(_)), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!("{} holds a certificate, not a private key", cert.display())
+        );
+        fs::set_permissions(&other, fs::Permissions::from_mode(mode)).unwrap();
+        let err = load_private_key(&other).unwrap_err().to_string();
+        assert!(err.contains("no private key"), "{err}");
+    }
+}
+
 /// Puts a directory where `path`'s staged copy would be written, so that staging it fails.
 fn block_staging(path: &Path) -> PathBuf {
     let name = path.file_name().unwrap().to_str().unwrap();
