@@ -45,11 +45,16 @@ pub enum CertError {
     },
     /// A certificate or key to be loaded does not exist.
     #[error(
-        "{0}: no such file; make certificates and keys with `securesrv certs init` (or \
-         scripts/gen-certs.sh), or say where they are (--certs or `certs_dir`; the client's \
-         --cert, --key and --ca)"
+        "{path}: no such file; {remedy}, or say where they are (--certs or `certs_dir`; the \
+         client's --cert, --key and --ca)"
     )]
-    Missing(PathBuf),
+    Missing {
+        /// The file.
+        path: PathBuf,
+        /// The command that makes it: `certs init` where no CA is beside it, else the one that
+        /// adds it to that CA (`certs issue`, `certs token-keys`).
+        remedy: String,
+    },
     /// A secret file is readable by group or others.
     #[error(
         "{path} is accessible by group or others (mode {mode:04o}); private keys must be \
@@ -203,9 +208,95 @@ fn valid_dns_name(name: &str) -> bool {
 /// As [`io_err`], for a file being loaded: a missing one says how to make it.
 fn load_err(path: &Path) -> impl FnOnce(std::io::Error) -> CertError + '_ {
     move |source| match source.kind() {
-        std::io::ErrorKind::NotFound => CertError::Missing(path.to_path_buf()),
+        std::io::ErrorKind::NotFound => CertError::Missing {
+            path: path.to_path_buf(),
+            remedy: remedy_for(path),
+        },
         _ => io_err(path)(source),
     }
+}
+
+/// The command that makes the missing file `path`: `certs init` where no CA is beside it
+/// (nothing was made yet), else the one that adds it to that CA, as `init` would refuse to
+/// replace the CA: `certs issue` for an identity's certificate, key or token key, `certs
+/// token-keys` for token keys.
+fn remedy_for(path: &Path) -> String {
+    const INIT: &str =
+        "make certificates and keys with `securesrv certs init` (or scripts/gen-certs.sh)";
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Some(file) = path.file_name().and_then(|n| n.to_str()) else {
+        return INIT.into();
+    };
+    if file == CA_CERT || !dir.join(CA_CERT).exists() {
+        return INIT.into();
+    }
+    // The `certs` commands look in ./certs unless told.
+    let dir_flag = if dir == Path::new("certs") {
+        String::new()
+    } else {
+        format!(" --dir {}", dir.display())
+    };
+    let token_keys = format!("make the token keys with `securesrv certs token-keys{dir_flag}`");
+    if file == CA_KEY {
+        return "ca.crt is there without its key: restore ca.key, or make a new CA with \
+                `securesrv certs init --force` (it invalidates every certificate the old one \
+                signed)"
+            .into();
+    }
+    if file == MASTER_TOKEN_KEY {
+        return token_keys;
+    }
+    let identity = file
+        .rsplit_once('.')
+        .and_then(|(stem, ext)| Some((stem, ext, identity_of_stem(stem)?)))
+        .filter(|(_, ext, (role, _))| {
+            matches!(*ext, "crt" | "key") || (*ext == "token" && *role == Role::Worker)
+        });
+    let Some((stem, ext, (role, name))) = identity else {
+        return format!(
+            "issue it from the CA there with `securesrv certs issue --role ROLE --name \
+             NAME{dir_flag}`"
+        );
+    };
+    if ext == "token" && !dir.join(MASTER_TOKEN_KEY).exists() {
+        return token_keys;
+    }
+    // `issue` refuses to replace the certificate that is there without `--force`.
+    let force = if ext != "crt" && dir.join(format!("{stem}.crt")).exists() {
+        " --force"
+    } else {
+        ""
+    };
+    format!(
+        "issue it from the CA there with `securesrv certs issue --role {role} --name \
+         {name}{dir_flag}{force}`"
+    )
+}
+
+/// The identity whose files are named `stem`: the inverse of [`file_stem`].
+fn identity_of_stem(stem: &str) -> Option<(Role, String)> {
+    let (role, name) = match stem.split_once('-') {
+        Some((role, name)) => (role.parse::<Role>().ok()?, name),
+        None => match stem.parse::<Role>().ok()? {
+            Role::Client => (Role::Client, "default"),
+            Role::Worker => return None,
+            role => (role, "main"),
+        },
+    };
+    if role == Role::Worker && !canonical_worker_number(name) {
+        return None;
+    }
+    let id = SpiffeId::new(crate::identity::DEFAULT_TRUST_DOMAIN, role, name).ok()?;
+    (file_stem(&id) == stem).then(|| (role, name.to_string()))
+}
+
+/// A worker number as `worker --id` prints it: `03` or `+3` would name a certificate that no
+/// worker id matches (worker 3 expects `.../worker/3`), and a key file the scans skip.
+fn canonical_worker_number(s: &str) -> bool {
+    s.parse::<u32>().is_ok_and(|n| n > 0 && n.to_string() == s)
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CertError + '_ {
@@ -354,7 +445,7 @@ impl CertAuthority {
     pub fn load(dir: &Path) -> Result<Self, CertError> {
         let cert_path = dir.join(CA_CERT);
         let key_path = dir.join(CA_KEY);
-        let cert_pem = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+        let cert_pem = fs::read_to_string(&cert_path).map_err(load_err(&cert_path))?;
         let key_pem = read_secret_file(&key_path)?;
         let key_str = std::str::from_utf8(&key_pem).map_err(|_| CertError::BadPem {
             path: key_path.clone(),
@@ -737,10 +828,7 @@ pub fn issue(dir: &Path, opts: &IssueOptions) -> Result<Vec<PathBuf>, CertError>
         None => ca_trust_domain(ca.cert_pem())
             .unwrap_or_else(|| crate::identity::DEFAULT_TRUST_DOMAIN.to_string()),
     };
-    // Written as the number is printed: `03` or `+3` would name a certificate that no worker
-    // id matches (worker 3 expects `.../worker/3`), and a key file the scans skip.
-    let canonical_number = |s: &str| s.parse::<u32>().is_ok_and(|n| n > 0 && n.to_string() == s);
-    if opts.role == Role::Worker && !canonical_number(&opts.name) {
+    if opts.role == Role::Worker && !canonical_worker_number(&opts.name) {
         return Err(CertError::BadWorkerName(
             crate::identity::printable(&opts.name).into_owned(),
         ));

@@ -202,6 +202,36 @@ fn the_client_names_its_certificate_before_the_ca_derived_from_it() {
     );
 }
 
+/// A worker whose certificate is missing beside an existing CA is told to issue it (it was
+/// told to run `certs init`, which refuses to replace the CA).
+#[test]
+fn a_missing_worker_certificate_beside_a_ca_is_advised_certs_issue() {
+    let pki = pki(2);
+    let cwd = pki.tmp.path();
+    let worker5 = ["worker", "--id", "5", "--listen", "127.0.0.1:0"];
+    let out = run(cwd, &worker5, b"");
+    exits_saying(
+        &out,
+        64,
+        "certs/worker-5.crt: no such file; issue it from the CA there with `securesrv certs \
+         issue --role worker --name 5`",
+    );
+    assert!(
+        !text(&out.stderr).contains("certs init"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The advice works.
+    let out = run(
+        cwd,
+        &["certs", "issue", "--role", "worker", "--name", "5"],
+        b"",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = run(cwd, &["dispatcher", "--certs", "nowhere"], b"");
+    exits_saying(&out, 64, "`securesrv certs init`");
+}
+
 /// A certificate given as the key is reported as one, whatever its mode (with the
 /// certificate's 0644 the client advised `chmod 600` on it).
 #[test]

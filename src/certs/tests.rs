@@ -385,6 +385,66 @@ fn a_file_that_is_no_key_is_called_so_whatever_its_mode() {
     }
 }
 
+/// A missing file is advised the command that makes it: `certs init` only where no CA is
+/// beside it (it refuses to replace one), else `certs issue` for that identity (`--force`
+/// when its certificate is there) or `certs token-keys`.
+#[test]
+fn a_missing_file_is_advised_the_command_that_makes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("pki");
+    init(&dir, &opts(1)).unwrap();
+    let d = dir.display().to_string();
+    let missing = |file: &str| match load_certs(&dir.join(file)) {
+        Err(CertError::Missing { remedy, .. }) => remedy,
+        other => panic!("{file}: {other:?}"),
+    };
+    for file in [
+        "client.key",
+        "worker-1.token",
+        "dispatcher.crt",
+        "watchdog.key",
+        "ca.key",
+    ] {
+        fs::remove_file(dir.join(file)).unwrap();
+    }
+    let issue = |args: &str| format!("`securesrv certs issue {args} --dir {d}");
+    for (file, advice) in [
+        ("worker-5.crt", issue("--role worker --name 5")),
+        ("worker-5.key", issue("--role worker --name 5")),
+        ("worker-1.token", issue("--role worker --name 1")),
+        ("client.key", issue("--role client --name default")),
+        ("client-alice.crt", issue("--role client --name alice")),
+        ("dispatcher.crt", issue("--role dispatcher --name main")),
+        ("watchdog.key", issue("--role watchdog --name main")),
+        ("alice.pem", issue("--role ROLE --name NAME")),
+        ("worker-05.crt", issue("--role ROLE --name NAME")),
+    ] {
+        let remedy = missing(file);
+        assert!(remedy.contains(&advice), "{file}: {remedy}");
+    }
+    // `issue` replaces a certificate that is there only with --force.
+    assert!(missing("client.key").ends_with("--force`"));
+    assert!(missing("worker-1.token").ends_with("--force`"));
+    assert!(!missing("worker-5.key").contains("--force"));
+    assert!(missing("ca.key").contains("restore ca.key"));
+    // Without token.key, a worker's token key comes from `certs token-keys`.
+    fs::remove_file(dir.join("token.key")).unwrap();
+    let token_keys = format!("`securesrv certs token-keys --dir {d}`");
+    assert!(missing("worker-1.token").contains(&token_keys));
+    assert!(missing("token.key").contains(&token_keys));
+    // Nothing made yet: `certs init`, whatever the file.
+    for file in ["worker-5.crt", "token.key", "ca.key", "ca.crt"] {
+        let remedy = match load_certs(&tmp.path().join("none").join(file)) {
+            Err(CertError::Missing { remedy, .. }) => remedy,
+            other => panic!("{file}: {other:?}"),
+        };
+        assert!(
+            remedy.contains("`securesrv certs init`"),
+            "{file}: {remedy}"
+        );
+    }
+}
+
 /// Puts a directory where `path`'s staged copy would be written, so that staging it fails.
 fn block_staging(path: &Path) -> PathBuf {
     let name = path.file_name().unwrap().to_str().unwrap();

@@ -100,7 +100,7 @@ pub fn run(args: ClientArgs, config: Option<PathBuf>) -> ExitCode {
         Err(e) => {
             // A CA path the operator did not give: say where it came from.
             let derived_ca = args.ca.is_none()
-                && matches!(&e, TlsConfigError::Files(CertError::Missing(p)) if *p == ca);
+                && matches!(&e, TlsConfigError::Files(CertError::Missing { path, .. }) if *path == ca);
             let origin = if derived_ca {
                 " (without --ca, the CA is ca.crt beside the certificate)"
             } else {
