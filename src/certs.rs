@@ -44,16 +44,15 @@ pub enum CertError {
         source: std::io::Error,
     },
     /// A certificate or key to be loaded does not exist.
-    #[error(
-        "{path}: no such file; {remedy}, or say where they are (--certs or `certs_dir`; the \
-         client's --cert, --key and --ca)"
-    )]
+    #[error("{path}: no such file; {remedy}, or say where they are ({named_by})")]
     Missing {
         /// The file.
         path: PathBuf,
         /// The command that makes it: `certs init` where no CA is beside it, else the one that
         /// adds it to that CA (`certs issue`, `certs token-keys`).
         remedy: String,
+        /// The flags of the command that loads it.
+        named_by: NamedBy,
     },
     /// A secret file is readable by group or others.
     #[error(
@@ -142,6 +141,44 @@ pub enum CertError {
     OutOfRange(String),
 }
 
+/// How the command that loads a file was told where it is: the flags that a message about a
+/// missing file names. Files are loaded as [`NamedBy::CertsDir`] unless the caller says
+/// otherwise ([`CertError::named_by`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NamedBy {
+    /// A component's certificate directory: `--certs` or `certs_dir`.
+    CertsDir,
+    /// A `certs` command's directory: `--dir` or `certs_dir`.
+    CertsCommand,
+    /// Files named one by one, as `client` and `bench` take them: `--cert`, `--key`, `--ca`,
+    /// by default in `certs_dir`.
+    Files,
+}
+
+impl std::fmt::Display for NamedBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NamedBy::CertsDir => "--certs or `certs_dir`",
+            NamedBy::CertsCommand => "--dir or `certs_dir`",
+            NamedBy::Files => "--cert, --key and --ca, or `certs_dir`",
+        })
+    }
+}
+
+impl CertError {
+    /// The error, with a missing file's message naming the flags of `by`.
+    pub fn named_by(self, by: NamedBy) -> Self {
+        match self {
+            CertError::Missing { path, remedy, .. } => CertError::Missing {
+                path,
+                remedy,
+                named_by: by,
+            },
+            other => other,
+        }
+    }
+}
+
 /// Longest validity `certs init` and `certs issue` give a certificate, in days (100 years).
 pub const MAX_DAYS: u32 = 36_500;
 
@@ -211,6 +248,7 @@ fn load_err(path: &Path) -> impl FnOnce(std::io::Error) -> CertError + '_ {
         std::io::ErrorKind::NotFound => CertError::Missing {
             path: path.to_path_buf(),
             remedy: remedy_for(path),
+            named_by: NamedBy::CertsDir,
         },
         _ => io_err(path)(source),
     }
@@ -820,6 +858,10 @@ pub struct IssueOptions {
 /// `certs issue`: one more identity signed by the existing CA in `dir` (and, for a worker, its
 /// token key derived from `token.key`).
 pub fn issue(dir: &Path, opts: &IssueOptions) -> Result<Vec<PathBuf>, CertError> {
+    issue_files(dir, opts).map_err(|e| e.named_by(NamedBy::CertsCommand))
+}
+
+fn issue_files(dir: &Path, opts: &IssueOptions) -> Result<Vec<PathBuf>, CertError> {
     check_hosts(&opts.hosts)?;
     check_days(opts.days)?;
     let ca = CertAuthority::load(dir)?;

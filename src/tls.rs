@@ -10,7 +10,7 @@
 //! This module knows roles only as far as [`PeerPolicy`] needs them; it knows nothing of ops,
 //! tokens or frames.
 
-use crate::certs::{self, CertError};
+use crate::certs::{self, CertError, NamedBy};
 use crate::identity::{IdentityError, PeerPolicy, Role, SpiffeId};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
@@ -323,8 +323,13 @@ impl TlsMaterial {
     /// Loads the CA certificate(s), our certificate chain and our private key (mode 0600).
     /// The certificate is read before the CA: a caller that derives the CA's path from the
     /// certificate's (as `client` does without `--ca`) hears first of the file it named.
+    /// A missing file's message names the flags that name files one by one (`--cert`, `--key`,
+    /// `--ca`).
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsConfigError> {
-        Self::load_checking(ca, cert, key, true, false)
+        Self::load_checking(ca, cert, key, true, false).map_err(|e| match e {
+            TlsConfigError::Files(e) => TlsConfigError::Files(e.named_by(NamedBy::Files)),
+            other => other,
+        })
     }
 
     /// [`load`](Self::load) without the validity check, for tests that need a peer with an

@@ -232,6 +232,63 @@ fn a_missing_worker_certificate_beside_a_ca_is_advised_certs_issue() {
     exits_saying(&out, 64, "`securesrv certs init`");
 }
 
+/// A missing file's message names the flags of the command that was run (every command was
+/// told of `--certs or certs_dir`, and the client's `--cert, --key and --ca`).
+#[test]
+fn a_missing_file_is_said_with_the_flags_of_the_command() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cwd = tmp.path();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let client_flags = "(--cert, --key and --ca, or `certs_dir`)";
+    for (args, code, flags) in [
+        (
+            vec!["certs", "rotate-token-key", "--dir", "/nonexist"],
+            1,
+            "(--dir or `certs_dir`)",
+        ),
+        (
+            vec![
+                "certs",
+                "issue",
+                "--dir",
+                "/nonexist",
+                "--role",
+                "client",
+                "--name",
+                "x",
+            ],
+            1,
+            "(--dir or `certs_dir`)",
+        ),
+        (
+            vec!["client", "--cert", "/nonexist/c.crt", "echo"],
+            64,
+            client_flags,
+        ),
+        (
+            vec!["bench", "--cert", "/nonexist/c.crt", "--connect", &listen],
+            1,
+            client_flags,
+        ),
+        (
+            vec!["dispatcher", "--certs", "/nonexist", "--listen", &listen],
+            64,
+            "(--certs or `certs_dir`)",
+        ),
+    ] {
+        let out = run(cwd, &args, b"");
+        exits_saying(&out, code, "no such file");
+        exits_saying(&out, code, flags);
+        let err = text(&out.stderr);
+        for other in ["--certs or", "--dir or", "--cert, --key"] {
+            assert!(
+                flags.contains(other) || !err.contains(other),
+                "{args:?}: {err}"
+            );
+        }
+    }
+}
+
 /// A certificate given as the key is reported as one, whatever its mode (with the
 /// certificate's 0644 the client advised `chmod 600` on it).
 #[test]

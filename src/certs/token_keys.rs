@@ -2,8 +2,8 @@
 //! from it for the worker's identity (`worker-N.token`), made, rotated and read.
 
 use super::{
-    CA_CERT, CertError, MASTER_TOKEN_KEY, Staged, ca_trust_domain, create_private_dir, file_stem,
-    io_err, read_secret_file,
+    CA_CERT, CertError, MASTER_TOKEN_KEY, NamedBy, Staged, ca_trust_domain, create_private_dir,
+    file_stem, io_err, read_secret_file,
 };
 use crate::identity::SpiffeId;
 use crate::token::{KeyFile, KeyFileError, SecretKey};
@@ -92,6 +92,10 @@ pub fn rotate_token_key(
     trust_domain: Option<&str>,
     keep_ms: u64,
 ) -> Result<Vec<PathBuf>, CertError> {
+    rotate(dir, trust_domain, keep_ms).map_err(|e| e.named_by(NamedBy::CertsCommand))
+}
+
+fn rotate(dir: &Path, trust_domain: Option<&str>, keep_ms: u64) -> Result<Vec<PathBuf>, CertError> {
     let master_path = dir.join(MASTER_TOKEN_KEY);
     let master = load_key_file(&master_path)?;
     let td = trust_domain_for(dir, trust_domain);
