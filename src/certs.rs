@@ -44,10 +44,17 @@ pub enum CertError {
         source: std::io::Error,
     },
     /// A certificate or key to be loaded does not exist.
-    #[error("{path}: no such file; {remedy}, or say where they are ({named_by})")]
+    #[error(
+        "{path}: no such file{}; {remedy}, or say where they are ({named_by})",
+        working_dir_note(.working_dir.as_deref())
+    )]
     Missing {
         /// The file.
         path: PathBuf,
+        /// The working directory, when `path` is relative: a relative `certs_dir` is not
+        /// resolved against the configuration file's directory, and the message must say
+        /// against which.
+        working_dir: Option<PathBuf>,
         /// The command that makes it: `certs init` where no CA is beside it, else the one that
         /// adds it to that CA (`certs issue`, `certs token-keys`).
         remedy: String,
@@ -167,16 +174,19 @@ impl std::fmt::Display for NamedBy {
 
 impl CertError {
     /// The error, with a missing file's message naming the flags of `by`.
-    pub fn named_by(self, by: NamedBy) -> Self {
-        match self {
-            CertError::Missing { path, remedy, .. } => CertError::Missing {
-                path,
-                remedy,
-                named_by: by,
-            },
-            other => other,
+    pub fn named_by(mut self, by: NamedBy) -> Self {
+        if let CertError::Missing { named_by, .. } = &mut self {
+            *named_by = by;
         }
+        self
     }
+}
+
+/// ` (relative to the working directory DIR)`, for a relative path's message.
+fn working_dir_note(dir: Option<&Path>) -> String {
+    dir.map_or_else(String::new, |d| {
+        format!(" (relative to the working directory {})", d.display())
+    })
 }
 
 /// Longest validity `certs init` and `certs issue` give a certificate, in days (100 years).
@@ -247,6 +257,11 @@ fn load_err(path: &Path) -> impl FnOnce(std::io::Error) -> CertError + '_ {
     move |source| match source.kind() {
         std::io::ErrorKind::NotFound => CertError::Missing {
             path: path.to_path_buf(),
+            working_dir: if path.is_relative() {
+                std::env::current_dir().ok()
+            } else {
+                None
+            },
             remedy: remedy_for(path),
             named_by: NamedBy::CertsDir,
         },

@@ -210,11 +210,11 @@ fn a_missing_worker_certificate_beside_a_ca_is_advised_certs_issue() {
     let cwd = pki.tmp.path();
     let worker5 = ["worker", "--id", "5", "--listen", "127.0.0.1:0"];
     let out = run(cwd, &worker5, b"");
+    exits_saying(&out, 64, "certs/worker-5.crt: no such file");
     exits_saying(
         &out,
         64,
-        "certs/worker-5.crt: no such file; issue it from the CA there with `securesrv certs \
-         issue --role worker --name 5`",
+        "; issue it from the CA there with `securesrv certs issue --role worker --name 5`,",
     );
     assert!(
         !text(&out.stderr).contains("certs init"),
@@ -287,6 +287,31 @@ fn a_missing_file_is_said_with_the_flags_of_the_command() {
             );
         }
     }
+}
+
+/// A relative certificate path that does not exist says what it is relative to (a relative
+/// `certs_dir` is taken from the working directory, not from the configuration's); an
+/// absolute one needs no such note.
+#[test]
+fn a_missing_relative_path_names_the_working_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cwd = tmp.path().canonicalize().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let out = run(&cwd, &["watchdog", "--listen", &listen], b"");
+    exits_saying(
+        &out,
+        64,
+        &format!(
+            "certs/ca.crt: no such file (relative to the working directory {}); ",
+            cwd.display()
+        ),
+    );
+    let out = run(
+        &cwd,
+        &["dispatcher", "--certs", "/nonexist", "--listen", &listen],
+        b"",
+    );
+    exits_saying(&out, 64, "/nonexist/ca.crt: no such file; ");
 }
 
 /// A certificate given as the key is reported as one, whatever its mode (with the
