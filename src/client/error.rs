@@ -14,8 +14,10 @@ use std::time::Duration;
 /// Why a call failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
-    /// The service answered with an error.
-    #[error("{code}: {message}")]
+    /// The service answered with an error. Displayed with the message made printable and cut
+    /// to 1,024 characters: it may quote a worker's text, which is no terminal's to obey (an
+    /// escape sequence, a line break that starts a fake line). `message` is as received.
+    #[error("{code}: {}", crate::identity::printable_within(.message, 1024))]
     Remote {
         /// The error code.
         code: ErrorCode,
@@ -207,5 +209,22 @@ mod tests {
             assert!(c.to_string().contains(needle), "{what}: {c}");
             assert!(!c.to_string().contains("may or may not"), "{c}");
         }
+    }
+
+    /// A worker's text in an error reaches the client's terminal: no escape sequence, line
+    /// break or direction override of it may be shown as it is.
+    #[test]
+    fn a_remote_message_is_displayed_printable() {
+        let e = ClientError::Remote {
+            code: ErrorCode::OpFailed,
+            message: "\u{1b}[31mred\n2026-01-01T00:00:00Z INFO forged\u{202e}".into(),
+        };
+        let shown = e.to_string();
+        assert!(shown.starts_with("op_failed: "), "{shown}");
+        assert!(shown.contains("red"), "{shown}");
+        assert!(
+            !shown.chars().any(|c| c.is_control() || c == '\u{202e}'),
+            "{shown:?}"
+        );
     }
 }
