@@ -6,7 +6,7 @@
 mod common;
 
 use common::{WAIT, free_port, pki};
-use securesrv::client::{Client, ClientConfig};
+use securesrv::client::{CallOptions, Client, ClientConfig, ClientError};
 use securesrv::config::{Config, WorkerEntry};
 use securesrv::connection::{Connection, IoLimits};
 use securesrv::dispatcher::Dispatcher;
@@ -221,7 +221,8 @@ async fn a_pong_for_no_ping_or_an_answer_for_no_request_ends_the_link() {
 
 /// A worker that answers a request twice (or keeps sending answers for ids it was given) is
 /// cut off once it has sent more answers than it was given requests: each is answered once.
-/// The client gets the first answer.
+/// The client gets the first answer, and an answer that comes after its request timed out is
+/// no violation.
 #[tokio::test]
 async fn answers_beyond_the_requests_given_end_the_link() {
     let s = setup().await;
@@ -233,7 +234,10 @@ async fn answers_beyond_the_requests_given_end_the_link() {
     )
     .unwrap();
     let client = Client::new(cfg);
-    let call = tokio::spawn(async move { client.call("echo", b"x").await });
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move { client.call("echo", b"x").await }
+    });
     let forward = loop {
         match tokio::time::timeout(WAIT, link.read_message()).await {
             Ok(Ok(Some(Message::Ping(p)))) => pong(&mut link, p.nonce).await,
@@ -251,6 +255,36 @@ async fn answers_beyond_the_requests_given_end_the_link() {
     assert!(
         !closes_within(&mut link, Duration::from_millis(300)).await,
         "one answer ended the link"
+    );
+    // A request answered only after the dispatcher has given up on it.
+    let opts = CallOptions {
+        idempotent: true,
+        timeout: Duration::from_millis(300),
+    };
+    let late = tokio::spawn(async move { client.call_with("echo", b"y", opts).await });
+    let forward = loop {
+        match tokio::time::timeout(WAIT, link.read_message()).await {
+            Ok(Ok(Some(Message::Ping(p)))) => pong(&mut link, p.nonce).await,
+            Ok(Ok(Some(Message::Forward(f)))) => break f,
+            other => panic!("expected the forward, got {other:?}"),
+        }
+    };
+    let gave_up = tokio::time::timeout(WAIT, late).await.unwrap().unwrap();
+    assert!(
+        matches!(
+            gave_up,
+            Err(ClientError::Timeout(_)) | Err(ClientError::Remote { .. })
+        ),
+        "{gave_up:?}"
+    );
+    let late_reply = Message::Reply(Reply {
+        id: forward.id,
+        payload: forward.payload.clone(),
+    });
+    link.send(&late_reply).await.unwrap();
+    assert!(
+        !closes_within(&mut link, Duration::from_millis(300)).await,
+        "a late answer ended the link"
     );
     link.send(&reply).await.unwrap();
     assert!(
