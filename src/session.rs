@@ -711,13 +711,13 @@ mod tests {
     use super::*;
     use crate::connection::IoLimits;
     use crate::message::{Bytes, Reply, Request};
+    use std::sync::{Arc, Mutex};
+    use tokio::time::Instant;
 
     /// In-memory pipes have no TCP to reset.
     impl Reset for tokio::io::DuplexStream {
         fn reset_on_close(&self) {}
     }
-    use std::sync::{Arc, Mutex};
-    use tokio::time::Instant;
 
     /// A request spawned on a multi-threaded runtime that finishes right at the drain
     /// deadline: its answer is written, or the connection ends with id-0 `timeout` (may have
