@@ -1,7 +1,8 @@
 //! A worker that holds a valid certificate but breaks the protocol on its link: the
 //! dispatcher drops the link, and does not let such a worker have it dialled again at once.
 //! The worker is the test's own TLS endpoint with worker 1's certificate; the dispatcher runs
-//! in the test with real TLS on 127.0.0.1.
+//! in the test with real TLS on 127.0.0.1. The last test has such a worker answer the
+//! watchdog's heartbeat.
 
 mod common;
 
@@ -292,4 +293,64 @@ async fn answers_beyond_the_requests_given_end_the_link() {
         "the link stayed up after a second answer to one request"
     );
     s.stop().await;
+}
+
+/// A heartbeat answered with an error: the reason the watchdog logs carries the component's
+/// text printable and cut short (the log then quotes it), so a compromised worker can neither
+/// write lines of its own into the watchdog's log nor make its text pose as fields.
+#[tokio::test]
+async fn a_heartbeats_error_text_reaches_the_watchdog_printable_and_cut() {
+    use securesrv::message::{ErrorCode, ErrorReply};
+    use securesrv::watchdog::probe::Prober;
+    let pki = pki(1);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = pki
+        .material("worker-1")
+        .acceptor(Role::Worker, Duration::from_secs(5))
+        .unwrap();
+    let hostile = format!(
+        "boom\" component=dispatcher misses=0\n2026-01-01T00:00:00Z INFO forged line\u{1b}[2J{}",
+        "x".repeat(500)
+    );
+    let text = hostile.clone();
+    let standin = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let stream = acceptor.accept(tcp).await.unwrap().0;
+        let mut link = Connection::new(stream, IoLimits::default());
+        match link.read_message().await {
+            Ok(Some(Message::Ping(_))) => {}
+            other => panic!("expected the watchdog's ping, got {other:?}"),
+        }
+        let error = Message::Error(ErrorReply {
+            id: 0,
+            code: ErrorCode::Internal,
+            message: text,
+        });
+        link.send(&error).await.unwrap();
+        link
+    });
+    let connector = pki
+        .material("watchdog")
+        .connector(
+            &SpiffeId::new("securesrv", Role::Worker, "1").unwrap(),
+            WAIT,
+        )
+        .unwrap();
+    let mut prober = Prober::new(connector, addr, IoLimits::default());
+    let reason = prober
+        .beat(WAIT)
+        .await
+        .expect_err("an error is a failed beat");
+    let _link = tokio::time::timeout(WAIT, standin).await.unwrap().unwrap();
+    assert!(reason.starts_with("internal: boom\""), "{reason}");
+    assert!(
+        !reason.chars().any(char::is_control),
+        "control characters reached the reason: {reason:?}"
+    );
+    assert!(
+        reason.chars().count() < 120,
+        "the component's text was not cut: {} characters",
+        reason.chars().count()
+    );
 }
