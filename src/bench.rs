@@ -120,7 +120,10 @@ fn warmup_seconds(s: &str) -> Result<f64, String> {
 /// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
-    /// Bad certificate, key or identity.
+    /// A certificate or key that is missing, unreadable or unusable (exit 64, as the client's).
+    #[error("{0}")]
+    Credentials(String),
+    /// A bad server identity or an address that does not resolve.
     #[error("{0}")]
     Setup(String),
     /// Could not reach the server at all.
@@ -286,7 +289,8 @@ pub async fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
         .ca
         .clone()
         .unwrap_or_else(|| cert.with_file_name("ca.crt"));
-    let material = TlsMaterial::load(&ca, &cert, &key).map_err(|e| setup(&e))?;
+    let material =
+        TlsMaterial::load(&ca, &cert, &key).map_err(|e| BenchError::Credentials(e.to_string()))?;
     let server_id = match &args.server_id {
         Some(id) => id.parse::<SpiffeId>(),
         None => SpiffeId::dispatcher(&defaults.trust_domain),
@@ -296,7 +300,8 @@ pub async fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
         Some(a) => crate::client::resolve_addr(a).map_err(|e| setup(&e))?,
         None => defaults.dispatcher.listen,
     };
-    let mut cfg = ClientConfig::new(&material, addr, server_id).map_err(|e| setup(&e))?;
+    let mut cfg = ClientConfig::new(&material, addr, server_id)
+        .map_err(|e| BenchError::Credentials(e.to_string()))?;
     cfg.io.max_frame = defaults.limits.max_frame_bytes;
     cfg.max_in_flight = args.in_flight.max(1);
     // Shared, not copied, by every call: the load generator should cost as little as it can.

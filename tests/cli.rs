@@ -267,7 +267,7 @@ fn a_missing_file_is_said_with_the_flags_of_the_command() {
         ),
         (
             vec!["bench", "--cert", "/nonexist/c.crt", "--connect", &listen],
-            1,
+            64,
             client_flags,
         ),
         (

@@ -206,6 +206,7 @@ pub fn bench(args: securesrv::bench::BenchArgs) -> ExitCode {
     block_on_threads(usize::from(args.threads), async move {
         match securesrv::bench::run(args).await {
             Ok(()) => ExitCode::SUCCESS,
+            Err(e @ securesrv::bench::BenchError::Credentials(_)) => fail_config("bench", e),
             Err(e) => fail("bench", e),
         }
     })
