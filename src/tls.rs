@@ -638,6 +638,31 @@ fn identity_refusal(e: IdentityError) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
 
+/// The most intermediate certificates a peer may present with its own. Our CA signs leaves
+/// directly (`pathlen:0`); another tool's PKI may put one or two intermediates between its
+/// root and the leaves. Every certificate presented multiplies the paths webpki may try, up to
+/// its budget of signature checks and path-building calls: a peer holding no trusted
+/// certificate at all made each refused handshake cost 10–45 ms of the listener's CPU with
+/// 150–200 forged intermediates, enough to starve the heartbeat of a single-threaded
+/// dispatcher. With at most this many, a refusal costs about what any other does.
+pub const MAX_INTERMEDIATES: usize = 3;
+
+/// A peer presented more than [`MAX_INTERMEDIATES`] intermediate certificates.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} intermediate certificates presented; at most {MAX_INTERMEDIATES} are accepted")]
+pub struct TooManyIntermediates(pub usize);
+
+/// Refuses a chain with more than [`MAX_INTERMEDIATES`] intermediates, before any path is built.
+fn check_chain_length(intermediates: &[CertificateDer<'_>]) -> Result<(), rustls::Error> {
+    if intermediates.len() > MAX_INTERMEDIATES {
+        let e = TooManyIntermediates(intermediates.len());
+        return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+            OtherError(Arc::new(e)),
+        )));
+    }
+    Ok(())
+}
+
 /// webpki's client verifier plus our role check.
 #[derive(Debug)]
 struct IdentityClientVerifier {
@@ -664,6 +689,7 @@ impl ClientCertVerifier for IdentityClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        check_chain_length(intermediates)?;
         self.inner
             .verify_client_cert(end_entity, intermediates, now)?;
         self.policy
@@ -712,6 +738,7 @@ impl ServerCertVerifier for IdentityServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        check_chain_length(intermediates)?;
         let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &cert,

@@ -589,3 +589,129 @@ fn a_certificate_outside_its_validity_is_refused_when_loaded() {
         );
     }
 }
+
+/// A root, an intermediate it signs, and a client leaf (`spiffe://securesrv/client/x`) the
+/// intermediate signs: a PKI of another tool's shape.
+struct TwoLevelPki {
+    root: CertificateDer<'static>,
+    intermediate: CertificateDer<'static>,
+    leaf: CertificateDer<'static>,
+}
+
+fn two_level_pki() -> TwoLevelPki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        SanType,
+    };
+    let ca_params = |cn: &str, is_ca: IsCa| {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.is_ca = is_ca;
+        p
+    };
+    let root_key = KeyPair::generate().unwrap();
+    let root_params = ca_params("root", IsCa::Ca(BasicConstraints::Constrained(1)));
+    let root = root_params.self_signed(&root_key).unwrap();
+    let root_issuer = Issuer::new(root_params, root_key);
+    let mid_key = KeyPair::generate().unwrap();
+    let mid_params = ca_params("intermediate", IsCa::Ca(BasicConstraints::Constrained(0)));
+    let mid = mid_params.signed_by(&mid_key, &root_issuer).unwrap();
+    let mid_issuer = Issuer::new(mid_params, mid_key);
+    let mut leaf_params = ca_params("x", IsCa::ExplicitNoCa);
+    leaf_params.subject_alt_names = vec![SanType::URI(
+        format!("spiffe://{TD}/client/x").try_into().unwrap(),
+    )];
+    leaf_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let leaf = leaf_params
+        .signed_by(&KeyPair::generate().unwrap(), &mid_issuer)
+        .unwrap();
+    TwoLevelPki {
+        root: root.der().clone(),
+        intermediate: mid.der().clone(),
+        leaf: leaf.der().clone(),
+    }
+}
+
+/// `count` self-signed CA certificates that all bear the subject `CN=S`: forged
+/// intermediates, each of which path building may try as the issuer of the others.
+fn forged_intermediates(count: usize) -> Vec<CertificateDer<'static>> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    (0..count)
+        .map(|_| {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.distinguished_name.push(rcgen::DnType::CommonName, "S");
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.self_signed(&KeyPair::generate().unwrap())
+                .unwrap()
+                .der()
+                .clone()
+        })
+        .collect()
+}
+
+fn too_many_intermediates(r: Result<(), rustls::Error>) -> Option<usize> {
+    match r {
+        Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(e)))) => {
+            e.downcast_ref::<TooManyIntermediates>().map(|t| t.0)
+        }
+        _ => None,
+    }
+}
+
+#[test]
+fn a_chain_through_an_intermediate_is_accepted_and_a_long_one_refused_unexamined() {
+    let pki = two_level_pki();
+    let mut roots = RootCertStore::empty();
+    roots.add(pki.root.clone()).unwrap();
+    let roots = Arc::new(roots);
+    let verifier = IdentityClientVerifier {
+        inner: WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .build()
+            .unwrap(),
+        policy: PeerPolicy::Serve {
+            trust_domain: TD.into(),
+            endpoint: Role::Dispatcher,
+        },
+    };
+    let now = UnixTime::now();
+    let client = |intermediates: &[CertificateDer<'static>]| {
+        verifier
+            .verify_client_cert(&pki.leaf, intermediates, now)
+            .map(|_| ())
+    };
+    client(std::slice::from_ref(&pki.intermediate)).expect("leaf + one intermediate");
+    let mut up_to_the_limit = vec![pki.intermediate.clone()];
+    up_to_the_limit.extend(forged_intermediates(MAX_INTERMEDIATES - 1));
+    client(&up_to_the_limit).expect("the right intermediate among forged ones, at the limit");
+    assert!(
+        too_many_intermediates(client(&[])).is_none(),
+        "a leaf without its intermediate is refused for its issuer, not its chain's length"
+    );
+    // A peer with no trusted certificate at all: forged intermediates by the hundred, which
+    // webpki would try path after path. Refused for their number, before any is looked at.
+    let mut forged = forged_intermediates(200);
+    assert_eq!(too_many_intermediates(client(&forged)), Some(200));
+    forged.truncate(MAX_INTERMEDIATES);
+    forged.push(pki.intermediate.clone());
+    assert_eq!(
+        too_many_intermediates(client(&forged)),
+        Some(MAX_INTERMEDIATES + 1),
+        "one over the limit, even with the right intermediate among them"
+    );
+    // A server's chain likewise (a process squatting a component's port).
+    let server = IdentityServerVerifier {
+        roots,
+        policy: PeerPolicy::Exactly(SpiffeId::new(TD, Role::Client, "x").unwrap()),
+        algs: provider().signature_verification_algorithms,
+    };
+    let name = ServerName::try_from("localhost").unwrap();
+    let serve = |intermediates: &[CertificateDer<'static>]| {
+        server
+            .verify_server_cert(&pki.leaf, intermediates, &name, &[], now)
+            .map(|_| ())
+    };
+    assert_eq!(
+        too_many_intermediates(serve(&forged_intermediates(MAX_INTERMEDIATES + 1))),
+        Some(MAX_INTERMEDIATES + 1)
+    );
+}
