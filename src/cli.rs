@@ -479,6 +479,20 @@ fn menu(config: Option<PathBuf>, log: Option<String>) -> ExitCode {
     }
 }
 
+/// `filter` with rustls's own lines turned off, unless it names rustls. A peer that reaches
+/// the port, with no certificate, can make rustls write a warning per alert it sends and a line
+/// as long as the server name in its hello (64 KB), none of them throttled; our own line for a
+/// refused handshake says why, at most once a second. `--log rustls=debug` brings them back.
+fn quiet_rustls(filter: &str) -> String {
+    if filter.contains("rustls") {
+        filter.to_string()
+    } else if filter.trim().is_empty() {
+        "rustls=off".to_string()
+    } else {
+        format!("{filter},rustls=off")
+    }
+}
+
 /// Logs go to stderr through a buffered writer (see `logwriter`): audit lines must not cost a
 /// system call each.
 fn init_logging(filter: Option<&str>) -> logwriter::Guard {
@@ -487,9 +501,9 @@ fn init_logging(filter: Option<&str>) -> logwriter::Guard {
         .map(str::to_string)
         .or_else(|| std::env::var("SECURESRV_LOG").ok())
         .unwrap_or_else(|| "info".into());
-    let env_filter = EnvFilter::try_new(&filter).unwrap_or_else(|e| {
+    let env_filter = EnvFilter::try_new(quiet_rustls(&filter)).unwrap_or_else(|e| {
         eprintln!("securesrv: invalid log filter {filter:?} ({e}); logging at info");
-        EnvFilter::new("info")
+        EnvFilter::new(quiet_rustls("info"))
     });
     let (writer, guard) = logwriter::buffered_stderr();
     securesrv::audit::install(Box::new(writer.clone()));

@@ -264,6 +264,78 @@ fn a_flood_of_failed_handshakes_writes_a_line_a_second_not_one_each() {
 }
 
 #[test]
+fn a_peer_without_a_certificate_cannot_make_rustls_write_lines() {
+    // rustls writes a warning for each warning alert it receives (up to four per connection
+    // before it gives up on the peer) and one, as long as the name, for a server name that is
+    // not a DNS name. None of those is throttled: a flood of such connections used to write
+    // 28,000 lines a second, and 320 KB lines with a 64 KB server name.
+    let s = start("");
+    const CONNECTIONS: usize = 50;
+    // An alert record: warning (1), no_renegotiation (100).
+    let alert: &[u8] = &[0x15, 0x03, 0x03, 0x00, 0x02, 0x01, 100];
+    let hello = client_hello_with_server_name(&[1; 4000]);
+    rt().block_on(async {
+        let good = s.client("client").await;
+        for i in 0..CONNECTIONS {
+            let mut tcp = TcpStream::connect(s.addr).await.expect("connect");
+            let sent = if i % 2 == 0 {
+                alert.repeat(5)
+            } else {
+                hello.clone()
+            };
+            tcp.write_all(&sent).await.expect("write");
+            // The dispatcher closes it after refusing; bounded.
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(WAIT, tcp.read_to_end(&mut rest)).await;
+        }
+        // Its audit line comes after every line those connections caused.
+        assert_eq!(good.call("sha256", b"").await.unwrap().len(), 64);
+    });
+    s.dispatcher.wait_log(&["op=sha256"], WAIT);
+    let log = s.dispatcher.stderr();
+    let from_rustls: Vec<&str> = log.lines().filter(|l| l.contains("rustls")).collect();
+    assert!(
+        from_rustls.is_empty(),
+        "{} lines of rustls, the first: {:.200}",
+        from_rustls.len(),
+        from_rustls[0]
+    );
+    assert!(
+        log.lines().all(|l| l.len() < 2000),
+        "a line as long as the peer's server name"
+    );
+}
+
+/// A TLS 1.3 ClientHello (one record) whose server name extension carries `name`.
+fn client_hello_with_server_name(name: &[u8]) -> Vec<u8> {
+    let u16be = |n: usize| (n as u16).to_be_bytes();
+    let mut sni = Vec::new();
+    sni.extend(u16be(name.len() + 3)); // server_name_list
+    sni.push(0); // host_name
+    sni.extend(u16be(name.len()));
+    sni.extend(name);
+    let mut ext = Vec::new();
+    ext.extend([0x00, 0x00]);
+    ext.extend(u16be(sni.len()));
+    ext.extend(&sni);
+    ext.extend([0x00, 0x2b, 0x00, 0x03, 0x02, 0x03, 0x04]); // supported_versions: TLS 1.3
+    let mut body = vec![0x03, 0x03];
+    body.extend([7u8; 32]); // random
+    body.push(0); // session id
+    body.extend([0x00, 0x02, 0x13, 0x01]); // TLS_AES_128_GCM_SHA256
+    body.extend([0x01, 0x00]); // no compression
+    body.extend(u16be(ext.len()));
+    body.extend(&ext);
+    let mut hs = vec![0x01, 0x00];
+    hs.extend(u16be(body.len()));
+    hs.extend(&body);
+    let mut record = vec![0x16, 0x03, 0x01];
+    record.extend(u16be(hs.len()));
+    record.extend(&hs);
+    record
+}
+
+#[test]
 fn handshakes_that_never_finish_from_many_addresses_do_not_keep_clients_out() {
     // Every connection slot held by TCP connections that never start TLS, from four addresses
     // (each within its per-address handshake limit): one of them gives way to each new
