@@ -1,7 +1,7 @@
 //! A worker process killed with SIGKILL in the middle of a request: an idempotent request is
 //! answered by another worker, a non-idempotent one gets a clear `worker_lost`; the client
 //! never hangs and never gets another request's answer. Workers are real processes; the
-//! dispatcher runs in the test.
+//! dispatcher runs in the test (in the last test, as a process too, for its log).
 
 mod common;
 
@@ -303,4 +303,42 @@ fn a_stopping_worker_frees_its_port_at_once_and_still_answers() {
         );
         stop_dispatcher(stop, tracker).await;
     });
+}
+
+/// A worker that comes back after its dispatcher failed to reach it for a while is logged as
+/// up, however many dials failed meanwhile. The line used to be written only when that count
+/// was 0 or a power of two, so after most restarts it never came, while OPERATIONS.md tells
+/// operators to wait for it between restarts.
+#[test]
+fn a_worker_back_after_any_number_of_failed_dials_is_logged_as_up() {
+    let s = setup();
+    // Worker 1's port, taken before the dispatcher starts: every dial it makes reaches this
+    // listener, which closes it before the handshake, and none is refused uncounted.
+    let squatter = std::net::TcpListener::bind(s.workers[0]).unwrap();
+    squatter.set_nonblocking(true).unwrap();
+    let dispatcher = Proc::spawn(
+        "dispatcher",
+        &["dispatcher", "--config", s.config_file.to_str().unwrap()],
+        s.pki.tmp.path(),
+    );
+    // Six failed dials; the next comes 1.6 s after the sixth (the backoff doubles from
+    // 50 ms), time for the worker to start. Six, and a seventh if the worker is slow, are
+    // not powers of two.
+    for n in 1..=6 {
+        let mut dialled = None;
+        assert!(
+            common::wait_until(WAIT, || {
+                dialled = squatter.accept().ok();
+                dialled.is_some()
+            }),
+            "the dispatcher's dial {n} never came"
+        );
+    }
+    drop(squatter);
+    let _worker = start_worker(&s, 1);
+    let up = dispatcher.wait_log(&["worker link up", "worker=1"], WAIT);
+    assert!(
+        common::field(&up, "after_failures").is_some_and(|n| n != "0"),
+        "{up}"
+    );
 }

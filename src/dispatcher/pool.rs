@@ -489,6 +489,10 @@ impl Pool {
     ) {
         let mut backoff = RECONNECT_INITIAL;
         let mut failures: u64 = 0;
+        // Links in a row that ended before they counted as made (see `made`): only those keep
+        // "worker link up" from being logged each time. Failed dials do not: a worker that was
+        // down for a while is said to be back, whatever the count of dials it took.
+        let mut short_links: u64 = 0;
         while !shutdown.is_cancelled() {
             let attempt = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -496,7 +500,7 @@ impl Pool {
             };
             match attempt {
                 Ok((stream, _)) => {
-                    if failures == 0 || failures.is_power_of_two() {
+                    if short_links == 0 || short_links.is_power_of_two() {
                         info!(worker = slot.id, addr = %slot.addr, after_failures = failures, "worker link up");
                     }
                     let up = tokio::time::Instant::now();
@@ -516,11 +520,13 @@ impl Pool {
                     if made {
                         info!(worker = slot.id, reason, "worker link down");
                         failures = 0;
+                        short_links = 0;
                         backoff = RECONNECT_INITIAL;
                         continue_after_link(&shutdown).await;
                         continue;
                     }
                     failures += 1;
+                    short_links += 1;
                     if !answered {
                         if failures == 1 || failures.is_power_of_two() {
                             warn!(worker = slot.id, addr = %slot.addr, attempts = failures, reason, "worker link closed before the worker answered");
