@@ -173,7 +173,8 @@ pub struct Limits {
     pub max_connections_per_identity: usize,
     /// Connections from one source address (an IPv6 one per /64) that may be in their
     /// handshake at once, so that one host cannot hold every connection slot with connections
-    /// that never authenticate.
+    /// that never authenticate. A new connection beyond it closes the address's oldest
+    /// handshake, so that such a host cannot keep out other peers on its address either.
     pub max_handshakes_per_address: usize,
     /// Requests in flight on one connection.
     pub max_in_flight_per_connection: usize,

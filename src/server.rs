@@ -5,8 +5,9 @@
 //! against `max_connections`), and again per verified peer identity after the handshake
 //! (`max_connections_per_identity`). At the total limit the oldest connection still in its
 //! handshake gives its slot to the new one; with none in their handshake the new TCP connection
-//! is closed at once, before any TLS work. Over the per-identity limit the peer gets an
-//! `overloaded` error frame.
+//! is closed at once, before any TLS work. An address with `max_handshakes_per_address`
+//! connections in their handshake likewise gives its oldest one's place to its new one. Over
+//! the per-identity limit the peer gets an `overloaded` error frame.
 //! Components supply a [`ConnectionHandler`] that sees a framed connection and an identity,
 //! never a raw socket.
 
@@ -36,7 +37,8 @@ pub struct ListenerLimits {
     pub max_connections: usize,
     /// Established connections per peer identity.
     pub max_per_identity: usize,
-    /// Connections in their handshake per source address.
+    /// Connections in their handshake per source address; beyond it the address's oldest
+    /// handshake is closed for its new one.
     pub max_handshakes_per_address: usize,
     /// Requests in flight per peer identity, over all its connections.
     pub max_in_flight_per_identity: usize,
@@ -270,26 +272,38 @@ struct HandshakeSlot {
 }
 
 impl Handshaking {
-    fn try_take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<HandshakeSlot> {
+    /// A place among `ip`'s handshakes. With `max` of them already, the oldest gives its place
+    /// up (`made_room`), or if none can (all of them are ending anyway), `None`. A host that
+    /// opens connections and never starts TLS on them, as fast as it likes, then only ever
+    /// closes its own oldest: another peer from the same address (on the same machine, behind
+    /// the same NAT) still gets in, as long as its handshake finishes before `max` newer
+    /// connections come from that address.
+    fn try_take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<(HandshakeSlot, bool)> {
         let ip = handshake_key(ip);
         let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(ip).or_insert(0);
-        if *n >= max {
-            return None;
+        let full = map.get(&ip).is_some_and(|n| *n >= max);
+        if full {
+            drop(map);
+            if !self.evict(Some(ip), None) {
+                return None;
+            }
+            map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         }
-        *n += 1;
+        // The evicted one is counted until its task has run and given its place back.
+        *map.entry(ip).or_insert(0) += 1;
         drop(map);
         let evicted = CancellationToken::new();
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         let seq = pending.next;
         pending.next += 1;
         pending.by_age.insert(seq, (ip, evicted.clone()));
-        Some(HandshakeSlot {
+        let slot = HandshakeSlot {
             handshaking: self.clone(),
             ip,
             seq,
             evicted,
-        })
+        };
+        Some((slot, full))
     }
 
     /// Every connection slot is taken: a connection still in its handshake (other than `keep`,
@@ -308,21 +322,25 @@ impl Handshaking {
                 .filter(|(_, n)| **n > 1)
                 .map(|(ip, _)| *ip)
         };
+        self.evict(busiest, Some(keep)) || self.evict(None, Some(keep))
+    }
+
+    /// Tells the oldest connection in its handshake (from `from`, or from anywhere; never
+    /// `keep`) to give its place up. Returns whether there was one.
+    fn evict(&self, from: Option<IpAddr>, keep: Option<u64>) -> bool {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let victim = |from: Option<IpAddr>| {
-            pending
-                .by_age
-                .iter()
-                .find(|(seq, (ip, _))| **seq != keep && from.is_none_or(|f| *ip == f))
-                .map(|(seq, _)| *seq)
-        };
-        let Some(seq) = victim(busiest).or_else(|| victim(None)) else {
-            return false;
-        };
-        if let Some((_, token)) = pending.by_age.remove(&seq) {
-            token.cancel();
+        let victim = pending
+            .by_age
+            .iter()
+            .find(|(seq, (ip, _))| Some(**seq) != keep && from.is_none_or(|f| *ip == f))
+            .map(|(seq, _)| *seq);
+        match victim.and_then(|seq| pending.by_age.remove(&seq)) {
+            Some((_, token)) => {
+                token.cancel();
+                true
+            }
+            None => false,
         }
-        true
     }
 }
 
@@ -383,20 +401,25 @@ pub async fn serve<H: ConnectionHandler>(
                 continue;
             }
         };
-        let Some(handshake) = handshaking.try_take(addr.ip(), limits.max_handshakes_per_address)
+        let Some((handshake, made_room)) =
+            handshaking.try_take(addr.ip(), limits.max_handshakes_per_address)
         else {
+            // Every one of its handshakes is already closing: this one too.
+            debug!(address = %addr.ip(), "too many handshakes from one address, all closing");
             drop(tcp);
-            if let Some(refused) = busy_address.hit() {
+            continue;
+        };
+        if made_room {
+            if let Some(closed) = busy_address.hit() {
                 warn!(
-                    refused,
+                    closed,
                     address = %addr.ip(),
                     counted_as = %handshake_key(addr.ip()),
                     limit = limits.max_handshakes_per_address,
-                    "too many handshakes from one address; closing its new connections"
+                    "too many handshakes from one address; closing its oldest for its new ones"
                 );
             }
-            continue;
-        };
+        }
         let permit = match total.clone().try_acquire_owned() {
             Ok(p) => Some(p),
             Err(_) if handshaking.evict_oldest(handshake.seq) => {
@@ -612,21 +635,27 @@ mod tests {
         assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff:1:2:3"));
         assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
         let h = Arc::new(Handshaking::default());
-        let a = h.try_take("2001:db8:1:2::1".parse().unwrap(), 2);
-        let b = h.try_take("2001:db8:1:2::2".parse().unwrap(), 2);
-        assert!(a.is_some() && b.is_some());
-        assert!(
-            h.try_take("2001:db8:1:2::3".parse().unwrap(), 2).is_none(),
-            "same /64"
-        );
-        assert!(
-            h.try_take("2001:db8:1:3::1".parse().unwrap(), 2).is_some(),
-            "another /64"
-        );
-        drop(a);
-        assert!(
-            h.try_take("2001:db8:1:2::4".parse().unwrap(), 2).is_some(),
-            "slot given back"
-        );
+        let take = |ip: &str| h.try_take(ip.parse().unwrap(), 2).expect("a place");
+        let (a, a_made_room) = take("2001:db8:1:2::1");
+        let (b, _) = take("2001:db8:1:2::2");
+        assert!(!a_made_room);
+        // A third from the same /64 takes the oldest's place.
+        let (c, made_room) = take("2001:db8:1:2::3");
+        assert!(made_room, "same /64");
+        assert!(a.evicted.is_cancelled() && !b.evicted.is_cancelled());
+        let (_d, made_room) = take("2001:db8:1:3::1");
+        assert!(!made_room, "another /64");
+        // While the evicted one has not given its place back, the next takes b's.
+        let (e, _) = take("2001:db8:1:2::4");
+        assert!(b.evicted.is_cancelled() && !c.evicted.is_cancelled());
+        let (_f, _) = take("2001:db8:1:2::5");
+        assert!(c.evicted.is_cancelled() && !e.evicted.is_cancelled());
+        drop((a, b, c));
+        let (g, made_room) = take("2001:db8:1:2::6");
+        assert!(made_room && e.evicted.is_cancelled());
+        // With every one of the address's places closing already, there is none.
+        assert!(h.evict(None, None) && h.evict(None, None) && h.evict(None, None));
+        assert!(g.evicted.is_cancelled());
+        assert!(h.try_take("2001:db8:1:2::7".parse().unwrap(), 2).is_none());
     }
 }
