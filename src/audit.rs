@@ -43,6 +43,13 @@ pub struct Record {
 /// Characters of an error message an audit line keeps.
 const MAX_REASON: usize = 1024;
 
+/// An error message as an audit line's `reason=`: it may quote what a peer sent (a worker's
+/// error, a token's claims), so it is quoted and escaped, so that it can neither break the
+/// line nor pose as further fields of it, and cut to [`MAX_REASON`] characters.
+pub fn reason(message: &str) -> crate::identity::Quoted<'_> {
+    crate::identity::quoted(message, MAX_REASON)
+}
+
 impl Record {
     /// The line after the level, exactly as the `tracing` event reads through the command's
     /// log format: `conn{peer=.. id=..}: securesrv::audit: request client=.. op=.. ...`.
@@ -62,13 +69,7 @@ impl Record {
         )?;
         match &self.outcome {
             Ok(()) => w.write_str("ok")?,
-            // The message may quote what a peer sent (a worker's error): quoted, so that it
-            // can neither break the line nor pose as further fields of it.
-            Err((code, reason)) => write!(
-                w,
-                "{code} reason={}",
-                crate::identity::quoted(reason, MAX_REASON)
-            )?,
+            Err((code, why)) => write!(w, "{code} reason={}", reason(why))?,
         }
         write!(w, " duration_us={}", self.duration_us)
     }
@@ -85,11 +86,11 @@ impl Record {
                 tracing::info!(target: TARGET, client = %client, peer = %peer, op = %op, worker = %worker, outcome = %"ok", duration_us = us, "request");
             }
             (Err((code, reason)), true) => {
-                let reason = crate::identity::quoted(reason, MAX_REASON);
+                let reason = self::reason(reason);
                 tracing::info!(target: TARGET, client = %client, op = %op, worker = %worker, outcome = %code, reason = %reason, duration_us = us, "request");
             }
             (Err((code, reason)), false) => {
-                let reason = crate::identity::quoted(reason, MAX_REASON);
+                let reason = self::reason(reason);
                 tracing::info!(target: TARGET, client = %client, peer = %peer, op = %op, worker = %worker, outcome = %code, reason = %reason, duration_us = us, "request");
             }
         }

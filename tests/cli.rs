@@ -863,8 +863,11 @@ fn client_command_end_to_end() {
             other => panic!("expected invalid_token, got {other:?}"),
         }
     });
+    // The worker's own audit lines quote their reasons, as the dispatcher's do.
     let line = worker.wait_log(&["securesrv::audit", "token refused"], WAIT);
-    assert!(line.contains("reason="), "{line}");
+    assert!(line.contains("reason=\""), "{line}");
+    let line = worker.wait_log(&["securesrv::audit", "outcome=invalid_token"], WAIT);
+    assert!(line.contains("reason=\"token refused: "), "{line}");
 
     // A key others can read is refused with the fix, exit 64.
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();

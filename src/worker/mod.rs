@@ -114,7 +114,7 @@ impl Worker {
                 Message::Reply(Reply { id, payload })
             }
             Err((code, message)) => {
-                info!(target: "securesrv::audit", client = %client, op = %op, worker = %self.me, outcome = %code, reason = %message, duration_us = micros, "request");
+                info!(target: "securesrv::audit", client = %client, op = %crate::identity::op_for_log(&op), worker = %self.me, outcome = %code, reason = %crate::audit::reason(&message), duration_us = micros, "request");
                 Message::Error(ErrorReply { id, code, message })
             }
         }
@@ -128,7 +128,8 @@ impl Worker {
         {
             Ok(c) => c,
             Err(e) => {
-                warn!(target: "securesrv::audit", op = %crate::identity::quoted(&f.op, 80), reason = %e, "token refused");
+                let why = e.to_string();
+                warn!(target: "securesrv::audit", op = %crate::identity::quoted(&f.op, 80), reason = %crate::audit::reason(&why), "token refused");
                 let code = match e {
                     crate::token::TokenError::ReplayCacheFull => ErrorCode::Overloaded,
                     _ => ErrorCode::InvalidToken,
