@@ -346,7 +346,7 @@ fn a_certificate_given_as_the_key_is_called_one() {
 }
 
 /// `client --timeout-ms 0` is a usage error naming the range (it became 1 ms and failed with
-/// `no answer within 1ms`, exit 4, or `cannot connect`, exit 5); so is one over a day.
+/// `no answer within 1 ms`, exit 4, or `cannot connect`, exit 5); so is one over a day.
 #[test]
 fn client_timeout_out_of_range_is_a_usage_error() {
     let pki = pki(1);

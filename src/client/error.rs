@@ -62,8 +62,9 @@ pub enum ClientError {
     /// send it on a new one. It did not run.
     #[error("connection lost before the request was sent; it did not run")]
     NotSent,
-    /// The call's deadline passed.
-    #[error("no answer within {0:?}")]
+    /// The call's deadline passed. Said as the servers say theirs (`timeout: no answer
+    /// within 495 ms`), so that a client's own deadline reads like the dispatcher's.
+    #[error("timeout: no answer within {} ms", .0.as_millis())]
     Timeout(Duration),
     /// The request could not be encoded (too large).
     #[error("{0}")]
@@ -159,6 +160,12 @@ impl ClientError {
 mod tests {
     use super::*;
     use crate::identity::IdentityError;
+
+    #[test]
+    fn a_calls_own_deadline_is_said_as_the_servers_say_theirs() {
+        let e = ClientError::Timeout(Duration::from_millis(500));
+        assert_eq!(e.to_string(), "timeout: no answer within 500 ms");
+    }
 
     #[test]
     fn handshake_failures_are_sorted_into_final_and_passing() {
