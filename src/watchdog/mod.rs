@@ -493,7 +493,9 @@ impl Supervisor {
                         };
                         slot.misses = 0;
                         slot.down_since.get_or_insert(Instant::now());
-                        warn!(
+                        // Someone asked it to stop (the documented way to restart one
+                        // component): not a warning. A stop that overruns its grace is one.
+                        info!(
                             component = %slot.comp.name,
                             pid = slot.running.as_ref().map(|r| r.pid),
                             grace_ms = self.cfg.watchdog.stop_grace_ms,
