@@ -45,7 +45,7 @@ const MAX_REASON: usize = 1024;
 
 /// An error message as an audit line's `reason=`: it may quote what a peer sent (a worker's
 /// error, a token's claims), so it is quoted and escaped, so that it can neither break the
-/// line nor pose as further fields of it, and cut to [`MAX_REASON`] characters.
+/// line nor pose as further fields of it, and cut to 1,024 characters.
 pub fn reason(message: &str) -> crate::identity::Quoted<'_> {
     crate::identity::quoted(message, MAX_REASON)
 }
