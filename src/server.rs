@@ -4,7 +4,7 @@
 //! A connection is counted from the moment TCP accepts it (so half-open handshakes count
 //! against `max_connections`), and again per verified peer identity after the handshake
 //! (`max_connections_per_identity`). At the total limit the oldest connection still in its
-//! handshake gives its slot to the new one; with none in their handshake the new TCP connection
+//! handshake, from whatever address, gives its slot to the new one; with none in their handshake the new TCP connection
 //! is closed at once, before any TLS work. An address with `max_handshakes_per_address`
 //! connections in their handshake likewise gives its oldest one's place to its new one. Over
 //! the per-identity limit the peer gets an `overloaded` error frame.
@@ -306,23 +306,19 @@ impl Handshaking {
         Some((slot, full))
     }
 
-    /// Every connection slot is taken: a connection still in its handshake (other than `keep`,
-    /// the one asking) gives its slot up — the oldest of those from the address with the most
-    /// of them. Connections in their handshake are the only ones not yet authenticated, so
-    /// connections that never finish theirs, however many addresses they come from, cannot keep
-    /// authenticated peers out; and a host opening connections as fast as it can evicts its own
-    /// first, not the one genuine handshake of each other address, which finishes in a round
-    /// trip or two. Returns whether one was told to go.
+    /// Every connection slot is taken: the oldest connection still in its handshake (other
+    /// than `keep`, the one asking) gives its slot up. Connections in their handshake are the
+    /// only ones not yet authenticated, so connections that never finish theirs, however many
+    /// addresses they come from, cannot keep authenticated peers out; and a genuine handshake,
+    /// which finishes in a round trip or two, is closed only if `max_connections` newer ones
+    /// come during it. One host alone cannot fill the slots (it has at most
+    /// `max_handshakes_per_address` handshakes). The oldest of the address with the most
+    /// handshakes used to go first: then a peer that opened a few connections from a
+    /// neighbour's address (another process on 127.0.0.1) and filled the rest from other
+    /// addresses, one each, had every new connection close that neighbour's handshakes.
+    /// Returns whether one was told to go.
     fn evict_oldest(&self, keep: u64) -> bool {
-        let busiest = {
-            let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-            counts
-                .iter()
-                .max_by_key(|(_, n)| **n)
-                .filter(|(_, n)| **n > 1)
-                .map(|(ip, _)| *ip)
-        };
-        self.evict(busiest, Some(keep)) || self.evict(None, Some(keep))
+        self.evict(None, Some(keep))
     }
 
     /// Tells the oldest connection in its handshake (from `from`, or from anywhere; never

@@ -337,39 +337,49 @@ fn client_hello_with_server_name(name: &[u8]) -> Vec<u8> {
 
 #[test]
 fn handshakes_that_never_finish_from_many_addresses_do_not_keep_clients_out() {
-    // Every connection slot held by TCP connections that never start TLS, from four addresses
-    // (each within its per-address handshake limit): one of them gives way to each new
+    // Every connection slot held by TCP connections that never start TLS, from many addresses
+    // (each within its per-address handshake limit): the oldest of them gives way to each new
     // connection, so clients still get in. Before, every new connection was closed at once.
-    // The one that gives way comes from the address with the most: a lone handshake from
-    // another address, although the oldest, is not the one closed.
+    // A genuine handshake is closed only once every slot has turned over during it. The
+    // oldest of the address with the most handshakes used to go first: a few silent
+    // connections from a neighbour's address (127.0.0.20) then made every new connection,
+    // from anywhere, close that neighbour's handshake.
     let s = start(
         "max_connections = 64\nmax_connections_per_identity = 32\nmax_handshakes_per_address = 16\n\
          handshake_timeout_ms = 60000\n",
     );
-    let from = |a: u8| {
+    let from = |a: [u8; 4]| {
         let sock = tokio::net::TcpSocket::new_v4().expect("socket");
-        sock.bind(SocketAddr::from(([127, 0, 0, a], 0)))
+        sock.bind(SocketAddr::from((a, 0)))
             .expect("bind a loopback source address");
         sock.connect(s.addr)
     };
     rt().block_on(async {
-        let lone = from(20).await.expect("connect");
         let mut silent = Vec::new();
-        for a in 10..14u8 {
-            for _ in 0..15 {
-                silent.push(from(a).await.expect("connect"));
-            }
-        }
         for _ in 0..3 {
-            silent.push(from(14).await.expect("connect"));
+            silent.push(from([127, 0, 0, 20]).await.expect("connect"));
         }
-        // 64 connections: the dispatcher takes them in order, so by the time it gets to a
-        // client's, every slot is held.
+        for n in 0..60u8 {
+            silent.push(from([127, 0, 1, n + 1]).await.expect("connect"));
+        }
+        // The neighbour's handshake, the 64th connection: every slot is held.
+        let neighbour = from([127, 0, 0, 20]).await.expect("connect");
+        // More from the neighbour's address, newer than its handshake, keep that address the
+        // one with the most.
+        for _ in 0..4 {
+            silent.push(from([127, 0, 0, 20]).await.expect("connect"));
+        }
+        // The dispatcher takes connections in order, so by the time it gets to a client's,
+        // every slot is held.
         for stem in ["client", "client-alice", "client-bob"] {
             let c = s.client(stem).await;
             served(&c).await;
         }
-        // The lone connection was spared: it can still finish its handshake and be served.
+        for n in 0..6u8 {
+            silent.push(from([127, 0, 2, n + 1]).await.expect("connect"));
+        }
+        // 13 newer connections closed the 13 oldest, not the neighbour's: it can still
+        // finish its handshake and be served.
         let m = s.pki.material("client");
         let (stream, _) = m
             .connector(
@@ -377,9 +387,9 @@ fn handshakes_that_never_finish_from_many_addresses_do_not_keep_clients_out() {
                 Duration::from_secs(10),
             )
             .unwrap()
-            .connect_over(lone)
+            .connect_over(neighbour)
             .await
-            .expect("the lone handshake was not evicted");
+            .expect("the neighbour's handshake was not evicted");
         let mut conn = Connection::new(stream, IoLimits::default());
         conn.send(&Message::Ping(Ping { nonce: vec![7; 16] }))
             .await
@@ -388,6 +398,15 @@ fn handshakes_that_never_finish_from_many_addresses_do_not_keep_clients_out() {
             .await
             .expect("answered");
         assert!(matches!(pong, Ok(Some(Message::Pong(_)))), "{pong:?}");
+        // The oldest were the ones closed.
+        let mut byte = [0u8; 1];
+        for (i, conn) in silent.iter_mut().take(13).enumerate() {
+            let n = tokio::time::timeout(WAIT, conn.read(&mut byte))
+                .await
+                .unwrap_or_else(|_| panic!("silent connection {i}, among the oldest, is closed"))
+                .unwrap_or(0);
+            assert_eq!(n, 0);
+        }
     });
 }
 
