@@ -484,7 +484,11 @@ fn menu(config: Option<PathBuf>, log: Option<String>) -> ExitCode {
 /// as long as the server name in its hello (64 KB), none of them throttled; our own line for a
 /// refused handshake says why, at most once a second. `--log rustls=debug` brings them back.
 fn quiet_rustls(filter: &str) -> String {
-    if filter.contains("rustls") {
+    let names_rustls = filter.split(',').any(|directive| {
+        let target = directive.split(['=', '[']).next().unwrap_or("").trim();
+        target == "rustls" || target.starts_with("rustls::")
+    });
+    if names_rustls {
         filter.to_string()
     } else if filter.trim().is_empty() {
         "rustls=off".to_string()
@@ -531,4 +535,26 @@ fn init_logging(filter: Option<&str>) -> logwriter::Guard {
         .fmt_fields(logformat::LeanFields)
         .try_init();
     guard
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quiet_rustls;
+
+    #[test]
+    fn rustls_is_quiet_unless_a_directive_names_its_target() {
+        assert_eq!(quiet_rustls("info"), "info,rustls=off");
+        assert_eq!(quiet_rustls(""), "rustls=off");
+        assert_eq!(
+            quiet_rustls("warn,tokio_rustls=debug"),
+            "warn,tokio_rustls=debug,rustls=off"
+        );
+        for named in [
+            "info,rustls=debug",
+            "rustls::conn=trace",
+            "debug, rustls[x]=info",
+        ] {
+            assert_eq!(quiet_rustls(named), named);
+        }
+    }
 }
