@@ -4,10 +4,11 @@
 //! A connection is counted from the moment TCP accepts it (so half-open handshakes count
 //! against `max_connections`), and again per verified peer identity after the handshake
 //! (`max_connections_per_identity`). At the total limit the oldest connection still in its
-//! handshake, from whatever address, gives its slot to the new one; with none in their handshake the new TCP connection
-//! is closed at once, before any TLS work. An address with `max_handshakes_per_address`
-//! connections in their handshake likewise gives its oldest one's place to its new one. Over
-//! the per-identity limit the peer gets an `overloaded` error frame.
+//! handshake, from whatever address, gives its slot to the new one; with none in their
+//! handshake the new TCP connection is closed at once, before any TLS work. An address with
+//! `max_handshakes_per_address` connections in their handshake likewise gives its oldest
+//! one's place to its new one (and that frees the slot the new one needs). Over the
+//! per-identity limit the peer gets an `overloaded` error frame.
 //! Components supply a [`ConnectionHandler`] that sees a framed connection and an identity,
 //! never a raw socket.
 
@@ -310,13 +311,15 @@ impl Handshaking {
     /// than `keep`, the one asking) gives its slot up. Connections in their handshake are the
     /// only ones not yet authenticated, so connections that never finish theirs, however many
     /// addresses they come from, cannot keep authenticated peers out; and a genuine handshake,
-    /// which finishes in a round trip or two, is closed only if `max_connections` newer ones
-    /// come during it. One host alone cannot fill the slots (it has at most
-    /// `max_handshakes_per_address` handshakes). The oldest of the address with the most
-    /// handshakes used to go first: then a peer that opened a few connections from a
-    /// neighbour's address (another process on 127.0.0.1) and filled the rest from other
-    /// addresses, one each, had every new connection close that neighbour's handshakes.
-    /// Returns whether one was told to go.
+    /// which finishes in a round trip or two, is closed only once every handshake older than
+    /// it has been: after at most `max_connections`, less the established connections, newer
+    /// ones. The price: a flood from enough addresses to fill the slots (8 at the defaults;
+    /// 8 IPv6 /64s) closes any handshake slower than the time those addresses take to open
+    /// that many connections; a lone slow handshake is not spared. The oldest of the address
+    /// with the most handshakes used to go first, which spared it, but then a peer that opened
+    /// a few connections from a neighbour's address (another process on 127.0.0.1) and filled
+    /// the rest from other addresses, one each, had every new connection close that
+    /// neighbour's handshakes. Returns whether one was told to go.
     fn evict_oldest(&self, keep: u64) -> bool {
         self.evict(None, Some(keep))
     }
@@ -337,6 +340,19 @@ impl Handshaking {
             }
             None => false,
         }
+    }
+}
+
+impl HandshakeSlot {
+    /// Leaves the connections in their handshake; `false` if it was evicted first (its slot
+    /// is promised to a newer connection).
+    fn finish(&self) -> bool {
+        let mut pending = self
+            .handshaking
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        pending.by_age.remove(&self.seq).is_some()
     }
 }
 
@@ -418,7 +434,10 @@ pub async fn serve<H: ConnectionHandler>(
         }
         let permit = match total.clone().try_acquire_owned() {
             Ok(p) => Some(p),
-            Err(_) if handshaking.evict_oldest(handshake.seq) => {
+            // The address's own oldest, evicted above, frees a slot too: closing another
+            // address's handshake as well would let one host cut off others' handshakes
+            // whenever established connections fill the other slots.
+            Err(_) if made_room || handshaking.evict_oldest(handshake.seq) => {
                 // The evicted connection's task gives its slot back as soon as it runs.
                 tokio::select! {
                     _ = shutdown.cancelled() => None,
@@ -509,9 +528,10 @@ async fn handle_one<H: ConnectionHandler>(
         r = acceptor.accept(tcp) => Some(r),
     };
     // Evicted, even if the handshake finished at the same moment: a new connection is waiting
-    // for this slot.
-    let Some(accepted) = accepted.filter(|_| !handshake.evicted.is_cancelled()) else {
-        debug!("handshake not finished before the connection slots ran out; closing it");
+    // for this slot. Whichever takes the handshake out of `pending` first, this task or the
+    // eviction, decides.
+    let Some(accepted) = accepted.filter(|_| handshake.finish()) else {
+        debug!("handshake closed for a newer connection");
         return;
     };
     let handshaking = handshake.handshaking.clone();
@@ -653,5 +673,11 @@ mod tests {
         assert!(h.evict(None, None) && h.evict(None, None) && h.evict(None, None));
         assert!(g.evicted.is_cancelled());
         assert!(h.try_take("2001:db8:1:2::7".parse().unwrap(), 2).is_none());
+        // An evicted handshake that finishes anyway is told it was evicted.
+        assert!(!g.finish());
+        // Every place given back, nothing left counted.
+        drop((_d, e, _f, g));
+        assert!(h.counts.lock().unwrap().is_empty());
+        assert!(h.pending.lock().unwrap().by_age.is_empty());
     }
 }

@@ -946,6 +946,45 @@ fn one_address_cannot_hold_every_handshake_slot_nor_keep_out_its_neighbours() {
 }
 
 #[test]
+fn an_address_at_its_limit_closes_only_its_own_handshakes_when_every_slot_is_taken() {
+    // Every slot taken, half by another address's handshakes: a new connection from an
+    // address at its own limit closes that address's oldest, which frees the slot it needs.
+    // It used to close the oldest of all as well, another address's: one host could cut
+    // off every other peer's handshake.
+    let s = start(
+        "max_connections = 8\nmax_connections_per_identity = 8\nmax_handshakes_per_address = 4\n\
+         handshake_timeout_ms = 60000\n",
+    );
+    let from = |a: u8| {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.bind(SocketAddr::from(([127, 0, 0, a], 0)))
+            .expect("bind a loopback source address");
+        sock.connect(s.addr)
+    };
+    rt().block_on(async {
+        let mut others = Vec::new();
+        for _ in 0..4 {
+            others.push(from(3).await.expect("connect"));
+        }
+        let mut flood = Vec::new();
+        for _ in 0..24 {
+            flood.push(from(1).await.expect("connect"));
+        }
+        // The last of the flood has been taken in once the one four before it is closed.
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(WAIT, flood[19].read(&mut byte))
+            .await
+            .expect("the flood's older connections are closed for its newer ones")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        for (i, conn) in others.iter_mut().enumerate() {
+            let r = tokio::time::timeout(Duration::from_millis(200), conn.read(&mut byte)).await;
+            assert!(r.is_err(), "127.0.0.3's handshake {i} was closed: {r:?}");
+        }
+    });
+}
+
+#[test]
 fn one_identity_cannot_pin_more_payload_than_its_budget() {
     // A 2 MiB payload budget per identity: two requests of 900 KiB held by a slow job fit, a
     // third does not; small requests still fit beside them, and other identities have their
