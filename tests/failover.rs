@@ -342,3 +342,47 @@ fn a_worker_back_after_any_number_of_failed_dials_is_logged_as_up() {
         "{up}"
     );
 }
+
+/// As above, after a run of links that ended before the worker answered (a crash loop): once
+/// a dial has failed, the next link made is logged as up. The links of the crash loop used
+/// to keep quieting the line after the worker was back.
+#[test]
+fn a_worker_back_after_a_crash_loop_is_logged_as_up() {
+    let s = setup();
+    let squatter = std::net::TcpListener::bind(s.workers[0]).unwrap();
+    squatter.set_nonblocking(true).unwrap();
+    let dispatcher = Proc::spawn(
+        "dispatcher",
+        &["dispatcher", "--config", s.config_file.to_str().unwrap()],
+        s.pki.tmp.path(),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::from_std(squatter).unwrap();
+        let acceptor = s
+            .pki
+            .material("worker-1")
+            .acceptor(Role::Worker, WAIT)
+            .unwrap();
+        // Three links that end at once, each logged as up (the quieting starts later)...
+        for n in 1..=3 {
+            let (tcp, _) = tokio::time::timeout(WAIT, listener.accept())
+                .await
+                .unwrap_or_else(|_| panic!("the dispatcher's link {n} never came"))
+                .unwrap();
+            drop(acceptor.accept(tcp).await);
+        }
+        // ...then a dial that fails: the worker is down.
+        let (tcp, _) = tokio::time::timeout(WAIT, listener.accept())
+            .await
+            .expect("the dispatcher's next dial never came")
+            .unwrap();
+        drop(tcp);
+    });
+    dispatcher.wait_for_n(true, &["worker link up", "worker=1"], 3, WAIT);
+    let _worker = start_worker(&s, 1);
+    dispatcher.wait_for_n(true, &["worker link up", "worker=1"], 4, WAIT);
+}

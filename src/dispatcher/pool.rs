@@ -546,6 +546,9 @@ impl Pool {
                 // normal start or restart sets off no alert on WARN lines.
                 Err(e) => {
                     failures += 1;
+                    // A worker that cannot be reached is a new episode: the link made once it
+                    // is back is said, whatever the links before it did.
+                    short_links = 0;
                     if failures >= UNREACHABLE_WARN_FROM && failures.is_power_of_two() {
                         warn!(worker = slot.id, addr = %slot.addr, attempts = failures, error = %e, "cannot reach worker");
                     } else if failures == 1 {
