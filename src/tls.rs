@@ -634,7 +634,8 @@ fn check_validity(leaf: &CertificateDer<'_>) -> Result<(), HandshakeError> {
     Ok(())
 }
 
-fn identity_refusal(e: IdentityError) -> rustls::Error {
+/// A certificate refused for a reason of ours (the peer gets `certificate_unknown`).
+fn certificate_refusal(e: impl std::error::Error + Send + Sync + 'static) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
 
@@ -655,9 +656,8 @@ pub struct TooManyIntermediates(pub usize);
 /// Refuses a chain with more than [`MAX_INTERMEDIATES`] intermediates, before any path is built.
 fn check_chain_length(intermediates: &[CertificateDer<'_>]) -> Result<(), rustls::Error> {
     if intermediates.len() > MAX_INTERMEDIATES {
-        let e = TooManyIntermediates(intermediates.len());
-        return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
-            OtherError(Arc::new(e)),
+        return Err(certificate_refusal(TooManyIntermediates(
+            intermediates.len(),
         )));
     }
     Ok(())
@@ -694,7 +694,7 @@ impl ClientCertVerifier for IdentityClientVerifier {
             .verify_client_cert(end_entity, intermediates, now)?;
         self.policy
             .check_certificate(end_entity)
-            .map_err(identity_refusal)?;
+            .map_err(certificate_refusal)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -749,7 +749,7 @@ impl ServerCertVerifier for IdentityServerVerifier {
         )?;
         self.policy
             .check_certificate(end_entity)
-            .map_err(identity_refusal)?;
+            .map_err(certificate_refusal)?;
         Ok(ServerCertVerified::assertion())
     }
 
