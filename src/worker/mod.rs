@@ -129,7 +129,7 @@ impl Worker {
             Ok(c) => c,
             Err(e) => {
                 let why = e.to_string();
-                warn!(target: "securesrv::audit", op = %crate::identity::quoted(&f.op, 80), reason = %crate::audit::reason(&why), "token refused");
+                warn!(target: "securesrv::audit", op = %crate::identity::op_for_log(&f.op), reason = %crate::audit::reason(&why), "token refused");
                 let code = match e {
                     crate::token::TokenError::ReplayCacheFull => ErrorCode::Overloaded,
                     _ => ErrorCode::InvalidToken,
