@@ -305,15 +305,10 @@ fn a_stopping_worker_frees_its_port_at_once_and_still_answers() {
     });
 }
 
-/// A worker that comes back after its dispatcher failed to reach it for a while is logged as
-/// up, however many dials failed meanwhile. The line used to be written only when that count
-/// was 0 or a power of two, so after most restarts it never came, while OPERATIONS.md tells
-/// operators to wait for it between restarts.
-#[test]
-fn a_worker_back_after_any_number_of_failed_dials_is_logged_as_up() {
-    let s = setup();
-    // Worker 1's port, taken before the dispatcher starts: every dial it makes reaches this
-    // listener, which closes it before the handshake, and none is refused uncounted.
+/// Worker 1's port, taken before the dispatcher starts, and a dispatcher process (for its
+/// log): every dial the dispatcher makes reaches the returned listener, and none is refused
+/// uncounted.
+fn dispatcher_dialling_a_squatter(s: &Setup) -> (std::net::TcpListener, Proc) {
     let squatter = std::net::TcpListener::bind(s.workers[0]).unwrap();
     squatter.set_nonblocking(true).unwrap();
     let dispatcher = Proc::spawn(
@@ -321,6 +316,17 @@ fn a_worker_back_after_any_number_of_failed_dials_is_logged_as_up() {
         &["dispatcher", "--config", s.config_file.to_str().unwrap()],
         s.pki.tmp.path(),
     );
+    (squatter, dispatcher)
+}
+
+/// A worker that comes back after its dispatcher failed to reach it for a while is logged as
+/// up, however many dials failed meanwhile. The line used to be written only when that count
+/// was 0 or a power of two, so after most restarts it never came, while OPERATIONS.md tells
+/// operators to wait for it between restarts.
+#[test]
+fn a_worker_back_after_any_number_of_failed_dials_is_logged_as_up() {
+    let s = setup();
+    let (squatter, dispatcher) = dispatcher_dialling_a_squatter(&s);
     // Six failed dials; the next comes 1.6 s after the sixth (the backoff doubles from
     // 50 ms), time for the worker to start. Six, and a seventh if the worker is slow, are
     // not powers of two.
@@ -349,13 +355,7 @@ fn a_worker_back_after_any_number_of_failed_dials_is_logged_as_up() {
 #[test]
 fn a_worker_back_after_a_crash_loop_is_logged_as_up() {
     let s = setup();
-    let squatter = std::net::TcpListener::bind(s.workers[0]).unwrap();
-    squatter.set_nonblocking(true).unwrap();
-    let dispatcher = Proc::spawn(
-        "dispatcher",
-        &["dispatcher", "--config", s.config_file.to_str().unwrap()],
-        s.pki.tmp.path(),
-    );
+    let (squatter, dispatcher) = dispatcher_dialling_a_squatter(&s);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
