@@ -716,3 +716,48 @@ fn a_chain_through_an_intermediate_is_accepted_and_a_long_one_refused_unexamined
         Some(MAX_INTERMEDIATES + 1)
     );
 }
+
+/// A client config as `m`'s own, expecting worker 1, offering only the key exchange `group`.
+fn client_config_with_group(
+    m: &TlsMaterial,
+    group: &'static dyn rustls::crypto::SupportedKxGroup,
+) -> Arc<rustls::ClientConfig> {
+    let mut p = rustls::crypto::ring::default_provider();
+    p.kx_groups = vec![group];
+    let p = Arc::new(p);
+    let verifier = Arc::new(IdentityServerVerifier {
+        roots: m.roots.clone(),
+        policy: PeerPolicy::Exactly(SpiffeId::worker(TD, 1).unwrap()),
+        algs: p.signature_verification_algorithms,
+    });
+    let mut cfg = rustls::ClientConfig::builder_with_provider(p)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(m.certified.clone())));
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Arc::new(cfg)
+}
+
+#[tokio::test]
+async fn key_exchange_is_x25519_or_p256_never_the_dearer_p384() {
+    use rustls::crypto::ring::kx_group;
+    let names: Vec<_> = provider().kx_groups.iter().map(|g| g.name()).collect();
+    assert_eq!(names, KX_GROUPS, "X25519 preferred, then P-256");
+    let pki = pki();
+    let mut t = to_worker_1(&pki).await;
+    for group in [kx_group::X25519, kx_group::SECP256R1] {
+        let cfg = client_config_with_group(&t.dispatcher, group);
+        let n = raw_attempt(t.addr, cfg).await;
+        assert_eq!(n.ok(), Some(2), "{:?} refused", group.name());
+        assert_eq!(next(&mut t.rx).await.unwrap(), *t.dispatcher.own_id());
+    }
+    // A hello offering only P-384 is refused before the server computes anything.
+    let cfg = client_config_with_group(&t.dispatcher, kx_group::SECP384R1);
+    let refused = raw_attempt(t.addr, cfg).await;
+    assert!(refused.is_err(), "a P-384 handshake went through");
+    assert!(next(&mut t.rx).await.is_err());
+    // The listener serves others after it.
+    good_peer_is_served(t.addr, &t.dispatcher, &mut t.rx).await;
+}
