@@ -590,11 +590,26 @@ async fn handle_one<H: ConnectionHandler>(
     debug!("connection closed");
 }
 
-/// Binds a listener, with a message that names the address on failure.
+/// Connections the kernel completes and queues for `accept` before it drops new SYNs
+/// (capped by `net.core.somaxconn`). The standard library's and tokio's 128 filled under a
+/// flood of connections that the accept loop closes as fast as it can: an honest client's
+/// SYN was dropped, and its connect waited 1–3 s for the retransmission.
+pub const LISTEN_BACKLOG: u32 = 1024;
+
+/// Binds a listener (address reuse, as tokio's `bind` does, and [`LISTEN_BACKLOG`]), with a
+/// message that names the address on failure.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+    let listen = || {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
 }
 
 #[cfg(test)]

@@ -985,6 +985,47 @@ fn an_address_at_its_limit_closes_only_its_own_handshakes_when_every_slot_is_tak
 }
 
 #[test]
+fn the_kernel_queues_a_burst_of_connections_while_the_dispatcher_is_busy() {
+    // While the dispatcher does not accept (here: stopped), the kernel completes connections
+    // and queues them, up to the listen backlog. It was 128: under a flood, an honest
+    // client's SYN was dropped and its connect waited 1-3 s for the retransmission.
+    let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok());
+    if somaxconn.is_none_or(|n| n < securesrv::server::LISTEN_BACKLOG) {
+        eprintln!("SKIPPED: net.core.somaxconn {somaxconn:?} caps the backlog");
+        return;
+    }
+    let s = start("");
+    common::stop_process(s.dispatcher.pid);
+    let completed = rt().block_on(async {
+        let mut burst = tokio::task::JoinSet::new();
+        for _ in 0..600 {
+            let addr = s.addr;
+            burst.spawn(async move {
+                tokio::time::timeout(Duration::from_millis(1500), TcpStream::connect(addr)).await
+            });
+        }
+        let mut open = Vec::new();
+        while let Some(r) = burst.join_next().await {
+            if let Ok(Ok(tcp)) = r.expect("connect task") {
+                open.push(tcp);
+            }
+        }
+        open.len()
+    });
+    s.dispatcher.signal(nix::sys::signal::Signal::SIGCONT);
+    assert_eq!(
+        completed, 600,
+        "connections completed while the dispatcher was stopped"
+    );
+    rt().block_on(async {
+        let c = s.client("client").await;
+        served(&c).await;
+    });
+}
+
+#[test]
 fn one_identity_cannot_pin_more_payload_than_its_budget() {
     // A 2 MiB payload budget per identity: two requests of 900 KiB held by a slow job fit, a
     // third does not; small requests still fit beside them, and other identities have their
