@@ -79,17 +79,22 @@ impl Service {
 
     /// A raw mTLS connection with `stem`'s identity.
     async fn raw(&self, stem: &str) -> ClientStream {
+        let tcp = TcpStream::connect(self.addr).await.expect("connect");
+        self.raw_over(tcp, stem).await.expect("handshake")
+    }
+
+    /// The handshake, with `stem`'s identity, over a TCP connection the test made (from a
+    /// chosen source address, or with chosen socket options).
+    async fn raw_over(
+        &self,
+        tcp: TcpStream,
+        stem: &str,
+    ) -> Result<ClientStream, securesrv::tls::HandshakeError> {
         let m = self.pki.material(stem);
-        let (s, _) = m
-            .connector(
-                &SpiffeId::dispatcher("securesrv").unwrap(),
-                Duration::from_secs(10),
-            )
-            .unwrap()
-            .connect(self.addr)
-            .await
-            .expect("handshake");
-        s
+        let connector = m
+            .connector(&SpiffeId::dispatcher("securesrv").unwrap(), WAIT)
+            .unwrap();
+        connector.connect_over(tcp).await.map(|(s, _)| s)
     }
 
     /// The dispatcher logged `flood` refusals that took `took` as lines containing `what`:
@@ -380,14 +385,8 @@ fn handshakes_that_never_finish_from_many_addresses_do_not_keep_clients_out() {
         }
         // 13 newer connections closed the 13 oldest, not the neighbour's: it can still
         // finish its handshake and be served.
-        let m = s.pki.material("client");
-        let (stream, _) = m
-            .connector(
-                &SpiffeId::dispatcher("securesrv").unwrap(),
-                Duration::from_secs(10),
-            )
-            .unwrap()
-            .connect_over(neighbour)
+        let stream = s
+            .raw_over(neighbour, "client")
             .await
             .expect("the neighbour's handshake was not evicted");
         let mut conn = Connection::new(stream, IoLimits::default());
@@ -932,11 +931,8 @@ fn one_address_cannot_hold_every_handshake_slot_nor_keep_out_its_neighbours() {
         let other = tokio::net::TcpSocket::new_v4().unwrap();
         other.bind("127.0.0.2:0".parse().unwrap()).unwrap();
         let tcp = other.connect(s.addr).await.unwrap();
-        let m = s.pki.material("client-bob");
-        let (stream, _) = m
-            .connector(&SpiffeId::dispatcher("securesrv").unwrap(), WAIT)
-            .unwrap()
-            .connect_over(tcp)
+        let stream = s
+            .raw_over(tcp, "client-bob")
             .await
             .expect("a client from another address completes its handshake");
         let mut conn = Connection::new(stream, IoLimits::default());
@@ -1236,14 +1232,7 @@ fn a_client_that_never_reads_its_answers_is_reset_at_the_write_deadline() {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.set_recv_buffer_size(32 * 1024).unwrap();
         let tcp = socket.connect(s.addr).await.unwrap();
-        let (stream, _) = s
-            .pki
-            .material("client-alice")
-            .connector(&SpiffeId::dispatcher("securesrv").unwrap(), WAIT)
-            .unwrap()
-            .connect_over(tcp)
-            .await
-            .expect("handshake");
+        let stream = s.raw_over(tcp, "client-alice").await.expect("handshake");
         let mut conn = Connection::new(stream, IoLimits::default());
         // Tiny requests, all read by the dispatcher at once; 20 MB of answers.
         for id in 1..=20 {
