@@ -4,17 +4,23 @@
 //! token itself is refused as expired, so forgetting the id is safe. When the cache is full of
 //! live entries it refuses new tokens rather than forget one early: failing closed is the only
 //! answer that keeps the replay guarantee.
+//!
+//! Ids are forgotten in order of expiry, not of arrival. Tokens are minted with one lifetime,
+//! so the two orders are usually the same, but not once the wall clock has stepped back: the
+//! ids seen before the step then expire long after the ones seen since, and a cache that
+//! forgot only from the oldest arrival would keep every later id behind them until the step
+//! was made up, fill, and refuse every token as `overloaded` meanwhile.
 
 use super::TokenError;
-use std::collections::{HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashSet};
 
 /// Request ids and their expiry, bounded in entries.
 #[derive(Debug)]
 pub struct ReplayCache {
     seen: HashSet<u128>,
-    /// (forget-after in Unix ms, id), in insertion order; tokens are minted with one lifetime,
-    /// so this is close to sorted by expiry and pruning from the front is enough.
-    order: VecDeque<(u64, u128)>,
+    /// (forget-after in Unix ms, id), soonest first.
+    order: BinaryHeap<Reverse<(u64, u128)>>,
     capacity: usize,
 }
 
@@ -23,7 +29,7 @@ impl ReplayCache {
     pub fn new(capacity: usize) -> Self {
         ReplayCache {
             seen: HashSet::new(),
-            order: VecDeque::new(),
+            order: BinaryHeap::new(),
             capacity: capacity.max(1),
         }
     }
@@ -57,16 +63,16 @@ impl ReplayCache {
         if !self.seen.insert(id) {
             return Err(TokenError::Replayed);
         }
-        self.order.push_back((forget_after_ms, id));
+        self.order.push(Reverse((forget_after_ms, id)));
         Ok(())
     }
 
     fn prune(&mut self, now_ms: u64) {
-        while let Some(&(until, id)) = self.order.front() {
+        while let Some(&Reverse((until, id))) = self.order.peek() {
             if until >= now_ms {
                 break;
             }
-            self.order.pop_front();
+            self.order.pop();
             self.seen.remove(&id);
         }
         if self.order.capacity() > 1024 && self.order.len() < self.order.capacity() / 4 {
@@ -114,5 +120,29 @@ mod tests {
         }
         assert!(c.len() <= 11);
         assert!(c.order.capacity() < 4096, "capacity {}", c.order.capacity());
+    }
+
+    /// 100 tokens a second, each valid for 6 s, and the wall clock steps back 10 minutes.
+    #[test]
+    fn a_clock_stepping_back_does_not_fill_the_cache() {
+        const LIFE: u64 = 6_000;
+        let mut c = ReplayCache::new(2_000);
+        let mut id = 0u128;
+        let mut now = 1_000_000_000u64;
+        for _ in 0..600 {
+            id += 1;
+            c.insert(id, now + LIFE, now).unwrap();
+            now += 10;
+        }
+        now -= 600_000;
+        for _ in 0..6_000 {
+            id += 1;
+            c.insert(id, now + LIFE, now)
+                .unwrap_or_else(|e| panic!("token {id} refused: {e:?} ({} ids held)", c.len()));
+            now += 10;
+        }
+        // The ids from before the step are kept until they expire by the clock as it reads.
+        assert_eq!(c.insert(1, now + LIFE, now), Err(TokenError::Replayed));
+        assert!(c.len() <= 1_202, "{} ids held", c.len());
     }
 }
