@@ -837,6 +837,14 @@ pub fn init(dir: &Path, opts: &InitOptions) -> Result<Vec<PathBuf>, CertError> {
     let ca_cert = dir.join(CA_CERT);
     write_file(&ca_cert, ca.cert_pem().as_bytes(), 0o644, opts.force)?;
     written.extend([ca_cert, ca_key]);
+    // The old CA's revocation list: everything it listed is untrusted now anyway, and the
+    // next `certs revoke` would refuse a list from another CA.
+    match fs::remove_file(dir.join(CA_CRL)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(io_err(&dir.join(CA_CRL))(e));
+        }
+        _ => {}
+    }
     for id in [&dispatcher, &watchdog, &client]
         .into_iter()
         .chain(&workers)
@@ -938,6 +946,8 @@ pub(crate) fn ca_trust_domain(pem: &str) -> Option<String> {
     })
 }
 
+mod revoke;
+pub use revoke::{CA_CRL, Revoked, crl_path_beside, is_listed, load_crls, revoke};
 mod token_keys;
 use token_keys::write_worker_token;
 pub use token_keys::{load_key_file, rotate_token_key, token_keys, worker_token_path};

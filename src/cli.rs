@@ -109,6 +109,16 @@ enum CertsCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Revoke certificates of the CA (a leaked key): adds them to ca.crl, which every
+    /// component and client reads beside ca.crt when it starts.
+    Revoke {
+        /// Directory holding ca.crt and ca.key [default: the config's `certs_dir`, certs].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Certificate files to revoke (for example certs/client.crt).
+        #[arg(required = true, value_name = "CERT")]
+        certs: Vec<PathBuf>,
+    },
     /// Make the token keys alone (token.key and worker-N.token), for certificates made by
     /// another tool (openssl, step, cfssl); `init` makes them with the certificates.
     TokenKeys {
@@ -365,6 +375,27 @@ fn certs(cmd: CertsCmd, config: Option<PathBuf>) -> ExitCode {
     // the one in ca.crt.
     let configured_td = config.as_ref().map(|_| cfg.trust_domain.clone());
     let result = match cmd {
+        CertsCmd::Revoke { dir, certs } => {
+            return match securesrv::certs::revoke(&dir_or_default(dir), &certs) {
+                Ok(done) => {
+                    for entry in &done.entries {
+                        println!("revoked {entry}");
+                    }
+                    println!("wrote {}", done.crl.display());
+                    println!(
+                        "Components and clients read it when they start: restart the watchdog \
+                         (or each component), and copy {} beside ca.crt wherever that is \
+                         copied (docs/OPERATIONS.md, \"Revoking a certificate\").",
+                        done.crl.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("securesrv: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         CertsCmd::Init {
             dir,
             workers,

@@ -19,7 +19,9 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError};
 use rustls::{RootCertStore, SignatureScheme};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls_pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
+};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -145,6 +147,17 @@ pub enum TlsConfigError {
         /// "expired on ..." or "not valid before ...".
         why: String,
     },
+    /// Our own certificate is on the revocation list beside the CA: every peer would refuse it.
+    #[error(
+        "{path}: certificate revoked (listed in {crl}); issue a new one (`securesrv certs issue \
+         --force`, see docs/OPERATIONS.md) and restart"
+    )]
+    Revoked {
+        /// The certificate file.
+        path: String,
+        /// The revocation list.
+        crl: String,
+    },
     /// Building the client certificate verifier failed.
     #[error("client verifier: {0}")]
     Verifier(String),
@@ -197,7 +210,73 @@ pub struct TlsMaterial {
     certified: Arc<CertifiedKey>,
     own_id: SpiffeId,
     provider: Arc<CryptoProvider>,
+    revocations: Revocations,
 }
+
+/// The certificate revocation lists loaded beside the CA file (`ca.crl`, made by `securesrv
+/// certs revoke`): as rustls's client verifier takes them, and parsed for our server verifier.
+/// Only a peer's own certificate is looked up (our CA signs leaves directly), and a peer whose
+/// issuer has no list here is not refused for it.
+#[derive(Clone, Default, Debug)]
+struct Revocations {
+    der: Vec<CertificateRevocationListDer<'static>>,
+    parsed: Arc<Vec<webpki::CertRevocationList<'static>>>,
+}
+
+impl Revocations {
+    fn new(der: Vec<CertificateRevocationListDer<'static>>) -> Result<Self, webpki::Error> {
+        let parsed = (der.iter())
+            .map(|crl| webpki::OwnedCertRevocationList::from_der(crl).map(Into::into))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Revocations {
+            der,
+            parsed: Arc::new(parsed),
+        })
+    }
+
+    /// Refuses `end_entity`, whose chain to `roots` is already verified, if a list names it.
+    fn check_server(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        roots: &RootCertStore,
+        now: UnixTime,
+        algs: &WebPkiSupportedAlgorithms,
+    ) -> Result<(), rustls::Error> {
+        if self.parsed.is_empty() {
+            return Ok(());
+        }
+        let crls: Vec<&webpki::CertRevocationList<'_>> = self.parsed.iter().collect();
+        let options = webpki::RevocationOptionsBuilder::new(&crls)
+            .map_err(|_| certificate_refusal(RevocationCheck("no lists".into())))?
+            .with_depth(webpki::RevocationCheckDepth::EndEntity)
+            .with_status_policy(webpki::UnknownStatusPolicy::Allow)
+            .build();
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|e| certificate_refusal(RevocationCheck(e.to_string())))?;
+        match cert.verify_for_usage(
+            algs.all,
+            &roots.roots,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            Some(options),
+            None,
+        ) {
+            Ok(_) => Ok(()),
+            Err(webpki::Error::CertRevoked) => {
+                Err(rustls::Error::InvalidCertificate(CertificateError::Revoked))
+            }
+            Err(e) => Err(certificate_refusal(RevocationCheck(e.to_string()))),
+        }
+    }
+}
+
+/// A revocation list could not be applied to a server's certificate (a list not signed by
+/// its issuer, for one).
+#[derive(Debug, thiserror::Error)]
+#[error("revocation check failed: {0}")]
+struct RevocationCheck(String);
 
 impl std::fmt::Debug for TlsMaterial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -392,6 +471,20 @@ impl TlsMaterial {
                 err,
             }
         })?;
+        let crl = certs::crl_path_beside(ca);
+        let crls = certs::load_crls(&crl)?;
+        if certs::is_listed(&crls, &chain[0]) {
+            return Err(TlsConfigError::Revoked {
+                path: cert.display().to_string(),
+                crl: crl.display().to_string(),
+            });
+        }
+        let revocations = Revocations::new(crls).map_err(|e| {
+            TlsConfigError::Files(CertError::BadPem {
+                path: crl.clone(),
+                what: format!("unusable revocation list: {e}"),
+            })
+        })?;
         let key_der = certs::load_private_key(key)?;
         // Checked here, where the files are known: rustls would say only `KeyMismatch` when
         // the configuration is built.
@@ -406,6 +499,7 @@ impl TlsMaterial {
             certified,
             own_id,
             provider: provider(),
+            revocations,
         })
     }
 
@@ -438,10 +532,17 @@ impl TlsMaterial {
         &self,
         endpoint: Role,
     ) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
-        let inner =
-            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
-                .build()
-                .map_err(|e| TlsConfigError::Verifier(e.to_string()))?;
+        let mut builder =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone());
+        if !self.revocations.der.is_empty() {
+            builder = builder
+                .with_crls(self.revocations.der.iter().cloned())
+                .only_check_end_entity_revocation()
+                .allow_unknown_revocation_status();
+        }
+        let inner = builder
+            .build()
+            .map_err(|e| TlsConfigError::Verifier(e.to_string()))?;
         let verifier = Arc::new(IdentityClientVerifier {
             inner,
             policy: PeerPolicy::Serve {
@@ -469,6 +570,7 @@ impl TlsMaterial {
             roots: self.roots.clone(),
             policy: PeerPolicy::Exactly(expected.clone()),
             algs: self.provider.signature_verification_algorithms,
+            revocations: self.revocations.clone(),
         });
         let mut cfg = rustls::ClientConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -740,6 +842,7 @@ struct IdentityServerVerifier {
     roots: Arc<RootCertStore>,
     policy: PeerPolicy,
     algs: WebPkiSupportedAlgorithms,
+    revocations: Revocations,
 }
 
 impl ServerCertVerifier for IdentityServerVerifier {
@@ -760,6 +863,7 @@ impl ServerCertVerifier for IdentityServerVerifier {
             now,
             self.algs.all,
         )?;
+        (self.revocations).check_server(end_entity, intermediates, &self.roots, now, &self.algs)?;
         self.policy
             .check_certificate(end_entity)
             .map_err(certificate_refusal)?;

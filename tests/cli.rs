@@ -1859,3 +1859,113 @@ fn rotation_windows_that_are_too_short_or_too_long_are_said_so() {
     );
     exits_saying(&rotate("86401"), 2, "86401");
 }
+
+/// `certs revoke` as an operator runs it: it names what it revoked, a second run keeps the
+/// list, a certificate of another CA is refused, and the revoked certificate's holder can no
+/// longer use it beside the list (the handshake refusals are in tests/client_refusals.rs and
+/// src/tls/tests.rs).
+#[test]
+fn certs_revoke_lists_a_certificate_and_its_holder_stops_at_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    for dir in ["c", "other"] {
+        let out = run(
+            tmp.path(),
+            &["certs", "init", "--dir", dir, "--workers", "1"],
+            b"",
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let out = run(
+        tmp.path(),
+        &["certs", "revoke", "--dir", "c", "c/client.crt"],
+        b"",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("revoked c/client.crt (spiffe://securesrv/client/default, serial "),
+        "{said}"
+    );
+    assert!(said.contains("wrote c/ca.crl"), "{said}");
+    let out = run(
+        tmp.path(),
+        &["certs", "revoke", "--dir", "c", "c/client.crt"],
+        b"",
+    );
+    assert!(
+        text(&out.stdout).contains("already revoked"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run(
+        tmp.path(),
+        &["certs", "revoke", "--dir", "c", "other/client.crt"],
+        b"",
+    );
+    exits_saying(&out, 1, "not issued by the CA in c/ca.crt");
+    let out = run(tmp.path(), &["certs", "revoke", "--dir", "c"], b"");
+    assert_eq!(out.status.code(), Some(2), "a certificate is required");
+
+    // openssl agrees with the list.
+    if let Ok(v) = Command::new("openssl")
+        .args([
+            "verify",
+            "-crl_check",
+            "-CRLfile",
+            "c/ca.crl",
+            "-CAfile",
+            "c/ca.crt",
+        ])
+        .args(["c/client.crt", "c/dispatcher.crt"])
+        .current_dir(tmp.path())
+        .output()
+    {
+        let all = text(&v.stdout) + &text(&v.stderr);
+        assert!(all.contains("c/dispatcher.crt: OK"), "{all}");
+        assert!(all.contains("certificate revoked"), "{all}");
+    }
+
+    let out = run(
+        tmp.path(),
+        &[
+            "client",
+            "--cert",
+            "c/client.crt",
+            "--key",
+            "c/client.key",
+            "--ca",
+            "c/ca.crt",
+            "--connect",
+            "127.0.0.1:9",
+            "echo",
+            "hi",
+        ],
+        b"",
+    );
+    exits_saying(
+        &out,
+        64,
+        "c/client.crt: certificate revoked (listed in c/ca.crl)",
+    );
+    // A component whose own certificate is listed does not start.
+    let out = run(
+        tmp.path(),
+        &["certs", "revoke", "--dir", "c", "c/worker-1.crt"],
+        b"",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = run(
+        tmp.path(),
+        &[
+            "worker",
+            "--certs",
+            "c",
+            "--id",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        b"",
+    );
+    exits_saying(&out, 64, "c/worker-1.crt: certificate revoked");
+}

@@ -147,3 +147,46 @@ async fn refused_certificates_end_the_call_at_once_with_the_reason() {
     relayed.close().await;
     cluster.stop().await;
 }
+
+/// A client whose key leaked, put on the CA's revocation list (`certs revoke`): the dispatcher
+/// started after it refuses that client at once with `certificate_revoked`, and serves the
+/// others; the leaked certificate's holder cannot even load it next to the list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_client_is_refused_and_the_others_are_served() {
+    let ours = pki(1);
+    ours.add_client("leaked");
+    // The holder of the leaked key loaded it before the revocation.
+    let leaked = ours.material("client-leaked");
+    let revoked =
+        securesrv::certs::revoke(&ours.dir, &[ours.dir.join("client-leaked.crt")]).unwrap();
+    assert!(
+        revoked.entries[0].contains("client/leaked"),
+        "{:?}",
+        revoked.entries
+    );
+    let cluster = start_cluster(&ours, 1, |_| {}).await;
+    let (relay, dials) = counting_relay(cluster.addr).await;
+
+    let cfg = ClientConfig::new(&leaked, relay, SpiffeId::dispatcher("securesrv").unwrap())
+        .expect("client config");
+    let (e, took, n) = refused_call(&ours, Client::new(cfg), &dials).await;
+    match &e {
+        ClientError::RefusedByDispatcher { alert, .. } => {
+            assert_eq!(*alert, AlertDescription::CertificateRevoked, "{e}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(n, 1, "a refusal is not retried ({n} dials, {took:?})");
+
+    let good = cluster.client(&ours).await;
+    assert_eq!(good.call("echo", b"served").await.unwrap(), b"served");
+    good.close().await;
+    let err = TlsMaterial::load(
+        &ours.dir.join("ca.crt"),
+        &ours.dir.join("client-leaked.crt"),
+        &ours.dir.join("client-leaked.key"),
+    )
+    .expect_err("a revoked certificate of our own is refused when loaded");
+    assert!(err.to_string().contains("revoked"), "{err}");
+    cluster.stop().await;
+}

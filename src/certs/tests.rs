@@ -781,3 +781,87 @@ fn issuing_a_worker_whose_token_file_cannot_be_kept_writes_nothing() {
         *master.map_keys(|k| k.derive_for(&id)).render()
     );
 }
+
+/// The revoked serials and number of the list in `dir`.
+fn crl_entries(dir: &Path) -> (Vec<String>, u64) {
+    let der = load_crls(&dir.join(CA_CRL)).unwrap().remove(0);
+    let (_, crl) = x509_parser::parse_x509_crl(&der).unwrap();
+    let serials = crl
+        .iter_revoked_certificates()
+        .map(|r| hex::encode(r.raw_serial()))
+        .collect();
+    let number = crl.crl_number().unwrap().to_u64_digits()[0];
+    (serials, number)
+}
+
+fn serial_of(path: &Path) -> String {
+    let der = load_certs(path).unwrap().remove(0);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    hex::encode(cert.raw_serial())
+}
+
+#[test]
+fn revoke_adds_to_the_list_and_refuses_what_this_ca_did_not_issue() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("certs");
+    let other = tmp.path().join("other");
+    init(&dir, &opts(2)).unwrap();
+    init(&other, &opts(1)).unwrap();
+    assert!(
+        load_crls(&dir.join(CA_CRL)).unwrap().is_empty(),
+        "no list yet"
+    );
+
+    let done = revoke(&dir, &[dir.join("client.crt")]).unwrap();
+    assert_eq!(done.crl, dir.join(CA_CRL));
+    assert_eq!(mode(&done.crl), 0o644);
+    assert!(done.entries[0].contains("spiffe://securesrv/client/default"));
+    let client = serial_of(&dir.join("client.crt"));
+    assert_eq!(crl_entries(&dir), (vec![client.clone()], 1));
+
+    // A second run keeps the first entry, says what was already there, and numbers anew.
+    let done = revoke(&dir, &[dir.join("client.crt"), dir.join("worker-2.crt")]).unwrap();
+    assert!(
+        done.entries[0].ends_with("already revoked"),
+        "{:?}",
+        done.entries
+    );
+    let (serials, number) = crl_entries(&dir);
+    assert_eq!(serials, vec![client, serial_of(&dir.join("worker-2.crt"))]);
+    assert_eq!(number, 2);
+    assert!(is_listed(
+        &load_crls(&dir.join(CA_CRL)).unwrap(),
+        &load_certs(&dir.join("worker-2.crt")).unwrap()[0]
+    ));
+    assert!(!is_listed(
+        &load_crls(&dir.join(CA_CRL)).unwrap(),
+        &load_certs(&dir.join("worker-1.crt")).unwrap()[0]
+    ));
+
+    // Another CA's certificate, and the CA itself, are refused, and the list is unchanged.
+    let before = fs::read(dir.join(CA_CRL)).unwrap();
+    let err = revoke(&dir, &[other.join("client.crt")]).unwrap_err();
+    assert!(err.to_string().contains("not issued by the CA"), "{err}");
+    let err = revoke(&dir, &[dir.join(CA_CERT)]).unwrap_err();
+    assert!(err.to_string().contains("a CA certificate"), "{err}");
+    assert_eq!(fs::read(dir.join(CA_CRL)).unwrap(), before);
+
+    // Another CA's list in its place is not extended; a new CA takes the old list away.
+    fs::copy(dir.join(CA_CRL), other.join(CA_CRL)).unwrap();
+    let err = revoke(&other, &[other.join("client.crt")]).unwrap_err();
+    assert!(err.to_string().contains("not issued by the CA"), "{err}");
+    init(
+        &dir,
+        &InitOptions {
+            force: true,
+            ..opts(2)
+        },
+    )
+    .unwrap();
+    assert!(!dir.join(CA_CRL).exists());
+
+    // A file that is no list is named as such.
+    fs::write(dir.join(CA_CRL), "not a list\n").unwrap();
+    let err = load_crls(&dir.join(CA_CRL)).unwrap_err();
+    assert!(err.to_string().contains("no X509 CRL"), "{err}");
+}

@@ -221,6 +221,7 @@ async fn refusals_with_reasons_and_service_continues() {
             roots: dispatcher.roots.clone(),
             policy: PeerPolicy::Exactly(w1.clone()),
             algs: provider().signature_verification_algorithms,
+            revocations: Revocations::default(),
         }))
         .with_no_client_auth();
     let mut no_cert = no_cert;
@@ -377,6 +378,7 @@ async fn odd_identities_are_refused_with_a_readable_reason() {
             // TlsMaterial::load refuses a certificate without a valid identity for itself,
             // so build this hostile peer by hand.
             roots: material(&pki.dir, "dispatcher").roots.clone(),
+            revocations: Revocations::default(),
             certified: certified_key(
                 crate::certs::load_certs(&pki.dir.join(format!("{stem}.crt"))).unwrap(),
                 &crate::certs::load_private_key(&pki.dir.join(format!("{stem}.key"))).unwrap(),
@@ -704,6 +706,7 @@ fn a_chain_through_an_intermediate_is_accepted_and_a_long_one_refused_unexamined
         roots,
         policy: PeerPolicy::Exactly(SpiffeId::new(TD, Role::Client, "x").unwrap()),
         algs: provider().signature_verification_algorithms,
+        revocations: Revocations::default(),
     };
     let name = ServerName::try_from("localhost").unwrap();
     let serve = |intermediates: &[CertificateDer<'static>]| {
@@ -729,6 +732,7 @@ fn client_config_with_group(
         roots: m.roots.clone(),
         policy: PeerPolicy::Exactly(SpiffeId::worker(TD, 1).unwrap()),
         algs: p.signature_verification_algorithms,
+        revocations: m.revocations.clone(),
     });
     let mut cfg = rustls::ClientConfig::builder_with_provider(p)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -760,4 +764,76 @@ async fn key_exchange_is_x25519_or_p256_never_the_dearer_p384() {
     assert!(next(&mut t.rx).await.is_err());
     // The listener serves others after it.
     good_peer_is_served(t.addr, &t.dispatcher, &mut t.rx).await;
+}
+
+/// A leaked key's certificate put on `ca.crl` (`certs revoke`) is refused by every peer that
+/// read the list, as a client's and as a server's, while the others are served; and a
+/// component whose own certificate is on it does not start.
+#[tokio::test]
+async fn a_revoked_certificate_is_refused_both_ways_and_cannot_be_loaded() {
+    let pki = pki();
+    // The holders of the leaked keys loaded theirs before the revocation.
+    let leaked_worker = material(&pki.dir, "worker-1");
+    let leaked_watchdog = material(&pki.dir, "watchdog");
+    let revoked = crate::certs::revoke(
+        &pki.dir,
+        &[pki.dir.join("worker-1.crt"), pki.dir.join("watchdog.crt")],
+    )
+    .unwrap();
+    assert_eq!(revoked.entries.len(), 2, "{:?}", revoked.entries);
+    let w1 = SpiffeId::worker(TD, 1).unwrap();
+
+    // As a server: a dispatcher that read the list refuses a worker 1 with the revoked key.
+    let dispatcher = material(&pki.dir, "dispatcher");
+    let (addr, mut rx) = start_worker_listener(&leaked_worker, WAIT).await;
+    match dispatcher.connector(&w1, WAIT).unwrap().connect(addr).await {
+        Err(HandshakeError::Tls(rustls::Error::InvalidCertificate(CertificateError::Revoked))) => {}
+        other => panic!("expected the revoked server certificate refused, got {other:?}"),
+    }
+    assert!(matches!(
+        next(&mut rx).await,
+        Err(HandshakeError::Tls(rustls::Error::AlertReceived(
+            AlertDescription::CertificateRevoked
+        )))
+    ));
+
+    // As a client: a worker that read the list refuses the revoked watchdog, and keeps
+    // serving the dispatcher.
+    let worker_2 = material(&pki.dir, "worker-2");
+    let (addr, mut rx) = start_worker_listener(&worker_2, WAIT).await;
+    let w2 = SpiffeId::worker(TD, 2).unwrap();
+    if let Ok((mut s, _)) = leaked_watchdog
+        .connector(&w2, WAIT)
+        .unwrap()
+        .connect(addr)
+        .await
+    {
+        let mut b = [0u8; 1];
+        assert!(s.read(&mut b).await.is_err(), "a revoked client read data");
+    }
+    assert!(matches!(
+        next(&mut rx).await,
+        Err(HandshakeError::Tls(rustls::Error::InvalidCertificate(
+            CertificateError::Revoked
+        )))
+    ));
+    let (mut s, id) = dispatcher
+        .connector(&w2, WAIT)
+        .unwrap()
+        .connect(addr)
+        .await
+        .unwrap();
+    assert_eq!(id, w2);
+    let mut buf = [0u8; 2];
+    tokio::time::timeout(WAIT, s.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"ok");
+    assert_eq!(next(&mut rx).await.unwrap(), *dispatcher.own_id());
+
+    // Its own certificate revoked, a component refuses to start, and says what to do.
+    let err = TlsMaterial::load_from_dir(&pki.dir, &w1).unwrap_err();
+    assert!(matches!(err, TlsConfigError::Revoked { .. }), "{err}");
+    assert!(err.to_string().contains("certs issue --force"), "{err}");
 }
