@@ -3,8 +3,9 @@
 #
 # Runs testssl.sh (3.2 or later) against HOST:PORT with a client certificate, so that it gets
 # past mutual TLS, judges its JSON findings (not its exit code), optionally cross-checks the
-# protocol list with nmap's ssl-enum-ciphers, and probes with openssl s_client that a client
-# without a certificate, or with a foreign ALPN, is refused. Exit 0 = PASS, 1 = FAIL,
+# protocol list with nmap's ssl-enum-ciphers, and probes with openssl s_client what testssl
+# cannot see: that a client without a certificate, with a foreign ALPN, with a certificate from
+# another CA or of the wrong role, or offering only P-384, is refused. Exit 0 = PASS, 1 = FAIL,
 # 2 = usage or environment problem. Run with --help for details.
 set -Eeuo pipefail
 trap 'echo "${0##*/}: internal error (exit $?) at line $LINENO: $BASH_COMMAND" >&2; exit 2' ERR
@@ -19,8 +20,8 @@ usage() {
 Usage: $PROG [OPTIONS] HOST:PORT [CERTS_DIR]
 
 Audit the TLS configuration of a securesrv endpoint with an external scanner and fail on anything
-weaker than the project's policy (TLS 1.3 only, AEAD suites only, client certificate required,
-ALPN $EXPECTED_ALPN required).
+weaker than the project's policy (TLS 1.3 only, AEAD suites only, key exchange X25519 or P-256
+only, client certificate from our CA and of an allowed role required, ALPN $EXPECTED_ALPN required).
 
 Arguments:
   HOST:PORT          endpoint to scan (an IPv6 literal as [ADDR]:PORT)
@@ -31,6 +32,12 @@ Options:
   --cert-name NAME   client identity to present (default: client, or \$TLS_AUDIT_CERT_NAME).
                      Workers only accept the dispatcher or the watchdog: use --cert-name dispatcher
   --no-nmap          skip the nmap ssl-enum-ciphers cross-check (it is skipped anyway without nmap)
+  --role ROLE        dispatcher or worker: which certificate is of the wrong role for this endpoint
+                     (default: read from the SPIFFE ID of the certificate the endpoint presents)
+  --securesrv PATH   securesrv binary used to make a throw-away CA ('certs init' in a temporary
+                     directory) for the foreign-CA probe (default: \$SECURESRV, else securesrv on
+                     PATH, else target/release/securesrv of this repository; without one, openssl
+                     makes the throw-away CA and client certificate)
   --out DIR          keep the raw results there (testssl.json, testssl.txt, nmap.xml)
   -v, --verbose      show testssl's own report while it runs
   -h, --help         show this help
@@ -45,16 +52,27 @@ What is checked (verdict from testssl's --jsonfile, judged by python3):
     LOW and WARN findings are listed but do not fail the audit
   * FAIL if the scan is incomplete (an expected check has no result)
   * FAIL if nmap (when installed) shows any protocol but TLSv1.3 or any cipher graded below A
+  * FAIL if testssl finds any key exchange group other than X25519 and P-256 (secp256r1,
+    prime256v1) accepted (FS_ECDHE_curves, DH_groups), or neither of them
+Direct probes with openssl s_client (stdin kept open 1 s, so TLS 1.3 post-handshake alerts are seen):
   * FAIL if a client without certificate, or with ALPN h2, is not refused, or a client with
     the certificate and ALPN $EXPECTED_ALPN cannot complete a TLS 1.3 handshake
+  * FAIL if a handshake offering only P-384 (-groups P-384) succeeds, or one offering only X25519
+    or only P-256 fails
+  * FAIL if a client certificate from another CA (same name and role, a throw-away CA) or of the
+    wrong role (a dispatcher is shown CERTS_DIR's worker-1, a worker is shown client) is not
+    refused with a certificate alert (unknown ca, unsupported certificate, certificate unknown,
+    certificate required, bad certificate, access denied); the wrong-role probe is SKIPPED if the
+    role is unknown (see --role) or that certificate is missing
 
 testssl.sh: a 'testssl' or 'testssl.sh' $TESTSSL_MIN_VERSION+ on PATH (or \$TESTSSL) is used as is;
 otherwise Debian $TESTSSL_DEBIAN_SUITE's testssl.sh package is downloaded once with apt-get (a
 private sources list and private state under the cache; the system's apt state is not touched),
 unpacked with dpkg-deb and kept in \${XDG_CACHE_HOME:-\$HOME/.cache}/securesrv/testssl.
 
-Environment: TESTSSL (path to a testssl.sh binary), TLS_AUDIT_CERT_NAME, DEBIAN_MIRROR (default:
-the Debian mirror of the system's sources, else http://deb.debian.org/debian), DEBIAN_KEYRING.
+Environment: TESTSSL (path to a testssl.sh binary), TLS_AUDIT_CERT_NAME, SECURESRV (see
+--securesrv), DEBIAN_MIRROR (default: the Debian mirror of the system's sources, else
+http://deb.debian.org/debian), DEBIAN_KEYRING.
 
 Needs: bash 4+, openssl, python3, the tools testssl.sh needs (hexdump dd grep awk tr sed wc date
 cat ps kill head tail dirname timeout, and one of dig/host/drill/nslookup); apt-get and dpkg-deb
@@ -69,6 +87,8 @@ die() { warn "$*"; exit 2; }
 # ---------------------------------------------------------------- arguments
 cert_name=${TLS_AUDIT_CERT_NAME:-client}
 use_nmap=true
+role_opt=
+securesrv_opt=${SECURESRV:-}
 out_dir=
 verbose=false
 positional=()
@@ -78,6 +98,10 @@ while [[ $# -gt 0 ]]; do
         --cert-name) [[ $# -ge 2 ]] || die "--cert-name needs a value"; cert_name=$2; shift 2 ;;
         --cert-name=*) cert_name=${1#*=}; shift ;;
         --no-nmap) use_nmap=false; shift ;;
+        --role) [[ $# -ge 2 ]] || die "--role needs a value"; role_opt=$2; shift 2 ;;
+        --role=*) role_opt=${1#*=}; shift ;;
+        --securesrv) [[ $# -ge 2 ]] || die "--securesrv needs a value"; securesrv_opt=$2; shift 2 ;;
+        --securesrv=*) securesrv_opt=${1#*=}; shift ;;
         --out) [[ $# -ge 2 ]] || die "--out needs a value"; out_dir=$2; shift 2 ;;
         --out=*) out_dir=${1#*=}; shift ;;
         -v | --verbose) verbose=true; shift ;;
@@ -90,6 +114,21 @@ done
 target=${positional[0]}
 certs_dir=${positional[1]:-./certs}
 [[ $cert_name =~ ^[A-Za-z0-9._-]+$ ]] || die "bad --cert-name: $cert_name"
+[[ -z $role_opt || $role_opt == dispatcher || $role_opt == worker ]] ||
+    die "--role must be dispatcher or worker, got: $role_opt"
+
+# securesrv binary for the throw-away foreign CA: --securesrv / $SECURESRV (must work if given),
+# else 'securesrv' on PATH, else target/release/securesrv of this repository; none: openssl.
+securesrv_bin=
+if [[ -n $securesrv_opt ]]; then
+    securesrv_bin=$(command -v -- "$securesrv_opt" 2>/dev/null) && [[ -x $securesrv_bin ]] ||
+        die "securesrv binary '$securesrv_opt' (--securesrv / SECURESRV) is not executable"
+elif securesrv_bin=$(command -v securesrv 2>/dev/null); then
+    :
+else
+    securesrv_bin=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)/target/release/securesrv
+    [[ -x $securesrv_bin ]] || securesrv_bin=
+fi
 
 if [[ $target =~ ^\[([0-9A-Fa-f:.]+)\]:([0-9]+)$ ]]; then
     host=${BASH_REMATCH[1]}; port=${BASH_REMATCH[2]}; ipv6=true
@@ -134,7 +173,7 @@ for f in "$ca_crt" "$client_crt" "$client_key"; do
 done
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/tls-audit.XXXXXX")
-# shellcheck disable=SC2317 # invoked by the trap
+# shellcheck disable=SC2317,SC2329 # invoked by the trap
 cleanup() { rm -rf -- "$work"; }
 trap cleanup EXIT
 trap 'exit 130' INT
@@ -317,16 +356,26 @@ fi
 
 # ---------------------------------------------------------------- direct probes (openssl s_client)
 # testssl cannot tell a TLS 1.3 server that refuses a missing certificate after the handshake
-# (the alert arrives on the first read) from one where client auth is optional, and it only
-# offers well-known ALPN ids. These probes keep stdin open for a second so the alert is seen.
-probe() { # name expect(refused|ok) extra s_client args...
-    local name=$1 expect=$2 out got detail
+# (the alert arrives on the first read) from one where client auth is optional, it only offers
+# well-known ALPN ids, and it never presents a certificate other than --mtls. These probes keep
+# stdin open for a second so the alert is seen. Each prints one line to probes.tsv:
+# PASS|FAIL|SKIP <tab> name <tab> detail (SKIP never fails the audit).
+#
+# expect: ok           TLS 1.3 session with ALPN securesrv/1
+#         refused      any alert or a closed connection
+#         refused-cert an alert that refuses the client certificate (CERT_ALERTS)
+#         refused-hs   the handshake itself fails with an alert (no TLS session at all)
+readonly CERT_ALERTS='unknown ca|unsupported certificate|certificate unknown|certificate required|bad certificate|access denied'
+probe() { # name expect extra s_client args...
+    local name=$1 expect=$2 out got detail alert
     shift 2
     out=$(sleep 1 | timeout 15 openssl s_client -connect "$target" -CAfile "$ca_crt" "$@" 2>&1) || true
+    alert=$(grep -oiE 'alert [a-z0-9 _]+' <<<"$out" | head -n 1 || true)
     detail=$( {
         grep -oiE 'alert [a-z0-9 _]+|connect:errno=[0-9]+' <<<"$out" | head -n 1 || true
-        grep -oE '^New, [A-Za-z0-9.]+, Cipher is [A-Za-z0-9_-]+' <<<"$out" | head -n 1 || true
+        grep -oE '^New, [A-Za-z0-9.()]+, Cipher is [A-Za-z0-9_()-]+' <<<"$out" | head -n 1 || true
         grep -oE '^ALPN protocol: .*' <<<"$out" | head -n 1 || true
+        grep -oE '^Server Temp Key: [^,]+(, [A-Za-z0-9-]+)?' <<<"$out" | head -n 1 || true
     } | paste -sd ';' - | sed 's/;/; /g')
     if grep -qiE 'alert|handshake failure|connect:errno|Connection refused|wrong version number' <<<"$out"; then
         got=refused
@@ -337,16 +386,125 @@ probe() { # name expect(refused|ok) extra s_client args...
     else
         got=unknown
     fi
+    case $expect in
+        refused-cert)
+            # Only an alert that refuses the certificate counts: a dead server or another
+            # alert (e.g. no application protocol) says nothing about certificate checks.
+            if [[ $got == refused ]] && grep -qiE "alert ($CERT_ALERTS)" <<<"$alert"; then
+                got=refused-cert
+            elif [[ $got == refused ]]; then
+                got="refused without a certificate alert"
+            fi ;;
+        refused-hs)
+            if [[ $got == refused && -n $alert ]] && ! grep -qE '^New, TLSv1\.[0-3],' <<<"$out"; then
+                got=refused-hs
+            fi ;;
+    esac
     if [[ $got == "$expect" ]]; then
         printf 'PASS\t%s\t%s (%s)\n' "$name" "$got" "${detail:-no detail}"
     else
         printf 'FAIL\t%s\texpected %s, got %s (%s)\n' "$name" "$expect" "$got" "${detail:-no detail}"
     fi
 }
+
+# The endpoint's role, from the SPIFFE URI SAN of the certificate it presents (--role overrides).
+server_role() {
+    local out
+    out=$(timeout 15 openssl s_client -connect "$target" -CAfile "$ca_crt" -cert "$bundle" \
+        -key "$bundle" -alpn "$EXPECTED_ALPN" </dev/null 2>/dev/null) || true
+    sed -n '/-----BEGIN CERTIFICATE-----/,/-----END CERTIFICATE-----/{p;/-----END CERTIFICATE-----/q}' <<<"$out" |
+        openssl x509 -noout -ext subjectAltName 2>/dev/null |
+        grep -oE 'URI:spiffe://[^/,]+/(dispatcher|worker|watchdog|client)/' | head -n 1 |
+        sed -E 's|.*/([a-z]+)/$|\1|' || true
+}
+
+# A throw-away CA and client identity, unrelated to CERTS_DIR, under $work (removed on exit).
+# Prefer securesrv's own 'certs init' (same key type, SANs and extensions as the real ones);
+# without a securesrv binary, openssl makes a P-256 CA and a leaf with the same SAN as $cert_name.
+foreign_dir=$work/foreign
+foreign_how=
+make_foreign_identity() {
+    local name=$1 san
+    if [[ -n $securesrv_bin ]]; then
+        if "$securesrv_bin" certs init --dir "$foreign_dir" --workers 1 >"$work/foreign.log" 2>&1 &&
+            [[ -r $foreign_dir/$name.crt && -r $foreign_dir/$name.key ]]; then
+            foreign_how="made by $securesrv_bin certs init"
+            return 0
+        fi
+        foreign_how="'$securesrv_bin certs init' failed: $(tail -n 1 "$work/foreign.log")"
+        return 1
+    fi
+    san=$(openssl x509 -in "$certs_dir/$name.crt" -noout -ext subjectAltName 2>/dev/null | sed -n 2p |
+        sed -E 's/^ +//; s/IP Address:/IP:/g; s/, /,/g' || true)
+    [[ -n $san ]] || { foreign_how="$certs_dir/$name.crt has no subjectAltName to copy"; return 1; }
+    mkdir -p "$foreign_dir"
+    if (umask 077 &&
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+            -subj /CN=tls-audit-foreign-ca -keyout "$foreign_dir/ca.key" -out "$foreign_dir/ca.crt" \
+            -addext basicConstraints=critical,CA:TRUE,pathlen:0 \
+            -addext keyUsage=critical,keyCertSign,cRLSign,digitalSignature &&
+        openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+            -subj "/CN=$name" -keyout "$foreign_dir/$name.key" -out "$foreign_dir/$name.csr" &&
+        printf '%s\n' basicConstraints=critical,CA:FALSE keyUsage=critical,digitalSignature \
+            extendedKeyUsage=clientAuth,serverAuth "subjectAltName=$san" >"$foreign_dir/ext.cnf" &&
+        openssl x509 -req -in "$foreign_dir/$name.csr" -CA "$foreign_dir/ca.crt" \
+            -CAkey "$foreign_dir/ca.key" -CAcreateserial -days 1 -extfile "$foreign_dir/ext.cnf" \
+            -out "$foreign_dir/$name.crt") >"$work/foreign.log" 2>&1; then
+        foreign_how="made by openssl (no securesrv binary; set SECURESRV or --securesrv to use certs init)"
+        return 0
+    fi
+    foreign_how="openssl could not make one: $(tail -n 1 "$work/foreign.log")"
+    return 1
+}
+
+role=$role_opt
+[[ -n $role ]] || role=$(server_role)
+case $role in
+    dispatcher)
+        wrong_name=worker-1
+        if [[ ! -r $certs_dir/$wrong_name.crt ]]; then
+            wrong_name=$(find "$certs_dir" -maxdepth 1 -name 'worker-*.crt' -printf '%f\n' 2>/dev/null |
+                sort -V | head -n 1 || true)
+            wrong_name=${wrong_name%.crt}
+        fi ;;
+    worker) wrong_name=client ;;
+    *) wrong_name= ;;
+esac
+# The foreign identity has the same name (and so the same role) as the accepted one, where
+# 'certs init' makes it: only the CA differs.
+foreign_name=$cert_name
+case $foreign_name in client | dispatcher | watchdog | worker-1) ;; *) foreign_name=client ;; esac
+
+say "endpoint:  role ${role:-unknown}${role_opt:+ (--role)}, probes with openssl s_client ..."
 {
     probe "no client certificate, ALPN $EXPECTED_ALPN" refused -alpn "$EXPECTED_ALPN"
     probe "client certificate, ALPN h2" refused -cert "$bundle" -key "$bundle" -alpn h2
     probe "client certificate, ALPN $EXPECTED_ALPN" ok -cert "$bundle" -key "$bundle" -alpn "$EXPECTED_ALPN"
+
+    # Key exchange groups: only X25519 and P-256 (P-384 is refused as a DoS defence, SECURITY.md).
+    probe "group P-384 only" refused-hs -groups P-384 -cert "$bundle" -key "$bundle" -alpn "$EXPECTED_ALPN"
+    probe "group X25519 only" ok -groups X25519 -cert "$bundle" -key "$bundle" -alpn "$EXPECTED_ALPN"
+    probe "group P-256 only" ok -groups P-256 -cert "$bundle" -key "$bundle" -alpn "$EXPECTED_ALPN"
+
+    # mTLS refusals testssl cannot see: a certificate from another CA, a certificate of our CA
+    # whose role may not connect to this endpoint.
+    if make_foreign_identity "$foreign_name"; then
+        probe "certificate from another CA ($foreign_name, $foreign_how)" refused-cert \
+            -cert "$foreign_dir/$foreign_name.crt" -key "$foreign_dir/$foreign_name.key" -alpn "$EXPECTED_ALPN"
+    else
+        printf 'SKIP\t%s\t%s\n' "certificate from another CA" "$foreign_how"
+    fi
+    if [[ -z $role ]]; then
+        printf 'SKIP\t%s\t%s\n' "certificate of the wrong role" \
+            "cannot tell the endpoint's role from its certificate's SPIFFE ID; use --role dispatcher|worker"
+    elif [[ -z $wrong_name || ! -r $certs_dir/$wrong_name.crt || ! -r $certs_dir/$wrong_name.key ]]; then
+        printf 'SKIP\t%s\t%s\n' "certificate of the wrong role" \
+            "no ${wrong_name:-worker-N} certificate and key in $certs_dir to present to a $role"
+    else
+        probe "wrong role: $wrong_name certificate to a $role" refused-cert \
+            -cert "$certs_dir/$wrong_name.crt" -key "$certs_dir/$wrong_name.key" -pass pass: -alpn "$EXPECTED_ALPN"
+    fi
+
 } >"$work/probes.tsv"
 
 if [[ -n $out_dir ]]; then
@@ -371,6 +529,10 @@ ALLOWED_SUITES = {"TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256", "TLS_CHACH
 # Cipher categories that must be "not offered".
 WEAK_CATEGORIES = ["cipherlist_NULL", "cipherlist_aNULL", "cipherlist_EXPORT", "cipherlist_LOW",
                    "cipherlist_3DES_IDEA", "cipherlist_OBSOLETED", "cipherlist_STRONG_NOFS"]
+# Key exchange groups the endpoint may accept (testssl's names and aliases, lower case): X25519
+# and P-256 only. P-384 is refused on purpose (its key exchange, computed before any certificate
+# is seen, cost 6x P-256: a DoS lever, see SECURITY.md "What each link checks").
+ALLOWED_GROUPS = {"x25519", "prime256v1", "secp256r1", "p-256"}
 FAILING_SEVERITIES = {"MEDIUM", "HIGH", "CRITICAL", "FATAL"}
 LISTED_SEVERITIES = {"LOW", "WARN"}
 # Every one of these must have a result, or the scan is incomplete.
@@ -478,6 +640,19 @@ for c in WEAK_CATEGORIES:
         fails.append(f"{c} offered: {first(c)}")
         judged.add(c)
 
+# ---- key exchange groups (testssl: ECDHE curves and, if any, TLS 1.3 finite-field groups)
+groups = []
+for gid in ("FS_ECDHE_curves", "DH_groups"):
+    for f in by_id.get(gid, []):
+        groups += [g for g in re.split(r"[\s,]+", f["finding"]) if g]
+bad_groups = [g for g in groups if g.lower() not in ALLOWED_GROUPS]
+if bad_groups:
+    fails.append("key exchange group(s) outside X25519/P-256 accepted (testssl): " + " ".join(bad_groups))
+    judged.update({"FS_ECDHE_curves", "DH_groups"})
+if "FS_ECDHE_curves" in by_id and not [g for g in groups if g.lower() in ALLOWED_GROUPS]:
+    fails.append("neither X25519 nor P-256 accepted (testssl FS_ECDHE_curves: "
+                 f"{first('FS_ECDHE_curves')})")
+
 # ---- completeness
 missing = [i for i in REQUIRED_IDS if i not in by_id]
 sweet32_text = ""
@@ -549,9 +724,9 @@ if nmap_xml:
     except ET.ParseError as e:
         fails.append(f"nmap XML unreadable: {e}")
 
-# ---- direct probes
+# ---- direct probes (SKIP lines never fail; they are printed with the probes)
 for p in probes:
-    if p[0] != "PASS":
+    if p[0] not in ("PASS", "SKIP"):
         fails.append(f"probe '{p[1]}': {p[2]}")
 
 # ---- report
@@ -563,7 +738,9 @@ print("protocols offered:    " + (", ".join(proto_word(p) for p in protos) or "n
       + "; ".join(f"{proto_word(p)}: {first(p, 'no result')}" for p in PROTOS_FORBIDDEN) + ")")
 print("cipher suites:        " + (" ".join(f"{n}" + ("" if pr == "tls1_3" else f"[{pr}]")
                                            for pr, n, _ in suites) or "none"))
-print("key exchange groups:  " + first("FS_ECDHE_curves", "none"))
+print("key exchange groups:  testssl: " + (" ".join(groups) or "none") + " -- "
+      + (("NOT ALLOWED: " + " ".join(bad_groups)) if bad_groups else "allowed (X25519, P-256 only)")
+      + "; openssl -groups probes below")
 print("TLS 1.3 sig algs:     " + first("FS_TLS13_sig_algs", "?"))
 print("weak categories:      " + ", ".join(f"{c.split('_', 1)[1]}={first(c, 'no result')}"
                                              for c in WEAK_CATEGORIES))
@@ -615,7 +792,8 @@ PY
 
 total=$((SECONDS))
 if [[ $verdict_rc -eq 0 ]]; then
-    say "RESULT: PASS  $target  (TLS 1.3 only, allowed AEAD suites only, no vulnerable/MEDIUM+ findings; ${total} s)"
+    say "RESULT: PASS  $target  (TLS 1.3 only, allowed AEAD suites and groups only, mTLS refusals" \
+        "seen, no vulnerable/MEDIUM+ findings; ${total} s)"
     exit 0
 fi
 if [[ $verdict_rc -ne 10 ]]; then
