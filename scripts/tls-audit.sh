@@ -31,7 +31,8 @@ Arguments:
 Options:
   --cert-name NAME   client identity to present (default: client, or \$TLS_AUDIT_CERT_NAME).
                      Workers only accept the dispatcher or the watchdog: use --cert-name dispatcher
-  --no-nmap          skip the nmap ssl-enum-ciphers cross-check (it is skipped anyway without nmap)
+  --no-nmap          skip the nmap ssl-enum-ciphers cross-check (it is skipped anyway without nmap;
+                     a skip is printed after RESULT as NOT RUN)
   --role ROLE        dispatcher or worker: which certificate is of the wrong role for this endpoint
                      (default: read from the SPIFFE ID of the certificate the endpoint presents)
   --securesrv PATH   securesrv binary used to make a throw-away CA ('certs init' in a temporary
@@ -64,6 +65,7 @@ Direct probes with openssl s_client (stdin kept open 1 s, so TLS 1.3 post-handsh
     refused with a certificate alert (unknown ca, unsupported certificate, certificate unknown,
     certificate required, bad certificate, access denied); the wrong-role probe is SKIPPED if the
     role is unknown (see --role) or that certificate is missing
+Anything that did not run (nmap, a SKIPPED probe) is printed after RESULT as NOT RUN.
 
 testssl.sh: a 'testssl' or 'testssl.sh' $TESTSSL_MIN_VERSION+ on PATH (or \$TESTSSL) is used as is;
 otherwise Debian $TESTSSL_DEBIAN_SUITE's testssl.sh package is downloaded once with apt-get (a
@@ -516,11 +518,11 @@ fi
 # ---------------------------------------------------------------- verdict
 verdict_rc=0
 python3 - "$work/testssl.json" "${nmap_xml:-}" "$nmap_note" "$work/probes.tsv" "$testssl_rc" \
-    "$testssl_secs" "$work/testssl.txt" <<'PY' || verdict_rc=$?
+    "$testssl_secs" "$work/testssl.txt" "$work/not-run.txt" <<'PY' || verdict_rc=$?
 import json, re, sys
 import xml.etree.ElementTree as ET
 
-json_path, nmap_xml, nmap_note, probes_path, testssl_rc, testssl_secs, txt_path = sys.argv[1:8]
+json_path, nmap_xml, nmap_note, probes_path, testssl_rc, testssl_secs, txt_path, not_run_path = sys.argv[1:9]
 
 # ---- policy ------------------------------------------------------------------------------
 PROTOS_FORBIDDEN = ["SSLv2", "SSLv3", "TLS1", "TLS1_1", "TLS1_2"]
@@ -669,6 +671,8 @@ if missing:
 # ---- severities, vulnerable markers, noise
 probes = [(line.rstrip("\n").split("\t") + ["", "", ""])[:3]
           for line in open(probes_path) if line.strip()]
+not_run = [f"nmap cross-check: {nmap_note}"] if nmap_note and not nmap_xml else []
+not_run += [f"{p[1]} ({p[2]})" for p in probes if p[0] == "SKIP"]
 nocert_refused = any(p[0] == "PASS" and p[1].startswith("no client certificate") for p in probes)
 for f in findings:
     sev, fid, text = f["severity"].upper(), f["id"], f["finding"]
@@ -724,7 +728,7 @@ if nmap_xml:
     except ET.ParseError as e:
         fails.append(f"nmap XML unreadable: {e}")
 
-# ---- direct probes (SKIP lines never fail; they are printed with the probes)
+# ---- direct probes (SKIP lines never fail; a SKIP is reported as "not run")
 for p in probes:
     if p[0] not in ("PASS", "SKIP"):
         fails.append(f"probe '{p[1]}': {p[2]}")
@@ -771,6 +775,12 @@ print("nmap ssl-enum-ciphers: " + nmap_line)
 print("direct probes (openssl s_client):")
 for p in probes:
     print(f"  {p[0]}  {p[1]}: {p[2]}")
+with open(not_run_path, "w") as nr:            # one line, for the RESULT line
+    nr.write(" | ".join(not_run))
+if not_run:
+    print("NOT RUN (not part of the verdict):")
+    for x in not_run:
+        print("  - " + x)
 if listed:
     print("LOW/WARN findings (listed, not failing):")
     for fid, sev, text in listed:
@@ -791,9 +801,11 @@ if fails:
 PY
 
 total=$((SECONDS))
+not_run=
+[[ ! -s $work/not-run.txt ]] || not_run=$(<"$work/not-run.txt")
 if [[ $verdict_rc -eq 0 ]]; then
     say "RESULT: PASS  $target  (TLS 1.3 only, allowed AEAD suites and groups only, mTLS refusals" \
-        "seen, no vulnerable/MEDIUM+ findings; ${total} s)"
+        "seen, no vulnerable/MEDIUM+ findings; ${total} s)${not_run:+  NOT RUN: $not_run}"
     exit 0
 fi
 if [[ $verdict_rc -ne 10 ]]; then
@@ -804,5 +816,5 @@ if ! $verbose; then
     say "--- testssl report (last 25 lines) ---"
     tail -n 25 "$work/testssl.txt" | sed 's/^/  /'
 fi
-say "RESULT: FAIL  $target  (${total} s)"
+say "RESULT: FAIL  $target  (${total} s)${not_run:+  NOT RUN: $not_run}"
 exit 1
