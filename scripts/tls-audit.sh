@@ -575,10 +575,14 @@ SWEET32_ID = "SWEET32"
 # (id regex, finding regex or None, reason). Matched against the id without testssl's
 # " <hostCert#N>" suffix. A filtered finding never fails the audit; each one is printed.
 NOISE = [
-    # Revocation: the private CA publishes no CRL/OCSP; leaves are short-lived and the CA is
-    # rotated instead (cert_revocation is HIGH "Neither CRL nor OCSP URI provided").
+    # Revocation: the certificates carry no CRL distribution point or OCSP URI because revocation
+    # is by a CRL file every component loads from its certs directory (`securesrv certs revoke`,
+    # SECURITY.md), not fetched over the network (cert_revocation is HIGH "Neither CRL nor OCSP
+    # URI provided"; testssl cannot see the CRL file).
     (r"cert_revocation|cert_crlDistributionPoints|cert_ocspURL|OCSP_stapling|"
-     r"cert_mustStapleExtension", None, "private CA: no CRL/OCSP by design"),
+     r"cert_mustStapleExtension", None,
+     "no CRL/OCSP URI by design: revocation is by a CRL file each component loads from its certs "
+     "directory (securesrv certs revoke), not fetched over the network"),
     # Public-web-PKI rules: CT logs, DNS CAA records, EV policies, CA/B Forum lifetime caps.
     (r"certificate_transparency|DNS_CAArecord|cert_certificatePolicies_EV|cert_extlifeSpan",
      None, "public web PKI rule (CT/CAA/EV/CA-B Forum), not applicable to a private CA"),
