@@ -950,7 +950,9 @@ mod revoke;
 pub use revoke::{CA_CRL, Revoked, crl_path_beside, is_listed, load_crls, revoke};
 mod token_keys;
 use token_keys::write_worker_token;
-pub use token_keys::{load_key_file, rotate_token_key, token_keys, worker_token_path};
+pub use token_keys::{
+    load_key_file, load_live_key_file, rotate_token_key, token_keys, worker_token_path,
+};
 
 #[cfg(test)]
 mod tests;

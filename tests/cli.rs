@@ -1969,3 +1969,61 @@ fn certs_revoke_lists_a_certificate_and_its_holder_stops_at_it() {
     );
     exits_saying(&out, 64, "c/worker-1.crt: certificate revoked");
 }
+
+/// A token key file whose current key has retired (a hand edit, or a rotation's file copied
+/// where it should not be) stops the component at start with the remedy, instead of a worker
+/// that starts and refuses every token; a file that is not text is called so.
+#[test]
+fn a_retired_current_token_key_or_a_binary_key_file_stops_the_component() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = run(
+        tmp.path(),
+        &["certs", "init", "--dir", "c", "--workers", "1"],
+        b"",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for file in ["c/token.key", "c/worker-1.token"] {
+        let path = tmp.path().join(file);
+        let retired: String = (std::fs::read_to_string(&path).unwrap().lines())
+            .map(|l| match l.starts_with("key ") {
+                true => format!("{l} retire-after 1000\n"),
+                false => format!("{l}\n"),
+            })
+            .collect();
+        std::fs::write(&path, retired).unwrap();
+    }
+    let listen = format!("127.0.0.1:{}", free_port());
+    let worker = [
+        "--log", "info", "worker", "--certs", "c", "--id", "1", "--listen", &listen,
+    ];
+    // The worker must stop by itself, with exit 64 and `needle` said.
+    let refused = |needle: &str| {
+        let mut p = Proc::spawn("worker", &worker, tmp.path());
+        let status = p.wait_exit(WAIT);
+        assert_eq!(status.and_then(|s| s.code()), Some(64), "{}", p.stderr());
+        assert!(
+            p.stderr().contains(needle),
+            "{needle:?} not in: {}",
+            p.stderr()
+        );
+        p.stderr()
+    };
+    let said =
+        refused("c/worker-1.token: its current key (id 1, the first `key` line) retired at 1000");
+    assert!(said.contains("certs rotate-token-key"), "{said}");
+
+    // The certs commands still read it: rotation is the remedy, and the worker starts.
+    let out = run(
+        tmp.path(),
+        &["certs", "rotate-token-key", "--dir", "c"],
+        b"",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut started = Proc::spawn("worker", &worker, tmp.path());
+    started.wait_log(&["worker listening"], WAIT);
+    started.signal(Signal::SIGTERM);
+    assert!(started.wait_exit(WAIT).is_some(), "the worker did not stop");
+
+    std::fs::write(tmp.path().join("c/worker-1.token"), b"key 1 \xff\xfe\n").unwrap();
+    refused("c/worker-1.token: not a text file (not UTF-8)");
+}

@@ -20,12 +20,24 @@ pub fn load_key_file(path: &Path) -> Result<KeyFile, CertError> {
     let data = read_secret_file(path)?;
     let text = std::str::from_utf8(&data).map_err(|_| CertError::KeyFile {
         path: path.to_path_buf(),
-        source: KeyFileError::BadLine(0),
+        source: KeyFileError::NotText,
     })?;
     KeyFile::parse(text).map_err(|source| CertError::KeyFile {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// [`load_key_file`] for a component that signs or checks tokens with it now: a file whose
+/// current key has retired is refused (`certs` commands load such a file to rotate it).
+pub fn load_live_key_file(path: &Path) -> Result<KeyFile, CertError> {
+    let keys = load_key_file(path)?;
+    keys.check_current_live(crate::token::now_ms())
+        .map_err(|source| CertError::KeyFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(keys)
 }
 
 /// Writes worker `id`'s key file, derived from `master`.

@@ -112,7 +112,7 @@ impl Dispatcher {
         let me = SpiffeId::dispatcher(&cfg.trust_domain)?;
         let material = TlsMaterial::load_from_dir(&cfg.certs_dir, &me)?;
         let master =
-            crate::certs::load_key_file(&cfg.certs_dir.join(crate::certs::MASTER_TOKEN_KEY))?;
+            crate::certs::load_live_key_file(&cfg.certs_dir.join(crate::certs::MASTER_TOKEN_KEY))?;
         let workers = cfg
             .worker_addresses()
             .into_iter()

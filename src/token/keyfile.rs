@@ -45,6 +45,22 @@ pub enum KeyFileError {
     /// Two keys with the same id.
     #[error("key id {0} appears twice")]
     DuplicateId(u32),
+    /// The file is not text.
+    #[error("not a text file (not UTF-8); expected `key <id> <64 hex digits>` lines")]
+    NotText,
+    /// The current key (the first line) has a `retire-after` time that has passed: every
+    /// token signed or checked with it would be refused.
+    #[error(
+        "its current key (id {id}, the first `key` line) retired at {retired_at_ms} (Unix ms) and \
+         every token would be refused: run `securesrv certs rotate-token-key` and restart every \
+         component (docs/OPERATIONS.md, \"Token key rotation\")"
+    )]
+    CurrentRetired {
+        /// The current key's id.
+        id: u32,
+        /// Its `retire-after`.
+        retired_at_ms: u64,
+    },
     /// The highest key id is already `u32::MAX`: there is no next id to rotate to.
     #[error("key id {0} is the last possible id; renumber the keys before rotating")]
     IdsExhausted(u32),
@@ -84,6 +100,18 @@ impl KeyFile {
     pub fn current(&self) -> &KeyEntry {
         // from_entries and parse guarantee at least one entry.
         &self.entries[0]
+    }
+
+    /// Refuses a file whose current key has retired by `now_ms`: a component loading it
+    /// would start and then refuse, or sign unacceptable, tokens.
+    pub fn check_current_live(&self, now_ms: u64) -> Result<(), KeyFileError> {
+        match self.current().not_after_ms {
+            Some(t) if t < now_ms => Err(KeyFileError::CurrentRetired {
+                id: self.current().id,
+                retired_at_ms: t,
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Parses the text of a key file.

@@ -88,8 +88,10 @@ impl Worker {
     ) -> Result<(Self, TlsMaterial), WorkerError> {
         let me = SpiffeId::worker(&cfg.trust_domain, id)?;
         let material = TlsMaterial::load_from_dir(&cfg.certs_dir, &me)?;
-        let keys =
-            crate::certs::load_key_file(&crate::certs::worker_token_path(&cfg.certs_dir, &me))?;
+        let keys = crate::certs::load_live_key_file(&crate::certs::worker_token_path(
+            &cfg.certs_dir,
+            &me,
+        ))?;
         Ok((Worker::new(me, cfg, &keys, ops), material))
     }
 
