@@ -15,12 +15,14 @@
 
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
-use nix::sys::wait::{Id, WaitPidFlag, waitid};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 use nix::unistd::Pid;
 use std::collections::HashSet;
+use std::io;
 use std::process::ExitStatus;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::signal::unix::{SignalKind, signal};
 
 /// The process groups of the jobs one worker is running. Clones share the registry.
 #[derive(Debug, Clone, Default)]
@@ -121,33 +123,37 @@ impl JobProcess {
     }
 
     /// Waits until the leader has exited, leaving it unreaped (a zombie), so that its group
-    /// can still be killed safely. The wait runs on a blocking thread, which ends when the
-    /// leader does — also if this future is dropped, since the group is killed then.
-    pub(super) async fn exited(&self) -> std::io::Result<()> {
-        let pid = self.pgid;
-        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT;
-        tokio::task::spawn_blocking(move || {
-            loop {
-                match waitid(Id::Pid(pid), flags) {
-                    Err(Errno::EINTR) => continue,
-                    r => return r.map(drop),
-                }
+    /// can still be killed safely.
+    ///
+    /// No thread is held while waiting: a job may run for its whole timeout with its stdout
+    /// closed, and a blocking `waitid` per such job once used up tokio's blocking threads, so
+    /// that other jobs' exits went unseen until their timeouts. Instead, the leader is checked
+    /// with `waitid(WNOHANG | WNOWAIT)`, which neither blocks nor reaps, once at the start and
+    /// after every SIGCHLD the worker receives. Each SIGCHLD thus costs one such call per job
+    /// waiting; tokio delivers SIGCHLDs that arrive together as one. (A pidfd would wake only
+    /// its own job, but nix 0.30 cannot open one, and tokio registers a raw descriptor only
+    /// through `unsafe` code.)
+    pub(super) async fn exited(&self) -> io::Result<()> {
+        // Subscribed before the first check, so an exit just after that check is not missed.
+        let mut sigchld = signal(SignalKind::child())?;
+        while !has_exited(self.pgid)? {
+            if sigchld.recv().await.is_none() {
+                return Err(io::Error::other("SIGCHLD notifications ended"));
             }
-        })
-        .await
-        .map_err(std::io::Error::other)?
-        .map_err(std::io::Error::from)
+        }
+        Ok(())
     }
 
     /// Kills whatever is left of the group, then reaps the leader and returns its status (the
     /// leader's own status if it had exited already, SIGKILL otherwise).
-    pub(super) async fn finish(mut self) -> std::io::Result<ExitStatus> {
-        self.end();
+    pub(super) async fn finish(mut self) -> io::Result<ExitStatus> {
+        self.kill_group();
         self.child.wait().await
     }
 
-    /// Kills the group and removes it from the registry; the leader must still be unreaped.
-    fn end(&mut self) {
+    /// Kills the group and removes it from the registry; the leader must still be unreaped
+    /// (running, or exited as [`JobProcess::exited`] saw it). Called again, does nothing.
+    pub(super) fn kill_group(&mut self) {
         if self.ended {
             return;
         }
@@ -158,11 +164,77 @@ impl JobProcess {
     }
 }
 
+/// Whether the child `pid` has exited, without waiting and without reaping it.
+fn has_exited(pid: Pid) -> io::Result<bool> {
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT | WaitPidFlag::WNOHANG;
+    loop {
+        match waitid(Id::Pid(pid), flags) {
+            Err(Errno::EINTR) => continue,
+            Ok(WaitStatus::StillAlive) => return Ok(false),
+            Ok(_) => return Ok(true),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 impl Drop for JobProcess {
     fn drop(&mut self) {
         if !self.ended {
             tracing::debug!(pgid = %self.pgid, "job abandoned before it finished; killing its process group");
-            self.end();
+            self.kill_group();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Stdio;
+    use std::time::Duration;
+
+    /// Upper bound on every wait in these tests.
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// The state letter of process `pid` in /proc (`Z` for a zombie).
+    fn state(pid: Pid) -> Option<String> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The state follows the command name in parentheses.
+        Some(
+            stat.rsplit(')')
+                .next()?
+                .split_whitespace()
+                .next()?
+                .to_string(),
+        )
+    }
+
+    /// The wait sees the exit, and leaves the leader unreaped (so its group may still be
+    /// killed), until `finish` reaps it.
+    #[tokio::test]
+    async fn the_wait_sees_the_exit_and_leaves_the_leader_unreaped() {
+        let groups = JobGroups::default();
+        // `cat` exits when its stdin closes, not before.
+        let mut cmd = Command::new("/bin/cat");
+        cmd.stdin(Stdio::piped()).stdout(Stdio::null());
+        let mut job = JobProcess::spawn(&mut cmd, &groups).expect("cat starts");
+        let (stdin, _) = job.take_stdio();
+        let pid = job.pgid;
+        {
+            let mut exited = std::pin::pin!(job.exited());
+            // Not while `cat` still waits for input.
+            let early = tokio::time::timeout(Duration::from_millis(200), &mut exited).await;
+            assert!(early.is_err(), "exit seen before it happened");
+            drop(stdin);
+            tokio::time::timeout(WAIT, exited)
+                .await
+                .expect("the exit is seen")
+                .expect("the wait works");
+        }
+        assert_eq!(state(pid).as_deref(), Some("Z"));
+        let status = tokio::time::timeout(WAIT, job.finish())
+            .await
+            .expect("reaped");
+        assert!(status.expect("a status").success());
+        assert_eq!(groups.running(), 0);
     }
 }

@@ -376,6 +376,63 @@ mod tests {
         assert_eq!(groups.running(), 0);
     }
 
+    /// Jobs that close stdout and keep running hold no thread while the worker waits for them
+    /// to exit: with two blocking threads and four such jobs, another job's exit is still seen
+    /// (a blocking wait per job left it waiting for a thread until its timeout).
+    #[test]
+    fn lingering_jobs_do_not_starve_other_jobs() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .max_blocking_threads(2)
+            .build()
+            .unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let out = rt.block_on(async {
+            let groups = JobGroups::default();
+            let lingering: Vec<_> = (0..4)
+                .map(|i| {
+                    // The marker is written once stdout is closed.
+                    let marker = tmp.path().join(i.to_string());
+                    let script = format!("exec >&-; : > '{}'; exec sleep 60", marker.display());
+                    tokio::spawn(run(
+                        job("/bin/sh", &["-c", &script], 60_000, 1024),
+                        Bytes::new(),
+                        groups.clone(),
+                    ))
+                })
+                .collect();
+            // All four have closed stdout, so on the next turn of the reactor each job sees
+            // EOF and starts waiting for its exit, before `cat` below can have exited.
+            let deadline = Instant::now() + WAIT;
+            while (0..4).any(|i| !tmp.path().join(i.to_string()).exists()) {
+                assert!(
+                    Instant::now() < deadline,
+                    "the lingering jobs did not start"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let started = Instant::now();
+            let out = run(
+                job("/bin/cat", &[], 20_000, 1024),
+                Bytes::from_static(b"hello"),
+                groups.clone(),
+            )
+            .await;
+            let took = started.elapsed();
+            for task in lingering {
+                task.abort();
+                assert!(task.await.unwrap_err().is_cancelled());
+            }
+            assert_eq!(groups.running(), 0);
+            (out, took)
+        });
+        // Bounded, in case blocking waits are still waiting for their (killed) jobs.
+        rt.shutdown_timeout(WAIT);
+        let (out, took) = out;
+        assert_eq!(out.unwrap(), b"hello".as_slice());
+        assert!(took < Duration::from_secs(10), "answered after {took:?}");
+    }
+
     #[tokio::test]
     async fn missing_program_is_a_clean_error() {
         let err = run_alone(job("/nonexistent/prog", &[], 5_000, 1000), Bytes::new()).await;
