@@ -1149,10 +1149,13 @@ fn a_daemon_a_job_started_does_not_outlive_the_watchdog() {
 fn a_live_workers_job_keeps_the_processes_it_started() {
     let tmp = tempfile::tempdir().unwrap();
     let pidfile = tmp.path().join("child.pid");
-    // The job's program exits at once; the child it leaves behind answers later. That child's
-    // parent is gone, so it is the watchdog's now, but its job still runs on a live worker.
+    // The job's program starts a child through a subshell that exits at once, then waits
+    // for the child to answer. That child's parent is gone, so it is the watchdog's now, but
+    // its job still runs on a live worker. (The program must outlive it: once the program
+    // exits, the job is over and its group killed.)
     let f = Fixture::with(&spawn_job(
-        "(sleep 2; echo late) & echo $! > '{}'",
+        "( (sleep 2; echo late; : > '{}.done') & echo $! > '{}' ); \
+         while [ ! -e '{}.done' ]; do sleep 0.1; done",
         &pidfile,
     ));
     let w = f.ready();

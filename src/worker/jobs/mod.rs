@@ -20,14 +20,17 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::Command;
+use tokio::process::{ChildStdout, Command};
 use tokio::time::Instant;
 
 /// Runs `job` with `payload` on stdin, its process group registered in `groups`; the answer
 /// is its stdout.
 ///
 /// One deadline, set here, bounds the whole job: feeding stdin, collecting stdout and waiting
-/// for the program to exit.
+/// for the program to exit. The job ends when the program exits, not when its stdout closes
+/// (something it left running may hold stdout): its group is killed, the output still in the
+/// pipe is read (for `DRAIN_AFTER_EXIT` at most), and the answer is that output, or the
+/// program's own exit status if it failed.
 pub async fn run(job: Arc<JobConfig>, payload: Bytes, groups: JobGroups) -> Result<Bytes, OpError> {
     let deadline = Instant::now() + Duration::from_millis(job.timeout_ms);
     let mut cmd = Command::new(&job.program);
@@ -54,9 +57,14 @@ pub async fn run(job: Arc<JobConfig>, payload: Bytes, groups: JobGroups) -> Resu
             )));
         }
     };
-    let (stdin, stdout) = process.take_stdio();
+    let (stdin, mut stdout) = process.take_stdio();
     let cap = job.max_output_bytes;
-    let work = async move {
+    let mut out = Vec::new();
+    let mut chunk = vec![0; READ_CHUNK];
+    // Until the program exits: feed stdin, collect stdout (`stdout` becomes None at EOF) and
+    // watch for the exit, all at once. The exit is not inferred from stdout closing: a child
+    // the program left behind may hold stdout open long after the program is gone.
+    let stage = {
         let feed = async move {
             if let Some(mut s) = stdin {
                 // A job that does not read its input is not an error: once it has exited, the
@@ -64,66 +72,101 @@ pub async fn run(job: Arc<JobConfig>, payload: Bytes, groups: JobGroups) -> Resu
                 let _ = s.write_all(&payload).await;
             }
         };
-        let collect = async move {
-            let mut out = Vec::new();
-            let read = match stdout {
-                Some(s) => s.take(cap as u64 + 1).read_to_end(&mut out).await.map(drop),
-                None => Ok(()),
-            };
-            (out, read)
-        };
         let mut feed = pin!(feed);
-        let mut collect = pin!(collect);
-        tokio::select! {
-            () = &mut feed => collect.await,
-            (out, read) = &mut collect => {
-                // Stdout closed: the program may still be reading its input, so keep feeding
-                // it. Past the cap, or if stdout failed, the job is over: its stdin is dropped
-                // with `feed` (a program that never reads would keep the write blocked).
-                if read.is_ok() && out.len() <= cap {
-                    feed.await;
-                }
-                (out, read)
+        let mut fed = false;
+        let mut exited = pin!(process.exited());
+        let mut timeout = pin!(tokio::time::sleep_until(deadline));
+        loop {
+            tokio::select! {
+                read = read_chunk(&mut stdout, &mut chunk), if stdout.is_some() => match read {
+                    Ok(0) => stdout = None,
+                    Ok(n) => {
+                        out.extend_from_slice(&chunk[..n]);
+                        if out.len() > cap {
+                            break Stage::TooLarge;
+                        }
+                    }
+                    Err(e) => break Stage::ReadFailed(e),
+                },
+                // Stdin is fed until the program exits, even once stdout has closed: it may
+                // still be reading. Past the cap, or if stdout failed, the job is over and
+                // stdin is dropped with `feed` (a program that never reads would keep the
+                // write blocked).
+                () = &mut feed, if !fed => fed = true,
+                e = &mut exited => break e.map_or_else(Stage::WaitFailed, |()| Stage::Exited),
+                () = &mut timeout => break Stage::TimedOut,
             }
         }
     };
-    let Ok((out, read)) = tokio::time::timeout_at(deadline, work).await else {
-        let _ = process.finish().await;
-        return Err(OpError::Timeout(format!(
-            "job {} ran longer than {} ms and was killed",
-            job.name, job.timeout_ms
-        )));
-    };
-    if out.len() > cap {
-        let _ = process.finish().await;
-        return Err(OpError::TooLarge(format!(
-            "job {} wrote more than {cap} bytes",
-            job.name
-        )));
-    }
-    if let Err(e) = read {
-        tracing::warn!(job = %job.name, error = %e, "cannot read job output");
-        let _ = process.finish().await;
-        return Err(OpError::Failed(format!(
-            "job {}: its output could not be read",
-            job.name
-        )));
-    }
-    // Output is complete (stdout closed); the program should be exiting, within what is left
-    // of the job's time.
-    let exited = tokio::time::timeout_at(deadline, process.exited()).await;
-    // The job is over: whatever it left running in its group is killed, then it is reaped.
-    let status = match (exited, process.finish().await) {
-        (Err(_), _) => {
-            return Err(OpError::Timeout(format!(
-                "job {} did not exit within {} ms and was killed",
-                job.name, job.timeout_ms
-            )));
+    match stage {
+        Stage::Exited => {}
+        Stage::TimedOut => {
+            let _ = process.finish().await;
+            return Err(OpError::Timeout(if stdout.is_some() {
+                format!(
+                    "job {} ran longer than {} ms and was killed",
+                    job.name, job.timeout_ms
+                )
+            } else {
+                format!(
+                    "job {} did not exit within {} ms and was killed",
+                    job.name, job.timeout_ms
+                )
+            }));
         }
-        (Ok(Err(e)), _) | (_, Err(e)) => {
+        Stage::TooLarge => {
+            let _ = process.finish().await;
+            return Err(too_large(&job));
+        }
+        Stage::ReadFailed(e) => {
+            let _ = process.finish().await;
+            return Err(read_failed(&job, &e));
+        }
+        Stage::WaitFailed(e) => {
+            let _ = process.finish().await;
             return Err(OpError::Failed(format!("job {}: {e}", job.name)));
         }
-        (Ok(Ok(())), Ok(status)) => status,
+    }
+    // The program has exited: whatever it left running in its group is killed now (the
+    // leader is still unreaped, so the group id is still the job's).
+    process.kill_group();
+    // Read what is left in the pipe. The group is dead, so EOF follows at once, unless a
+    // process that left the group (`setsid`) still holds stdout: that one does not get to hold
+    // the answer, which is then the output read so far.
+    let drain_until = deadline.min(Instant::now() + DRAIN_AFTER_EXIT);
+    let drained = tokio::time::timeout_at(drain_until, async {
+        while let Some(s) = stdout.as_mut() {
+            match s.read(&mut chunk).await? {
+                0 => stdout = None,
+                n => {
+                    out.extend_from_slice(&chunk[..n]);
+                    if out.len() > cap {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+    match drained {
+        Err(_) => {
+            tracing::warn!(job = %job.name, "job exited, but a process outside its group still holds its stdout; answering with the output read so far");
+        }
+        Ok(Err(e)) => {
+            let _ = process.finish().await;
+            return Err(read_failed(&job, &e));
+        }
+        Ok(Ok(())) => {}
+    }
+    if out.len() > cap {
+        let _ = process.finish().await;
+        return Err(too_large(&job));
+    }
+    // Reaped now: the leader's own exit status.
+    let status = match process.finish().await {
+        Ok(status) => status,
+        Err(e) => return Err(OpError::Failed(format!("job {}: {e}", job.name))),
     };
     if status.success() {
         return Ok(out.into());
@@ -133,6 +176,50 @@ pub async fn run(job: Arc<JobConfig>, payload: Bytes, groups: JobGroups) -> Resu
         (None, Some(sig)) => format!("job {} was killed by signal {sig}", job.name),
         _ => format!("job {} failed", job.name),
     }))
+}
+
+/// Bytes read from a job's stdout at a time.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// How long the rest of a job's output may take to arrive once the program has exited and its
+/// group was killed. What is already in the pipe is read at once, and the group's members
+/// close their end as they die; only a process outside the group can make this wait run out.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
+
+/// How the first stage of a job (until the program exits) ended.
+enum Stage {
+    /// The program exited; its stdout may still be open.
+    Exited,
+    /// The job's deadline passed first.
+    TimedOut,
+    /// Stdout went past the output cap.
+    TooLarge,
+    /// Reading stdout failed.
+    ReadFailed(std::io::Error),
+    /// Waiting for the program's exit failed.
+    WaitFailed(std::io::Error),
+}
+
+/// Reads the next bytes of `stdout` into `chunk` (0 at EOF); never ready if it is closed.
+async fn read_chunk(stdout: &mut Option<ChildStdout>, chunk: &mut [u8]) -> std::io::Result<usize> {
+    match stdout {
+        Some(s) => s.read(chunk).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The answer when a job wrote more than its cap.
+fn too_large(job: &JobConfig) -> OpError {
+    OpError::TooLarge(format!(
+        "job {} wrote more than {} bytes",
+        job.name, job.max_output_bytes
+    ))
+}
+
+/// The answer when a job's stdout could not be read (logged here, not passed on).
+fn read_failed(job: &JobConfig, e: &std::io::Error) -> OpError {
+    tracing::warn!(job = %job.name, error = %e, "cannot read job output");
+    OpError::Failed(format!("job {}: its output could not be read", job.name))
 }
 
 #[cfg(test)]
@@ -430,6 +517,70 @@ mod tests {
         rt.shutdown_timeout(WAIT);
         let (out, took) = out;
         assert_eq!(out.unwrap(), b"hello".as_slice());
+        assert!(took < Duration::from_secs(10), "answered after {took:?}");
+    }
+
+    /// `/bin/sh -c` running `sleep 30` in the background with the job's stdout (its pid
+    /// written to `pidfile`), then `rest`: the program exits while its child holds stdout.
+    fn with_child_holding_stdout(pidfile: &Path, rest: &str) -> Arc<JobConfig> {
+        let script = format!("sleep 30 & echo $! > '{}'; {rest}", pidfile.display());
+        job("/bin/sh", &["-c", &script], 20_000, 100_000)
+    }
+
+    #[tokio::test]
+    async fn a_job_ends_when_its_program_exits_though_a_child_holds_stdout() {
+        // All of the output counts, also what is still in the pipe when the exit is seen.
+        let tmp = tempfile::tempdir().unwrap();
+        let pidfile = tmp.path().join("pid");
+        let started = Instant::now();
+        let out = run_alone(
+            with_child_holding_stdout(&pidfile, "head -c 60000 /dev/zero"),
+            Bytes::new(),
+        )
+        .await;
+        let took = started.elapsed();
+        assert_eq!(out.unwrap(), vec![0; 60_000].as_slice());
+        // Well before the job's 20 s timeout.
+        assert!(took < Duration::from_secs(10), "answered after {took:?}");
+        assert_gone(read_pid(&pidfile).await).await;
+    }
+
+    #[tokio::test]
+    async fn a_job_whose_child_holds_stdout_answers_with_the_programs_status() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pidfile = tmp.path().join("pid");
+        let started = Instant::now();
+        let err = run_alone(
+            with_child_holding_stdout(&pidfile, "echo started; exit 4"),
+            Bytes::new(),
+        )
+        .await;
+        let took = started.elapsed();
+        assert_eq!(
+            err,
+            Err(OpError::Failed("job t exited with status 4".into()))
+        );
+        assert!(took < Duration::from_secs(10), "answered after {took:?}");
+        assert_gone(read_pid(&pidfile).await).await;
+    }
+
+    #[tokio::test]
+    async fn a_process_that_left_the_group_does_not_hold_the_answer() {
+        // `setsid` takes the child out of the group, so the group kill misses it and it keeps
+        // stdout open; the answer comes anyway, shortly after the program exits.
+        let tmp = tempfile::tempdir().unwrap();
+        let pidfile = tmp.path().join("pid");
+        let script = format!(
+            "setsid sleep 30 & echo $! > '{}'; echo started",
+            pidfile.display()
+        );
+        let started = Instant::now();
+        let out = run_alone(job("/bin/sh", &["-c", &script], 20_000, 1024), Bytes::new()).await;
+        let took = started.elapsed();
+        // Not the job's to kill; the test cleans up before it asserts anything.
+        let escaped = read_pid(&pidfile).await;
+        let _ = kill(escaped, Signal::SIGKILL);
+        assert_eq!(out.unwrap(), b"started\n".as_slice());
         assert!(took < Duration::from_secs(10), "answered after {took:?}");
     }
 
