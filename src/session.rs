@@ -35,6 +35,12 @@ const STRAGGLERS_WINDOW: Duration = Duration::from_millis(100);
 /// Pings a connection may have unanswered beyond its request limit before it is cut off.
 pub const PING_HEADROOM: usize = 8;
 
+/// Frames a connection handles in one turn before the others get theirs. One read can bring
+/// a thousand small frames (pings, requests refused at once), each cheap; a peer pipelining
+/// them on many connections made every other connection, and the watchdog's heartbeat, wait
+/// for all of theirs: seconds, enough for the watchdog to kill a healthy dispatcher.
+pub const FRAMES_PER_TURN: usize = 32;
+
 /// What the loop does after a message was handled.
 #[derive(Debug)]
 pub enum Next {
@@ -452,6 +458,8 @@ pub async fn drive<S, F>(
     // fresh one per turn would join and leave the token's waiter list, and polling one every
     // turn takes two locks, for every message.
     let mut cancelled = crate::shutdown::cancelled(&shutdown);
+    // Frames handled since this task last let the others run (see `FRAMES_PER_TURN`).
+    let mut taken = 0;
     loop {
         tokio::select! {
             biased;
@@ -476,18 +484,20 @@ pub async fn drive<S, F>(
                 session.idle_from_last_answer(&mut conn);
             }
             r = conn.read_message() => {
-                // Handle every request that arrived with this one before writing answers, so
-                // that their answers can share a write.
+                // Handle the requests that arrived with this one before writing answers, so
+                // that their answers can share a write; refusals made here share one too.
                 let mut r = r;
+                let mut refused = false;
                 let stop = loop {
                     match r {
                         Ok(Some(msg)) => match on_message(msg, &mut session) {
                             Next::Continue => {}
                             Next::Reply(m) => {
-                                if let Err(e) = conn.send(&m).await {
-                                    give_up_writing(&conn, &e);
+                                if let Err(e) = conn.queue(&m) {
+                                    give_up_writing(&conn, &e.into());
                                     return;
                                 }
+                                refused = true;
                             }
                             Next::Close(m) => break Some(m),
                         },
@@ -503,15 +513,29 @@ pub async fn drive<S, F>(
                             break Some(e.to_message());
                         }
                     }
+                    taken += 1;
+                    if taken >= FRAMES_PER_TURN {
+                        break None;
+                    }
                     match conn.buffered_message() {
                         Ok(Some(m)) => r = Ok(Some(m)),
                         Ok(None) => break None,
                         Err(e) => r = Err(e),
                     }
                 };
+                if refused && let Err(e) = conn.flush().await {
+                    give_up_writing(&conn, &e);
+                    return;
+                }
                 if let Some(m) = stop {
                     last = m;
                     break;
+                }
+                if taken >= FRAMES_PER_TURN {
+                    // More may be buffered, or readable at once: let the other connections
+                    // (and the watchdog's ping) have their turn first.
+                    tokio::task::yield_now().await;
+                    taken = 0;
                 }
             }
         }
@@ -1061,6 +1085,88 @@ mod tests {
                     Ok(Ok(Some(Message::Reply(r)))) if r.id == id => reply = true,
                     other => panic!("request {id}: {other:?}"),
                 }
+            }
+        }
+        shutdown.cancel();
+        let _ = srv.await;
+    }
+
+    /// A thousand requests that are refused at once, arriving together: the connection takes
+    /// them [`FRAMES_PER_TURN`] at a time and lets the other tasks run in between. Taken all
+    /// in one turn, a peer doing this on many connections kept every other connection, and
+    /// the watchdog's ping, waiting for seconds (a hostile review got a healthy dispatcher
+    /// killed). The refusals come back all the same.
+    #[tokio::test(flavor = "current_thread")]
+    async fn frames_arriving_together_are_taken_a_turn_at_a_time() {
+        const N: u64 = 1_000;
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut client = Connection::new(b, IoLimits::default());
+        for id in 1..=N {
+            client
+                .queue(&Message::Request(Request {
+                    id,
+                    op: "x".into(),
+                    payload: Bytes::new(),
+                    timeout_ms: None,
+                }))
+                .unwrap();
+        }
+        client.flush().await.unwrap();
+        let handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        // Another task on the same thread, noting how many frames were handled each time it
+        // gets to run.
+        let seen = tokio::spawn({
+            let handled = handled.clone();
+            async move {
+                let mut seen = vec![0];
+                while seen.last() != Some(&(N as usize)) {
+                    tokio::task::yield_now().await;
+                    seen.push(handled.load(std::sync::atomic::Ordering::Relaxed));
+                }
+                seen
+            }
+        });
+        let limits = RequestLimits {
+            per_connection: 8,
+            identity: crate::server::IdentitySlots::new(8, 1 << 20),
+            drain: Duration::from_millis(100),
+            leftovers: Leftovers::default(),
+        };
+        let shutdown = CancellationToken::new();
+        let srv = tokio::spawn({
+            let handled = handled.clone();
+            drive(
+                Connection::new(a, IoLimits::default()),
+                shutdown.clone(),
+                limits,
+                move |m, _| {
+                    handled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    match m {
+                        Message::Request(q) => Next::Reply(Message::Error(ErrorReply {
+                            id: q.id,
+                            code: ErrorCode::Denied,
+                            message: "no".into(),
+                        })),
+                        _ => Next::Continue,
+                    }
+                },
+            )
+        });
+        let seen = tokio::time::timeout(Duration::from_secs(10), seen)
+            .await
+            .unwrap()
+            .unwrap();
+        // The other task may run twice in a row, and so may this one (a task that yields is
+        // woken after the next look at the sockets, with the others woken meanwhile).
+        let longest = seen.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        assert!(
+            longest <= 2 * FRAMES_PER_TURN,
+            "{longest} frames handled in one turn (seen between turns: {seen:?})"
+        );
+        for id in 1..=N {
+            match tokio::time::timeout(Duration::from_secs(5), client.read_message()).await {
+                Ok(Ok(Some(Message::Error(e)))) if e.id == id => {}
+                other => panic!("request {id}: {other:?}"),
             }
         }
         shutdown.cancel();
