@@ -415,10 +415,23 @@ impl Supervisor {
                     self.beat(idx)
                 }
                 Phase::Failed { .. } if self.slots[idx].comp.is_dispatcher => {
+                    let slot = &self.slots[idx];
+                    let mut last = slot.failed_because.clone();
+                    // The commonest cause, which the exit status does not say: something
+                    // else (a second watchdog, a process left over) holds the address.
+                    if let Err(e) = std::net::TcpListener::bind(slot.comp.addr)
+                        && e.kind() == std::io::ErrorKind::AddrInUse
+                    {
+                        last = format!(
+                            "{last}; something else listens on {} (another securesrv \
+                             watchdog, or a process left over?)",
+                            slot.comp.addr
+                        );
+                    }
                     return Some(WatchdogError::DispatcherFailed {
                         burst: self.cfg.watchdog.restart_limit_burst,
                         window_ms: self.cfg.watchdog.restart_limit_window_ms,
-                        last: self.slots[idx].failed_because.clone(),
+                        last,
                     });
                 }
                 _ => {}
