@@ -275,7 +275,7 @@ impl Revocations {
 /// A revocation list could not be applied to a server's certificate (a list not signed by
 /// its issuer, for one).
 #[derive(Debug, thiserror::Error)]
-#[error("revocation check failed: {0}")]
+#[error("the revocation list beside the CA file (ca.crl) could not be applied: {0}")]
 struct RevocationCheck(String);
 
 impl std::fmt::Debug for TlsMaterial {
@@ -472,8 +472,9 @@ impl TlsMaterial {
             }
         })?;
         let crl = certs::crl_path_beside(ca);
-        let crls = certs::load_crls(&crl)?;
-        if certs::is_listed(&crls, &chain[0]) {
+        let cas = certs::load_certs(ca)?;
+        let crls = certs::load_crls(&crl, &cas)?;
+        if certs::is_listed(&crls, &chain[0], &cas) {
             return Err(TlsConfigError::Revoked {
                 path: cert.display().to_string(),
                 crl: crl.display().to_string(),

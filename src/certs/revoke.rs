@@ -7,8 +7,9 @@
 
 use super::{CA_CERT, CA_DAYS, CertAuthority, CertError, NamedBy, Staged, load_certs};
 use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, SerialNumber};
-use rustls_pki_types::CertificateRevocationListDer;
 use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use time::{Duration, OffsetDateTime};
 
@@ -33,24 +34,35 @@ pub fn crl_path_beside(ca: &Path) -> PathBuf {
     ca.with_file_name(CA_CRL)
 }
 
-/// Reads the revocation lists in `path`, if it exists. Each must be a well-formed CRL; whether
-/// it is signed by a trusted CA is checked when a certificate is judged against it.
-pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, CertError> {
+/// Reads the revocation lists in `path`, if it exists. Each must be a well-formed CRL, and one
+/// issued by a CA of `cas` (the CA file's certificates) must carry that CA's signature: a list
+/// that does not verify would make every handshake with a certificate of that CA fail, each
+/// blamed on the peer. A list of another issuer (an intermediate of another PKI) is checked
+/// when a certificate of that issuer is judged against it.
+pub fn load_crls(
+    path: &Path,
+    cas: &[CertificateDer<'_>],
+) -> Result<Vec<CertificateRevocationListDer<'static>>, CertError> {
     let bad = |what: String| CertError::BadPem {
         path: path.to_path_buf(),
         what,
     };
-    let data = match std::fs::metadata(path) {
+    let file = match std::fs::File::open(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(super::io_err(path)(e)),
-        Ok(m) if m.len() > MAX_CRL_BYTES => {
-            return Err(bad(format!(
-                "larger than {} MiB; not a revocation list",
-                MAX_CRL_BYTES >> 20
-            )));
-        }
-        Ok(_) => std::fs::read(path).map_err(super::io_err(path))?,
+        Ok(f) => f,
     };
+    // Bounded as it is read: a FIFO or a device reports no size.
+    let mut data = Vec::new();
+    file.take(MAX_CRL_BYTES + 1)
+        .read_to_end(&mut data)
+        .map_err(super::io_err(path))?;
+    if data.len() as u64 > MAX_CRL_BYTES {
+        return Err(bad(format!(
+            "larger than {} MiB; not a revocation list",
+            MAX_CRL_BYTES >> 20
+        )));
+    }
     let crls = CertificateRevocationListDer::pem_slice_iter(&data)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| bad(format!("not a PEM revocation list: {e}")))?;
@@ -61,23 +73,59 @@ pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static
                 .to_string(),
         ));
     }
-    for crl in &crls {
+    for (n, crl) in crls.iter().enumerate() {
         webpki::OwnedCertRevocationList::from_der(crl)
-            .map_err(|e| bad(format!("unusable revocation list: {e}")))?;
+            .map_err(|e| bad(format!("list {}: unusable revocation list: {e}", n + 1)))?;
+        if let Err(why) = check_signature(crl, cas) {
+            return Err(bad(format!(
+                "list {}: {why}; every handshake with a certificate of that CA would fail. \
+                 Replace the file with a good copy, or make it again with `securesrv certs \
+                 revoke`",
+                n + 1
+            )));
+        }
     }
     Ok(crls)
 }
 
-/// Whether the certificate `der` is on one of `crls` (by serial number).
-pub fn is_listed(crls: &[CertificateRevocationListDer<'_>], der: &[u8]) -> bool {
+/// Checks `crl`'s signature if one of `cas` issued it: `Ok(true)` if verified, `Ok(false)`
+/// if none of them is its issuer.
+fn check_signature(crl: &[u8], cas: &[CertificateDer<'_>]) -> Result<bool, String> {
+    let (_, list) =
+        x509_parser::parse_x509_crl(crl).map_err(|e| format!("cannot parse it: {e}"))?;
+    for ca in cas {
+        let Ok((_, ca)) = x509_parser::parse_x509_certificate(ca) else {
+            continue;
+        };
+        if ca.subject().as_raw() == list.issuer().as_raw() {
+            return list
+                .verify_signature(ca.public_key())
+                .map(|()| true)
+                .map_err(|e| format!("not signed by the CA it names ({}): {e}", ca.subject()));
+        }
+    }
+    Ok(false)
+}
+
+/// Whether the certificate `der` is on a list of `crls` that its own issuer signed, one of
+/// `cas` (lists of other issuers, whose signatures cannot be checked here, do not count).
+pub fn is_listed(
+    crls: &[CertificateRevocationListDer<'_>],
+    der: &[u8],
+    cas: &[CertificateDer<'_>],
+) -> bool {
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
         return false;
     };
     crls.iter().any(|crl| {
-        webpki::OwnedCertRevocationList::from_der(crl)
-            .ok()
-            .map(webpki::CertRevocationList::from)
-            .is_some_and(|list| matches!(list.find_serial(cert.raw_serial()), Ok(Some(_))))
+        let Ok((_, list)) = x509_parser::parse_x509_crl(crl) else {
+            return false;
+        };
+        list.issuer().as_raw() == cert.issuer().as_raw()
+            && check_signature(crl, cas) == Ok(true)
+            && list
+                .iter_revoked_certificates()
+                .any(|r| r.raw_serial() == cert.raw_serial())
     })
 }
 
@@ -98,24 +146,31 @@ fn revoke_files(dir: &Path, certs: &[PathBuf]) -> Result<Revoked, CertError> {
     let crl_path = dir.join(CA_CRL);
     let now = OffsetDateTime::now_utc();
 
-    // The list as it is, if there is one: its entries are kept.
+    // The list as it is, if there is one: its entries are kept, and lists of other issuers
+    // in the same file (another PKI's) are written back as they were.
     let mut revoked = Vec::new();
+    let mut others = Vec::new();
     let mut number = 0u64;
-    let existing = load_crls(&crl_path)?;
-    for der in &existing {
-        let (_, crl) = x509_parser::parse_x509_crl(der).map_err(|e| CertError::BadPem {
+    // Checked first (size, form, our CA's signature), then taken block by block.
+    load_crls(&crl_path, std::slice::from_ref(&ca_der))?;
+    let text = match std::fs::read_to_string(&crl_path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        other => other.map_err(super::io_err(&crl_path))?,
+    };
+    for block in pem_blocks(&text) {
+        let der = CertificateRevocationListDer::from_pem_slice(block.as_bytes()).map_err(|e| {
+            CertError::BadPem {
+                path: crl_path.clone(),
+                what: format!("not a PEM revocation list: {e}"),
+            }
+        })?;
+        let (_, crl) = x509_parser::parse_x509_crl(&der).map_err(|e| CertError::BadPem {
             path: crl_path.clone(),
             what: format!("cannot parse the revocation list: {e}"),
         })?;
         if crl.issuer().as_raw() != ca_cert.subject().as_raw() {
-            return Err(CertError::BadPem {
-                path: crl_path.clone(),
-                what: format!(
-                    "this revocation list was not issued by the CA in {}; move it away (it \
-                     belongs to an earlier CA) and run `certs revoke` again",
-                    ca_path.display()
-                ),
-            });
+            others.push(block);
+            continue;
         }
         if let Some(n) = crl.crl_number() {
             let digits = n.to_u64_digits();
@@ -126,8 +181,15 @@ fn revoke_files(dir: &Path, certs: &[PathBuf]) -> Result<Revoked, CertError> {
             });
         }
         for entry in crl.iter_revoked_certificates() {
+            let serial = SerialNumber::from_slice(entry.raw_serial());
+            if revoked
+                .iter()
+                .any(|r: &RevokedCertParams| r.serial_number == serial)
+            {
+                continue;
+            }
             revoked.push(RevokedCertParams {
-                serial_number: SerialNumber::from_slice(entry.raw_serial()),
+                serial_number: serial,
                 revocation_time: OffsetDateTime::from_unix_timestamp(
                     entry.revocation_date.timestamp(),
                 )
@@ -187,7 +249,12 @@ fn revoke_files(dir: &Path, certs: &[PathBuf]) -> Result<Revoked, CertError> {
         key_identifier_method: KeyIdMethod::Sha256,
     };
     let crl = params.signed_by(&ca.issuer)?;
-    Staged::write(&crl_path, crl.pem()?.as_bytes(), 0o644)?.commit(true)?;
+    let mut pem = crl.pem()?;
+    for other in &others {
+        pem.push_str(other);
+        pem.push('\n');
+    }
+    Staged::write(&crl_path, pem.as_bytes(), 0o644)?.commit(true)?;
     Ok(Revoked {
         crl: crl_path,
         entries,
@@ -207,4 +274,21 @@ fn minimal_integer(n: u64) -> SerialNumber {
     }
     out.extend_from_slice(&bytes[first..]);
     SerialNumber::from_slice(&out)
+}
+
+/// The `X509 CRL` PEM blocks of `text`, markers included.
+fn pem_blocks(text: &str) -> Vec<&str> {
+    const BEGIN: &str = "-----BEGIN X509 CRL-----";
+    const END: &str = "-----END X509 CRL-----";
+    let mut blocks = Vec::new();
+    let mut rest = text;
+    while let Some(b) = rest.find(BEGIN) {
+        let Some(e) = rest[b..].find(END) else {
+            break;
+        };
+        let end = b + e + END.len();
+        blocks.push(&rest[b..end]);
+        rest = &rest[end..];
+    }
+    blocks
 }

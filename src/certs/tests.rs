@@ -782,9 +782,14 @@ fn issuing_a_worker_whose_token_file_cannot_be_kept_writes_nothing() {
     );
 }
 
-/// The revoked serials and number of the list in `dir`.
+/// The CA certificates of `dir`.
+fn cas(dir: &Path) -> Vec<CertificateDer<'static>> {
+    load_certs(&dir.join(CA_CERT)).unwrap()
+}
+
+/// The revoked serials and number of our CA's list in `dir`.
 fn crl_entries(dir: &Path) -> (Vec<String>, u64) {
-    let der = load_crls(&dir.join(CA_CRL)).unwrap().remove(0);
+    let der = load_crls(&dir.join(CA_CRL), &cas(dir)).unwrap().remove(0);
     let (_, crl) = x509_parser::parse_x509_crl(&der).unwrap();
     let serials = crl
         .iter_revoked_certificates()
@@ -800,6 +805,15 @@ fn serial_of(path: &Path) -> String {
     hex::encode(cert.raw_serial())
 }
 
+fn listed(dir: &Path, stem: &str) -> bool {
+    let crls = load_crls(&dir.join(CA_CRL), &cas(dir)).unwrap();
+    is_listed(
+        &crls,
+        &load_certs(&dir.join(format!("{stem}.crt"))).unwrap()[0],
+        &cas(dir),
+    )
+}
+
 #[test]
 fn revoke_adds_to_the_list_and_refuses_what_this_ca_did_not_issue() {
     let tmp = tempfile::tempdir().unwrap();
@@ -808,7 +822,7 @@ fn revoke_adds_to_the_list_and_refuses_what_this_ca_did_not_issue() {
     init(&dir, &opts(2)).unwrap();
     init(&other, &opts(1)).unwrap();
     assert!(
-        load_crls(&dir.join(CA_CRL)).unwrap().is_empty(),
+        load_crls(&dir.join(CA_CRL), &cas(&dir)).unwrap().is_empty(),
         "no list yet"
     );
 
@@ -829,14 +843,8 @@ fn revoke_adds_to_the_list_and_refuses_what_this_ca_did_not_issue() {
     let (serials, number) = crl_entries(&dir);
     assert_eq!(serials, vec![client, serial_of(&dir.join("worker-2.crt"))]);
     assert_eq!(number, 2);
-    assert!(is_listed(
-        &load_crls(&dir.join(CA_CRL)).unwrap(),
-        &load_certs(&dir.join("worker-2.crt")).unwrap()[0]
-    ));
-    assert!(!is_listed(
-        &load_crls(&dir.join(CA_CRL)).unwrap(),
-        &load_certs(&dir.join("worker-1.crt")).unwrap()[0]
-    ));
+    assert!(listed(&dir, "worker-2"));
+    assert!(!listed(&dir, "worker-1"));
 
     // Another CA's certificate, and the CA itself, are refused, and the list is unchanged.
     let before = fs::read(dir.join(CA_CRL)).unwrap();
@@ -846,10 +854,48 @@ fn revoke_adds_to_the_list_and_refuses_what_this_ca_did_not_issue() {
     assert!(err.to_string().contains("a CA certificate"), "{err}");
     assert_eq!(fs::read(dir.join(CA_CRL)).unwrap(), before);
 
-    // Another CA's list in its place is not extended; a new CA takes the old list away.
+    // Another issuer's list in the same file (another PKI's) is kept as it was, beside ours,
+    // and does not count for our certificates even where serial numbers meet.
     fs::copy(dir.join(CA_CRL), other.join(CA_CRL)).unwrap();
-    let err = revoke(&other, &[other.join("client.crt")]).unwrap_err();
-    assert!(err.to_string().contains("not issued by the CA"), "{err}");
+    revoke(&other, &[other.join("worker-1.crt")]).unwrap();
+    let text = fs::read_to_string(other.join(CA_CRL)).unwrap();
+    assert_eq!(text.matches("BEGIN X509 CRL").count(), 2, "{text}");
+    assert!(
+        text.contains(std::str::from_utf8(&before).unwrap().trim()),
+        "{text}"
+    );
+    assert!(listed(&other, "worker-1"));
+    assert!(!listed(&other, "client"));
+
+    // Another CA's list naming the serial of one of our certificates does not revoke it.
+    let theirs = CertAuthority::load(&other).unwrap();
+    let ours = hex::decode(serial_of(&dir.join("worker-1.crt"))).unwrap();
+    let now = OffsetDateTime::now_utc();
+    let foreign = rcgen::CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + Duration::days(1),
+        crl_number: SerialNumber::from_slice(&[1]),
+        issuing_distribution_point: None,
+        revoked_certs: vec![rcgen::RevokedCertParams {
+            serial_number: SerialNumber::from_slice(&ours),
+            revocation_time: now,
+            reason_code: None,
+            invalidity_date: None,
+        }],
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(&theirs.issuer)
+    .unwrap();
+    let mut text = fs::read_to_string(dir.join(CA_CRL)).unwrap();
+    text.push_str(&foreign.pem().unwrap());
+    fs::write(dir.join(CA_CRL), text).unwrap();
+    assert!(
+        !listed(&dir, "worker-1"),
+        "another CA's list revoked our certificate"
+    );
+    assert!(listed(&dir, "worker-2"));
+
+    // A new CA takes the old list away.
     init(
         &dir,
         &InitOptions {
@@ -860,8 +906,62 @@ fn revoke_adds_to_the_list_and_refuses_what_this_ca_did_not_issue() {
     .unwrap();
     assert!(!dir.join(CA_CRL).exists());
 
-    // A file that is no list is named as such.
+    // A file that is no list, or no end, is named as such.
     fs::write(dir.join(CA_CRL), "not a list\n").unwrap();
-    let err = load_crls(&dir.join(CA_CRL)).unwrap_err();
+    let err = load_crls(&dir.join(CA_CRL), &cas(&dir)).unwrap_err();
     assert!(err.to_string().contains("no X509 CRL"), "{err}");
+    fs::remove_file(dir.join(CA_CRL)).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", dir.join(CA_CRL)).unwrap();
+    let err = load_crls(&dir.join(CA_CRL), &cas(&dir)).unwrap_err();
+    assert!(err.to_string().contains("larger than 16 MiB"), "{err}");
+}
+
+/// A list of our CA whose signature does not verify (a corrupted copy, or one signed by
+/// another key under the CA's name) is refused when loaded, naming the file: used, it made
+/// every handshake fail, each blamed on the peer.
+#[test]
+fn a_list_whose_signature_does_not_verify_is_refused_when_loaded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("certs");
+    init(&dir, &opts(1)).unwrap();
+    revoke(&dir, &[dir.join("client.crt")]).unwrap();
+    let mut der = load_crls(&dir.join(CA_CRL), &cas(&dir))
+        .unwrap()
+        .remove(0)
+        .to_vec();
+    let last = der.len() - 1;
+    der[last] ^= 1; // in the signature, the last field
+    let pem = format!(
+        "-----BEGIN X509 CRL-----\n{}\n-----END X509 CRL-----\n",
+        base64_lines(&der)
+    );
+    fs::write(dir.join(CA_CRL), pem).unwrap();
+    let err = load_crls(&dir.join(CA_CRL), &cas(&dir)).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("ca.crl: list 1: not signed by the CA it names"),
+        "{text}"
+    );
+    assert!(text.contains("certs revoke"), "{text}");
+}
+
+/// Standard base64 of `data` in 64-column lines.
+fn base64_lines(data: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let n = chunk.iter().fold(0u32, |n, &b| n << 8 | u32::from(b)) << (8 * (3 - chunk.len()));
+        for i in 0..4 {
+            out.push(if i <= chunk.len() {
+                ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char
+            } else {
+                '='
+            });
+        }
+    }
+    out.as_bytes()
+        .chunks(64)
+        .map(|l| std::str::from_utf8(l).unwrap())
+        .collect::<Vec<_>>()
+        .join("\n")
 }
