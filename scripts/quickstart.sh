@@ -9,6 +9,8 @@ keep=0
 cargo build --release --quiet
 bin=target/release/securesrv
 if [ ! -f certs/ca.crt ]; then
+    # The clone's certs/ (it holds a README) has git's 0755; keys belong in a 0700 directory.
+    chmod 700 certs 2>/dev/null || true
     "$bin" certs init --dir certs
 fi
 for port in 2222 2223 2224; do

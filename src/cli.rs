@@ -125,8 +125,9 @@ enum CertsCmd {
         /// Directory to write into [default: the config's `certs_dir`, certs].
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// Make keys for workers 1 to N [default: the config's workers: those its
-        /// `[[worker]]` list names, else 1 to `workers`, 2].
+        /// Make keys for workers 1 to N, and for every worker whose certificate is in the
+        /// directory (0: those only) [default: the config's workers: those its `[[worker]]`
+        /// list names, else 1 to `workers`, 2].
         #[arg(long, value_parser = workers_range(0))]
         workers: Option<u32>,
         /// Trust domain of the workers [default: the config's, else the one in ca.crt, else
