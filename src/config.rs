@@ -194,6 +194,11 @@ pub struct Limits {
     pub max_sleep_ms: u64,
     /// Requests one worker runs at once, over all its connections.
     pub worker_max_concurrent: usize,
+    /// Requests one client identity may have refused at once per second at the dispatcher
+    /// (`denied`, `unknown_op`, `overloaded`, ...), over all its connections; beyond it (a
+    /// second's worth may come together) its connections are read more slowly. Each refusal
+    /// writes an audit line: this bounds what one identity can write.
+    pub max_refusals_per_sec_per_identity: u32,
 }
 
 impl Default for Limits {
@@ -214,6 +219,7 @@ impl Default for Limits {
             max_request_timeout_ms: 60_000,
             max_sleep_ms: 30_000,
             worker_max_concurrent: 4_096,
+            max_refusals_per_sec_per_identity: 1_000,
         }
     }
 }
@@ -491,6 +497,10 @@ impl Config {
                 l.max_in_flight_per_identity.unwrap_or(1),
             ),
             ("limits.worker_max_concurrent", l.worker_max_concurrent),
+            (
+                "limits.max_refusals_per_sec_per_identity",
+                l.max_refusals_per_sec_per_identity as usize,
+            ),
             ("token.replay_cache_entries", t.replay_cache_entries),
             (
                 "dispatcher.max_in_flight_per_worker",

@@ -46,6 +46,9 @@ pub struct ListenerLimits {
     /// Payload bytes in flight per peer identity, over all its connections (unbounded unless
     /// a component sets it).
     pub max_in_flight_bytes_per_identity: usize,
+    /// Requests per second per peer identity that may be refused at once (see
+    /// [`RefusalPace`]); unpaced unless a component sets it.
+    pub refusals_per_sec_per_identity: Option<u32>,
     /// I/O bounds for each connection.
     pub io: IoLimits,
 }
@@ -59,6 +62,7 @@ impl ListenerLimits {
             max_handshakes_per_address: l.max_handshakes_per_address.max(1),
             max_in_flight_per_identity: max_in_flight_per_identity.max(1),
             max_in_flight_bytes_per_identity: usize::MAX,
+            refusals_per_sec_per_identity: None,
             io: l.io(),
         }
     }
@@ -104,6 +108,60 @@ pub struct IdentitySlots {
     /// Its requests refused `overloaded`, logged at most once a second over all its
     /// connections.
     pub(crate) refusals: Arc<SharedThrottle>,
+    /// How fast its requests may be refused, over all its connections (none: unpaced).
+    pub pace: Option<Arc<RefusalPace>>,
+}
+
+/// A client identity's requests refused at once (`denied`, `unknown_op`, `overloaded`, ...),
+/// paced over all its connections. A refusal costs far less than serving and still writes
+/// an audit line, so one identity pipelining requests it may not make drew 470,000 lines
+/// (135 MB) a second. Beyond the pace (a second's worth may come at once), a connection that
+/// refuses waits before it reads on, until the identity is back within it; its requests are
+/// still read and refused, and audited, just no faster.
+#[derive(Debug)]
+pub struct RefusalPace {
+    per_sec: f64,
+    /// Refusals that may still come at once (negative: owed), and when that was reckoned.
+    state: Mutex<(f64, std::time::Instant)>,
+}
+
+impl RefusalPace {
+    /// A pace of `per_sec` refusals a second (at least 1).
+    pub fn new(per_sec: u32) -> Self {
+        let per_sec = f64::from(per_sec.max(1));
+        RefusalPace {
+            per_sec,
+            state: Mutex::new((per_sec, std::time::Instant::now())),
+        }
+    }
+
+    /// Whether a second's worth of refusals may come at once again, as for an identity not
+    /// seen before: until then the identity is remembered with its pace, so that closing its
+    /// connections and opening new ones does not start it afresh.
+    fn rested(&self) -> bool {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (tokens, since) = *state;
+        tokens + since.elapsed().as_secs_f64() * self.per_sec >= self.per_sec
+    }
+
+    /// Counts `n` refusals; how long their connection should wait before reading on: until
+    /// everything owed is paid back, so that the identity's refusals keep to the pace however
+    /// many connections it refuses on. As each connection waits before it refuses again,
+    /// what is owed stays within its connections' last turns (at most
+    /// `max_connections_per_identity` x [`crate::session::FRAMES_PER_TURN`]).
+    pub fn charge(&self, n: usize) -> Duration {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (tokens, since) = &mut *state;
+        let now = std::time::Instant::now();
+        let refilled = now.duration_since(*since).as_secs_f64() * self.per_sec;
+        *since = now;
+        *tokens = (*tokens + refilled).min(self.per_sec) - n as f64;
+        if *tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-*tokens / self.per_sec)
+        }
+    }
 }
 
 /// The next [`IdentitySlots::flow`]; 0 is no identity's (a ping's).
@@ -114,7 +172,9 @@ impl IdentitySlots {
     /// (even after its connection closed), or a frame of its waiting for a worker link. Its
     /// entry is kept until nothing does, so that reconnecting never gets fresh ones.
     fn in_use(&self) -> bool {
-        Arc::strong_count(&self.slots) > 1 || Arc::strong_count(&self.queued) > 1
+        Arc::strong_count(&self.slots) > 1
+            || Arc::strong_count(&self.queued) > 1
+            || self.pace.as_ref().is_some_and(|p| !p.rested())
     }
 
     /// `requests` slots and a payload budget of `bytes`, rounded up to KiB as payloads are, so
@@ -131,6 +191,7 @@ impl IdentitySlots {
             queued: Arc::new(Semaphore::new(kib_limit)),
             flow: NEXT_FLOW.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             refusals: Arc::default(),
+            pace: None,
         }
     }
 }
@@ -168,6 +229,7 @@ impl IdentityCounts {
         max: usize,
         in_flight: usize,
         bytes: usize,
+        refusals_per_sec: Option<u32>,
     ) -> Option<(IdentitySlot, IdentitySlots)> {
         let key = id.to_string();
         let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
@@ -175,9 +237,11 @@ impl IdentityCounts {
             // Forget identities with neither connections nor running requests.
             map.retain(|_, (n, s)| *n > 0 || s.in_use());
         }
-        let (n, slots) = map
-            .entry(key.clone())
-            .or_insert_with(|| (0, IdentitySlots::new(in_flight, bytes)));
+        let (n, slots) = map.entry(key.clone()).or_insert_with(|| {
+            let mut slots = IdentitySlots::new(in_flight, bytes);
+            slots.pace = refusals_per_sec.map(|r| Arc::new(RefusalPace::new(r)));
+            (0, slots)
+        });
         if *n >= max {
             return None;
         }
@@ -550,6 +614,7 @@ async fn handle_one<H: ConnectionHandler>(
         limits.max_per_identity,
         limits.max_in_flight_per_identity,
         limits.max_in_flight_bytes_per_identity,
+        limits.refusals_per_sec_per_identity,
     ) else {
         if let Some(refused) = handshaking.over_identity_limit.hit() {
             warn!(
@@ -616,6 +681,24 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 mod tests {
     use super::*;
 
+    /// A second's worth of refusals at once, then each waits for what is owed; the wait
+    /// covers everything owed, so that many connections keep to one pace together.
+    #[test]
+    fn refusals_beyond_the_pace_wait_for_everything_owed() {
+        let pace = RefusalPace::new(100);
+        assert_eq!(pace.charge(100), Duration::ZERO);
+        let first = pace.charge(50);
+        assert!(
+            first > Duration::from_millis(450) && first <= Duration::from_millis(500),
+            "{first:?}"
+        );
+        let second = pace.charge(50);
+        assert!(
+            second > Duration::from_millis(950) && second <= Duration::from_secs(1),
+            "{second:?}"
+        );
+    }
+
     #[test]
     fn a_budget_of_the_largest_payload_admits_it_alone() {
         // Payloads are counted in started KiB; the budget is rounded up likewise.
@@ -638,7 +721,7 @@ mod tests {
         let counts = Arc::new(IdentityCounts::default());
         let alice = SpiffeId::new("securesrv", crate::identity::Role::Client, "alice").unwrap();
         let bob = SpiffeId::new("securesrv", crate::identity::Role::Client, "bob").unwrap();
-        let take = |id: &SpiffeId| counts.try_take(id, 8, 8, 1 << 20).expect("a slot");
+        let take = |id: &SpiffeId| counts.try_take(id, 8, 8, 1 << 20, None).expect("a slot");
         let (conn, slots) = take(&alice);
         let first = slots.flow;
         let queued = slots.queued.clone().try_acquire_many_owned(4).unwrap();

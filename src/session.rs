@@ -487,7 +487,7 @@ pub async fn drive<S, F>(
                 // Handle the requests that arrived with this one before writing answers, so
                 // that their answers can share a write; refusals made here share one too.
                 let mut r = r;
-                let mut refused = false;
+                let mut refused = 0;
                 let stop = loop {
                     match r {
                         Ok(Some(msg)) => match on_message(msg, &mut session) {
@@ -497,7 +497,7 @@ pub async fn drive<S, F>(
                                     give_up_writing(&conn, &e.into());
                                     return;
                                 }
-                                refused = true;
+                                refused += 1;
                             }
                             Next::Close(m) => break Some(m),
                         },
@@ -523,9 +523,18 @@ pub async fn drive<S, F>(
                         Err(e) => r = Err(e),
                     }
                 };
-                if refused && let Err(e) = conn.flush().await {
-                    give_up_writing(&conn, &e);
-                    return;
+                if refused > 0 {
+                    if let Err(e) = conn.flush().await {
+                        give_up_writing(&conn, &e);
+                        return;
+                    }
+                    // Beyond its identity's pace, this connection reads on only once the
+                    // identity is back within it (or the component stops).
+                    let wait = (session.identity.pace.as_ref())
+                        .map_or(Duration::ZERO, |p| p.charge(refused));
+                    if !wait.is_zero() {
+                        let _ = tokio::time::timeout(wait, shutdown.cancelled()).await;
+                    }
                 }
                 if let Some(m) = stop {
                     last = m;

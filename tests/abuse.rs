@@ -1264,3 +1264,53 @@ fn a_client_that_never_reads_its_answers_is_reset_at_the_write_deadline() {
         served(&s.client("client-bob").await).await;
     });
 }
+
+/// One identity pipelining requests that are refused at once (an op nobody serves), on one
+/// connection after another: every one is refused and audited, but no faster than the
+/// identity's pace, which closing a connection and opening another does not start afresh;
+/// another identity is served meanwhile. Unpaced, one identity doing this on 256 connections
+/// drew 470,000 audit lines (135 MB) a second.
+#[test]
+fn refusals_of_one_identity_keep_to_its_pace_and_another_is_served() {
+    const CONNS: u64 = 4;
+    const PER_CONN: u64 = 100;
+    let s = start("max_refusals_per_sec_per_identity = 100\n");
+    rt().block_on(async {
+        let bob = s.client("client-bob").await;
+        let started = Instant::now();
+        for _ in 0..CONNS {
+            let mut conn = Connection::new(s.raw("client-alice").await, IoLimits::default());
+            for id in 1..=PER_CONN {
+                let nope = Message::Request(Request {
+                    id,
+                    op: "nope".into(),
+                    payload: Default::default(),
+                    timeout_ms: None,
+                });
+                conn.queue(&nope).unwrap();
+            }
+            conn.flush().await.unwrap();
+            for id in 1..=PER_CONN {
+                match tokio::time::timeout(WAIT, conn.read_message()).await {
+                    Ok(Ok(Some(Message::Error(e))))
+                        if e.id == id && e.code == ErrorCode::UnknownOp => {}
+                    other => panic!("request {id}: {other:?}"),
+                }
+            }
+            served(&bob).await;
+        }
+        let took = started.elapsed();
+        // 400 refusals at 100 a second, of which a second's worth may come at once, and the
+        // last turn of 32 is counted once answered: 2.7 s at the least.
+        assert!(
+            took >= Duration::from_millis(2_500),
+            "400 refusals in {took:?}"
+        );
+    });
+    s.dispatcher.wait_for_n(
+        true,
+        &["client/alice", "outcome=unknown_op"],
+        (CONNS * PER_CONN) as usize,
+        WAIT,
+    );
+}

@@ -167,7 +167,12 @@ impl Dispatcher {
         Ok(())
     }
 
-    async fn handle_request(self: Arc<Self>, client: Arc<Caller>, req: Request) -> Message {
+    async fn handle_request(
+        self: Arc<Self>,
+        client: Arc<Caller>,
+        req: Request,
+        info: crate::config::OpInfo,
+    ) -> Message {
         let started = Instant::now();
         let running = crate::session::Running::enter(&self.running);
         let mut unfinished = Unfinished {
@@ -176,7 +181,7 @@ impl Dispatcher {
             started,
             armed: true,
         };
-        let (worker, mut result) = self.route(&client, &req, started).await;
+        let (worker, mut result) = self.route(&client, &req, info, started).await;
         unfinished.armed = false;
         drop(unfinished);
         drop(running);
@@ -212,38 +217,44 @@ impl Dispatcher {
         }
     }
 
-    /// ACL, worker choice, forward, retry. Returns the worker that answered (if any).
+    /// The op `op`, if it exists and `client` may call it; else the refusal, which needs
+    /// nothing but the configuration.
+    fn op_for(
+        &self,
+        client: &Caller,
+        op: &str,
+    ) -> Result<crate::config::OpInfo, (ErrorCode, String)> {
+        let Some(info) = self.cfg.op_info(op) else {
+            return Err((
+                ErrorCode::UnknownOp,
+                if crate::config::valid_op_name(op) {
+                    format!("unknown op {op}")
+                } else {
+                    "unknown op (not an op name: 1-64 of a-z 0-9 _ - .)".to_string()
+                },
+            ));
+        };
+        if !self.cfg.acl_allows(&client.id, op) {
+            return Err((
+                ErrorCode::Denied,
+                format!("{} may not call {op}", client.text),
+            ));
+        }
+        Ok(info)
+    }
+
+    /// Worker choice, forward, retry, for an op `client` may call ([`Dispatcher::op_for`]).
+    /// Returns the worker that answered (if any).
     /// `started` is when the dispatcher began to handle the request: its deadline counts
     /// from then.
     async fn route(
         &self,
         client: &Caller,
         req: &Request,
+        info: crate::config::OpInfo,
         started: Instant,
     ) -> (Option<Arc<pool::Slot>>, Result<Bytes, (ErrorCode, String)>) {
         let cfg = &self.cfg;
-        let Some(info) = cfg.op_info(&req.op) else {
-            return (
-                None,
-                Err((
-                    ErrorCode::UnknownOp,
-                    if crate::config::valid_op_name(&req.op) {
-                        format!("unknown op {}", req.op)
-                    } else {
-                        "unknown op (not an op name: 1-64 of a-z 0-9 _ - .)".to_string()
-                    },
-                )),
-            );
-        };
-        if !cfg.acl_allows(&client.id, &req.op) {
-            return (
-                None,
-                Err((
-                    ErrorCode::Denied,
-                    format!("{} may not call {}", client.text, req.op),
-                )),
-            );
-        }
         let timeout_ms = req
             .timeout_ms
             .map_or(cfg.limits.request_timeout_ms, u64::from)
@@ -567,6 +578,21 @@ impl ConnectionHandler for Handler {
                     ),
                 ))),
                 Message::Request(req) if client.id.role() == Role::Client => {
+                    // Refused at once, before it takes a slot: answered with the refusals of
+                    // its turn, and paced with them (see `server::RefusalPace`).
+                    let info = match d.op_for(&client, &req.op) {
+                        Ok(info) => info,
+                        Err((code, message)) => {
+                            return Next::Reply(client.refused(
+                                req.op,
+                                Message::Error(ErrorReply {
+                                    id: req.id,
+                                    code,
+                                    message,
+                                }),
+                            ));
+                        }
+                    };
                     match s.admit(req.id, req.payload.len()) {
                         Ok(admitted) if d.over_share(s.identity()) => {
                             drop(admitted);
@@ -577,7 +603,7 @@ impl ConnectionHandler for Handler {
                         Ok(admitted) => s.run_admitted(
                             admitted,
                             Placement::Inline,
-                            d.clone().handle_request(client.clone(), req),
+                            d.clone().handle_request(client.clone(), req, info),
                         ),
                         Err(refusal) => Next::Reply(client.refused(req.op, refusal)),
                     }
@@ -621,6 +647,7 @@ pub async fn run(
     let mut limits =
         ListenerLimits::from_config(&cfg.limits, cfg.dispatcher_in_flight_per_identity());
     limits.max_in_flight_bytes_per_identity = cfg.limits.max_in_flight_bytes_per_identity;
+    limits.refusals_per_sec_per_identity = Some(cfg.limits.max_refusals_per_sec_per_identity);
     server::serve(
         listener,
         acceptor,
