@@ -377,14 +377,16 @@ impl std::fmt::Display for Quoted<'_> {
 
 /// An op name as sent by a peer, for an audit line's `op=` field: unchanged when it is a
 /// valid op name, otherwise every character outside `a-z 0-9 _ - .` replaced by `?` (so no
-/// space, `=` or quote can start a forged field) and cut to 64 characters.
+/// space, `=` or quote can start a forged field) and cut to 64 characters, the last of them
+/// a `?` when something was cut (so that a name too long is not shown as a valid one).
 pub fn op_for_log(op: &str) -> std::borrow::Cow<'_, str> {
     if crate::config::valid_op_name(op) {
         return std::borrow::Cow::Borrowed(op);
     }
+    let cut = op.chars().nth(64).is_some();
     let mut out: String = op
         .chars()
-        .take(64)
+        .take(if cut { 63 } else { 64 })
         .map(|c| {
             if c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-' | '.') {
                 c
@@ -393,7 +395,7 @@ pub fn op_for_log(op: &str) -> std::borrow::Cow<'_, str> {
             }
         })
         .collect();
-    if out.is_empty() {
+    if out.is_empty() || cut {
         out.push('?');
     }
     std::borrow::Cow::Owned(out)
@@ -423,6 +425,11 @@ mod tests {
         );
         assert_eq!(op_for_log(""), "?");
         assert_eq!(op_for_log(&"x".repeat(100)).len(), 64);
+        // One character too long: cut, and not shown as the valid name of 64 it starts with.
+        let long = "a".repeat(65);
+        assert_eq!(op_for_log(&long), format!("{}?", "a".repeat(63)));
+        assert!(!crate::config::valid_op_name(&op_for_log(&long)));
+        assert_eq!(op_for_log(&"a".repeat(64)), "a".repeat(64));
     }
 
     #[test]
