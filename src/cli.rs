@@ -353,7 +353,15 @@ pub fn load_config(
         cfg.validate().map(|()| cfg)
     });
     result.map_err(|e: ConfigError| {
-        eprintln!("securesrv: {e}");
+        match (&e, path) {
+            // Values are checked after the command's flags are applied: name both sources.
+            (ConfigError::Invalid(problems), Some(p)) => eprintln!(
+                "securesrv: invalid configuration in {} (with the command's flags applied):\n  - {}",
+                p.display(),
+                problems.join("\n  - ")
+            ),
+            _ => eprintln!("securesrv: {e}"),
+        }
         ExitCode::from(EXIT_CONFIG)
     })
 }

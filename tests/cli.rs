@@ -2027,3 +2027,22 @@ fn a_retired_current_token_key_or_a_binary_key_file_stops_the_component() {
     std::fs::write(tmp.path().join("c/worker-1.token"), b"key 1 \xff\xfe\n").unwrap();
     refused("c/worker-1.token: not a text file (not UTF-8)");
 }
+
+/// A value out of range names the file it came from (the flags may have set it too), as a
+/// TOML error does; without a file, only the problems.
+#[test]
+fn an_out_of_range_value_names_its_configuration_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("bad.toml"),
+        "[limits]\nmax_frame_bytes = 0\n",
+    )
+    .unwrap();
+    let out = run(tmp.path(), &["--config", "bad.toml", "dispatcher"], b"");
+    exits_saying(
+        &out,
+        64,
+        "invalid configuration in bad.toml (with the command's flags applied):\n  - \
+         limits.max_frame_bytes must be between 1024 and",
+    );
+}
