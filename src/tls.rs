@@ -137,26 +137,24 @@ pub enum TlsConfigError {
         found: String,
     },
     /// A certificate is outside its validity period: every peer would refuse it.
-    #[error(
-        "{path}: certificate {why}; issue a new one (`securesrv certs issue --force`, see \
-         docs/OPERATIONS.md) and restart"
-    )]
+    #[error("{path}: certificate {why}; {remedy}")]
     NotValidNow {
         /// The certificate file.
         path: String,
         /// "expired on ..." or "not valid before ...".
         why: String,
+        /// What to do: the `certs issue` command for its identity (and, for a component, a restart).
+        remedy: String,
     },
     /// Our own certificate is on the revocation list beside the CA: every peer would refuse it.
-    #[error(
-        "{path}: certificate revoked (listed in {crl}); issue a new one (`securesrv certs issue \
-         --force`, see docs/OPERATIONS.md) and restart"
-    )]
+    #[error("{path}: certificate revoked (listed in {crl}); {remedy}")]
     Revoked {
         /// The certificate file.
         path: String,
         /// The revocation list.
         crl: String,
+        /// What to do: the `certs issue` command for its identity (and, for a component, a restart).
+        remedy: String,
     },
     /// Building the client certificate verifier failed.
     #[error("client verifier: {0}")]
@@ -370,7 +368,28 @@ const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
 /// Refuses a certificate outside its validity period, which every peer would refuse at each
 /// handshake (a component would start, then fail its heartbeats with no word of why). A
 /// certificate x509-parser cannot read is left to the checks after this one.
-fn check_file_validity(path: &Path, der: &CertificateDer<'_>) -> Result<(), TlsConfigError> {
+/// What to do about an unusable certificate of our own: the `certs issue` command for its
+/// identity, and for a component (not a client, which reads it anew each time) a restart.
+fn reissue_remedy(der: &CertificateDer<'_>, component: bool) -> String {
+    let command = match SpiffeId::from_certificate_der(der) {
+        Ok(id) => format!(
+            "securesrv certs issue --force --role {} --name {}",
+            id.role().as_str(),
+            id.name()
+        ),
+        Err(_) => "securesrv certs issue --force".to_string(),
+    };
+    format!(
+        "issue a new one (`{command}`, see docs/OPERATIONS.md){}",
+        if component { " and restart" } else { "" }
+    )
+}
+
+fn check_file_validity(
+    path: &Path,
+    der: &CertificateDer<'_>,
+    component: bool,
+) -> Result<(), TlsConfigError> {
     let Ok((_, parsed)) = x509_parser::parse_x509_certificate(der) else {
         return Ok(());
     };
@@ -389,6 +408,7 @@ fn check_file_validity(path: &Path, der: &CertificateDer<'_>) -> Result<(), TlsC
     Err(TlsConfigError::NotValidNow {
         path: path.display().to_string(),
         why,
+        remedy: reissue_remedy(der, component),
     })
 }
 
@@ -435,9 +455,10 @@ impl TlsMaterial {
         Self::load_checking(ca, cert, key, false, false)
     }
 
-    /// Loads the three files; `ca_first`: the CA file is read before the certificate (a
-    /// certificate directory: a missing one is reported as its CA, the file that
-    /// `certs init` makes first).
+    /// Loads the three files; `ca_first`: they are a component's certificate directory, whose
+    /// CA file is read before the certificate (a missing directory is reported as its CA, the
+    /// file that `certs init` makes first) and whose unusable certificate also needs a restart
+    /// once issued anew.
     fn load_checking(
         ca: &Path,
         cert: &Path,
@@ -463,7 +484,7 @@ impl TlsMaterial {
             (load_roots()?, chain)
         };
         if validity {
-            check_file_validity(cert, &chain[0])?;
+            check_file_validity(cert, &chain[0], ca_first)?;
         }
         let own_id = SpiffeId::from_certificate_der(&chain[0]).map_err(|err| {
             TlsConfigError::OwnIdentity {
@@ -478,6 +499,7 @@ impl TlsMaterial {
             return Err(TlsConfigError::Revoked {
                 path: cert.display().to_string(),
                 crl: crl.display().to_string(),
+                remedy: reissue_remedy(&chain[0], ca_first),
             });
         }
         let revocations = Revocations::new(crls).map_err(|e| {

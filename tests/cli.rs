@@ -1942,10 +1942,12 @@ fn certs_revoke_lists_a_certificate_and_its_holder_stops_at_it() {
         ],
         b"",
     );
+    // A client is told the command for its identity, and no restart.
     exits_saying(
         &out,
         64,
-        "c/client.crt: certificate revoked (listed in c/ca.crl)",
+        "c/client.crt: certificate revoked (listed in c/ca.crl); issue a new one (`securesrv \
+         certs issue --force --role client --name default`, see docs/OPERATIONS.md)\n",
     );
     // A component whose own certificate is listed does not start.
     let out = run(
@@ -1967,7 +1969,12 @@ fn certs_revoke_lists_a_certificate_and_its_holder_stops_at_it() {
         ],
         b"",
     );
-    exits_saying(&out, 64, "c/worker-1.crt: certificate revoked");
+    exits_saying(
+        &out,
+        64,
+        "c/worker-1.crt: certificate revoked (listed in c/ca.crl); issue a new one (`securesrv \
+         certs issue --force --role worker --name 1`, see docs/OPERATIONS.md) and restart",
+    );
 }
 
 /// A token key file whose current key has retired (a hand edit, or a rotation's file copied
