@@ -195,9 +195,10 @@ pub struct Limits {
     /// Requests one worker runs at once, over all its connections.
     pub worker_max_concurrent: usize,
     /// Requests one client identity may have refused at once per second at the dispatcher
-    /// (`denied`, `unknown_op`, `overloaded`, ...), over all its connections; beyond it (a
-    /// second's worth may come together) its connections are read more slowly. Each refusal
-    /// writes an audit line: this bounds what one identity can write.
+    /// (`denied`, `unknown_op`, `overloaded`, ...), over all its connections; beyond it
+    /// (about a second's worth may come together) its connections take no new frame until it
+    /// is back within it. Each refusal writes an audit line: this bounds what one identity
+    /// can write.
     pub max_refusals_per_sec_per_identity: u32,
 }
 

@@ -386,6 +386,16 @@ impl<S: AsyncRead + Unpin> Connection<S> {
         self.last_frame = Instant::now();
     }
 
+    /// Starts the idle clock, and the clock of a frame in progress, again: for a time this
+    /// side chose not to read, which is not the peer's to count.
+    pub fn restart_clocks(&mut self) {
+        let now = Instant::now();
+        self.last_frame = now;
+        if self.frame_started.is_some() {
+            self.frame_started = Some(now);
+        }
+    }
+
     /// The next message if a whole frame is already buffered; never waits or reads.
     pub fn buffered_message(&mut self) -> Result<Option<Message>, ConnError> {
         let Some(total) = frame::check_header(&self.read_buf, self.limits.max_frame)? else {

@@ -115,23 +115,30 @@ pub struct IdentitySlots {
 /// A client identity's requests refused at once (`denied`, `unknown_op`, `overloaded`, ...),
 /// paced over all its connections. A refusal costs far less than serving and still writes
 /// an audit line, so one identity pipelining requests it may not make drew 470,000 lines
-/// (135 MB) a second. Beyond the pace (a second's worth may come at once), a connection that
-/// refuses waits before it reads on, until the identity is back within it; its requests are
-/// still read and refused, and audited, just no faster.
+/// (135 MB) a second. Once the identity owes refusals (beyond a second's worth at once), its
+/// connections stop reading until it is back within the pace; requests already read keep
+/// running and their answers are written meanwhile.
 #[derive(Debug)]
 pub struct RefusalPace {
     per_sec: f64,
     /// Refusals that may still come at once (negative: owed), and when that was reckoned.
     state: Mutex<(f64, std::time::Instant)>,
+    /// Until when the identity owes (nanoseconds after `epoch`; 0: it owes nothing): what a
+    /// connection looks at before each read, without the lock.
+    owed_until: std::sync::atomic::AtomicU64,
+    epoch: std::time::Instant,
 }
 
 impl RefusalPace {
     /// A pace of `per_sec` refusals a second (at least 1).
     pub fn new(per_sec: u32) -> Self {
         let per_sec = f64::from(per_sec.max(1));
+        let now = std::time::Instant::now();
         RefusalPace {
             per_sec,
-            state: Mutex::new((per_sec, std::time::Instant::now())),
+            state: Mutex::new((per_sec, now)),
+            owed_until: std::sync::atomic::AtomicU64::new(0),
+            epoch: now,
         }
     }
 
@@ -144,23 +151,43 @@ impl RefusalPace {
         tokens + since.elapsed().as_secs_f64() * self.per_sec >= self.per_sec
     }
 
-    /// Counts `n` refusals; how long their connection should wait before reading on: until
-    /// everything owed is paid back, so that the identity's refusals keep to the pace however
-    /// many connections it refuses on. As each connection waits before it refuses again,
-    /// what is owed stays within its connections' last turns (at most
-    /// `max_connections_per_identity` x [`crate::session::FRAMES_PER_TURN`]).
-    pub fn charge(&self, n: usize) -> Duration {
+    /// Counts `n` refusals. If the identity now owes, its connections read nothing more
+    /// until it has paid back ([`RefusalPace::owed_until`]).
+    pub fn charge(&self, n: usize) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let (tokens, since) = &mut *state;
         let now = std::time::Instant::now();
         let refilled = now.duration_since(*since).as_secs_f64() * self.per_sec;
         *since = now;
         *tokens = (*tokens + refilled).min(self.per_sec) - n as f64;
-        if *tokens >= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(-*tokens / self.per_sec)
+        if *tokens < 0.0 {
+            let until = now + Duration::from_secs_f64(-*tokens / self.per_sec);
+            let ns = until.duration_since(self.epoch).as_nanos().max(1);
+            self.owed_until.store(
+                u64::try_from(ns).unwrap_or(u64::MAX),
+                std::sync::atomic::Ordering::Relaxed,
+            );
         }
+    }
+
+    /// Until when the identity's connections must not read, if it owes now: one atomic load
+    /// when it does not.
+    pub fn owed_until(&self) -> Option<std::time::Instant> {
+        let ns = self.owed_until.load(std::sync::atomic::Ordering::Relaxed);
+        if ns == 0 {
+            return None;
+        }
+        let until = self.epoch + Duration::from_nanos(ns);
+        if until <= std::time::Instant::now() {
+            let _ = self.owed_until.compare_exchange(
+                ns,
+                0,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            return None;
+        }
+        Some(until)
     }
 }
 
@@ -681,22 +708,23 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 mod tests {
     use super::*;
 
-    /// A second's worth of refusals at once, then each waits for what is owed; the wait
-    /// covers everything owed, so that many connections keep to one pace together.
+    /// A second's worth of refusals at once; beyond it the identity owes, and its connections
+    /// must not read until it has paid back, however many of them charged.
     #[test]
-    fn refusals_beyond_the_pace_wait_for_everything_owed() {
+    fn refusals_beyond_the_pace_are_owed_until_paid_back() {
         let pace = RefusalPace::new(100);
-        assert_eq!(pace.charge(100), Duration::ZERO);
-        let first = pace.charge(50);
+        pace.charge(100);
+        assert_eq!(pace.owed_until(), None);
+        let t0 = std::time::Instant::now();
+        pace.charge(50);
+        pace.charge(50);
+        let until = pace.owed_until().expect("owes");
+        let wait = until.duration_since(t0);
         assert!(
-            first > Duration::from_millis(450) && first <= Duration::from_millis(500),
-            "{first:?}"
+            wait > Duration::from_millis(950) && wait <= Duration::from_millis(1_010),
+            "{wait:?}"
         );
-        let second = pace.charge(50);
-        assert!(
-            second > Duration::from_millis(950) && second <= Duration::from_secs(1),
-            "{second:?}"
-        );
+        assert!(!pace.rested());
     }
 
     #[test]

@@ -424,6 +424,20 @@ fn give_up_writing<S: Reset>(conn: &Connection<S>, e: &ConnError) {
     conn.get_ref().reset_on_close();
 }
 
+/// Waits until `until` (a branch taken only when there is one; built lazily, as a disabled
+/// branch's future is still made on every turn).
+async fn pause(until: Option<std::time::Instant>) {
+    if let Some(t) = until {
+        tokio::time::sleep_until(t.into()).await;
+    }
+}
+
+/// Until when this connection must not read: its identity owes refusals (see
+/// [`crate::server::RefusalPace`]).
+fn paced_until(session: &Session) -> Option<std::time::Instant> {
+    session.identity.pace.as_ref().and_then(|p| p.owed_until())
+}
+
 /// Drives `conn` until the peer closes, a protocol error, or `shutdown`; then waits up to
 /// the drain period for running requests and delivers their answers before closing. A
 /// connection whose peer does not take its answers within the write timeout is reset
@@ -461,6 +475,7 @@ pub async fn drive<S, F>(
     // Frames handled since this task last let the others run (see `FRAMES_PER_TURN`).
     let mut taken = 0;
     loop {
+        let paced = paced_until(&session);
         tokio::select! {
             biased;
             _ = &mut cancelled => {
@@ -483,11 +498,17 @@ pub async fn drive<S, F>(
                 }
                 session.idle_from_last_answer(&mut conn);
             }
-            r = conn.read_message() => {
+            // The identity owes refusals: read nothing until it is paid back, but go on
+            // answering what runs (the other branches). The time not read is ours, not the
+            // peer's: its frame and idle clocks start again.
+            _ = pause(paced), if paced.is_some() => {
+                conn.restart_clocks();
+            }
+            r = conn.read_message(), if paced.is_none() => {
                 // Handle the requests that arrived with this one before writing answers, so
                 // that their answers can share a write; refusals made here share one too.
                 let mut r = r;
-                let mut refused = 0;
+                let mut refused = false;
                 let stop = loop {
                     match r {
                         Ok(Some(msg)) => match on_message(msg, &mut session) {
@@ -497,7 +518,16 @@ pub async fn drive<S, F>(
                                     give_up_writing(&conn, &e.into());
                                     return;
                                 }
-                                refused += 1;
+                                refused = true;
+                                // Beyond its identity's pace, no connection of the identity
+                                // takes another frame until it is back within it (the rest
+                                // stays buffered).
+                                if let Some(pace) = &session.identity.pace {
+                                    pace.charge(1);
+                                    if pace.owed_until().is_some() {
+                                        break None;
+                                    }
+                                }
                             }
                             Next::Close(m) => break Some(m),
                         },
@@ -523,17 +553,10 @@ pub async fn drive<S, F>(
                         Err(e) => r = Err(e),
                     }
                 };
-                if refused > 0 {
+                if refused {
                     if let Err(e) = conn.flush().await {
                         give_up_writing(&conn, &e);
                         return;
-                    }
-                    // Beyond its identity's pace, this connection reads on only once the
-                    // identity is back within it (or the component stops).
-                    let wait = (session.identity.pace.as_ref())
-                        .map_or(Duration::ZERO, |p| p.charge(refused));
-                    if !wait.is_zero() {
-                        let _ = tokio::time::timeout(wait, shutdown.cancelled()).await;
                     }
                 }
                 if let Some(m) = stop {
@@ -575,6 +598,7 @@ pub async fn drive<S, F>(
                 break;
             }
         }
+        let paced = paced_until(&session);
         let quiet_until = if running {
             deadline
         } else {
@@ -603,7 +627,10 @@ pub async fn drive<S, F>(
                     break;
                 }
             }
-            r = conn.read_message(), if hearing => {
+            _ = pause(paced), if hearing && paced.is_some() => {
+                conn.restart_clocks();
+            }
+            r = conn.read_message(), if hearing && paced.is_none() => {
                 // The handler sees requests and pings as before; the session now refuses
                 // every request `shutting_down`, and the handler answers (and records) that.
                 let next = match r {
@@ -618,6 +645,9 @@ pub async fn drive<S, F>(
                 match next {
                     Next::Continue => {}
                     Next::Reply(m) => {
+                        if let Some(pace) = &session.identity.pace {
+                            pace.charge(1);
+                        }
                         if let Err(e) = conn.send(&m).await {
                             give_up_writing(&conn, &e);
                             return;

@@ -1315,3 +1315,45 @@ fn refusals_of_one_identity_keep_to_its_pace_and_another_is_served() {
         WAIT,
     );
 }
+
+/// While its identity owes refusals, a connection takes no new frame, but what it already runs
+/// goes on and is answered: a `sleep` sent before a burst of refused requests is answered
+/// long before the last refusal, which waits for the identity's pace.
+#[test]
+fn a_paced_connection_still_answers_what_it_runs() {
+    let s = start("max_refusals_per_sec_per_identity = 10\n");
+    rt().block_on(async {
+        let mut conn = Connection::new(s.raw("client-alice").await, IoLimits::default());
+        conn.queue(&sleep_request(1, 300)).unwrap();
+        for id in 2..=41 {
+            let nope = Message::Request(Request {
+                id,
+                op: "nope".into(),
+                payload: Default::default(),
+                timeout_ms: None,
+            });
+            conn.queue(&nope).unwrap();
+        }
+        conn.flush().await.unwrap();
+        let mut order = Vec::new();
+        while order.len() < 41 {
+            match tokio::time::timeout(WAIT, conn.read_message()).await {
+                Ok(Ok(Some(Message::Reply(r)))) => order.push(r.id),
+                Ok(Ok(Some(Message::Error(e)))) if e.code == ErrorCode::UnknownOp => {
+                    order.push(e.id)
+                }
+                other => panic!("after {order:?}: {other:?}"),
+            }
+        }
+        // 40 refusals at 10 a second, 10 at once: the last comes about 3 s after the first,
+        // the sleep's answer after 0.3 s.
+        let at = order
+            .iter()
+            .position(|&id| id == 1)
+            .expect("the sleep was answered");
+        assert!(
+            at < 25,
+            "the sleep was answered only after {at} refusals: {order:?}"
+        );
+    });
+}

@@ -578,11 +578,17 @@ impl ConnectionHandler for Handler {
                     ),
                 ))),
                 Message::Request(req) if client.id.role() == Role::Client => {
-                    // Refused at once, before it takes a slot: answered with the refusals of
-                    // its turn, and paced with them (see `server::RefusalPace`).
+                    // Admitted first, as before (a stopping connection says `shutting_down`,
+                    // a full one `overloaded`), then the op and the ACL, refused at once: with
+                    // the other refusals of its turn, and paced with them.
+                    let admitted = match s.admit(req.id, req.payload.len()) {
+                        Ok(admitted) => admitted,
+                        Err(refusal) => return Next::Reply(client.refused(req.op, refusal)),
+                    };
                     let info = match d.op_for(&client, &req.op) {
                         Ok(info) => info,
                         Err((code, message)) => {
+                            drop(admitted);
                             return Next::Reply(client.refused(
                                 req.op,
                                 Message::Error(ErrorReply {
@@ -593,20 +599,17 @@ impl ConnectionHandler for Handler {
                             ));
                         }
                     };
-                    match s.admit(req.id, req.payload.len()) {
-                        Ok(admitted) if d.over_share(s.identity()) => {
-                            drop(admitted);
-                            Next::Reply(
-                                client.refused(req.op, d.share_refusal(s.identity(), req.id)),
-                            )
-                        }
-                        Ok(admitted) => s.run_admitted(
-                            admitted,
-                            Placement::Inline,
-                            d.clone().handle_request(client.clone(), req, info),
-                        ),
-                        Err(refusal) => Next::Reply(client.refused(req.op, refusal)),
+                    if d.over_share(s.identity()) {
+                        drop(admitted);
+                        return Next::Reply(
+                            client.refused(req.op, d.share_refusal(s.identity(), req.id)),
+                        );
                     }
+                    s.run_admitted(
+                        admitted,
+                        Placement::Inline,
+                        d.clone().handle_request(client.clone(), req, info),
+                    )
                 }
                 Message::Request(req) => Next::Reply(client.refused(
                     req.op,
