@@ -35,10 +35,13 @@ const STRAGGLERS_WINDOW: Duration = Duration::from_millis(100);
 /// Pings a connection may have unanswered beyond its request limit before it is cut off.
 pub const PING_HEADROOM: usize = 8;
 
-/// Frames a connection handles in one turn before the others get theirs. One read can bring
-/// a thousand small frames (pings, requests refused at once), each cheap; a peer pipelining
-/// them on many connections made every other connection, and the watchdog's heartbeat, wait
-/// for all of theirs: seconds, enough for the watchdog to kill a healthy dispatcher.
+/// Frames answered at once (pings, requests refused) a connection handles in one turn before
+/// the others get theirs. One read can bring a thousand such frames, each cheap; a peer
+/// pipelining them on many connections made every other connection, and the watchdog's
+/// heartbeat, wait for all of theirs: seconds, enough for the watchdog to kill a healthy
+/// dispatcher. Requests that start work are not counted: each takes one of the connection's
+/// slots, which bound how many a turn can start, and yielding among them cost pipelining
+/// clients 7 % of their throughput.
 pub const FRAMES_PER_TURN: usize = 32;
 
 /// What the loop does after a message was handled.
@@ -511,9 +514,14 @@ pub async fn drive<S, F>(
                 let mut refused = false;
                 let stop = loop {
                     match r {
-                        Ok(Some(msg)) => match on_message(msg, &mut session) {
-                            Next::Continue => {}
+                        Ok(Some(msg)) => {
+                            let ping = matches!(msg, Message::Ping(_));
+                            match on_message(msg, &mut session) {
+                            // A request that starts work takes a slot, and the slots bound
+                            // how many one turn can start; a ping is answered at once.
+                            Next::Continue => taken += usize::from(ping),
                             Next::Reply(m) => {
+                                taken += 1;
                                 if let Err(e) = conn.queue(&m) {
                                     give_up_writing(&conn, &e.into());
                                     return;
@@ -530,7 +538,8 @@ pub async fn drive<S, F>(
                                 }
                             }
                             Next::Close(m) => break Some(m),
-                        },
+                        }
+                        }
                         Ok(None) => break Some(None),
                         // A peer quiet while its requests run waits for their answers: not
                         // idle. The clock starts again; a request's own deadline bounds it.
@@ -543,7 +552,6 @@ pub async fn drive<S, F>(
                             break Some(e.to_message());
                         }
                     }
-                    taken += 1;
                     if taken >= FRAMES_PER_TURN {
                         break None;
                     }
