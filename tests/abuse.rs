@@ -1266,6 +1266,16 @@ fn a_client_that_never_reads_its_answers_is_reset_at_the_write_deadline() {
     });
 }
 
+/// A request for an op nobody serves: refused at once.
+fn unknown_op_request(id: u64) -> Message {
+    Message::Request(Request {
+        id,
+        op: "nope".into(),
+        payload: Default::default(),
+        timeout_ms: None,
+    })
+}
+
 /// One identity pipelining requests that are refused at once (an op nobody serves), on one
 /// connection after another: every one is refused and audited, but no faster than the
 /// identity's pace, which closing a connection and opening another does not start afresh;
@@ -1282,13 +1292,7 @@ fn refusals_of_one_identity_keep_to_its_pace_and_another_is_served() {
         for _ in 0..CONNS {
             let mut conn = Connection::new(s.raw("client-alice").await, IoLimits::default());
             for id in 1..=PER_CONN {
-                let nope = Message::Request(Request {
-                    id,
-                    op: "nope".into(),
-                    payload: Default::default(),
-                    timeout_ms: None,
-                });
-                conn.queue(&nope).unwrap();
+                conn.queue(&unknown_op_request(id)).unwrap();
             }
             conn.flush().await.unwrap();
             for id in 1..=PER_CONN {
@@ -1326,13 +1330,7 @@ fn a_paced_connection_still_answers_what_it_runs() {
         let mut conn = Connection::new(s.raw("client-alice").await, IoLimits::default());
         conn.queue(&sleep_request(1, 300)).unwrap();
         for id in 2..=41 {
-            let nope = Message::Request(Request {
-                id,
-                op: "nope".into(),
-                payload: Default::default(),
-                timeout_ms: None,
-            });
-            conn.queue(&nope).unwrap();
+            conn.queue(&unknown_op_request(id)).unwrap();
         }
         conn.flush().await.unwrap();
         let mut order = Vec::new();

@@ -27,6 +27,13 @@ fn run(cwd: &Path, args: &[&str], stdin: &[u8]) -> Output {
     child.wait_with_output().expect("wait")
 }
 
+/// `certs init --dir DIR --workers 1` in `cwd`, which must succeed; what it said.
+fn certs_init(cwd: &Path, dir: &str) -> Output {
+    let out = run(cwd, &["certs", "init", "--dir", dir, "--workers", "1"], b"");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    out
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -93,12 +100,7 @@ fn start_pair(
 #[test]
 fn certs_commands() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = run(
-        tmp.path(),
-        &["certs", "init", "--dir", "c", "--workers", "1"],
-        b"",
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = certs_init(tmp.path(), "c");
     assert!(text(&out.stdout).contains("wrote c/worker-1.token"));
     let again = run(tmp.path(), &["certs", "init", "--dir", "c"], b"");
     assert_eq!(again.status.code(), Some(1));
@@ -1868,12 +1870,7 @@ fn rotation_windows_that_are_too_short_or_too_long_are_said_so() {
 fn certs_revoke_lists_a_certificate_and_its_holder_stops_at_it() {
     let tmp = tempfile::tempdir().unwrap();
     for dir in ["c", "other"] {
-        let out = run(
-            tmp.path(),
-            &["certs", "init", "--dir", dir, "--workers", "1"],
-            b"",
-        );
-        assert!(out.status.success(), "{}", text(&out.stderr));
+        certs_init(tmp.path(), dir);
     }
     let out = run(
         tmp.path(),
@@ -1983,12 +1980,7 @@ fn certs_revoke_lists_a_certificate_and_its_holder_stops_at_it() {
 #[test]
 fn a_retired_current_token_key_or_a_binary_key_file_stops_the_component() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = run(
-        tmp.path(),
-        &["certs", "init", "--dir", "c", "--workers", "1"],
-        b"",
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    certs_init(tmp.path(), "c");
     for file in ["c/token.key", "c/worker-1.token"] {
         let path = tmp.path().join(file);
         let retired: String = (std::fs::read_to_string(&path).unwrap().lines())
