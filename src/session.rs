@@ -517,28 +517,28 @@ pub async fn drive<S, F>(
                         Ok(Some(msg)) => {
                             let ping = matches!(msg, Message::Ping(_));
                             match on_message(msg, &mut session) {
-                            // A request that starts work takes a slot, and the slots bound
-                            // how many one turn can start; a ping is answered at once.
-                            Next::Continue => taken += usize::from(ping),
-                            Next::Reply(m) => {
-                                taken += 1;
-                                if let Err(e) = conn.queue(&m) {
-                                    give_up_writing(&conn, &e.into());
-                                    return;
-                                }
-                                refused = true;
-                                // Beyond its identity's pace, no connection of the identity
-                                // takes another frame until it is back within it (the rest
-                                // stays buffered).
-                                if let Some(pace) = &session.identity.pace {
-                                    pace.charge(1);
-                                    if pace.owed_until().is_some() {
-                                        break None;
+                                // A request that starts work takes a slot, and the slots bound
+                                // how many one turn can start; a ping is answered at once.
+                                Next::Continue => taken += usize::from(ping),
+                                Next::Reply(m) => {
+                                    taken += 1;
+                                    if let Err(e) = conn.queue(&m) {
+                                        give_up_writing(&conn, &e.into());
+                                        return;
+                                    }
+                                    refused = true;
+                                    // Beyond its identity's pace, no connection of the
+                                    // identity takes another frame until it is back within it
+                                    // (the rest stays buffered).
+                                    if let Some(pace) = &session.identity.pace {
+                                        pace.charge(1);
+                                        if pace.owed_until().is_some() {
+                                            break None;
+                                        }
                                     }
                                 }
+                                Next::Close(m) => break Some(m),
                             }
-                            Next::Close(m) => break Some(m),
-                        }
                         }
                         Ok(None) => break Some(None),
                         // A peer quiet while its requests run waits for their answers: not
