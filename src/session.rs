@@ -785,6 +785,16 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use tokio::time::Instant;
 
+    /// A request for op `x`, with no payload, as the tests' handlers take it.
+    fn request(id: u64) -> Message {
+        Message::Request(Request {
+            id,
+            op: "x".into(),
+            payload: Bytes::new(),
+            timeout_ms: None,
+        })
+    }
+
     /// In-memory pipes have no TCP to reset.
     impl Reset for tokio::io::DuplexStream {
         fn reset_on_close(&self) {}
@@ -836,15 +846,7 @@ mod tests {
                     _ => Next::Continue,
                 },
             ));
-            client
-                .send(&Message::Request(Request {
-                    id: 1,
-                    op: "x".into(),
-                    payload: Bytes::new(),
-                    timeout_ms: None,
-                }))
-                .await
-                .unwrap();
+            client.send(&request(1)).await.unwrap();
             // Stopping before the request is read would rightly refuse it `shutting_down`
             // (on a busy machine 5 ms were not always enough for the read).
             tokio::time::timeout(Duration::from_secs(10), read.notified())
@@ -900,12 +902,7 @@ mod tests {
                     _ => Next::Continue,
                 },
             ));
-            let request = Message::Request(Request {
-                id: 1,
-                op: "x".into(),
-                payload: Bytes::new(),
-                timeout_ms: None,
-            });
+            let request = request(1);
             let mut bytes = crate::frame::encode_to_vec(&request, 1 << 20).unwrap();
             if !half_close {
                 // A one-byte body: MessagePack's reserved marker.
@@ -982,14 +979,6 @@ mod tests {
             }),
             _ => Next::Continue,
         }));
-        let request = |id| {
-            Message::Request(Request {
-                id,
-                op: "x".into(),
-                payload: Bytes::new(),
-                timeout_ms: None,
-            })
-        };
         to_server.send(&request(1)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         shutdown.cancel();
@@ -1086,12 +1075,7 @@ mod tests {
             .collect();
         let mut refused = 0;
         for id in 1..=2_000 {
-            let request = Message::Request(Request {
-                id,
-                op: "x".into(),
-                payload: Bytes::new(),
-                timeout_ms: None,
-            });
+            let request = request(id);
             client.send(&request).await.unwrap();
             match tokio::time::timeout(Duration::from_secs(5), client.read_message()).await {
                 Ok(Ok(Some(Message::Reply(r)))) if r.id == id => {}
@@ -1116,14 +1100,7 @@ mod tests {
         for id in 1..=20 {
             let ping = Message::Ping(crate::message::Ping { nonce: vec![7; 16] });
             client.queue(&ping).unwrap();
-            client
-                .queue(&Message::Request(Request {
-                    id,
-                    op: "x".into(),
-                    payload: Bytes::new(),
-                    timeout_ms: None,
-                }))
-                .unwrap();
+            client.queue(&request(id)).unwrap();
             client.flush().await.unwrap();
             let (mut pong, mut reply) = (false, false);
             while !(pong && reply) {
@@ -1149,14 +1126,7 @@ mod tests {
         let (a, b) = tokio::io::duplex(1 << 20);
         let mut client = Connection::new(b, IoLimits::default());
         for id in 1..=N {
-            client
-                .queue(&Message::Request(Request {
-                    id,
-                    op: "x".into(),
-                    payload: Bytes::new(),
-                    timeout_ms: None,
-                }))
-                .unwrap();
+            client.queue(&request(id)).unwrap();
         }
         client.flush().await.unwrap();
         let handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));

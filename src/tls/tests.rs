@@ -153,9 +153,24 @@ async fn good_peer_is_served(
     m: &TlsMaterial,
     rx: &mut mpsc::UnboundedReceiver<Result<SpiffeId, HandshakeError>>,
 ) {
-    let w1 = SpiffeId::worker(TD, 1).unwrap();
-    let (mut s, id) = m.connector(&w1, WAIT).unwrap().connect(addr).await.unwrap();
-    assert_eq!(id, w1);
+    served_by_worker(addr, m, rx, 1).await;
+}
+
+/// Connects with `m` expecting worker `n` and reads the server's "ok".
+async fn served_by_worker(
+    addr: SocketAddr,
+    m: &TlsMaterial,
+    rx: &mut mpsc::UnboundedReceiver<Result<SpiffeId, HandshakeError>>,
+    n: u32,
+) {
+    let worker = SpiffeId::worker(TD, n).unwrap();
+    let (mut s, id) = m
+        .connector(&worker, WAIT)
+        .unwrap()
+        .connect(addr)
+        .await
+        .unwrap();
+    assert_eq!(id, worker);
     let mut buf = [0u8; 2];
     tokio::time::timeout(WAIT, s.read_exact(&mut buf))
         .await
@@ -817,20 +832,7 @@ async fn a_revoked_certificate_is_refused_both_ways_and_cannot_be_loaded() {
             CertificateError::Revoked
         )))
     ));
-    let (mut s, id) = dispatcher
-        .connector(&w2, WAIT)
-        .unwrap()
-        .connect(addr)
-        .await
-        .unwrap();
-    assert_eq!(id, w2);
-    let mut buf = [0u8; 2];
-    tokio::time::timeout(WAIT, s.read_exact(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&buf, b"ok");
-    assert_eq!(next(&mut rx).await.unwrap(), *dispatcher.own_id());
+    served_by_worker(addr, &dispatcher, &mut rx, 2).await;
 
     // Its own certificate revoked, a component refuses to start, and says what to do.
     let err = TlsMaterial::load_from_dir(&pki.dir, &w1).unwrap_err();
