@@ -88,7 +88,8 @@ pub struct IdentitySlots {
     pub slots: Arc<Semaphore>,
     /// Their number.
     pub limit: usize,
-    /// Payload budget, one permit per started KiB of a request's payload.
+    /// Payload budget, one permit per started KiB of a request's payload, held from its
+    /// admission until its answer is written.
     pub kib: Arc<Semaphore>,
     /// Its size in KiB.
     pub kib_limit: usize,

@@ -133,16 +133,20 @@ impl Leftovers {
     }
 }
 
-type Answer = Pin<Box<dyn Future<Output = Message> + Send>>;
+/// An answer, with the share of its identity's payload budget it holds until it is written
+/// (none for a ping's).
+type Done = (Message, Option<OwnedSemaphorePermit>);
 
-/// A request's place among those running: its identity's request slot and payload budget,
-/// held until its answer exists.
+type Answer = Pin<Box<dyn Future<Output = Done> + Send>>;
+
+/// A request's place among those running: its identity's request slot, held until its
+/// answer exists, and its payload budget, held until that answer is written.
 pub struct Admission((OwnedSemaphorePermit, OwnedSemaphorePermit));
 
 /// Handle through which a message handler starts requests.
 pub struct Session {
     inline: FuturesUnordered<Answer>,
-    tx: mpsc::Sender<Message>,
+    tx: mpsc::Sender<Done>,
     spawned: TaskTracker,
     max_in_flight: usize,
     identity: crate::server::IdentitySlots,
@@ -155,6 +159,8 @@ pub struct Session {
     stopping: bool,
     /// Where its requests go when the connection ends before they do.
     leftovers: Leftovers,
+    /// The payload budget of the answers being written, given back once they are.
+    writing: Option<OwnedSemaphorePermit>,
 }
 
 /// Counts one item in a gauge until dropped: a spawned request until its answer exists (or
@@ -262,14 +268,18 @@ impl Session {
             )));
         }
         if self.spawns(placement) {
-            self.run(placement, Box::pin(async move { pong(nonce) }), false);
+            self.run(
+                placement,
+                Box::pin(async move { (pong(nonce), None) }),
+                false,
+            );
         } else {
             // Among the requests run inline until it is answered, and not counted as one.
             let pending = Working::enter(&self.inline_pings);
             let answer = async move {
                 let m = pong(nonce);
                 drop(pending);
-                m
+                (m, None)
             };
             self.run(placement, Box::pin(answer), false);
         }
@@ -354,18 +364,33 @@ impl Drop for Running<'_> {
     }
 }
 
-/// Keeps the identity's slot and payload budget taken until the request's answer exists.
+/// Keeps the identity's slot taken until the request's answer exists, and hands its payload
+/// budget on with the answer: an answer the peer does not read holds memory as its request
+/// did, so that one identity's unread answers stay within its budget.
 async fn hold<F: Future<Output = Message>>(
-    permit: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    (slot, budget): (OwnedSemaphorePermit, OwnedSemaphorePermit),
     work: F,
-) -> Message {
+) -> Done {
     let answer = work.await;
-    drop(permit);
-    answer
+    drop(slot);
+    (answer, Some(budget))
 }
 
-/// Queues an answer; one too large to send becomes a `too_large` error for its request.
-fn queue_answer<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut Connection<S>, msg: Message) {
+/// Queues an answer (one too large to send becomes a `too_large` error for its request) and
+/// keeps its payload budget until the write is done.
+fn queue_answer<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Connection<S>,
+    session: &mut Session,
+    (msg, budget): Done,
+) {
+    if let Some(budget) = budget {
+        match session.writing.as_mut() {
+            // All of a connection's answers are charged to its peer's identity.
+            Some(held) if Arc::ptr_eq(held.semaphore(), budget.semaphore()) => held.merge(budget),
+            Some(_) => {}
+            None => session.writing = Some(budget),
+        }
+    }
     if let Err(e) = conn.queue(&msg) {
         let id = match &msg {
             Message::Reply(r) => r.id,
@@ -380,26 +405,29 @@ fn queue_answer<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut Connection<S>, msg
     }
 }
 
-/// Queues `first` and every other answer that is ready now, then writes them together.
+/// Queues `first` and every other answer that is ready now, then writes them together and
+/// gives their payload budget back.
 async fn write_answers<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Connection<S>,
     session: &mut Session,
-    rx: &mut mpsc::Receiver<Message>,
-    first: Message,
+    rx: &mut mpsc::Receiver<Done>,
+    first: Done,
 ) -> Result<(), ConnError> {
-    queue_answer(conn, first);
+    queue_answer(conn, session, first);
     while conn.queued() < MAX_BATCH {
         // Polling with a no-op waker is fine here: the loop polls `inline` again with the
         // task's real waker right after this write, which sees anything woken meanwhile.
         if let Some(Some(m)) = session.inline.next().now_or_never() {
-            queue_answer(conn, m);
+            queue_answer(conn, session, m);
         } else if let Ok(m) = rx.try_recv() {
-            queue_answer(conn, m);
+            queue_answer(conn, session, m);
         } else {
             break;
         }
     }
-    conn.flush().await
+    conn.flush().await?;
+    session.writing = None;
+    Ok(())
 }
 
 /// A connection's stream that can be closed with a reset.
@@ -455,7 +483,7 @@ pub async fn drive<S, F>(
     F: FnMut(Message, &mut Session) -> Next,
 {
     let max_in_flight = limits.per_connection.max(1);
-    let (tx, mut rx) = mpsc::channel::<Message>(max_in_flight + PING_HEADROOM + 8);
+    let (tx, mut rx) = mpsc::channel::<Done>(max_in_flight + PING_HEADROOM + 8);
     let multi_thread = tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread);
     let mut session = Session {
@@ -469,6 +497,7 @@ pub async fn drive<S, F>(
         inline_pings: Arc::default(),
         stopping: false,
         leftovers: limits.leftovers,
+        writing: None,
     };
     let mut last: Option<Message> = None;
     // One wait for cancellation for the whole loop, looked at only once it has woken us: a
@@ -1198,5 +1227,82 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_ping_read_with_a_request_leaves_room_for_it_spawned() {
         a_ping_read_with_a_request_leaves_room_for_it().await;
+    }
+
+    /// An answer its peer does not read keeps its request's share of the identity's payload
+    /// budget until it is written: given back as the answer came to exist, one identity with
+    /// many connections that never read could pin far more than its budget in unwritten
+    /// answers (a hostile review pinned ~430 MB of 1 MB echoes, 2,048 connections allow GBs).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unread_answer_keeps_its_payload_budget_until_written() {
+        const LEN: usize = 64 * 1024;
+        // A pipe that holds 4 KiB: the answer cannot be written until the peer reads.
+        let (a, b) = tokio::io::duplex(4096);
+        let mut client = Connection::new(b, IoLimits::default());
+        let identity = crate::server::IdentitySlots::new(8, 1 << 20);
+        let (kib, full) = (identity.kib.clone(), identity.kib_limit);
+        let limits = RequestLimits {
+            per_connection: 8,
+            identity,
+            drain: Duration::from_millis(100),
+            leftovers: Leftovers::default(),
+        };
+        let answered = Arc::new(tokio::sync::Notify::new());
+        let shutdown = CancellationToken::new();
+        let srv = tokio::spawn({
+            let answered = answered.clone();
+            drive(
+                Connection::new(a, IoLimits::default()),
+                shutdown.clone(),
+                limits,
+                move |m, s| match m {
+                    Message::Request(q) => {
+                        let answered = answered.clone();
+                        s.start(q.id, Placement::Task, q.payload.len(), async move {
+                            answered.notify_one();
+                            Message::Reply(Reply {
+                                id: q.id,
+                                payload: q.payload,
+                            })
+                        })
+                    }
+                    _ => Next::Continue,
+                },
+            )
+        });
+        let echo = Message::Request(Request {
+            id: 1,
+            op: "x".into(),
+            payload: Bytes::from(vec![5u8; LEN]),
+            timeout_ms: None,
+        });
+        client.send(&echo).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), answered.notified())
+            .await
+            .expect("the request ran");
+        // The answer exists and cannot be written: its 64 KiB stay charged, however long.
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            assert_eq!(
+                kib.available_permits(),
+                full - LEN / 1024,
+                "the payload budget was given back before the answer was written"
+            );
+        }
+        match tokio::time::timeout(Duration::from_secs(5), client.read_message()).await {
+            Ok(Ok(Some(Message::Reply(r)))) => assert_eq!((r.id, r.payload.len()), (1, LEN)),
+            other => panic!("expected the echo, got {other:?}"),
+        }
+        // Written: the budget is free again.
+        let freed = async {
+            while kib.available_permits() != full {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), freed)
+            .await
+            .expect("the payload budget is given back once the answer is written");
+        shutdown.cancel();
+        let _ = srv.await;
     }
 }

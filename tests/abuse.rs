@@ -1266,6 +1266,110 @@ fn a_client_that_never_reads_its_answers_is_reset_at_the_write_deadline() {
     });
 }
 
+/// Answers a client does not read count against its identity's payload budget until they
+/// are written: alice sends echoes that each take all of her 1 MiB budget on a connection she
+/// never reads. Once her connection's answers back up, her identity is refused at once
+/// on another connection, bob is still served, and when she reads, she is served again.
+/// Before, each answer gave its budget back as it came to exist, and an identity's unread
+/// answers were bounded only by its connections (2,048 x 1 MiB by default).
+#[test]
+fn answers_a_client_does_not_read_count_against_its_payload_budget() {
+    // 1,024 KiB as the budget counts (whole KiB), in a frame within the 1 MiB limit.
+    const LEN: usize = 1023 * 1024 + 1;
+    let s = start(
+        "max_in_flight_bytes_per_identity = 1048576\nwrite_timeout_ms = 30000\n\
+         frame_timeout_ms = 30000\n",
+    );
+    rt().block_on(async {
+        // A small receive window, so that the answers back up in the dispatcher.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(32 * 1024).unwrap();
+        let tcp = socket.connect(s.addr).await.unwrap();
+        let stream = s.raw_over(tcp, "client-alice").await.expect("handshake");
+        let (mut unread, mut writer) = tokio::io::split(stream);
+        // Sent one at a time, so that most are admitted (one in flight at a time), until the
+        // dispatcher stops reading her: it is stuck writing her answers. Never cut short: a
+        // frame left half-sent would hold the budget of frames still arriving.
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let sending = tokio::spawn({
+            let sent = sent.clone();
+            async move {
+                for id in 1..=40u64 {
+                    let echo = Message::Request(Request {
+                        id,
+                        op: "echo".into(),
+                        payload: bytes::Bytes::from(vec![id as u8; LEN]),
+                        timeout_ms: None,
+                    });
+                    let frame = securesrv::frame::encode_to_vec(&echo, 2 << 20).unwrap();
+                    writer.write_all(&frame).await.expect("send");
+                    sent.store(id, std::sync::atomic::Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                writer
+            }
+        });
+        // Backed up: nothing more could be sent for a second.
+        let deadline = Instant::now() + WAIT;
+        let mut last = (0, Instant::now());
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = sent.load(std::sync::atomic::Ordering::Relaxed);
+            assert!(now < 40, "40 MB of answers went through a 32 KiB window");
+            assert!(Instant::now() < deadline, "sending never stopped");
+            if now != last.0 {
+                last = (now, Instant::now());
+            } else if last.1.elapsed() >= Duration::from_secs(1) {
+                break;
+            }
+        }
+        // Small, so that its frame needs no share of the budget of frames still arriving,
+        // which a request of hers left half-read may hold.
+        let small = b"good".to_vec();
+        let alice = s.client("client-alice").await;
+        match alice.call("echo", &small).await {
+            Err(ClientError::Remote { code, message }) => {
+                assert_eq!(code, ErrorCode::Overloaded, "{message}");
+                assert!(message.contains("payload bytes"), "{message}");
+            }
+            Ok(answer) => panic!(
+                "alice was served ({} bytes) beside her unread answers",
+                answer.len()
+            ),
+            Err(e) => panic!("alice: {e}"),
+        }
+        served(&s.client("client-bob").await).await;
+        // She reads: her answers are written, and the budget comes back.
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; 1 << 16];
+            while matches!(unread.read(&mut buf).await, Ok(n) if n > 0) {}
+        });
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match alice.call("echo", &small).await {
+                Ok(answer) => {
+                    assert!(answer == small, "the echo came back changed");
+                    break;
+                }
+                Err(ClientError::Remote {
+                    code: ErrorCode::Overloaded,
+                    ..
+                }) => {
+                    assert!(Instant::now() < deadline, "alice's budget never came back");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("alice: {e}"),
+            }
+        }
+        let writer = tokio::time::timeout(WAIT, sending)
+            .await
+            .expect("her requests were all read")
+            .unwrap();
+        drop(writer);
+        reader.abort();
+    });
+}
+
 /// A request for an op nobody serves: refused at once.
 fn unknown_op_request(id: u64) -> Message {
     Message::Request(Request {
