@@ -184,7 +184,8 @@ pub struct Limits {
     pub max_in_flight_per_identity: Option<usize>,
     /// Payload bytes one client identity may have in flight at the dispatcher over all its
     /// connections (a request holds its payload until it is answered, to send it again if its
-    /// worker fails, and its answer holds the same share until it is written to the client).
+    /// worker fails, and its answer holds as much, or its own size if larger, until it is
+    /// written to the client).
     /// At least `max_frame_bytes`, so that any one request fits.
     pub max_in_flight_bytes_per_identity: usize,
     /// Deadline of a request that does not ask for one.

@@ -140,8 +140,14 @@ type Done = (Message, Option<OwnedSemaphorePermit>);
 type Answer = Pin<Box<dyn Future<Output = Done> + Send>>;
 
 /// A request's place among those running: its identity's request slot, held until its
-/// answer exists, and its payload budget, held until that answer is written.
-pub struct Admission((OwnedSemaphorePermit, OwnedSemaphorePermit));
+/// answer exists, and its share of the identity's payload budget, held until that answer is
+/// written (as much as the answer's size, if that is more).
+pub struct Admission {
+    slot: OwnedSemaphorePermit,
+    budget: OwnedSemaphorePermit,
+    /// The whole budget, in KiB: no answer waits for more.
+    most: u32,
+}
 
 /// Handle through which a message handler starts requests.
 pub struct Session {
@@ -229,7 +235,11 @@ impl Session {
                 format!("too many payload bytes in flight for this identity (limit {limit} KiB)"),
             ));
         };
-        Ok(Admission((permit, budget)))
+        Ok(Admission {
+            slot: permit,
+            budget,
+            most: u32::try_from(self.identity.kib_limit).unwrap_or(u32::MAX),
+        })
     }
 
     /// The request slots of the peer's identity.
@@ -243,7 +253,7 @@ impl Session {
     where
         F: Future<Output = Message> + Send + 'static,
     {
-        self.run(placement, Box::pin(hold(admission.0, work)), true);
+        self.run(placement, Box::pin(hold(admission, work)), true);
         Next::Continue
     }
 
@@ -366,12 +376,33 @@ impl Drop for Running<'_> {
 
 /// Keeps the identity's slot taken until the request's answer exists, and hands its payload
 /// budget on with the answer: an answer the peer does not read holds memory as its request
-/// did, so that one identity's unread answers stay within its budget.
-async fn hold<F: Future<Output = Message>>(
-    (slot, budget): (OwnedSemaphorePermit, OwnedSemaphorePermit),
-    work: F,
-) -> Done {
+/// did, so that one identity's unread answers stay within its budget. An answer larger than
+/// its request (a job's output) first waits for a share of its own size, holding its slot
+/// but none of the budget while it waits (so that answers waiting for more cannot hold the
+/// budget between them): the answers that wait are bounded by the identity's slots.
+async fn hold<F: Future<Output = Message>>(admission: Admission, work: F) -> Done {
+    let Admission {
+        slot,
+        mut budget,
+        most,
+    } = admission;
     let answer = work.await;
+    // Whole KiB: an answer under 1 KiB more than its request never waits.
+    let need = match &answer {
+        Message::Reply(r) => u32::try_from(r.payload.len() / 1024)
+            .unwrap_or(u32::MAX)
+            .min(most),
+        _ => 0,
+    };
+    if need > u32::try_from(budget.num_permits()).unwrap_or(u32::MAX) {
+        let semaphore = budget.semaphore().clone();
+        drop(budget);
+        match semaphore.acquire_many_owned(need).await {
+            Ok(more) => budget = more,
+            // Never closed; should it be, the answer goes uncharged rather than unsent.
+            Err(_) => return (answer, None),
+        }
+    }
     drop(slot);
     (answer, Some(budget))
 }
@@ -1302,6 +1333,76 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), freed)
             .await
             .expect("the payload budget is given back once the answer is written");
+        shutdown.cancel();
+        let _ = srv.await;
+    }
+
+    /// An answer larger than its request (a job's output for an empty request) is charged at
+    /// its own size until written, and one that does not fit the identity's budget waits for
+    /// room, holding its request slot: so answers a peer leaves unread stay within the budget
+    /// however small the requests were. The peer then reads, and both answers come.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_answer_larger_than_its_request_is_charged_at_its_own_size() {
+        const LEN: usize = 48 * 1024;
+        let (a, b) = tokio::io::duplex(4096);
+        let mut client = Connection::new(b, IoLimits::default());
+        let identity = crate::server::IdentitySlots::new(8, 64 * 1024);
+        let (kib, slots) = (identity.kib.clone(), identity.slots.clone());
+        let limits = RequestLimits {
+            per_connection: 8,
+            identity,
+            drain: Duration::from_millis(100),
+            leftovers: Leftovers::default(),
+        };
+        let shutdown = CancellationToken::new();
+        let srv = tokio::spawn(drive(
+            Connection::new(a, IoLimits::default()),
+            shutdown.clone(),
+            limits,
+            |m, s| match m {
+                Message::Request(q) => s.start(q.id, Placement::Inline, 0, async move {
+                    Message::Reply(Reply {
+                        id: q.id,
+                        payload: Bytes::from(vec![3u8; LEN]),
+                    })
+                }),
+                _ => Next::Continue,
+            },
+        ));
+        client.queue(&request(1)).unwrap();
+        client.queue(&request(2)).unwrap();
+        client.flush().await.unwrap();
+        // The first answer holds 48 of the 64 KiB, unwritten; the second waits for 48 more
+        // (taking the 16 left as they come), with its slot.
+        let charged = async {
+            while kib.available_permits() != 0 || slots.available_permits() != 7 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        let (kib_left, slots_left) = (kib.clone(), slots.clone());
+        tokio::time::timeout(Duration::from_secs(5), charged)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "unread answers not charged: {} KiB and {} slots left",
+                    kib_left.available_permits(),
+                    slots_left.available_permits()
+                )
+            });
+        for id in 1..=2 {
+            match tokio::time::timeout(Duration::from_secs(5), client.read_message()).await {
+                Ok(Ok(Some(Message::Reply(r)))) => assert_eq!((r.id, r.payload.len()), (id, LEN)),
+                other => panic!("expected answer {id}, got {other:?}"),
+            }
+        }
+        let freed = async {
+            while kib.available_permits() != 64 || slots.available_permits() != 8 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), freed)
+            .await
+            .expect("the budget and the slots come back once the answers are written");
         shutdown.cancel();
         let _ = srv.await;
     }
