@@ -32,11 +32,17 @@ impl Fixture {
     /// The usual configuration with heartbeats every `beat_ms`, each allowed `beat_ms` (as
     /// by default, the timeout equals the interval), followed by `extra`.
     fn with_heartbeat(beat_ms: u64, extra: &str) -> Self {
+        Self::with_pings(beat_ms, 200, extra)
+    }
+
+    /// As [`Fixture::with_heartbeat`], with the dispatcher pinging its workers every
+    /// `worker_ping_ms` (it drops a worker's link after 5 unanswered).
+    fn with_pings(beat_ms: u64, worker_ping_ms: u64, extra: &str) -> Self {
         let pki = pki(2);
         let base = free_port_block(2);
         let cfg = format!(
             "certs_dir = {:?}\nworkers = 2\n\
-             [dispatcher]\nlisten = \"127.0.0.1:{base}\"\nworker_ping_interval_ms = 200\n\
+             [dispatcher]\nlisten = \"127.0.0.1:{base}\"\nworker_ping_interval_ms = {worker_ping_ms}\n\
              [watchdog]\nheartbeat_interval_ms = {beat_ms}\nheartbeat_timeout_ms = {beat_ms}\nmax_missed = 3\n\
              restart_backoff_initial_ms = 100\nrestart_backoff_max_ms = 2000\nstop_grace_ms = 3000\n{extra}",
             pki.dir
@@ -1069,6 +1075,92 @@ fn call_spawn(
         };
         c.call_with("spawn", b"", opts).await.map(|b| b.to_vec())
     })
+}
+
+/// A worker that stopped answering because it was frozen (SIGSTOP) is continued with the
+/// watchdog's SIGTERM and has the whole `stop_grace_ms` to finish its requests: the
+/// non-idempotent job it was running ends and is answered. With SIGKILL 1 s after the SIGTERM
+/// (what the dispatcher still gets), the job was killed and its client told `worker_lost`,
+/// although the worker could have answered. Found by a review that froze components under
+/// load.
+#[test]
+fn a_frozen_worker_stopped_by_the_watchdog_finishes_its_requests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pidfile = tmp.path().join("job.pid");
+    let flag = tmp.path().join("go");
+    // The job writes its PID, then waits for the flag.
+    let script = format!(
+        "echo $$ > '{{}}'; while [ ! -e '{}' ]; do sleep 0.05; done; echo done",
+        flag.display()
+    );
+    // The dispatcher drops a worker's link after 5 s without pongs, as by default: longer
+    // than the watchdog takes to stop a frozen worker.
+    let f = Fixture::with_pings(300, 1000, &spawn_job(&script, &pidfile));
+    let w = f.ready();
+    rt().block_on(async {
+        let call = call_spawn(f.client().await);
+        let job = tokio::task::block_in_place(|| common::wait_pid_file(&pidfile, WAIT));
+        let (component, _, _) = component_of(&w, job);
+        let worker = stat_of(job).expect("job in /proc").ppid;
+        tokio::task::block_in_place(|| common::stop_process(worker));
+        let line = tokio::task::block_in_place(|| {
+            w.wait_log(
+                &["stopping component", &format!("component={component} ")],
+                WAIT,
+            )
+        });
+        assert!(line.contains("heartbeats failed"), "{line}");
+        // Past the second after which SIGKILL used to come (the grace is 3 s here).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        std::fs::write(&flag, b"").unwrap();
+        let answer = tokio::time::timeout(WAIT, call)
+            .await
+            .expect("the call ends")
+            .unwrap();
+        match answer {
+            Ok(out) => assert_eq!(out, b"done\n"),
+            Err(e) => panic!("the frozen worker's job was not answered: {e}"),
+        }
+        let stopped = tokio::task::block_in_place(|| {
+            w.wait_log(
+                &["component stopped", &format!("component={component} ")],
+                WAIT,
+            )
+        });
+        assert!(stopped.contains("exit status 0"), "{stopped}");
+        tokio::task::block_in_place(|| {
+            w.wait_for_n(
+                true,
+                &["component up", &format!("component={component} ")],
+                2,
+                WAIT,
+            )
+        });
+    });
+}
+
+/// A component that stops answering after a stable run (`stable_after_ms`) is restarted
+/// after the first backoff delay, as one that crashed after a stable run is. The backoff used
+/// to be reset only for a component still marked up when it ended, which one the watchdog
+/// stops is not: every hang over a long life doubled the next delay, towards 5 s (for the
+/// dispatcher, 5 s of outage). Found by a review that froze components under load.
+#[test]
+fn a_hang_after_a_stable_run_restarts_after_the_first_delay() {
+    let f = Fixture::with("stable_after_ms = 1000\n");
+    let w = f.ready();
+    for nth in 1..=2 {
+        w.wait_for_n(true, &["component up", "component=worker-2 "], nth, WAIT);
+        // Up for longer than `stable_after_ms`.
+        std::thread::sleep(Duration::from_millis(1300));
+        common::stop_process(pid_of(&w, "worker-2", nth));
+        let line = w.wait_for_n(
+            true,
+            &["restarting component", "component=worker-2 "],
+            nth,
+            WAIT,
+        );
+        assert_eq!(field(&line, "delay_ms").as_deref(), Some("100"), "{line}");
+    }
 }
 
 #[test]

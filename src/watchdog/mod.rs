@@ -33,7 +33,8 @@ use tracing::{debug, error, info, warn};
 
 /// How often exits and backoff timers are checked.
 const POLL: Duration = Duration::from_millis(50);
-/// Grace between SIGTERM and SIGKILL for a component that stopped answering.
+/// Grace between SIGTERM and SIGKILL for a dispatcher that stopped answering (its successor
+/// needs its port), and for a component that overran its stop or never came up.
 const HUNG_GRACE: Duration = Duration::from_secs(1);
 /// How often a subreaper watchdog looks for processes its components left behind, besides
 /// after each component exit.
@@ -93,8 +94,9 @@ enum Phase {
     Starting { since: Instant },
     /// Answering heartbeats.
     Up { since: Instant },
-    /// Being stopped (SIGTERM/SIGKILL in progress).
-    Stopping,
+    /// Being stopped (SIGTERM/SIGKILL in progress); it had been up for `up_for` until it
+    /// stopped answering, if it was up (a long-stable component gets its backoff reset).
+    Stopping { up_for: Option<Duration> },
     /// Stopping by itself (told to by someone else, e.g. an operator's SIGTERM), since
     /// `since`: not probed, and left to finish its requests and exit, for at most
     /// `stop_grace_ms`. A SIGTERM of ours meanwhile would be its second signal, on which a
@@ -109,6 +111,23 @@ enum Phase {
     /// Restarted too often (at `since`); left down until `retry_at` (a worker; a failed
     /// dispatcher ends the watchdog).
     Failed { since: Instant, retry_at: Instant },
+}
+
+impl Phase {
+    /// Whether the component, now down, had been up for `stable_after_ms`: then its restart
+    /// backoff starts again from the first delay.
+    fn was_stable(&self, now: Instant, stable_after_ms: u64) -> bool {
+        let up_for = match *self {
+            Phase::Up { since }
+            | Phase::Draining {
+                up_since: Some(since),
+                ..
+            } => Some(now.saturating_duration_since(since)),
+            Phase::Stopping { up_for } => up_for,
+            _ => None,
+        };
+        up_for.is_some_and(|d| d >= Duration::from_millis(stable_after_ms))
+    }
 }
 
 struct Slot {
@@ -350,7 +369,8 @@ impl Supervisor {
                     slot.down_since.get_or_insert(now);
                     // Expected when someone asked it to stop (a clean exit after a signal) or
                     // the watchdog stopped it (which it said at WARN already).
-                    if child::asked_to_stop(&status) || matches!(slot.phase, Phase::Stopping) {
+                    if child::asked_to_stop(&status) || matches!(slot.phase, Phase::Stopping { .. })
+                    {
                         info!(component = %slot.comp.name, pid, status = %child::describe(&status), "component exited");
                     } else {
                         warn!(component = %slot.comp.name, pid, status = %child::describe(&status), "component exited");
@@ -391,6 +411,7 @@ impl Supervisor {
                     self.stop(
                         idx,
                         format!("still running {ms} ms after it began stopping by itself"),
+                        HUNG_GRACE,
                     );
                 }
                 Phase::Starting { since }
@@ -401,6 +422,7 @@ impl Supervisor {
                     self.stop(
                         idx,
                         format!("no heartbeat answered within {ms} ms of start"),
+                        HUNG_GRACE,
                     );
                 }
                 // A starting component is probed on every poll once it has bound its port, so
@@ -552,7 +574,16 @@ impl Supervisor {
                         if slot.misses >= self.cfg.watchdog.max_missed {
                             let reason =
                                 format!("{} heartbeats failed in a row (last: {e})", slot.misses);
-                            self.stop(idx, reason);
+                            // A worker that was only frozen (a paused process, a stalled
+                            // machine) is continued with its SIGTERM and may still finish its
+                            // requests, while the other workers serve: it gets the whole
+                            // grace. The dispatcher's successor needs its port at once.
+                            let grace = if slot.comp.is_dispatcher {
+                                HUNG_GRACE
+                            } else {
+                                Duration::from_millis(self.cfg.watchdog.stop_grace_ms)
+                            };
+                            self.stop(idx, reason, grace);
                         }
                     }
                     (Err(e), Phase::Starting { .. }) if e.contains("identity refused") => {
@@ -589,23 +620,38 @@ impl Supervisor {
         }
     }
 
-    /// Kills a live component in the background; a `Stopped` event follows.
-    fn stop(&mut self, idx: usize, reason: String) {
+    /// Stops a live component in the background, with SIGKILL `grace` after SIGTERM; a
+    /// `Stopped` event follows.
+    fn stop(&mut self, idx: usize, reason: String, grace: Duration) {
         let slot = &mut self.slots[idx];
         let Some(r) = slot.running.take() else {
             self.schedule_restart(idx, reason);
             return;
         };
         warn!(component = %slot.comp.name, pid = r.pid, reason = reason.as_str(), "stopping component");
-        slot.phase = Phase::Stopping;
-        slot.down_since.get_or_insert(Instant::now());
+        let now = Instant::now();
+        // Up until its first missed heartbeat (a hang is not a crash soon after a start).
+        let up_for = match slot.phase {
+            Phase::Up { since }
+            | Phase::Draining {
+                up_since: Some(since),
+                ..
+            } => Some(
+                slot.down_since
+                    .unwrap_or(now)
+                    .saturating_duration_since(since),
+            ),
+            _ => None,
+        };
+        slot.phase = Phase::Stopping { up_for };
+        slot.down_since.get_or_insert(now);
         let pid = r.pid;
         self.stopping.insert(pid);
         let tx = self.events.clone();
         // Finished stops are only collected here; their outcome comes as an event.
         while self.stop_tasks.try_join_next().is_some() {}
         self.stop_tasks.spawn(async move {
-            let status = child::stop(r, HUNG_GRACE).await;
+            let status = child::stop(r, grace).await;
             let _ = tx.send(Event::Stopped {
                 idx,
                 pid,
@@ -641,15 +687,8 @@ impl Supervisor {
         let w = &self.cfg.watchdog;
         let now = Instant::now();
         let slot = &mut self.slots[idx];
-        if let Phase::Up { since }
-        | Phase::Draining {
-            up_since: Some(since),
-            ..
-        } = slot.phase
-        {
-            if now.duration_since(since) >= Duration::from_millis(w.stable_after_ms) {
-                slot.backoff = Duration::from_millis(w.restart_backoff_initial_ms);
-            }
+        if slot.phase.was_stable(now, w.stable_after_ms) {
+            slot.backoff = Duration::from_millis(w.restart_backoff_initial_ms);
         }
         let window = Duration::from_millis(w.restart_limit_window_ms);
         while slot
@@ -701,17 +740,7 @@ impl Supervisor {
     fn restart_after_clean_stop(&mut self, idx: usize) {
         let w = &self.cfg.watchdog;
         let slot = &mut self.slots[idx];
-        let up_since = match slot.phase {
-            Phase::Up { since }
-            | Phase::Draining {
-                up_since: Some(since),
-                ..
-            } => Some(since),
-            _ => None,
-        };
-        let stable =
-            up_since.is_some_and(|t| t.elapsed() >= Duration::from_millis(w.stable_after_ms));
-        if stable {
+        if slot.phase.was_stable(Instant::now(), w.stable_after_ms) {
             slot.backoff = Duration::from_millis(w.restart_backoff_initial_ms);
         }
         let delay = slot.backoff;
