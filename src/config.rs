@@ -66,6 +66,19 @@ pub enum ConfigError {
     Invalid(Vec<String>),
 }
 
+/// The parser's message and where in the file it is, never the text of the line: a file given
+/// as the configuration by mistake may be a key file, whose line is a key (the parser's own
+/// rendering quotes it, and a token key went to the log in full that way).
+fn parse_error(text: &str, e: &toml::de::Error) -> String {
+    let Some(at) = e.span().map(|s| s.start.min(text.len())) else {
+        return e.message().trim_end().to_string();
+    };
+    let before = text.as_bytes().get(..at).unwrap_or_default();
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+    format!("line {line}, column {column}: {}", e.message().trim_end())
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -399,7 +412,7 @@ impl Config {
 
     /// Parses TOML text (no validation).
     pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        toml::from_str(text).map_err(|e| parse_error(text, &e))
     }
 
     /// Checks every value; lists all problems.
@@ -827,6 +840,24 @@ mod tests {
             ]
         );
         assert_eq!(cfg.certs_dir, PathBuf::from("certs"));
+    }
+
+    /// A key file given as the configuration by mistake: the error says where it failed,
+    /// never what the line holds (the parser's own message quoted the line, a token key).
+    #[test]
+    fn a_parse_error_never_quotes_the_file() {
+        let key = "810dd5e98394c9a1f0e1b2c3d4e5f60718293a4b5c6d7e8f9a0b1c2d3e4f5a6b";
+        for text in [
+            format!("# securesrv token keys\nkey 1 {key}\n"),
+            format!("-----BEGIN PRIVATE KEY-----\n{key}\n-----END PRIVATE KEY-----\n"),
+            format!("workers = 2\n{key}\n"),
+        ] {
+            let err = Config::parse(&text).unwrap_err();
+            assert!(!err.contains(&key[..16]), "the key is in the error: {err}");
+            assert!(err.starts_with("line "), "{err}");
+        }
+        let err = Config::parse("workers = 2\nkey 1 abc\n").unwrap_err();
+        assert!(err.starts_with("line 2, column 5: "), "{err}");
     }
 
     #[test]
