@@ -253,6 +253,15 @@ fn valid_dns_name(name: &str) -> bool {
 }
 
 /// As [`io_err`], for a file being loaded: a missing one says how to make it.
+/// Largest certificate file read (a chain of a few certificates is a few KiB).
+const MAX_CERT_FILE: u64 = 1024 * 1024;
+
+/// Reads a certificate file: a regular file of at most [`MAX_CERT_FILE`] bytes (see
+/// [`crate::files::read_regular`]).
+fn read_cert_file(path: &Path) -> Result<Vec<u8>, CertError> {
+    crate::files::read_regular(path, MAX_CERT_FILE).map_err(load_err(path))
+}
+
 fn load_err(path: &Path) -> impl FnOnce(std::io::Error) -> CertError + '_ {
     move |source| match source.kind() {
         std::io::ErrorKind::NotFound => CertError::Missing {
@@ -498,7 +507,11 @@ impl CertAuthority {
     pub fn load(dir: &Path) -> Result<Self, CertError> {
         let cert_path = dir.join(CA_CERT);
         let key_path = dir.join(CA_KEY);
-        let cert_pem = fs::read_to_string(&cert_path).map_err(load_err(&cert_path))?;
+        let cert_pem =
+            String::from_utf8(read_cert_file(&cert_path)?).map_err(|_| CertError::BadPem {
+                path: cert_path.clone(),
+                what: "not a PEM file".into(),
+            })?;
         let key_pem = read_secret_file(&key_path)?;
         let key_str = std::str::from_utf8(&key_pem).map_err(|_| CertError::BadPem {
             path: key_path.clone(),
@@ -760,7 +773,7 @@ fn read_secret<T>(
 
 /// Loads every certificate in a PEM file (leaf first, then any intermediates).
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
-    let data = fs::read(path).map_err(load_err(path))?;
+    let data = read_cert_file(path)?;
     let certs = CertificateDer::pem_slice_iter(&data)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CertError::BadPem {

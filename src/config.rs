@@ -66,6 +66,9 @@ pub enum ConfigError {
     Invalid(Vec<String>),
 }
 
+/// Largest configuration file read.
+const MAX_CONFIG_FILE: u64 = 1024 * 1024;
+
 /// The parser's message and where in the file it is, never the text of the line: a file given
 /// as the configuration by mistake may be a key file, whose line is a key (the parser's own
 /// rendering quotes it, and a token key went to the log in full that way).
@@ -398,9 +401,16 @@ impl Config {
         Ok(match path {
             None => Config::default(),
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                let read = |source| ConfigError::Read {
                     path: p.to_path_buf(),
                     source,
+                };
+                let bytes = crate::files::read_regular(p, MAX_CONFIG_FILE).map_err(read)?;
+                let text = String::from_utf8(bytes).map_err(|_| {
+                    read(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "not a text file (UTF-8)",
+                    ))
                 })?;
                 Self::parse(&text).map_err(|message| ConfigError::Parse {
                     path: p.to_path_buf(),

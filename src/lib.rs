@@ -19,6 +19,7 @@
 //! | [`certs`] | the project's PKI: issuance with rcgen, 0600 key files, key-mode checks |
 //! | [`token`] | request tokens: HKDF per-worker keys, HMAC-SHA256, replay cache, rotation |
 //! | [`config`] | the optional TOML configuration, defaults and validation |
+//! | [`files`] | bounded reads of regular files (certificates, lists, the configuration) |
 //! | [`server`], [`session`] | the accept loop with connection limits; the per-connection request loop |
 //! | [`inflight`] | requests in flight on a multiplexed connection, matched by id |
 //! | [`dispatcher`], [`worker`], [`watchdog`], [`client`] | one component each |
@@ -48,6 +49,7 @@ pub mod client;
 pub mod config;
 pub mod connection;
 pub mod dispatcher;
+pub mod files;
 pub mod frame;
 pub mod identity;
 pub mod inflight;

@@ -603,6 +603,101 @@ fn bad_configuration_exits_64_and_lists_every_problem() {
     assert_eq!(out.status.code(), Some(64));
 }
 
+/// Runs `args` in `cwd` and waits at most `WAIT` for it to end (killed by PID if it does
+/// not: the caller then fails); what it said.
+fn run_bounded(cwd: &Path, args: &[&str]) -> Output {
+    let child = Command::new(bin())
+        .args(args)
+        .current_dir(cwd)
+        .env("SECURESRV_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(WAIT) {
+        Ok(out) => out.expect("wait"),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+            panic!("{args:?} still running after {WAIT:?}");
+        }
+    }
+}
+
+/// A FIFO or a device where a certificate, a revocation list or the configuration belongs is
+/// refused at once: opening a FIFO blocked the start for ever (a watchdog so stuck did not
+/// even end on SIGTERM), and `/dev/zero` was read until memory ran out. A client's payload
+/// file may be a FIFO, but is read only up to the largest frame. Found by a file-handling
+/// review.
+#[test]
+fn files_that_are_not_regular_or_never_end_are_refused_at_once() {
+    let pki = pki(1);
+    let cwd = pki.tmp.path();
+    let dir = pki.dir.to_str().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let fifo = |name: &str| {
+        let path = cwd.join(name);
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        path
+    };
+    // The revocation list, beside the CA.
+    let crl = pki.dir.join("ca.crl");
+    nix::unistd::mkfifo(&crl, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let out = run_bounded(cwd, &["dispatcher", "--certs", dir, "--listen", &listen]);
+    exits_saying(&out, 64, "ca.crl: not a regular file");
+    let out = run_bounded(cwd, &["watchdog", "--certs", dir]);
+    exits_saying(&out, 64, "not a regular file");
+    std::fs::remove_file(&crl).unwrap();
+    // The CA certificate a client is given.
+    fifo("ca-fifo.crt");
+    let key = pki.dir.join("client.key");
+    let cert = pki.dir.join("client.crt");
+    let (key, cert) = (key.to_str().unwrap(), cert.to_str().unwrap());
+    let client = |extra: &[&str]| {
+        let mut args = vec!["client", "--cert", cert, "--key", key, "--connect", &listen];
+        args.extend_from_slice(extra);
+        run_bounded(cwd, &args)
+    };
+    let out = client(&["--ca", "ca-fifo.crt", "echo", "x"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("not a regular file"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = client(&["--ca", "/dev/zero", "echo", "x"]);
+    assert!(
+        text(&out.stderr).contains("not a regular file"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The configuration.
+    fifo("conf-fifo.toml");
+    for config in ["conf-fifo.toml", "/dev/zero"] {
+        let out = run_bounded(cwd, &["--config", config, "dispatcher", "--certs", dir]);
+        exits_saying(&out, 64, "not a regular file");
+    }
+    // A payload from /dev/zero: refused beyond the largest frame, before connecting.
+    let ca = pki.dir.join("ca.crt");
+    let out = client(&[
+        "--ca",
+        ca.to_str().unwrap(),
+        "--data-file",
+        "/dev/zero",
+        "echo",
+    ]);
+    exits_saying(
+        &out,
+        3,
+        "too_large: the payload from /dev/zero is larger than the largest frame (1048576 bytes)",
+    );
+}
+
 #[test]
 fn components_with_bad_certificates_or_keys_exit_64() {
     let tmp = tempfile::tempdir().unwrap();

@@ -9,7 +9,6 @@ use super::{CA_CERT, CA_DAYS, CertAuthority, CertError, NamedBy, Staged, load_ce
 use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, SerialNumber};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use time::{Duration, OffsetDateTime};
 
@@ -47,22 +46,11 @@ pub fn load_crls(
         path: path.to_path_buf(),
         what,
     };
-    let file = match std::fs::File::open(path) {
+    let data = match crate::files::read_regular(path, MAX_CRL_BYTES) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(super::io_err(path)(e)),
-        Ok(f) => f,
+        Ok(data) => data,
     };
-    // Bounded as it is read: a FIFO or a device reports no size.
-    let mut data = Vec::new();
-    file.take(MAX_CRL_BYTES + 1)
-        .read_to_end(&mut data)
-        .map_err(super::io_err(path))?;
-    if data.len() as u64 > MAX_CRL_BYTES {
-        return Err(bad(format!(
-            "larger than {} MiB; not a revocation list",
-            MAX_CRL_BYTES >> 20
-        )));
-    }
     let crls = CertificateRevocationListDer::pem_slice_iter(&data)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| bad(format!("not a PEM revocation list: {e}")))?;
@@ -153,9 +141,14 @@ fn revoke_files(dir: &Path, certs: &[PathBuf]) -> Result<Revoked, CertError> {
     let mut number = 0u64;
     // Checked first (size, form, our CA's signature), then taken block by block.
     load_crls(&crl_path, std::slice::from_ref(&ca_der))?;
-    let text = match std::fs::read_to_string(&crl_path) {
+    let text = match crate::files::read_regular(&crl_path, MAX_CRL_BYTES) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        other => other.map_err(super::io_err(&crl_path))?,
+        other => String::from_utf8(other.map_err(super::io_err(&crl_path))?).map_err(|_| {
+            CertError::BadPem {
+                path: crl_path.clone(),
+                what: "not a PEM revocation list: not text".into(),
+            }
+        })?,
     };
     for block in pem_blocks(&text) {
         let der = CertificateRevocationListDer::from_pem_slice(block.as_bytes()).map_err(|e| {

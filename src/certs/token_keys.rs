@@ -88,8 +88,8 @@ fn trust_domain_for(dir: &Path, given: Option<&str>) -> String {
     given
         .map(str::to_string)
         .or_else(|| {
-            let pem = fs::read_to_string(dir.join(CA_CERT)).ok()?;
-            ca_trust_domain(&pem)
+            let pem = crate::files::read_regular(&dir.join(CA_CERT), 1024 * 1024).ok()?;
+            ca_trust_domain(std::str::from_utf8(&pem).ok()?)
         })
         .unwrap_or_else(|| crate::identity::DEFAULT_TRUST_DOMAIN.to_string())
 }

@@ -6,7 +6,7 @@ use securesrv::certs::CertError;
 use securesrv::client::{CallOptions, Client, ClientConfig, ClientError, FailureKind};
 use securesrv::identity::SpiffeId;
 use securesrv::tls::{TlsConfigError, TlsMaterial};
-use std::io::{BufRead, IsTerminal, Read, Write};
+use std::io::{BufRead, IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -134,9 +134,18 @@ pub fn run(args: ClientArgs, config: Option<PathBuf>) -> ExitCode {
     };
     match args.op.clone() {
         Some(op) => {
-            let payload = match read_payload(&args) {
+            let max = cfg.limits.max_frame_bytes;
+            let payload = match read_payload(&args, max as u64) {
                 Ok(p) => p,
-                Err(e) => {
+                // As the client refuses any request over the frame cap: exit 3, not sent.
+                Err(PayloadError::TooLarge(from)) => {
+                    eprintln!(
+                        "securesrv: too_large: the payload from {from} is larger than the \
+                         largest frame ({max} bytes); the request was not sent"
+                    );
+                    return ExitCode::from(3);
+                }
+                Err(PayloadError::Unreadable(e)) => {
                     eprintln!("securesrv: {e}");
                     return ExitCode::from(2);
                 }
@@ -147,18 +156,36 @@ pub fn run(args: ClientArgs, config: Option<PathBuf>) -> ExitCode {
     }
 }
 
-fn read_payload(args: &ClientArgs) -> std::io::Result<Vec<u8>> {
+/// Why there is no payload to send.
+enum PayloadError {
+    /// Larger than a frame can carry (from where, printable).
+    TooLarge(String),
+    /// The file or standard input could not be read.
+    Unreadable(std::io::Error),
+}
+
+/// The payload: the data file or standard input, read up to `max` bytes (the largest frame,
+/// which no payload can exceed: `/dev/zero` given by mistake is refused, not read for ever),
+/// or the argument itself.
+fn read_payload(args: &ClientArgs, max: u64) -> Result<Vec<u8>, PayloadError> {
+    let read = |from: &mut dyn std::io::Read, name: String| {
+        securesrv::files::read_bounded(from, max).map_err(|e| match e.kind() {
+            std::io::ErrorKind::FileTooLarge => PayloadError::TooLarge(name.clone()),
+            kind => PayloadError::Unreadable(std::io::Error::new(kind, format!("{name}: {e}"))),
+        })
+    };
     if let Some(path) = &args.data_file {
-        return std::fs::read(path)
-            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())));
+        let name =
+            securesrv::identity::printable_within(&path.display().to_string(), 256).into_owned();
+        // Any file that can be read: a FIFO such as a shell's `<(...)` too.
+        let mut file = std::fs::File::open(path).map_err(|e| {
+            PayloadError::Unreadable(std::io::Error::new(e.kind(), format!("{name}: {e}")))
+        })?;
+        return read(&mut file, name);
     }
     match args.payload.as_deref() {
         None => Ok(Vec::new()),
-        Some("-") => {
-            let mut buf = Vec::new();
-            std::io::stdin().read_to_end(&mut buf)?;
-            Ok(buf)
-        }
+        Some("-") => read(&mut std::io::stdin(), "standard input".into()),
         Some(p) => Ok(p.as_bytes().to_vec()),
     }
 }
