@@ -192,6 +192,36 @@ pub fn token_keys(
     commit_all(staged)
 }
 
+/// Copies the key file `path` to a new file beside it (mode 0600) under a name no one can
+/// guess, and returns that name. The copy is made only as a new file: it was made to a name of
+/// the process ID, removed and then created with a plain copy, which followed a symbolic link
+/// put at that name in between, so that anyone who could write to the directory could have
+/// the key written over a file of their choice (root's, say) or into one they read. Found by
+/// a file-handling review.
+fn copy_aside(path: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut from = fs::File::open(path)?;
+    let mut random = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random)
+        .map_err(|_| std::io::Error::other("random generator failed"))?;
+    let mut name = std::ffi::OsString::from(".");
+    name.push(path.file_name().unwrap_or_default());
+    name.push(format!(".{}.old", hex::encode(random)));
+    let aside = path.with_file_name(name);
+    // `create_new` (O_EXCL) refuses any name that exists, a symbolic link included.
+    let mut to = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&aside)?;
+    let copied = std::io::copy(&mut from, &mut to).and_then(|_| to.sync_all());
+    if let Err(e) = copied {
+        let _ = fs::remove_file(&aside);
+        return Err(e);
+    }
+    Ok(aside)
+}
+
 /// Puts staged files in place, in order, all or none; returns their paths. Each file about
 /// to be replaced is copied aside first: if a later file cannot be put in place (a rename
 /// refused: an immutable file, a read-only mount), the ones already replaced get their old
@@ -207,17 +237,13 @@ fn commit_all(staged: Vec<Staged>) -> Result<Vec<PathBuf>, CertError> {
     };
     for path in &paths {
         let aside = if path.exists() {
-            let mut name = std::ffi::OsString::from(".");
-            name.push(path.file_name().unwrap_or_default());
-            name.push(format!(".{}.old", std::process::id()));
-            let aside = path.with_file_name(name);
-            let _ = fs::remove_file(&aside);
-            // fs::copy keeps the mode (0600).
-            if let Err(e) = fs::copy(path, &aside) {
-                forget(&saved);
-                return Err(io_err(path)(e));
+            match copy_aside(path) {
+                Ok(aside) => Some(aside),
+                Err(e) => {
+                    forget(&saved);
+                    return Err(io_err(path)(e));
+                }
             }
-            Some(aside)
         } else {
             None
         };
@@ -246,4 +272,34 @@ fn commit_all(staged: Vec<Staged>) -> Result<Vec<PathBuf>, CertError> {
     }
     forget(&saved);
     Ok(paths)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// The copy of a key about to be replaced is a new 0600 file under a name no one can
+    /// guess beforehand (it was the process ID's, written through whatever was put there).
+    #[test]
+    fn a_key_is_copied_aside_only_into_a_new_file_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("token.key");
+        fs::write(&key, b"secret").unwrap();
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+        let (a, b) = (copy_aside(&key).unwrap(), copy_aside(&key).unwrap());
+        assert_ne!(a, b, "the same name twice");
+        for aside in [&a, &b] {
+            let name = aside.file_name().unwrap().to_str().unwrap();
+            assert!(
+                name.starts_with(".token.key.") && name.ends_with(".old"),
+                "{name}"
+            );
+            assert!(!name.contains(&std::process::id().to_string()), "{name}");
+            assert_eq!(fs::read(aside).unwrap(), b"secret");
+            let meta = fs::symlink_metadata(aside).unwrap();
+            assert!(meta.file_type().is_file());
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        }
+    }
 }
