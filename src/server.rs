@@ -30,6 +30,9 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 /// How long a new connection waits for the slot of the handshake evicted for it.
 const EVICTION_WAIT: Duration = Duration::from_secs(1);
+/// How long a handshake under way when the component begins to stop may still take to
+/// finish (see `handle_one`).
+const HANDSHAKE_AT_STOP: Duration = Duration::from_secs(1);
 
 /// Bounds on a listener.
 #[derive(Debug, Clone, Copy)]
@@ -614,8 +617,16 @@ async fn handle_one<H: ConnectionHandler>(
     handshake: HandshakeSlot,
     leftovers: crate::session::Leftovers,
 ) {
+    // A stop lets a handshake under way finish, for a moment: in TLS 1.3 the client's side
+    // is done before ours, and it may have sent its requests already. Served as the stop
+    // serves every connection, they are answered `shutting_down` (they did not run); cut off,
+    // the client saw a reset and could only say they may have run.
+    let stopped = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(HANDSHAKE_AT_STOP).await;
+    };
     let accepted = tokio::select! {
-        _ = shutdown.cancelled() => return,
+        () = stopped => return,
         _ = handshake.evicted.cancelled() => None,
         r = acceptor.accept(tcp) => Some(r),
     };

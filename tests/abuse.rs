@@ -872,6 +872,75 @@ fn a_stopping_dispatcher_still_hears_its_clients() {
     });
 }
 
+/// A connection still in its TLS handshake when the dispatcher begins to stop may finish it
+/// (for a moment) and is served as the stop serves every connection: the request its client
+/// sent (in TLS 1.3 the client's side is done first) is refused `shutting_down`, which says it
+/// did not run. Such connections used to be dropped: the client saw a reset after sending, and
+/// could only say its request may have run (a review saw dozens in SIGTERM restarts under
+/// load, none of which had run). Here a relay holds the client's second flight (its
+/// certificate and Finished, then the request) until the stop has begun.
+#[test]
+fn a_handshake_under_way_at_a_stop_is_finished_and_its_request_refused() {
+    let s = start("");
+    rt().block_on(async {
+        let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let relay_addr = relay.local_addr().unwrap();
+        let dispatcher = s.addr;
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let (heard, hearing) = tokio::sync::oneshot::channel::<()>();
+        let relaying = tokio::spawn(async move {
+            let (client, _) = relay.accept().await.unwrap();
+            let server = TcpStream::connect(dispatcher).await.unwrap();
+            let (mut from_client, mut to_client) = client.into_split();
+            let (mut from_server, mut to_server) = server.into_split();
+            // The server's side as it comes; its first bytes say it is in the handshake.
+            let back = tokio::spawn(async move {
+                let mut heard = Some(heard);
+                let mut buf = vec![0u8; 1 << 16];
+                while let Ok(n @ 1..) = from_server.read(&mut buf).await {
+                    if to_client.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    if let Some(h) = heard.take() {
+                        let _ = h.send(());
+                    }
+                }
+                let _ = to_client.shutdown().await;
+            });
+            // The client's first record (its hello), then nothing until released.
+            let mut header = [0u8; 5];
+            from_client.read_exact(&mut header).await.unwrap();
+            let mut hello = vec![0u8; usize::from(u16::from_be_bytes([header[3], header[4]]))];
+            from_client.read_exact(&mut hello).await.unwrap();
+            to_server.write_all(&header).await.unwrap();
+            to_server.write_all(&hello).await.unwrap();
+            let _ = released.await;
+            let _ = tokio::io::copy(&mut from_client, &mut to_server).await;
+            let _ = back.await;
+        });
+        // The client's side of the handshake ends without the server having read its Finished.
+        let tcp = TcpStream::connect(relay_addr).await.unwrap();
+        let stream = s.raw_over(tcp, "client-alice").await.expect("handshake");
+        tokio::time::timeout(WAIT, hearing)
+            .await
+            .expect("the server answered the hello")
+            .unwrap();
+        s.dispatcher.signal(nix::sys::signal::Signal::SIGTERM);
+        tokio::task::block_in_place(|| s.dispatcher.wait_log(&["shutting down"], WAIT));
+        let mut conn = Connection::new(stream, IoLimits::default());
+        conn.send(&sleep_request(1, 10)).await.unwrap();
+        release.send(()).unwrap();
+        match tokio::time::timeout(WAIT, conn.read_message()).await {
+            Ok(Ok(Some(Message::Error(e)))) if e.id == 1 => {
+                assert_eq!(e.code, ErrorCode::ShuttingDown, "{e:?}")
+            }
+            other => panic!("expected shutting_down for the request, got {other:?}"),
+        }
+        assert_eq!(closing_code(&mut conn).await, Some(ErrorCode::ShuttingDown));
+        relaying.abort();
+    });
+}
+
 #[test]
 fn an_op_name_cannot_forge_audit_fields() {
     let s = start("");
