@@ -72,6 +72,18 @@ pub enum CertError {
         /// Its permission bits.
         mode: u32,
     },
+    /// The directory of a secret file can be written by others, who could replace the key,
+    /// or the CA certificate beside it.
+    #[error(
+        "{dir} can be written by group or others (mode {mode:04o}): anyone who can write there \
+         can replace the keys and the CA certificate in it; run `chmod go-w {dir}`"
+    )]
+    DirTooOpen {
+        /// The directory.
+        dir: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// A secret file is owned by another user (not root either), who could replace it.
     #[error(
         "{path} is owned by uid {owner}, not by this user (uid {me}) or root: its owner could \
@@ -753,6 +765,7 @@ fn read_secret<T>(
         });
     }
     let parsed = parse(data)?;
+    check_dir_of_secret(path)?;
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 {
         return Err(CertError::KeyTooOpen {
@@ -769,6 +782,26 @@ fn read_secret<T>(
         });
     }
     Ok(parsed)
+}
+
+/// Refuses a secret whose directory others can write to, as ssh refuses such a directory for
+/// `authorized_keys`: whoever can write there can put another key, or another CA certificate,
+/// in place of ours (the file checks cannot see a rename to come). A directory with the
+/// sticky bit (`/tmp`) lets others add files but not replace ours.
+fn check_dir_of_secret(path: &Path) -> Result<(), CertError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let meta = fs::metadata(dir).map_err(io_err(dir))?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(CertError::DirTooOpen {
+            dir: dir.to_path_buf(),
+            mode,
+        });
+    }
+    Ok(())
 }
 
 /// Loads every certificate in a PEM file (leaf first, then any intermediates).

@@ -698,6 +698,54 @@ fn files_that_are_not_regular_or_never_end_are_refused_at_once() {
     );
 }
 
+/// A certs directory others can write to is refused, as ssh refuses such a directory for its
+/// keys: whoever can write there can put their own CA certificate or key in place of ours (the
+/// checks on the key file cannot see a rename to come). With the sticky bit (as `/tmp`),
+/// others cannot replace our files, and it is accepted. Found by a file-handling review.
+#[test]
+fn a_certs_directory_others_can_write_to_is_refused() {
+    let pki = pki(1);
+    let cwd = pki.tmp.path();
+    let path = |f: &str| pki.dir.join(f).to_str().unwrap().to_string();
+    let (cert, key, ca) = (path("client.crt"), path("client.key"), path("ca.crt"));
+    let listen = format!("127.0.0.1:{}", free_port());
+    let client = || {
+        run_bounded(
+            cwd,
+            &[
+                "client",
+                "--cert",
+                &cert,
+                "--key",
+                &key,
+                "--ca",
+                &ca,
+                "--connect",
+                &listen,
+                "--timeout-ms",
+                "300",
+                "echo",
+                "x",
+            ],
+        )
+    };
+    for mode in [0o777, 0o770] {
+        std::fs::set_permissions(&pki.dir, std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = client();
+        exits_saying(&out, 64, "can be written by group or others");
+        assert!(
+            text(&out.stderr).contains("chmod go-w"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    // Sticky: past the files' checks, to the connection (nothing listens there).
+    std::fs::set_permissions(&pki.dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let out = client();
+    exits_saying(&out, 5, "cannot connect");
+    std::fs::set_permissions(&pki.dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+}
+
 #[test]
 fn components_with_bad_certificates_or_keys_exit_64() {
     let tmp = tempfile::tempdir().unwrap();
