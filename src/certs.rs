@@ -106,6 +106,34 @@ pub enum CertError {
     /// Refusing to replace an existing file.
     #[error("{0} already exists; pass --force to replace it{1}")]
     Exists(PathBuf, &'static str),
+    /// `ca.crt` is not a CA certificate: what `certs issue` or `certs revoke` signed under it
+    /// would be refused by every peer.
+    #[error(
+        "{cert} is not a CA certificate (its basicConstraints are not CA:TRUE), so certificates \
+         and revocation lists signed with {key} under it would be refused everywhere; put the \
+         CA's certificate back as {cert}, or make a new CA with `securesrv certs init --force` \
+         (it invalidates every certificate the old one signed)"
+    )]
+    NotCa {
+        /// The CA certificate file.
+        cert: PathBuf,
+        /// The CA key file.
+        key: PathBuf,
+    },
+    /// `ca.key` is not the key of `ca.crt` (another CA's, copied in): what it signed would not
+    /// verify against `ca.crt`.
+    #[error(
+        "{key} is not the key of {cert} (its public key is not the certificate's), so \
+         certificates and revocation lists signed with it would not verify; put back the key \
+         made with {cert}, or make a new CA with `securesrv certs init --force` (it invalidates \
+         every certificate the old one signed)"
+    )]
+    CaKeyMismatch {
+        /// The CA certificate file.
+        cert: PathBuf,
+        /// The CA key file, which does not match it.
+        key: PathBuf,
+    },
     /// A file holds no PEM object of the expected kind.
     #[error("{path}: {what}")]
     BadPem {
@@ -515,7 +543,10 @@ impl CertAuthority {
         })
     }
 
-    /// Loads `ca.crt` and `ca.key` from `dir` (the key must be mode 0600).
+    /// Loads `ca.crt` and `ca.key` from `dir` (the key must be mode 0600), refusing a pair
+    /// that cannot sign for that CA: rcgen signs with whatever key it is given, and a
+    /// certificate or revocation list signed with another CA's key, or under a certificate
+    /// that is no CA, would be written, and then refused by every peer.
     pub fn load(dir: &Path) -> Result<Self, CertError> {
         let cert_path = dir.join(CA_CERT);
         let key_path = dir.join(CA_KEY);
@@ -524,6 +555,27 @@ impl CertAuthority {
                 path: cert_path.clone(),
                 what: "not a PEM file".into(),
             })?;
+        let cert_der = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .next()
+            .ok_or_else(|| CertError::BadPem {
+                path: cert_path.clone(),
+                what: "no CERTIFICATE in file".into(),
+            })?
+            .map_err(|e| CertError::BadPem {
+                path: cert_path.clone(),
+                what: format!("not a PEM certificate file: {e}"),
+            })?;
+        let (_, ca_cert) =
+            x509_parser::parse_x509_certificate(&cert_der).map_err(|e| CertError::BadPem {
+                path: cert_path.clone(),
+                what: format!("cannot parse the CA certificate: {e}"),
+            })?;
+        if !ca_cert.is_ca() {
+            return Err(CertError::NotCa {
+                cert: cert_path,
+                key: key_path,
+            });
+        }
         let key_pem = read_secret_file(&key_path)?;
         let key_str = std::str::from_utf8(&key_pem).map_err(|_| CertError::BadPem {
             path: key_path.clone(),
@@ -533,7 +585,13 @@ impl CertAuthority {
             path: key_path.clone(),
             what: format!("cannot load CA key: {e}"),
         })?;
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| CertError::BadPem {
+        if key.public_key_raw() != &ca_cert.public_key().subject_public_key.data[..] {
+            return Err(CertError::CaKeyMismatch {
+                cert: cert_path,
+                key: key_path,
+            });
+        }
+        let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(|e| CertError::BadPem {
             path: cert_path.clone(),
             what: format!("cannot load CA certificate: {e}"),
         })?;

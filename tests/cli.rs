@@ -412,6 +412,33 @@ fn certs_issue_says_what_a_worker_name_is() {
     assert!(!text(&out.stderr).contains("1-64"), "{}", text(&out.stderr));
 }
 
+/// Another CA's `ca.key` copied beside `ca.crt` is refused by `issue` and `revoke` with exit 1,
+/// naming both files, and nothing is written (both exited 0, with a certificate that did not
+/// verify and a list every component then refused).
+#[test]
+fn certs_issue_and_revoke_refuse_another_cas_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    certs_init(tmp.path(), "c");
+    certs_init(tmp.path(), "other");
+    std::fs::copy(tmp.path().join("other/ca.key"), tmp.path().join("c/ca.key")).unwrap();
+    let out = run(
+        tmp.path(),
+        &[
+            "certs", "issue", "--dir", "c", "--role", "client", "--name", "bob",
+        ],
+        b"",
+    );
+    exits_saying(&out, 1, "c/ca.key is not the key of c/ca.crt");
+    assert!(!tmp.path().join("c/client-bob.crt").exists());
+    let out = run(
+        tmp.path(),
+        &["certs", "revoke", "--dir", "c", "c/client.crt"],
+        b"",
+    );
+    exits_saying(&out, 1, "c/ca.key is not the key of c/ca.crt");
+    assert!(!tmp.path().join("c/ca.crl").exists());
+}
+
 /// `certs` commands take their directory, trust domain and number of workers from `--config`
 /// (they ignored it, even a file that does not exist), and keep the trust domain when
 /// rotating the token key.

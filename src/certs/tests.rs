@@ -956,6 +956,71 @@ fn a_list_whose_signature_does_not_verify_is_refused_when_loaded() {
     assert!(text.contains("certs revoke"), "{text}");
 }
 
+/// `issue` and `revoke` refuse a `ca.key` that is not the key of `ca.crt`, and a `ca.crt` that
+/// is no CA, before writing anything: they wrote a certificate whose signature did not verify
+/// and a list that every component then refused at start.
+#[test]
+fn issue_and_revoke_refuse_a_ca_key_or_certificate_that_cannot_sign() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("certs");
+    let other = tmp.path().join("other");
+    init(&dir, &opts(1)).unwrap();
+    init(&other, &opts(1)).unwrap();
+    let bob = IssueOptions {
+        role: Role::Client,
+        name: "bob".into(),
+        trust_domain: None,
+        days: 10,
+        hosts: vec![],
+        force: false,
+    };
+
+    // Another CA's key copied in.
+    fs::copy(other.join(CA_KEY), dir.join(CA_KEY)).unwrap();
+    let before = contents(&dir);
+    let err = issue(&dir, &bob).unwrap_err();
+    assert!(matches!(err, CertError::CaKeyMismatch { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!(
+            "{} is not the key of {}",
+            dir.join(CA_KEY).display(),
+            dir.join(CA_CERT).display()
+        )),
+        "{text}"
+    );
+    let err = revoke(&dir, &[dir.join("client.crt")]).unwrap_err();
+    assert!(matches!(err, CertError::CaKeyMismatch { .. }), "{err}");
+    assert_eq!(changed(&dir, &before), Vec::<String>::new());
+
+    // A leaf certificate as ca.crt, with its own key as ca.key.
+    fs::copy(dir.join("dispatcher.crt"), dir.join(CA_CERT)).unwrap();
+    fs::copy(dir.join("dispatcher.key"), dir.join(CA_KEY)).unwrap();
+    let before = contents(&dir);
+    let err = issue(&dir, &bob).unwrap_err();
+    assert!(matches!(err, CertError::NotCa { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!(
+            "{} is not a CA certificate",
+            dir.join(CA_CERT).display()
+        )) && text.contains(&dir.join(CA_KEY).display().to_string()),
+        "{text}"
+    );
+    let err = revoke(&dir, &[dir.join("client.crt")]).unwrap_err();
+    assert!(matches!(err, CertError::NotCa { .. }), "{err}");
+    assert_eq!(changed(&dir, &before), Vec::<String>::new());
+
+    // The CA's own pair still issues, and what it issues verifies.
+    fs::copy(other.join(CA_CERT), dir.join(CA_CERT)).unwrap();
+    fs::copy(other.join(CA_KEY), dir.join(CA_KEY)).unwrap();
+    let written = issue(&dir, &bob).unwrap();
+    let der = load_certs(&written[0]).unwrap().remove(0);
+    client_verifier(&dir)
+        .verify_client_cert(&der, &[], UnixTime::now())
+        .expect("client-bob.crt verifies against ca.crt");
+}
+
 /// Standard base64 of `data` in 64-column lines.
 fn base64_lines(data: &[u8]) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
