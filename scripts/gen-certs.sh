@@ -3,7 +3,8 @@
 #   scripts/gen-certs.sh [DIR] [extra `securesrv certs init` options, e.g. --workers 3]
 # DIR is relative to where it is run from; without it, `certs init` decides (--dir, or the
 # certs_dir of a --config, or ./certs). Builds the binary first if needed (set SECURESRV_BIN
-# to use another). Refuses to replace an existing CA unless --force is given.
+# to use another). Refuses to replace an existing CA, or any file it would write, unless
+# --force is given.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 dir=()

@@ -134,6 +134,15 @@ pub enum CertError {
         /// The CA key file, which does not match it.
         key: PathBuf,
     },
+    /// `certs init` without `--force` would replace files that are there (with no CA beside
+    /// them: made by another tool, or left from an earlier set).
+    #[error(
+        "{} already exist{}; `certs init` makes a new CA and every file beside it: pass \
+         --force to replace them, or choose another --dir",
+        list_paths(.0),
+        if .0.len() == 1 { "s" } else { "" }
+    )]
+    InitWouldReplace(Vec<PathBuf>),
     /// A file holds no PEM object of the expected kind.
     #[error("{path}: {what}")]
     BadPem {
@@ -227,6 +236,16 @@ fn working_dir_note(dir: Option<&Path>) -> String {
     dir.map_or_else(String::new, |d| {
         format!(" (relative to the working directory {})", d.display())
     })
+}
+
+/// `a`, `a and b`, `a, b and c`: files named in one message.
+fn list_paths(paths: &[PathBuf]) -> String {
+    let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    match names.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+        None => String::new(),
+    }
 }
 
 /// Longest validity `certs init` and `certs issue` give a certificate, in days (100 years).
@@ -440,7 +459,7 @@ pub struct InitOptions {
     pub days: u32,
     /// Extra DNS names or IP addresses for the server certificates.
     pub hosts: Vec<String>,
-    /// Replace an existing CA.
+    /// Replace an existing CA, and any file of the set that is there.
     pub force: bool,
 }
 
@@ -911,7 +930,8 @@ fn write_leaf(
 }
 
 /// `certs init`: a new CA, every component's certificate and key, and the token keys.
-/// Returns the paths written.
+/// Returns the paths written. Without `force` it changes nothing if any of those files (or a
+/// `ca.crl`) is there; with it, it replaces them.
 pub fn init(dir: &Path, opts: &InitOptions) -> Result<Vec<PathBuf>, CertError> {
     let td = &opts.trust_domain;
     // Validate everything before touching the disk.
@@ -934,6 +954,26 @@ pub fn init(dir: &Path, opts: &InitOptions) -> Result<Vec<PathBuf>, CertError> {
             ));
         }
     }
+    // With no CA there may still be files of another making (an openssl-made dispatcher.crt,
+    // a token.key from `certs token-keys`): replaced, they would be lost without a word.
+    if !opts.force {
+        let mut names = vec![CA_KEY.to_string(), CA_CERT.to_string(), CA_CRL.to_string()];
+        for id in [&dispatcher, &watchdog, &client]
+            .into_iter()
+            .chain(&workers)
+        {
+            let stem = file_stem(id);
+            names.extend([format!("{stem}.key"), format!("{stem}.crt")]);
+        }
+        names.push(MASTER_TOKEN_KEY.to_string());
+        names.extend(workers.iter().map(|id| format!("{}.token", file_stem(id))));
+        let existing: Vec<PathBuf> = (names.iter().map(|n| dir.join(n)))
+            .filter(|p| fs::symlink_metadata(p).is_ok())
+            .collect();
+        if !existing.is_empty() {
+            return Err(CertError::InitWouldReplace(existing));
+        }
+    }
     let ca = CertAuthority::generate(td)?;
     let mut written = Vec::new();
     let ca_key = dir.join(CA_KEY);
@@ -953,14 +993,21 @@ pub fn init(dir: &Path, opts: &InitOptions) -> Result<Vec<PathBuf>, CertError> {
         .into_iter()
         .chain(&workers)
     {
-        written.extend(write_leaf(dir, &ca, id, opts.days, &opts.hosts, true)?);
+        written.extend(write_leaf(
+            dir,
+            &ca,
+            id,
+            opts.days,
+            &opts.hosts,
+            opts.force,
+        )?);
     }
     let master = KeyFile::single(1, SecretKey::generate()?);
     let master_path = dir.join(MASTER_TOKEN_KEY);
-    write_file(&master_path, master.render().as_bytes(), 0o600, true)?;
+    write_file(&master_path, master.render().as_bytes(), 0o600, opts.force)?;
     written.push(master_path);
     for id in &workers {
-        written.push(write_worker_token(dir, &master, id, true)?);
+        written.push(write_worker_token(dir, &master, id, opts.force)?);
     }
     Ok(written)
 }

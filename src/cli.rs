@@ -80,7 +80,8 @@ enum CertsCmd {
         /// Extra DNS name or IP for the server certificates (repeatable).
         #[arg(long = "host", value_name = "NAME")]
         hosts: Vec<String>,
-        /// Replace an existing CA (invalidates everything it signed).
+        /// Replace an existing CA (invalidates everything it signed) and any other file
+        /// of the set that is there.
         #[arg(long)]
         force: bool,
     },

@@ -170,6 +170,48 @@ fn init_refuses_to_replace_a_ca_without_force() {
     assert_eq!(mode(&tmp.path().join("ca.key")), 0o600);
 }
 
+/// With no CA, files of another making (openssl-made dispatcher files, a `token.key` from
+/// `certs token-keys`) are refused without `--force`, before anything is written: they were
+/// replaced without a word.
+#[test]
+fn init_refuses_to_replace_any_file_without_force() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    for name in ["dispatcher.key", "dispatcher.crt", "token.key"] {
+        write_file(&dir.join(name), b"made elsewhere\n", 0o600, false).unwrap();
+    }
+    let before = contents(dir);
+    let err = init(dir, &opts(1)).unwrap_err();
+    assert!(matches!(err, CertError::InitWouldReplace(_)), "{err}");
+    let text = err.to_string();
+    let (key, crt, token) = (
+        dir.join("dispatcher.key"),
+        dir.join("dispatcher.crt"),
+        dir.join("token.key"),
+    );
+    assert!(
+        text.contains(&format!(
+            "{}, {} and {} already exist",
+            key.display(),
+            crt.display(),
+            token.display()
+        )) && text.contains("pass --force to replace them"),
+        "{text}"
+    );
+    assert_eq!(changed(dir, &before), Vec::<String>::new());
+    // --force replaces them.
+    init(
+        dir,
+        &InitOptions {
+            force: true,
+            ..opts(1)
+        },
+    )
+    .unwrap();
+    assert_ne!(fs::read(&token).unwrap(), b"made elsewhere\n");
+    assert!(dir.join(CA_CERT).exists());
+}
+
 fn client_verifier(dir: &Path) -> Arc<dyn ClientCertVerifier> {
     let mut roots = rustls::RootCertStore::empty();
     for c in load_certs(&dir.join("ca.crt")).unwrap() {
