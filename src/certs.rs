@@ -143,6 +143,16 @@ pub enum CertError {
         if .0.len() == 1 { "s" } else { "" }
     )]
     InitWouldReplace(Vec<PathBuf>),
+    /// The CA key is a PKCS#1 or SEC1 key (`BEGIN RSA PRIVATE KEY`, `BEGIN EC PRIVATE KEY`,
+    /// as openssl's `genrsa -traditional` and `ecparam -genkey` write them), which rcgen
+    /// cannot sign with; leaf keys in those forms load.
+    #[error(
+        "{0} is a {1} key, and the CA key must be PKCS#8 (BEGIN PRIVATE KEY) to sign with: \
+         convert it with `openssl pkcs8 -topk8 -nocrypt -in {0} -out {pk8}` and put {pk8} in \
+         its place (`mv {pk8} {0}`)",
+        pk8 = .0.with_file_name("ca.pk8.key").display()
+    )]
+    CaKeyNotPkcs8(PathBuf, &'static str),
     /// A file holds no PEM object of the expected kind.
     #[error("{path}: {what}")]
     BadPem {
@@ -595,12 +605,14 @@ impl CertAuthority {
                 key: key_path,
             });
         }
-        let key_pem = read_secret_file(&key_path)?;
-        let key_str = std::str::from_utf8(&key_pem).map_err(|_| CertError::BadPem {
-            path: key_path.clone(),
-            what: "not a PEM file".into(),
-        })?;
-        let key = KeyPair::from_pem(key_str).map_err(|e| CertError::BadPem {
+        // rcgen signs only with a PKCS#8 key when built on ring, as here.
+        let key = match &*load_private_key(&key_path)? {
+            PrivateKeyDer::Pkcs8(pkcs8) => KeyPair::try_from(pkcs8),
+            PrivateKeyDer::Pkcs1(_) => return Err(CertError::CaKeyNotPkcs8(key_path, "PKCS#1")),
+            PrivateKeyDer::Sec1(_) => return Err(CertError::CaKeyNotPkcs8(key_path, "SEC1")),
+            _ => Err(rcgen::Error::CouldNotParseKeyPair),
+        }
+        .map_err(|e| CertError::BadPem {
             path: key_path.clone(),
             what: format!("cannot load CA key: {e}"),
         })?;

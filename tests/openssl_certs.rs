@@ -76,18 +76,13 @@ fn leaf(dir: &Path, stem: &str, key_args: &[&str], uri: &str, eku: &str, server:
     .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn openssl_made_certificates_work() {
-    if Command::new("openssl").arg("version").output().is_err() {
-        eprintln!("SKIPPED: the openssl command is not installed");
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("certs");
-    std::fs::create_dir(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+/// A CA made by openssl in `dir` (created 0700): `ca.key` a SEC1 P-256 key, as `openssl
+/// ecparam -genkey` writes it, and `ca.crt` self-signed, `CA:TRUE`.
+fn openssl_ca(dir: &Path) {
+    std::fs::create_dir(dir).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
     openssl(
-        &dir,
+        dir,
         &[
             "ecparam",
             "-name",
@@ -104,7 +99,7 @@ async fn openssl_made_certificates_work() {
     )
     .unwrap();
     openssl(
-        &dir,
+        dir,
         &[
             "req",
             "-x509",
@@ -124,6 +119,17 @@ async fn openssl_made_certificates_work() {
             "ca.crt",
         ],
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openssl_made_certificates_work() {
+    if Command::new("openssl").arg("version").output().is_err() {
+        eprintln!("SKIPPED: the openssl command is not installed");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("certs");
+    openssl_ca(&dir);
     // dispatcher: PKCS#8 EC key; worker: SEC1 EC key; client: PKCS#1 RSA key.
     leaf(
         &dir,
@@ -200,4 +206,69 @@ async fn openssl_made_certificates_work() {
         b"made by openssl"
     );
     cluster.stop().await;
+}
+
+/// `certs issue` and `certs revoke` sign with the CA key, which rcgen takes only as PKCS#8: an
+/// openssl-made SEC1 or PKCS#1 `ca.key` is refused with the commands that convert it (it was
+/// refused with `cannot load CA key: Could not parse key pair`), and once they have run, both
+/// sign what openssl verifies.
+#[test]
+fn an_openssl_made_ca_key_is_refused_with_the_command_that_converts_it() {
+    if Command::new("openssl").arg("version").output().is_err() {
+        eprintln!("SKIPPED: the openssl command is not installed");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("certs");
+    openssl_ca(&dir);
+    let bob = securesrv::certs::IssueOptions {
+        role: securesrv::identity::Role::Client,
+        name: "bob".into(),
+        trust_domain: None,
+        days: 1,
+        hosts: vec![],
+        force: false,
+    };
+    let err = securesrv::certs::issue(&dir, &bob).unwrap_err().to_string();
+    let ca_key = dir.join("ca.key");
+    assert!(
+        err.contains(&format!(
+            "{} is a SEC1 key, and the CA key must be PKCS#8",
+            ca_key.display()
+        )),
+        "{err}"
+    );
+    let err = securesrv::certs::revoke(&dir, &[dir.join("ca.crt")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is a SEC1 key"), "{err}");
+    assert!(!dir.join("client-bob.crt").exists());
+
+    // An RSA key in PKCS#1 form is named as such (whose key it is is not looked at first).
+    let sec1 = std::fs::read(&ca_key).unwrap();
+    openssl(&dir, &["genrsa", "-traditional", "-out", "ca.key", "2048"]);
+    let err = securesrv::certs::issue(&dir, &bob).unwrap_err().to_string();
+    assert!(err.contains("ca.key is a PKCS#1 key"), "{err}");
+    std::fs::write(&ca_key, sec1).unwrap();
+
+    // The commands the message gives, as given.
+    for command in err.split('`').skip(1).step_by(2) {
+        let out = Command::new("sh").arg("-c").arg(command).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let written = securesrv::certs::issue(&dir, &bob).unwrap();
+    securesrv::certs::revoke(&dir, &[written[0].clone()]).unwrap();
+    openssl(&dir, &["verify", "-CAfile", "ca.crt", "client-bob.crt"]);
+    // `openssl crl` exits 0 on a bad signature too: its verdict is in what it says.
+    let crl = Command::new("openssl")
+        .args(["crl", "-CAfile", "ca.crt", "-in", "ca.crl", "-noout"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&crl.stderr);
+    assert!(said.contains("verify OK"), "{said}");
 }
