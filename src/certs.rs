@@ -100,6 +100,13 @@ pub enum CertError {
     /// A file given as a private key holds a certificate (and no key).
     #[error("{0} holds a certificate, not a private key")]
     CertificateNotKey(PathBuf),
+    /// A private key file is encrypted: no component could ask for its passphrase.
+    #[error(
+        "{0} is an encrypted private key, which is not supported (nothing could ask for its \
+         passphrase at start): decrypt it with `openssl pkey -in {0} -out {0}.plain` and use \
+         that file, mode 0600"
+    )]
+    EncryptedKey(PathBuf),
     /// A secret file too large to be a key: not a key file.
     #[error("{0} is larger than 1 MiB; not a key file")]
     KeyFileTooLarge(PathBuf),
@@ -255,6 +262,23 @@ fn list_paths(paths: &[PathBuf]) -> String {
         Some((last, [])) => last.clone(),
         Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
         None => String::new(),
+    }
+}
+
+/// A PEM file's flaw in words: the parser's own message gives the marker or line at fault as
+/// a list of byte values.
+fn pem_problem(e: &rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error;
+    let text = |bytes: &[u8]| {
+        crate::identity::printable(String::from_utf8_lossy(bytes).trim_end()).into_owned()
+    };
+    match e {
+        Error::MissingSectionEnd { end_marker } => {
+            let label = text(end_marker);
+            format!("cut short: the {label} block has no -----END {label}----- line")
+        }
+        Error::IllegalSectionStart { line } => format!("malformed PEM line {:?}", text(line)),
+        other => other.to_string(),
     }
 }
 
@@ -592,7 +616,7 @@ impl CertAuthority {
             })?
             .map_err(|e| CertError::BadPem {
                 path: cert_path.clone(),
-                what: format!("not a PEM certificate file: {e}"),
+                what: format!("not a PEM certificate file: {}", pem_problem(&e)),
             })?;
         let (_, ca_cert) =
             x509_parser::parse_x509_certificate(&cert_der).map_err(|e| CertError::BadPem {
@@ -900,7 +924,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CertError::BadPem {
             path: path.to_path_buf(),
-            what: format!("not a PEM certificate file: {e}"),
+            what: format!("not a PEM certificate file: {}", pem_problem(&e)),
         })?;
     if certs.is_empty() {
         return Err(CertError::BadPem {
@@ -918,6 +942,17 @@ pub fn load_private_key(path: &Path) -> Result<Zeroizing<PrivateKeyDer<'static>>
         Ok(key) => Ok(Zeroizing::new(key)),
         Err(_) if CertificateDer::pem_slice_iter(&data).any(|c| c.is_ok()) => {
             Err(CertError::CertificateNotKey(path.to_path_buf()))
+        }
+        // PKCS#8 encrypted, or an old-style PEM encryption header: "no key" would mislead.
+        Err(_)
+            if [
+                &b"-----BEGIN ENCRYPTED PRIVATE KEY-----"[..],
+                b"Proc-Type: 4,ENCRYPTED",
+            ]
+            .iter()
+            .any(|marker| data.windows(marker.len()).any(|w| w == *marker)) =>
+        {
+            Err(CertError::EncryptedKey(path.to_path_buf()))
         }
         Err(_) => Err(CertError::BadPem {
             path: path.to_path_buf(),

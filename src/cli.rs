@@ -389,19 +389,20 @@ fn certs(cmd: CertsCmd, config: Option<PathBuf>) -> ExitCode {
             return match securesrv::certs::revoke(&dir_or_default(dir), &certs) {
                 Ok(done) => {
                     for entry in &done.entries {
-                        println!("revoked {entry}");
+                        println!("revoked {}", shown(entry));
                     }
-                    println!("wrote {}", done.crl.display());
+                    let crl = done.crl.display().to_string();
+                    println!("wrote {}", shown(&crl));
                     println!(
                         "Components and clients read it when they start: restart the watchdog \
                          (or each component), and copy {} beside ca.crt wherever that is \
                          copied (docs/OPERATIONS.md, \"Revoking a certificate\").",
-                        done.crl.display()
+                        shown(&crl)
                     );
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("securesrv: {e}");
+                    eprintln!("securesrv: {}", shown(&e.to_string()));
                     ExitCode::FAILURE
                 }
             };
@@ -481,15 +482,22 @@ fn certs(cmd: CertsCmd, config: Option<PathBuf>) -> ExitCode {
     match result {
         Ok(paths) => {
             for p in paths {
-                println!("wrote {}", p.display());
+                println!("wrote {}", shown(&p.display().to_string()));
             }
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("securesrv: {e}");
+            eprintln!("securesrv: {}", shown(&e.to_string()));
             ExitCode::FAILURE
         }
     }
+}
+
+/// A `certs` command's output line with the file names in it made printable: they come from
+/// the command line and the configuration, and a line break or control character in one
+/// would print a line of its own (a forged log line) or drive the terminal.
+fn shown(line: &str) -> std::borrow::Cow<'_, str> {
+    securesrv::identity::printable_within(line, usize::MAX)
 }
 
 /// The original's menu.

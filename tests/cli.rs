@@ -439,6 +439,32 @@ fn certs_issue_and_revoke_refuse_another_cas_key() {
     assert!(!tmp.path().join("c/ca.crl").exists());
 }
 
+/// A file name in the `certs` commands' own output cannot start a line of its own: a `--dir`
+/// holding a line break printed a forged log line among the `wrote` lines.
+#[test]
+fn certs_output_prints_file_names_printable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = "nl\n2026-01-01T00:00:00.000000Z  INFO securesrv: dispatcher stopped";
+    let forged = |out: &str| out.lines().any(|l| l.starts_with("2026-"));
+    let out = certs_init(tmp.path(), dir);
+    let said = text(&out.stdout);
+    assert!(!forged(&said), "{said}");
+    assert!(
+        said.contains("wrote nl\u{fffd}2026-01-01T00:00:00.000000Z  INFO securesrv: dispatcher stopped/ca.crt\n"),
+        "{said}"
+    );
+    // In a refusal too.
+    let out = run(tmp.path(), &["certs", "init", "--dir", dir], b"");
+    exits_saying(&out, 1, "securesrv: nl\u{fffd}2026-");
+    assert!(!forged(&text(&out.stderr)), "{}", text(&out.stderr));
+    let crt = format!("{dir}/client.crt");
+    let out = run(tmp.path(), &["certs", "revoke", "--dir", dir, &crt], b"");
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!forged(&said), "{said}");
+    assert!(said.contains("revoked nl\u{fffd}2026-"), "{said}");
+}
+
 /// `certs` commands take their directory, trust domain and number of workers from `--config`
 /// (they ignored it, even a file that does not exist), and keep the trust domain when
 /// rotating the token key.

@@ -53,7 +53,12 @@ pub fn load_crls(
     };
     let crls = CertificateRevocationListDer::pem_slice_iter(&data)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(format!("not a PEM revocation list: {e}")))?;
+        .map_err(|e| {
+            bad(format!(
+                "not a PEM revocation list: {}",
+                super::pem_problem(&e)
+            ))
+        })?;
     if crls.is_empty() {
         return Err(bad(
             "no X509 CRL in file; make it with `securesrv certs revoke`, or remove it if no \
@@ -154,7 +159,7 @@ fn revoke_files(dir: &Path, certs: &[PathBuf]) -> Result<Revoked, CertError> {
         let der = CertificateRevocationListDer::from_pem_slice(block.as_bytes()).map_err(|e| {
             CertError::BadPem {
                 path: crl_path.clone(),
-                what: format!("not a PEM revocation list: {e}"),
+                what: format!("not a PEM revocation list: {}", super::pem_problem(&e)),
             }
         })?;
         let (_, crl) = x509_parser::parse_x509_crl(&der).map_err(|e| CertError::BadPem {

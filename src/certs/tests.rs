@@ -1063,6 +1063,62 @@ fn issue_and_revoke_refuse_a_ca_key_or_certificate_that_cannot_sign() {
         .expect("client-bob.crt verifies against ca.crt");
 }
 
+/// An encrypted key is called one, with the command that decrypts it (it was "no private key
+/// in file"), and a PEM file cut short says so in words (its END marker was printed as a list
+/// of byte values).
+#[test]
+fn an_encrypted_key_and_a_pem_file_cut_short_are_said_in_words() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    init(dir, &opts(1)).unwrap();
+    // The label says it is encrypted (as `openssl pkcs8 -topk8 -v2 aes-256-cbc` writes it);
+    // what is under it is not looked at.
+    let body = fs::read_to_string(dir.join("client.key")).unwrap();
+    let enc = dir.join("enc.key");
+    let pem = body.replace(" PRIVATE KEY-----", " ENCRYPTED PRIVATE KEY-----");
+    write_file(&enc, pem.as_bytes(), 0o600, false).unwrap();
+    let err = load_private_key(&enc).unwrap_err();
+    assert!(matches!(err, CertError::EncryptedKey(_)), "{err}");
+    let (text, p) = (err.to_string(), enc.display());
+    assert!(
+        text.contains(&format!(
+            "{p} is an encrypted private key, which is not supported"
+        )) && text.contains(&format!("`openssl pkey -in {p} -out {p}.plain`")),
+        "{text}"
+    );
+
+    let cut = |name: &str| {
+        let path = dir.join(name);
+        let pem = fs::read(&path).unwrap();
+        fs::write(&path, &pem[..pem.len() / 2]).unwrap();
+        path
+    };
+    let crt = cut("client.crt");
+    assert_eq!(
+        load_certs(&crt).unwrap_err().to_string(),
+        format!(
+            "{}: not a PEM certificate file: cut short: the CERTIFICATE block has no \
+             -----END CERTIFICATE----- line",
+            crt.display()
+        )
+    );
+    revoke(dir, &[dir.join("dispatcher.crt")]).unwrap();
+    let crl = cut(CA_CRL);
+    let text = load_crls(&crl, &cas(dir)).unwrap_err().to_string();
+    assert!(
+        text.contains("cut short: the X509 CRL block has no -----END X509 CRL----- line"),
+        "{text}"
+    );
+    cut(CA_CERT);
+    let text = revoke(dir, &[dir.join("dispatcher.crt")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        text.contains("ca.crt: not a PEM certificate file: cut short: the CERTIFICATE block"),
+        "{text}"
+    );
+}
+
 /// Standard base64 of `data` in 64-column lines.
 fn base64_lines(data: &[u8]) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
