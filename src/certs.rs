@@ -969,11 +969,49 @@ fn write_leaf(
     hosts: &[String],
     force: bool,
 ) -> Result<Vec<PathBuf>, CertError> {
+    if !force {
+        let (crt, key) = identity_paths(dir, id);
+        for path in [key, crt] {
+            if fs::symlink_metadata(&path).is_ok() {
+                return Err(CertError::Exists(path, ""));
+            }
+        }
+    }
+    commit_staged(stage_leaf(dir, ca, id, days, hosts)?, force)?;
+    let (crt, key) = identity_paths(dir, id);
+    Ok(vec![crt, key])
+}
+
+/// `id`'s key and certificate, signed by `ca`, staged (not yet in place).
+fn stage_leaf(
+    dir: &Path,
+    ca: &CertAuthority,
+    id: &SpiffeId,
+    days: u32,
+    hosts: &[String],
+) -> Result<Vec<Staged>, CertError> {
     let (crt, key) = identity_paths(dir, id);
     let leaf = ca.issue(&LeafSpec::for_identity(id, days, hosts))?;
-    write_file(&key, leaf.key_pem.as_bytes(), 0o600, force)?;
-    write_file(&crt, leaf.cert_pem.as_bytes(), 0o644, force)?;
-    Ok(vec![crt, key])
+    Ok(vec![
+        Staged::write(&key, leaf.key_pem.as_bytes(), 0o600)?,
+        Staged::write(&crt, leaf.cert_pem.as_bytes(), 0o644)?,
+    ])
+}
+
+/// Puts `staged` in place together: replacing what is there, all or none (see
+/// `token_keys::commit_all`), with `force`; else beside nothing, each refused if its file
+/// exists (the caller has looked). A key put in place beside the old certificate (its rename
+/// done, the certificate's refused) left a component that refused to start, and the old key
+/// lost; a new CA key beside the old CA certificate signed certificates nothing verified.
+fn commit_staged(staged: Vec<Staged>, force: bool) -> Result<(), CertError> {
+    if force {
+        token_keys::commit_all(staged)?;
+    } else {
+        for file in staged {
+            file.commit(false)?;
+        }
+    }
+    Ok(())
 }
 
 /// `certs init`: a new CA, every component's certificate and key, and the token keys.
@@ -1021,13 +1059,38 @@ pub fn init(dir: &Path, opts: &InitOptions) -> Result<Vec<PathBuf>, CertError> {
             return Err(CertError::InitWouldReplace(existing));
         }
     }
+    // Every file is written before any is put in place, and then all are, or (with `force`)
+    // none: a new CA key beside the old CA certificate, or new leaves beside an old CA, are
+    // unusable, and the old set would be lost.
     let ca = CertAuthority::generate(td)?;
-    let mut written = Vec::new();
-    let ca_key = dir.join(CA_KEY);
-    write_file(&ca_key, ca.key_pem().as_bytes(), 0o600, opts.force)?;
-    let ca_cert = dir.join(CA_CERT);
-    write_file(&ca_cert, ca.cert_pem().as_bytes(), 0o644, opts.force)?;
-    written.extend([ca_cert, ca_key]);
+    let (ca_key, ca_cert) = (dir.join(CA_KEY), dir.join(CA_CERT));
+    let mut staged = vec![
+        Staged::write(&ca_key, ca.key_pem().as_bytes(), 0o600)?,
+        Staged::write(&ca_cert, ca.cert_pem().as_bytes(), 0o644)?,
+    ];
+    let mut written = vec![ca_cert, ca_key];
+    for id in [&dispatcher, &watchdog, &client]
+        .into_iter()
+        .chain(&workers)
+    {
+        staged.extend(stage_leaf(dir, &ca, id, opts.days, &opts.hosts)?);
+        let (crt, key) = identity_paths(dir, id);
+        written.extend([crt, key]);
+    }
+    let master = KeyFile::single(1, SecretKey::generate()?);
+    let master_path = dir.join(MASTER_TOKEN_KEY);
+    staged.push(Staged::write(
+        &master_path,
+        master.render().as_bytes(),
+        0o600,
+    )?);
+    written.push(master_path);
+    for id in &workers {
+        let token = token_keys::stage_worker_token(dir, &master, id)?;
+        written.push(token.path().to_path_buf());
+        staged.push(token);
+    }
+    commit_staged(staged, opts.force)?;
     // The old CA's revocation list: everything it listed is untrusted now anyway, and the
     // next `certs revoke` would refuse a list from another CA.
     match fs::remove_file(dir.join(CA_CRL)) {
@@ -1035,26 +1098,6 @@ pub fn init(dir: &Path, opts: &InitOptions) -> Result<Vec<PathBuf>, CertError> {
             return Err(io_err(&dir.join(CA_CRL))(e));
         }
         _ => {}
-    }
-    for id in [&dispatcher, &watchdog, &client]
-        .into_iter()
-        .chain(&workers)
-    {
-        written.extend(write_leaf(
-            dir,
-            &ca,
-            id,
-            opts.days,
-            &opts.hosts,
-            opts.force,
-        )?);
-    }
-    let master = KeyFile::single(1, SecretKey::generate()?);
-    let master_path = dir.join(MASTER_TOKEN_KEY);
-    write_file(&master_path, master.render().as_bytes(), 0o600, opts.force)?;
-    written.push(master_path);
-    for id in &workers {
-        written.push(write_worker_token(dir, &master, id, opts.force)?);
     }
     Ok(written)
 }

@@ -542,6 +542,44 @@ fn a_file_is_replaced_whole_or_not_at_all() {
     assert_eq!(contents(tmp.path()).len(), 1);
 }
 
+/// `issue --force` replaces an identity's key and certificate together or not at all. With
+/// the certificate's rename refused (a directory in its place here), the key used to be
+/// replaced all the same, beside the old certificate: the component then refused to start and
+/// the old key was lost. Found by a file-handling review.
+#[test]
+fn issue_replaces_a_key_and_its_certificate_together_or_not_at_all() {
+    let tmp = tempfile::tempdir().unwrap();
+    init(tmp.path(), &opts(1)).unwrap();
+    let crt = tmp.path().join("worker-1.crt");
+    fs::remove_file(&crt).unwrap();
+    fs::create_dir(&crt).unwrap();
+    fs::write(crt.join("x"), b"x").unwrap();
+    let before = contents(tmp.path());
+    let forced = IssueOptions {
+        force: true,
+        ..worker_issue("1", 10)
+    };
+    assert!(issue(tmp.path(), &forced).is_err());
+    assert_eq!(changed(tmp.path(), &before), Vec::<String>::new());
+    // So does `init --force`, for the whole set: the new CA key used to be in place before a
+    // later file failed, beside the old CA certificate, and the old CA key was lost.
+    let forced = InitOptions {
+        force: true,
+        ..opts(1)
+    };
+    assert!(init(tmp.path(), &forced).is_err());
+    assert_eq!(changed(tmp.path(), &before), Vec::<String>::new());
+    fs::remove_dir_all(&crt).unwrap();
+    init(tmp.path(), &forced).unwrap();
+    assert!(changed(tmp.path(), &before).contains(&CA_KEY.to_string()));
+    // Nothing is left beside the files.
+    assert!(
+        !contents(tmp.path()).keys().any(|n| n.starts_with('.')),
+        "{:?}",
+        contents(tmp.path()).keys()
+    );
+}
+
 #[test]
 fn a_rotation_that_cannot_write_every_file_changes_none() {
     let tmp = tempfile::tempdir().unwrap();

@@ -54,7 +54,11 @@ pub(super) fn write_worker_token(
 }
 
 /// Worker `id`'s key file, derived from `master`, staged (not yet in place).
-fn stage_worker_token(dir: &Path, master: &KeyFile, id: &SpiffeId) -> Result<Staged, CertError> {
+pub(super) fn stage_worker_token(
+    dir: &Path,
+    master: &KeyFile,
+    id: &SpiffeId,
+) -> Result<Staged, CertError> {
     let derived = master.map_keys(|k| k.derive_for(id));
     Staged::write(
         &worker_token_path(dir, id),
@@ -227,7 +231,7 @@ fn copy_aside(path: &Path) -> std::io::Result<PathBuf> {
 /// refused: an immutable file, a read-only mount), the ones already replaced get their old
 /// contents back and new ones are removed, so that no worker is left on keys the master
 /// does not hold.
-fn commit_all(staged: Vec<Staged>) -> Result<Vec<PathBuf>, CertError> {
+pub(super) fn commit_all(staged: Vec<Staged>) -> Result<Vec<PathBuf>, CertError> {
     let paths: Vec<PathBuf> = staged.iter().map(|f| f.path().to_path_buf()).collect();
     let mut saved: Vec<(PathBuf, Option<PathBuf>)> = Vec::new();
     let forget = |saved: &[(PathBuf, Option<PathBuf>)]| {
