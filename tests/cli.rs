@@ -11,14 +11,20 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn run(cwd: &Path, args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(bin())
-        .args(args)
+/// The binary with `args` in `cwd`, logging warnings, its output captured.
+fn command(cwd: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(bin());
+    c.args(args)
         .current_dir(cwd)
         .env("SECURESRV_LOG", "warn")
-        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+fn run(cwd: &Path, args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = command(cwd, args)
+        .stdin(Stdio::piped())
         .spawn()
         .expect("spawn");
     if let Some(mut s) = child.stdin.take() {
@@ -659,13 +665,8 @@ fn bad_configuration_exits_64_and_lists_every_problem() {
 /// Runs `args` in `cwd` and waits at most `WAIT` for it to end (killed by PID if it does
 /// not: the caller then fails); what it said.
 fn run_bounded(cwd: &Path, args: &[&str]) -> Output {
-    let child = Command::new(bin())
-        .args(args)
-        .current_dir(cwd)
-        .env("SECURESRV_LOG", "warn")
+    let child = command(cwd, args)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
     let pid = child.id();
