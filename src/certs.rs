@@ -716,7 +716,9 @@ fn random_serial() -> Result<SerialNumber, CertError> {
 /// it may be the working directory or a home (`--dir .`); the key files in it are 0600.
 pub fn create_private_dir(dir: &Path) -> Result<(), CertError> {
     if dir.exists() {
-        return Ok(());
+        // Keys written there would be refused when loaded (see `check_dir_of_secret`): say so
+        // now, before writing anything (a clone made under umask 002 has a 0775 `certs/`).
+        return check_dir(dir);
     }
     fs::DirBuilder::new()
         .recursive(true)
@@ -902,10 +904,14 @@ fn read_secret<T>(
 /// in place of ours (the file checks cannot see a rename to come). A directory with the
 /// sticky bit (`/tmp`) lets others add files but not replace ours.
 fn check_dir_of_secret(path: &Path) -> Result<(), CertError> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => check_dir(d),
+        _ => check_dir(Path::new(".")),
+    }
+}
+
+/// Refuses a directory group or others can write to, unless it has the sticky bit.
+fn check_dir(dir: &Path) -> Result<(), CertError> {
     let meta = fs::metadata(dir).map_err(io_err(dir))?;
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o022 != 0 && mode & 0o1000 == 0 {

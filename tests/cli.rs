@@ -798,6 +798,14 @@ fn a_certs_directory_others_can_write_to_is_refused() {
     let out = client();
     exits_saying(&out, 5, "cannot connect");
     std::fs::set_permissions(&pki.dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    // `certs init` into such a directory (a clone made under umask 002) refuses before
+    // writing anything, rather than write keys that nothing will load.
+    let loose = cwd.join("loose");
+    std::fs::create_dir(&loose).unwrap();
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o775)).unwrap();
+    let out = run_bounded(cwd, &["certs", "init", "--dir", "loose"]);
+    exits_saying(&out, 1, "chmod go-w loose");
+    assert_eq!(std::fs::read_dir(&loose).unwrap().count(), 0);
 }
 
 #[test]
