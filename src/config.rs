@@ -71,15 +71,18 @@ const MAX_CONFIG_FILE: u64 = 1024 * 1024;
 
 /// The parser's message and where in the file it is, never the text of the line: a file given
 /// as the configuration by mistake may be a key file, whose line is a key (the parser's own
-/// rendering quotes it, and a token key went to the log in full that way).
+/// rendering quotes it, and a token key went to the log in full that way). The message may
+/// still name a key or quote a value of the file: made printable, so that a key name with a
+/// line break cannot start a line of its own in the log.
 fn parse_error(text: &str, e: &toml::de::Error) -> String {
+    let message = crate::identity::printable_within(e.message().trim_end(), 512);
     let Some(at) = e.span().map(|s| s.start.min(text.len())) else {
-        return e.message().trim_end().to_string();
+        return message.into_owned();
     };
     let before = text.as_bytes().get(..at).unwrap_or_default();
     let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
     let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
-    format!("line {line}, column {column}: {}", e.message().trim_end())
+    format!("line {line}, column {column}: {message}")
 }
 
 /// The whole configuration.
@@ -868,6 +871,10 @@ mod tests {
         }
         let err = Config::parse("workers = 2\nkey 1 abc\n").unwrap_err();
         assert!(err.starts_with("line 2, column 5: "), "{err}");
+        // A key name the message quotes cannot break the line.
+        let err = Config::parse("\"x\\n2026-12-01T00:00:00Z ERROR forged\" = 1\n").unwrap_err();
+        assert!(err.contains("unknown field"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
     }
 
     #[test]
