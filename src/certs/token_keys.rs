@@ -196,8 +196,8 @@ pub fn token_keys(
     commit_all(staged)
 }
 
-/// Copies the key file `path` to a new file beside it (mode 0600) under a name no one can
-/// guess, and returns that name. The copy is made only as a new file: it was made to a name of
+/// Copies the file `path` (a key or a certificate) to a new file beside it, with the same mode,
+/// under a name no one can guess, and returns that name. The copy is made only as a new file: it was made to a name of
 /// the process ID, removed and then created with a plain copy, which followed a symbolic link
 /// put at that name in between, so that anyone who could write to the directory could have
 /// the key written over a file of their choice (root's, say) or into one they read. Found by
@@ -218,7 +218,11 @@ fn copy_aside(path: &Path) -> std::io::Result<PathBuf> {
         .create_new(true)
         .mode(0o600)
         .open(&aside)?;
-    let copied = std::io::copy(&mut from, &mut to).and_then(|_| to.sync_all());
+    // Made 0600, then given the original's mode once it holds the same (a certificate put
+    // back after a failed commit stays readable, 0644).
+    let copied = std::io::copy(&mut from, &mut to)
+        .and_then(|_| to.set_permissions(from.metadata()?.permissions()))
+        .and_then(|()| to.sync_all());
     if let Err(e) = copied {
         let _ = fs::remove_file(&aside);
         return Err(e);
@@ -284,7 +288,8 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     /// The copy of a key about to be replaced is a new 0600 file under a name no one can
-    /// guess beforehand (it was the process ID's, written through whatever was put there).
+    /// guess beforehand (it was the process ID's, written through whatever was put there); a
+    /// certificate's keeps its 0644.
     #[test]
     fn a_key_is_copied_aside_only_into_a_new_file_of_its_own() {
         let dir = tempfile::tempdir().unwrap();
@@ -305,5 +310,13 @@ mod tests {
             assert!(meta.file_type().is_file());
             assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         }
+        let crt = dir.path().join("a.crt");
+        fs::write(&crt, b"public").unwrap();
+        fs::set_permissions(&crt, fs::Permissions::from_mode(0o644)).unwrap();
+        let aside = copy_aside(&crt).unwrap();
+        assert_eq!(
+            fs::metadata(aside).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
     }
 }
