@@ -377,9 +377,11 @@ impl Drop for Running<'_> {
 /// Keeps the identity's slot taken until the request's answer exists, and hands its payload
 /// budget on with the answer: an answer the peer does not read holds memory as its request
 /// did, so that one identity's unread answers stay within its budget. An answer larger than
-/// its request (a job's output) first waits for a share of its own size, holding its slot
-/// but none of the budget while it waits (so that answers waiting for more cannot hold the
-/// budget between them): the answers that wait are bounded by the identity's slots.
+/// its request (a job's output) first gives its request's share back and waits for a share
+/// of its own size, holding its slot: the answers that wait are bounded by the identity's
+/// slots, and since only the oldest waiter collects what is given back (tokio's semaphore is
+/// fair), waiting answers cannot split the budget between them and wait on each other. While
+/// one waits, the identity's new requests with a payload are refused `overloaded`.
 async fn hold<F: Future<Output = Message>>(admission: Admission, work: F) -> Done {
     let Admission {
         slot,
