@@ -189,8 +189,9 @@ pub enum CertError {
     /// domain.
     #[error(
         "{path} was not derived from token.key for trust domain {trust_domain}; pass the \
-         workers' trust domain with --trust-domain (or --config), or remake the keys with \
-         `securesrv certs token-keys --force` and restart every component"
+         workers' trust domain with --trust-domain (or --config), or, if that is right (a \
+         rotation cut short leaves the workers' files ahead of token.key), remake the keys \
+         with `securesrv certs token-keys --force` and restart every component"
     )]
     TokenKeysDiffer {
         /// The worker's token key file.

@@ -580,6 +580,24 @@ fn issue_replaces_a_key_and_its_certificate_together_or_not_at_all() {
     );
 }
 
+/// A rotation cut short between its renames (killed, say) leaves the workers' files ahead of
+/// `token.key`: the next rotation refuses, and says that this is a cause and what to do.
+#[test]
+fn a_rotation_cut_short_is_named_as_a_cause_when_the_next_refuses() {
+    let tmp = tempfile::tempdir().unwrap();
+    init(tmp.path(), &opts(1)).unwrap();
+    let master = tmp.path().join("token.key");
+    let old = fs::read(&master).unwrap();
+    rotate_token_key(tmp.path(), None, 60_000).unwrap();
+    // As if killed after the workers' files were in place, before token.key.
+    write_file(&master, &old, 0o600, true).unwrap();
+    let err = rotate_token_key(tmp.path(), None, 60_000).unwrap_err();
+    assert!(matches!(err, CertError::TokenKeysDiffer { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("a rotation cut short"), "{msg}");
+    assert!(msg.contains("certs token-keys --force"), "{msg}");
+}
+
 #[test]
 fn a_rotation_that_cannot_write_every_file_changes_none() {
     let tmp = tempfile::tempdir().unwrap();
