@@ -75,8 +75,9 @@ pub enum CertError {
     /// The directory of a secret file can be written by others, who could replace the key,
     /// or the CA certificate beside it.
     #[error(
-        "{dir} can be written by group or others (mode {mode:04o}): anyone who can write there \
-         can replace the keys and the CA certificate in it; run `chmod go-w {dir}`"
+        "{dir} can be written by others, or by a group that is not its owner's own (mode \
+         {mode:04o}): anyone who can write there can replace the keys and the CA certificate in \
+         it; run `chmod go-w {dir}`"
     )]
     DirTooOpen {
         /// The directory.
@@ -911,17 +912,35 @@ fn check_dir_of_secret(path: &Path) -> Result<(), CertError> {
     }
 }
 
-/// Refuses a directory group or others can write to, unless it has the sticky bit.
+/// Refuses a directory others can write to, or its group unless that group is its owner's
+/// own, unless it has the sticky bit. A group of the owner's own (a user private group:
+/// named as the owner, with no other member) is where umask 002 is the default (Debian,
+/// Ubuntu, Fedora), and adds no one; Debian's ssh accepts it for the same reason.
 fn check_dir(dir: &Path) -> Result<(), CertError> {
+    use std::os::unix::fs::MetadataExt;
     let meta = fs::metadata(dir).map_err(io_err(dir))?;
     let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+    let others = mode & 0o002 != 0;
+    let group = mode & 0o020 != 0 && !private_group(meta.uid(), meta.gid());
+    if (others || group) && mode & 0o1000 == 0 {
         return Err(CertError::DirTooOpen {
             dir: dir.to_path_buf(),
             mode,
         });
     }
     Ok(())
+}
+
+/// Whether group `gid` is user `uid`'s own: named as the user, with no member but the user.
+fn private_group(uid: u32, gid: u32) -> bool {
+    use nix::unistd::{Gid, Group, Uid, User};
+    let (Ok(Some(user)), Ok(Some(group))) = (
+        User::from_uid(Uid::from_raw(uid)),
+        Group::from_gid(Gid::from_raw(gid)),
+    ) else {
+        return false;
+    };
+    group.name == user.name && group.mem.iter().all(|m| *m == user.name)
 }
 
 /// Loads every certificate in a PEM file (leaf first, then any intermediates).

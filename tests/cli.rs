@@ -783,26 +783,34 @@ fn a_certs_directory_others_can_write_to_is_refused() {
             ],
         )
     };
-    for mode in [0o777, 0o770] {
+    for mode in [0o777, 0o702] {
         std::fs::set_permissions(&pki.dir, std::fs::Permissions::from_mode(mode)).unwrap();
         let out = client();
-        exits_saying(&out, 64, "can be written by group or others");
+        exits_saying(&out, 64, "can be written by others");
         assert!(
             text(&out.stderr).contains("chmod go-w"),
             "{}",
             text(&out.stderr)
         );
     }
+    // Its group may write only if the group is the owner's own (none but the owner in it).
+    if nix::unistd::geteuid().is_root() {
+        let daemon = nix::unistd::Gid::from_raw(1);
+        nix::unistd::chown(&pki.dir, None, Some(daemon)).unwrap();
+        std::fs::set_permissions(&pki.dir, std::fs::Permissions::from_mode(0o770)).unwrap();
+        exits_saying(&client(), 64, "by a group that is not its owner's own");
+        nix::unistd::chown(&pki.dir, None, Some(nix::unistd::getegid())).unwrap();
+    }
     // Sticky: past the files' checks, to the connection (nothing listens there).
     std::fs::set_permissions(&pki.dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
     let out = client();
     exits_saying(&out, 5, "cannot connect");
     std::fs::set_permissions(&pki.dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-    // `certs init` into such a directory (a clone made under umask 002) refuses before
-    // writing anything, rather than write keys that nothing will load.
+    // `certs init` into such a directory refuses before writing anything, rather than write
+    // keys that nothing will load.
     let loose = cwd.join("loose");
     std::fs::create_dir(&loose).unwrap();
-    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o775)).unwrap();
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o777)).unwrap();
     let out = run_bounded(cwd, &["certs", "init", "--dir", "loose"]);
     exits_saying(&out, 1, "chmod go-w loose");
     assert_eq!(std::fs::read_dir(&loose).unwrap().count(), 0);
