@@ -849,8 +849,9 @@ fn read_secret<T>(
     use std::io::Read;
     use std::os::unix::fs::MetadataExt;
     const MAX_KEY_FILE: u64 = 1024 * 1024;
-    // A regular file only, looked at before opening: opening a FIFO put in a key's place
-    // would hang the process. Then the file opened must be the one looked at.
+    // A regular file only, looked at before opening, and opened without blocking: opening a
+    // FIFO put in a key's place (even between the look and the open) would hang the process.
+    // Then the file opened must be the one looked at.
     let seen = fs::metadata(path).map_err(load_err(path))?;
     let not_a_key = |why: &str| CertError::Io {
         path: path.to_path_buf(),
@@ -859,7 +860,12 @@ fn read_secret<T>(
     if !seen.is_file() {
         return Err(not_a_key("not a regular file"));
     }
-    let mut f = fs::File::open(path).map_err(load_err(path))?;
+    let mut f = std::os::unix::fs::OpenOptionsExt::custom_flags(
+        fs::OpenOptions::new().read(true),
+        nix::fcntl::OFlag::O_NONBLOCK.bits(),
+    )
+    .open(path)
+    .map_err(load_err(path))?;
     let meta = f.metadata().map_err(io_err(path))?;
     if (meta.dev(), meta.ino()) != (seen.dev(), seen.ino()) {
         return Err(not_a_key("replaced while being opened"));
