@@ -35,13 +35,24 @@ pub fn read_bounded(from: impl Read, max: u64) -> std::io::Result<Vec<u8>> {
     Ok(data)
 }
 
+/// A temporary directory for a test, only its owner can use whatever the umask: keys are
+/// refused in a directory others, or a shared group, can write to, and under umask 002 a
+/// plain temporary directory is 0775.
+#[cfg(test)]
+pub(crate) fn private_tempdir() -> std::io::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn only_a_regular_file_within_its_bound_is_read() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = private_tempdir().unwrap();
         let file = dir.path().join("f");
         std::fs::write(&file, b"abc").unwrap();
         assert_eq!(read_regular(&file, 3).unwrap(), b"abc");

@@ -105,7 +105,7 @@ fn start_pair(
 
 #[test]
 fn certs_commands() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::tempdir().unwrap();
     let out = certs_init(tmp.path(), "c");
     assert!(text(&out.stdout).contains("wrote c/worker-1.token"));
     let again = run(tmp.path(), &["certs", "init", "--dir", "c"], b"");
@@ -244,7 +244,7 @@ fn a_missing_worker_certificate_beside_a_ca_is_advised_certs_issue() {
 /// told of `--certs or certs_dir`, and the client's `--cert, --key and --ca`).
 #[test]
 fn a_missing_file_is_said_with_the_flags_of_the_command() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::tempdir().unwrap();
     let cwd = tmp.path();
     let listen = format!("127.0.0.1:{}", free_port());
     let client_flags = "(--cert, --key and --ca, or `certs_dir`)";
@@ -302,7 +302,7 @@ fn a_missing_file_is_said_with_the_flags_of_the_command() {
 /// absolute one needs no such note.
 #[test]
 fn a_missing_relative_path_names_the_working_directory() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::tempdir().unwrap();
     let cwd = tmp.path().canonicalize().unwrap();
     let listen = format!("127.0.0.1:{}", free_port());
     let out = run(&cwd, &["watchdog", "--listen", &listen], b"");
@@ -379,7 +379,7 @@ fn client_timeout_out_of_range_is_a_usage_error() {
 /// anything is written (it made a CA and no worker files; workers are numbered from 1).
 #[test]
 fn certs_init_refuses_zero_workers() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::tempdir().unwrap();
     let out = run(
         tmp.path(),
         &["certs", "init", "--dir", "w0", "--workers", "0"],
@@ -401,7 +401,7 @@ fn certs_init_refuses_zero_workers() {
 /// of A-Z a-z 0-9 . _ -)`).
 #[test]
 fn certs_issue_says_what_a_worker_name_is() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::tempdir().unwrap();
     let out = run(tmp.path(), &["certs", "init", "--workers", "1"], b"");
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = run(
@@ -423,7 +423,7 @@ fn certs_issue_says_what_a_worker_name_is() {
 /// verify and a list every component then refused).
 #[test]
 fn certs_issue_and_revoke_refuse_another_cas_key() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::tempdir().unwrap();
     certs_init(tmp.path(), "c");
     certs_init(tmp.path(), "other");
     std::fs::copy(tmp.path().join("other/ca.key"), tmp.path().join("c/ca.key")).unwrap();
@@ -449,7 +449,7 @@ fn certs_issue_and_revoke_refuse_another_cas_key() {
 /// holding a line break printed a forged log line among the `wrote` lines.
 #[test]
 fn certs_output_prints_file_names_printable() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::tempdir().unwrap();
     let dir = "nl\n2026-01-01T00:00:00.000000Z  INFO securesrv: dispatcher stopped";
     let forged = |out: &str| out.lines().any(|l| l.starts_with("2026-"));
     let out = certs_init(tmp.path(), dir);
@@ -476,7 +476,7 @@ fn certs_output_prints_file_names_printable() {
 /// rotating the token key.
 #[test]
 fn certs_commands_follow_the_configuration() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::tempdir().unwrap();
     std::fs::write(
         tmp.path().join("s.toml"),
         "trust_domain = \"corp.example\"\ncerts_dir = \"mycerts\"\nworkers = 3\n",
@@ -639,7 +639,7 @@ fn certs_commands_follow_the_configuration() {
 
 #[test]
 fn bad_configuration_exits_64_and_lists_every_problem() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::tempdir().unwrap();
     std::fs::write(
         tmp.path().join("bad.toml"),
         "workers = 0\n[limits]\nmax_frame_bytes = 1\n[acl]\nnosuch = [\"*\"]\n",
@@ -818,7 +818,7 @@ fn a_certs_directory_others_can_write_to_is_refused() {
 
 #[test]
 fn components_with_bad_certificates_or_keys_exit_64() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::tempdir().unwrap();
     // Never bound: each refusal comes first.
     let listen = format!("127.0.0.1:{}", free_port());
     let out = run(
@@ -903,7 +903,7 @@ fn components_with_bad_certificates_or_keys_exit_64() {
 /// count was capped, refused a configuration the components accept.
 #[test]
 fn certs_commands_issue_for_the_workers_a_list_names() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::tempdir().unwrap();
     std::fs::write(
         tmp.path().join("list.toml"),
         "[[worker]]\nid = 2\nlisten = \"127.0.0.1:25002\"\n\
@@ -1293,7 +1293,7 @@ fn the_memcpy_tunable_is_set_on_amd_unless_the_operator_chose() {
         })
     });
     let tuned = amd && cfg!(all(target_arch = "x86_64", target_env = "gnu"));
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = common::tempdir().expect("tempdir");
     // (GLIBC_TUNABLES given, marker given, through the loader) -> (GLIBC_TUNABLES, marker) seen.
     type Case<'a> = ((Option<&'a str>, bool, bool), (Option<&'a str>, bool));
     let mut cases: Vec<Case> = vec![
@@ -1994,7 +1994,7 @@ fn sighup_stays_ignored_under_nohup() {
 /// checked alone first.
 #[test]
 fn flags_replace_config_values_before_the_check() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::tempdir().unwrap();
     let file = tmp.path().join("bad-workers.toml");
     std::fs::write(&file, "workers = 300\n").unwrap();
     let config = file.to_str().unwrap();
@@ -2046,7 +2046,7 @@ fn flags_replace_config_values_before_the_check() {
 /// window used to be taken silently, up to about 2^64 ms.
 #[test]
 fn rotation_windows_that_are_too_short_or_too_long_are_said_so() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::tempdir().unwrap();
     let out = run(tmp.path(), &["certs", "init", "--dir", "c"], b"");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let rotate = |secs: &str| {
@@ -2081,7 +2081,7 @@ fn rotation_windows_that_are_too_short_or_too_long_are_said_so() {
 /// src/tls/tests.rs).
 #[test]
 fn certs_revoke_lists_a_certificate_and_its_holder_stops_at_it() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::tempdir().unwrap();
     for dir in ["c", "other"] {
         certs_init(tmp.path(), dir);
     }
@@ -2192,7 +2192,7 @@ fn certs_revoke_lists_a_certificate_and_its_holder_stops_at_it() {
 /// that starts and refuses every token; a file that is not text is called so.
 #[test]
 fn a_retired_current_token_key_or_a_binary_key_file_stops_the_component() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::tempdir().unwrap();
     certs_init(tmp.path(), "c");
     for file in ["c/token.key", "c/worker-1.token"] {
         let path = tmp.path().join(file);
@@ -2244,7 +2244,7 @@ fn a_retired_current_token_key_or_a_binary_key_file_stops_the_component() {
 /// TOML error does; without a file, only the problems.
 #[test]
 fn an_out_of_range_value_names_its_configuration_file() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::tempdir().unwrap();
     std::fs::write(
         tmp.path().join("bad.toml"),
         "[limits]\nmax_frame_bytes = 0\n",

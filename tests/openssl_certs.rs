@@ -127,7 +127,7 @@ async fn openssl_made_certificates_work() {
         eprintln!("SKIPPED: the openssl command is not installed");
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::tempdir().unwrap();
     let dir = tmp.path().join("certs");
     openssl_ca(&dir);
     // dispatcher: PKCS#8 EC key; worker: SEC1 EC key; client: PKCS#1 RSA key.
@@ -218,7 +218,7 @@ fn an_openssl_made_ca_key_is_refused_with_the_command_that_converts_it() {
         eprintln!("SKIPPED: the openssl command is not installed");
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::tempdir().unwrap();
     let dir = tmp.path().join("certs");
     openssl_ca(&dir);
     let bob = securesrv::certs::IssueOptions {

@@ -996,7 +996,7 @@ fn a_second_signal_to_the_watchdog_stops_every_component_at_once() {
     // SIGTERM, then SIGINT while a job keeps the components draining: the operator wants
     // everything gone now. The watchdog used to exit 130 alone, and its components noticed
     // only its closed pipe and went on draining for up to their grace period after it.
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::tempdir().unwrap();
     let pidfile = tmp.path().join("job.pid");
     let f = Fixture::with(&spawn_job("echo $$ > '{}'; exec sleep 60", &pidfile));
     let mut w = f.ready();
@@ -1085,7 +1085,7 @@ fn call_spawn(
 /// load.
 #[test]
 fn a_frozen_worker_stopped_by_the_watchdog_finishes_its_requests() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::tempdir().unwrap();
     let pidfile = tmp.path().join("job.pid");
     let flag = tmp.path().join("go");
     // The job writes its PID, then waits for the flag.
@@ -1165,7 +1165,7 @@ fn a_hang_after_a_stable_run_restarts_after_the_first_delay() {
 
 #[test]
 fn a_sigkilled_workers_jobs_do_not_outlive_it() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::tempdir().unwrap();
     let pidfile = tmp.path().join("grandchild.pid");
     // The job starts a child of its own (in the job's process group) and waits for it.
     let f = Fixture::with(&spawn_job("sleep 120 & echo $! > '{}'; wait", &pidfile));
@@ -1219,7 +1219,7 @@ fn a_daemon_a_job_started_does_not_outlive_the_watchdog() {
     // gpg-agent do) left it running after the watchdog had stopped: the sweep kills only the
     // sessions of components, and such a helper has left its worker's. (The job waits for
     // the helper to be in its session before it ends, and its group is killed.)
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::tempdir().unwrap();
     let pidfile = tmp.path().join("daemon.pid");
     let f = Fixture::with(&spawn_job(
         "setsid sh -c 'echo $$ > {}; exec sleep 300' > /dev/null 2>&1 & \
@@ -1246,7 +1246,7 @@ fn a_daemon_a_job_started_does_not_outlive_the_watchdog() {
 
 #[test]
 fn a_live_workers_job_keeps_the_processes_it_started() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = common::tempdir().unwrap();
     let pidfile = tmp.path().join("child.pid");
     // The job's program starts a child through a subshell that exits at once, then waits
     // for the child to answer. That child's parent is gone, so it is the watchdog's now, but

@@ -77,7 +77,7 @@ fn parse_cert(path: &Path) -> Parsed {
 
 #[test]
 fn init_writes_every_file_with_the_right_modes() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::files::private_tempdir().unwrap();
     let dir = tmp.path().join("certs");
     let written = init(&dir, &opts(3)).unwrap();
     assert_eq!(mode(&dir), 0o700);
@@ -107,7 +107,7 @@ fn init_writes_every_file_with_the_right_modes() {
 
 #[test]
 fn identities_sans_and_key_usages() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::files::private_tempdir().unwrap();
     init(tmp.path(), &opts(2)).unwrap();
     let ca = parse_cert(&tmp.path().join("ca.crt"));
     assert!(ca.is_ca && ca.cert_sign && ca.crl_sign);
@@ -156,7 +156,7 @@ fn identities_sans_and_key_usages() {
 
 #[test]
 fn init_refuses_to_replace_a_ca_without_force() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::files::private_tempdir().unwrap();
     init(tmp.path(), &opts(1)).unwrap();
     let before = fs::read(tmp.path().join("ca.crt")).unwrap();
     let err = init(tmp.path(), &opts(1)).unwrap_err();
@@ -175,7 +175,7 @@ fn init_refuses_to_replace_a_ca_without_force() {
 /// replaced without a word.
 #[test]
 fn init_refuses_to_replace_any_file_without_force() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::files::private_tempdir().unwrap();
     let dir = tmp.path();
     for name in ["dispatcher.key", "dispatcher.crt", "token.key"] {
         write_file(&dir.join(name), b"made elsewhere\n", 0o600, false).unwrap();
@@ -227,7 +227,7 @@ fn client_verifier(dir: &Path) -> Arc<dyn ClientCertVerifier> {
 
 #[test]
 fn issue_adds_identities_signed_by_the_existing_ca() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::files::private_tempdir().unwrap();
     init(tmp.path(), &opts(1)).unwrap();
     let alice = issue(
         tmp.path(),
@@ -258,7 +258,7 @@ fn issue_adds_identities_signed_by_the_existing_ca() {
     );
 
     // A certificate from another CA does not verify.
-    let other = tempfile::tempdir().unwrap();
+    let other = crate::files::private_tempdir().unwrap();
     init(other.path(), &opts(1)).unwrap();
     let foreign = load_certs(&other.path().join("client.crt"))
         .unwrap()
@@ -327,7 +327,7 @@ fn issue_adds_identities_signed_by_the_existing_ca() {
 
 #[test]
 fn key_files_of_another_user_or_too_large_are_refused() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::files::private_tempdir().unwrap();
     init(tmp.path(), &opts(1)).unwrap();
     let key = tmp.path().join("client.key");
     // Through a symbolic link (as Kubernetes mounts secrets): followed, and judged by the file.
@@ -386,7 +386,7 @@ fn key_files_of_another_user_or_too_large_are_refused() {
 
 #[test]
 fn readable_key_files_are_refused_with_the_fix() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::files::private_tempdir().unwrap();
     init(tmp.path(), &opts(1)).unwrap();
     let key = tmp.path().join("client.key");
     assert!(load_private_key(&key).is_ok());
@@ -408,7 +408,7 @@ fn readable_key_files_are_refused_with_the_fix() {
 /// or some other file is no key, and `chmod 600` would not make it one.
 #[test]
 fn a_file_that_is_no_key_is_called_so_whatever_its_mode() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::files::private_tempdir().unwrap();
     init(tmp.path(), &opts(1)).unwrap();
     let cert = tmp.path().join("client.crt");
     let other = tmp.path().join("notes.txt");
@@ -432,7 +432,7 @@ fn a_file_that_is_no_key_is_called_so_whatever_its_mode() {
 /// when its certificate is there) or `certs token-keys`.
 #[test]
 fn a_missing_file_is_advised_the_command_that_makes_it() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::files::private_tempdir().unwrap();
     let dir = tmp.path().join("pki");
     init(&dir, &opts(1)).unwrap();
     let d = dir.display().to_string();
@@ -524,7 +524,7 @@ fn contents(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
 
 #[test]
 fn a_file_is_replaced_whole_or_not_at_all() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::files::private_tempdir().unwrap();
     let path = tmp.path().join("a.key");
     write_file(&path, b"old", 0o600, false).unwrap();
     let blocker = block_staging(&path);
@@ -548,7 +548,7 @@ fn a_file_is_replaced_whole_or_not_at_all() {
 /// the old key was lost. Found by a file-handling review.
 #[test]
 fn issue_replaces_a_key_and_its_certificate_together_or_not_at_all() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::files::private_tempdir().unwrap();
     init(tmp.path(), &opts(1)).unwrap();
     let crt = tmp.path().join("worker-1.crt");
     fs::remove_file(&crt).unwrap();
@@ -584,7 +584,7 @@ fn issue_replaces_a_key_and_its_certificate_together_or_not_at_all() {
 /// `token.key`: the next rotation refuses, and says that this is a cause and what to do.
 #[test]
 fn a_rotation_cut_short_is_named_as_a_cause_when_the_next_refuses() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::files::private_tempdir().unwrap();
     init(tmp.path(), &opts(1)).unwrap();
     let master = tmp.path().join("token.key");
     let old = fs::read(&master).unwrap();
@@ -600,7 +600,7 @@ fn a_rotation_cut_short_is_named_as_a_cause_when_the_next_refuses() {
 
 #[test]
 fn a_rotation_that_cannot_write_every_file_changes_none() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::files::private_tempdir().unwrap();
     init(tmp.path(), &opts(2)).unwrap();
     let before = contents(tmp.path());
     // The last file a rotation writes is token.key.
@@ -623,7 +623,7 @@ fn a_rotation_that_cannot_write_every_file_changes_none() {
 fn a_rotation_that_cannot_put_every_file_in_place_changes_none() {
     // Staging succeeds; putting worker-2's file in place is refused (an immutable file, as a
     // read-only mount would). worker-1's file, already replaced, must get its old key back.
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::files::private_tempdir().unwrap();
     init(tmp.path(), &opts(2)).unwrap();
     let before = contents(tmp.path());
     let locked = tmp.path().join("worker-2.token");
@@ -654,7 +654,7 @@ fn a_rotation_that_cannot_put_every_file_in_place_changes_none() {
 #[test]
 fn an_existing_directory_keeps_its_mode() {
     // `--dir .` must not make the working directory private.
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::files::private_tempdir().unwrap();
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
     init(tmp.path(), &opts(1)).unwrap();
     assert_eq!(mode(tmp.path()), 0o755);
@@ -662,7 +662,7 @@ fn an_existing_directory_keeps_its_mode() {
 
 #[test]
 fn rotation_rederives_every_worker_file() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::files::private_tempdir().unwrap();
     init(tmp.path(), &opts(2)).unwrap();
     let before = load_key_file(&tmp.path().join("token.key")).unwrap();
     // Not a name we write: left alone (it was taken for worker 3's file).
@@ -690,7 +690,7 @@ fn rotation_rederives_every_worker_file() {
 fn rotation_keeps_the_trust_domain_the_worker_keys_were_made_for() {
     // Made for example.org: re-derived for the default trust domain, every token would fail
     // to verify at the workers (it did, with the default taken when none was given).
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::files::private_tempdir().unwrap();
     let mut o = opts(2);
     o.trust_domain = "example.org".into();
     init(tmp.path(), &o).unwrap();
@@ -707,7 +707,7 @@ fn rotation_keeps_the_trust_domain_the_worker_keys_were_made_for() {
     );
     // Keys derived for another trust domain than the CA's (as the rotation above used to
     // leave them) are refused, not carried on.
-    let broken = tempfile::tempdir().unwrap();
+    let broken = crate::files::private_tempdir().unwrap();
     init(broken.path(), &o).unwrap();
     token_keys(broken.path(), Some(DEFAULT_TRUST_DOMAIN), &[1, 2], true).unwrap();
     let err = rotate_token_key(broken.path(), None, 60_000).unwrap_err();
@@ -727,7 +727,7 @@ fn rotation_keeps_the_trust_domain_the_worker_keys_were_made_for() {
 
 #[test]
 fn token_keys_alone_for_certificates_made_elsewhere() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::files::private_tempdir().unwrap();
     let mut o = opts(1);
     o.trust_domain = "corp.example".into();
     init(tmp.path(), &o).unwrap();
@@ -792,7 +792,7 @@ fn host_names_are_dns_names_or_addresses() {
     ] {
         assert!(!valid_dns_name(bad), "{bad:?}");
     }
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::files::private_tempdir().unwrap();
     let mut o = opts(1);
     o.hosts = vec!["bad host".into()];
     let dir = tmp.path().join("c");
@@ -814,7 +814,7 @@ fn worker_issue(name: &str, days: u32) -> IssueOptions {
 
 #[test]
 fn out_of_range_days_and_workers_are_refused_before_anything_is_written() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::files::private_tempdir().unwrap();
     let dir = tmp.path().join("certs");
     for (days, workers) in [(MAX_DAYS + 1, 1), (u32::MAX, 1), (0, 1), (30, 257)] {
         let o = InitOptions {
@@ -846,7 +846,7 @@ fn out_of_range_days_and_workers_are_refused_before_anything_is_written() {
 
 #[test]
 fn issuing_a_worker_whose_token_file_cannot_be_kept_writes_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::files::private_tempdir().unwrap();
     init(tmp.path(), &opts(1)).unwrap();
     // A token file derived from token.key (as `certs token-keys` makes them) is kept as it is.
     let master = load_key_file(&tmp.path().join("token.key")).unwrap();
@@ -914,7 +914,7 @@ fn listed(dir: &Path, stem: &str) -> bool {
 
 #[test]
 fn revoke_adds_to_the_list_and_refuses_what_this_ca_did_not_issue() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::files::private_tempdir().unwrap();
     let dir = tmp.path().join("certs");
     let other = tmp.path().join("other");
     init(&dir, &opts(2)).unwrap();
@@ -1030,7 +1030,7 @@ fn revoke_adds_to_the_list_and_refuses_what_this_ca_did_not_issue() {
 /// every handshake fail, each blamed on the peer.
 #[test]
 fn a_list_whose_signature_does_not_verify_is_refused_when_loaded() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::files::private_tempdir().unwrap();
     let dir = tmp.path().join("certs");
     init(&dir, &opts(1)).unwrap();
     revoke(&dir, &[dir.join("client.crt")]).unwrap();
@@ -1059,7 +1059,7 @@ fn a_list_whose_signature_does_not_verify_is_refused_when_loaded() {
 /// and a list that every component then refused at start.
 #[test]
 fn issue_and_revoke_refuse_a_ca_key_or_certificate_that_cannot_sign() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::files::private_tempdir().unwrap();
     let dir = tmp.path().join("certs");
     let other = tmp.path().join("other");
     init(&dir, &opts(1)).unwrap();
@@ -1124,7 +1124,7 @@ fn issue_and_revoke_refuse_a_ca_key_or_certificate_that_cannot_sign() {
 /// of byte values).
 #[test]
 fn an_encrypted_key_and_a_pem_file_cut_short_are_said_in_words() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::files::private_tempdir().unwrap();
     let dir = tmp.path();
     init(dir, &opts(1)).unwrap();
     // The label says it is encrypted (as `openssl pkcs8 -topk8 -v2 aes-256-cbc` writes it);

@@ -292,7 +292,7 @@ mod tests {
     /// certificate's keeps its 0644.
     #[test]
     fn a_key_is_copied_aside_only_into_a_new_file_of_its_own() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::files::private_tempdir().unwrap();
         let key = dir.path().join("token.key");
         fs::write(&key, b"secret").unwrap();
         fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();

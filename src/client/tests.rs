@@ -8,7 +8,7 @@ use tokio::net::TcpListener;
 
 /// A client configuration (from a fresh PKI) for `addr`, with call deadline `timeout`.
 fn config(addr: SocketAddr, timeout: Duration) -> (tempfile::TempDir, ClientConfig) {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::files::private_tempdir().unwrap();
     let dir = tmp.path().join("certs");
     crate::certs::init(
         &dir,

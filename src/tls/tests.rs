@@ -20,7 +20,7 @@ struct Pki {
 }
 
 fn pki() -> Pki {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::files::private_tempdir().unwrap();
     let dir = tmp.path().join("certs");
     let other_dir = tmp.path().join("other");
     let opts = InitOptions {

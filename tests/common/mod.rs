@@ -30,9 +30,19 @@ pub struct Pki {
     pub dir: PathBuf,
 }
 
+/// A temporary directory only its owner can use, whatever the umask: keys are refused in a
+/// directory others, or a shared group, can write to, and under umask 002 a plain temporary
+/// directory is 0775.
+pub fn tempdir() -> std::io::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
+}
+
 /// `certs init` for `workers` workers into a fresh temporary directory.
 pub fn pki(workers: u32) -> Pki {
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = tempdir().expect("tempdir");
     let dir = tmp.path().join("certs");
     certs::init(
         &dir,
