@@ -76,6 +76,16 @@ fn leaf(dir: &Path, stem: &str, key_args: &[&str], uri: &str, eku: &str, server:
     .unwrap();
 }
 
+/// A temporary directory with an openssl-made CA in its `certs` (see [`openssl_ca`]), or
+/// `None` if the openssl command is not installed.
+fn openssl_ca_in_tempdir() -> Option<(tempfile::TempDir, std::path::PathBuf)> {
+    Command::new("openssl").arg("version").output().ok()?;
+    let tmp = common::tempdir().unwrap();
+    let dir = tmp.path().join("certs");
+    openssl_ca(&dir);
+    Some((tmp, dir))
+}
+
 /// A CA made by openssl in `dir` (created 0700): `ca.key` a SEC1 P-256 key, as `openssl
 /// ecparam -genkey` writes it, and `ca.crt` self-signed, `CA:TRUE`.
 fn openssl_ca(dir: &Path) {
@@ -123,13 +133,10 @@ fn openssl_ca(dir: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openssl_made_certificates_work() {
-    if Command::new("openssl").arg("version").output().is_err() {
+    let Some((tmp, dir)) = openssl_ca_in_tempdir() else {
         eprintln!("SKIPPED: the openssl command is not installed");
         return;
-    }
-    let tmp = common::tempdir().unwrap();
-    let dir = tmp.path().join("certs");
-    openssl_ca(&dir);
+    };
     // dispatcher: PKCS#8 EC key; worker: SEC1 EC key; client: PKCS#1 RSA key.
     leaf(
         &dir,
@@ -214,13 +221,10 @@ async fn openssl_made_certificates_work() {
 /// sign what openssl verifies.
 #[test]
 fn an_openssl_made_ca_key_is_refused_with_the_command_that_converts_it() {
-    if Command::new("openssl").arg("version").output().is_err() {
+    let Some((_tmp, dir)) = openssl_ca_in_tempdir() else {
         eprintln!("SKIPPED: the openssl command is not installed");
         return;
-    }
-    let tmp = common::tempdir().unwrap();
-    let dir = tmp.path().join("certs");
-    openssl_ca(&dir);
+    };
     let bob = securesrv::certs::IssueOptions {
         role: securesrv::identity::Role::Client,
         name: "bob".into(),
