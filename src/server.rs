@@ -475,12 +475,17 @@ impl Drop for HandshakeSlot {
 
 /// Runs the accept loop until `shutdown` fires, then gives the open connections `drain` to
 /// finish their requests before returning.
+///
+/// `accepting` (cancelled with `shutdown`, or alone) ends only the accept loop: the open
+/// connections are then served as before until their peers close them, or until `shutdown`
+/// drains them. A worker whose supervisor is gone stops so: the dispatcher, orphaned at the
+/// same moment, still has requests to forward over its links while it drains.
 pub async fn serve<H: ConnectionHandler>(
     listener: TcpListener,
     acceptor: Acceptor,
     limits: ListenerLimits,
     handler: H,
-    shutdown: CancellationToken,
+    (shutdown, accepting): (CancellationToken, CancellationToken),
     drain: Duration,
 ) {
     let tracker = TaskTracker::new();
@@ -495,6 +500,7 @@ pub async fn serve<H: ConnectionHandler>(
         let accepted = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            _ = accepting.cancelled() => break,
             r = listener.accept() => r,
         };
         let (tcp, addr) = match accepted {
@@ -579,6 +585,16 @@ pub async fn serve<H: ConnectionHandler>(
     // successor (a restarted watchdog's new component) can bind it while this one finishes.
     drop(listener);
     tracker.close();
+    if !shutdown.is_cancelled() {
+        info!(
+            connections = tracker.len(),
+            "accepting no more connections; serving the open ones until they close"
+        );
+        tokio::select! {
+            () = tracker.wait() => {}
+            () = shutdown.cancelled() => {}
+        }
+    }
     // Each connection drains for `drain` itself; a little slack for the goodbye. Requests
     // whose connection has already ended (the peer left) get the same period.
     let until = tokio::time::Instant::now() + drain + Duration::from_millis(200);

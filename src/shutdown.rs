@@ -129,15 +129,15 @@ impl Future for Cancelled<'_> {
     }
 }
 
-/// Watches for SIGINT/SIGTERM (and, with `parent_watch`, EOF on stdin) and cancels `token`.
-/// With `parent_watch`, the process also exits on its own `hard_deadline` after the parent
-/// vanished, in case draining hangs.
+/// Watches for SIGINT/SIGTERM and cancels `token`. With `supervisor`, EOF on stdin (the
+/// supervisor is gone) cancels that token, which is `token` or a child of it, and the process
+/// exits on its own `hard_deadline` after it, in case the stop hangs.
 pub fn watch(
     token: CancellationToken,
-    parent_watch: bool,
+    supervisor: Option<CancellationToken>,
     hard_deadline: Duration,
 ) -> std::io::Result<()> {
-    watch_with(token, parent_watch, hard_deadline, || {})
+    watch_with(token, supervisor, hard_deadline, || {})
 }
 
 /// The next SIGHUP, or never when it is not listened for.
@@ -173,7 +173,7 @@ fn ignored_at_start(number: i32) -> bool {
 /// process even then: a worker kills its jobs' process groups there.
 pub fn watch_with(
     token: CancellationToken,
-    parent_watch: bool,
+    supervisor: Option<CancellationToken>,
     hard_deadline: Duration,
     before_exit: impl Fn() + Send + Sync + 'static,
 ) -> std::io::Result<()> {
@@ -211,8 +211,7 @@ pub fn watch_with(
         warn!("second signal; exiting now");
         exit_now(EXIT_INTERRUPTED);
     });
-    if parent_watch {
-        let t = token;
+    if let Some(t) = supervisor {
         tokio::spawn(async move {
             let mut stdin = tokio::io::stdin();
             let mut buf = [0u8; 64];

@@ -38,11 +38,16 @@ impl Fixture {
     /// As [`Fixture::with_heartbeat`], with the dispatcher pinging its workers every
     /// `worker_ping_ms` (it drops a worker's link after 5 unanswered).
     fn with_pings(beat_ms: u64, worker_ping_ms: u64, extra: &str) -> Self {
+        Self::with_dispatcher(beat_ms, worker_ping_ms, "", extra)
+    }
+
+    /// As [`Fixture::with_pings`], with `dispatcher` (lines) in the `[dispatcher]` table.
+    fn with_dispatcher(beat_ms: u64, worker_ping_ms: u64, dispatcher: &str, extra: &str) -> Self {
         let pki = pki(2);
         let base = free_port_block(2);
         let cfg = format!(
             "certs_dir = {:?}\nworkers = 2\n\
-             [dispatcher]\nlisten = \"127.0.0.1:{base}\"\nworker_ping_interval_ms = {worker_ping_ms}\n\
+             [dispatcher]\nlisten = \"127.0.0.1:{base}\"\nworker_ping_interval_ms = {worker_ping_ms}\n{dispatcher}\n\
              [watchdog]\nheartbeat_interval_ms = {beat_ms}\nheartbeat_timeout_ms = {beat_ms}\nmax_missed = 3\n\
              restart_backoff_initial_ms = 100\nrestart_backoff_max_ms = 2000\nstop_grace_ms = 3000\n{extra}",
             pki.dir
@@ -1137,6 +1142,85 @@ fn a_frozen_worker_stopped_by_the_watchdog_finishes_its_requests() {
             )
         });
     });
+}
+
+/// A watchdog killed by SIGKILL under load: the dispatcher drains, and its workers serve the
+/// requests it still forwards, not only those they were running. The workers used to drain as
+/// soon as their stdin closed, refusing what the dispatcher forwarded after (`shutting_down`,
+/// and the client got `unavailable`), although the dispatcher had read those requests before
+/// the watchdog died and had the time to have them run. Found by a review that killed the
+/// watchdog under load.
+#[test]
+fn requests_waiting_at_the_dispatcher_when_the_watchdog_dies_are_served() {
+    let tmp = common::tempdir().unwrap();
+    let pidfile = tmp.path().join("job.pid");
+    let flag = tmp.path().join("go");
+    let script = format!(
+        "while [ ! -e '{}' ]; do sleep 0.05; done; echo done",
+        flag.display()
+    );
+    // One request at a time per worker: of five calls, two run and three wait at the
+    // dispatcher for a worker.
+    let f = Fixture::with_dispatcher(
+        300,
+        200,
+        "max_in_flight_per_worker = 1",
+        &format!(
+            "[limits]\nmax_in_flight_per_identity = 8\n{}",
+            spawn_job(&script, &pidfile)
+        ),
+    );
+    let mut w = f.ready();
+    let pids = first_pids(&w);
+    rt().block_on(async {
+        let c = f.client().await;
+        let calls: Vec<_> = (0..5).map(|_| call_spawn(c.clone())).collect();
+        let until = Instant::now() + WAIT;
+        loop {
+            let mut running = 0;
+            for n in 1..=2u16 {
+                let id = SpiffeId::worker("securesrv", n.into()).unwrap();
+                running += f.pki.watchdog_ping(&id, f.addr(n)).await.1.in_flight;
+            }
+            if running == 2 && dispatcher_in_flight(&f).await == 5 {
+                break;
+            }
+            assert!(Instant::now() < until, "the calls never queued up");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        w.signal(Signal::SIGKILL);
+        // The workers have seen their supervisor go: they accept no more connections.
+        let closed = tokio::task::block_in_place(|| {
+            wait_until(WAIT, || {
+                (1..=2).all(|n| std::net::TcpStream::connect(f.addr(n)).is_err())
+            })
+        });
+        assert!(closed, "the workers still accept connections");
+        std::fs::write(&flag, b"").unwrap();
+        let mut answers = Vec::new();
+        for call in calls {
+            answers.push(
+                tokio::time::timeout(WAIT, call)
+                    .await
+                    .expect("the call ends")
+                    .unwrap(),
+            );
+        }
+        for answer in answers {
+            match answer {
+                Ok(out) => assert_eq!(out, b"done\n"),
+                Err(e) => panic!("a request the dispatcher had read was not run: {e}"),
+            }
+        }
+    });
+    w.wait_exit(WAIT).expect("watchdog killed");
+    // And then every component exits, the workers once the dispatcher has closed its links.
+    let gone = wait_until(Duration::from_secs(10), || pids.iter().all(|p| !alive(*p)));
+    let left: Vec<u32> = pids.into_iter().filter(|p| alive(*p)).collect();
+    for p in &left {
+        w.signal_pid(*p, Signal::SIGKILL);
+    }
+    assert!(gone, "children {left:?} outlived the watchdog by 10 s");
 }
 
 /// A component that stops answering after a stable run (`stable_after_ms`) is restarted

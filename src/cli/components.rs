@@ -99,7 +99,8 @@ pub fn dispatcher(cfg: Config, supervised: bool) -> ExitCode {
             Err(e) => return fail("dispatcher", e),
         };
         let shutdown = CancellationToken::new();
-        if let Err(e) = securesrv::shutdown::watch(shutdown.clone(), supervised, grace(&cfg)) {
+        let supervisor = supervised.then(|| shutdown.clone());
+        if let Err(e) = securesrv::shutdown::watch(shutdown.clone(), supervisor, grace(&cfg)) {
             return fail("cannot install signal handlers", e);
         }
         let links = CancellationToken::new();
@@ -147,8 +148,12 @@ pub fn worker(cfg: Config, id: u32, listen: SocketAddr, supervised: bool) -> Exi
         let kill_jobs = move || {
             jobs.kill_all();
         };
+        // The supervisor gone, the dispatcher (its sibling) drains: it still forwards the
+        // requests it has read, so the links it has stay served until it closes them.
+        let accepting = shutdown.child_token();
+        let supervisor = supervised.then(|| accepting.clone());
         if let Err(e) =
-            securesrv::shutdown::watch_with(shutdown.clone(), supervised, grace(&cfg), kill_jobs)
+            securesrv::shutdown::watch_with(shutdown.clone(), supervisor, grace(&cfg), kill_jobs)
         {
             return fail("cannot install signal handlers", e);
         }
@@ -157,7 +162,7 @@ pub fn worker(cfg: Config, id: u32, listen: SocketAddr, supervised: bool) -> Exi
         if supervised {
             securesrv::watchdog::child::announce_bound();
         }
-        worker::run(Arc::new(w), listener, acceptor, shutdown).await;
+        worker::run_accepting(Arc::new(w), listener, acceptor, shutdown, accepting).await;
         info!("worker stopped");
         ExitCode::SUCCESS
     })
@@ -175,7 +180,7 @@ pub fn watchdog(cfg: Config, config_file: Option<PathBuf>, log_filter: Option<St
         // drain after the watchdog has gone.
         if let Err(e) = securesrv::shutdown::watch_with(
             shutdown.clone(),
-            false,
+            None,
             grace(&cfg),
             securesrv::watchdog::child::stop_all_now,
         ) {
@@ -228,7 +233,7 @@ pub fn bench_echo(cfg: Config, listen: SocketAddr, certs: PathBuf) -> ExitCode {
             Err(e) => return fail("bench-echo", e),
         };
         let shutdown = CancellationToken::new();
-        if let Err(e) = securesrv::shutdown::watch(shutdown.clone(), false, grace(&cfg)) {
+        if let Err(e) = securesrv::shutdown::watch(shutdown.clone(), None, grace(&cfg)) {
             return fail("cannot install signal handlers", e);
         }
         match securesrv::bench::echo_backend::run(&material, listener, &cfg.limits, shutdown).await

@@ -656,7 +656,7 @@ pub async fn run(
         acceptor,
         limits,
         handler,
-        shutdown,
+        (shutdown.clone(), shutdown),
         cfg.drain_period(),
     )
     .await;

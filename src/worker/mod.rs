@@ -249,6 +249,20 @@ pub async fn run(
     acceptor: Acceptor,
     shutdown: CancellationToken,
 ) {
+    let accepting = shutdown.clone();
+    run_accepting(worker, listener, acceptor, shutdown, accepting).await;
+}
+
+/// [`run`], also ending when `accepting` is cancelled (a child of `shutdown`) once the
+/// connections open then have been closed by their peers: the stop of a worker whose
+/// supervisor is gone, which leaves the dispatcher's links to it for the dispatcher to close.
+pub async fn run_accepting(
+    worker: Arc<Worker>,
+    listener: TcpListener,
+    acceptor: Acceptor,
+    shutdown: CancellationToken,
+    accepting: CancellationToken,
+) {
     let cfg = worker.cfg.clone();
     let jobs = worker.ops.job_groups().clone();
     let handler = Handler {
@@ -265,7 +279,7 @@ pub async fn run(
         acceptor,
         limits,
         handler,
-        shutdown,
+        (shutdown, accepting),
         cfg.drain_period(),
     )
     .await;
