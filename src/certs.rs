@@ -151,6 +151,24 @@ pub enum CertError {
         if .0.len() == 1 { "s" } else { "" }
     )]
     InitWouldReplace(Vec<PathBuf>),
+    /// rcgen cannot write the CA's name back as it is in `ca.crt` (it keeps one value per
+    /// attribute type, `DC=com, DC=example` becoming `DC=example`): what it signed would name
+    /// another issuer, and peers match certificates and revocation lists to their CA by that
+    /// name, byte for byte.
+    #[error(
+        "the name of the CA in {cert} ({subject}) cannot be written back as it is (this tool \
+         keeps one value per attribute type, and its own string types), so certificates and \
+         revocation lists signed with it here would name another issuer: peers would not match \
+         them to this CA, and a revocation list would revoke nothing. Issue and revoke with the \
+         tool that made this CA (openssl: `openssl ca -revoke` then `openssl ca -gencrl`), or \
+         make a CA whose name has each attribute once"
+    )]
+    CaNameNotKept {
+        /// The CA certificate file.
+        cert: PathBuf,
+        /// Its subject, made printable.
+        subject: String,
+    },
     /// The CA key is a PKCS#1 or SEC1 key (`BEGIN RSA PRIVATE KEY`, `BEGIN EC PRIVATE KEY`,
     /// as openssl's `genrsa -traditional` and `ecparam -genkey` write them), which rcgen
     /// cannot sign with; leaf keys in those forms load.
@@ -652,6 +670,18 @@ impl CertAuthority {
             path: cert_path.clone(),
             what: format!("cannot load CA certificate: {e}"),
         })?;
+        // rcgen rebuilds the CA's name from its attributes, one value per type: a name that
+        // repeats one (`DC=com, DC=example`, two `OU`s) comes out another. Whatever it signed
+        // would then name an issuer no peer matches to this CA: certificates that do not
+        // chain, and, silently, a revocation list that revokes nothing. The name it writes is
+        // seen by having it sign an empty list.
+        if revoke::issuer_written(&issuer)? != ca_cert.subject().as_raw() {
+            return Err(CertError::CaNameNotKept {
+                subject: crate::identity::printable_within(&ca_cert.subject().to_string(), 200)
+                    .into_owned(),
+                cert: cert_path,
+            });
+        }
         Ok(CertAuthority { cert_pem, issuer })
     }
 

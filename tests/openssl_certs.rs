@@ -5,6 +5,9 @@
 mod common;
 
 use common::{Pki, start_cluster};
+use rustls::AlertDescription;
+use securesrv::client::{Client, ClientConfig, ClientError};
+use securesrv::identity::SpiffeId;
 use securesrv::token::{KeyFile, SecretKey};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -76,19 +79,53 @@ fn leaf(dir: &Path, stem: &str, key_args: &[&str], uri: &str, eku: &str, server:
     .unwrap();
 }
 
+/// `token.key` and `worker-1.token` in `dir`: token keys are not certificates, and are made
+/// by the library.
+fn token_keys(dir: &Path) {
+    let master = KeyFile::single(1, SecretKey::generate().unwrap());
+    let w1 = securesrv::identity::SpiffeId::worker("securesrv", 1).unwrap();
+    securesrv::certs::write_file(
+        &dir.join("token.key"),
+        master.render().as_bytes(),
+        0o600,
+        false,
+    )
+    .unwrap();
+    let derived = master.map_keys(|k| k.derive_for(&w1));
+    securesrv::certs::write_file(
+        &dir.join("worker-1.token"),
+        derived.render().as_bytes(),
+        0o600,
+        false,
+    )
+    .unwrap();
+}
+
+/// An EC P-256 key in PKCS#8 form (`genpkey`) for `leaf`.
+const EC_KEY: [&str; 5] = [
+    "genpkey",
+    "-algorithm",
+    "EC",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+];
+
 /// A temporary directory with an openssl-made CA in its `certs` (see [`openssl_ca`]), or
 /// `None` if the openssl command is not installed.
-fn openssl_ca_in_tempdir() -> Option<(tempfile::TempDir, std::path::PathBuf)> {
+fn openssl_ca_in_tempdir(subject: &str) -> Option<(tempfile::TempDir, std::path::PathBuf)> {
     Command::new("openssl").arg("version").output().ok()?;
     let tmp = common::tempdir().unwrap();
     let dir = tmp.path().join("certs");
-    openssl_ca(&dir);
+    openssl_ca(&dir, subject);
     Some((tmp, dir))
 }
 
-/// A CA made by openssl in `dir` (created 0700): `ca.key` a SEC1 P-256 key, as `openssl
-/// ecparam -genkey` writes it, and `ca.crt` self-signed, `CA:TRUE`.
-fn openssl_ca(dir: &Path) {
+/// The usual name of the openssl-made CA.
+const CA_NAME: &str = "/O=openssl-made/CN=openssl test CA";
+
+/// A CA named `subject` made by openssl in `dir` (created 0700): `ca.key` a SEC1 P-256 key,
+/// as `openssl ecparam -genkey` writes it, and `ca.crt` self-signed, `CA:TRUE`.
+fn openssl_ca(dir: &Path, subject: &str) {
     std::fs::create_dir(dir).unwrap();
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
     openssl(
@@ -117,7 +154,7 @@ fn openssl_ca(dir: &Path) {
             "-key",
             "ca.key",
             "-subj",
-            "/O=openssl-made/CN=openssl test CA",
+            subject,
             "-days",
             "2",
             "-sha256",
@@ -133,7 +170,7 @@ fn openssl_ca(dir: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openssl_made_certificates_work() {
-    let Some((tmp, dir)) = openssl_ca_in_tempdir() else {
+    let Some((tmp, dir)) = openssl_ca_in_tempdir(CA_NAME) else {
         eprintln!("SKIPPED: the openssl command is not installed");
         return;
     };
@@ -186,24 +223,7 @@ async fn openssl_made_certificates_work() {
         let pem = std::fs::read_to_string(dir.join(format!("{stem}.key"))).unwrap();
         assert!(pem.contains(marker), "{stem}.key is not {marker}");
     }
-    // Token keys are not certificates: made by the library.
-    let master = KeyFile::single(1, SecretKey::generate().unwrap());
-    let w1 = securesrv::identity::SpiffeId::worker("securesrv", 1).unwrap();
-    securesrv::certs::write_file(
-        &dir.join("token.key"),
-        master.render().as_bytes(),
-        0o600,
-        false,
-    )
-    .unwrap();
-    let derived = master.map_keys(|k| k.derive_for(&w1));
-    securesrv::certs::write_file(
-        &dir.join("worker-1.token"),
-        derived.render().as_bytes(),
-        0o600,
-        false,
-    )
-    .unwrap();
+    token_keys(&dir);
 
     let pki = Pki { tmp, dir };
     let cluster = start_cluster(&pki, 1, |_| {}).await;
@@ -221,7 +241,7 @@ async fn openssl_made_certificates_work() {
 /// sign what openssl verifies.
 #[test]
 fn an_openssl_made_ca_key_is_refused_with_the_command_that_converts_it() {
-    let Some((_tmp, dir)) = openssl_ca_in_tempdir() else {
+    let Some((_tmp, dir)) = openssl_ca_in_tempdir(CA_NAME) else {
         eprintln!("SKIPPED: the openssl command is not installed");
         return;
     };
@@ -275,4 +295,139 @@ fn an_openssl_made_ca_key_is_refused_with_the_command_that_converts_it() {
         .unwrap();
     let said = String::from_utf8_lossy(&crl.stderr);
     assert!(said.contains("verify OK"), "{said}");
+}
+
+/// A CA whose name repeats an attribute type (`DC=com, DC=example`, as enterprise PKIs name
+/// theirs). rcgen writes such a name back with one value per type, so the list `certs revoke`
+/// made named another issuer: every component loaded it without a word, matched it to no
+/// certificate, and kept serving the revoked client. Found by a source review. Now `issue` and
+/// `revoke` refuse such a CA before writing anything, a list its key signed under another name
+/// is refused at start, and the list openssl makes for it (what the refusal points to)
+/// revokes, while the other clients are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_name_this_tool_cannot_write_back_is_refused_and_openssls_list_revokes() {
+    let Some((tmp, dir)) = openssl_ca_in_tempdir("/DC=com/DC=example/CN=openssl test CA") else {
+        eprintln!("SKIPPED: the openssl command is not installed");
+        return;
+    };
+    openssl(
+        &dir,
+        &[
+            "pkcs8", "-topk8", "-nocrypt", "-in", "ca.key", "-out", "ca.p8",
+        ],
+    );
+    std::fs::rename(dir.join("ca.p8"), dir.join("ca.key")).unwrap();
+    std::fs::set_permissions(dir.join("ca.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    for (stem, uri, eku, server) in [
+        (
+            "dispatcher",
+            "dispatcher/main",
+            "serverAuth,clientAuth",
+            true,
+        ),
+        ("worker-1", "worker/1", "serverAuth", true),
+        ("client", "client/default", "clientAuth", false),
+        ("client-leaked", "client/leaked", "clientAuth", false),
+    ] {
+        let key = format!("{stem}.key");
+        let args: Vec<&str> = EC_KEY.iter().copied().chain(["-out", &key]).collect();
+        let uri = format!("spiffe://securesrv/{uri}");
+        leaf(&dir, stem, &args, &uri, eku, server);
+    }
+    token_keys(&dir);
+    let pki = Pki { tmp, dir };
+    let dir = &pki.dir;
+    let crl = dir.join("ca.crl");
+
+    let bob = securesrv::certs::IssueOptions {
+        role: securesrv::identity::Role::Client,
+        name: "bob".into(),
+        trust_domain: None,
+        days: 1,
+        hosts: vec![],
+        force: false,
+    };
+    let err = securesrv::certs::issue(dir, &bob).unwrap_err().to_string();
+    assert!(err.contains("cannot be written back as it is"), "{err}");
+    assert!(err.contains("DC=com"), "{err}");
+    assert!(!dir.join("client-bob.crt").exists());
+    let leaked_crt = dir.join("client-leaked.crt");
+    let err = securesrv::certs::revoke(dir, std::slice::from_ref(&leaked_crt))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`openssl ca -gencrl`"), "{err}");
+    assert!(!crl.exists(), "a list was written");
+
+    // The holder of the leaked key loaded it before the revocation.
+    let leaked = pki.material("client-leaked");
+    // The list `certs revoke` used to write: signed with the CA's key, under rcgen's name.
+    let ca_pem = std::fs::read_to_string(dir.join("ca.crt")).unwrap();
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join("ca.key")).unwrap()).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+    let leaked_der = std::fs::read(&leaked_crt).unwrap();
+    let (_, leaked_pem) = x509_parser::pem::parse_x509_pem(&leaked_der).unwrap();
+    let serial = leaked_pem.parse_x509().unwrap().raw_serial().to_vec();
+    let now = time::OffsetDateTime::now_utc();
+    let list = rcgen::CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + time::Duration::days(1),
+        crl_number: rcgen::SerialNumber::from_slice(&[1]),
+        issuing_distribution_point: None,
+        revoked_certs: vec![rcgen::RevokedCertParams {
+            serial_number: rcgen::SerialNumber::from_slice(&serial),
+            revocation_time: now,
+            reason_code: None,
+            invalidity_date: None,
+        }],
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(&issuer)
+    .unwrap();
+    std::fs::write(&crl, list.pem().unwrap()).unwrap();
+    let cas = securesrv::certs::load_certs(&dir.join("ca.crt")).unwrap();
+    let err = securesrv::certs::load_crls(&crl, &cas)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("naming another issuer"), "{err}");
+
+    // openssl's own list, as the refusal says to make it.
+    std::fs::write(
+        dir.join("ca.cnf"),
+        "[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\ncrlnumber = crlnumber\n\
+         default_md = sha256\ndefault_crl_days = 2\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("index.txt"), b"").unwrap();
+    std::fs::write(dir.join("crlnumber"), b"01\n").unwrap();
+    let ca = ["-config", "ca.cnf", "-keyfile", "ca.key", "-cert", "ca.crt"];
+    let revoke: Vec<&str> = ["ca", "-revoke", "client-leaked.crt"]
+        .into_iter()
+        .chain(ca)
+        .collect();
+    openssl(dir, &revoke);
+    let gencrl: Vec<&str> = ["ca", "-gencrl", "-out", "ca.crl"]
+        .into_iter()
+        .chain(ca)
+        .collect();
+    openssl(dir, &gencrl);
+    assert_eq!(securesrv::certs::load_crls(&crl, &cas).unwrap().len(), 1);
+
+    let cluster = start_cluster(&pki, 1, |_| {}).await;
+    let cfg = ClientConfig::new(
+        &leaked,
+        cluster.addr,
+        SpiffeId::dispatcher("securesrv").unwrap(),
+    )
+    .unwrap();
+    match Client::new(cfg).call("echo", b"leaked").await {
+        Err(ClientError::RefusedByDispatcher { alert, .. }) => {
+            assert_eq!(alert, AlertDescription::CertificateRevoked);
+        }
+        other => panic!("the revoked client was not refused: {other:?}"),
+    }
+    let good = cluster.client(&pki).await;
+    assert_eq!(good.call("echo", b"served").await.unwrap(), b"served");
+    good.close().await;
+    cluster.stop().await;
 }

@@ -6,7 +6,9 @@
 //! in place (entries already there are kept, with their dates) and raises its number.
 
 use super::{CA_CERT, CA_DAYS, CertAuthority, CertError, NamedBy, Staged, load_certs};
-use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, SerialNumber};
+use rcgen::{
+    CertificateRevocationListParams, Issuer, KeyIdMethod, KeyPair, RevokedCertParams, SerialNumber,
+};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
 use std::path::{Path, PathBuf};
@@ -70,34 +72,74 @@ pub fn load_crls(
         webpki::OwnedCertRevocationList::from_der(crl)
             .map_err(|e| bad(format!("list {}: unusable revocation list: {e}", n + 1)))?;
         if let Err(why) = check_signature(crl, cas) {
-            return Err(bad(format!(
-                "list {}: {why}; every handshake with a certificate of that CA would fail. \
-                 Replace the file with a good copy, or make it again with `securesrv certs \
-                 revoke`",
-                n + 1
-            )));
+            return Err(bad(format!("list {}: {why}", n + 1)));
         }
     }
     Ok(crls)
 }
 
 /// Checks `crl`'s signature if one of `cas` issued it: `Ok(true)` if verified, `Ok(false)`
-/// if none of them is its issuer.
+/// if none of them is its issuer. A list that one of them signed under another name is
+/// refused: certificates are matched to a list by their issuer's name, byte for byte, so it
+/// would revoke nothing, and revoked certificates would pass as not revoked.
 fn check_signature(crl: &[u8], cas: &[CertificateDer<'_>]) -> Result<bool, String> {
     let (_, list) =
         x509_parser::parse_x509_crl(crl).map_err(|e| format!("cannot parse it: {e}"))?;
-    for ca in cas {
-        let Ok((_, ca)) = x509_parser::parse_x509_certificate(ca) else {
-            continue;
-        };
+    let cas: Vec<_> = cas
+        .iter()
+        .filter_map(|ca| x509_parser::parse_x509_certificate(ca).ok())
+        .map(|(_, ca)| ca)
+        .collect();
+    for ca in &cas {
         if ca.subject().as_raw() == list.issuer().as_raw() {
             return list
                 .verify_signature(ca.public_key())
                 .map(|()| true)
-                .map_err(|e| format!("not signed by the CA it names ({}): {e}", ca.subject()));
+                .map_err(|e| {
+                    format!(
+                        "not signed by the CA it names ({}): {e}; every handshake with a \
+                     certificate of that CA would fail. Replace the file with a good copy, or \
+                     make it again with `securesrv certs revoke`",
+                        ca.subject()
+                    )
+                });
         }
     }
+    if let Some(ca) = cas
+        .iter()
+        .find(|ca| list.verify_signature(ca.public_key()).is_ok())
+    {
+        let printable = |name: String| crate::identity::printable_within(&name, 200).into_owned();
+        return Err(format!(
+            "signed by the CA {} but naming another issuer, {}: certificates are matched to a \
+             list by their issuer's name, byte for byte, so it would revoke none of them. Make \
+             the list with the tool that made the CA (`securesrv certs revoke` cannot write \
+             every name back as it is)",
+            printable(ca.subject().to_string()),
+            printable(list.issuer().to_string())
+        ));
+    }
     Ok(false)
+}
+
+/// The issuer name that rcgen writes for `issuer`, as DER: that of an empty list it signs.
+pub(super) fn issuer_written(issuer: &Issuer<'_, KeyPair>) -> Result<Vec<u8>, CertError> {
+    let now = OffsetDateTime::now_utc();
+    let empty = CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + Duration::days(1),
+        crl_number: minimal_integer(1),
+        issuing_distribution_point: None,
+        revoked_certs: Vec::new(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    }
+    .signed_by(issuer)?;
+    let (_, list) = x509_parser::parse_x509_crl(empty.der()).map_err(|e| {
+        CertError::Generate(rcgen::Error::X509(format!(
+            "cannot read back a revocation list just made: {e}"
+        )))
+    })?;
+    Ok(list.issuer().as_raw().to_vec())
 }
 
 /// Whether the certificate `der` is on a list of `crls` that its own issuer signed, one of
