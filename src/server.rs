@@ -664,9 +664,14 @@ async fn handle_one<H: ConnectionHandler>(
     };
     tracing::Span::current().record("id", tracing::field::display(&id));
     let mut conn = Connection::new(stream, limits.io);
+    let max_per_identity = if id.role() == crate::identity::Role::Client {
+        limits.max_per_identity
+    } else {
+        limits.max_per_identity.min(MAX_PER_COMPONENT)
+    };
     let Some((_slot, identity_slots)) = per_id.try_take(
         &id,
-        limits.max_per_identity,
+        max_per_identity,
         limits.max_in_flight_per_identity,
         limits.max_in_flight_bytes_per_identity,
         limits.refusals_per_sec_per_identity,
@@ -674,16 +679,13 @@ async fn handle_one<H: ConnectionHandler>(
         if let Some(refused) = handshaking.over_identity_limit.hit() {
             warn!(
                 refused,
-                limit = limits.max_per_identity,
+                limit = max_per_identity,
                 "per-identity connection limit reached; refusing"
             );
         }
         conn.close(Some(&Message::connection_error(
             ErrorCode::Overloaded,
-            format!(
-                "too many connections for {id} (limit {})",
-                limits.max_per_identity
-            ),
+            format!("too many connections for {id} (limit {max_per_identity})"),
         )))
         .await;
         return;
@@ -709,6 +711,14 @@ async fn handle_one<H: ConnectionHandler>(
         .await;
     debug!("connection closed");
 }
+
+/// Connections one component's identity (the watchdog's, the dispatcher's at a worker) may
+/// hold at a listener, whatever `max_connections_per_identity` allows clients: a component
+/// needs one or two (a link, a heartbeat connection, one more across a restart). Their frames
+/// are not charged to a budget as a client's are (a link waiting for budget would stall every
+/// request on it), so without this bound the holder of such a certificate could pin a
+/// frame's worth of memory (1 MiB by default) in each of 2,048 connections.
+pub const MAX_PER_COMPONENT: usize = 16;
 
 /// Connections the kernel completes and queues for `accept` before it drops new SYNs
 /// (capped by `net.core.somaxconn`). The standard library's and tokio's 128 filled under a

@@ -577,6 +577,72 @@ fn a_flood_over_the_identity_connection_limit_writes_a_line_a_second() {
     });
 }
 
+/// Opens a connection with `stem`'s identity to the component `peer` at `addr` and pings it:
+/// the connection if it is served, else the connection-level error it was closed with.
+async fn held_or_refused(
+    s: &Service,
+    stem: &str,
+    peer: &SpiffeId,
+    addr: SocketAddr,
+) -> Result<Connection<ClientStream>, Option<ErrorCode>> {
+    let connector = s.pki.material(stem).connector(peer, WAIT).unwrap();
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (stream, _) = connector.connect_over(tcp).await.expect("handshake");
+    let mut c = Connection::new(stream, IoLimits::default());
+    c.send(&Message::Ping(Ping { nonce: vec![7; 16] }))
+        .await
+        .unwrap();
+    match tokio::time::timeout(WAIT, c.read_message()).await {
+        Ok(Ok(Some(Message::Pong(_)))) => Ok(c),
+        Ok(Ok(Some(Message::Error(e)))) if e.id == 0 => {
+            assert_eq!(closing_code(&mut c).await, None, "a second error");
+            Err(Some(e.code))
+        }
+        other => panic!("neither a pong nor a refusal: {other:?}"),
+    }
+}
+
+/// The watchdog's identity, and the dispatcher's at a worker, hold at most
+/// `MAX_PER_COMPONENT` connections at a listener, whatever clients may. Their frames are not
+/// charged to a payload budget, and a review holding the watchdog's certificate pinned 600 MB
+/// of the dispatcher (and 377 MB of a worker) with 600 (300) connections each sending most of
+/// a 1 MiB frame; 2,048 were allowed. The service keeps serving.
+#[test]
+fn a_component_identity_holds_a_few_connections_only() {
+    let s = start("");
+    let limit = securesrv::server::MAX_PER_COMPONENT;
+    rt().block_on(async {
+        let good = s.client("client").await;
+        let dispatcher = SpiffeId::dispatcher("securesrv").unwrap();
+        let mut held = Vec::new();
+        for _ in 0..limit {
+            held.push(
+                held_or_refused(&s, "watchdog", &dispatcher, s.addr)
+                    .await
+                    .expect("served"),
+            );
+        }
+        let refused = held_or_refused(&s, "watchdog", &dispatcher, s.addr).await;
+        assert_eq!(refused.err(), Some(Some(ErrorCode::Overloaded)));
+        served(&good).await;
+        // At the worker, as the dispatcher, whose own link is one of them.
+        let worker = SpiffeId::worker("securesrv", 1).unwrap();
+        let worker_addr = SocketAddr::new(s.addr.ip(), s.addr.port() + 1);
+        let mut at_worker = Vec::new();
+        let refusal = loop {
+            match held_or_refused(&s, "dispatcher", &worker, worker_addr).await {
+                Ok(c) if at_worker.len() < limit => at_worker.push(c),
+                Ok(_) => panic!("more than {limit} connections of the dispatcher's identity"),
+                Err(code) => break code,
+            }
+        };
+        assert_eq!(refusal, Some(ErrorCode::Overloaded));
+        assert_eq!(at_worker.len(), limit - 1, "the dispatcher's link counts");
+        served(&good).await;
+        drop((held, at_worker));
+    });
+}
+
 #[test]
 fn connection_limits_refuse_the_excess_and_serve_the_rest() {
     let s = start("max_connections = 60\nmax_connections_per_identity = 10\n");
