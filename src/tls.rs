@@ -146,6 +146,21 @@ pub enum TlsConfigError {
         /// What to do: the `certs issue` command for its identity (and, for a component, a restart).
         remedy: String,
     },
+    /// Our own certificate does not lead to the CA file's certificate, or its extended key
+    /// usage does not fit its role: every peer would refuse it.
+    #[error(
+        "{path}: certificate does not verify against {ca} ({why}), so every peer would refuse it; {remedy}"
+    )]
+    NotFromCa {
+        /// The certificate file.
+        path: String,
+        /// The CA file.
+        ca: String,
+        /// What webpki found.
+        why: String,
+        /// What to do: the `certs issue` command for its identity (and, for a component, a restart).
+        remedy: String,
+    },
     /// Our own certificate is on the revocation list beside the CA: every peer would refuse it.
     #[error("{path}: certificate revoked (listed in {crl}); {remedy}")]
     Revoked {
@@ -412,6 +427,46 @@ fn check_file_validity(
     })
 }
 
+/// Checks that `chain` (ours, leaf first) leads to one of `roots` and that its leaf may be
+/// used as `role` connects and is connected to, as every peer will check it: a certificate of
+/// another CA (left from before `certs init --force`, say) would otherwise start, listen, and
+/// fail every handshake, each blamed on the peer.
+fn check_chain(
+    roots: &RootCertStore,
+    chain: &[CertificateDer<'static>],
+    role: Role,
+) -> Result<(), String> {
+    let leaf = webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| e.to_string())?;
+    let usages = match role {
+        Role::Dispatcher => &[
+            webpki::KeyUsage::server_auth(),
+            webpki::KeyUsage::client_auth(),
+        ][..],
+        Role::Worker => &[webpki::KeyUsage::server_auth()][..],
+        Role::Client | Role::Watchdog => &[webpki::KeyUsage::client_auth()][..],
+    };
+    let algs = provider().signature_verification_algorithms.all;
+    for usage in usages {
+        leaf.verify_for_usage(
+            algs,
+            &roots.roots,
+            &chain[1..],
+            UnixTime::now(),
+            *usage,
+            None,
+            None,
+        )
+        .map_err(|e| match e {
+            webpki::Error::UnknownIssuer => "not issued by that CA".to_string(),
+            webpki::Error::RequiredEkuNotFoundContext(_) => {
+                format!("its extended key usage does not allow a {role}'s use of it")
+            }
+            other => other.to_string(),
+        })?;
+    }
+    Ok(())
+}
+
 /// Logs a warning for a component's certificate that expires within [`EXPIRY_WARNING`] (not
 /// for a client's: the client command says one line per failure, nothing more).
 fn warn_if_expiring(path: &Path, der: &CertificateDer<'_>) {
@@ -492,6 +547,18 @@ impl TlsMaterial {
                 err,
             }
         })?;
+        // A component's: its CA file is the one its peers verify it with. A client's `--ca`
+        // need only verify the dispatcher, whose own CA file may trust more.
+        if validity && ca_first {
+            check_chain(&roots, &chain, own_id.role()).map_err(|why| {
+                TlsConfigError::NotFromCa {
+                    path: cert.display().to_string(),
+                    ca: ca.display().to_string(),
+                    why,
+                    remedy: reissue_remedy(&chain[0], ca_first),
+                }
+            })?;
+        }
         let crl = certs::crl_path_beside(ca);
         let cas = certs::load_certs(ca)?;
         let crls = certs::load_crls(&crl, &cas)?;

@@ -2187,6 +2187,44 @@ fn certs_revoke_lists_a_certificate_and_its_holder_stops_at_it() {
     );
 }
 
+/// A component whose own certificate another CA issued (left from before `certs init
+/// --force`, or copied from another set) does not start: it used to listen and fail every
+/// handshake, its heartbeats too, so the watchdog restarted it for a minute (5 restarts, each
+/// after its 10 s start timeout) with no word of why in its own log. Found by an operator
+/// review.
+#[test]
+fn a_component_whose_certificate_another_ca_issued_does_not_start() {
+    let tmp = common::tempdir().unwrap();
+    certs_init(tmp.path(), "c");
+    certs_init(tmp.path(), "other");
+    for ext in ["crt", "key"] {
+        std::fs::copy(
+            tmp.path().join(format!("other/worker-1.{ext}")),
+            tmp.path().join(format!("c/worker-1.{ext}")),
+        )
+        .unwrap();
+    }
+    let out = run_bounded(
+        tmp.path(),
+        &[
+            "worker",
+            "--certs",
+            "c",
+            "--id",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    exits_saying(
+        &out,
+        64,
+        "c/worker-1.crt: certificate does not verify against c/ca.crt (not issued by that CA), \
+         so every peer would refuse it; issue a new one (`securesrv certs issue --force --role \
+         worker --name 1`, see docs/OPERATIONS.md) and restart",
+    );
+}
+
 /// A token key file whose current key has retired (a hand edit, or a rotation's file copied
 /// where it should not be) stops the component at start with the remedy, instead of a worker
 /// that starts and refuses every token; a file that is not text is called so.
