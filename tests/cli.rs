@@ -1021,6 +1021,13 @@ fn client_command_end_to_end() {
     assert!(err.contains("unknown_op"), "{err}");
     let out = client(&["sleep", "not-a-number"], b"");
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    // A number too large says so, with the limit (it said only "wants a number").
+    let out = client(&["sleep", "99999999999999999999"], b"");
+    exits_saying(
+        &out,
+        3,
+        "bad_request: sleep of 99999999999999999999 ms exceeds the limit of 30000 ms",
+    );
 
     // The interactive loop, fed from a pipe.
     let out = client(

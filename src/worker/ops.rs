@@ -127,24 +127,45 @@ impl OpRegistry {
     }
 }
 
+/// Most digits a `sleep` payload may have, leading zeros included (docs/PROTOCOL.md §3.1).
+const SLEEP_MAX_DIGITS: usize = 12;
+
 /// `sleep`: payload = milliseconds as ASCII digits, capped at `limits.max_sleep_ms`.
 async fn sleep(req: OpRequest, max_ms: u64) -> Result<Bytes, OpError> {
     let text = std::str::from_utf8(&req.payload)
         .ok()
         // ASCII whitespace only, as documented (str::trim would take any Unicode space).
         .map(|t| t.trim_matches(|c: char| c.is_ascii_whitespace()))
-        .filter(|t| !t.is_empty() && t.len() <= 12 && t.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
         .ok_or_else(|| OpError::BadInput("sleep wants a number of milliseconds".into()))?;
-    let ms: u64 = text
-        .parse()
-        .map_err(|_| OpError::BadInput("sleep wants a number of milliseconds".into()))?;
+    // A number too long to be allowed is still a number: say it is too large, and the limit.
+    let digits = text.trim_start_matches('0');
+    let ms = match text.parse::<u64>() {
+        Ok(ms) if text.len() <= SLEEP_MAX_DIGITS || ms > max_ms => ms,
+        Ok(_) => {
+            return Err(OpError::BadInput(format!(
+                "sleep wants at most {SLEEP_MAX_DIGITS} digits of milliseconds"
+            )));
+        }
+        // Over u64::MAX (any limit is far below): named by its length when long.
+        Err(_) if digits.len() <= 24 => {
+            return Err(too_long_a_sleep(digits, max_ms));
+        }
+        Err(_) => {
+            let shown = format!("a {}-digit number of", digits.len());
+            return Err(too_long_a_sleep(&shown, max_ms));
+        }
+    };
     if ms > max_ms {
-        return Err(OpError::BadInput(format!(
-            "sleep of {ms} ms exceeds the limit of {max_ms} ms"
-        )));
+        return Err(too_long_a_sleep(&ms.to_string(), max_ms));
     }
     tokio::time::sleep(Duration::from_millis(ms)).await;
     Ok(format!("slept {ms} ms").into())
+}
+
+/// The answer to a `sleep` over the limit (`ms`: the number asked for, as shown).
+fn too_long_a_sleep(ms: &str, max_ms: u64) -> OpError {
+    OpError::BadInput(format!("sleep of {ms} ms exceeds the limit of {max_ms} ms"))
 }
 
 #[cfg(test)]
@@ -189,10 +210,37 @@ mod tests {
                 "{bad:?}"
             );
         }
-        assert!(matches!(
-            call("sleep", b"30001").await,
-            Err(OpError::BadInput(m)) if m.contains("limit")
-        ));
+        // Too large, however many digits: the answer says so and names the limit (it said
+        // only "wants a number" past 12 digits, or past u64::MAX).
+        for (big, says) in [
+            (
+                &b"30001"[..],
+                "sleep of 30001 ms exceeds the limit of 30000 ms",
+            ),
+            (b"9999999999999", "sleep of 9999999999999 ms exceeds"),
+            (
+                b"0099999999999999999999",
+                "sleep of 99999999999999999999 ms exceeds the limit of 30000 ms",
+            ),
+        ] {
+            match call("sleep", big).await {
+                Err(OpError::BadInput(m)) => assert!(m.contains(says), "{m}"),
+                other => panic!("{big:?}: {other:?}"),
+            }
+        }
+        let huge = vec![b'7'; 100_000];
+        match call("sleep", &huge).await {
+            Err(OpError::BadInput(m)) => assert_eq!(
+                m,
+                "sleep of a 100000-digit number of ms exceeds the limit of 30000 ms"
+            ),
+            other => panic!("{other:?}"),
+        }
+        // Small, but more digits than PROTOCOL.md allows: refused for its length.
+        match call("sleep", b"0000000000005").await {
+            Err(OpError::BadInput(m)) => assert!(m.contains("at most 12 digits"), "{m}"),
+            other => panic!("{other:?}"),
+        }
         assert!(r.get("nosuch").is_none());
     }
 
