@@ -66,11 +66,11 @@ pub struct BenchArgs {
     /// limit; the built-in defaults without it.
     #[arg(skip)]
     pub config: Option<crate::config::Config>,
-    /// Concurrent connections.
-    #[arg(long, default_value_t = 32)]
+    /// Concurrent connections (at least 1).
+    #[arg(long, default_value_t = 32, value_parser = at_least_one)]
     pub connections: usize,
-    /// Requests each connection keeps outstanding.
-    #[arg(long, default_value_t = 1)]
+    /// Requests each connection keeps outstanding (at least 1).
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     pub in_flight: usize,
     /// Measured seconds (more than 0, at most a day).
     #[arg(long, default_value_t = 10.0, value_parser = measured_seconds)]
@@ -95,6 +95,16 @@ pub struct BenchArgs {
     /// generator itself is the bottleneck (it shows as one core at 100 %).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: u16,
+}
+
+/// `--connections` and `--in-flight`: 0 is refused as `--threads 0` is (a usage error), not
+/// run as 1 behind the operator's back.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("not a count: {e}")),
+    }
 }
 
 /// Longest `--duration` or `--warmup`, in seconds: a day.

@@ -1464,10 +1464,13 @@ fn bench_command_measures_through_a_real_dispatcher() {
 
     // A run time that cannot be counted is a usage error, before anything is measured (it
     // made the load generator panic once connected).
+    // So are no connections and no requests in flight (they ran as 1).
     for (flag, value) in [
         ("--duration", "1e30"),
         ("--warmup", "inf"),
         ("--duration", "0"),
+        ("--connections", "0"),
+        ("--in-flight", "0"),
     ] {
         let args = [&command[..], &["--connect", &d_addr, flag, value]].concat();
         let out = run(cwd, &args, b"");
