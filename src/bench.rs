@@ -455,21 +455,21 @@ async fn progress(
             } else {
                 "measuring"
             };
-            eprint!(
+            crate::stdio::err_text(&format!(
                 "\r[{}{}] {:>5.1}/{:.0} s {phase:<9} {:>9.0} req/s ",
                 "=".repeat(filled),
                 " ".repeat(30 - filled),
                 (now - start).as_secs_f64(),
                 total,
                 rate
-            );
+            ));
         }
         if now >= end {
             break;
         }
     }
     if tty {
-        eprintln!();
+        crate::stdio::err_text("\n");
     }
 }
 

@@ -12,6 +12,7 @@ mod memcpy;
 
 use clap::{Args, Parser, Subcommand};
 use securesrv::config::{Config, ConfigError};
+use securesrv::errln;
 use securesrv::identity::Role;
 use std::io::{BufRead, IsTerminal, Write};
 use std::net::SocketAddr;
@@ -246,7 +247,7 @@ pub fn main() -> ExitCode {
         Some(cmd) => run_command(cmd, cli.config, log_filter),
         None if cli.menu || std::io::stdin().is_terminal() => menu(cli.config, log_filter),
         None => {
-            eprintln!("securesrv: no command given; run `securesrv --help`");
+            errln!("securesrv: no command given; run `securesrv --help`");
             ExitCode::from(2)
         }
     }
@@ -260,7 +261,7 @@ fn run_command(cmd: Command, config: Option<PathBuf>, log: Option<String>) -> Ex
             if let Err(e) = securesrv::watchdog::child::prepare_supervised() {
                 // Still supervised, by the lifeline; only a stopped orphan or a SIGKILLed
                 // worker's jobs would be left behind.
-                eprintln!("securesrv: cannot prepare for supervision: {e}");
+                errln!("securesrv: cannot prepare for supervision: {e}");
             }
         }
     }
@@ -286,7 +287,7 @@ fn run_command(cmd: Command, config: Option<PathBuf>, log: Option<String>) -> Ex
                 Err(code) => return code,
             };
             let Some(listen) = a.listen.or_else(|| cfg.worker_address(a.id)) else {
-                eprintln!(
+                errln!(
                     "securesrv: worker {} is not in the configuration; give --listen",
                     a.id
                 );
@@ -356,12 +357,12 @@ pub fn load_config(
     result.map_err(|e: ConfigError| {
         match (&e, path) {
             // Values are checked after the command's flags are applied: name both sources.
-            (ConfigError::Invalid(problems), Some(p)) => eprintln!(
+            (ConfigError::Invalid(problems), Some(p)) => errln!(
                 "securesrv: invalid configuration in {} (with the command's flags applied):\n  - {}",
                 p.display(),
                 problems.join("\n  - ")
             ),
-            _ => eprintln!("securesrv: {e}"),
+            _ => errln!("securesrv: {e}"),
         }
         ExitCode::from(EXIT_CONFIG)
     })
@@ -402,7 +403,7 @@ fn certs(cmd: CertsCmd, config: Option<PathBuf>) -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("securesrv: {}", shown(&e.to_string()));
+                    errln!("securesrv: {}", shown(&e.to_string()));
                     ExitCode::FAILURE
                 }
             };
@@ -445,7 +446,7 @@ fn certs(cmd: CertsCmd, config: Option<PathBuf>) -> ExitCode {
                 },
             ),
             Err(e) => {
-                eprintln!("securesrv: {e} (use dispatcher, worker, watchdog or client)");
+                errln!("securesrv: {e} (use dispatcher, worker, watchdog or client)");
                 return ExitCode::from(2);
             }
         },
@@ -457,7 +458,7 @@ fn certs(cmd: CertsCmd, config: Option<PathBuf>) -> ExitCode {
             // Every component must be restarted within the window, and the dispatcher's
             // fallback to the previous key ends a token lifetime before it does.
             if keep_previous_secs < SHORT_ROTATION_WINDOW_SECS {
-                eprintln!(
+                errln!(
                     "securesrv: warning: the previous token key retires {keep_previous_secs} s from now; components not restarted by then refuse or sign tokens with a retired key (requests fail with `internal`). Restart every worker, then the dispatcher, at once, or the whole service (docs/OPERATIONS.md, \"Token key rotation\")"
                 );
             }
@@ -487,7 +488,7 @@ fn certs(cmd: CertsCmd, config: Option<PathBuf>) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("securesrv: {}", shown(&e.to_string()));
+            errln!("securesrv: {}", shown(&e.to_string()));
             ExitCode::FAILURE
         }
     }
@@ -555,7 +556,7 @@ fn init_logging(filter: Option<&str>) -> logwriter::Guard {
         .or_else(|| std::env::var("SECURESRV_LOG").ok())
         .unwrap_or_else(|| "info".into());
     let env_filter = EnvFilter::try_new(quiet_rustls(&filter)).unwrap_or_else(|e| {
-        eprintln!("securesrv: invalid log filter {filter:?} ({e}); logging at info");
+        errln!("securesrv: invalid log filter {filter:?} ({e}); logging at info");
         EnvFilter::new(quiet_rustls("info"))
     });
     let (writer, guard) = logwriter::buffered_stderr();

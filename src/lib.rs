@@ -24,6 +24,7 @@
 //! | [`inflight`] | requests in flight on a multiplexed connection, matched by id |
 //! | [`dispatcher`], [`worker`], [`watchdog`], [`client`] | one component each |
 //! | [`shutdown`] | SIGINT/SIGTERM (and loss of the supervisor) to one cancellation token |
+//! | [`stdio`] | lines on stdout and stderr that cannot panic when the stream fails |
 //! | [`bench`](mod@bench) | the `securesrv bench` load generator and a reference echo backend |
 //!
 //! # Path of a request
@@ -57,6 +58,7 @@ pub mod message;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod stdio;
 mod throttle;
 pub mod tls;
 pub mod token;

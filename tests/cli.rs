@@ -1129,6 +1129,53 @@ fn client_command_end_to_end() {
     assert!(text(&out.stderr).contains("unavailable"));
 }
 
+/// A stderr that cannot be written leaves the exit code the documentation gives (a message's
+/// `eprintln!` panicked: exit 101). Found by an operator review.
+#[test]
+fn unwritable_output_leaves_the_documented_exit_code() {
+    let pki = pki(1);
+    let cwd = pki.tmp.path();
+    let dir = pki.dir.to_str().unwrap();
+    let cert = format!("{dir}/client.crt");
+    let key = format!("{dir}/client.key");
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    let client = ["client", "--cert", &cert, "--key", &key];
+    let cases: [(Vec<&str>, i32); 6] = [
+        (
+            [
+                &client[..],
+                &["--connect", &nowhere, "--timeout-ms", "500", "echo", "x"],
+            ]
+            .concat(),
+            5,
+        ),
+        (
+            [&client[..], &["--server-id", "not-an-id", "echo", "x"]].concat(),
+            2,
+        ),
+        (vec!["--config", "missing.toml", "client", "echo", "x"], 64),
+        (
+            vec![
+                "certs", "issue", "--dir", dir, "--role", "nobody", "--name", "x",
+            ],
+            2,
+        ),
+        (
+            vec![
+                "certs", "issue", "--dir", "nowhere", "--role", "client", "--name", "x",
+            ],
+            1,
+        ),
+        (vec![], 2),
+    ];
+    for (args, code) in &cases {
+        for (name, stderr) in common::unwritable() {
+            let out = command(cwd, args).stderr(stderr).output().unwrap();
+            assert_eq!(out.status.code(), Some(*code), "{args:?}, stderr to {name}");
+        }
+    }
+}
+
 #[test]
 fn client_command_waits_for_a_restart_but_not_after_a_refusal_or_its_deadline() {
     let other = pki(1);

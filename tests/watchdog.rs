@@ -259,6 +259,34 @@ fn start_serve_and_stop_with_sigterm() {
     }
 }
 
+/// A stdout that cannot be written (`> /dev/full`, `| true`) costs the watchdog its `ready`
+/// line, warned about once, and nothing else: the line's `println!` panicked (exit 101) and
+/// the whole service stopped. Found by an operator review.
+#[test]
+fn a_ready_line_that_cannot_be_written_is_warned_about_and_the_service_runs() {
+    let f = Fixture::new();
+    let rt = rt();
+    for (name, stdout) in common::unwritable() {
+        let mut cmd = std::process::Command::new(common::bin());
+        cmd.args(["--config", "securesrv.toml", "watchdog"])
+            .current_dir(f.pki.tmp.path())
+            .env("SECURESRV_LOG", "info")
+            .stdin(std::process::Stdio::null());
+        let mut w = Proc::spawn_command_to("watchdog", cmd, stdout);
+        w.wait_log(&["cannot write the ready line"], WAIT);
+        rt.block_on(async {
+            let c = f.client().await;
+            assert_eq!(c.call("echo", b"served").await.unwrap(), b"served");
+            c.close().await;
+        });
+        w.signal(Signal::SIGTERM);
+        let status = w.wait_exit(WAIT).expect("watchdog exits after SIGTERM");
+        assert_eq!(status.code(), Some(0), "{name}: {}", w.stderr());
+        let warnings = w.stderr().matches("cannot write the ready line").count();
+        assert_eq!(warnings, 1, "{name}: {}", w.stderr());
+    }
+}
+
 #[test]
 fn sighup_stops_with_a_drain_like_sigterm() {
     // SIGHUP (a closed terminal, a reload someone expected) killed a component or the

@@ -4,6 +4,7 @@ use super::{EXIT_CONFIG, load_config};
 use clap::Args;
 use securesrv::certs::CertError;
 use securesrv::client::{CallOptions, Client, ClientConfig, ClientError, FailureKind};
+use securesrv::errln;
 use securesrv::identity::SpiffeId;
 use securesrv::tls::{TlsConfigError, TlsMaterial};
 use std::io::{BufRead, IsTerminal, Write};
@@ -82,7 +83,7 @@ pub fn run(args: ClientArgs, config: Option<PathBuf>) -> ExitCode {
     let server_id = match server_id {
         Ok(id) => id,
         Err(e) => {
-            eprintln!("securesrv: --server-id: {e}");
+            errln!("securesrv: --server-id: {e}");
             return ExitCode::from(2);
         }
     };
@@ -91,7 +92,7 @@ pub fn run(args: ClientArgs, config: Option<PathBuf>) -> ExitCode {
         Some(Ok(a)) => a,
         Some(Err(e)) => {
             // A name that does not resolve is a connection failure, as an unreachable address.
-            eprintln!("securesrv: --connect: {e}");
+            errln!("securesrv: --connect: {e}");
             return ExitCode::from(5);
         }
     };
@@ -106,14 +107,14 @@ pub fn run(args: ClientArgs, config: Option<PathBuf>) -> ExitCode {
             } else {
                 ""
             };
-            eprintln!("securesrv: {e}{origin}");
+            errln!("securesrv: {e}{origin}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
     let mut client_cfg = match ClientConfig::new(&material, addr, server_id) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("securesrv: {e}");
+            errln!("securesrv: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -128,7 +129,7 @@ pub fn run(args: ClientArgs, config: Option<PathBuf>) -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("securesrv: cannot start runtime: {e}");
+            errln!("securesrv: cannot start runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -139,14 +140,14 @@ pub fn run(args: ClientArgs, config: Option<PathBuf>) -> ExitCode {
                 Ok(p) => p,
                 // As the client refuses any request over the frame cap: exit 3, not sent.
                 Err(PayloadError::TooLarge(from)) => {
-                    eprintln!(
+                    errln!(
                         "securesrv: too_large: the payload from {from} is larger than the \
                          largest frame ({max} bytes); the request was not sent"
                     );
                     return ExitCode::from(3);
                 }
                 Err(PayloadError::Unreadable(e)) => {
-                    eprintln!("securesrv: {e}");
+                    errln!("securesrv: {e}");
                     return ExitCode::from(2);
                 }
             };
@@ -212,7 +213,7 @@ async fn one_request(cfg: ClientConfig, op: &str, payload: &[u8], idempotent: bo
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("securesrv: {e}");
+            errln!("securesrv: {e}");
             exit_for(&e)
         }
     }
@@ -246,7 +247,7 @@ async fn interactive(cfg: ClientConfig) -> ExitCode {
     let client = match connect_within_deadline(cfg).await {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("securesrv: {e}");
+            errln!("securesrv: {e}");
             return exit_for(&e);
         }
     };
@@ -288,7 +289,7 @@ async fn interactive(cfg: ClientConfig) -> ExitCode {
                 let _ = stdout.flush();
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                errln!("error: {e}");
                 status = exit_for(&e);
             }
         }

@@ -146,7 +146,7 @@ pub fn reexec_if_useful() {
     // mask and SIGPIPE's disposition, and a failed execution would leave SIGPIPE able to kill
     // the process on a write to a closed socket.
     let Err(e) = nix::unistd::execve(&path, &args, &env);
-    eprintln!(
+    securesrv::errln!(
         "securesrv: could not start again with {ENV} (glibc memcpy tuning), going on without it: {e}"
     );
 }

@@ -841,7 +841,13 @@ impl Supervisor {
             .iter()
             .any(|s| matches!(s.phase, Phase::Failed { .. }));
         let how = if degraded { " (degraded)" } else { "" };
-        println!("securesrv ready{how}: {}", parts.join(", "));
+        // Announced once, so warned about once. The service goes on: a full disk or a reader
+        // that went away (`| head`) is no reason to stop serving.
+        let ready =
+            crate::stdio::out_line(format_args!("securesrv ready{how}: {}", parts.join(", ")));
+        if let Err(e) = ready {
+            warn!(error = %e, "cannot write the ready line to stdout; serving anyway");
+        }
         info!(components = %parts.join(", "), degraded, "every component answered its first heartbeat or was marked FAILED");
     }
 

@@ -358,6 +358,20 @@ pub fn children_get_default_sighup() {
     });
 }
 
+/// Where every write fails, by name: `/dev/full` (ENOSPC) and a pipe whose reader has gone
+/// (EPIPE), for a process's stdout or stderr.
+pub fn unwritable() -> Vec<(&'static str, Stdio)> {
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    // Close-on-exec: a process another test starts meanwhile must not inherit the read end
+    // (and keep the pipe readable).
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+    drop(read);
+    vec![("/dev/full", full.into()), ("a closed pipe", write.into())]
+}
+
 /// The binary under test.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_securesrv")
@@ -380,9 +394,14 @@ impl Proc {
     }
 
     /// Starts `cmd` (set up by the caller: arguments, environment, stdin), reading its output.
-    pub fn spawn_command(name: &str, mut cmd: Command) -> Proc {
+    pub fn spawn_command(name: &str, cmd: Command) -> Proc {
+        Self::spawn_command_to(name, cmd, Stdio::piped())
+    }
+
+    /// As [`Proc::spawn_command`], with stdout going to `stdout` (read only if piped).
+    pub fn spawn_command_to(name: &str, mut cmd: Command, stdout: Stdio) -> Proc {
         let child = cmd
-            .stdout(Stdio::piped())
+            .stdout(stdout)
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn securesrv");
