@@ -139,6 +139,10 @@ pub enum BenchError {
     /// Could not reach the server at all.
     #[error("{0}")]
     Connect(#[from] ClientError),
+    /// The report could not be written to stdout (a full disk, a reader gone): the run
+    /// measured nothing anyone sees.
+    #[error("cannot write the report to stdout: {0}")]
+    Output(std::io::Error),
 }
 
 /// The measured result. A call is measured when it started inside the window, wherever it ends.
@@ -281,12 +285,12 @@ fn new_hist() -> Histogram<u64> {
 /// Runs the benchmark and prints the report.
 pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     let report = measure(&args).await?;
-    if args.json {
-        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    let text = if args.json {
+        serde_json::to_string(&report).unwrap_or_default() + "\n"
     } else {
-        print!("{}", table(&report));
-    }
-    Ok(())
+        table(&report)
+    };
+    crate::stdio::out_bytes(text.as_bytes()).map_err(BenchError::Output)
 }
 
 /// Runs the benchmark and returns the report.

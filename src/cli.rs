@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use securesrv::config::{Config, ConfigError};
 use securesrv::errln;
 use securesrv::identity::Role;
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, IsTerminal};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -389,18 +389,19 @@ fn certs(cmd: CertsCmd, config: Option<PathBuf>) -> ExitCode {
         CertsCmd::Revoke { dir, certs } => {
             return match securesrv::certs::revoke(&dir_or_default(dir), &certs) {
                 Ok(done) => {
+                    let mut said = String::new();
                     for entry in &done.entries {
-                        println!("revoked {}", shown(entry));
+                        said += &format!("revoked {}\n", shown(entry));
                     }
                     let crl = done.crl.display().to_string();
-                    println!("wrote {}", shown(&crl));
-                    println!(
-                        "Components and clients read it when they start: restart the watchdog \
-                         (or each component), and copy {} beside ca.crt wherever that is \
-                         copied (docs/OPERATIONS.md, \"Revoking a certificate\").",
+                    said += &format!(
+                        "wrote {}\nComponents and clients read it when they start: restart the \
+                         watchdog (or each component), and copy {} beside ca.crt wherever that \
+                         is copied (docs/OPERATIONS.md, \"Revoking a certificate\").\n",
+                        shown(&crl),
                         shown(&crl)
                     );
-                    ExitCode::SUCCESS
+                    say_done(&said)
                 }
                 Err(e) => {
                     errln!("securesrv: {}", shown(&e.to_string()));
@@ -482,13 +483,25 @@ fn certs(cmd: CertsCmd, config: Option<PathBuf>) -> ExitCode {
     };
     match result {
         Ok(paths) => {
-            for p in paths {
-                println!("wrote {}", shown(&p.display().to_string()));
-            }
-            ExitCode::SUCCESS
+            let said: String = (paths.iter())
+                .map(|p| format!("wrote {}\n", shown(&p.display().to_string())))
+                .collect();
+            say_done(&said)
         }
         Err(e) => {
             errln!("securesrv: {}", shown(&e.to_string()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What a `certs` command did, on stdout. Exit 1 if it cannot be said: the files are written,
+/// but a script reading the list would miss them (and a panic would have exited 101).
+fn say_done(said: &str) -> ExitCode {
+    match securesrv::stdio::out_bytes(said.as_bytes()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            errln!("securesrv: the files were written, but cannot be listed on stdout: {e}");
             ExitCode::FAILURE
         }
     }
@@ -503,15 +516,14 @@ fn shown(line: &str) -> std::borrow::Cow<'_, str> {
 
 /// The original's menu.
 fn menu(config: Option<PathBuf>, log: Option<String>) -> ExitCode {
+    use securesrv::stdio::out_bytes as out;
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     loop {
-        println!("1. Run Watchdog (and servers)");
-        println!("2. Run Client");
-        print!("Choose an option: ");
-        let _ = std::io::stdout().flush();
+        // The menu is for a terminal; the choice is read whether it could be shown or not.
+        let _ = out(b"1. Run Watchdog (and servers)\n2. Run Client\nChoose an option: ");
         let Some(Ok(line)) = lines.next() else {
-            println!();
+            let _ = out(b"\n");
             return ExitCode::SUCCESS;
         };
         match line.trim() {
@@ -524,7 +536,11 @@ fn menu(config: Option<PathBuf>, log: Option<String>) -> ExitCode {
                 return client_cmd::run(client_cmd::ClientArgs::default(), config);
             }
             "q" | "quit" | "exit" => return ExitCode::SUCCESS,
-            other => println!("Invalid option {other:?}; enter 1 or 2."),
+            other => {
+                let _ = securesrv::stdio::out_line(format_args!(
+                    "Invalid option {other:?}; enter 1 or 2."
+                ));
+            }
         }
     }
 }

@@ -42,6 +42,8 @@
 //! 5. The dispatcher matches the answer by id, writes one audit line and answers the client.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+// A failed `println!` or `eprintln!` panics (a full disk, a closed pipe): use `stdio`.
+#![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 
 pub mod audit;
 pub mod bench;

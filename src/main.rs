@@ -1,5 +1,8 @@
 //! The `securesrv` binary: a thin shell over the library (see `cli.rs`).
 #![forbid(unsafe_code)]
+// A failed `println!` or `eprintln!` panics (a full disk, a closed pipe): use
+// `securesrv::stdio`.
+#![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 
 mod cli;
 

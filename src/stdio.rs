@@ -3,11 +3,12 @@
 //! `println!` and `eprintln!` panic when the write fails — a full disk (`> /dev/full`), a
 //! reader that went away (`| head -1`), a terminal that hung up — and the panic ends the
 //! process: a running watchdog took its whole service down with it. Here a failed write on
-//! stdout is returned to the caller, who decides what it means (the watchdog's `ready` line is
-//! only warned about), and a failed write on stderr is dropped: there is nowhere else to say
-//! it.
+//! stdout is returned to the caller, who decides what it means (the client's answer not
+//! written is a failure; the watchdog's `ready` line is only warned about), and a failed
+//! write on stderr is dropped: there is nowhere else to say it.
 //!
-//! [`errln!`](crate::errln) is the `eprintln!` to use.
+//! [`errln!`](crate::errln) is the `eprintln!` to use; `lib.rs` and `main.rs` deny the
+//! printing macros outside tests so that none comes back.
 
 use std::fmt;
 use std::io::Write;

@@ -1129,8 +1129,61 @@ fn client_command_end_to_end() {
     assert!(text(&out.stderr).contains("unavailable"));
 }
 
+/// An answer that cannot be written to stdout (`> /dev/full`, a reader gone) is a failure:
+/// exit 1 with the reason on stderr, for one request and in the interactive loop, which sends
+/// nothing more. It exited 0, and a script took the empty output for the answer. Found by an
+/// operator review.
+#[test]
+fn an_answer_that_cannot_be_written_is_a_failure() {
+    let (pki, dir, d_addr, _worker, dispatcher) = running_pair("empty.toml", "");
+    let cwd = pki.tmp.path();
+    let cert = format!("{dir}/client.crt");
+    let key = format!("{dir}/client.key");
+    let client = [
+        "client",
+        "--cert",
+        &cert,
+        "--key",
+        &key,
+        "--connect",
+        &d_addr,
+    ];
+    let says = "securesrv: cannot write the answer to stdout: ";
+    for (name, stdout) in common::unwritable() {
+        let args = [&client[..], &["echo", "lost"]].concat();
+        let out = command(cwd, &args).stdout(stdout).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{name}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains(says),
+            "{name}: {}",
+            text(&out.stderr)
+        );
+    }
+    for (name, stdout) in common::unwritable() {
+        let mut child = command(cwd, &client)
+            .stdin(Stdio::piped())
+            .stdout(stdout)
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"echo lost\nsha256 never-sent\n").unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{name}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains(says),
+            "{name}: {}",
+            text(&out.stderr)
+        );
+    }
+    // Every echo was answered (and audited); nothing was sent after the first lost answer.
+    dispatcher.wait_for_n(true, &["securesrv::audit", "op=echo"], 4, WAIT);
+    assert!(!dispatcher.stderr().contains("op=sha256"));
+}
+
 /// A stderr that cannot be written leaves the exit code the documentation gives (a message's
-/// `eprintln!` panicked: exit 101). Found by an operator review.
+/// `eprintln!` panicked: exit 101), and a `certs` command that cannot list the files it wrote
+/// on stdout exits 1 saying so (it panicked too). Found by an operator review.
 #[test]
 fn unwritable_output_leaves_the_documented_exit_code() {
     let pki = pki(1);
@@ -1173,6 +1226,17 @@ fn unwritable_output_leaves_the_documented_exit_code() {
             let out = command(cwd, args).stderr(stderr).output().unwrap();
             assert_eq!(out.status.code(), Some(*code), "{args:?}, stderr to {name}");
         }
+    }
+    for (n, (name, stdout)) in common::unwritable().into_iter().enumerate() {
+        let out_dir = format!("listed-{n}");
+        let args = ["certs", "init", "--dir", &out_dir, "--workers", "1"];
+        let out = command(cwd, &args).stdout(stdout).output().unwrap();
+        exits_saying(
+            &out,
+            1,
+            "the files were written, but cannot be listed on stdout",
+        );
+        assert!(cwd.join(&out_dir).join("worker-1.token").exists(), "{name}");
     }
 }
 
@@ -1522,6 +1586,18 @@ fn bench_command_measures_through_a_real_dispatcher() {
         let args = [&command[..], &["--connect", &d_addr, flag, value]].concat();
         let out = run(cwd, &args, b"");
         exits_saying(&out, 2, &format!("invalid value '{value}' for '{flag}"));
+    }
+
+    // A report that cannot be written is a failure (it panicked: exit 101).
+    for (name, stdout) in common::unwritable() {
+        let args = [&command[..], &["--connect", &d_addr, "--duration", "0.1"]].concat();
+        let out = crate::command(cwd, &args).stdout(stdout).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{name}: {}", text(&out.stderr));
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("cannot write the report to stdout"),
+            "{name}: {err}"
+        );
     }
 
     // Refusals are reported, not benchmarked: an op the ACL does not allow, nothing listening.

@@ -7,7 +7,7 @@ use securesrv::client::{CallOptions, Client, ClientConfig, ClientError, FailureK
 use securesrv::errln;
 use securesrv::identity::SpiffeId;
 use securesrv::tls::{TlsConfigError, TlsMaterial};
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, IsTerminal};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -203,20 +203,26 @@ async fn one_request(cfg: ClientConfig, op: &str, payload: &[u8], idempotent: bo
     let result = client.call_with(op, payload, opts).await;
     client.close().await;
     match result {
-        Ok(out) => {
-            let mut stdout = std::io::stdout().lock();
-            let _ = stdout.write_all(&out);
+        Ok(mut out) => {
             if op == "sha256" {
-                let _ = stdout.write_all(b"\n");
+                out.extend_from_slice(b"\n");
             }
-            let _ = stdout.flush();
-            ExitCode::SUCCESS
+            write_answer(&out).map_or_else(|code| code, |()| ExitCode::SUCCESS)
         }
         Err(e) => {
             errln!("securesrv: {e}");
             exit_for(&e)
         }
     }
+}
+
+/// Writes an answer to stdout. One that cannot be written (a full disk, a reader gone) is a
+/// failure, exit 1: a script must not take the empty output for the answer.
+fn write_answer(answer: &[u8]) -> Result<(), ExitCode> {
+    securesrv::stdio::out_bytes(answer).map_err(|e| {
+        errln!("securesrv: cannot write the answer to stdout: {e}");
+        ExitCode::FAILURE
+    })
 }
 
 /// Connects, trying again while the call deadline allows (a dispatcher that is still starting
@@ -251,8 +257,12 @@ async fn interactive(cfg: ClientConfig) -> ExitCode {
             return exit_for(&e);
         }
     };
+    // The banner and the prompt are for a terminal: one that cannot show them shows no
+    // answer either, and that failure is the one reported.
     if tty {
-        println!("Connected to {addr}. Enter `op payload` (e.g. `echo hello`), or `quit`.");
+        let _ = securesrv::stdio::out_line(format_args!(
+            "Connected to {addr}. Enter `op payload` (e.g. `echo hello`), or `quit`."
+        ));
     }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1);
     // Lines are read on a plain thread: stdin is blocking.
@@ -268,8 +278,7 @@ async fn interactive(cfg: ClientConfig) -> ExitCode {
     let mut status = ExitCode::SUCCESS;
     loop {
         if tty {
-            print!("securesrv> ");
-            let _ = std::io::stdout().flush();
+            let _ = securesrv::stdio::out_bytes(b"securesrv> ");
         }
         let Some(line) = rx.recv().await else { break };
         let line = line.trim();
@@ -282,11 +291,13 @@ async fn interactive(cfg: ClientConfig) -> ExitCode {
         let (op, payload) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
         // `call` applies the client's deadline and treats the built-ins as idempotent.
         match client.call(op, payload.as_bytes()).await {
-            Ok(out) => {
-                let mut stdout = std::io::stdout().lock();
-                let _ = stdout.write_all(&out);
-                let _ = stdout.write_all(b"\n");
-                let _ = stdout.flush();
+            Ok(mut out) => {
+                out.extend_from_slice(b"\n");
+                // Answers nobody sees: send no more requests (they may have effects).
+                if let Err(code) = write_answer(&out) {
+                    status = code;
+                    break;
+                }
             }
             Err(e) => {
                 errln!("error: {e}");
