@@ -490,7 +490,9 @@ pub async fn serve<H: ConnectionHandler>(
 ) {
     let tracker = TaskTracker::new();
     let leftovers = crate::session::Leftovers::default();
-    let total = Arc::new(Semaphore::new(limits.max_connections));
+    let max_connections = within_fd_limit(limits.max_connections);
+    let total = Arc::new(Semaphore::new(max_connections));
+    let mut evicted = Throttle::default();
     let per_id = Arc::new(IdentityCounts::default());
     let handshaking = Arc::new(Handshaking::default());
     let mut over_limit = Throttle::default();
@@ -539,6 +541,15 @@ pub async fn serve<H: ConnectionHandler>(
             // address's handshake as well would let one host cut off others' handshakes
             // whenever established connections fill the other slots.
             Err(_) if made_room || handshaking.evict_oldest(handshake.seq) => {
+                if !made_room {
+                    if let Some(closed) = evicted.hit() {
+                        warn!(
+                            closed,
+                            limit = max_connections,
+                            "connection limit reached; closing the oldest handshakes for new connections"
+                        );
+                    }
+                }
                 // The evicted connection's task gives its slot back as soon as it runs.
                 tokio::select! {
                     _ = shutdown.cancelled() => None,
@@ -554,7 +565,7 @@ pub async fn serve<H: ConnectionHandler>(
             if let Some(refused) = over_limit.hit() {
                 warn!(
                     refused,
-                    limit = limits.max_connections,
+                    limit = max_connections,
                     "connection limit reached; closing new connections"
                 );
             }
@@ -618,6 +629,35 @@ pub async fn serve<H: ConnectionHandler>(
             "requests whose connection had closed still running after the drain period; not waited for"
         );
     }
+}
+
+/// Descriptors a listener leaves for what is not a client connection: the listener itself,
+/// links to workers, log, certificate and configuration files, a job's pipes.
+const FD_RESERVE: u64 = 64;
+
+/// `max_connections`, lowered to what the open-file limit leaves room for (with a warning).
+/// Past that limit `accept` fails instead of the connection limit refusing: the oldest
+/// handshake is then no longer closed for a new connection, and a flood of connections that
+/// never authenticate keeps honest peers waiting in the kernel's queue.
+fn within_fd_limit(max_connections: usize) -> usize {
+    use nix::sys::resource::{Resource, getrlimit};
+    let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return max_connections;
+    };
+    let room = usize::try_from(soft.saturating_sub(FD_RESERVE))
+        .unwrap_or(usize::MAX)
+        .max(8);
+    if room >= max_connections {
+        return max_connections;
+    }
+    warn!(
+        open_file_limit = soft,
+        configured = max_connections,
+        connections = room,
+        "the open-file limit leaves room for fewer connections than limits.max_connections; \
+         raise it (systemd LimitNOFILE=, ulimit -n) or lower the limit"
+    );
+    room
 }
 
 #[allow(clippy::too_many_arguments)]
