@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::{info, warn};
@@ -211,16 +210,52 @@ pub fn watch_with(
         warn!("second signal; exiting now");
         exit_now(EXIT_INTERRUPTED);
     });
+    // SIGUSR1 and SIGUSR2 would end the process at once, without its drain (and, sent to
+    // the watchdog, every component with it): logrotate's `postrotate` sends them by habit.
+    // Logs go to stderr, with nothing to reopen, so they are ignored, and said to be.
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
+    tokio::spawn(async move {
+        loop {
+            let name = tokio::select! {
+                _ = usr1.recv() => "SIGUSR1",
+                _ = usr2.recv() => "SIGUSR2",
+            };
+            info!(
+                signal = name,
+                "signal ignored: logs go to stderr, with nothing to reopen; SIGTERM stops"
+            );
+        }
+    });
     if let Some(t) = supervisor {
-        tokio::spawn(async move {
-            let mut stdin = tokio::io::stdin();
-            let mut buf = [0u8; 64];
-            loop {
-                match stdin.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
+        // A thread of its own, started now: tokio's stdin reads on its blocking pool, whose
+        // thread, refused under a process limit (systemd TasksMax=, a pod's pids limit),
+        // panicked in its task, and the component went on without noticing its supervisor's
+        // death. A component that cannot watch its supervisor does not start.
+        let (gone, went) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("supervisor-watch".into())
+            .spawn(move || {
+                let mut stdin = std::io::stdin().lock();
+                let mut buf = [0u8; 64];
+                loop {
+                    match std::io::Read::read(&mut stdin, &mut buf) {
+                        Ok(0) => break,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => break,
+                        Ok(_) => {}
+                    }
                 }
-            }
+                let _ = gone.send(());
+            })
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot start the thread that watches the supervisor: {e}"),
+                )
+            })?;
+        tokio::spawn(async move {
+            let _ = went.await;
             warn!("supervisor is gone (stdin closed); shutting down");
             t.cancel();
             tokio::time::sleep(hard_deadline).await;

@@ -1009,6 +1009,31 @@ fn a_stopped_child_exits_when_the_watchdog_is_killed() {
     std::net::TcpListener::bind(f.addr(1)).expect("worker-1's port is free");
 }
 
+/// SIGUSR1 and SIGUSR2 (logrotate's `postrotate` sends them by habit) are ignored, with a
+/// line, by the watchdog and every component. They used to kill whichever got one, at once
+/// and without its drain; sent to the watchdog, the whole service went down. Found by an
+/// environment review.
+#[test]
+fn sigusr1_and_sigusr2_are_ignored_by_every_process() {
+    let f = Fixture::new();
+    let w = f.ready();
+    let pids = first_pids(&w);
+    for sig in [Signal::SIGUSR1, Signal::SIGUSR2] {
+        for p in &pids {
+            w.signal_pid(*p, sig);
+        }
+        w.signal(sig);
+    }
+    // Each of the four processes says so, for each signal.
+    w.wait_for_n(true, &["signal ignored"], 8, WAIT);
+    rt().block_on(async {
+        let c = f.client().await;
+        assert_eq!(c.call("echo", b"still here").await.unwrap(), b"still here");
+    });
+    assert!(pids.iter().all(|p| alive(*p)), "a component died");
+    assert!(!w.stderr().contains("component exited"), "{}", w.stderr());
+}
+
 #[test]
 fn children_exit_when_the_watchdog_is_killed() {
     let f = Fixture::new();
