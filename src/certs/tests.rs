@@ -768,6 +768,33 @@ fn token_keys_alone_for_certificates_made_elsewhere() {
     rotate_token_key(tmp.path(), None, 60_000).unwrap();
 }
 
+/// `token-keys` makes a key for every worker whose certificate is in the directory, as its
+/// help says, beside workers 1 to N. It looked only for `worker-N.token` files, so with
+/// certificates made by another tool (what the command is for) `--workers 0` wrote no
+/// worker key, and a `worker-3.crt` beside the default two got none. Found by an operator
+/// review.
+#[test]
+fn token_keys_cover_every_worker_whose_certificate_is_there() {
+    let made = crate::files::private_tempdir().unwrap();
+    init(made.path(), &opts(3)).unwrap();
+    for (workers, expect) in [(&[][..], &[1, 3][..]), (&[1, 2][..], &[1, 2, 3][..])] {
+        let tmp = crate::files::private_tempdir().unwrap();
+        for f in ["ca.crt", "worker-1.crt", "worker-3.crt"] {
+            fs::copy(made.path().join(f), tmp.path().join(f)).unwrap();
+        }
+        let written = token_keys(tmp.path(), None, workers, false).unwrap();
+        let mut names: Vec<String> = written
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        let mut wanted: Vec<String> = expect.iter().map(|n| format!("worker-{n}.token")).collect();
+        wanted.push("token.key".into());
+        wanted.sort();
+        assert_eq!(names, wanted, "--workers {workers:?}");
+    }
+}
+
 #[test]
 fn host_names_are_dns_names_or_addresses() {
     for good in [

@@ -67,15 +67,15 @@ pub(super) fn stage_worker_token(
     )
 }
 
-/// The numbers N of the `worker-N.token` files in `dir`, ascending.
-fn worker_numbers(dir: &Path) -> Result<Vec<u32>, CertError> {
+/// The numbers N of the `worker-N<suffix>` files in `dir` (`.token`, `.crt`), ascending.
+fn worker_numbers(dir: &Path, suffix: &str) -> Result<Vec<u32>, CertError> {
     let mut numbers = Vec::new();
     for entry in fs::read_dir(dir).map_err(io_err(dir))? {
         let name = entry.map_err(io_err(dir))?.file_name();
         if let Some(n) = name
             .to_str()
             .and_then(|s| s.strip_prefix("worker-"))
-            .and_then(|s| s.strip_suffix(".token"))
+            .and_then(|s| s.strip_suffix(suffix))
             // Only the names we write: not `worker-03.token` or `worker-+3.token`.
             .and_then(|s| s.parse::<u32>().ok().filter(|n| n.to_string() == s))
         {
@@ -116,7 +116,7 @@ fn rotate(dir: &Path, trust_domain: Option<&str>, keep_ms: u64) -> Result<Vec<Pa
     let master = load_key_file(&master_path)?;
     let td = trust_domain_for(dir, trust_domain);
     let mut workers = Vec::new();
-    for n in worker_numbers(dir)? {
+    for n in worker_numbers(dir, ".token")? {
         let path = dir.join(format!("worker-{n}.token"));
         let id = SpiffeId::worker(&td, n)?;
         let current = load_key_file(&path)?.render();
@@ -164,8 +164,11 @@ pub fn token_keys(
     super::check_workers(workers)?;
     let td = trust_domain_for(dir, trust_domain);
     let mut numbers = workers.to_vec();
+    // The workers whose certificate is here (made by another tool) need one as much as
+    // those that had one: the command is for those certificates.
     if dir.exists() {
-        numbers.extend(worker_numbers(dir)?);
+        numbers.extend(worker_numbers(dir, ".token")?);
+        numbers.extend(worker_numbers(dir, ".crt")?);
     }
     numbers.sort_unstable();
     numbers.dedup();
