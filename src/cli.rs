@@ -368,6 +368,16 @@ pub fn load_config(
     })
 }
 
+/// Whether the configuration file `path` sets `trust_domain` itself (it has been read and
+/// parsed once already, so it is known to be there and well-formed).
+fn sets_trust_domain(path: &std::path::Path) -> bool {
+    securesrv::files::read_regular(path, securesrv::config::MAX_CONFIG_FILE)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .and_then(|text| toml::from_str::<toml::Table>(&text).ok())
+        .is_some_and(|table| table.contains_key("trust_domain"))
+}
+
 /// `securesrv certs ...`. What a flag leaves out comes from `--config` (its `certs_dir`,
 /// `trust_domain`, `workers`), so that the certificates made are those the components of that
 /// configuration will look for.
@@ -382,9 +392,13 @@ fn certs(cmd: CertsCmd, config: Option<PathBuf>) -> ExitCode {
         Some(n) => securesrv::certs::numbered_workers(n),
         None => (cfg.worker_addresses().into_iter().map(|(id, _)| id)).collect(),
     };
-    // The config's trust domain, when a config was given: the built-in default must not hide
-    // the one in ca.crt.
-    let configured_td = config.as_ref().map(|_| cfg.trust_domain.clone());
+    // The config's trust domain, when the config sets one: the built-in default must not hide
+    // the one in ca.crt (a config without `trust_domain` issued `securesrv` identities from a
+    // CA of another trust domain, which its components refuse).
+    let configured_td = config
+        .as_deref()
+        .filter(|p| sets_trust_domain(p))
+        .map(|_| cfg.trust_domain.clone());
     let result = match cmd {
         CertsCmd::Revoke { dir, certs } => {
             return match securesrv::certs::revoke(&dir_or_default(dir), &certs) {

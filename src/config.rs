@@ -67,7 +67,7 @@ pub enum ConfigError {
 }
 
 /// Largest configuration file read.
-const MAX_CONFIG_FILE: u64 = 1024 * 1024;
+pub const MAX_CONFIG_FILE: u64 = 1024 * 1024;
 
 /// The parser's message and where in the file it is, never the text of the line: a file given
 /// as the configuration by mistake may be a key file, whose line is a key (the parser's own

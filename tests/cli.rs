@@ -528,6 +528,27 @@ fn certs_commands_follow_the_configuration() {
         bob.own_id().to_string(),
         "spiffe://other.example/client/bob"
     );
+    // A configuration that does not set `trust_domain` leaves it to the CA's: its default,
+    // `securesrv`, issued identities that every component of this CA refuses. Found by an
+    // operator review.
+    std::fs::write(tmp.path().join("none.toml"), "certs_dir = \"mycerts\"\n").unwrap();
+    let issue = ["certs", "issue", "--role", "client", "--name", "carol"];
+    let out = run(
+        tmp.path(),
+        &[&["--config", "none.toml"][..], &issue].concat(),
+        b"",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let carol = securesrv::tls::TlsMaterial::load(
+        &dir.join("ca.crt"),
+        &dir.join("client-carol.crt"),
+        &dir.join("client-carol.key"),
+    )
+    .expect("load");
+    assert_eq!(
+        carol.own_id().to_string(),
+        "spiffe://corp.example/client/carol"
+    );
     // Rotation without --trust-domain keeps corp.example, read from the files themselves (it
     // re-derived every worker's key for `securesrv`, and every token failed to verify).
     let out = run(
