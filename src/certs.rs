@@ -88,9 +88,24 @@ pub enum CertError {
     /// A secret file is owned by another user (not root either), who could replace it.
     #[error(
         "{path} is owned by uid {owner}, not by this user (uid {me}) or root: its owner could \
-         replace the key; run `chown {me} {path}`"
+         replace the key. Run the command as its owner (`sudo -u '#{owner}' ...`: the files \
+         are that user's), or, if they should be this user's, `chown {me} {path}`"
     )]
     KeyNotOwned {
+        /// The file.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// Our effective uid.
+        me: u32,
+    },
+    /// A secret file this process may not read (another user's, mode 0600).
+    #[error(
+        "{path}: permission denied: it belongs to uid {owner}, and this process runs as uid \
+         {me}. Run it as uid {owner} (the user the files were made for), or give the file to \
+         this user (`chown {me} {path}`)"
+    )]
+    KeyNotReadable {
         /// The file.
         path: PathBuf,
         /// Its owner.
@@ -895,7 +910,14 @@ fn read_secret<T>(
         nix::fcntl::OFlag::O_NONBLOCK.bits(),
     )
     .open(path)
-    .map_err(load_err(path))?;
+    .map_err(|e| match e.kind() {
+        std::io::ErrorKind::PermissionDenied => CertError::KeyNotReadable {
+            path: path.to_path_buf(),
+            owner: seen.uid(),
+            me: nix::unistd::geteuid().as_raw(),
+        },
+        _ => load_err(path)(e),
+    })?;
     let meta = f.metadata().map_err(io_err(path))?;
     if (meta.dev(), meta.ino()) != (seen.dev(), seen.ino()) {
         return Err(not_a_key("replaced while being opened"));

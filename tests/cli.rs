@@ -2379,6 +2379,53 @@ fn a_component_whose_certificate_another_ca_issued_does_not_start() {
     );
 }
 
+/// A key made by root, 0600, read by the service user: the refusal says whose the file is
+/// and what to run. It said only `Permission denied (os error 13)`. Found by an operator
+/// review. Runs only as root (to act as another user, with `setpriv`).
+#[test]
+fn a_key_of_another_user_is_refused_saying_whose_it_is() {
+    let setpriv = std::path::Path::new("/usr/bin/setpriv");
+    if !nix::unistd::geteuid().is_root() || !setpriv.exists() {
+        eprintln!("SKIPPED: needs root and setpriv");
+        return;
+    }
+    let tmp = common::tempdir().unwrap();
+    certs_init(tmp.path(), "c");
+    // Others may pass through the directories (not list or write them), and read the
+    // certificates; the key stays root's, 0600.
+    for dir in [tmp.path(), &tmp.path().join("c")] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+    let out = std::process::Command::new(setpriv)
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            common::bin(),
+        ])
+        .args([
+            "client",
+            "--cert",
+            "c/client.crt",
+            "--key",
+            "c/client.key",
+            "--connect",
+            "127.0.0.1:9",
+            "echo",
+            "x",
+        ])
+        .current_dir(tmp.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    exits_saying(
+        &out,
+        64,
+        "c/client.key: permission denied: it belongs to uid 0, and this process runs as uid \
+         65534. Run it as uid 0",
+    );
+}
+
 /// A token key file whose current key has retired (a hand edit, or a rotation's file copied
 /// where it should not be) stops the component at start with the remedy, instead of a worker
 /// that starts and refuses every token; a file that is not text is called so.

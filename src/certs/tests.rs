@@ -373,6 +373,13 @@ fn key_files_of_another_user_or_too_large_are_refused() {
             "{err}"
         );
         assert!(err.to_string().contains("chown 0"), "{err}");
+        // Whose the files are is said first: `chown 0` would take them from the service
+        // user the operator made them for.
+        assert!(
+            err.to_string()
+                .contains("Run the command as its owner (`sudo -u '#4242' ...`"),
+            "{err}"
+        );
         std::os::unix::fs::chown(&key, Some(0), None).unwrap();
     } else {
         // Not root: files owned by others cannot be made here; ours are accepted.
