@@ -128,6 +128,9 @@ pub fn worker(cfg: Config, id: u32, listen: SocketAddr, supervised: bool) -> Exi
     block_on(async move {
         let cfg = Arc::new(cfg);
         let ops = worker::ops::OpRegistry::from_config(&cfg);
+        for problem in ops.unusable(&cfg) {
+            tracing::warn!("{problem}");
+        }
         // `worker::run` kills the jobs still running after its drain; an exit without the
         // drain (a second signal, or a drain too slow after the supervisor vanished) must not
         // leave them behind either.
@@ -174,6 +177,12 @@ pub fn watchdog(cfg: Config, config_file: Option<PathBuf>, log_filter: Option<St
         Ok(p) => p,
         Err(e) => return fail("cannot find own executable", e),
     };
+    if cfg.watchdog.stop_grace_ms == 0 {
+        tracing::warn!(
+            "watchdog.stop_grace_ms is 0: a component told to stop is killed at once, without \
+             finishing its requests"
+        );
+    }
     block_on(async move {
         let shutdown = CancellationToken::new();
         // A second signal stops the components at once too, rather than leaving them to

@@ -125,6 +125,40 @@ impl OpRegistry {
     pub fn get(&self, op: &str) -> Option<Arc<dyn Handler>> {
         self.handlers.get(op).cloned()
     }
+
+    /// What in `cfg` this worker cannot run, one line each: a job whose program is not an
+    /// executable file here, a `[[custom_ops]]` entry with no handler registered. Each
+    /// would show only at its first call (`op_failed`, `unknown_op`); said at start, the
+    /// operator hears of it with the rest of the configuration.
+    pub fn unusable(&self, cfg: &Config) -> Vec<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut found = Vec::new();
+        for job in &cfg.jobs {
+            let why = match std::fs::metadata(&job.program) {
+                Err(e) => Some(e.to_string()),
+                Ok(m) if !m.is_file() => Some("not a regular file".to_string()),
+                Ok(m) if m.permissions().mode() & 0o111 == 0 => Some("not executable".to_string()),
+                Ok(_) => None,
+            };
+            if let Some(why) = why {
+                found.push(format!(
+                    "job {}: program {} cannot be run ({why}); its calls will fail with op_failed",
+                    crate::identity::printable(&job.name),
+                    crate::identity::printable(&job.program.display().to_string())
+                ));
+            }
+        }
+        for op in &cfg.custom_ops {
+            if self.get(&op.name).is_none() {
+                found.push(format!(
+                    "custom op {} has no handler in this worker (custom ops are registered by \
+                     a program built on the securesrv library); its calls will get unknown_op",
+                    crate::identity::printable(&op.name)
+                ));
+            }
+        }
+        found
+    }
 }
 
 /// Most digits a `sleep` payload may have, leading zeros included (docs/PROTOCOL.md §3.1).
@@ -178,6 +212,41 @@ mod tests {
             client: "spiffe://securesrv/client/default".into(),
             time_left: Duration::from_secs(5),
         }
+    }
+
+    /// A job whose program cannot run here and a custom op nothing registered are said at
+    /// start; they used to show only at their first call. Found by an operator review.
+    #[test]
+    fn what_cannot_run_here_is_listed() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = crate::files::private_tempdir().unwrap();
+        let text = tmp.path().join("notes.txt");
+        std::fs::write(&text, b"not a program").unwrap();
+        std::fs::set_permissions(&text, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let cfg = Config::parse(&format!(
+            "[[jobs]]\nname = \"ghost\"\nprogram = \"/nonexistent/prog\"\n\
+             [[jobs]]\nname = \"text\"\nprogram = {:?}\n\
+             [[jobs]]\nname = \"dir\"\nprogram = {:?}\n\
+             [[jobs]]\nname = \"shell\"\nprogram = \"/bin/sh\"\n\
+             [[custom_ops]]\nname = \"resize\"\n\
+             [[custom_ops]]\nname = \"mine\"\n",
+            text,
+            tmp.path()
+        ))
+        .unwrap();
+        let mut ops = OpRegistry::from_config(&cfg);
+        ops.register("mine", |req: OpRequest| async move { Ok(req.payload) });
+        let found = ops.unusable(&cfg);
+        assert_eq!(found.len(), 4, "{found:#?}");
+        assert!(found[0].starts_with("job ghost: program /nonexistent/prog cannot be run ("));
+        assert!(found[1].starts_with("job text: program "), "{}", found[1]);
+        assert!(found[1].contains("notes.txt cannot be run (not executable)"));
+        assert!(found[2].contains("(not a regular file)"), "{}", found[2]);
+        assert!(
+            found[3].starts_with("custom op resize has no handler"),
+            "{}",
+            found[3]
+        );
     }
 
     #[tokio::test]
