@@ -430,16 +430,25 @@ fn certs(cmd: CertsCmd, config: Option<PathBuf>) -> ExitCode {
             trust_domain,
             hosts,
             force,
-        } => securesrv::certs::init(
-            &dir_or_default(dir),
-            &securesrv::certs::InitOptions {
-                trust_domain: trust_domain.unwrap_or_else(|| cfg.trust_domain.clone()),
-                workers: workers_or_configured(workers),
-                days,
-                hosts,
-                force,
-            },
-        ),
+        } => {
+            let dir = dir_or_default(dir);
+            let before = certificates_in(&dir);
+            let had_crl = dir.join(securesrv::certs::CA_CRL).exists();
+            let done = securesrv::certs::init(
+                &dir,
+                &securesrv::certs::InitOptions {
+                    trust_domain: trust_domain.unwrap_or_else(|| cfg.trust_domain.clone()),
+                    workers: workers_or_configured(workers),
+                    days,
+                    hosts,
+                    force,
+                },
+            );
+            if let Ok(written) = &done {
+                say_what_the_old_ca_left(&dir, &before, written, had_crl);
+            }
+            done
+        }
         CertsCmd::Issue {
             dir,
             role,
@@ -506,6 +515,57 @@ fn certs(cmd: CertsCmd, config: Option<PathBuf>) -> ExitCode {
             errln!("securesrv: {}", shown(&e.to_string()));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The certificate files (`*.crt`, but `ca.crt`) in `dir`.
+fn certificates_in(dir: &std::path::Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "crt")
+                && p.file_name()
+                    .is_some_and(|n| n != securesrv::certs::CA_CERT)
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// After `certs init --force`: the certificates the old CA signed that the new set did not
+/// replace (they no longer verify: issued again, or removed), and the old CA's revocation
+/// list, removed. Both went without a word.
+fn say_what_the_old_ca_left(
+    dir: &std::path::Path,
+    before: &[PathBuf],
+    written: &[PathBuf],
+    had_crl: bool,
+) {
+    let left: Vec<String> = (before.iter())
+        .filter(|p| !written.contains(p))
+        .map(|p| shown(&p.display().to_string()).into_owned())
+        .collect();
+    if !left.is_empty() {
+        let (verify, them) = if left.len() == 1 {
+            ("verifies", "it")
+        } else {
+            ("verify", "them")
+        };
+        errln!(
+            "securesrv: the old CA signed {}, which no longer {verify}: issue {them} again \
+             (`securesrv certs issue --force ...`) or remove {them}",
+            left.join(", "),
+        );
+    }
+    if had_crl {
+        errln!(
+            "securesrv: removed {} (the old CA's revocation list; what it listed does not \
+             verify against the new CA either)",
+            shown(&dir.join(securesrv::certs::CA_CRL).display().to_string())
+        );
     }
 }
 

@@ -2379,6 +2379,51 @@ fn a_component_whose_certificate_another_ca_issued_does_not_start() {
     );
 }
 
+/// `certs init --force` says what the old CA leaves behind: the certificates it signed that
+/// the new set did not replace (they no longer verify), and its revocation list, removed.
+/// Both went without a word. Found by an operator review.
+#[test]
+fn certs_init_force_names_what_the_old_ca_left() {
+    let tmp = common::tempdir().unwrap();
+    certs_init(tmp.path(), "c");
+    let issue = [
+        "certs", "issue", "--dir", "c", "--role", "client", "--name", "alice",
+    ];
+    assert!(run(tmp.path(), &issue, b"").status.success());
+    let revoke = ["certs", "revoke", "--dir", "c", "c/client-alice.crt"];
+    assert!(run(tmp.path(), &revoke, b"").status.success());
+    let out = run(
+        tmp.path(),
+        &["certs", "init", "--dir", "c", "--workers", "1", "--force"],
+        b"",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stderr);
+    assert!(
+        said.contains("the old CA signed c/client-alice.crt, which no longer verifies"),
+        "{said}"
+    );
+    assert!(said.contains("removed c/ca.crl"), "{said}");
+    assert!(
+        !said.contains("c/client.crt"),
+        "a replaced one named: {said}"
+    );
+    // Nothing left: nothing said.
+    let out = run(
+        tmp.path(),
+        &["certs", "init", "--dir", "c", "--workers", "1", "--force"],
+        b"",
+    );
+    assert!(text(&out.stderr).contains("c/client-alice.crt"));
+    std::fs::remove_file(tmp.path().join("c/client-alice.crt")).unwrap();
+    let out = run(
+        tmp.path(),
+        &["certs", "init", "--dir", "c", "--workers", "1", "--force"],
+        b"",
+    );
+    assert_eq!(text(&out.stderr), "", "nothing was left");
+}
+
 /// A key made by root, 0600, read by the service user: the refusal says whose the file is
 /// and what to run. It said only `Permission denied (os error 13)`. Found by an operator
 /// review. Runs only as root (to act as another user, with `setpriv`).
