@@ -506,47 +506,38 @@ fn certs_commands_follow_the_configuration() {
     assert_eq!(pki.own_id().to_string(), "spiffe://corp.example/worker/3");
     // `certs issue` takes the trust domain from the configuration too, not from the CA (whose
     // certificate need not name one: openssl's do not).
+    // `certs issue --config CONFIG` of client NAME: the identity it was given.
+    let issued_with = |config: &str, name: &str| {
+        let issue = [
+            "--config", config, "certs", "issue", "--role", "client", "--name", name,
+        ];
+        let out = run(tmp.path(), &issue, b"");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let stem = dir.join(format!("client-{name}"));
+        securesrv::tls::TlsMaterial::load(
+            &dir.join("ca.crt"),
+            &stem.with_extension("crt"),
+            &stem.with_extension("key"),
+        )
+        .expect("load")
+        .own_id()
+        .to_string()
+    };
     std::fs::write(
         tmp.path().join("other.toml"),
         "trust_domain = \"other.example\"\ncerts_dir = \"mycerts\"\n",
     )
     .unwrap();
-    let issue = ["certs", "issue", "--role", "client", "--name", "bob"];
-    let out = run(
-        tmp.path(),
-        &[&["--config", "other.toml"][..], &issue].concat(),
-        b"",
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let bob = securesrv::tls::TlsMaterial::load(
-        &dir.join("ca.crt"),
-        &dir.join("client-bob.crt"),
-        &dir.join("client-bob.key"),
-    )
-    .expect("load");
     assert_eq!(
-        bob.own_id().to_string(),
+        issued_with("other.toml", "bob"),
         "spiffe://other.example/client/bob"
     );
     // A configuration that does not set `trust_domain` leaves it to the CA's: its default,
     // `securesrv`, issued identities that every component of this CA refuses. Found by an
     // operator review.
     std::fs::write(tmp.path().join("none.toml"), "certs_dir = \"mycerts\"\n").unwrap();
-    let issue = ["certs", "issue", "--role", "client", "--name", "carol"];
-    let out = run(
-        tmp.path(),
-        &[&["--config", "none.toml"][..], &issue].concat(),
-        b"",
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let carol = securesrv::tls::TlsMaterial::load(
-        &dir.join("ca.crt"),
-        &dir.join("client-carol.crt"),
-        &dir.join("client-carol.key"),
-    )
-    .expect("load");
     assert_eq!(
-        carol.own_id().to_string(),
+        issued_with("none.toml", "carol"),
         "spiffe://corp.example/client/carol"
     );
     // Rotation without --trust-domain keeps corp.example, read from the files themselves (it

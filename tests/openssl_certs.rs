@@ -84,21 +84,11 @@ fn leaf(dir: &Path, stem: &str, key_args: &[&str], uri: &str, eku: &str, server:
 fn token_keys(dir: &Path) {
     let master = KeyFile::single(1, SecretKey::generate().unwrap());
     let w1 = securesrv::identity::SpiffeId::worker("securesrv", 1).unwrap();
-    securesrv::certs::write_file(
-        &dir.join("token.key"),
-        master.render().as_bytes(),
-        0o600,
-        false,
-    )
-    .unwrap();
     let derived = master.map_keys(|k| k.derive_for(&w1));
-    securesrv::certs::write_file(
-        &dir.join("worker-1.token"),
-        derived.render().as_bytes(),
-        0o600,
-        false,
-    )
-    .unwrap();
+    for (file, keys) in [("token.key", &master), ("worker-1.token", &derived)] {
+        securesrv::certs::write_file(&dir.join(file), keys.render().as_bytes(), 0o600, false)
+            .unwrap();
+    }
 }
 
 /// An EC P-256 key in PKCS#8 form (`genpkey`) for `leaf`.
