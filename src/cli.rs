@@ -241,7 +241,11 @@ pub fn main() -> ExitCode {
         }
     };
     // The watchdog passes the filter on to its children.
-    let _log = init_logging(cli.log.as_deref());
+    let policy = match cli.command {
+        Some(Command::Watchdog(_)) => logwriter::Policy::watchdog(),
+        _ => logwriter::Policy::component(),
+    };
+    let _log = init_logging(cli.log.as_deref(), policy);
     let log_filter = cli.log.clone();
     match cli.command {
         Some(cmd) => run_command(cmd, cli.config, log_filter),
@@ -638,8 +642,8 @@ fn quiet_rustls(filter: &str) -> String {
 }
 
 /// Logs go to stderr through a buffered writer (see `logwriter`): audit lines must not cost a
-/// system call each.
-fn init_logging(filter: Option<&str>) -> logwriter::Guard {
+/// system call each, and a stderr that takes nothing must not stop the process (`policy`).
+fn init_logging(filter: Option<&str>, policy: logwriter::Policy) -> logwriter::Guard {
     use tracing_subscriber::EnvFilter;
     let filter = filter
         .map(str::to_string)
@@ -649,23 +653,13 @@ fn init_logging(filter: Option<&str>) -> logwriter::Guard {
         errln!("securesrv: invalid log filter {filter:?} ({e}); logging at info");
         EnvFilter::new(quiet_rustls("info"))
     });
-    let (writer, guard) = logwriter::buffered_stderr();
+    let (writer, guard) = logwriter::buffered_stderr(policy);
     securesrv::audit::install(Box::new(writer.clone()));
     let last_words = writer.clone();
     securesrv::shutdown::before_forced_exit(move || {
-        // On a thread of its own, waited for briefly: a blocked stderr (a paused terminal, a
-        // stuck pipe) must not keep a forced exit from happening.
-        let (done, wait) = std::sync::mpsc::channel();
-        let w = last_words.clone();
-        let flushing = std::thread::Builder::new()
-            .name("last-words".into())
-            .spawn(move || {
-                w.flush_now();
-                let _ = done.send(());
-            });
-        if flushing.is_ok() {
-            let _ = wait.recv_timeout(std::time::Duration::from_millis(200));
-        }
+        // Waited for briefly: a blocked stderr (a paused terminal, a stuck pipe) must not
+        // keep a forced exit from happening.
+        let _ = last_words.flush_within(std::time::Duration::from_millis(200));
     });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(env_filter)

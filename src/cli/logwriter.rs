@@ -1,25 +1,82 @@
 //! Where log lines go: a shared in-memory buffer, written to stderr by a flusher thread every
-//! 50 ms, or at once by the logging thread when 1 MiB has piled up. One audit line per
+//! 50 ms, or as soon as 1 MiB (or 16,384 audit records) has piled up. One audit line per
 //! request must not cost a system call and a thread wake-up per request; with this writer a
-//! busy component writes its logs in a few large writes per second. On a clean exit the guard
-//! writes what is left; an abrupt kill may lose the last 50 ms of lines.
+//! busy component writes its logs in a few large writes per second.
+//!
+//! Only the flusher thread writes, so a stderr that does not take lines (a reader that
+//! stopped reading, a full disk) blocks that thread and nothing else:
+//!
+//! - A thread logging into a full buffer waits for the flusher to take it for at most
+//!   [`Policy::wait_for_space`] from the moment the buffer filled (a component: 500 ms, to
+//!   ride out a slow reader; the watchdog: not at all). After that, lines are dropped and
+//!   counted until the flusher takes the buffer; the request path never stalls longer than
+//!   that for its log.
+//! - Lost lines are reported by a WARN line where the gap is, once a write goes through
+//!   again (see [`out`]).
+//! - On the way out, [`Guard`]'s drop gives the flusher [`EXIT_FLUSH_WITHIN`] to write what
+//!   is left, and the process exits whether it did or not. An abrupt kill loses the lines of
+//!   the last 50 ms.
 //!
 //! The writer is also the dispatcher's [`AuditSink`]: an audit record is kept as it is, at its
 //! place among the formatted lines, and turned into its line by the flusher thread, so the
 //! request path pays for a queue push instead of formatting.
 
+mod out;
+#[cfg(test)]
+mod tests;
+
+use out::Out;
 use securesrv::audit::{AuditSink, Record};
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::os::fd::AsFd;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tracing_subscriber::fmt::MakeWriter;
 
 const FLUSH_EVERY: Duration = Duration::from_millis(50);
-const FLUSH_AT: usize = 1024 * 1024;
-/// Audit records kept before the recording thread formats and writes them itself.
-const FLUSH_AT_RECORDS: usize = 16 * 1024;
+
+/// How long the process exit waits for the flusher to write what is left. A stderr that takes
+/// nothing (a stuck pipe) must not keep a process from exiting with its exit code.
+pub const EXIT_FLUSH_WITHIN: Duration = Duration::from_secs(1);
+
+/// How long a component's logging thread waits for room in a full buffer before it drops
+/// lines. Well under a heartbeat (1 s by default; three missed get a component killed, which
+/// loses far more than a few lines), long enough for a reader that paused (a log shipper's
+/// rotation, a short burst beyond its pace).
+pub const COMPONENT_WAIT_FOR_SPACE: Duration = Duration::from_millis(500);
+
+/// What the writer does when stderr does not keep up.
+#[derive(Clone, Copy, Debug)]
+pub struct Policy {
+    /// How long a thread logging into a full buffer may wait for it to be taken, counted from
+    /// the moment the buffer filled; lines beyond are dropped and counted. Zero: never wait.
+    pub wait_for_space: Duration,
+    /// Formatted bytes that make the buffer full.
+    pub max_bytes: usize,
+    /// Audit records (kept unformatted) that make the buffer full.
+    pub max_records: usize,
+}
+
+impl Policy {
+    /// A component's: ride out a slow reader for [`COMPONENT_WAIT_FOR_SPACE`], then drop.
+    pub fn component() -> Self {
+        Policy {
+            wait_for_space: COMPONENT_WAIT_FOR_SPACE,
+            max_bytes: 1024 * 1024,
+            max_records: 16 * 1024,
+        }
+    }
+
+    /// The watchdog's: its lines are few, and its supervision and signal handling must never
+    /// wait for its stderr; a line that finds the buffer full is dropped and counted at once.
+    pub fn watchdog() -> Self {
+        Policy {
+            wait_for_space: Duration::ZERO,
+            ..Self::component()
+        }
+    }
+}
 
 /// What is waiting to be written: formatted lines, and audit records each with the length of
 /// `bytes` when it was recorded (its place among the lines).
@@ -32,6 +89,10 @@ struct Pending {
 impl Pending {
     fn is_empty(&self) -> bool {
         self.bytes.is_empty() && self.records.is_empty()
+    }
+
+    fn is_full(&self, policy: &Policy) -> bool {
+        self.bytes.len() >= policy.max_bytes || self.records.len() >= policy.max_records
     }
 
     /// Everything as text, audit records formatted at their places.
@@ -53,23 +114,119 @@ impl Pending {
     }
 }
 
+/// The state producers and the flusher share, under one lock.
+#[derive(Default)]
+struct State {
+    pending: Pending,
+    /// Lines dropped since the flusher last took `pending` (all after its last line).
+    dropped: u64,
+    /// When `pending` was first found full since the flusher last took it.
+    full_since: Option<Instant>,
+    /// Flushes asked for by [`BufferedStderr::flush_within`], and the last one done.
+    asked: u64,
+    done: u64,
+    stop: bool,
+    /// The flusher thread has written its last and returned.
+    finished: bool,
+}
+
 struct Shared {
-    buf: Mutex<Pending>,
-    /// Held while a chunk is written, so chunks reach stderr in the order they were taken.
-    writing: Mutex<()>,
-    stop: AtomicBool,
+    policy: Policy,
+    state: Mutex<State>,
+    /// Wakes the flusher: the buffer is full, a flush was asked for, or the process stops.
+    work: Condvar,
+    /// Wakes the waiting producers and askers: the flusher took the buffer or wrote it.
+    taken: Condvar,
+    /// Held by the one thread writing (the flusher; without one, each logging thread).
+    out: Mutex<Out>,
+    /// No flusher thread could be started: each line is written by its logging thread.
+    inline: bool,
 }
 
 impl Shared {
-    fn flush(&self) {
-        let _order = self.writing.lock().unwrap_or_else(|p| p.into_inner());
-        let pending = std::mem::take(&mut *self.buf.lock().unwrap_or_else(|p| p.into_inner()));
-        if !pending.is_empty() {
-            let chunk = pending.render();
-            let mut err = std::io::stderr().lock();
-            let _ = err.write_all(&chunk);
-            let _ = err.flush();
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds one event's `lines` with `add`, waiting for room as the policy allows, or drops
+    /// them and counts them.
+    fn push(&self, lines: u64, add: impl FnOnce(&mut Pending)) {
+        let mut st = self.lock();
+        if st.pending.is_full(&self.policy) {
+            self.work.notify_one();
+            let deadline =
+                *st.full_since.get_or_insert_with(Instant::now) + self.policy.wait_for_space;
+            while st.pending.is_full(&self.policy) {
+                let now = Instant::now();
+                if now >= deadline {
+                    st.dropped += lines;
+                    return;
+                }
+                st = self
+                    .taken
+                    .wait_timeout(st, deadline - now)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
         }
+        add(&mut st.pending);
+        let full = st.pending.is_full(&self.policy);
+        drop(st);
+        if self.inline {
+            self.write_pending();
+        } else if full {
+            self.work.notify_one();
+        }
+    }
+
+    /// Takes what is pending and writes it, with the report of lost lines if one is due;
+    /// whether it took any lines (written or dropped).
+    fn write_pending(&self) -> bool {
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let (pending, dropped, asked) = {
+            let mut st = self.lock();
+            st.full_since = None;
+            let taken = (
+                std::mem::take(&mut st.pending),
+                std::mem::take(&mut st.dropped),
+                st.asked,
+            );
+            self.taken.notify_all();
+            taken
+        };
+        let took = !pending.is_empty() || dropped > 0;
+        if took || out.has_report() {
+            out.write_chunk(&pending.render(), dropped);
+        }
+        drop(out);
+        let mut st = self.lock();
+        st.done = st.done.max(asked);
+        self.taken.notify_all();
+        took
+    }
+
+    /// The flusher thread: every 50 ms, or when woken, until told to stop; then what is left.
+    fn run_flusher(&self) {
+        loop {
+            let stop = {
+                let st = self.lock();
+                let (st, _) = self
+                    .work
+                    .wait_timeout_while(st, FLUSH_EVERY, |st| {
+                        !st.stop && st.asked == st.done && !st.pending.is_full(&self.policy)
+                    })
+                    .unwrap_or_else(|p| p.into_inner());
+                st.stop
+            };
+            if stop {
+                // Lines logged while the last ones are written are written too.
+                while self.write_pending() {}
+                break;
+            }
+            self.write_pending();
+        }
+        self.lock().finished = true;
+        self.taken.notify_all();
     }
 }
 
@@ -78,49 +235,106 @@ impl Shared {
 pub struct BufferedStderr(Arc<Shared>);
 
 impl BufferedStderr {
-    /// Writes out what is buffered now (before an exit that skips the guard's drop).
-    pub fn flush_now(&self) {
-        self.0.flush();
+    /// Has what is buffered now written (before an exit that skips the guard's drop), waiting
+    /// for it up to `within`; whether it was written in time.
+    pub fn flush_within(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        let mut st = self.0.lock();
+        st.asked += 1;
+        let ticket = st.asked;
+        self.0.work.notify_one();
+        while st.done < ticket && !st.finished {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = self
+                .0
+                .taken
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        st.done >= ticket
     }
 }
 
-/// Stops the flusher and writes what is left when dropped.
+/// Stops the flusher and has it write what is left when dropped, waiting for it up to
+/// [`EXIT_FLUSH_WITHIN`].
 pub struct Guard {
     shared: Arc<Shared>,
     flusher: Option<JoinHandle<()>>,
 }
 
-/// A buffered stderr writer and the guard that owns its flusher thread.
-pub fn buffered_stderr() -> (BufferedStderr, Guard) {
-    let shared = Arc::new(Shared {
-        buf: Mutex::new(Pending {
-            bytes: Vec::with_capacity(FLUSH_AT),
-            records: Vec::new(),
+/// A buffered writer to this process's stderr, and the guard that owns its flusher thread.
+pub fn buffered_stderr(policy: Policy) -> (BufferedStderr, Guard) {
+    // A descriptor of its own, so that the flusher blocked on a stuck stderr does not hold
+    // the lock of `std::io::stderr()` that every other writer of stderr takes.
+    let target: Box<dyn Write + Send> = match std::io::stderr().as_fd().try_clone_to_owned() {
+        Ok(fd) => Box::new(std::fs::File::from(fd)),
+        Err(_) => Box::new(std::io::stderr()),
+    };
+    buffered(target, policy)
+}
+
+/// A buffered writer to `target`.
+fn buffered(target: Box<dyn Write + Send>, policy: Policy) -> (BufferedStderr, Guard) {
+    let mut shared = Shared {
+        policy,
+        state: Mutex::new(State {
+            pending: Pending {
+                bytes: Vec::with_capacity(policy.max_bytes.min(1024 * 1024)),
+                records: Vec::new(),
+            },
+            ..State::default()
         }),
-        writing: Mutex::new(()),
-        stop: AtomicBool::new(false),
-    });
-    let s = shared.clone();
+        work: Condvar::new(),
+        taken: Condvar::new(),
+        out: Mutex::new(Out::new(target)),
+        inline: false,
+    };
+    let (tx, rx) = std::sync::mpsc::channel::<Arc<Shared>>();
     let flusher = std::thread::Builder::new()
         .name("log-flusher".into())
         .spawn(move || {
-            while !s.stop.load(Ordering::Acquire) {
-                std::thread::park_timeout(FLUSH_EVERY);
-                s.flush();
+            if let Ok(s) = rx.recv() {
+                s.run_flusher();
             }
         })
         .ok();
+    shared.inline = flusher.is_none();
+    let shared = Arc::new(shared);
+    if flusher.is_some() {
+        let _ = tx.send(shared.clone());
+    }
     (BufferedStderr(shared.clone()), Guard { shared, flusher })
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
-        if let Some(t) = self.flusher.take() {
-            t.thread().unpark();
-            let _ = t.join();
+        let Some(flusher) = self.flusher.take() else {
+            self.shared.write_pending();
+            return;
+        };
+        let deadline = Instant::now() + EXIT_FLUSH_WITHIN;
+        let mut st = self.shared.lock();
+        st.stop = true;
+        self.shared.work.notify_one();
+        while !st.finished {
+            let now = Instant::now();
+            if now >= deadline {
+                // Blocked on a stderr that takes nothing: left behind, the exit goes on.
+                return;
+            }
+            st = self
+                .shared
+                .taken
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
-        self.shared.flush();
+        drop(st);
+        let _ = flusher.join();
     }
 }
 
@@ -129,14 +343,9 @@ pub struct Handle<'a>(&'a Shared);
 
 impl Write for Handle<'_> {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        let full = {
-            let mut buf = self.0.buf.lock().unwrap_or_else(|p| p.into_inner());
-            buf.bytes.extend_from_slice(data);
-            buf.bytes.len() >= FLUSH_AT
-        };
-        if full {
-            self.0.flush();
-        }
+        // One event is one line (the format escapes line breaks), written in one call.
+        let lines = out::count_lines(data).max(1);
+        self.0.push(lines, |p| p.bytes.extend_from_slice(data));
         Ok(data.len())
     }
 
@@ -155,121 +364,9 @@ impl<'a> MakeWriter<'a> for BufferedStderr {
 
 impl AuditSink for BufferedStderr {
     fn record(&self, record: Record) {
-        let full = {
-            let mut buf = self.0.buf.lock().unwrap_or_else(|p| p.into_inner());
-            let at = buf.bytes.len();
-            buf.records.push((at, record));
-            buf.records.len() >= FLUSH_AT_RECORDS
-        };
-        if full {
-            self.0.flush();
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cli::logformat::tests::{Capture, lean_subscriber};
-    use securesrv::message::ErrorCode;
-    use std::time::SystemTime;
-
-    fn records() -> Vec<Record> {
-        let base = Record {
-            at: SystemTime::now(),
-            peer: "127.0.0.1:40000".parse().unwrap(),
-            in_conn_span: true,
-            client: "spiffe://securesrv/client/default".into(),
-            op: "echo".into(),
-            worker: Some("spiffe://securesrv/worker/1".into()),
-            outcome: Ok(()),
-            duration_us: 271,
-        };
-        vec![
-            base.clone(),
-            Record {
-                op: "upper".into(),
-                worker: None,
-                outcome: Err((
-                    ErrorCode::Unavailable,
-                    "no worker available within 500 ms".into(),
-                )),
-                duration_us: 500_123,
-                ..base.clone()
-            },
-            Record {
-                peer: "[::1]:2222".parse().unwrap(),
-                outcome: Err((ErrorCode::Denied, "a \"quoted\" reason".into())),
-                ..base.clone()
-            },
-            // The log filter disabled the connection span: no prefix.
-            Record {
-                in_conn_span: false,
-                ..base
-            },
-        ]
-    }
-
-    /// Drops the timestamp (the first word) of every line.
-    fn untimed(text: &str) -> Vec<String> {
-        text.lines()
-            .map(|l| l.split_once(' ').map_or(l, |(_, rest)| rest).to_string())
-            .collect()
-    }
-
-    #[test]
-    fn rendered_audit_records_read_like_their_tracing_events() {
-        // The tracing path, inside the connection span the server opens.
-        let out = Capture::default();
-        let sub = lean_subscriber(&out);
-        tracing::subscriber::with_default(sub, || {
-            for r in records() {
-                if !r.in_conn_span {
-                    r.emit_event();
-                    continue;
-                }
-                let span = tracing::info_span!("conn", peer = %r.peer, id = tracing::field::Empty);
-                span.record("id", tracing::field::display(&r.client));
-                let _g = span.enter();
-                r.emit_event();
-            }
+        self.0.push(1, |p| {
+            let at = p.bytes.len();
+            p.records.push((at, record));
         });
-        let traced = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
-        // The sink path: records kept at their places among other lines.
-        let mut pending = Pending::default();
-        for (i, r) in records().into_iter().enumerate() {
-            pending
-                .bytes
-                .extend_from_slice(format!("line {i}\n").as_bytes());
-            pending.records.push((pending.bytes.len(), r));
-        }
-        pending.bytes.extend_from_slice(b"last\n");
-        let rendered = String::from_utf8(pending.render()).unwrap();
-        let lines = untimed(&rendered);
-        let expected: Vec<String> = untimed(&traced);
-        assert_eq!(expected.len(), 4, "{traced}");
-        assert_eq!(lines.len(), 9, "{rendered}");
-        for i in 0..4 {
-            assert_eq!(lines[2 * i], format!("{i}"), "{rendered}");
-            assert_eq!(lines[2 * i + 1], expected[i]);
-        }
-        assert!(expected[1].contains("outcome=unavailable reason=\"no worker available"));
-        assert_eq!(lines[8], "last");
-        assert!(
-            expected[3]
-                .trim_start()
-                .starts_with("INFO securesrv::audit: request"),
-            "{}",
-            expected[3]
-        );
-        // Without the span's prefix, the client's address is a field of the line itself.
-        assert!(
-            expected[3].contains(
-                "request client=spiffe://securesrv/client/default peer=127.0.0.1:40000 op=echo"
-            ),
-            "{}",
-            expected[3]
-        );
-        assert!(!expected[0].contains(" peer="), "{}", expected[0]);
     }
 }
