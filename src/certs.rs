@@ -689,8 +689,9 @@ impl CertAuthority {
         // repeats one (`DC=com, DC=example`, two `OU`s) comes out another. Whatever it signed
         // would then name an issuer no peer matches to this CA: certificates that do not
         // chain, and, silently, a revocation list that revokes nothing. The name it writes is
-        // seen by having it sign an empty list.
-        if revoke::issuer_written(&issuer)? != ca_cert.subject().as_raw() {
+        // seen by having it sign a throw-away certificate (not a list: rcgen signs one only
+        // for a CA whose key usage includes cRLSign, which `issue` does not need).
+        if issuer_written(&issuer)? != ca_cert.subject().as_raw() {
             return Err(CertError::CaNameNotKept {
                 subject: crate::identity::printable_within(&ca_cert.subject().to_string(), 200)
                     .into_owned(),
@@ -748,6 +749,17 @@ impl CertAuthority {
             key_pem: Zeroizing::new(key.serialize_pem()),
         })
     }
+}
+
+/// The issuer name that rcgen writes for `issuer`, as DER: that of a certificate it signs.
+fn issuer_written(issuer: &Issuer<'_, KeyPair>) -> Result<Vec<u8>, CertError> {
+    let probe = CertificateParams::default().signed_by(&KeyPair::generate()?, issuer)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(probe.der()).map_err(|e| {
+        CertError::Generate(rcgen::Error::X509(format!(
+            "cannot read back a certificate just made: {e}"
+        )))
+    })?;
+    Ok(cert.issuer().as_raw().to_vec())
 }
 
 fn random_serial() -> Result<SerialNumber, CertError> {

@@ -436,6 +436,9 @@ fn check_chain(
     chain: &[CertificateDer<'static>],
     role: Role,
 ) -> Result<(), String> {
+    // Peers refuse a longer chain before building any path.
+    check_chain_length(&chain[1..])
+        .map_err(|_| TooManyIntermediates(chain.len() - 1).to_string())?;
     let leaf = webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| e.to_string())?;
     let usages = match role {
         Role::Dispatcher => &[
@@ -457,7 +460,9 @@ fn check_chain(
             None,
         )
         .map_err(|e| match e {
-            webpki::Error::UnknownIssuer => "not issued by that CA".to_string(),
+            webpki::Error::UnknownIssuer => {
+                "not issued by that CA, or an intermediate is missing from the file".to_string()
+            }
             webpki::Error::RequiredEkuNotFoundContext(_) => {
                 format!("its extended key usage does not allow a {role}'s use of it")
             }

@@ -2364,8 +2364,8 @@ fn a_component_whose_certificate_another_ca_issued_does_not_start() {
     exits_saying(
         &out,
         64,
-        "c/worker-1.crt: certificate does not verify against c/ca.crt (not issued by that CA), \
-         so every peer would refuse it; issue a new one (`securesrv certs issue --force --role \
+        "c/worker-1.crt: certificate does not verify against c/ca.crt (not issued by that CA, \
+         or an intermediate is missing from the file), so every peer would refuse it; issue a new one (`securesrv certs issue --force --role \
          worker --name 1`, see docs/OPERATIONS.md) and restart",
     );
 }

@@ -421,3 +421,66 @@ async fn a_ca_name_this_tool_cannot_write_back_is_refused_and_openssls_list_revo
     good.close().await;
     cluster.stop().await;
 }
+
+/// A CA whose key usage is `keyCertSign, digitalSignature`, without `cRLSign` (as some openssl
+/// and cfssl profiles make them): `certs issue` signs with it, as it did before the check of
+/// the CA's name, whose first version had rcgen sign a revocation list to see the name, which
+/// rcgen refuses for such a CA. `certs revoke` cannot sign a list with it and says why.
+/// Found by a review of that change.
+#[test]
+fn a_ca_without_crl_sign_issues_and_its_revoke_says_why_not() {
+    let Some((_tmp, dir)) = openssl_ca_in_tempdir(CA_NAME) else {
+        eprintln!("SKIPPED: the openssl command is not installed");
+        return;
+    };
+    openssl(
+        &dir,
+        &[
+            "pkcs8", "-topk8", "-nocrypt", "-in", "ca.key", "-out", "ca.p8",
+        ],
+    );
+    std::fs::rename(dir.join("ca.p8"), dir.join("ca.key")).unwrap();
+    std::fs::set_permissions(dir.join("ca.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(
+        dir.join("ca.ext"),
+        "[req]\ndistinguished_name=dn\n[dn]\n[v3_ca]\nbasicConstraints=critical,CA:TRUE\n\
+         keyUsage=critical,keyCertSign,digitalSignature\nsubjectKeyIdentifier=hash\n",
+    )
+    .unwrap();
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "ca.key",
+            "-subj",
+            CA_NAME,
+            "-days",
+            "2",
+            "-sha256",
+            "-config",
+            "ca.ext",
+            "-extensions",
+            "v3_ca",
+            "-out",
+            "ca.crt",
+        ],
+    );
+    let alice = securesrv::certs::IssueOptions {
+        role: securesrv::identity::Role::Client,
+        name: "alice".into(),
+        trust_domain: None,
+        days: 1,
+        hosts: vec![],
+        force: false,
+    };
+    let written = securesrv::certs::issue(&dir, &alice).unwrap();
+    openssl(&dir, &["verify", "-CAfile", "ca.crt", "client-alice.crt"]);
+    let err = securesrv::certs::revoke(&dir, &written[..1])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cRLSign"), "{err}");
+    assert!(!dir.join("ca.crl").exists());
+}

@@ -6,9 +6,7 @@
 //! in place (entries already there are kept, with their dates) and raises its number.
 
 use super::{CA_CERT, CA_DAYS, CertAuthority, CertError, NamedBy, Staged, load_certs};
-use rcgen::{
-    CertificateRevocationListParams, Issuer, KeyIdMethod, KeyPair, RevokedCertParams, SerialNumber,
-};
+use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, SerialNumber};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
 use std::path::{Path, PathBuf};
@@ -83,8 +81,12 @@ pub fn load_crls(
 /// refused: certificates are matched to a list by their issuer's name, byte for byte, so it
 /// would revoke nothing, and revoked certificates would pass as not revoked.
 fn check_signature(crl: &[u8], cas: &[CertificateDer<'_>]) -> Result<bool, String> {
-    let (_, list) =
-        x509_parser::parse_x509_crl(crl).map_err(|e| format!("cannot parse it: {e}"))?;
+    let (_, list) = x509_parser::parse_x509_crl(crl).map_err(|e| {
+        format!(
+            "cannot parse it: {e}; replace the file with a good copy, or make it again with \
+             `securesrv certs revoke`"
+        )
+    })?;
     let cas: Vec<_> = cas
         .iter()
         .filter_map(|ca| x509_parser::parse_x509_certificate(ca).ok())
@@ -120,26 +122,6 @@ fn check_signature(crl: &[u8], cas: &[CertificateDer<'_>]) -> Result<bool, Strin
         ));
     }
     Ok(false)
-}
-
-/// The issuer name that rcgen writes for `issuer`, as DER: that of an empty list it signs.
-pub(super) fn issuer_written(issuer: &Issuer<'_, KeyPair>) -> Result<Vec<u8>, CertError> {
-    let now = OffsetDateTime::now_utc();
-    let empty = CertificateRevocationListParams {
-        this_update: now,
-        next_update: now + Duration::days(1),
-        crl_number: minimal_integer(1),
-        issuing_distribution_point: None,
-        revoked_certs: Vec::new(),
-        key_identifier_method: KeyIdMethod::Sha256,
-    }
-    .signed_by(issuer)?;
-    let (_, list) = x509_parser::parse_x509_crl(empty.der()).map_err(|e| {
-        CertError::Generate(rcgen::Error::X509(format!(
-            "cannot read back a revocation list just made: {e}"
-        )))
-    })?;
-    Ok(list.issuer().as_raw().to_vec())
 }
 
 /// Whether the certificate `der` is on a list of `crls` that its own issuer signed, one of

@@ -735,6 +735,30 @@ fn a_chain_through_an_intermediate_is_accepted_and_a_long_one_refused_unexamined
     );
 }
 
+/// A component's own chain is checked at start as its peers will check it: its issuer, its
+/// extended key usage for its role, and the number of intermediates (a worker with four
+/// started, listened and was refused by every peer; found by a review).
+#[test]
+fn a_components_own_chain_is_checked_as_its_peers_will() {
+    let pki = two_level_pki();
+    let mut roots = RootCertStore::empty();
+    roots.add(pki.root.clone()).unwrap();
+    let chain = vec![pki.leaf.clone(), pki.intermediate.clone()];
+    assert_eq!(check_chain(&roots, &chain, Role::Client), Ok(()));
+    let mut long = chain.clone();
+    long.extend(forged_intermediates(MAX_INTERMEDIATES));
+    let err = check_chain(&roots, &long, Role::Client).unwrap_err();
+    assert!(
+        err.contains("4 intermediate certificates presented"),
+        "{err}"
+    );
+    let err = check_chain(&roots, &chain[..1], Role::Client).unwrap_err();
+    assert!(err.contains("an intermediate is missing"), "{err}");
+    // The leaf is for clientAuth only: no worker's.
+    let err = check_chain(&roots, &chain, Role::Worker).unwrap_err();
+    assert!(err.contains("extended key usage"), "{err}");
+}
+
 /// A client config as `m`'s own, expecting worker 1, offering only the key exchange `group`.
 fn client_config_with_group(
     m: &TlsMaterial,
