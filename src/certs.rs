@@ -1270,6 +1270,12 @@ fn issue_files(dir: &Path, opts: &IssueOptions) -> Result<Vec<PathBuf>, CertErro
 }
 
 /// The trust domain named by a CA certificate's `spiffe://<td>` URI SAN, if any.
+/// The trust domain that `dir`'s `ca.crt` names, if it can be read and names one.
+pub fn ca_trust_domain_in(dir: &Path) -> Option<String> {
+    let pem = crate::files::read_regular(&dir.join(CA_CERT), 1024 * 1024).ok()?;
+    ca_trust_domain(std::str::from_utf8(&pem).ok()?)
+}
+
 pub(crate) fn ca_trust_domain(pem: &str) -> Option<String> {
     let der = CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
     let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;

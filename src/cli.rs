@@ -462,17 +462,39 @@ fn certs(cmd: CertsCmd, config: Option<PathBuf>) -> ExitCode {
             hosts,
             force,
         } => match role.parse::<Role>() {
-            Ok(role) => securesrv::certs::issue(
-                &dir_or_default(dir),
-                &securesrv::certs::IssueOptions {
-                    role,
-                    name,
-                    trust_domain: trust_domain.or(configured_td),
-                    days,
-                    hosts,
-                    force,
-                },
-            ),
+            Ok(role) => {
+                let dir = dir_or_default(dir);
+                // A configuration without `trust_domain` has its components use the default:
+                // a CA of another trust domain issues them nothing they would take.
+                let implicit = config.as_deref().filter(|p| !sets_trust_domain(p));
+                let ca_domain = securesrv::certs::ca_trust_domain_in(&dir);
+                if let (None, Some(file), Some(ca_domain)) = (&trust_domain, implicit, &ca_domain) {
+                    if *ca_domain != cfg.trust_domain {
+                        errln!(
+                            "securesrv: {} does not set trust_domain, so the components that \
+                             read it use {}, but {} is the CA of trust domain {}: set \
+                             trust_domain = \"{}\" in it, or pass --trust-domain",
+                            shown(&file.display().to_string()),
+                            cfg.trust_domain,
+                            shown(&dir.join("ca.crt").display().to_string()),
+                            ca_domain,
+                            ca_domain
+                        );
+                        return ExitCode::FAILURE;
+                    }
+                }
+                securesrv::certs::issue(
+                    &dir,
+                    &securesrv::certs::IssueOptions {
+                        role,
+                        name,
+                        trust_domain: trust_domain.or(configured_td),
+                        days,
+                        hosts,
+                        force,
+                    },
+                )
+            }
             Err(e) => {
                 errln!("securesrv: {e} (use dispatcher, worker, watchdog or client)");
                 return ExitCode::from(2);

@@ -532,14 +532,29 @@ fn certs_commands_follow_the_configuration() {
         issued_with("other.toml", "bob"),
         "spiffe://other.example/client/bob"
     );
-    // A configuration that does not set `trust_domain` leaves it to the CA's: its default,
-    // `securesrv`, issued identities that every component of this CA refuses. Found by an
-    // operator review.
+    // A configuration that does not set `trust_domain` has its components use `securesrv`,
+    // and this CA is corp.example's: refused, saying so. It issued `securesrv` identities
+    // without a word (found by an operator review), and for a while corp.example ones, which
+    // that configuration's components refuse (found by the review of that change).
     std::fs::write(tmp.path().join("none.toml"), "certs_dir = \"mycerts\"\n").unwrap();
-    assert_eq!(
-        issued_with("none.toml", "carol"),
-        "spiffe://corp.example/client/carol"
+    let issue = [
+        "--config",
+        "none.toml",
+        "certs",
+        "issue",
+        "--role",
+        "client",
+        "--name",
+        "carol",
+    ];
+    exits_saying(
+        &run(tmp.path(), &issue, b""),
+        1,
+        "none.toml does not set trust_domain, so the components that read it use securesrv, \
+         but mycerts/ca.crt is the CA of trust domain corp.example: set trust_domain = \
+         \"corp.example\" in it, or pass --trust-domain",
     );
+    assert!(!dir.join("client-carol.crt").exists());
     // Rotation without --trust-domain keeps corp.example, read from the files themselves (it
     // re-derived every worker's key for `securesrv`, and every token failed to verify).
     let out = run(

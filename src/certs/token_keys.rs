@@ -2,8 +2,8 @@
 //! from it for the worker's identity (`worker-N.token`), made, rotated and read.
 
 use super::{
-    CA_CERT, CertError, MASTER_TOKEN_KEY, NamedBy, Staged, ca_trust_domain, create_private_dir,
-    file_stem, io_err, read_secret_file,
+    CertError, MASTER_TOKEN_KEY, NamedBy, Staged, create_private_dir, file_stem, io_err,
+    read_secret_file,
 };
 use crate::identity::SpiffeId;
 use crate::token::{KeyFile, KeyFileError, SecretKey};
@@ -91,10 +91,7 @@ fn worker_numbers(dir: &Path, suffix: &str) -> Result<Vec<u32>, CertError> {
 fn trust_domain_for(dir: &Path, given: Option<&str>) -> String {
     given
         .map(str::to_string)
-        .or_else(|| {
-            let pem = crate::files::read_regular(&dir.join(CA_CERT), 1024 * 1024).ok()?;
-            ca_trust_domain(std::str::from_utf8(&pem).ok()?)
-        })
+        .or_else(|| super::ca_trust_domain_in(dir))
         .unwrap_or_else(|| crate::identity::DEFAULT_TRUST_DOMAIN.to_string())
 }
 
