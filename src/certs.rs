@@ -102,8 +102,7 @@ pub enum CertError {
     /// A secret file this process may not read (another user's, mode 0600).
     #[error(
         "{path}: permission denied: it belongs to uid {owner}, and this process runs as uid \
-         {me}. Run it as uid {owner} (the user the files were made for), or give the file to \
-         this user (`chown {me} {path}`)"
+         {me}; {advice}"
     )]
     KeyNotReadable {
         /// The file.
@@ -112,6 +111,8 @@ pub enum CertError {
         owner: u32,
         /// Our effective uid.
         me: u32,
+        /// What to do, for whose file it is.
+        advice: String,
     },
     /// A file given as a private key holds a certificate (and no key).
     #[error("{0} holds a certificate, not a private key")]
@@ -923,11 +924,34 @@ fn read_secret<T>(
     )
     .open(path)
     .map_err(|e| match e.kind() {
-        std::io::ErrorKind::PermissionDenied => CertError::KeyNotReadable {
-            path: path.to_path_buf(),
-            owner: seen.uid(),
-            me: nix::unistd::geteuid().as_raw(),
-        },
+        std::io::ErrorKind::PermissionDenied => {
+            let (owner, me) = (seen.uid(), nix::unistd::geteuid().as_raw());
+            let shown = path.display();
+            let advice = if owner == me {
+                format!(
+                    "its mode ({:o}) does not let its owner read it, or a security module \
+                     refuses: `chmod 600 {shown}`",
+                    seen.mode() & 0o7777
+                )
+            } else if owner == 0 {
+                format!(
+                    "it is root's (a `certs` command run as root makes root's files): give it \
+                     to this user (`chown {me} {shown}`), and run the `certs` commands as this \
+                     user"
+                )
+            } else {
+                format!(
+                    "run this as uid {owner}, the user the files were made for, or give the file \
+                     to this user (`chown {me} {shown}`)"
+                )
+            };
+            CertError::KeyNotReadable {
+                path: path.to_path_buf(),
+                owner,
+                me,
+                advice,
+            }
+        }
         _ => load_err(path)(e),
     })?;
     let meta = f.metadata().map_err(io_err(path))?;

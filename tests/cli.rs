@@ -2414,20 +2414,34 @@ fn certs_init_force_names_what_the_old_ca_left() {
         !said.contains("c/client.crt"),
         "a replaced one named: {said}"
     );
-    // Nothing left: nothing said.
-    let out = run(
-        tmp.path(),
-        &["certs", "init", "--dir", "c", "--workers", "1", "--force"],
-        b"",
-    );
-    assert!(text(&out.stderr).contains("c/client-alice.crt"));
-    std::fs::remove_file(tmp.path().join("c/client-alice.crt")).unwrap();
+    // What the CA being replaced did not sign is not named: alice's (the CA before it) and
+    // another CA's.
+    certs_init(tmp.path(), "other");
+    std::fs::copy(
+        tmp.path().join("other/client.crt"),
+        tmp.path().join("c/upstream.crt"),
+    )
+    .unwrap();
     let out = run(
         tmp.path(),
         &["certs", "init", "--dir", "c", "--workers", "1", "--force"],
         b"",
     );
     assert_eq!(text(&out.stderr), "", "nothing was left");
+    // Without --force no CA is replaced: nothing to say either.
+    std::fs::create_dir(tmp.path().join("fresh")).unwrap();
+    std::fs::copy(
+        tmp.path().join("other/client.crt"),
+        tmp.path().join("fresh/upstream.crt"),
+    )
+    .unwrap();
+    let out = run(
+        tmp.path(),
+        &["certs", "init", "--dir", "fresh", "--workers", "1"],
+        b"",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stderr), "");
 }
 
 /// A key made by root, 0600, read by the service user: the refusal says whose the file is
@@ -2447,33 +2461,40 @@ fn a_key_of_another_user_is_refused_saying_whose_it_is() {
     for dir in [tmp.path(), &tmp.path().join("c")] {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
     }
-    let out = std::process::Command::new(setpriv)
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            common::bin(),
-        ])
-        .args([
-            "client",
-            "--cert",
-            "c/client.crt",
-            "--key",
-            "c/client.key",
-            "--connect",
-            "127.0.0.1:9",
-            "echo",
-            "x",
-        ])
-        .current_dir(tmp.path())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    // The client, run as `nobody`.
+    let client_as_nobody = || {
+        std::process::Command::new(setpriv)
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                common::bin(),
+            ])
+            .args(["client", "--cert", "c/client.crt", "--key", "c/client.key"])
+            .args(["--connect", "127.0.0.1:9", "echo", "x"])
+            .current_dir(tmp.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = client_as_nobody();
     exits_saying(
         &out,
         64,
         "c/client.key: permission denied: it belongs to uid 0, and this process runs as uid \
-         65534. Run it as uid 0",
+         65534; it is root's (a `certs` command run as root makes root's files): give it to \
+         this user (`chown 65534 c/client.key`), and run the `certs` commands as this user",
+    );
+    // The user's own key, with a mode that keeps its owner out.
+    let key = tmp.path().join("c/client.key");
+    std::os::unix::fs::chown(&key, Some(65534), None).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let out = client_as_nobody();
+    exits_saying(
+        &out,
+        64,
+        "its mode (0) does not let its owner read it, or a security module refuses: `chmod 600 \
+         c/client.key`",
     );
 }
 
