@@ -436,8 +436,13 @@ fn certs(cmd: CertsCmd, config: Option<PathBuf>) -> ExitCode {
             force,
         } => {
             let dir = dir_or_default(dir);
-            let before = certificates_in(&dir);
-            let had_crl = dir.join(securesrv::certs::CA_CRL).exists();
+            // What the CA to be replaced signed (nothing without --force: no CA is replaced).
+            let before = if force {
+                signed_by_the_ca_in(&dir)
+            } else {
+                Vec::new()
+            };
+            let had_crl = force && dir.join(securesrv::certs::CA_CRL).exists();
             let done = securesrv::certs::init(
                 &dir,
                 &securesrv::certs::InitOptions {
@@ -544,8 +549,24 @@ fn certs(cmd: CertsCmd, config: Option<PathBuf>) -> ExitCode {
     }
 }
 
-/// The certificate files (`*.crt`, but `ca.crt`) in `dir`.
-fn certificates_in(dir: &std::path::Path) -> Vec<PathBuf> {
+/// The certificate files (`*.crt`, but `ca.crt`) in `dir` that name `dir`'s `ca.crt` as
+/// their issuer.
+fn signed_by_the_ca_in(dir: &std::path::Path) -> Vec<PathBuf> {
+    // The subject (or issuer) of the first certificate in a PEM file, DER.
+    let name_in = |path: &std::path::Path, subject: bool| -> Option<Vec<u8>> {
+        let pem = securesrv::files::read_regular(path, 1024 * 1024).ok()?;
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).ok()?;
+        let cert = pem.parse_x509().ok()?;
+        let name = if subject {
+            cert.subject()
+        } else {
+            cert.issuer()
+        };
+        Some(name.as_raw().to_vec())
+    };
+    let Some(ca) = name_in(&dir.join(securesrv::certs::CA_CERT), true) else {
+        return Vec::new();
+    };
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -555,6 +576,7 @@ fn certificates_in(dir: &std::path::Path) -> Vec<PathBuf> {
             p.extension().is_some_and(|x| x == "crt")
                 && p.file_name()
                     .is_some_and(|n| n != securesrv::certs::CA_CERT)
+                && name_in(p, false).is_some_and(|issuer| issuer == ca)
         })
         .collect();
     found.sort();
