@@ -54,6 +54,10 @@ pub struct ListenerLimits {
     pub refusals_per_sec_per_identity: Option<u32>,
     /// I/O bounds for each connection.
     pub io: IoLimits,
+    /// Descriptors the process needs besides its client connections (listener, worker
+    /// links, files, a job's pipes): the connection limit is lowered to leave them within the
+    /// open-file limit.
+    pub other_fds: u64,
 }
 
 impl ListenerLimits {
@@ -67,6 +71,7 @@ impl ListenerLimits {
             max_in_flight_bytes_per_identity: usize::MAX,
             refusals_per_sec_per_identity: None,
             io: l.io(),
+            other_fds: FD_RESERVE,
         }
     }
 }
@@ -490,7 +495,7 @@ pub async fn serve<H: ConnectionHandler>(
 ) {
     let tracker = TaskTracker::new();
     let leftovers = crate::session::Leftovers::default();
-    let max_connections = within_fd_limit(limits.max_connections);
+    let max_connections = within_fd_limit(limits.max_connections, limits.other_fds);
     let total = Arc::new(Semaphore::new(max_connections));
     let mut evicted = Throttle::default();
     let per_id = Arc::new(IdentityCounts::default());
@@ -631,20 +636,21 @@ pub async fn serve<H: ConnectionHandler>(
     }
 }
 
-/// Descriptors a listener leaves for what is not a client connection: the listener itself,
-/// links to workers, log, certificate and configuration files, a job's pipes.
-const FD_RESERVE: u64 = 64;
+/// Descriptors a listener leaves for what is not a client connection by default: the
+/// listener itself, log, certificate and configuration files (see
+/// [`ListenerLimits::other_fds`]).
+pub const FD_RESERVE: u64 = 64;
 
 /// `max_connections`, lowered to what the open-file limit leaves room for (with a warning).
 /// Past that limit `accept` fails instead of the connection limit refusing: the oldest
 /// handshake is then no longer closed for a new connection, and a flood of connections that
 /// never authenticate keeps honest peers waiting in the kernel's queue.
-fn within_fd_limit(max_connections: usize) -> usize {
+fn within_fd_limit(max_connections: usize, other_fds: u64) -> usize {
     use nix::sys::resource::{Resource, getrlimit};
     let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return max_connections;
     };
-    let room = usize::try_from(soft.saturating_sub(FD_RESERVE))
+    let room = usize::try_from(soft.saturating_sub(other_fds))
         .unwrap_or(usize::MAX)
         .max(8);
     if room >= max_connections {

@@ -669,7 +669,7 @@ fn a_component_identity_holds_a_few_connections_only() {
 fn an_open_file_limit_below_the_connection_limit_keeps_the_flood_protection() {
     let s = start_with_fd_limit("", Some(160));
     s.dispatcher
-        .wait_log(&["open-file limit leaves room", "connections=96"], WAIT);
+        .wait_log(&["open-file limit leaves room", "connections=94"], WAIT);
     rt().block_on(async {
         let good = s.client("client").await;
         let mut flood = Vec::new();

@@ -651,6 +651,9 @@ pub async fn run(
         ListenerLimits::from_config(&cfg.limits, cfg.dispatcher_in_flight_per_identity());
     limits.max_in_flight_bytes_per_identity = cfg.limits.max_in_flight_bytes_per_identity;
     limits.refusals_per_sec_per_identity = Some(cfg.limits.max_refusals_per_sec_per_identity);
+    // A link to each worker (and one more while it is redialled).
+    let links = u64::try_from(2 * cfg.worker_addresses().len()).unwrap_or(u64::MAX);
+    limits.other_fds = server::FD_RESERVE.saturating_add(links);
     server::serve(
         listener,
         acceptor,
