@@ -91,6 +91,28 @@ fn token_keys(dir: &Path) {
     }
 }
 
+/// `ca.key` in `dir` converted to PKCS#8 (what `certs issue` and `revoke` sign with), 0600.
+fn ca_key_to_pkcs8(dir: &Path) {
+    let args = [
+        "pkcs8", "-topk8", "-nocrypt", "-in", "ca.key", "-out", "ca.p8",
+    ];
+    openssl(dir, &args);
+    std::fs::rename(dir.join("ca.p8"), dir.join("ca.key")).unwrap();
+    std::fs::set_permissions(dir.join("ca.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// `certs issue` options for client `name`, valid a day, in the CA's trust domain.
+fn client_named(name: &str) -> securesrv::certs::IssueOptions {
+    securesrv::certs::IssueOptions {
+        role: securesrv::identity::Role::Client,
+        name: name.into(),
+        trust_domain: None,
+        days: 1,
+        hosts: vec![],
+        force: false,
+    }
+}
+
 /// An EC P-256 key in PKCS#8 form (`genpkey`) for `leaf`.
 const EC_KEY: [&str; 5] = [
     "genpkey",
@@ -235,14 +257,7 @@ fn an_openssl_made_ca_key_is_refused_with_the_command_that_converts_it() {
         eprintln!("SKIPPED: the openssl command is not installed");
         return;
     };
-    let bob = securesrv::certs::IssueOptions {
-        role: securesrv::identity::Role::Client,
-        name: "bob".into(),
-        trust_domain: None,
-        days: 1,
-        hosts: vec![],
-        force: false,
-    };
+    let bob = client_named("bob");
     let err = securesrv::certs::issue(&dir, &bob).unwrap_err().to_string();
     let ca_key = dir.join("ca.key");
     assert!(
@@ -300,14 +315,7 @@ async fn a_ca_name_this_tool_cannot_write_back_is_refused_and_openssls_list_revo
         eprintln!("SKIPPED: the openssl command is not installed");
         return;
     };
-    openssl(
-        &dir,
-        &[
-            "pkcs8", "-topk8", "-nocrypt", "-in", "ca.key", "-out", "ca.p8",
-        ],
-    );
-    std::fs::rename(dir.join("ca.p8"), dir.join("ca.key")).unwrap();
-    std::fs::set_permissions(dir.join("ca.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    ca_key_to_pkcs8(&dir);
     for (stem, uri, eku, server) in [
         (
             "dispatcher",
@@ -329,14 +337,7 @@ async fn a_ca_name_this_tool_cannot_write_back_is_refused_and_openssls_list_revo
     let dir = &pki.dir;
     let crl = dir.join("ca.crl");
 
-    let bob = securesrv::certs::IssueOptions {
-        role: securesrv::identity::Role::Client,
-        name: "bob".into(),
-        trust_domain: None,
-        days: 1,
-        hosts: vec![],
-        force: false,
-    };
+    let bob = client_named("bob");
     let err = securesrv::certs::issue(dir, &bob).unwrap_err().to_string();
     assert!(err.contains("cannot be written back as it is"), "{err}");
     assert!(err.contains("DC=com"), "{err}");
@@ -433,14 +434,7 @@ fn a_ca_without_crl_sign_issues_and_its_revoke_says_why_not() {
         eprintln!("SKIPPED: the openssl command is not installed");
         return;
     };
-    openssl(
-        &dir,
-        &[
-            "pkcs8", "-topk8", "-nocrypt", "-in", "ca.key", "-out", "ca.p8",
-        ],
-    );
-    std::fs::rename(dir.join("ca.p8"), dir.join("ca.key")).unwrap();
-    std::fs::set_permissions(dir.join("ca.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    ca_key_to_pkcs8(&dir);
     std::fs::write(
         dir.join("ca.ext"),
         "[req]\ndistinguished_name=dn\n[dn]\n[v3_ca]\nbasicConstraints=critical,CA:TRUE\n\
@@ -468,14 +462,7 @@ fn a_ca_without_crl_sign_issues_and_its_revoke_says_why_not() {
             "ca.crt",
         ],
     );
-    let alice = securesrv::certs::IssueOptions {
-        role: securesrv::identity::Role::Client,
-        name: "alice".into(),
-        trust_domain: None,
-        days: 1,
-        hosts: vec![],
-        force: false,
-    };
+    let alice = client_named("alice");
     let written = securesrv::certs::issue(&dir, &alice).unwrap();
     openssl(&dir, &["verify", "-CAfile", "ca.crt", "client-alice.crt"]);
     let err = securesrv::certs::revoke(&dir, &written[..1])
