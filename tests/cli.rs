@@ -2326,25 +2326,28 @@ fn certs_revoke_lists_a_certificate_and_its_holder_stops_at_it() {
         b"",
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let out = run(
-        tmp.path(),
-        &[
-            "worker",
-            "--certs",
-            "c",
-            "--id",
-            "1",
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        b"",
-    );
+    let out = worker_1_of(tmp.path(), "c");
     exits_saying(
         &out,
         64,
         "c/worker-1.crt: certificate revoked (listed in c/ca.crl); issue a new one (`securesrv \
          certs issue --force --role worker --name 1`, see docs/OPERATIONS.md) and restart",
     );
+}
+
+/// Worker 1 run with the certificates in `dir` (under `cwd`), on any port, until it exits
+/// (bounded: one that starts is killed).
+fn worker_1_of(cwd: &Path, dir: &str) -> Output {
+    let args = [
+        "worker",
+        "--certs",
+        dir,
+        "--id",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    run_bounded(cwd, &args)
 }
 
 /// A component whose own certificate another CA issued (left from before `certs init
@@ -2364,18 +2367,7 @@ fn a_component_whose_certificate_another_ca_issued_does_not_start() {
         )
         .unwrap();
     }
-    let out = run_bounded(
-        tmp.path(),
-        &[
-            "worker",
-            "--certs",
-            "c",
-            "--id",
-            "1",
-            "--listen",
-            "127.0.0.1:0",
-        ],
-    );
+    let out = worker_1_of(tmp.path(), "c");
     exits_saying(
         &out,
         64,

@@ -148,6 +148,17 @@ fn first_pids(w: &Proc) -> Vec<u32> {
         .collect()
 }
 
+/// Asserts that every process of `pids` (the watchdog's children) exits within 10 s of the
+/// watchdog; any left is killed by PID first.
+fn all_gone_within_10_s(w: &Proc, pids: Vec<u32>) {
+    let gone = wait_until(Duration::from_secs(10), || pids.iter().all(|p| !alive(*p)));
+    let left: Vec<u32> = pids.into_iter().filter(|p| alive(*p)).collect();
+    for p in &left {
+        w.signal_pid(*p, Signal::SIGKILL);
+    }
+    assert!(gone, "children {left:?} outlived the watchdog by 10 s");
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -1041,12 +1052,7 @@ fn children_exit_when_the_watchdog_is_killed() {
     let pids = first_pids(&w);
     w.signal(Signal::SIGKILL);
     w.wait_exit(WAIT).expect("watchdog killed");
-    let gone = wait_until(Duration::from_secs(10), || pids.iter().all(|p| !alive(*p)));
-    let left: Vec<u32> = pids.into_iter().filter(|p| alive(*p)).collect();
-    for p in &left {
-        w.signal_pid(*p, Signal::SIGKILL);
-    }
-    assert!(gone, "children {left:?} outlived the watchdog by 10 s");
+    all_gone_within_10_s(&w, pids);
 }
 
 #[test]
@@ -1268,12 +1274,7 @@ fn requests_waiting_at_the_dispatcher_when_the_watchdog_dies_are_served() {
     });
     w.wait_exit(WAIT).expect("watchdog killed");
     // And then every component exits, the workers once the dispatcher has closed its links.
-    let gone = wait_until(Duration::from_secs(10), || pids.iter().all(|p| !alive(*p)));
-    let left: Vec<u32> = pids.into_iter().filter(|p| alive(*p)).collect();
-    for p in &left {
-        w.signal_pid(*p, Signal::SIGKILL);
-    }
-    assert!(gone, "children {left:?} outlived the watchdog by 10 s");
+    all_gone_within_10_s(&w, pids);
 }
 
 /// A component that stops answering after a stable run (`stable_after_ms`) is restarted
