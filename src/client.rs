@@ -18,7 +18,7 @@ use crate::tls::{ClientStream, Connector, TlsConfigError, TlsMaterial};
 use serde::Serialize;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -147,6 +147,10 @@ pub struct Client {
     cfg: Arc<ClientConfig>,
     slots: Arc<tokio::sync::Semaphore>,
     link: Arc<tokio::sync::Mutex<Option<Arc<Link>>>>,
+    /// A call has said that it is trying again (the dispatcher unreachable, or the connection
+    /// lost); said once until a connection is made again, so that a wait is never silent and
+    /// an outage is not a line per call.
+    retry_said: Arc<AtomicBool>,
 }
 
 /// What tokio's timers take for "never": about 30 years.
@@ -184,6 +188,7 @@ impl Client {
             slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_in_flight.max(1))),
             cfg: Arc::new(cfg),
             link: Arc::new(tokio::sync::Mutex::new(None)),
+            retry_said: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -247,7 +252,14 @@ impl Client {
                 Ok(Ok(link)) => Some(link),
                 Ok(Err(e)) if e.is_tls_refusal() => return Err(e),
                 Ok(Err(e)) => {
-                    tracing::debug!(reason = %e, "not connected; trying again");
+                    let reason = match &e {
+                        ClientError::Connect { reason, .. } => reason.clone(),
+                        other => other.to_string(),
+                    };
+                    self.say_retry(
+                        format_args!("cannot connect to {}: {reason}", self.cfg.addr),
+                        deadline,
+                    );
                     last = Some(e);
                     None
                 }
@@ -262,8 +274,28 @@ impl Client {
                     Ok(Err(Failure::Lost)) if !opts.idempotent => {
                         return Err(ClientError::ConnectionLost);
                     }
-                    Ok(Err(Failure::Lost)) => maybe_sent = true,
-                    Ok(Err(Failure::NotSent)) => last = Some(ClientError::NotSent),
+                    Ok(Err(Failure::Lost)) => {
+                        self.say_retry(
+                            format_args!(
+                                "the connection to {} broke with the request in progress; \
+                                 sending it again (the op is idempotent)",
+                                self.cfg.addr
+                            ),
+                            deadline,
+                        );
+                        maybe_sent = true;
+                    }
+                    Ok(Err(Failure::NotSent)) => {
+                        self.say_retry(
+                            format_args!(
+                                "the connection to {} ended before the request was sent; \
+                                 sending it again",
+                                self.cfg.addr
+                            ),
+                            deadline,
+                        );
+                        last = Some(ClientError::NotSent);
+                    }
                 }
             }
             // Trouble that may pass: try again after a pause, while the deadline allows.
@@ -275,6 +307,20 @@ impl Client {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+    }
+
+    /// Says, once until a connection is made again, that a call is trying again and for how
+    /// long at most: a user waiting for the deadline learns why at once.
+    fn say_retry(&self, why: std::fmt::Arguments<'_>, deadline: Instant) {
+        if self.retry_said.swap(true, Ordering::Relaxed) {
+            tracing::debug!(reason = %why, "trying again");
+            return;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        tracing::warn!(
+            "{why}; trying again for up to {:.1} s (the call's deadline)",
+            left.as_secs_f64()
+        );
     }
 
     /// The error of a call whose deadline passed while it was still trying to connect.
@@ -409,6 +455,7 @@ impl Client {
         ));
         *link.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         *guard = Some(link.clone());
+        self.retry_said.store(false, Ordering::Relaxed);
         Ok(link)
     }
 }

@@ -1293,13 +1293,24 @@ fn client_command_waits_for_a_restart_but_not_after_a_refusal_or_its_deadline() 
     };
     let (cert, key) = (format!("{dir}/client.crt"), format!("{dir}/client.key"));
 
+    // The interactive client (no op) waits for a dispatcher to come up as well, and says so.
+    let (out, _) = client(&cert, &key, &["--timeout-ms", "1000"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    let said = format!("cannot connect to {d_addr}: Connection refused");
+    assert!(
+        err.lines().any(|l| l.contains("WARN")
+            && l.contains(&said)
+            && l.contains("trying again for up to")),
+        "{err}"
+    );
+
     // Nothing listens yet (a dispatcher restarting): the client keeps trying within its
-    // deadline, and is answered once the dispatcher is up.
+    // deadline, says so at once (by default: a silent wait looks like a hang), and is answered
+    // once the dispatcher is up.
     let mut waiting = Proc::spawn(
         "client",
         &[
-            "--log",
-            "securesrv::client=debug",
             "client",
             "--cert",
             &cert,
@@ -1314,12 +1325,21 @@ fn client_command_waits_for_a_restart_but_not_after_a_refusal_or_its_deadline() 
         ],
         cwd,
     );
-    waiting.wait_log(&["not connected; trying again"], WAIT);
+    waiting.wait_log(
+        &[
+            "WARN",
+            &format!("cannot connect to {d_addr}: Connection refused"),
+            "trying again for up to",
+        ],
+        WAIT,
+    );
     let (_worker, dispatcher) =
         start_worker_and_dispatcher(cwd, &dir, &w_addr, &d_addr, "empty.toml");
     let status = waiting.wait_exit(WAIT).expect("the waiting client exits");
     assert!(status.success(), "{status:?}: {}", waiting.stderr());
     waiting.wait_for_n(false, &["late"], 1, WAIT);
+    // Said once, not once per try (it tried every 25-500 ms meanwhile).
+    assert_eq!(waiting.stderr().matches("trying again").count(), 1);
 
     // Certificates the dispatcher refuses: from another CA, of another role. One handshake,
     // one clear line, exit 5 -- not 15 s of retries ending in "may or may not have run".

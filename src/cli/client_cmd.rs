@@ -230,6 +230,7 @@ fn write_answer(answer: &[u8]) -> Result<(), ExitCode> {
 async fn connect_within_deadline(cfg: ClientConfig) -> Result<Client, ClientError> {
     let deadline = tokio::time::Instant::now() + cfg.call_timeout;
     let mut pause = Duration::from_millis(50);
+    let mut said = false;
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let mut attempt = cfg.clone();
@@ -238,7 +239,20 @@ async fn connect_within_deadline(cfg: ClientConfig) -> Result<Client, ClientErro
             Ok(c) => return Ok(c),
             Err(e) if e.is_tls_refusal() => return Err(e),
             Err(e) if left <= pause => return Err(e),
-            Err(_) => {
+            Err(e) => {
+                // A wait for the deadline is never silent: the user learns why at once.
+                if !std::mem::replace(&mut said, true) {
+                    let reason = match &e {
+                        ClientError::Connect { reason, .. } => reason.clone(),
+                        other => other.to_string(),
+                    };
+                    tracing::warn!(
+                        "cannot connect to {}: {reason}; trying again for up to {:.1} s \
+                         (--timeout-ms)",
+                        cfg.addr,
+                        left.as_secs_f64()
+                    );
+                }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(500));
             }
