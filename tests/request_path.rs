@@ -537,6 +537,50 @@ async fn no_worker_available_is_a_bounded_unavailable() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_the_dispatcher_shortened_says_so() {
+    let pki = pki(1);
+    let cluster = start_cluster(&pki, 1, |cfg| {
+        cfg.limits.max_request_timeout_ms = 300;
+        cfg.limits.request_timeout_ms = 300;
+    })
+    .await;
+    let c = cluster.client(&pki).await;
+    // Asked for 20 s, given 300 ms: the error says which limit cut it short.
+    let r = c.call_with("sleep", b"3000", call_options(true, 20)).await;
+    match r {
+        Err(ClientError::Remote { code, message }) => {
+            assert_eq!(code, ErrorCode::Timeout, "{message}");
+            assert!(
+                message.contains("this dispatcher allows at most 300 ms")
+                    && message.contains("limits.max_request_timeout_ms"),
+                "{message}"
+            );
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    // A deadline within the limit is not annotated.
+    let r = c.call_with(
+        "sleep",
+        b"3000",
+        CallOptions {
+            idempotent: true,
+            timeout: Duration::from_millis(200),
+        },
+    );
+    match r.await {
+        Err(ClientError::Remote { code, message }) => {
+            assert_eq!(code, ErrorCode::Timeout, "{message}");
+            assert!(!message.contains("allows at most"), "{message}");
+        }
+        // The client's own deadline may come first.
+        Err(ClientError::Timeout(_)) => {}
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    still_serving(&c).await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_that_outlives_its_timeout_is_killed_and_reported() {
     let pki = pki(1);
     let cluster = start_cluster(&pki, 1, |cfg| {

@@ -185,6 +185,17 @@ impl Dispatcher {
         unfinished.armed = false;
         drop(unfinished);
         drop(running);
+        // A deadline this dispatcher shortened: the client is told why it was not the one
+        // it asked for.
+        let max_ms = self.cfg.limits.max_request_timeout_ms;
+        if let (Err((ErrorCode::Timeout, message)), Some(asked)) = (&mut result, req.timeout_ms) {
+            if u64::from(asked) > max_ms {
+                message.push_str(&format!(
+                    " (asked for {asked} ms; this dispatcher allows at most {max_ms} ms, \
+                     limits.max_request_timeout_ms)"
+                ));
+            }
+        }
         // An answer too large for the client's frames (a worker configured with a larger
         // output cap) is refused here, so that the audit line says what the client gets.
         let max = self.cfg.limits.max_frame_bytes;
