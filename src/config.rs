@@ -343,7 +343,8 @@ pub struct JobConfig {
     /// Killed when it runs longer than this.
     #[serde(default = "default_job_timeout")]
     pub timeout_ms: u64,
-    /// Stdout beyond this many bytes fails the job.
+    /// Stdout beyond this many bytes fails the job. Omitted: [`DEFAULT_JOB_OUTPUT`], or what
+    /// a reply frame holds if `limits.max_frame_bytes` is smaller (set by [`Config::parse`]).
     #[serde(default = "default_job_output")]
     pub max_output_bytes: usize,
     /// Safe to run twice (retried on another worker if one dies mid-request).
@@ -355,8 +356,14 @@ fn default_job_timeout() -> u64 {
     10_000
 }
 
+/// A job's output cap when its entry does not set one (and a reply frame holds that much).
+pub const DEFAULT_JOB_OUTPUT: usize = 64 * 1024;
+
+/// Stands for "not set" until [`Config::parse`] settles it: no TOML integer is this large.
+const JOB_OUTPUT_UNSET: usize = usize::MAX;
+
 fn default_job_output() -> usize {
-    64 * 1024
+    JOB_OUTPUT_UNSET
 }
 
 /// One `[[custom_ops]]` entry: an op a program embedding the worker registers itself.
@@ -423,9 +430,23 @@ impl Config {
         })
     }
 
-    /// Parses TOML text (no validation).
+    /// Parses TOML text (no validation). A job that sets no output cap gets
+    /// [`DEFAULT_JOB_OUTPUT`], or what a reply frame holds under a smaller
+    /// `limits.max_frame_bytes`: lowering the frame size must not make jobs that never named a
+    /// cap invalid.
     pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| parse_error(text, &e))
+        let mut cfg: Config = toml::from_str(text).map_err(|e| parse_error(text, &e))?;
+        let fits = cfg
+            .limits
+            .max_frame_bytes
+            .saturating_sub(crate::frame::REPLY_OVERHEAD)
+            .max(1);
+        for job in &mut cfg.jobs {
+            if job.max_output_bytes == JOB_OUTPUT_UNSET {
+                job.max_output_bytes = DEFAULT_JOB_OUTPUT.min(fits);
+            }
+        }
+        Ok(cfg)
     }
 
     /// Checks every value; lists all problems.
@@ -927,6 +948,29 @@ mod tests {
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
+    }
+
+    #[test]
+    fn a_job_without_an_output_cap_fits_a_smaller_frame() {
+        let job = "[[jobs]]\nname = \"j\"\nprogram = \"/bin/cat\"\n";
+        // The default cap where it fits.
+        let cfg = Config::parse(job).unwrap();
+        assert_eq!(cfg.jobs[0].max_output_bytes, DEFAULT_JOB_OUTPUT);
+        cfg.validate().unwrap();
+        // Under a smaller frame, what a reply holds; the configuration stays valid.
+        let cfg = Config::parse(&format!("[limits]\nmax_frame_bytes = 4096\n{job}")).unwrap();
+        assert_eq!(
+            cfg.jobs[0].max_output_bytes,
+            4096 - crate::frame::REPLY_OVERHEAD
+        );
+        cfg.validate().unwrap();
+        // A cap the entry sets is kept, and judged.
+        let cfg = Config::parse(&format!(
+            "[limits]\nmax_frame_bytes = 4096\n{job}max_output_bytes = 65536\n"
+        ))
+        .unwrap();
+        assert_eq!(cfg.jobs[0].max_output_bytes, 65536);
+        assert!(cfg.validate().is_err());
     }
 
     #[test]
