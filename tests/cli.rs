@@ -2108,7 +2108,7 @@ async fn requests_of_a_closed_connection_are_finished_or_audited_at_a_stop() {
         done.contains("worker=spiffe://securesrv/worker/1"),
         "{done}"
     );
-    dispatcher.wait_log(
+    let cut = dispatcher.wait_log(
         &[
             "securesrv::audit: request",
             "op=sleep",
@@ -2117,6 +2117,12 @@ async fn requests_of_a_closed_connection_are_finished_or_audited_at_a_stop() {
         ],
         WAIT,
     );
+    // It says where it may have run, and for how long it ran: at least the 1.6 s drain.
+    assert!(cut.contains("worker=spiffe://securesrv/worker/1"), "{cut}");
+    let micros: u64 = common::field(&cut, "duration_us")
+        .and_then(|d| d.parse().ok())
+        .unwrap_or_else(|| panic!("no duration in {cut}"));
+    assert!(micros >= 1_600_000, "{cut}");
     assert!(
         !dispatcher.stderr().contains("worker_lost"),
         "{}",

@@ -175,13 +175,16 @@ impl Dispatcher {
     ) -> Message {
         let started = Instant::now();
         let running = crate::session::Running::enter(&self.running);
+        let sent_to = AtomicU32::new(0);
         let mut unfinished = Unfinished {
             client: &client,
             op: &req.op,
             started,
+            pool: &self.pool,
+            sent_to: &sent_to,
             armed: true,
         };
-        let (worker, mut result) = self.route(&client, &req, info, started).await;
+        let (worker, mut result) = self.route(&client, &req, info, started, &sent_to).await;
         unfinished.armed = false;
         drop(unfinished);
         drop(running);
@@ -257,13 +260,15 @@ impl Dispatcher {
     /// Worker choice, forward, retry, for an op `client` may call ([`Dispatcher::op_for`]).
     /// Returns the worker that answered (if any).
     /// `started` is when the dispatcher began to handle the request: its deadline counts
-    /// from then.
+    /// from then. `sent_to` gets the id of each worker the request is sent to, for the audit
+    /// line of a request dropped before its answer came.
     async fn route(
         &self,
         client: &Caller,
         req: &Request,
         info: crate::config::OpInfo,
         started: Instant,
+        sent_to: &AtomicU32,
     ) -> (Option<Arc<pool::Slot>>, Result<Bytes, (ErrorCode, String)>) {
         let cfg = &self.cfg;
         let timeout_ms = req
@@ -327,6 +332,7 @@ impl Dispatcher {
             let slot = picked.slot.clone();
             let here = picked.link.excluded(&slot);
             last_worker = Some(slot.clone());
+            sent_to.store(slot.id, Ordering::Relaxed);
             // Decided here, so that a refusal is judged by the key its token was signed with:
             // requests sent before the worker's first refusal were signed with the current key,
             // and are sent again once the link has switched.
@@ -521,15 +527,26 @@ struct Unfinished<'a> {
     client: &'a Caller,
     op: &'a str,
     started: Instant,
+    pool: &'a Pool,
+    /// The worker it was last sent to (0: none).
+    sent_to: &'a AtomicU32,
     armed: bool,
 }
 
 impl Drop for Unfinished<'_> {
     fn drop(&mut self) {
         if self.armed {
+            // Where it may have run, if it was sent anywhere.
+            let id = self.sent_to.load(Ordering::Relaxed);
+            let worker = self
+                .pool
+                .slots()
+                .iter()
+                .find(|s| id != 0 && s.id == id)
+                .map(|s| s.identity_text.clone());
             self.client.audit(
                 self.op.to_string(),
-                None,
+                worker,
                 Err((
                     ErrorCode::Timeout,
                     "the dispatcher stopped before the answer came; the request may have run"
