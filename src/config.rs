@@ -356,6 +356,10 @@ fn default_job_timeout() -> u64 {
     10_000
 }
 
+/// The fewest connections a listener may be limited to: the watchdog's heartbeat, the
+/// dispatcher's link (at a worker) and room for one more while either reconnects.
+pub const MIN_CONNECTIONS: usize = 4;
+
 /// A job's output cap when its entry does not set one (and a reply frame holds that much).
 pub const DEFAULT_JOB_OUTPUT: usize = 64 * 1024;
 
@@ -528,6 +532,13 @@ impl Config {
             }
         }
         // Counts: each sizes a semaphore, a channel or a cache.
+        if (1..MIN_CONNECTIONS).contains(&l.max_connections) {
+            p.push(format!(
+                "limits.max_connections must be at least {MIN_CONNECTIONS}: the watchdog's \
+                 heartbeat connection counts against it, and at a worker the dispatcher's link, \
+                 so fewer leave no room to serve"
+            ));
+        }
         for (name, v) in [
             ("limits.max_connections", l.max_connections),
             (
@@ -982,6 +993,10 @@ mod tests {
             (
                 "[limits]\nmax_in_flight_per_connection = 4611686018427387904",
                 "max_in_flight_per_connection must be between 1 and",
+            ),
+            (
+                "[limits]\nmax_connections = 3\nmax_connections_per_identity = 1",
+                "max_connections must be at least 4",
             ),
             (
                 "[limits]\nmax_connections = 4611686018427387904",
