@@ -424,12 +424,7 @@ fn remedy_for(path: &Path) -> String {
     if file == CA_CERT || !dir.join(CA_CERT).exists() {
         return INIT.into();
     }
-    // The `certs` commands look in ./certs unless told.
-    let dir_flag = if dir == Path::new("certs") {
-        String::new()
-    } else {
-        format!(" --dir {}", dir.display())
-    };
+    let dir_flag = dir_flag(dir);
     let token_keys = format!("make the token keys with `securesrv certs token-keys{dir_flag}`");
     if file == CA_KEY {
         return "ca.crt is there without its key: restore ca.key, or make a new CA with \
@@ -465,6 +460,16 @@ fn remedy_for(path: &Path) -> String {
         "issue it from the CA there with `securesrv certs issue --role {role} --name \
          {name}{dir_flag}{force}`"
     )
+}
+
+/// The `--dir` a `certs` command needs to act on the files in `dir` (none for `certs`, where
+/// they look unless told), with its leading space.
+pub(crate) fn dir_flag(dir: &Path) -> String {
+    if dir == Path::new("certs") {
+        String::new()
+    } else {
+        format!(" --dir {}", dir.display())
+    }
 }
 
 /// The identity whose files are named `stem`: the inverse of [`file_stem`].

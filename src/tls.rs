@@ -383,16 +383,22 @@ const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
 /// Refuses a certificate outside its validity period, which every peer would refuse at each
 /// handshake (a component would start, then fail its heartbeats with no word of why). A
 /// certificate x509-parser cannot read is left to the checks after this one.
-/// What to do about an unusable certificate of our own: the `certs issue` command for its
-/// identity, and for a component (not a client, which reads it anew each time) a restart.
-fn reissue_remedy(der: &CertificateDer<'_>, component: bool) -> String {
+/// What to do about an unusable certificate of our own (the file `path`): the `certs issue`
+/// command for its identity and directory, and for a component (not a client, which reads it
+/// anew each time) a restart.
+fn reissue_remedy(path: &Path, der: &CertificateDer<'_>, component: bool) -> String {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let dir = certs::dir_flag(dir);
     let command = match SpiffeId::from_certificate_der(der) {
         Ok(id) => format!(
-            "securesrv certs issue --force --role {} --name {}",
+            "securesrv certs issue --force --role {} --name {}{dir}",
             id.role().as_str(),
             id.name()
         ),
-        Err(_) => "securesrv certs issue --force".to_string(),
+        Err(_) => format!("securesrv certs issue --force{dir}"),
     };
     format!(
         "issue a new one (`{command}`, see docs/OPERATIONS.md){}",
@@ -423,7 +429,7 @@ fn check_file_validity(
     Err(TlsConfigError::NotValidNow {
         path: path.display().to_string(),
         why,
-        remedy: reissue_remedy(der, component),
+        remedy: reissue_remedy(path, der, component),
     })
 }
 
@@ -560,7 +566,7 @@ impl TlsMaterial {
                     path: cert.display().to_string(),
                     ca: ca.display().to_string(),
                     why,
-                    remedy: reissue_remedy(&chain[0], ca_first),
+                    remedy: reissue_remedy(cert, &chain[0], ca_first),
                 }
             })?;
         }
@@ -571,7 +577,7 @@ impl TlsMaterial {
             return Err(TlsConfigError::Revoked {
                 path: cert.display().to_string(),
                 crl: crl.display().to_string(),
-                remedy: reissue_remedy(&chain[0], ca_first),
+                remedy: reissue_remedy(cert, &chain[0], ca_first),
             });
         }
         let revocations = Revocations::new(crls).map_err(|e| {

@@ -2343,7 +2343,7 @@ fn certs_revoke_lists_a_certificate_and_its_holder_stops_at_it() {
         &out,
         64,
         "c/client.crt: certificate revoked (listed in c/ca.crl); issue a new one (`securesrv \
-         certs issue --force --role client --name default`, see docs/OPERATIONS.md)\n",
+         certs issue --force --role client --name default --dir c`, see docs/OPERATIONS.md)\n",
     );
     // A component whose own certificate is listed does not start.
     let out = run(
@@ -2357,7 +2357,7 @@ fn certs_revoke_lists_a_certificate_and_its_holder_stops_at_it() {
         &out,
         64,
         "c/worker-1.crt: certificate revoked (listed in c/ca.crl); issue a new one (`securesrv \
-         certs issue --force --role worker --name 1`, see docs/OPERATIONS.md) and restart",
+         certs issue --force --role worker --name 1 --dir c`, see docs/OPERATIONS.md) and restart",
     );
 }
 
@@ -2399,7 +2399,7 @@ fn a_component_whose_certificate_another_ca_issued_does_not_start() {
         64,
         "c/worker-1.crt: certificate does not verify against c/ca.crt (not issued by that CA, \
          or an intermediate is missing from the file), so every peer would refuse it; issue a new one (`securesrv certs issue --force --role \
-         worker --name 1`, see docs/OPERATIONS.md) and restart",
+         worker --name 1 --dir c`, see docs/OPERATIONS.md) and restart",
     );
 }
 

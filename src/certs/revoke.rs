@@ -224,7 +224,21 @@ fn revoke_files(dir: &Path, certs: &[PathBuf]) -> Result<Revoked, CertError> {
 
     let mut entries = Vec::new();
     for path in certs {
-        let der = load_certs(path)?.remove(0);
+        // The certificate to revoke must be given as it was issued: the advice for a missing
+        // certificate (issue it) would be the opposite of what is wanted here.
+        let der = load_certs(path)
+            .map_err(|e| match e {
+                CertError::Missing { path, .. } => CertError::Io {
+                    path,
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "no such file; name the certificate file to revoke (its serial number \
+                         is read from it)",
+                    ),
+                },
+                e => e,
+            })?
+            .remove(0);
         let not_ours = |why: &str| CertError::BadPem {
             path: path.clone(),
             what: why.to_string(),

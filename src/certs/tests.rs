@@ -984,6 +984,13 @@ fn revoke_adds_to_the_list_and_refuses_what_this_ca_did_not_issue() {
     assert!(err.to_string().contains("not issued by the CA"), "{err}");
     let err = revoke(&dir, &[dir.join(CA_CERT)]).unwrap_err();
     assert!(err.to_string().contains("a CA certificate"), "{err}");
+    // A file that is not there: no advice to issue what is to be revoked.
+    let err = revoke(&dir, &[dir.join("nosuch.crt")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("nosuch.crt: no such file"), "{err}");
+    assert!(err.contains("name the certificate file to revoke"), "{err}");
+    assert!(!err.contains("certs issue"), "{err}");
     assert_eq!(fs::read(dir.join(CA_CRL)).unwrap(), before);
 
     // Another issuer's list in the same file (another PKI's) is kept as it was, beside ours,
