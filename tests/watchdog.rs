@@ -1045,6 +1045,33 @@ fn sigusr1_and_sigusr2_are_ignored_by_every_process() {
     assert!(!w.stderr().contains("component exited"), "{}", w.stderr());
 }
 
+/// A watchdog that was itself stopped (SIGSTOP, a paused machine) says so once it runs
+/// again: its heartbeats and restarts were late by that long, and a worker that died meanwhile
+/// was logged as recovered in a fraction of its real outage. Nothing showed it. Found by a
+/// chaos review.
+#[test]
+fn a_watchdog_that_was_stopped_says_so_when_it_runs_again() {
+    let f = Fixture::new();
+    let w = f.ready();
+    let pids = first_pids(&w);
+    w.signal(Signal::SIGSTOP);
+    // The stall itself, longer than the 2 s the watchdog takes for one.
+    std::thread::sleep(Duration::from_millis(2_500));
+    w.signal(Signal::SIGCONT);
+    let line = w.wait_log(&["WARN", "the watchdog itself did not run"], WAIT);
+    let stalled: u64 = field(&line, "stalled_ms")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no stalled_ms in {line}"));
+    assert!(stalled >= 2_000, "{line}");
+    // Nothing was restarted for it.
+    rt().block_on(async {
+        let c = f.client().await;
+        assert_eq!(c.call("echo", b"still here").await.unwrap(), b"still here");
+    });
+    assert!(pids.iter().all(|p| alive(*p)), "a component died");
+    assert!(!w.stderr().contains("component exited"), "{}", w.stderr());
+}
+
 #[test]
 fn children_exit_when_the_watchdog_is_killed() {
     let f = Fixture::new();

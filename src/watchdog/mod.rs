@@ -36,6 +36,10 @@ const POLL: Duration = Duration::from_millis(50);
 /// Grace between SIGTERM and SIGKILL for a dispatcher that stopped answering (its successor
 /// needs its port), and for a component that overran its stop or never came up.
 const HUNG_GRACE: Duration = Duration::from_secs(1);
+/// A gap this long between two polls means the watchdog itself did not run (SIGSTOP, a
+/// paused VM, starved of CPU): its heartbeats and restarts were late by as much, and the
+/// recovery times it logs next undercount. Said, since nothing else would show it.
+const STALL: Duration = Duration::from_secs(2);
 /// How often a subreaper watchdog looks for processes its components left behind, besides
 /// after each component exit.
 const SWEEP: Duration = Duration::from_secs(5);
@@ -312,12 +316,24 @@ pub async fn run(
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sweep = tokio::time::interval(SWEEP);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut polled = Instant::now();
     let result = loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break Ok(()),
             Some(ev) = rx.recv() => sup.on_event(ev),
             _ = poll.tick() => {
+                let now = Instant::now();
+                let gap = now.saturating_duration_since(polled);
+                polled = now;
+                if gap >= STALL {
+                    warn!(
+                        stalled_ms = gap.as_millis() as u64,
+                        "the watchdog itself did not run (stopped, a paused machine, or no CPU \
+                         for it): heartbeats and restarts were late by as much, and recovery \
+                         times logged next count only from now"
+                    );
+                }
                 if let Some(err) = sup.poll() {
                     break Err(err);
                 }
