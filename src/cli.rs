@@ -187,16 +187,18 @@ struct WorkerArgs {
     /// Worker number (1, 2, ...).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     id: u32,
-    /// Address to listen on (default: the dispatcher's port + id).
+    /// Address to listen on (default: this id's `[[worker]]` address, else the port of the
+    /// configuration's `dispatcher.listen` + id).
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// The dispatcher's address, replacing the configuration's (the watchdog passes its own
-    /// `--listen` on, so that a worker checks the configuration the watchdog runs).
-    #[arg(long, hide = true)]
+    /// The dispatcher's address, replacing the configuration's `dispatcher.listen`: give it
+    /// the dispatcher's `--listen`, as the watchdog does, so that the ports count from the same
+    /// base.
+    #[arg(long, value_name = "ADDR")]
     dispatcher_listen: Option<SocketAddr>,
-    /// The number of workers, replacing the configuration's (passed on by the watchdog, as
-    /// `--dispatcher-listen`).
-    #[arg(long, hide = true, value_parser = clap::value_parser!(u32).range(1..=256))]
+    /// The number of workers, replacing the configuration's: give it the dispatcher's
+    /// `--workers`, as the watchdog does.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=256))]
     workers: Option<u32>,
 }
 
