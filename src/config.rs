@@ -82,6 +82,32 @@ fn parse_error(text: &str, e: &toml::de::Error) -> String {
     let before = text.as_bytes().get(..at).unwrap_or_default();
     let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
     let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+    // Rust's type names mean little to an operator.
+    let mut message = message.into_owned();
+    for (rust, plain) in [
+        ("expected usize", "expected a whole number"),
+        ("expected u64", "expected a whole number"),
+        ("expected u32", "expected a whole number"),
+    ] {
+        message = message.replace(rust, plain);
+    }
+    // `worker = 3` for `workers = 3`: `worker` is the list of `[[worker]]` tables.
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let key: String = text
+        .get(line_start..)
+        .unwrap_or_default()
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    if key == "worker" && message.contains("expected a sequence") {
+        message.push_str(
+            " (`worker` is the list of [[worker]] tables; the number of workers is `workers`)",
+        );
+    }
     format!("line {line}, column {column}: {message}")
 }
 
@@ -959,6 +985,19 @@ mod tests {
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
+    }
+
+    #[test]
+    fn type_errors_speak_plainly_and_worker_for_workers_is_pointed_out() {
+        let err = Config::parse("worker = 3\n").unwrap_err();
+        assert!(
+            err.starts_with("line 1, column 10:")
+                && err.contains("the number of workers is `workers`"),
+            "{err}"
+        );
+        let err = Config::parse("[limits]\nmax_connections = \"x\"\n").unwrap_err();
+        assert!(err.contains("expected a whole number"), "{err}");
+        assert!(!err.contains("usize"), "{err}");
     }
 
     #[test]
