@@ -9,6 +9,7 @@ mod components;
 mod logformat;
 mod logwriter;
 mod memcpy;
+mod ping_cmd;
 
 use clap::{Args, Parser, Subcommand};
 use securesrv::config::{Config, ConfigError};
@@ -52,6 +53,8 @@ enum Command {
     Watchdog(WatchdogArgs),
     /// Send one request (or, without OP, read `op payload` lines).
     Client(client_cmd::ClientArgs),
+    /// One authenticated heartbeat to the dispatcher or a worker (a health probe).
+    Ping(ping_cmd::PingArgs),
     /// Load-test a dispatcher: closed loop, HDR latencies, requests/s.
     Bench(Box<securesrv::bench::BenchArgs>),
     /// A plain mTLS echo backend for relay comparisons (benchmarks only).
@@ -303,6 +306,7 @@ fn run_command(cmd: Command, config: Option<PathBuf>, log: Option<String>) -> Ex
         }
         Command::Watchdog(a) => watchdog(config, a, log),
         Command::Client(a) => client_cmd::run(a, config),
+        Command::Ping(a) => ping_cmd::run(a, config),
         Command::Bench(mut a) => match load_config(config.as_deref(), |_| {}) {
             Ok(cfg) => {
                 a.config = Some(cfg);

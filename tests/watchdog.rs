@@ -1072,6 +1072,53 @@ fn a_watchdog_that_was_stopped_says_so_when_it_runs_again() {
     assert!(!w.stderr().contains("component exited"), "{}", w.stderr());
 }
 
+/// `securesrv ping`, the watchdog's heartbeat as a command, for an operator who supervises
+/// the components without the watchdog: 0 for a component that answers, 5 for one that does
+/// not (stopped), that is not the identity expected there, or that does not serve ours.
+#[test]
+fn ping_answers_for_a_live_component_and_not_for_a_stopped_or_wrong_one() {
+    let f = Fixture::new();
+    let w = f.ready();
+    let ping = |extra: &[&str]| {
+        let mut args = vec!["--config", "securesrv.toml", "ping"];
+        args.extend_from_slice(extra);
+        let mut p = Proc::spawn("ping", &args, f.pki.tmp.path());
+        let status = p.wait_exit(WAIT).expect("ping exits");
+        (status.code(), p.stdout(), p.stderr())
+    };
+    let (code, out, err) = ping(&[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.starts_with(&format!(
+            "ok spiffe://securesrv/dispatcher/main at {}: in_flight=",
+            f.addr(0)
+        )) && out.contains("workers_available=2"),
+        "{out}"
+    );
+    let (code, out, err) = ping(&["--worker", "2"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.starts_with("ok spiffe://securesrv/worker/2 at "),
+        "{out}"
+    );
+    // Worker 1's port does not hold the dispatcher.
+    let (code, _, err) = ping(&["--connect", &f.addr(1).to_string()]);
+    assert_eq!(code, Some(5), "{err}");
+    assert!(err.contains("identity refused"), "{err}");
+    // A client's identity is not one a worker serves.
+    let dir = f.pki.dir.display().to_string();
+    let (cert, key) = (format!("{dir}/client.crt"), format!("{dir}/client.key"));
+    let (code, _, err) = ping(&["--worker", "1", "--cert", &cert, "--key", &key]);
+    assert_eq!(code, Some(5), "{err}");
+    // A stopped worker: no answer within the deadline.
+    let pid = pid_of(&w, "worker-1", 1);
+    w.signal_pid(pid, Signal::SIGSTOP);
+    let (code, out, err) = ping(&["--worker", "1", "--timeout-ms", "500"]);
+    w.signal_pid(pid, Signal::SIGCONT);
+    assert_eq!(code, Some(5), "{out}{err}");
+    assert!(err.contains("spiffe://securesrv/worker/1"), "{err}");
+}
+
 #[test]
 fn children_exit_when_the_watchdog_is_killed() {
     let f = Fixture::new();
