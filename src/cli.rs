@@ -645,28 +645,37 @@ fn shown(line: &str) -> std::borrow::Cow<'_, str> {
 /// The original's menu.
 fn menu(config: Option<PathBuf>, log: Option<String>) -> ExitCode {
     use securesrv::stdio::out_bytes as out;
-    let stdin = std::io::stdin();
-    let mut lines = stdin.lock().lines();
+    let mut stdin = std::io::stdin().lock();
     loop {
         // The menu is for a terminal; the choice is read whether it could be shown or not.
         let _ = out(b"1. Run Watchdog (and servers)\n2. Run Client\nChoose an option: ");
-        let Some(Ok(line)) = lines.next() else {
-            let _ = out(b"\n");
-            return ExitCode::SUCCESS;
-        };
-        match line.trim() {
-            "1" => {
-                drop(lines);
+        // Read as bytes: a line that is not UTF-8 is an invalid option, not the end of input.
+        let mut line = Vec::new();
+        match stdin.read_until(b'\n', &mut line) {
+            Ok(0) => {
+                let _ = out(b"\n");
+                return ExitCode::SUCCESS;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                errln!("securesrv: cannot read standard input: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        match line.trim_ascii() {
+            b"1" => {
+                drop(stdin);
                 return watchdog(config, WatchdogArgs::default(), log);
             }
-            "2" => {
-                drop(lines);
+            b"2" => {
+                drop(stdin);
                 return client_cmd::run(client_cmd::ClientArgs::default(), config);
             }
-            "q" | "quit" | "exit" => return ExitCode::SUCCESS,
+            b"q" | b"quit" | b"exit" => return ExitCode::SUCCESS,
             other => {
                 let _ = securesrv::stdio::out_line(format_args!(
-                    "Invalid option {other:?}; enter 1 or 2."
+                    "Invalid option {:?}; enter 1 or 2.",
+                    String::from_utf8_lossy(other)
                 ));
             }
         }

@@ -692,10 +692,22 @@ fn bad_configuration_exits_64_and_lists_every_problem() {
 /// Runs `args` in `cwd` and waits at most `WAIT` for it to end (killed by PID if it does
 /// not: the caller then fails); what it said.
 fn run_bounded(cwd: &Path, args: &[&str]) -> Output {
-    let child = command(cwd, args)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn");
+    output_within(command(cwd, args).stdin(Stdio::null()), None)
+}
+
+/// Starts `cmd`, writes `input` (if any) to its stdin, piped, and waits at most `WAIT` for it
+/// to end (killed by PID if it does not: the caller then fails); what it said.
+fn output_within(cmd: &mut Command, input: Option<Vec<u8>>) -> Output {
+    if input.is_some() {
+        cmd.stdin(Stdio::piped());
+    }
+    let mut child = cmd.spawn().expect("spawn");
+    if let (Some(mut stdin), Some(input)) = (child.stdin.take(), input) {
+        // Ended with the process if it stops reading: the write then fails.
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+    }
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -705,7 +717,7 @@ fn run_bounded(cwd: &Path, args: &[&str]) -> Output {
         Ok(out) => out.expect("wait"),
         Err(_) => {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
-            panic!("{args:?} still running after {WAIT:?}");
+            panic!("{cmd:?} still running after {WAIT:?}");
         }
     }
 }
@@ -2586,4 +2598,54 @@ fn an_out_of_range_value_names_its_configuration_file() {
         "invalid configuration in bad.toml (with the command's flags applied):\n  - \
          limits.max_frame_bytes must be between 1024 and",
     );
+}
+
+/// `securesrv client --cert ... --key ... --connect ADDR` for the certificates in `dir`, in
+/// `cwd`, followed by `extra`, its output captured.
+fn client_in(cwd: &Path, dir: &str, d_addr: &str, extra: &[&str]) -> Command {
+    let (cert, key) = (format!("{dir}/client.crt"), format!("{dir}/client.key"));
+    let args = [
+        &[
+            "client",
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--connect",
+            d_addr,
+        ][..],
+        extra,
+    ]
+    .concat();
+    command(cwd, &args)
+}
+
+/// A line that is not UTF-8 is no end of input: the interactive client sends its payload as
+/// bytes, skips a line whose op is not UTF-8 saying which, and reads on; the menu takes such a
+/// line for an invalid option. A standard input that cannot be read is said and is a failure.
+/// All of them ended the loop as the end of input did, exit 0, the rest never sent. Found by
+/// an operator review.
+#[test]
+fn a_line_that_is_not_utf8_is_no_end_of_input() {
+    let (pki, dir, d_addr, _worker, dispatcher) = running_pair("empty.toml", "");
+    let cwd = pki.tmp.path();
+    let input = b"echo a\necho caf\xe9\n\xff\xfe x\necho b\n".to_vec();
+    let out = output_within(&mut client_in(cwd, &dir, &d_addr, &[]), Some(input));
+    assert_eq!(out.stdout, b"a\ncaf\xe9\nb\n", "{}", text(&out.stderr));
+    exits_saying(&out, 3, "line 3: the op is not UTF-8");
+    dispatcher.wait_for_n(true, &["securesrv::audit", "op=echo"], 3, WAIT);
+    // A directory as standard input: every read fails (EISDIR).
+    let stdin = || Stdio::from(std::fs::File::open(cwd).expect("open the directory"));
+    let out = output_within(client_in(cwd, &dir, &d_addr, &[]).stdin(stdin()), None);
+    exits_saying(&out, 1, "cannot read standard input");
+    let menu = || command(cwd, &["--config", "empty.toml", "--menu"]);
+    let out = output_within(&mut menu(), Some(b"\xff\xfe\nq\n".to_vec()));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("Invalid option"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = output_within(menu().stdin(stdin()), None);
+    exits_saying(&out, 1, "cannot read standard input");
 }

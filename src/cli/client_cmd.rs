@@ -260,7 +260,16 @@ async fn connect_within_deadline(cfg: ClientConfig) -> Result<Client, ClientErro
     }
 }
 
-/// The original's "send another request?" loop: one `op payload` per line.
+/// What the interactive loop's reader thread hands over.
+enum Input {
+    /// A line: its number (from 1) and its bytes, without the line break.
+    Line(u64, Vec<u8>),
+    /// Standard input could not be read (EIO, EISDIR): the last thing handed over.
+    Failed(std::io::Error),
+}
+
+/// The original's "send another request?" loop: one `op payload` per line, read as bytes (a
+/// line that is not UTF-8 is no end of input).
 async fn interactive(cfg: ClientConfig) -> ExitCode {
     let tty = std::io::stdin().is_terminal();
     let addr = cfg.addr;
@@ -278,13 +287,26 @@ async fn interactive(cfg: ClientConfig) -> ExitCode {
             "Connected to {addr}. Enter `op payload` (e.g. `echo hello`), or `quit`."
         ));
     }
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Input>(1);
     // Lines are read on a plain thread: stdin is blocking.
     std::thread::spawn(move || {
-        let stdin = std::io::stdin();
-        for line in stdin.lock().lines() {
-            let Ok(line) = line else { break };
-            if tx.blocking_send(line).is_err() {
+        let mut stdin = std::io::stdin().lock();
+        let mut number = 0;
+        loop {
+            let mut line = Vec::new();
+            let input = match stdin.read_until(b'\n', &mut line) {
+                Ok(0) => break,
+                Ok(_) => {
+                    number += 1;
+                    if line.last() == Some(&b'\n') {
+                        line.pop();
+                    }
+                    Input::Line(number, line)
+                }
+                Err(e) => Input::Failed(e),
+            };
+            let failed = matches!(input, Input::Failed(_));
+            if tx.blocking_send(input).is_err() || failed {
                 break;
             }
         }
@@ -294,17 +316,37 @@ async fn interactive(cfg: ClientConfig) -> ExitCode {
         if tty {
             let _ = securesrv::stdio::out_bytes(b"securesrv> ");
         }
-        let Some(line) = rx.recv().await else { break };
-        let line = line.trim();
+        let (number, line) = match rx.recv().await {
+            None => break,
+            Some(Input::Line(number, line)) => (number, line),
+            Some(Input::Failed(e)) => {
+                // Not the end of the input: what follows was never read, and a script must
+                // not take the requests sent so far for all of them.
+                errln!("securesrv: cannot read standard input: {e}");
+                status = ExitCode::FAILURE;
+                break;
+            }
+        };
+        let line = line.trim_ascii();
         if line.is_empty() {
             continue;
         }
-        if matches!(line, "quit" | "exit" | "q") {
+        let (op, payload) = match line.iter().position(u8::is_ascii_whitespace) {
+            Some(at) => (&line[..at], &line[at + 1..]),
+            None => (line, &[][..]),
+        };
+        // The payload is sent as it is, bytes; an op is a name, and one that is not UTF-8
+        // names nothing.
+        let Ok(op) = std::str::from_utf8(op) else {
+            errln!("error: line {number}: the op is not UTF-8; the line was not sent");
+            status = ExitCode::from(3);
+            continue;
+        };
+        if payload.is_empty() && matches!(op, "quit" | "exit" | "q") {
             break;
         }
-        let (op, payload) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
         // `call` applies the client's deadline and treats the built-ins as idempotent.
-        match client.call(op, payload.as_bytes()).await {
+        match client.call(op, payload).await {
             Ok(mut out) => {
                 out.extend_from_slice(b"\n");
                 // Answers nobody sees: send no more requests (they may have effects).
