@@ -14,8 +14,9 @@ mod ping_cmd;
 use clap::{Args, Parser, Subcommand};
 use securesrv::config::{Config, ConfigError};
 use securesrv::errln;
+use securesrv::files::BoundedLine;
 use securesrv::identity::Role;
-use std::io::{BufRead, IsTerminal};
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -642,6 +643,9 @@ fn shown(line: &str) -> std::borrow::Cow<'_, str> {
     securesrv::identity::printable_within(line, usize::MAX)
 }
 
+/// The longest menu choice kept (a longer line is an invalid option, read through).
+const MENU_LINE_MAX: usize = 1024;
+
 /// The original's menu.
 fn menu(config: Option<PathBuf>, log: Option<String>) -> ExitCode {
     use securesrv::stdio::out_bytes as out;
@@ -651,12 +655,18 @@ fn menu(config: Option<PathBuf>, log: Option<String>) -> ExitCode {
         let _ = out(b"1. Run Watchdog (and servers)\n2. Run Client\nChoose an option: ");
         // Read as bytes: a line that is not UTF-8 is an invalid option, not the end of input.
         let mut line = Vec::new();
-        match stdin.read_until(b'\n', &mut line) {
-            Ok(0) => {
+        match securesrv::files::read_line_bounded(&mut stdin, MENU_LINE_MAX, &mut line) {
+            Ok(BoundedLine::End) => {
                 let _ = out(b"\n");
                 return ExitCode::SUCCESS;
             }
-            Ok(_) => {}
+            Ok(BoundedLine::Line) => {}
+            Ok(BoundedLine::TooLong(len)) => {
+                let _ = securesrv::stdio::out_line(format_args!(
+                    "Invalid option (a line of {len} bytes); enter 1 or 2."
+                ));
+                continue;
+            }
             Err(e) => {
                 errln!("securesrv: cannot read standard input: {e}");
                 return ExitCode::FAILURE;

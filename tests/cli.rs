@@ -708,6 +708,12 @@ fn output_within(cmd: &mut Command, input: Option<Vec<u8>>) -> Output {
             let _ = stdin.write_all(&input);
         });
     }
+    wait_within(child, &format!("{cmd:?}"))
+}
+
+/// Waits at most `WAIT` for `child` to end (killed by PID if it does not: the caller then
+/// fails); what it said.
+fn wait_within(child: std::process::Child, what: &str) -> Output {
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -716,10 +722,15 @@ fn output_within(cmd: &mut Command, input: Option<Vec<u8>>) -> Output {
     match rx.recv_timeout(WAIT) {
         Ok(out) => out.expect("wait"),
         Err(_) => {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
-            panic!("{cmd:?} still running after {WAIT:?}");
+            kill_pid(pid);
+            panic!("{what} still running after {WAIT:?}");
         }
     }
+}
+
+/// Kills the process `pid` this test started.
+fn kill_pid(pid: u32) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
 }
 
 /// A FIFO or a device where a certificate, a revocation list or the configuration belongs is
@@ -2648,4 +2659,66 @@ fn a_line_that_is_not_utf8_is_no_end_of_input() {
     );
     let out = output_within(menu().stdin(stdin()), None);
     exits_saying(&out, 1, "cannot read standard input");
+}
+
+/// The largest resident size `pid` has had, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    field_kib(&status, "VmHWM:")
+}
+
+fn field_kib(status: &str, name: &str) -> u64 {
+    let line = status.lines().find(|l| l.starts_with(name));
+    let value = line.and_then(|l| l.split_whitespace().nth(1));
+    value
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM in /proc/PID/status")
+}
+
+/// A line is read up to the largest frame: a longer one is refused, saying so, and dropped as
+/// it is read, and the next line is sent. The interactive client kept any line whole, and
+/// `< /dev/zero` grew it to 3 GB. Found by an operator review.
+#[test]
+fn the_interactive_client_drops_a_line_longer_than_a_frame_as_it_reads_it() {
+    let (pki, dir, d_addr, _worker, _dispatcher) = running_pair("empty.toml", "");
+    let cwd = pki.tmp.path();
+    const LONG: usize = 128 << 20;
+    let mut child = client_in(cwd, &dir, &d_addr, &[])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id();
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = vec![b'z'; LONG];
+        line.extend_from_slice(b"\necho after\n");
+        // Held open until the answer is in: the client is still running when it is measured.
+        let _ = stdin.write_all(&line);
+        let _ = tx.send(stdin);
+    });
+    let (atx, arx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut answer = [0; 6];
+        let _ = atx.send(std::io::Read::read_exact(&mut stdout, &mut answer).map(|()| answer));
+    });
+    let answer = arx.recv_timeout(WAIT).unwrap_or_else(|_| {
+        kill_pid(pid);
+        panic!("no answer within {WAIT:?}");
+    });
+    assert_eq!(&answer.expect("stdout")[..], b"after\n");
+    let peak = peak_rss_kib(pid);
+    // The writer is done (the answer came after the line): stdin is closed now.
+    drop(rx.recv_timeout(WAIT));
+    let out = wait_within(child, "the interactive client");
+    exits_saying(
+        &out,
+        3,
+        &format!("too_large: line 1 is {LONG} bytes, more than the largest frame"),
+    );
+    assert!(
+        peak < (LONG as u64 / 1024) / 2,
+        "peak resident size {peak} KiB"
+    );
 }

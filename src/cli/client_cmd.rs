@@ -5,9 +5,10 @@ use clap::Args;
 use securesrv::certs::CertError;
 use securesrv::client::{CallOptions, Client, ClientConfig, ClientError, FailureKind};
 use securesrv::errln;
+use securesrv::files::BoundedLine;
 use securesrv::identity::SpiffeId;
 use securesrv::tls::{TlsConfigError, TlsMaterial};
-use std::io::{BufRead, IsTerminal};
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -264,6 +265,8 @@ async fn connect_within_deadline(cfg: ClientConfig) -> Result<Client, ClientErro
 enum Input {
     /// A line: its number (from 1) and its bytes, without the line break.
     Line(u64, Vec<u8>),
+    /// A line longer than the largest frame, dropped: its number and its length.
+    TooLong(u64, u64),
     /// Standard input could not be read (EIO, EISDIR): the last thing handed over.
     Failed(std::io::Error),
 }
@@ -273,6 +276,7 @@ enum Input {
 async fn interactive(cfg: ClientConfig) -> ExitCode {
     let tty = std::io::stdin().is_terminal();
     let addr = cfg.addr;
+    let cfg_max_frame = cfg.io.max_frame;
     let client = match connect_within_deadline(cfg).await {
         Ok(c) => c,
         Err(e) => {
@@ -288,20 +292,23 @@ async fn interactive(cfg: ClientConfig) -> ExitCode {
         ));
     }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Input>(1);
-    // Lines are read on a plain thread: stdin is blocking.
+    // Lines are read on a plain thread: stdin is blocking. None is longer than a frame could
+    // carry: a longer one (`< /dev/zero`) is dropped as it is read, not kept.
+    let max = cfg_max_frame;
     std::thread::spawn(move || {
         let mut stdin = std::io::stdin().lock();
         let mut number = 0;
         loop {
             let mut line = Vec::new();
-            let input = match stdin.read_until(b'\n', &mut line) {
-                Ok(0) => break,
-                Ok(_) => {
+            let input = match securesrv::files::read_line_bounded(&mut stdin, max, &mut line) {
+                Ok(BoundedLine::End) => break,
+                Ok(BoundedLine::Line) => {
                     number += 1;
-                    if line.last() == Some(&b'\n') {
-                        line.pop();
-                    }
                     Input::Line(number, line)
+                }
+                Ok(BoundedLine::TooLong(len)) => {
+                    number += 1;
+                    Input::TooLong(number, len)
                 }
                 Err(e) => Input::Failed(e),
             };
@@ -319,6 +326,14 @@ async fn interactive(cfg: ClientConfig) -> ExitCode {
         let (number, line) = match rx.recv().await {
             None => break,
             Some(Input::Line(number, line)) => (number, line),
+            Some(Input::TooLong(number, len)) => {
+                errln!(
+                    "error: too_large: line {number} is {len} bytes, more than the largest frame \
+                     ({cfg_max_frame} bytes); the request was not sent"
+                );
+                status = ExitCode::from(3);
+                continue;
+            }
             Some(Input::Failed(e)) => {
                 // Not the end of the input: what follows was never read, and a script must
                 // not take the requests sent so far for all of them.
