@@ -375,6 +375,25 @@ fn client_timeout_out_of_range_is_a_usage_error() {
     }
 }
 
+/// `--data-file` and `--idempotent` without OP are usage errors naming the missing OP: they
+/// were ignored, and the interactive loop started as if they had not been given. Found by an
+/// operator review.
+#[test]
+fn client_flags_for_one_request_need_an_op() {
+    let tmp = common::tempdir().unwrap();
+    std::fs::write(tmp.path().join("data.bin"), b"payload").unwrap();
+    for flag in [&["--data-file", "data.bin"][..], &["--idempotent"]] {
+        let args = [&["client", "--connect", "127.0.0.1:9"][..], flag].concat();
+        let out = run_bounded(tmp.path(), &args);
+        exits_saying(
+            &out,
+            2,
+            "the following required arguments were not provided",
+        );
+        assert!(text(&out.stderr).contains("<OP>"), "{}", text(&out.stderr));
+    }
+}
+
 /// `certs init --workers 0` is refused by the argument parser, with the range, before
 /// anything is written (it made a CA and no worker files; workers are numbered from 1).
 #[test]

@@ -37,10 +37,12 @@ pub struct ClientArgs {
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=securesrv::config::MAX_MS))]
     timeout_ms: Option<u64>,
     /// Treat OP as idempotent (retried after a lost connection); built-ins always are.
-    #[arg(long)]
+    /// Needs OP: the interactive loop has no use for it.
+    #[arg(long, requires = "op")]
     idempotent: bool,
-    /// Read the payload from this file.
-    #[arg(long, value_name = "PATH", conflicts_with = "payload")]
+    /// Read the payload from this file. Needs OP: the interactive loop reads its payloads
+    /// from its lines.
+    #[arg(long, value_name = "PATH", conflicts_with = "payload", requires = "op")]
     data_file: Option<PathBuf>,
     /// Operation: echo, sha256, sleep or a configured job. Without it: read `op payload` lines.
     op: Option<String>,
