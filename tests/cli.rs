@@ -2741,3 +2741,26 @@ fn the_interactive_client_drops_a_line_longer_than_a_frame_as_it_reads_it() {
         "peak resident size {peak} KiB"
     );
 }
+
+/// `help` and `?` in the interactive client are answered there, on stderr, and not sent: `help`
+/// went to the service as an op, was audited and refused as `unknown_op`, and the session
+/// ended with 3. Found by an operator review.
+#[test]
+fn the_interactive_client_answers_help_itself() {
+    let (pki, dir, d_addr, _worker, dispatcher) = running_pair("empty.toml", "");
+    let cwd = pki.tmp.path();
+    let input = b"help\n?\necho after\n".to_vec();
+    let out = output_within(&mut client_in(cwd, &dir, &d_addr, &[]), Some(input));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "after\n");
+    let err = text(&out.stderr);
+    for needle in ["OP PAYLOAD", "echo TEXT", "sha256 TEXT", "sleep MS", "quit"] {
+        assert_eq!(err.matches(needle).count(), 2, "{needle:?} twice in: {err}");
+    }
+    dispatcher.wait_log(&["securesrv::audit", "op=echo"], WAIT);
+    assert!(
+        !dispatcher.stderr().contains("op=help"),
+        "{}",
+        dispatcher.stderr()
+    );
+}

@@ -263,6 +263,18 @@ async fn connect_within_deadline(cfg: ClientConfig) -> Result<Client, ClientErro
     }
 }
 
+/// The interactive loop's `help`, on stderr with the prompt (stdout holds answers only).
+const HELP: &str = "\
+Each line is one request: OP PAYLOAD, the op, a space, then the rest of the line as the
+payload, sent as bytes.
+Built-in ops:
+  echo TEXT      answers TEXT
+  sha256 TEXT    answers the SHA-256 digest of TEXT, in lowercase hex
+  sleep MS       waits MS milliseconds (at most the service's limits.max_sleep_ms)
+Any other op is a job the service's configuration declares, if its ACL lets you call it.
+help or ?      this text
+quit, exit, q  leave (so does the end of the input, Ctrl-D on a terminal)";
+
 /// What the interactive loop's reader thread hands over.
 enum Input {
     /// A line: its number (from 1) and its bytes, without the line break.
@@ -290,7 +302,7 @@ async fn interactive(cfg: ClientConfig) -> ExitCode {
     // answer either, and that failure is the one reported.
     if tty {
         let _ = securesrv::stdio::out_line(format_args!(
-            "Connected to {addr}. Enter `op payload` (e.g. `echo hello`), or `quit`."
+            "Connected to {addr}. Enter `op payload` (e.g. `echo hello`), `help`, or `quit`."
         ));
     }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Input>(1);
@@ -361,6 +373,12 @@ async fn interactive(cfg: ClientConfig) -> ExitCode {
         };
         if payload.is_empty() && matches!(op, "quit" | "exit" | "q") {
             break;
+        }
+        // Answered here: `help` is no op of the service (it was sent, refused as
+        // `unknown_op`, and the session ended with 3).
+        if payload.is_empty() && matches!(op, "help" | "?") {
+            errln!("{HELP}");
+            continue;
         }
         // `call` applies the client's deadline and treats the built-ins as idempotent.
         match client.call(op, payload).await {
