@@ -2764,3 +2764,45 @@ fn the_interactive_client_answers_help_itself() {
         dispatcher.stderr()
     );
 }
+
+/// A pseudo-terminal: the side the test writes and reads, and the terminal, for a process's
+/// stdin or stdout. Both close-on-exec: no process another test starts may keep them open.
+fn pty() -> (std::fs::File, std::fs::File) {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    let p = nix::pty::openpty(
+        None::<&nix::pty::Winsize>,
+        None::<&nix::sys::termios::Termios>,
+    )
+    .expect("openpty");
+    for fd in [&p.master, &p.slave] {
+        fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).expect("close-on-exec");
+    }
+    (p.master.into(), p.slave.into())
+}
+
+/// The interactive client with a terminal as stdin, typed `input` (written at once: the
+/// terminal keeps it until read), stdout and stderr piped.
+fn interactive_on_a_terminal(cwd: &Path, dir: &str, d_addr: &str, input: &[u8]) -> Output {
+    let (mut keyboard, terminal) = pty();
+    keyboard.write_all(input).expect("type");
+    let out = output_within(
+        client_in(cwd, dir, d_addr, &[]).stdin(Stdio::from(terminal)),
+        None,
+    );
+    drop(keyboard);
+    out
+}
+
+/// On a terminal, the banner and the prompt go to stderr: stdout holds the answers alone.
+/// They went to stdout, so `securesrv client > answers.txt` showed no prompt and wrote the
+/// prompts into the file. Found by an operator review.
+#[test]
+fn the_interactive_prompt_goes_to_stderr() {
+    let (pki, dir, d_addr, _worker, _dispatcher) = running_pair("empty.toml", "");
+    let out = interactive_on_a_terminal(pki.tmp.path(), &dir, &d_addr, b"echo hi\nquit\n");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hi\n");
+    let err = text(&out.stderr);
+    assert!(err.contains("Connected to"), "{err}");
+    assert_eq!(err.matches("securesrv> ").count(), 2, "{err}");
+}

@@ -298,12 +298,10 @@ async fn interactive(cfg: ClientConfig) -> ExitCode {
             return exit_for(&e);
         }
     };
-    // The banner and the prompt are for a terminal: one that cannot show them shows no
-    // answer either, and that failure is the one reported.
+    // The banner and the prompt are for a terminal, on stderr: stdout holds the answers alone
+    // (`securesrv client > answers.txt` shows the prompt and writes no prompt to the file).
     if tty {
-        let _ = securesrv::stdio::out_line(format_args!(
-            "Connected to {addr}. Enter `op payload` (e.g. `echo hello`), `help`, or `quit`."
-        ));
+        errln!("Connected to {addr}. Enter `op payload` (e.g. `echo hello`), `help`, or `quit`.");
     }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Input>(1);
     // Lines are read on a plain thread: stdin is blocking. None is longer than a frame could
@@ -335,7 +333,7 @@ async fn interactive(cfg: ClientConfig) -> ExitCode {
     let mut status = ExitCode::SUCCESS;
     loop {
         if tty {
-            let _ = securesrv::stdio::out_bytes(b"securesrv> ");
+            securesrv::stdio::err_text("securesrv> ");
         }
         let (number, line) = match rx.recv().await {
             None => break,
