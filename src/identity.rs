@@ -339,6 +339,28 @@ pub fn printable_within(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
     )
 }
 
+/// Text for a terminal, to be read there rather than obeyed: the characters
+/// [`printable_within`] replaces, but the line break and the tab, written as escapes (`\x1b`,
+/// `\u{202e}`). An answer cannot then drive the terminal (set its title, clear it, fake a
+/// prompt) and what it held can still be seen.
+pub fn controls_visible(s: &str) -> std::borrow::Cow<'_, str> {
+    let escaped = |c: char| unsafe_in_log(c) && !matches!(c, '\n' | '\t');
+    if !s.chars().any(escaped) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        if !escaped(c) {
+            out.push(c);
+        } else if c.is_ascii() {
+            out += &format!("\\x{:02x}", u32::from(c));
+        } else {
+            out += &format!("\\u{{{:x}}}", u32::from(c));
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 fn unsafe_in_log(c: char) -> bool {
     c.is_control()
         || matches!(
@@ -404,6 +426,19 @@ pub fn op_for_log(op: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn controls_are_made_visible_but_line_breaks_and_tabs() {
+        for (text, shown) in [
+            ("plain\ttext\n", "plain\ttext\n"),
+            ("\u{1b}]0;pwned\u{7}\u{1b}[2J", "\\x1b]0;pwned\\x07\\x1b[2J"),
+            ("a\rb\u{7f}", "a\\x0db\\x7f"),
+            ("\u{9b}31m \u{202e}rtl", "\\u{9b}31m \\u{202e}rtl"),
+            ("caf\u{e9} \u{fffd}", "caf\u{e9} \u{fffd}"),
+        ] {
+            assert_eq!(controls_visible(text), shown, "{text:?}");
+        }
+    }
 
     #[test]
     fn peer_strings_cannot_forge_or_disguise_log_fields() {

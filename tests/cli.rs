@@ -2806,3 +2806,42 @@ fn the_interactive_prompt_goes_to_stderr() {
     assert!(err.contains("Connected to"), "{err}");
     assert_eq!(err.matches("securesrv> ").count(), 2, "{err}");
 }
+
+/// On a terminal, the interactive client's answers show control characters as escapes
+/// (`\x1b`), line breaks and tabs kept; written elsewhere, they are the bytes. An `echo` or a
+/// job could set the terminal's title or clear it. Found by an operator review.
+#[test]
+fn answers_on_a_terminal_show_control_characters() {
+    let (pki, dir, d_addr, _worker, _dispatcher) = running_pair("empty.toml", "");
+    let cwd = pki.tmp.path();
+    let input = b"echo \x1b]0;pwned\x07\x1b[2J\ttab\nquit\n";
+    let (mut screen, terminal) = pty();
+    let mut cmd = client_in(cwd, &dir, &d_addr, &[]);
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::from(terminal))
+        .spawn()
+        .expect("spawn");
+    // The terminal is closed here once the client has exited: reading it then ends.
+    drop(cmd);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut shown = Vec::new();
+        // Ends with EIO once the client, its last writer, has exited.
+        let _ = std::io::Read::read_to_end(&mut screen, &mut shown);
+        let _ = tx.send(shown);
+    });
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input).expect("stdin");
+    }
+    let out = wait_within(child, "the interactive client");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let shown = rx.recv_timeout(WAIT).expect("the terminal's output");
+    assert_eq!(text(&shown), "\\x1b]0;pwned\\x07\\x1b[2J\ttab\r\n");
+    // Not a terminal: the bytes as they came.
+    let out = output_within(
+        &mut client_in(cwd, &dir, &d_addr, &[]),
+        Some(input.to_vec()),
+    );
+    assert_eq!(out.stdout, b"\x1b]0;pwned\x07\x1b[2J\ttab\n");
+}

@@ -289,6 +289,7 @@ enum Input {
 /// line that is not UTF-8 is no end of input).
 async fn interactive(cfg: ClientConfig) -> ExitCode {
     let tty = std::io::stdin().is_terminal();
+    let shown_on_terminal = std::io::stdout().is_terminal();
     let addr = cfg.addr;
     let cfg_max_frame = cfg.io.max_frame;
     let client = match connect_within_deadline(cfg).await {
@@ -381,6 +382,14 @@ async fn interactive(cfg: ClientConfig) -> ExitCode {
         // `call` applies the client's deadline and treats the built-ins as idempotent.
         match client.call(op, payload).await {
             Ok(mut out) => {
+                // On a terminal an answer is read, not obeyed: an escape sequence from a job
+                // or an echo must not set its title or clear it. Elsewhere it is the bytes.
+                if shown_on_terminal {
+                    let text = String::from_utf8_lossy(&out);
+                    out = securesrv::identity::controls_visible(&text)
+                        .into_owned()
+                        .into();
+                }
                 out.extend_from_slice(b"\n");
                 // Answers nobody sees: send no more requests (they may have effects).
                 if let Err(code) = write_answer(&out) {
