@@ -2845,3 +2845,19 @@ fn answers_on_a_terminal_show_control_characters() {
     );
     assert_eq!(out.stdout, b"\x1b]0;pwned\x07\x1b[2J\ttab\n");
 }
+
+/// Ctrl-D at the interactive client's prompt ends the prompt's line: the shell's prompt came
+/// after `securesrv> ` on the same line. Found by an operator review.
+#[test]
+fn end_of_input_at_the_interactive_prompt_ends_its_line() {
+    let (pki, dir, d_addr, _worker, _dispatcher) = running_pair("empty.toml", "");
+    // Ctrl-D (VEOF) at the start of a line: the end of the input.
+    let out = interactive_on_a_terminal(pki.tmp.path(), &dir, &d_addr, b"echo hi\n\x04");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hi\n");
+    assert!(
+        text(&out.stderr).ends_with("securesrv> \n"),
+        "{:?}",
+        text(&out.stderr)
+    );
+}

@@ -337,7 +337,13 @@ async fn interactive(cfg: ClientConfig) -> ExitCode {
             securesrv::stdio::err_text("securesrv> ");
         }
         let (number, line) = match rx.recv().await {
-            None => break,
+            None => {
+                // Ctrl-D leaves the cursor after the prompt: end its line, as the menu does.
+                if tty {
+                    securesrv::stdio::err_text("\n");
+                }
+                break;
+            }
             Some(Input::Line(number, line)) => (number, line),
             Some(Input::TooLong(number, len)) => {
                 errln!(
