@@ -273,6 +273,7 @@ fn error_kind(e: &ClientError) -> String {
             "tls_refused".into()
         }
         ClientError::Timeout(_) => "timeout".into(),
+        ClientError::TooLarge { .. } => "too_large".into(),
         ClientError::Request(_) => "request".into(),
     }
 }

@@ -365,7 +365,15 @@ impl Client {
             payload,
             self.cfg.io.max_frame,
         )
-        .map_err(|e| Failure::Final(ClientError::Request(e.to_string())))?;
+        .map_err(|e| {
+            Failure::Final(match e {
+                frame::FrameError::TooLarge { declared, max } => ClientError::TooLarge {
+                    size: declared,
+                    max,
+                },
+                e => ClientError::Request(e.to_string()),
+            })
+        })?;
         // The connection may have ended since it was handed to us (in TLS 1.3 the dispatcher's
         // verdict on our certificate comes after the handshake).
         let gone = || match link.refused.get() {

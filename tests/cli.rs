@@ -2861,3 +2861,35 @@ fn end_of_input_at_the_interactive_prompt_ends_its_line() {
         text(&out.stderr)
     );
 }
+
+/// A payload under the largest frame whose request is over it (the op and the other fields
+/// added) is refused as one over it is: `too_large: ...; the request was not sent`, exit 3, in
+/// one request and in the interactive loop. It said `frame of 1048619 bytes exceeds the limit`,
+/// with neither the code nor whether the request was sent. Found by an operator review.
+#[test]
+fn a_request_just_over_a_frame_is_refused_as_too_large() {
+    let (pki, dir, d_addr, _worker, dispatcher) = running_pair("empty.toml", "");
+    let cwd = pki.tmp.path();
+    let not_sent = "the request was not sent";
+    let payload = vec![0; 1_048_570];
+    let out = output_within(
+        &mut client_in(cwd, &dir, &d_addr, &["echo", "-"]),
+        Some(payload),
+    );
+    exits_saying(&out, 3, "securesrv: too_large: the request (");
+    exits_saying(&out, 3, not_sent);
+    let mut line = b"echo ".to_vec();
+    line.extend(std::iter::repeat_n(b'a', 1_048_560));
+    line.extend_from_slice(b"\necho after\n");
+    let out = output_within(&mut client_in(cwd, &dir, &d_addr, &[]), Some(line));
+    assert_eq!(text(&out.stdout), "after\n");
+    exits_saying(&out, 3, "error: too_large: the request (");
+    exits_saying(&out, 3, not_sent);
+    // Neither reached the dispatcher.
+    dispatcher.wait_log(&["securesrv::audit", "op=echo"], WAIT);
+    assert!(
+        !dispatcher.stderr().contains("too_large"),
+        "{}",
+        dispatcher.stderr()
+    );
+}

@@ -66,7 +66,19 @@ pub enum ClientError {
     /// within 495 ms`), so that a client's own deadline reads like the dispatcher's.
     #[error("timeout: no answer within {} ms", .0.as_millis())]
     Timeout(Duration),
-    /// The request could not be encoded (too large).
+    /// The request, encoded, is larger than the largest frame: refused here, never sent. Said
+    /// as the servers and the client's own payload check say `too_large`.
+    #[error(
+        "too_large: the request ({size} bytes encoded) is larger than the largest frame \
+         ({max} bytes); the request was not sent"
+    )]
+    TooLarge {
+        /// The size of the encoded request.
+        size: u64,
+        /// The largest frame.
+        max: usize,
+    },
+    /// The request could not be encoded.
     #[error("{0}")]
     Request(String),
 }
@@ -125,7 +137,7 @@ impl ClientError {
             | ClientError::ConnectionLost
             | ClientError::NotSent => FailureKind::Connection,
             ClientError::Timeout(_) => FailureKind::Unavailable,
-            ClientError::Request(_) => FailureKind::Refused,
+            ClientError::TooLarge { .. } | ClientError::Request(_) => FailureKind::Refused,
         }
     }
 
