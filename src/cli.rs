@@ -643,6 +643,18 @@ fn shown(line: &str) -> std::borrow::Cow<'_, str> {
     securesrv::identity::printable_within(line, usize::MAX)
 }
 
+/// A path as the menu shows it in a command to type: printable, quoted if the shell would
+/// split it or read it otherwise.
+fn shown_arg(path: &std::path::Path) -> String {
+    let text = shown(&path.display().to_string()).into_owned();
+    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-' | '+');
+    if !text.is_empty() && text.chars().all(plain) {
+        text
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
+}
+
 /// The longest menu choice kept (a longer line is an invalid option, read through).
 const MENU_LINE_MAX: usize = 1024;
 
@@ -663,7 +675,7 @@ fn menu(config: Option<PathBuf>, log: Option<String>) -> ExitCode {
             Ok(BoundedLine::Line) => {}
             Ok(BoundedLine::TooLong(len)) => {
                 let _ = securesrv::stdio::out_line(format_args!(
-                    "Invalid option (a line of {len} bytes); enter 1 or 2."
+                    "Invalid option (a line of {len} bytes); enter 1, 2 or q."
                 ));
                 continue;
             }
@@ -675,7 +687,21 @@ fn menu(config: Option<PathBuf>, log: Option<String>) -> ExitCode {
         match line.trim_ascii() {
             b"1" => {
                 drop(stdin);
-                return watchdog(config, WatchdogArgs::default(), log);
+                let cfg = match load_config(config.as_deref(), |_| {}) {
+                    Ok(cfg) => cfg,
+                    Err(code) => return code,
+                };
+                // The watchdog takes the terminal over: say how to reach what it runs.
+                let client = match &config {
+                    Some(path) => format!("securesrv --config {} ", shown_arg(path)),
+                    None => "securesrv ".to_string(),
+                };
+                let _ = securesrv::stdio::out_line(format_args!(
+                    "The watchdog runs in this terminal until Ctrl-C. To send requests, run \
+                     `{client}client` in another terminal (or `{}` there and choose 2).",
+                    client.trim_end()
+                ));
+                return components::watchdog(cfg, config, log);
             }
             b"2" => {
                 drop(stdin);
@@ -684,7 +710,7 @@ fn menu(config: Option<PathBuf>, log: Option<String>) -> ExitCode {
             b"q" | b"quit" | b"exit" => return ExitCode::SUCCESS,
             other => {
                 let _ = securesrv::stdio::out_line(format_args!(
-                    "Invalid option {:?}; enter 1 or 2.",
+                    "Invalid option {:?}; enter 1, 2 or q.",
                     String::from_utf8_lossy(other)
                 ));
             }

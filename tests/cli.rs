@@ -1602,7 +1602,11 @@ fn the_menu_of_the_original() {
     assert!(stdout.contains("1. Run Watchdog (and servers)"), "{stdout}");
     assert!(stdout.contains("2. Run Client"), "{stdout}");
     assert!(stdout.contains("Choose an option:"), "{stdout}");
-    assert!(stdout.contains("Invalid option"), "{stdout}");
+    // q leaves too, and the message says so. Found by an operator review.
+    assert!(
+        stdout.contains("Invalid option \"7\"; enter 1, 2 or q."),
+        "{stdout}"
+    );
     assert!(stdout.contains("via-menu"), "{stdout}");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     // Without a terminal and without --menu, no menu: a usage error.
@@ -2891,5 +2895,32 @@ fn a_request_just_over_a_frame_is_refused_as_too_large() {
         !dispatcher.stderr().contains("too_large"),
         "{}",
         dispatcher.stderr()
+    );
+}
+
+/// The menu's 1 says, before the watchdog takes the terminal over, that it runs there until
+/// Ctrl-C and how to send requests from another terminal: nothing said how to reach it. Found
+/// by an operator review.
+#[test]
+fn the_menu_says_how_to_reach_the_watchdog_it_starts() {
+    let tmp = common::tempdir().unwrap();
+    let port = free_port();
+    // No certificates: the watchdog stops at once, after the menu has said its line.
+    std::fs::write(
+        tmp.path().join("menu.toml"),
+        format!("certs_dir = \"none\"\n[dispatcher]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .unwrap();
+    let menu = &mut command(tmp.path(), &["--config", "menu.toml", "--menu"]);
+    let out = output_within(menu, Some(b"1\n".to_vec()));
+    exits_saying(&out, 64, "none/ca.crt: no such file");
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("The watchdog runs in this terminal until Ctrl-C."),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("run `securesrv --config menu.toml client` in another terminal"),
+        "{stdout}"
     );
 }
