@@ -112,7 +112,7 @@ async fn large_payload_near_the_frame_cap() {
     let too_big = vec![0u8; cap + 1];
     assert!(matches!(
         c.call("echo", &too_big).await,
-        Err(ClientError::Request(_))
+        Err(ClientError::TooLarge { .. })
     ));
     still_serving(&c).await;
     cluster.stop().await;
