@@ -196,6 +196,9 @@ pub fn token_keys(
     commit_all(staged)
 }
 
+/// Largest file [`copy_aside`] copies: any key, certificate or revocation list it replaces.
+const MAX_ASIDE: u64 = 16 << 20;
+
 /// Copies the file `path` (a key or a certificate) to a new file beside it, with the same mode,
 /// under a name no one can guess, and returns that name. The copy is made only as a new file: it was made to a name of
 /// the process ID, removed and then created with a plain copy, which followed a symbolic link
@@ -203,8 +206,22 @@ pub fn token_keys(
 /// the key written over a file of their choice (root's, say) or into one they read. Found by
 /// a file-handling review.
 fn copy_aside(path: &Path) -> std::io::Result<PathBuf> {
+    use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut from = fs::File::open(path)?;
+    // Only a regular file of a bounded size is copied, opened without blocking: a FIFO in a
+    // key's place hung the command for ever in `open`, and a link to `/dev/zero` was copied
+    // until the disk was full (found by an input-hardening review).
+    let from = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)?;
+    let meta = from.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other(
+            "not a regular file: remove it, then run the command again",
+        ));
+    }
+    let data = zeroize::Zeroizing::new(crate::files::read_bounded(from, MAX_ASIDE)?);
     let mut random = [0u8; 8];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random)
         .map_err(|_| std::io::Error::other("random generator failed"))?;
@@ -220,8 +237,9 @@ fn copy_aside(path: &Path) -> std::io::Result<PathBuf> {
         .open(&aside)?;
     // Made 0600, then given the original's mode once it holds the same (a certificate put
     // back after a failed commit stays readable, 0644).
-    let copied = std::io::copy(&mut from, &mut to)
-        .and_then(|_| to.set_permissions(from.metadata()?.permissions()))
+    let copied = to
+        .write_all(&data)
+        .and_then(|()| to.set_permissions(meta.permissions()))
         .and_then(|()| to.sync_all());
     if let Err(e) = copied {
         let _ = fs::remove_file(&aside);
@@ -318,5 +336,22 @@ mod tests {
             fs::metadata(aside).unwrap().permissions().mode() & 0o777,
             0o644
         );
+    }
+
+    /// A FIFO in a file's place hung `--force` for ever, and a link to `/dev/zero` was copied
+    /// aside until the disk was full: neither is copied.
+    #[test]
+    fn only_a_regular_file_is_copied_aside() {
+        let dir = crate::files::private_tempdir().unwrap();
+        let fifo = dir.path().join("worker-2.token");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let err = copy_aside(&fifo).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        let zero = dir.path().join("worker-3.token");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        let err = copy_aside(&zero).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 2, "nothing copied aside");
     }
 }
