@@ -82,7 +82,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "echo")]
     pub op: String,
     /// Payload size in bytes.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = payload_size)]
     pub size: usize,
     /// Open a new connection for every request.
     #[arg(long)]
@@ -102,8 +102,30 @@ pub struct BenchArgs {
 fn at_least_one(s: &str) -> Result<usize, String> {
     match s.trim().parse::<usize>() {
         Ok(0) => Err("must be at least 1".into()),
+        Ok(n) if n > MAX_BENCH_COUNT => Err(format!("must be at most {MAX_BENCH_COUNT}")),
         Ok(n) => Ok(n),
         Err(e) => Err(format!("not a count: {e}")),
+    }
+}
+
+/// Most `--connections`, and most `--in-flight`: each is a task (and a connection a socket),
+/// and `--in-flight` sizes a semaphore, which panics beyond `Semaphore::MAX_PERMITS`.
+const MAX_BENCH_COUNT: usize = 65_536;
+
+/// Most calls the benchmark keeps going at once (`--connections` x `--in-flight`): each is a
+/// task, all spawned at start.
+const MAX_BENCH_CALLS: usize = 1 << 20;
+
+/// `--size`: at most the largest frame any configuration allows (the payload is made before
+/// anything else; `--size 1000000000000` grew the process until memory ran out).
+fn payload_size(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n > crate::frame::MAX_FRAME_CEILING => Err(format!(
+            "must be at most {} bytes (the largest frame)",
+            crate::frame::MAX_FRAME_CEILING
+        )),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("not a number of bytes: {e}")),
     }
 }
 
@@ -297,6 +319,11 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
 /// Runs the benchmark and returns the report.
 pub async fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
     let setup = |e: &dyn std::fmt::Display| BenchError::Setup(e.to_string());
+    if args.connections.saturating_mul(args.in_flight) > MAX_BENCH_CALLS {
+        return Err(setup(&format!(
+            "--connections x --in-flight must be at most {MAX_BENCH_CALLS}"
+        )));
+    }
     let defaults = args.config.clone().unwrap_or_default();
     let cert = (args.cert.clone()).unwrap_or_else(|| defaults.certs_dir.join("client.crt"));
     let key = (args.key.clone()).unwrap_or_else(|| defaults.certs_dir.join("client.key"));

@@ -185,7 +185,10 @@ impl Client {
     /// A client that connects on its first call, within that call's deadline.
     pub fn new(cfg: ClientConfig) -> Client {
         Client {
-            slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_in_flight.max(1))),
+            slots: Arc::new(tokio::sync::Semaphore::new(
+                cfg.max_in_flight
+                    .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+            )),
             cfg: Arc::new(cfg),
             link: Arc::new(tokio::sync::Mutex::new(None)),
             retry_said: Arc::new(AtomicBool::new(false)),
