@@ -206,6 +206,12 @@ pub enum CertError {
     /// rcgen could not build a certificate.
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    /// The system clock reads a time no certificate made now could name.
+    #[error(
+        "the system clock reads a time outside the years 0 to 9999 that a certificate's \
+         validity can name (for {0} days from now): is this machine's clock right?"
+    )]
+    Clock(u32),
     /// A bad identity was requested.
     #[error("{0}")]
     Identity(#[from] IdentityError),
@@ -557,7 +563,11 @@ pub struct LeafSpec {
 
 impl LeafSpec {
     /// The standard certificate for `id`: one URI SAN, EKUs by role, server names for listeners.
-    pub fn for_identity(id: &SpiffeId, days: u32, extra_hosts: &[String]) -> Self {
+    pub fn for_identity(
+        id: &SpiffeId,
+        days: u32,
+        extra_hosts: &[String],
+    ) -> Result<Self, CertError> {
         let (eku, serves) = match id.role() {
             Role::Dispatcher => (
                 vec![
@@ -575,16 +585,34 @@ impl LeafSpec {
             hosts.push("127.0.0.1".to_string());
             hosts.extend(extra_hosts.iter().cloned());
         }
-        let now = OffsetDateTime::now_utc();
-        LeafSpec {
+        let now = checked_now(days)?;
+        Ok(LeafSpec {
             uris: vec![id.to_string()],
             hosts,
             eku,
             not_before: now - Duration::minutes(5),
             not_after: now + Duration::days(days.into()),
             common_name: format!("securesrv {} {}", id.role(), id.name()),
-        }
+        })
     }
+}
+
+/// The time now, for a certificate or revocation list valid from five minutes ago to `days`
+/// from now; [`CertError::Clock`] when the system clock reads a time outside what one can
+/// name. `OffsetDateTime::now_utc()` and the arithmetic on it panicked after the year 9999,
+/// and rcgen's DER encoder before the year 0 (found by an input-hardening review).
+pub(crate) fn checked_now(days: u32) -> Result<OffsetDateTime, CertError> {
+    let secs = match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_secs()).ok(),
+        Err(before) => 0i64.checked_sub_unsigned(before.duration().as_secs()),
+    };
+    secs.and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok())
+        .filter(|now| {
+            let from = now.checked_sub(Duration::minutes(5));
+            let to = now.checked_add(Duration::days(days.into()));
+            from.is_some_and(|t| t.year() >= 0) && to.is_some_and(|t| t.year() <= 9999)
+        })
+        .ok_or(CertError::Clock(days))
 }
 
 /// A leaf certificate and its key, as PEM.
@@ -625,7 +653,7 @@ impl CertAuthority {
         ];
         params.subject_alt_names =
             vec![SanType::URI(format!("spiffe://{trust_domain}").try_into()?)];
-        let now = OffsetDateTime::now_utc();
+        let now = checked_now(CA_DAYS)?;
         params.not_before = now - Duration::minutes(5);
         params.not_after = now + Duration::days(CA_DAYS.into());
         params.serial_number = Some(serial);
@@ -1116,7 +1144,7 @@ fn stage_leaf(
     hosts: &[String],
 ) -> Result<Vec<Staged>, CertError> {
     let (crt, key) = identity_paths(dir, id);
-    let leaf = ca.issue(&LeafSpec::for_identity(id, days, hosts))?;
+    let leaf = ca.issue(&LeafSpec::for_identity(id, days, hosts)?)?;
     Ok(vec![
         Staged::write(&key, leaf.key_pem.as_bytes(), 0o600)?,
         Staged::write(&crt, leaf.cert_pem.as_bytes(), 0o644)?,

@@ -406,6 +406,17 @@ fn reissue_remedy(path: &Path, der: &CertificateDer<'_>, component: bool) -> Str
     )
 }
 
+/// The time now as x509-parser takes it, or `None` when the system clock reads a time it
+/// cannot hold (after the year 9999, say): its own `ASN1Time::now()` panics there, and with it
+/// every component at start and every resumed handshake (found by an input-hardening review).
+fn asn1_now() -> Option<x509_parser::time::ASN1Time> {
+    let secs = match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_secs()).ok()?,
+        Err(before) => 0i64.checked_sub_unsigned(before.duration().as_secs())?,
+    };
+    x509_parser::time::ASN1Time::from_timestamp(secs).ok()
+}
+
 fn check_file_validity(
     path: &Path,
     der: &CertificateDer<'_>,
@@ -415,7 +426,15 @@ fn check_file_validity(
         return Ok(());
     };
     let validity = parsed.validity();
-    let now = x509_parser::time::ASN1Time::now();
+    let Some(now) = asn1_now() else {
+        return Err(TlsConfigError::NotValidNow {
+            path: path.display().to_string(),
+            why: "cannot be checked: the system clock reads a time outside the years a \
+                  certificate can name (is this machine's clock right?)"
+                .into(),
+            remedy: reissue_remedy(path, der, component),
+        });
+    };
     let why = if now > validity.not_after {
         format!("expired on {}", validity.not_after)
     } else if now < validity.not_before {
@@ -485,9 +504,12 @@ fn warn_if_expiring(path: &Path, der: &CertificateDer<'_>) {
         return;
     };
     let validity = parsed.validity();
-    if validity
-        .time_to_expiration()
-        .is_some_and(|left| left < EXPIRY_WARNING)
+    let Some(now) = asn1_now() else {
+        return;
+    };
+    if validity.is_valid_at(now)
+        && (validity.not_after - now)
+            .is_some_and(|left| left.whole_seconds() < EXPIRY_WARNING.as_secs() as i64)
     {
         tracing::warn!(
             path = %path.display(),
@@ -842,7 +864,7 @@ fn check_session(
 fn check_validity(leaf: &CertificateDer<'_>) -> Result<(), HandshakeError> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf)
         .map_err(|e| HandshakeError::Identity(IdentityError::BadCertificate(e.to_string())))?;
-    if !cert.validity().is_valid() {
+    if !asn1_now().is_some_and(|now| cert.validity().is_valid_at(now)) {
         return Err(HandshakeError::Tls(rustls::Error::InvalidCertificate(
             CertificateError::Expired,
         )));

@@ -161,7 +161,7 @@ fn revoke_files(dir: &Path, certs: &[PathBuf]) -> Result<Revoked, CertError> {
             what: format!("cannot parse the CA certificate: {e}"),
         })?;
     let crl_path = dir.join(CA_CRL);
-    let now = OffsetDateTime::now_utc();
+    let now = super::checked_now(CA_DAYS)?;
 
     // The list as it is, if there is one: its entries are kept, and lists of other issuers
     // in the same file (another PKI's) are written back as they were.

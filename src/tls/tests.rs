@@ -71,7 +71,7 @@ fn custom_leaf(dir: &Path, stem: &str, spec: LeafSpec) -> String {
 
 fn client_spec(uris: &[&str]) -> LeafSpec {
     let id = SpiffeId::new(TD, Role::Client, "x").unwrap();
-    let mut spec = LeafSpec::for_identity(&id, 1, &[]);
+    let mut spec = LeafSpec::for_identity(&id, 1, &[]).unwrap();
     spec.uris = uris.iter().map(|s| s.to_string()).collect();
     spec
 }
@@ -288,7 +288,7 @@ async fn refusals_with_reasons_and_service_continues() {
 
     // 4. An expired dispatcher certificate from our CA.
     let did = SpiffeId::dispatcher(TD).unwrap();
-    let mut spec = LeafSpec::for_identity(&did, 1, &[]);
+    let mut spec = LeafSpec::for_identity(&did, 1, &[]).unwrap();
     spec.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(10);
     spec.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(1);
     let stem = custom_leaf(&pki.dir, "expired", spec);
@@ -586,7 +586,7 @@ fn a_certificate_outside_its_validity_is_refused_when_loaded() {
             "not valid before",
         ),
     ] {
-        let mut spec = LeafSpec::for_identity(&did, 1, &[]);
+        let mut spec = LeafSpec::for_identity(&did, 1, &[]).unwrap();
         spec.not_before = from;
         spec.not_after = to;
         custom_leaf(&pki.dir, stem, spec);
