@@ -245,6 +245,13 @@ pub enum CertError {
         "invalid --host {0:?}: give an IP address or a DNS name (letters, digits, hyphens, underscores, dots)"
     )]
     BadHost(String),
+    /// More `--host` names than a certificate peers accept can carry.
+    #[error(
+        "{0} --host names of {1} bytes in all: at most {MAX_HOSTS} names and {MAX_HOSTS_BYTES} \
+         bytes fit a certificate that peers accept (the session tickets a component sends carry \
+         its peer's certificate, and a TLS handshake message holds at most 64 KiB)"
+    )]
+    TooManyHosts(usize, usize),
     /// A worker's name given to `certs issue` is not a worker number as `worker --id` takes it.
     #[error(
         "invalid worker name {0:?}: a worker's name is its number, 1 or more, without leading \
@@ -356,8 +363,22 @@ pub fn numbered_workers(n: u32) -> Vec<u32> {
     (1..=n).collect()
 }
 
-/// Refuses a `--host` that is neither an IP address nor a DNS name, before anything is written.
+/// Most `--host` names a certificate gets, and most bytes of them in all. A dispatcher
+/// certificate of 3,500 names (70 KB) was written and loaded, and the watchdog said `ready`,
+/// but every session ticket a worker sent the dispatcher carried it and was over rustls's
+/// 64 KiB handshake message limit: the link failed after each handshake (`message buffer
+/// full`) and every request ended `unavailable` (found by an input-hardening review).
+pub const MAX_HOSTS: usize = 256;
+/// See [`MAX_HOSTS`].
+pub const MAX_HOSTS_BYTES: usize = 8192;
+
+/// Refuses a `--host` that is neither an IP address nor a DNS name, and more of them than a
+/// usable certificate can carry ([`MAX_HOSTS`]), before anything is written.
 fn check_hosts(hosts: &[String]) -> Result<(), CertError> {
+    let bytes: usize = hosts.iter().map(String::len).sum();
+    if hosts.len() > MAX_HOSTS || bytes > MAX_HOSTS_BYTES {
+        return Err(CertError::TooManyHosts(hosts.len(), bytes));
+    }
     match hosts
         .iter()
         .find(|h| h.parse::<std::net::IpAddr>().is_err() && !valid_dns_name(h))
