@@ -24,6 +24,10 @@ pub fn before_forced_exit(f: impl Fn() + Send + Sync + 'static) {
     let _ = BEFORE_FORCED_EXIT.set(Box::new(f));
 }
 
+/// The stack of the threads started here, set rather than left to RUST_MIN_STACK, which can
+/// make it too small to run on.
+const THREAD_STACK: usize = 2 << 20;
+
 /// How long a forced exit may take to write its last log lines.
 const FORCED_EXIT_WITHIN: Duration = Duration::from_millis(500);
 
@@ -32,6 +36,7 @@ const FORCED_EXIT_WITHIN: Duration = Duration::from_millis(500);
 fn exit_within(code: i32, within: Duration) {
     let _ = std::thread::Builder::new()
         .name("forced-exit".into())
+        .stack_size(THREAD_STACK)
         .spawn(move || {
             std::thread::sleep(within);
             std::process::exit(code)
@@ -235,6 +240,7 @@ pub fn watch_with(
         let (gone, went) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
             .name("supervisor-watch".into())
+            .stack_size(THREAD_STACK)
             .spawn(move || {
                 let mut stdin = std::io::stdin().lock();
                 let mut buf = [0u8; 64];

@@ -127,6 +127,7 @@ pub fn run(args: ClientArgs, config: Option<PathBuf>) -> ExitCode {
         client_cfg.call_timeout = Duration::from_millis(ms);
     }
     let rt = match tokio::runtime::Builder::new_current_thread()
+        .thread_stack_size(super::components::THREAD_STACK)
         .enable_all()
         .build()
     {
@@ -308,29 +309,33 @@ async fn interactive(cfg: ClientConfig) -> ExitCode {
     // Lines are read on a plain thread: stdin is blocking. None is longer than a frame could
     // carry: a longer one (`< /dev/zero`) is dropped as it is read, not kept.
     let max = cfg_max_frame;
-    std::thread::spawn(move || {
-        let mut stdin = std::io::stdin().lock();
-        let mut number = 0;
-        loop {
-            let mut line = Vec::new();
-            let input = match securesrv::files::read_line_bounded(&mut stdin, max, &mut line) {
-                Ok(BoundedLine::End) => break,
-                Ok(BoundedLine::Line) => {
-                    number += 1;
-                    Input::Line(number, line)
+    // (A stack size of our own, not RUST_MIN_STACK's; if the thread cannot be started, `rx`
+    // ends at once and so does the session.)
+    let _ = std::thread::Builder::new()
+        .stack_size(super::components::THREAD_STACK)
+        .spawn(move || {
+            let mut stdin = std::io::stdin().lock();
+            let mut number = 0;
+            loop {
+                let mut line = Vec::new();
+                let input = match securesrv::files::read_line_bounded(&mut stdin, max, &mut line) {
+                    Ok(BoundedLine::End) => break,
+                    Ok(BoundedLine::Line) => {
+                        number += 1;
+                        Input::Line(number, line)
+                    }
+                    Ok(BoundedLine::TooLong(len)) => {
+                        number += 1;
+                        Input::TooLong(number, len)
+                    }
+                    Err(e) => Input::Failed(e),
+                };
+                let failed = matches!(input, Input::Failed(_));
+                if tx.blocking_send(input).is_err() || failed {
+                    break;
                 }
-                Ok(BoundedLine::TooLong(len)) => {
-                    number += 1;
-                    Input::TooLong(number, len)
-                }
-                Err(e) => Input::Failed(e),
-            };
-            let failed = matches!(input, Input::Failed(_));
-            if tx.blocking_send(input).is_err() || failed {
-                break;
             }
-        }
-    });
+        });
     let mut status = ExitCode::SUCCESS;
     loop {
         if tty {

@@ -35,6 +35,10 @@ pub fn block_on(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
     block_on_threads(threads, fut)
 }
 
+/// The stack of every thread securesrv starts (std's default for spawned threads; tokio's
+/// too), whatever RUST_MIN_STACK says.
+pub const THREAD_STACK: usize = 2 << 20;
+
 /// Runs `fut` on a runtime with `threads` worker threads (the current-thread scheduler for one).
 pub fn block_on_threads(
     threads: usize,
@@ -49,6 +53,10 @@ pub fn block_on_threads(
         b.worker_threads(threads);
         b
     };
+    // A stack size of our own for every runtime thread: left to std, it is taken from
+    // RUST_MIN_STACK, and `RUST_MIN_STACK=16384` made the watchdog and the dispatcher abort
+    // with a stack overflow at their first connection (a huge one: a panic at start).
+    builder.thread_stack_size(THREAD_STACK);
     let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail("cannot start runtime", e),

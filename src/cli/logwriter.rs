@@ -296,6 +296,7 @@ fn buffered(target: Box<dyn Write + Send>, policy: Policy) -> (BufferedStderr, G
     let (tx, rx) = std::sync::mpsc::channel::<Arc<Shared>>();
     let flusher = std::thread::Builder::new()
         .name("log-flusher".into())
+        .stack_size(super::components::THREAD_STACK)
         .spawn(move || {
             if let Ok(s) = rx.recv() {
                 s.run_flusher();
