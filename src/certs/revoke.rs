@@ -166,6 +166,9 @@ fn revoke_files(dir: &Path, certs: &[PathBuf]) -> Result<Revoked, CertError> {
     // The list as it is, if there is one: its entries are kept, and lists of other issuers
     // in the same file (another PKI's) are written back as they were.
     let mut revoked = Vec::new();
+    // The serials in `revoked`, looked up at each entry: scanning `revoked` instead took 34 s
+    // for a list of 100,000 and grew with its square (found by an input-hardening review).
+    let mut serials: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
     let mut others = Vec::new();
     let mut number = 0u64;
     // Checked first (size, form, our CA's signature), then taken block by block.
@@ -203,13 +206,10 @@ fn revoke_files(dir: &Path, certs: &[PathBuf]) -> Result<Revoked, CertError> {
             });
         }
         for entry in crl.iter_revoked_certificates() {
-            let serial = SerialNumber::from_slice(entry.raw_serial());
-            if revoked
-                .iter()
-                .any(|r: &RevokedCertParams| r.serial_number == serial)
-            {
+            if !serials.insert(entry.raw_serial().to_vec()) {
                 continue;
             }
+            let serial = SerialNumber::from_slice(entry.raw_serial());
             revoked.push(RevokedCertParams {
                 serial_number: serial,
                 revocation_time: OffsetDateTime::from_unix_timestamp(
@@ -259,7 +259,7 @@ fn revoke_files(dir: &Path, certs: &[PathBuf]) -> Result<Revoked, CertError> {
         let serial = SerialNumber::from_slice(cert.raw_serial());
         let id = crate::identity::SpiffeId::from_certificate_der(&der)
             .map_or_else(|_| "no SPIFFE identity".to_string(), |id| id.to_string());
-        let already = revoked.iter().any(|r| r.serial_number == serial);
+        let already = !serials.insert(cert.raw_serial().to_vec());
         entries.push(format!(
             "{} ({id}, serial {}){}",
             path.display(),
