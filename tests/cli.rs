@@ -714,6 +714,116 @@ fn run_bounded(cwd: &Path, args: &[&str]) -> Output {
     output_within(command(cwd, args).stdin(Stdio::null()), None)
 }
 
+/// `RUST_MIN_STACK` set small (or huge) in the environment no longer reaches the threads and
+/// runtimes: a watchdog and a dispatcher aborted on a stack overflow (exit 134) when a client
+/// connected, and a huge value panicked starting a thread (101). Found by an input-hardening
+/// review.
+#[test]
+fn rust_min_stack_in_the_environment_does_not_size_our_threads() {
+    let (pki, dir, d_addr, _worker, _dispatcher) = {
+        let (pki, dir, d_addr, w_addr) = one_worker();
+        std::fs::write(pki.tmp.path().join("empty.toml"), "").unwrap();
+        let mut worker = command(
+            pki.tmp.path(),
+            &[
+                "--config",
+                "empty.toml",
+                "worker",
+                "--id",
+                "1",
+                "--listen",
+                &w_addr,
+                "--certs",
+                &dir,
+            ],
+        );
+        worker
+            .env("RUST_MIN_STACK", "16384")
+            .env("SECURESRV_LOG", "info");
+        let worker = Proc::spawn_command("worker", worker);
+        worker.wait_log(&["worker listening"], WAIT);
+        let mut dispatcher = command(
+            pki.tmp.path(),
+            &[
+                "--config",
+                "empty.toml",
+                "dispatcher",
+                "--listen",
+                &d_addr,
+                "--workers",
+                "1",
+                "--certs",
+                &dir,
+            ],
+        );
+        dispatcher
+            .env("RUST_MIN_STACK", "16384")
+            .env("SECURESRV_LOG", "info");
+        let dispatcher = Proc::spawn_command("dispatcher", dispatcher);
+        dispatcher.wait_log(&["worker link up"], WAIT);
+        (pki, dir, d_addr, worker, dispatcher)
+    };
+    for stack in ["16384", "99999999999999"] {
+        let out = output_within(
+            command(
+                pki.tmp.path(),
+                &[
+                    "client",
+                    "--cert",
+                    &format!("{dir}/client.crt"),
+                    "--key",
+                    &format!("{dir}/client.key"),
+                    "--connect",
+                    &d_addr,
+                    "sha256",
+                    "abc",
+                ],
+            )
+            .env("RUST_MIN_STACK", stack)
+            .stdin(Stdio::null()),
+            None,
+        );
+        assert!(
+            out.status.success(),
+            "RUST_MIN_STACK={stack}: {:?} {}",
+            out.status,
+            text(&out.stderr)
+        );
+        assert_eq!(
+            text(&out.stdout),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\n"
+        );
+    }
+}
+
+/// `bench` refuses sizes and counts it cannot serve, as a usage error before it starts: an
+/// in-flight count beyond a semaphore's range panicked, and a huge `--size` was built until
+/// memory ran out. Found by an input-hardening review.
+#[test]
+fn bench_refuses_sizes_and_counts_beyond_its_bounds() {
+    let tmp = common::tempdir().unwrap();
+    for args in [
+        &["--in-flight", "18446744073709551615"][..],
+        &["--connections", "65537"][..],
+        &["--size", "1000000000000"][..],
+    ] {
+        let mut all = vec!["bench", "--connect", "127.0.0.1:9"];
+        all.extend_from_slice(args);
+        let out = run_bounded(tmp.path(), &all);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stderr).contains("must be at most"),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
 /// Starts `cmd`, writes `input` (if any) to its stdin, piped, and waits at most `WAIT` for it
 /// to end (killed by PID if it does not: the caller then fails); what it said.
 fn output_within(cmd: &mut Command, input: Option<Vec<u8>>) -> Output {

@@ -833,6 +833,14 @@ fn host_names_are_dns_names_or_addresses() {
     let err = init(&dir, &o).unwrap_err();
     assert!(matches!(err, CertError::BadHost(_)), "{err}");
     assert!(!dir.exists(), "nothing written");
+    // More names than a certificate peers accept can carry: refused before anything is
+    // written. As many as allowed are written.
+    o.hosts = (0..=MAX_HOSTS).map(|i| format!("h{i}.example")).collect();
+    let err = init(&dir, &o).unwrap_err();
+    assert!(matches!(err, CertError::TooManyHosts(..)), "{err}");
+    assert!(!dir.exists(), "nothing written");
+    o.hosts.pop();
+    init(&dir, &o).unwrap();
 }
 
 fn worker_issue(name: &str, days: u32) -> IssueOptions {
