@@ -379,6 +379,24 @@ pub fn load_config(
     })
 }
 
+/// The certificate, key and CA a command presents: as given, else `STEM.crt` and `STEM.key` in
+/// `certs_dir`, and `ca.crt` beside the certificate.
+fn identity_files(
+    cfg: &Config,
+    stem: &str,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+) -> (PathBuf, PathBuf, PathBuf) {
+    let cert = cert.unwrap_or_else(|| cfg.certs_dir.join(format!("{stem}.crt")));
+    let key = key.unwrap_or_else(|| cfg.certs_dir.join(format!("{stem}.key")));
+    let ca = ca.unwrap_or_else(|| {
+        cert.parent()
+            .map_or_else(|| PathBuf::from("ca.crt"), |d| d.join("ca.crt"))
+    });
+    (cert, key, ca)
+}
+
 /// Whether the configuration file `path` sets `trust_domain` itself (it has been read and
 /// parsed once already, so it is known to be there and well-formed).
 fn sets_trust_domain(path: &std::path::Path) -> bool {

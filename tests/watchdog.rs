@@ -148,6 +148,17 @@ fn first_pids(w: &Proc) -> Vec<u32> {
         .collect()
 }
 
+/// Asserts that the service still answers and that the components `pids` are the ones
+/// serving: none died or was restarted.
+fn still_served_by(f: &Fixture, w: &Proc, pids: &[u32]) {
+    rt().block_on(async {
+        let c = f.client().await;
+        assert_eq!(c.call("echo", b"still here").await.unwrap(), b"still here");
+    });
+    assert!(pids.iter().all(|p| alive(*p)), "a component died");
+    assert!(!w.stderr().contains("component exited"), "{}", w.stderr());
+}
+
 /// Asserts that every process of `pids` (the watchdog's children) exits within 10 s of the
 /// watchdog; any left is killed by PID first.
 fn all_gone_within_10_s(w: &Proc, pids: Vec<u32>) {
@@ -1037,12 +1048,7 @@ fn sigusr1_and_sigusr2_are_ignored_by_every_process() {
     }
     // Each of the four processes says so, for each signal.
     w.wait_for_n(true, &["signal ignored"], 8, WAIT);
-    rt().block_on(async {
-        let c = f.client().await;
-        assert_eq!(c.call("echo", b"still here").await.unwrap(), b"still here");
-    });
-    assert!(pids.iter().all(|p| alive(*p)), "a component died");
-    assert!(!w.stderr().contains("component exited"), "{}", w.stderr());
+    still_served_by(&f, &w, &pids);
 }
 
 /// A watchdog that was itself stopped (SIGSTOP, a paused machine) says so once it runs
@@ -1064,12 +1070,7 @@ fn a_watchdog_that_was_stopped_says_so_when_it_runs_again() {
         .unwrap_or_else(|| panic!("no stalled_ms in {line}"));
     assert!(stalled >= 2_000, "{line}");
     // Nothing was restarted for it.
-    rt().block_on(async {
-        let c = f.client().await;
-        assert_eq!(c.call("echo", b"still here").await.unwrap(), b"still here");
-    });
-    assert!(pids.iter().all(|p| alive(*p)), "a component died");
-    assert!(!w.stderr().contains("component exited"), "{}", w.stderr());
+    still_served_by(&f, &w, &pids);
 }
 
 /// `securesrv ping`, the watchdog's heartbeat as a command, for an operator who supervises

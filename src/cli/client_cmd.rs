@@ -67,18 +67,13 @@ pub fn run(args: ClientArgs, config: Option<PathBuf>) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let cert = args
-        .cert
-        .clone()
-        .unwrap_or_else(|| cfg.certs_dir.join("client.crt"));
-    let key = args
-        .key
-        .clone()
-        .unwrap_or_else(|| cfg.certs_dir.join("client.key"));
-    let ca = args.ca.clone().unwrap_or_else(|| {
-        cert.parent()
-            .map_or_else(|| PathBuf::from("ca.crt"), |d| d.join("ca.crt"))
-    });
+    let (cert, key, ca) = super::identity_files(
+        &cfg,
+        "client",
+        args.cert.clone(),
+        args.key.clone(),
+        args.ca.clone(),
+    );
     let server_id = match &args.server_id {
         Some(s) => s.parse::<SpiffeId>(),
         None => SpiffeId::dispatcher(&cfg.trust_domain),

@@ -47,16 +47,7 @@ pub fn run(args: PingArgs, config: Option<PathBuf>) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let cert = args
-        .cert
-        .unwrap_or_else(|| cfg.certs_dir.join("watchdog.crt"));
-    let key = args
-        .key
-        .unwrap_or_else(|| cfg.certs_dir.join("watchdog.key"));
-    let ca = args.ca.unwrap_or_else(|| {
-        cert.parent()
-            .map_or_else(|| PathBuf::from("ca.crt"), |d| d.join("ca.crt"))
-    });
+    let (cert, key, ca) = super::identity_files(&cfg, "watchdog", args.cert, args.key, args.ca);
     let (identity, addr) = match args.worker {
         None => (
             SpiffeId::dispatcher(&cfg.trust_domain),
