@@ -369,10 +369,9 @@ pub struct JobConfig {
     /// Killed when it runs longer than this.
     #[serde(default = "default_job_timeout")]
     pub timeout_ms: u64,
-    /// Stdout beyond this many bytes fails the job. Omitted: [`DEFAULT_JOB_OUTPUT`], or what
-    /// a reply frame holds if `limits.max_frame_bytes` is smaller (set by [`Config::parse`]).
-    #[serde(default = "default_job_output")]
-    pub max_output_bytes: usize,
+    /// Stdout beyond this many bytes fails the job; unset, [`JobConfig::output_cap`] decides.
+    #[serde(default)]
+    pub max_output_bytes: Option<usize>,
     /// Safe to run twice (retried on another worker if one dies mid-request).
     #[serde(default)]
     pub idempotent: bool,
@@ -389,11 +388,20 @@ pub const MIN_CONNECTIONS: usize = 4;
 /// A job's output cap when its entry does not set one (and a reply frame holds that much).
 pub const DEFAULT_JOB_OUTPUT: usize = 64 * 1024;
 
-/// Stands for "not set" until [`Config::parse`] settles it: no TOML integer is this large.
-const JOB_OUTPUT_UNSET: usize = usize::MAX;
-
-fn default_job_output() -> usize {
-    JOB_OUTPUT_UNSET
+impl JobConfig {
+    /// The job's output cap under `limits`: as the entry sets it, else [`DEFAULT_JOB_OUTPUT`]
+    /// or what a reply frame holds, whichever is less (lowering `limits.max_frame_bytes` must
+    /// not make a job that names no cap invalid).
+    pub fn output_cap(&self, limits: &Limits) -> usize {
+        self.max_output_bytes.unwrap_or_else(|| {
+            DEFAULT_JOB_OUTPUT.min(
+                limits
+                    .max_frame_bytes
+                    .saturating_sub(crate::frame::REPLY_OVERHEAD)
+                    .max(1),
+            )
+        })
+    }
 }
 
 /// One `[[custom_ops]]` entry: an op a program embedding the worker registers itself.
@@ -460,23 +468,9 @@ impl Config {
         })
     }
 
-    /// Parses TOML text (no validation). A job that sets no output cap gets
-    /// [`DEFAULT_JOB_OUTPUT`], or what a reply frame holds under a smaller
-    /// `limits.max_frame_bytes`: lowering the frame size must not make jobs that never named a
-    /// cap invalid.
+    /// Parses TOML text (no validation).
     pub fn parse(text: &str) -> Result<Config, String> {
-        let mut cfg: Config = toml::from_str(text).map_err(|e| parse_error(text, &e))?;
-        let fits = cfg
-            .limits
-            .max_frame_bytes
-            .saturating_sub(crate::frame::REPLY_OVERHEAD)
-            .max(1);
-        for job in &mut cfg.jobs {
-            if job.max_output_bytes == JOB_OUTPUT_UNSET {
-                job.max_output_bytes = DEFAULT_JOB_OUTPUT.min(fits);
-            }
-        }
-        Ok(cfg)
+        toml::from_str(text).map_err(|e| parse_error(text, &e))
     }
 
     /// Checks every value; lists all problems.
@@ -762,7 +756,7 @@ impl Config {
                 .limits
                 .max_frame_bytes
                 .saturating_sub(crate::frame::REPLY_OVERHEAD);
-            if j.max_output_bytes == 0 || j.max_output_bytes > most {
+            if j.max_output_bytes.is_some_and(|cap| cap == 0 || cap > most) {
                 p.push(format!(
                     "job {:?}: max_output_bytes must be between 1 and {most} \
                      (limits.max_frame_bytes less {} bytes for the reply around it)",
@@ -1003,14 +997,16 @@ mod tests {
     #[test]
     fn a_job_without_an_output_cap_fits_a_smaller_frame() {
         let job = "[[jobs]]\nname = \"j\"\nprogram = \"/bin/cat\"\n";
-        // The default cap where it fits.
+        // The default cap where it fits, however the configuration was deserialised.
         let cfg = Config::parse(job).unwrap();
-        assert_eq!(cfg.jobs[0].max_output_bytes, DEFAULT_JOB_OUTPUT);
+        assert_eq!(cfg.jobs[0].output_cap(&cfg.limits), DEFAULT_JOB_OUTPUT);
         cfg.validate().unwrap();
+        let cfg: Config = toml::from_str(job).unwrap();
+        assert_eq!(cfg.jobs[0].output_cap(&cfg.limits), DEFAULT_JOB_OUTPUT);
         // Under a smaller frame, what a reply holds; the configuration stays valid.
         let cfg = Config::parse(&format!("[limits]\nmax_frame_bytes = 4096\n{job}")).unwrap();
         assert_eq!(
-            cfg.jobs[0].max_output_bytes,
+            cfg.jobs[0].output_cap(&cfg.limits),
             4096 - crate::frame::REPLY_OVERHEAD
         );
         cfg.validate().unwrap();
@@ -1019,7 +1015,7 @@ mod tests {
             "[limits]\nmax_frame_bytes = 4096\n{job}max_output_bytes = 65536\n"
         ))
         .unwrap();
-        assert_eq!(cfg.jobs[0].max_output_bytes, 65536);
+        assert_eq!(cfg.jobs[0].output_cap(&cfg.limits), 65536);
         assert!(cfg.validate().is_err());
     }
 

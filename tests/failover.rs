@@ -45,7 +45,7 @@ fn setup() -> Setup {
         program: PathBuf::from("/bin/sh"),
         args: vec!["-c".into(), "sleep 3; echo wrote".into()],
         timeout_ms: 10_000,
-        max_output_bytes: 1024,
+        max_output_bytes: Some(1024),
         idempotent: false,
     });
     cfg.acl.insert("slow-write".into(), vec!["*".into()]);

@@ -25,7 +25,7 @@ fn job(name: &str, program: &str, args: &[&str], timeout_ms: u64, idempotent: bo
         program: PathBuf::from(program),
         args: args.iter().map(|s| s.to_string()).collect(),
         timeout_ms,
-        max_output_bytes: 64 * 1024,
+        max_output_bytes: Some(64 * 1024),
         idempotent,
     }
 }

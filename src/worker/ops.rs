@@ -100,7 +100,11 @@ impl OpRegistry {
         let max_sleep = cfg.limits.max_sleep_ms;
         r.register("sleep", move |req: OpRequest| sleep(req, max_sleep));
         for job in &cfg.jobs {
-            let job = Arc::new(job.clone());
+            // Its cap settled for the limits this worker runs with.
+            let job = Arc::new(crate::config::JobConfig {
+                max_output_bytes: Some(job.output_cap(&cfg.limits)),
+                ..job.clone()
+            });
             let groups = r.jobs.clone();
             r.register(&job.name.clone(), move |req: OpRequest| {
                 super::jobs::run(job.clone(), req.payload, groups.clone())

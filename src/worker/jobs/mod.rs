@@ -58,7 +58,7 @@ pub async fn run(job: Arc<JobConfig>, payload: Bytes, groups: JobGroups) -> Resu
         }
     };
     let (stdin, mut stdout) = process.take_stdio();
-    let cap = job.max_output_bytes;
+    let cap = output_cap(&job);
     let mut out = Vec::new();
     let mut chunk = vec![0; READ_CHUNK];
     // Until the program exits: feed stdin, collect stdout (`stdout` becomes None at EOF) and
@@ -208,11 +208,19 @@ async fn read_chunk(stdout: &mut Option<ChildStdout>, chunk: &mut [u8]) -> std::
     }
 }
 
+/// The cap on a job's output: as settled when the worker took its configuration, else the
+/// default (a `JobConfig` an embedding program made without one).
+fn output_cap(job: &JobConfig) -> usize {
+    job.max_output_bytes
+        .unwrap_or(crate::config::DEFAULT_JOB_OUTPUT)
+}
+
 /// The answer when a job wrote more than its cap.
 fn too_large(job: &JobConfig) -> OpError {
     OpError::TooLarge(format!(
         "job {} wrote more than {} bytes",
-        job.name, job.max_output_bytes
+        job.name,
+        output_cap(job)
     ))
 }
 
@@ -239,7 +247,7 @@ mod tests {
             program: PathBuf::from(program),
             args: args.iter().map(|s| s.to_string()).collect(),
             timeout_ms,
-            max_output_bytes: cap,
+            max_output_bytes: Some(cap),
             idempotent: false,
         })
     }
