@@ -188,11 +188,14 @@ impl Dispatcher {
         unfinished.armed = false;
         drop(unfinished);
         drop(running);
-        // A deadline this dispatcher shortened: the client is told why it was not the one
-        // it asked for.
+        // A deadline this dispatcher shortened, and that ran out (not, say, a job's own
+        // timeout): the client is told why it was not the one it asked for. The worker's
+        // deadline is a little before the dispatcher's (it was told the time left).
         let max_ms = self.cfg.limits.max_request_timeout_ms;
         if let (Err((ErrorCode::Timeout, message)), Some(asked)) = (&mut result, req.timeout_ms) {
-            if u64::from(asked) > max_ms {
+            if u64::from(asked) > max_ms
+                && started.elapsed() + CAP_TOLERANCE >= Duration::from_millis(max_ms)
+            {
                 message.push_str(&format!(
                     " (asked for {asked} ms; this dispatcher allows at most {max_ms} ms, \
                      limits.max_request_timeout_ms)"
@@ -557,6 +560,10 @@ impl Drop for Unfinished<'_> {
         }
     }
 }
+
+/// How much sooner than the dispatcher's deadline a timeout may come and still be that
+/// deadline's (a worker is told the time left, in whole milliseconds, after the forward).
+const CAP_TOLERANCE: Duration = Duration::from_millis(50);
 
 /// What a client is told when no worker accepted the tokens minted for it: the dispatcher's
 /// fault, not the client's (`invalid_token` is a worker link's code).
