@@ -1102,6 +1102,13 @@ fn ping_answers_for_a_live_component_and_not_for_a_stopped_or_wrong_one() {
         out.starts_with("ok spiffe://securesrv/worker/2 at "),
         "{out}"
     );
+    // A worker the configuration does not have (it has two).
+    let (code, _, err) = ping(&["--worker", "3"]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(
+        err.contains("worker 3 is not in the configuration"),
+        "{err}"
+    );
     // Worker 1's port does not hold the dispatcher.
     let (code, _, err) = ping(&["--connect", &f.addr(1).to_string()]);
     assert_eq!(code, Some(5), "{err}");

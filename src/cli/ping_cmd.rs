@@ -39,9 +39,10 @@ pub struct PingArgs {
     timeout_ms: u64,
 }
 
-/// Runs `securesrv ping`. Exit codes: 0 answered, 4 the component is stopping, 5 no answer
-/// (nothing listening, no handshake or no pong in time, or a TLS refusal either way), 64 bad
-/// configuration or certificate files.
+/// Runs `securesrv ping`. Exit codes: 0 answered; 5 not answered (nothing listening, as when
+/// the component is down or stopping, no handshake or no pong in time, another identity at
+/// the address, or our certificate refused); 64 bad configuration or certificate files, or a
+/// worker the configuration does not have; 1 the answer could not be written.
 pub fn run(args: PingArgs, config: Option<PathBuf>) -> ExitCode {
     let cfg = match load_config(config.as_deref(), |_| {}) {
         Ok(c) => c,
@@ -55,7 +56,9 @@ pub fn run(args: PingArgs, config: Option<PathBuf>) -> ExitCode {
         ),
         Some(n) => (
             SpiffeId::worker(&cfg.trust_domain, n),
-            cfg.worker_address(n),
+            cfg.worker_addresses()
+                .into_iter()
+                .find_map(|(id, a)| (id == n).then_some(a)),
         ),
     };
     let identity = match identity {
@@ -76,7 +79,8 @@ pub fn run(args: PingArgs, config: Option<PathBuf>) -> ExitCode {
         (None, Some(a)) => a,
         (None, None) => {
             errln!(
-                "securesrv: worker {} is not in the configuration; give --connect",
+                "securesrv: worker {} is not in the configuration (`workers` or `[[worker]]`); \
+                 give --connect to ping it anyway",
                 args.worker.unwrap_or_default()
             );
             return ExitCode::from(EXIT_CONFIG);
@@ -132,9 +136,11 @@ pub fn run(args: PingArgs, config: Option<PathBuf>) -> ExitCode {
                 }
             }
         }
+        // Only a connection opened before the stop hears this; a new one finds the port
+        // closed. Either way: not serving.
         Ok(Heard::Stopping) => {
             errln!("securesrv: {identity} at {addr} is stopping (shutting_down)");
-            ExitCode::from(4)
+            ExitCode::from(5)
         }
         Err(e) => {
             errln!("securesrv: {identity} at {addr}: {e}");
