@@ -239,6 +239,15 @@ impl Client {
     ) -> Result<Bytes, ClientError> {
         // A timeout beyond the clock's range (`Duration::MAX` for "no timeout") waits as long
         // as tokio's own timers do.
+        // A request no frame can hold is refused at once, not after connecting (or after a
+        // whole deadline of trying to, with no dispatcher up).
+        let least = frame::request_body_min_len(op.len(), payload.len());
+        if least > self.cfg.io.max_frame {
+            return Err(ClientError::TooLarge {
+                size: least as u64,
+                max: self.cfg.io.max_frame,
+            });
+        }
         let deadline = Instant::now()
             .checked_add(opts.timeout)
             .unwrap_or_else(|| Instant::now() + FAR_FUTURE);

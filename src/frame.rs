@@ -46,6 +46,25 @@ pub fn reply_body_len(id: u64, payload_len: usize) -> usize {
     1 + 6 + 1 + 3 + id_len + 8 + bin_header + payload_len
 }
 
+/// The fewest bytes a `request` body of `op` and a payload of `payload_len` bytes can take
+/// (its id and `timeout_ms` each in one byte): a request longer than a frame even so is refused
+/// before anything is dialled.
+pub fn request_body_min_len(op_len: usize, payload_len: usize) -> usize {
+    let str_header = match op_len {
+        0..=31 => 1,
+        32..=0xff => 2,
+        0x100..=0xffff => 3,
+        _ => 5,
+    };
+    let bin_header = match payload_len {
+        0..=0xff => 2,
+        0x100..=0xffff => 3,
+        _ => 5,
+    };
+    // fixmap, "request", fixmap, "id", id, "op", op, "payload", payload, "timeout_ms", timeout
+    1 + 8 + 1 + 3 + 1 + 3 + str_header + op_len + 8 + bin_header + payload_len + 11 + 1
+}
+
 /// MessagePack nesting bound: at most `MAX_DEPTH - 1` nested maps/arrays. Our messages nest
 /// two; anything much deeper is hostile and is refused before the decoder recurses into it.
 pub const MAX_DEPTH: usize = 16;

@@ -2992,6 +2992,18 @@ fn a_request_just_over_a_frame_is_refused_as_too_large() {
     );
     exits_saying(&out, 3, "securesrv: too_large: the request (");
     exits_saying(&out, 3, not_sent);
+    // With nothing listening: refused at once, not tried for the whole deadline first.
+    let closed = format!("127.0.0.1:{}", free_port());
+    let out = output_within(
+        &mut client_in(cwd, &dir, &closed, &["--timeout-ms", "60000", "echo", "-"]),
+        Some(vec![0; 1_048_570]),
+    );
+    exits_saying(&out, 3, "securesrv: too_large: the request (");
+    assert!(
+        !text(&out.stderr).contains("trying again"),
+        "{}",
+        text(&out.stderr)
+    );
     let mut line = b"echo ".to_vec();
     line.extend(std::iter::repeat_n(b'a', 1_048_560));
     line.extend_from_slice(b"\necho after\n");

@@ -594,6 +594,26 @@ fn reply_body_len_is_the_encoded_length() {
 }
 
 #[test]
+fn request_body_min_len_is_the_encoded_length_of_small_numbers() {
+    for op_len in [1, 31, 32, 255, 256, 70_000] {
+        for len in [0, 1, 255, 256, 65_535, 65_536, 100_000] {
+            let m = Message::Request(Request {
+                id: 1,
+                op: "o".repeat(op_len),
+                payload: vec![0; len].into(),
+                timeout_ms: Some(1),
+            });
+            let f = encode_to_vec(&m, 1 << 20).unwrap();
+            assert_eq!(
+                request_body_min_len(op_len, len),
+                f.len() - HEADER_LEN,
+                "op of {op_len} B, {len} B"
+            );
+        }
+    }
+}
+
+#[test]
 fn a_peers_unknown_field_cannot_pose_as_log_fields() {
     // serde quotes an unknown kind in its message, which is logged: the peer's text once put
     // a whole forged audit record into an INFO line.
