@@ -1051,7 +1051,7 @@ fn sigusr1_and_sigusr2_are_ignored_by_every_process() {
     still_served_by(&f, &w, &pids);
 }
 
-/// A watchdog that was itself stopped (SIGSTOP, a paused machine) says so once it runs
+/// A watchdog that was itself stopped (SIGSTOP, a paused VM) says so once it runs
 /// again: its heartbeats and restarts were late by that long, and a worker that died meanwhile
 /// was logged as recovered in a fraction of its real outage. Nothing showed it. Found by a
 /// chaos review.

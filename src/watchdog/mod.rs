@@ -329,7 +329,7 @@ pub async fn run(
                 if gap >= STALL {
                     warn!(
                         stalled_ms = gap.as_millis() as u64,
-                        "the watchdog itself did not run (stopped, a paused machine, or no CPU \
+                        "the watchdog itself did not run (stopped, a paused VM, or no CPU \
                          for it): heartbeats and restarts were late by as much, and recovery \
                          times logged next count only from now"
                     );
