@@ -2928,15 +2928,36 @@ fn the_interactive_prompt_goes_to_stderr() {
 fn answers_on_a_terminal_show_control_characters() {
     let (pki, dir, d_addr, _worker, _dispatcher) = running_pair("empty.toml", "");
     let cwd = pki.tmp.path();
-    let input = b"echo \x1b]0;pwned\x07\x1b[2J\ttab\nquit\n";
+    let answer = b"\x1b]0;pwned\x07\x1b[2J\ttab";
+    let input = [&b"echo "[..], answer, b"\nquit\n"].concat();
+    let (out, shown) = on_a_terminal(client_in(cwd, &dir, &d_addr, &[]), &input);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&shown), "\\x1b]0;pwned\\x07\\x1b[2J\ttab\r\n");
+    // One request too (the payload from stdin).
+    let one = client_in(cwd, &dir, &d_addr, &["echo", "-"]);
+    let (out, shown) = on_a_terminal(one, answer);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&shown), "\\x1b]0;pwned\\x07\\x1b[2J\ttab");
+    // Not a terminal: the bytes as they came.
+    let out = output_within(&mut client_in(cwd, &dir, &d_addr, &[]), Some(input.clone()));
+    assert_eq!(out.stdout, [&answer[..], b"\n"].concat());
+    let out = output_within(
+        &mut client_in(cwd, &dir, &d_addr, &["echo", "-"]),
+        Some(answer.to_vec()),
+    );
+    assert_eq!(out.stdout, answer);
+}
+
+/// Runs `cmd` with `input` on its stdin and a terminal for its stdout, until it exits
+/// (bounded); what it said on stderr, and what the terminal showed.
+fn on_a_terminal(mut cmd: Command, input: &[u8]) -> (Output, Vec<u8>) {
     let (mut screen, terminal) = pty();
-    let mut cmd = client_in(cwd, &dir, &d_addr, &[]);
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::from(terminal))
         .spawn()
         .expect("spawn");
-    // The terminal is closed here once the client has exited: reading it then ends.
+    // The terminal's end held by `cmd` is closed with it: reading ends once the child exits.
     drop(cmd);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -2948,16 +2969,9 @@ fn answers_on_a_terminal_show_control_characters() {
     if let Some(mut stdin) = child.stdin.take() {
         stdin.write_all(input).expect("stdin");
     }
-    let out = wait_within(child, "the interactive client");
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = wait_within(child, "the client on a terminal");
     let shown = rx.recv_timeout(WAIT).expect("the terminal's output");
-    assert_eq!(text(&shown), "\\x1b]0;pwned\\x07\\x1b[2J\ttab\r\n");
-    // Not a terminal: the bytes as they came.
-    let out = output_within(
-        &mut client_in(cwd, &dir, &d_addr, &[]),
-        Some(input.to_vec()),
-    );
-    assert_eq!(out.stdout, b"\x1b]0;pwned\x07\x1b[2J\ttab\n");
+    (out, shown)
 }
 
 /// Ctrl-D at the interactive client's prompt ends the prompt's line: the shell's prompt came

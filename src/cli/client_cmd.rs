@@ -203,6 +203,9 @@ async fn one_request(cfg: ClientConfig, op: &str, payload: &[u8], idempotent: bo
     client.close().await;
     match result {
         Ok(mut out) => {
+            if std::io::stdout().is_terminal() {
+                out = shown_on_a_terminal(&out);
+            }
             if op == "sha256" {
                 out.extend_from_slice(b"\n");
             }
@@ -213,6 +216,16 @@ async fn one_request(cfg: ClientConfig, op: &str, payload: &[u8], idempotent: bo
             exit_for(&e)
         }
     }
+}
+
+/// An answer as a terminal shows it: read, not obeyed. An escape sequence from a job or an
+/// echo must not set the terminal's title or clear it; control characters become escapes
+/// (`\x1b`), line breaks and tabs stay. Written anywhere else, an answer is its bytes.
+fn shown_on_a_terminal(answer: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(answer);
+    securesrv::identity::controls_visible(&text)
+        .into_owned()
+        .into_bytes()
 }
 
 /// Writes an answer to stdout. One that cannot be written (a full disk, a reader gone) is a
@@ -388,13 +401,8 @@ async fn interactive(cfg: ClientConfig) -> ExitCode {
         // `call` applies the client's deadline and treats the built-ins as idempotent.
         match client.call(op, payload).await {
             Ok(mut out) => {
-                // On a terminal an answer is read, not obeyed: an escape sequence from a job
-                // or an echo must not set its title or clear it. Elsewhere it is the bytes.
                 if shown_on_terminal {
-                    let text = String::from_utf8_lossy(&out);
-                    out = securesrv::identity::controls_visible(&text)
-                        .into_owned()
-                        .into();
+                    out = shown_on_a_terminal(&out);
                 }
                 out.extend_from_slice(b"\n");
                 // Answers nobody sees: send no more requests (they may have effects).
