@@ -328,11 +328,8 @@ impl Client {
             tracing::debug!(reason = %why, "trying again");
             return;
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        tracing::warn!(
-            "{why}; trying again for up to {:.1} s (the call's deadline)",
-            left.as_secs_f64()
-        );
+        // INFO, not WARN: a planned restart of the dispatcher is no trouble of the client's.
+        tracing::info!("{why}; trying again {}", for_up_to(deadline));
     }
 
     /// The error of a call whose deadline passed while it was still trying to connect.
@@ -477,6 +474,20 @@ impl Client {
         *guard = Some(link.clone());
         self.retry_said.store(false, Ordering::Relaxed);
         Ok(link)
+    }
+}
+
+/// How long a call may go on trying, for its log line: `for up to 12.5 s (...)`, or, for a
+/// deadline beyond a day (no timeout), `until the call's deadline`.
+pub fn for_up_to(deadline: Instant) -> String {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left > Duration::from_secs(86_400) {
+        "until the call's deadline".to_string()
+    } else {
+        format!(
+            "for up to {:.1} s (the call's deadline)",
+            left.as_secs_f64()
+        )
     }
 }
 

@@ -1446,12 +1446,12 @@ fn client_command_waits_for_a_restart_but_not_after_a_refusal_or_its_deadline() 
     let (cert, key) = (format!("{dir}/client.crt"), format!("{dir}/client.key"));
 
     // The interactive client (no op) waits for a dispatcher to come up as well, and says so.
-    let (out, _) = client(&cert, &key, &["--timeout-ms", "1000"]);
+    let (out, _) = client(&cert, &key, &["--log", "info", "--timeout-ms", "1000"]);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(5), "{err}");
     let said = format!("cannot connect to {d_addr}: Connection refused");
     assert!(
-        err.lines().any(|l| l.contains("WARN")
+        err.lines().any(|l| l.contains("INFO")
             && l.contains(&said)
             && l.contains("trying again for up to")),
         "{err}"
@@ -1479,7 +1479,7 @@ fn client_command_waits_for_a_restart_but_not_after_a_refusal_or_its_deadline() 
     );
     waiting.wait_log(
         &[
-            "WARN",
+            "INFO",
             &format!("cannot connect to {d_addr}: Connection refused"),
             "trying again for up to",
         ],
@@ -1533,6 +1533,67 @@ fn client_command_waits_for_a_restart_but_not_after_a_refusal_or_its_deadline() 
     assert!(err.contains("not connected within 1s"), "{err}");
     assert!(err.contains("not sent"), "{err}");
     assert!(took < Duration::from_secs(4), "{took:?}: {err}");
+}
+
+/// A client says that it is trying again once per outage, not once per client: after a
+/// connection is made again, the next outage is said too. An interactive session across two
+/// dispatcher restarts (a review found the reset untested).
+#[test]
+fn the_client_says_it_is_trying_again_once_per_outage() {
+    let (pki, dir, d_addr, _worker, dispatcher) = running_pair("empty.toml", "");
+    let cwd = pki.tmp.path();
+    let (cert, key) = (format!("{dir}/client.crt"), format!("{dir}/client.key"));
+    let mut session = Proc::spawn_with(
+        "client",
+        &[
+            "client",
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--connect",
+            &d_addr,
+            "--timeout-ms",
+            "30000",
+        ],
+        cwd,
+        Stdio::piped(),
+    );
+    session.write_stdin(b"echo up\n");
+    session.wait_for_n(false, &["up"], 1, WAIT);
+    let mut dispatcher = dispatcher;
+    for outage in 1..=2 {
+        dispatcher.signal(Signal::SIGKILL);
+        dispatcher.wait_exit(WAIT).expect("the dispatcher is gone");
+        session.write_stdin(format!("echo after-{outage}\n").as_bytes());
+        session.wait_for_n(true, &["INFO", "trying again"], outage, WAIT);
+        dispatcher = Proc::spawn(
+            "dispatcher",
+            &[
+                "--config",
+                "empty.toml",
+                "dispatcher",
+                "--listen",
+                &d_addr,
+                "--workers",
+                "1",
+                "--certs",
+                &dir,
+            ],
+            cwd,
+        );
+        session.wait_for_n(false, &[&format!("after-{outage}")], 1, WAIT);
+    }
+    // Once per outage: two, however many tries each took.
+    assert_eq!(
+        session.stderr().matches("trying again").count(),
+        2,
+        "{}",
+        session.stderr()
+    );
+    session.close_stdin();
+    let status = session.wait_exit(WAIT).expect("the session ends");
+    assert!(status.success(), "{}", session.stderr());
 }
 
 #[test]

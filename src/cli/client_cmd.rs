@@ -258,11 +258,10 @@ async fn connect_within_deadline(cfg: ClientConfig) -> Result<Client, ClientErro
                         ClientError::Connect { reason, .. } => reason.clone(),
                         other => other.to_string(),
                     };
-                    tracing::warn!(
-                        "cannot connect to {}: {reason}; trying again for up to {:.1} s \
-                         (--timeout-ms)",
+                    tracing::info!(
+                        "cannot connect to {}: {reason}; trying again {}",
                         cfg.addr,
-                        left.as_secs_f64()
+                        securesrv::client::for_up_to(deadline)
                     );
                 }
                 tokio::time::sleep(pause).await;

@@ -462,6 +462,15 @@ impl Proc {
         }
     }
 
+    /// Writes `bytes` to its stdin, which must be piped and open.
+    #[allow(dead_code)]
+    pub fn write_stdin(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().expect("stdin piped and open");
+        stdin.write_all(bytes).expect("write to stdin");
+        stdin.flush().expect("flush stdin");
+    }
+
     /// Closes its stdin (end of input), if it was piped.
     pub fn close_stdin(&mut self) {
         self.stdin = None;
