@@ -495,7 +495,10 @@ pub(crate) fn dir_flag(dir: &Path) -> String {
     if dir == Path::new("certs") {
         String::new()
     } else {
-        format!(" --dir {}", dir.display())
+        format!(
+            " --dir {}",
+            crate::identity::shell_word(&dir.display().to_string())
+        )
     }
 }
 

@@ -664,13 +664,7 @@ fn shown(line: &str) -> std::borrow::Cow<'_, str> {
 /// A path as the menu shows it in a command to type: printable, quoted if the shell would
 /// split it or read it otherwise.
 fn shown_arg(path: &std::path::Path) -> String {
-    let text = shown(&path.display().to_string()).into_owned();
-    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-' | '+');
-    if !text.is_empty() && text.chars().all(plain) {
-        text
-    } else {
-        format!("'{}'", text.replace('\'', "'\\''"))
-    }
+    securesrv::identity::shell_word(&path.display().to_string())
 }
 
 /// The longest menu choice kept (a longer line is an invalid option, read through).

@@ -326,6 +326,19 @@ pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
     printable_within(s, 80)
 }
 
+/// `s` as one word of a shell command in advice the user may paste: printable, and in single
+/// quotes unless it is plain (letters, digits, `/ . _ - +`), so that a path with a space or a
+/// `$` stays one argument.
+pub fn shell_word(s: &str) -> String {
+    let text = printable_within(s, usize::MAX).into_owned();
+    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-' | '+');
+    if !text.is_empty() && text.chars().all(plain) {
+        text
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
+}
+
 /// As [`printable`], cut to `max` characters instead of 80.
 pub fn printable_within(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
     if s.len() <= max && !s.chars().any(unsafe_in_log) {
@@ -426,6 +439,14 @@ pub fn op_for_log(op: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shell_word_stays_one_argument() {
+        assert_eq!(shell_word("certs/a-b_c.d+1"), "certs/a-b_c.d+1");
+        assert_eq!(shell_word("my certs"), "'my certs'");
+        assert_eq!(shell_word("it's $HOME"), "'it'\\''s $HOME'");
+        assert_eq!(shell_word(""), "''");
+    }
 
     #[test]
     fn controls_are_made_visible_but_line_breaks_and_tabs() {

@@ -803,6 +803,16 @@ fn token_keys_cover_every_worker_whose_certificate_is_there() {
 }
 
 #[test]
+fn advice_names_the_directory_as_one_shell_word() {
+    assert_eq!(dir_flag(Path::new("certs")), "");
+    assert_eq!(
+        dir_flag(Path::new("/etc/securesrv/certs")),
+        " --dir /etc/securesrv/certs"
+    );
+    assert_eq!(dir_flag(Path::new("my certs")), " --dir 'my certs'");
+}
+
+#[test]
 fn host_names_are_dns_names_or_addresses() {
     for good in [
         "svc.example",
