@@ -24,9 +24,9 @@ pub fn before_forced_exit(f: impl Fn() + Send + Sync + 'static) {
     let _ = BEFORE_FORCED_EXIT.set(Box::new(f));
 }
 
-/// The stack of the threads started here, set rather than left to RUST_MIN_STACK, which can
-/// make it too small to run on.
-const THREAD_STACK: usize = 2 << 20;
+/// The stack of every thread securesrv starts (std's default for spawned threads; tokio's
+/// too), set rather than left to RUST_MIN_STACK, which can make it too small to run on.
+pub const THREAD_STACK: usize = 2 << 20;
 
 /// How long a forced exit may take to write its last log lines.
 const FORCED_EXIT_WITHIN: Duration = Duration::from_millis(500);

@@ -35,9 +35,7 @@ pub fn block_on(fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
     block_on_threads(threads, fut)
 }
 
-/// The stack of every thread securesrv starts (std's default for spawned threads; tokio's
-/// too), whatever RUST_MIN_STACK says.
-pub const THREAD_STACK: usize = 2 << 20;
+pub use securesrv::shutdown::THREAD_STACK;
 
 /// Runs `fut` on a runtime with `threads` worker threads (the current-thread scheduler for one).
 pub fn block_on_threads(

@@ -562,8 +562,9 @@ impl Drop for Unfinished<'_> {
 }
 
 /// How much sooner than the dispatcher's deadline a timeout may come and still be that
-/// deadline's (a worker is told the time left, in whole milliseconds, after the forward).
-const CAP_TOLERANCE: Duration = Duration::from_millis(50);
+/// deadline's: a worker is told the time left rounded down to a millisecond, so its deadline is
+/// at most 1 ms before the dispatcher's; a little more for the clock readings in between.
+const CAP_TOLERANCE: Duration = Duration::from_millis(5);
 
 /// What a client is told when no worker accepted the tokens minted for it: the dispatcher's
 /// fault, not the client's (`invalid_token` is a worker link's code).
