@@ -253,6 +253,26 @@ mod tests {
         );
     }
 
+    /// The cap a job without one gets is the one that fits this worker's frames, also for a
+    /// configuration that was never validated (a program embedding the worker): it was
+    /// usize::MAX, and the output grew without bound. Found by a review.
+    #[tokio::test]
+    async fn a_job_without_a_cap_is_held_to_what_a_frame_of_this_worker_holds() {
+        let cfg: Config = toml::from_str(
+            "[limits]\nmax_frame_bytes = 4096\n\
+             [[jobs]]\nname = \"big\"\nprogram = \"/usr/bin/head\"\nargs = [\"-c\", \"10000\", \"/dev/zero\"]\n",
+        )
+        .unwrap();
+        let r = OpRegistry::from_config(&cfg);
+        let cap = 4096 - crate::frame::REPLY_OVERHEAD;
+        match r.get("big").unwrap().call(req(b"")).await {
+            Err(OpError::TooLarge(m)) => {
+                assert!(m.contains(&format!("wrote more than {cap} bytes")), "{m}")
+            }
+            other => panic!("expected too_large, got {:?}", other.map(|out| out.len())),
+        }
+    }
+
     #[tokio::test]
     async fn builtins() {
         let r = OpRegistry::from_config(&Config::default());
