@@ -196,7 +196,7 @@ pub fn token_keys(
     commit_all(staged)
 }
 
-/// Largest file [`copy_aside`] copies: any key, certificate or revocation list it replaces.
+/// Largest file [`copy_aside`] copies: any key or certificate it replaces.
 const MAX_ASIDE: u64 = 16 << 20;
 
 /// Copies the file `path` (a key or a certificate) to a new file beside it, with the same mode,
@@ -221,7 +221,17 @@ fn copy_aside(path: &Path) -> std::io::Result<PathBuf> {
             "not a regular file: remove it, then run the command again",
         ));
     }
-    let data = zeroize::Zeroizing::new(crate::files::read_bounded(from, MAX_ASIDE)?);
+    let data =
+        zeroize::Zeroizing::new(crate::files::read_bounded(from, MAX_ASIDE).map_err(|e| {
+            match e.kind() {
+                std::io::ErrorKind::FileTooLarge => std::io::Error::other(format!(
+                    "too large to keep a copy of until the new files are in place (over {} MiB; \
+                 no key or certificate is): remove it, then run the command again",
+                    MAX_ASIDE >> 20
+                )),
+                _ => e,
+            }
+        })?);
     let mut random = [0u8; 8];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random)
         .map_err(|_| std::io::Error::other("random generator failed"))?;
@@ -339,19 +349,42 @@ mod tests {
     }
 
     /// A FIFO in a file's place hung `--force` for ever, and a link to `/dev/zero` was copied
-    /// aside until the disk was full: neither is copied.
+    /// aside until the disk was full: no file but a regular one is copied, nor one larger than
+    /// any key or certificate. (Run on a thread and waited for with a bound: without the fix
+    /// the FIFO's `open` never returns. A link to `/dev/null` stands for `/dev/zero`: without
+    /// the fix it is copied, empty, where `/dev/zero` would fill the disk.)
     #[test]
-    fn only_a_regular_file_is_copied_aside() {
+    fn only_a_regular_file_of_a_bounded_size_is_copied_aside() {
         let dir = crate::files::private_tempdir().unwrap();
         let fifo = dir.path().join("worker-2.token");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
-        let err = copy_aside(&fifo).unwrap_err();
-        assert!(err.to_string().contains("not a regular file"), "{err}");
-        let zero = dir.path().join("worker-3.token");
-        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
-        let err = copy_aside(&zero).unwrap_err();
-        assert!(err.to_string().contains("not a regular file"), "{err}");
+        let null = dir.path().join("worker-3.token");
+        std::os::unix::fs::symlink("/dev/null", &null).unwrap();
+        let big = dir.path().join("worker-4.token");
+        fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_ASIDE + 1)
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let paths = [fifo, null, big];
+        let tried = paths.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(tried.map(|p| copy_aside(&p).map_err(|e| e.to_string())));
+        });
+        let results = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("copy_aside returned (a FIFO's open used to block for ever)");
+        for (path, result) in paths.iter().zip(&results[..2]) {
+            let err = result.as_ref().expect_err("not copied");
+            assert!(
+                err.contains("not a regular file"),
+                "{}: {err}",
+                path.display()
+            );
+        }
+        let err = results[2].as_ref().expect_err("not copied");
+        assert!(err.contains("too large to keep a copy of"), "{err}");
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
-        assert_eq!(names.len(), 2, "nothing copied aside");
+        assert_eq!(names.len(), 3, "nothing copied aside");
     }
 }
