@@ -851,6 +851,14 @@ fn host_names_are_dns_names_or_addresses() {
     assert!(!dir.exists(), "nothing written");
     o.hosts.pop();
     init(&dir, &o).unwrap();
+    // Few names, but more bytes of them than fit: refused too.
+    let long = ["a".repeat(60), "b".repeat(60), "c".repeat(60)].join(".");
+    o.hosts = (0..50).map(|i| format!("{long}.h{i}.example")).collect();
+    assert!(o.hosts.iter().map(String::len).sum::<usize>() > MAX_HOSTS_BYTES);
+    let dir = tmp.path().join("d");
+    let err = init(&dir, &o).unwrap_err();
+    assert!(matches!(err, CertError::TooManyHosts(..)), "{err}");
+    assert!(!dir.exists(), "nothing written");
 }
 
 fn worker_issue(name: &str, days: u32) -> IssueOptions {
