@@ -2999,6 +2999,11 @@ fn answers_on_a_terminal_show_control_characters() {
     let (out, shown) = on_a_terminal(one, answer);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(text(&shown), "\\x1b]0;pwned\\x07\\x1b[2J\ttab");
+    // --raw: the bytes, even to a terminal (`ssh -t host securesrv client ... > file`).
+    let one = client_in(cwd, &dir, &d_addr, &["--raw", "echo", "-"]);
+    let (out, shown) = on_a_terminal(one, answer);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(shown, answer);
     // Not a terminal: the bytes as they came.
     let out = output_within(&mut client_in(cwd, &dir, &d_addr, &[]), Some(input.clone()));
     assert_eq!(out.stdout, [&answer[..], b"\n"].concat());

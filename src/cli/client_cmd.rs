@@ -36,6 +36,11 @@ pub struct ClientArgs {
     /// [default: 15000].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=securesrv::config::MAX_MS))]
     timeout_ms: Option<u64>,
+    /// Write answers as the bytes they are even to a terminal (by default a terminal shows
+    /// their control characters as escapes, `\x1b`, and bytes that are not UTF-8 as U+FFFD):
+    /// for `ssh -t host securesrv client ... > file`, where stdout is the remote terminal.
+    #[arg(long)]
+    raw: bool,
     /// Treat OP as idempotent (retried after a lost connection); built-ins always are.
     /// Needs OP: the interactive loop has no use for it.
     #[arg(long, requires = "op")]
@@ -150,9 +155,19 @@ pub fn run(args: ClientArgs, config: Option<PathBuf>) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            rt.block_on(one_request(client_cfg, &op, &payload, args.idempotent))
+            let escape = !args.raw && std::io::stdout().is_terminal();
+            rt.block_on(one_request(
+                client_cfg,
+                &op,
+                &payload,
+                args.idempotent,
+                escape,
+            ))
         }
-        None => rt.block_on(interactive(client_cfg)),
+        None => rt.block_on(interactive(
+            client_cfg,
+            !args.raw && std::io::stdout().is_terminal(),
+        )),
     }
 }
 
@@ -190,7 +205,14 @@ fn read_payload(args: &ClientArgs, max: u64) -> Result<Vec<u8>, PayloadError> {
     }
 }
 
-async fn one_request(cfg: ClientConfig, op: &str, payload: &[u8], idempotent: bool) -> ExitCode {
+/// One request; `escape`: its answer goes to a terminal, to be shown rather than obeyed.
+async fn one_request(
+    cfg: ClientConfig,
+    op: &str,
+    payload: &[u8],
+    idempotent: bool,
+    escape: bool,
+) -> ExitCode {
     let timeout = cfg.call_timeout;
     // Connected by the call itself, so that `--timeout-ms` bounds connecting too and a
     // dispatcher that is restarting is waited for within it.
@@ -203,7 +225,7 @@ async fn one_request(cfg: ClientConfig, op: &str, payload: &[u8], idempotent: bo
     client.close().await;
     match result {
         Ok(mut out) => {
-            if std::io::stdout().is_terminal() {
+            if escape {
                 out = shown_on_a_terminal(&out);
             }
             if op == "sha256" {
@@ -295,9 +317,8 @@ enum Input {
 
 /// The original's "send another request?" loop: one `op payload` per line, read as bytes (a
 /// line that is not UTF-8 is no end of input).
-async fn interactive(cfg: ClientConfig) -> ExitCode {
+async fn interactive(cfg: ClientConfig, shown_on_terminal: bool) -> ExitCode {
     let tty = std::io::stdin().is_terminal();
-    let shown_on_terminal = std::io::stdout().is_terminal();
     let addr = cfg.addr;
     let cfg_max_frame = cfg.io.max_frame;
     let client = match connect_within_deadline(cfg).await {
