@@ -567,6 +567,19 @@ async fn a_deadline_the_dispatcher_shortened_says_so() {
     let message = remote_timeout(c.call_with("nap", b"", call_options(true, 20)).await);
     assert!(message.contains("killed"), "{message}");
     assert!(!message.contains("allows at most"), "{message}");
+    // Asked for the limit itself, and ran out: not shortened, nothing to say about the limit.
+    // (A request of its own: the library's call would give up at that deadline itself.)
+    let mut conn = raw_client(&pki, &cluster).await;
+    conn.send(&request(7, "sleep", b"3000", Some(1_000)))
+        .await
+        .unwrap();
+    match tokio::time::timeout(WAIT, conn.read_message()).await {
+        Ok(Ok(Some(Message::Error(e)))) if e.id == 7 => {
+            assert_eq!(e.code, ErrorCode::Timeout, "{}", e.message);
+            assert!(!e.message.contains("allows at most"), "{}", e.message);
+        }
+        other => panic!("expected the timeout of request 7, got {other:?}"),
+    }
     still_serving(&c).await;
     cluster.stop().await;
 }
