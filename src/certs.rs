@@ -626,7 +626,12 @@ impl LeafSpec {
 /// name. `OffsetDateTime::now_utc()` and the arithmetic on it panicked after the year 9999,
 /// and rcgen's DER encoder before the year 0 (found by an input-hardening review).
 pub(crate) fn checked_now(days: u32) -> Result<OffsetDateTime, CertError> {
-    let secs = match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+    checked_at(std::time::SystemTime::now(), days)
+}
+
+/// [`checked_now`] at the time `now`.
+fn checked_at(now: std::time::SystemTime, days: u32) -> Result<OffsetDateTime, CertError> {
+    let secs = match now.duration_since(std::time::UNIX_EPOCH) {
         Ok(after) => i64::try_from(after.as_secs()).ok(),
         Err(before) => 0i64.checked_sub_unsigned(before.duration().as_secs()),
     };

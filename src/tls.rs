@@ -410,7 +410,12 @@ fn reissue_remedy(path: &Path, der: &CertificateDer<'_>, component: bool) -> Str
 /// cannot hold (after the year 9999, say): its own `ASN1Time::now()` panics there, and with it
 /// every component at start and every resumed handshake (found by an input-hardening review).
 fn asn1_now() -> Option<x509_parser::time::ASN1Time> {
-    let secs = match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+    asn1_at(std::time::SystemTime::now())
+}
+
+/// [`asn1_now`] at the time `now`.
+fn asn1_at(now: std::time::SystemTime) -> Option<x509_parser::time::ASN1Time> {
+    let secs = match now.duration_since(std::time::UNIX_EPOCH) {
         Ok(after) => i64::try_from(after.as_secs()).ok()?,
         Err(before) => 0i64.checked_sub_unsigned(before.duration().as_secs())?,
     };

@@ -1262,3 +1262,29 @@ fn base64_lines(data: &[u8]) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// A clock outside the years 0-9999 (or one that the validity would carry past 9999) is
+/// refused as `CertError::Clock`, where the certificate dates' arithmetic panicked. Found by
+/// an input-hardening review.
+#[test]
+fn a_clock_outside_the_years_a_certificate_can_hold_is_refused() {
+    use std::time::{Duration as D, SystemTime, UNIX_EPOCH};
+    assert!(checked_at(SystemTime::now(), 365).is_ok());
+    // 9999-06-01: fine for a day, not for 36,500.
+    let late = UNIX_EPOCH + D::from_secs(253_386_000_000);
+    assert!(checked_at(late, 1).is_ok());
+    assert!(matches!(
+        checked_at(late, 36_500),
+        Err(CertError::Clock(36_500))
+    ));
+    let year_10000 = UNIX_EPOCH + D::from_secs(253_402_400_000);
+    assert!(matches!(
+        checked_at(year_10000, 1),
+        Err(CertError::Clock(1))
+    ));
+    let before_year_0 = UNIX_EPOCH - D::from_secs(99_999_999_999);
+    assert!(matches!(
+        checked_at(before_year_0, 1),
+        Err(CertError::Clock(1))
+    ));
+}

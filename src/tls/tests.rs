@@ -863,3 +863,14 @@ async fn a_revoked_certificate_is_refused_both_ways_and_cannot_be_loaded() {
     assert!(matches!(err, TlsConfigError::Revoked { .. }), "{err}");
     assert!(err.to_string().contains("certs issue --force"), "{err}");
 }
+
+/// A clock outside the years 0-9999 gives no time to check certificates with, where
+/// x509-parser's `ASN1Time::now()` panicked (and every component and client with it). Found by
+/// an input-hardening review with an LD_PRELOAD clock.
+#[test]
+fn a_clock_outside_the_years_a_certificate_can_hold_gives_no_time() {
+    use std::time::{Duration as D, UNIX_EPOCH};
+    assert!(asn1_at(std::time::SystemTime::now()).is_some());
+    let year_10000 = UNIX_EPOCH + D::from_secs(253_402_400_000);
+    assert!(asn1_at(year_10000).is_none());
+}
