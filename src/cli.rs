@@ -379,6 +379,19 @@ pub fn load_config(
     })
 }
 
+/// The runtime of a one-shot command (`client`, `ping`): one thread, its stack set whatever
+/// RUST_MIN_STACK says; a failure to start it is said, exit 1.
+fn command_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .thread_stack_size(components::THREAD_STACK)
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            errln!("securesrv: cannot start runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
 /// The certificate, key and CA a command presents: as given, else `STEM.crt` and `STEM.key` in
 /// `certs_dir`, and `ca.crt` beside the certificate.
 fn identity_files(

@@ -37,11 +37,7 @@ pub fn reply_body_len(id: u64, payload_len: usize) -> usize {
         0x1_0000..=0xffff_ffff => 5,
         _ => 9,
     };
-    let bin_header = match payload_len {
-        0..=0xff => 2,
-        0x100..=0xffff => 3,
-        _ => 5,
-    };
+    let bin_header = bin_header_len(payload_len);
     // fixmap, "reply", fixmap, "id", id, "payload", bin header, payload
     1 + 6 + 1 + 3 + id_len + 8 + bin_header + payload_len
 }
@@ -56,13 +52,18 @@ pub fn request_body_min_len(op_len: usize, payload_len: usize) -> usize {
         0x100..=0xffff => 3,
         _ => 5,
     };
-    let bin_header = match payload_len {
+    let bin_header = bin_header_len(payload_len);
+    // fixmap, "request", fixmap, "id", id, "op", op, "payload", payload, "timeout_ms", timeout
+    1 + 8 + 1 + 3 + 1 + 3 + str_header + op_len + 8 + bin_header + payload_len + 11 + 1
+}
+
+/// The length of the MessagePack header of a `bin` of `len` bytes.
+fn bin_header_len(len: usize) -> usize {
+    match len {
         0..=0xff => 2,
         0x100..=0xffff => 3,
         _ => 5,
-    };
-    // fixmap, "request", fixmap, "id", id, "op", op, "payload", payload, "timeout_ms", timeout
-    1 + 8 + 1 + 3 + 1 + 3 + str_header + op_len + 8 + bin_header + payload_len + 11 + 1
+    }
 }
 
 /// MessagePack nesting bound: at most `MAX_DEPTH - 1` nested maps/arrays. Our messages nest

@@ -126,16 +126,9 @@ pub fn run(args: ClientArgs, config: Option<PathBuf>) -> ExitCode {
     if let Some(ms) = args.timeout_ms {
         client_cfg.call_timeout = Duration::from_millis(ms);
     }
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .thread_stack_size(super::components::THREAD_STACK)
-        .enable_all()
-        .build()
-    {
+    let rt = match super::command_runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            errln!("securesrv: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match args.op.clone() {
         Some(op) => {

@@ -101,15 +101,9 @@ pub fn run(args: PingArgs, config: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match super::command_runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            errln!("securesrv: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let io = securesrv::connection::IoLimits {
         idle_timeout: timeout,
