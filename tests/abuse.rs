@@ -519,7 +519,9 @@ fn hostile_bytes_end_only_their_own_connection() {
             served(&good).await;
         }
     });
-    assert!(s.dispatcher.stderr().contains("closing connection"));
+    // Waited for: the dispatcher writes its log every 50 ms, and the cases can all be over
+    // within one such interval (a loaded CI machine showed it).
+    s.dispatcher.wait_log(&["closing connection"], WAIT);
 }
 
 #[test]
