@@ -152,9 +152,21 @@ fn openssl_ca(dir: &Path, subject: &str) {
             "ca.key",
         ],
     );
+    self_sign_ca(
+        dir,
+        subject,
+        "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign",
+    );
+}
+
+/// `ca.crt` in `dir`: `ca.key` self-signed as `subject`, with the `v3_ca` extensions
+/// `extensions` (lines) and a subject key identifier, for 2 days.
+fn self_sign_ca(dir: &Path, subject: &str, extensions: &str) {
     std::fs::write(
         dir.join("ca.ext"),
-        "[req]\ndistinguished_name=dn\n[dn]\n[v3_ca]\nbasicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\n",
+        format!(
+            "[req]\ndistinguished_name=dn\n[dn]\n[v3_ca]\n{extensions}\nsubjectKeyIdentifier=hash\n"
+        ),
     )
     .unwrap();
     openssl(
@@ -435,32 +447,10 @@ fn a_ca_without_crl_sign_issues_and_its_revoke_says_why_not() {
         return;
     };
     ca_key_to_pkcs8(&dir);
-    std::fs::write(
-        dir.join("ca.ext"),
-        "[req]\ndistinguished_name=dn\n[dn]\n[v3_ca]\nbasicConstraints=critical,CA:TRUE\n\
-         keyUsage=critical,keyCertSign,digitalSignature\nsubjectKeyIdentifier=hash\n",
-    )
-    .unwrap();
-    openssl(
+    self_sign_ca(
         &dir,
-        &[
-            "req",
-            "-x509",
-            "-new",
-            "-key",
-            "ca.key",
-            "-subj",
-            CA_NAME,
-            "-days",
-            "2",
-            "-sha256",
-            "-config",
-            "ca.ext",
-            "-extensions",
-            "v3_ca",
-            "-out",
-            "ca.crt",
-        ],
+        CA_NAME,
+        "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,digitalSignature",
     );
     let alice = client_named("alice");
     let written = securesrv::certs::issue(&dir, &alice).unwrap();
