@@ -258,6 +258,15 @@ pub enum CertError {
          zeros"
     )]
     BadWorkerName(String),
+    /// A name other than `main` given to `certs issue` for the dispatcher: the dispatcher
+    /// loads only `dispatcher.crt`, and clients accept `.../dispatcher/main` unless told
+    /// otherwise. (A watchdog may have other names: a probe's identity, for `ping`.)
+    #[error(
+        "invalid dispatcher name {0:?}: the dispatcher's identity is .../dispatcher/main, the \
+         only one it loads (dispatcher.crt) and the one clients expect; issue it with --name \
+         main (--force replaces dispatcher.crt and its key)"
+    )]
+    DispatcherName(String),
     /// A number given on the command line is outside what can be issued.
     #[error("{0}")]
     OutOfRange(String),
@@ -1318,6 +1327,11 @@ fn issue_files(dir: &Path, opts: &IssueOptions) -> Result<Vec<PathBuf>, CertErro
     };
     if opts.role == Role::Worker && !canonical_worker_number(&opts.name) {
         return Err(CertError::BadWorkerName(
+            crate::identity::printable(&opts.name).into_owned(),
+        ));
+    }
+    if opts.role == Role::Dispatcher && opts.name != "main" {
+        return Err(CertError::DispatcherName(
             crate::identity::printable(&opts.name).into_owned(),
         ));
     }

@@ -323,6 +323,38 @@ fn issue_adds_identities_signed_by_the_existing_ca() {
         );
     }
     assert!(!tmp.path().join("worker-03.crt").exists());
+    // The dispatcher has one identity, named `main`: another name would make files that it
+    // never loads and that clients do not accept. A watchdog may be named otherwise (a
+    // probe's identity for `ping`).
+    let named = |role, name: &str| IssueOptions {
+        role,
+        name: name.into(),
+        trust_domain: None,
+        days: 10,
+        hosts: vec![],
+        force: true,
+    };
+    let other = issue(tmp.path(), &named(Role::Dispatcher, "other"));
+    let Err(e @ CertError::DispatcherName(..)) = other else {
+        panic!("dispatcher named other: {other:?}");
+    };
+    assert!(e.to_string().contains("--name main"), "{e}");
+    assert!(!tmp.path().join("dispatcher-other.crt").exists());
+    assert!(!tmp.path().join("dispatcher-other.key").exists());
+    assert_eq!(
+        issue(tmp.path(), &named(Role::Watchdog, "probe")).unwrap(),
+        [
+            tmp.path().join("watchdog-probe.crt"),
+            tmp.path().join("watchdog-probe.key")
+        ]
+    );
+    assert_eq!(
+        issue(tmp.path(), &named(Role::Dispatcher, "main")).unwrap(),
+        [
+            tmp.path().join("dispatcher.crt"),
+            tmp.path().join("dispatcher.key")
+        ]
+    );
 }
 
 #[test]
