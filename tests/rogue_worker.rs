@@ -354,3 +354,122 @@ async fn a_heartbeats_error_text_reaches_the_watchdog_printable_and_cut() {
         reason.chars().count()
     );
 }
+
+/// A link on which the worker has not answered anything yet is not a worker to send
+/// requests to. In TLS 1.3 the dispatcher's side of the handshake ends before the worker has
+/// judged its certificate, so a worker that refuses the dispatcher (another CA, another trust
+/// domain, its connection limit for the dispatcher) looks linked for a moment after each
+/// dial, with no request outstanding: the least loaded of all. Requests sent there in that
+/// moment were lost when the link ended, and a non-idempotent one came back `worker_lost`
+/// ("may or may not have run") although the worker never read it and worker 2 was there all
+/// along. Here worker 1 takes the link and stays silent for a while, then closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_the_worker_has_not_answered_on_gets_no_requests() {
+    use securesrv::config::JobConfig;
+    use securesrv::worker::{self, Worker, ops::OpRegistry};
+    let pki = pki(2);
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let real = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut cfg = Config {
+        certs_dir: pki.dir.clone(),
+        ..Config::default()
+    };
+    cfg.dispatcher.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    for (id, l) in [(1, &silent), (2, &real)] {
+        cfg.worker.push(WorkerEntry {
+            id,
+            listen: l.local_addr().unwrap(),
+        });
+    }
+    cfg.jobs.push(JobConfig {
+        name: "once".into(),
+        program: "/bin/cat".into(),
+        args: Vec::new(),
+        timeout_ms: 5_000,
+        max_output_bytes: Some(1024),
+        idempotent: false,
+    });
+    cfg.acl.insert("once".into(), vec!["*".into()]);
+    cfg.validate().unwrap();
+    let cfg = Arc::new(cfg);
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let (w, m) = Worker::load(2, cfg.clone(), OpRegistry::from_config(&cfg)).unwrap();
+    let acceptor = m.acceptor(Role::Worker, WAIT).unwrap();
+    tracker.spawn(worker::run(Arc::new(w), real, acceptor, stop.clone()));
+    let (dispatcher, m) = Dispatcher::load(cfg.clone()).unwrap();
+    dispatcher.start_links(&m, &stop, &tracker).unwrap();
+    let clients = securesrv::server::bind(cfg.dispatcher.listen)
+        .await
+        .unwrap();
+    let serving = m.acceptor(Role::Dispatcher, WAIT).unwrap();
+    tracker.spawn(securesrv::dispatcher::run(
+        dispatcher.clone(),
+        clients,
+        serving,
+        stop.clone(),
+    ));
+    assert!(dispatcher.pool().wait_for_available(1, WAIT).await);
+    // Worker 1 takes the dispatcher's link and reads what comes for 600 ms (the dispatcher
+    // pings every second, so it has not yet missed two pings), answering nothing.
+    let worker_1 = pki
+        .material("worker-1")
+        .acceptor(Role::Worker, WAIT)
+        .unwrap();
+    let (tcp, _) = tokio::time::timeout(WAIT, silent.accept())
+        .await
+        .expect("the dispatcher dials worker 1")
+        .unwrap();
+    let mut link = Connection::new(worker_1.accept(tcp).await.unwrap().0, IoLimits::default());
+    let client = Client::connect(
+        ClientConfig::new(
+            &pki.material("client"),
+            cfg.dispatcher.listen,
+            SpiffeId::dispatcher("securesrv").unwrap(),
+        )
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let opts = CallOptions {
+        idempotent: false,
+        timeout: Duration::from_secs(10),
+    };
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..4 {
+        let client = client.clone();
+        calls.spawn(async move {
+            let p = format!("request {i}");
+            (
+                p.clone(),
+                client.call_with("once", p.as_bytes(), opts).await,
+            )
+        });
+    }
+    let mut forwards = 0;
+    let silent_until = tokio::time::Instant::now() + Duration::from_millis(600);
+    while let Ok(r) = tokio::time::timeout_at(silent_until, link.read_message()).await {
+        match r {
+            Ok(Some(Message::Forward(_))) => forwards += 1,
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
+    // As a worker refusing the dispatcher's certificate does, without a word.
+    drop(link);
+    let mut failed = Vec::new();
+    while let Some(done) = calls.join_next().await {
+        let (p, answer) = done.expect("task");
+        match answer {
+            Ok(a) => assert_eq!(a, p.as_bytes()),
+            Err(e) => failed.push(e.to_string()),
+        }
+    }
+    assert!(
+        forwards == 0 && failed.is_empty(),
+        "{forwards} requests sent to a worker that had answered nothing; failed: {failed:?}"
+    );
+    stop.cancel();
+    tracker.close();
+    let _ = tokio::time::timeout(WAIT, tracker.wait()).await;
+}

@@ -133,6 +133,10 @@ pub struct Link {
     /// Requests sent (or being sent) and not yet answered.
     pending: InFlight<Answer>,
     next_id: AtomicU64,
+    /// The worker answers: its first ping was answered, and not two in a row missed since. A
+    /// link is not used before its first pong: in TLS 1.3 our side of the handshake ends
+    /// before the worker has judged our certificate, and a worker refusing it looked linked,
+    /// with nothing outstanding, until its refusal came.
     healthy: AtomicBool,
     /// Which of the pool's links this is: a worker that refused a request on one link (it
     /// was stopping, say) may take it again on the next, once it has restarted.
@@ -579,7 +583,7 @@ impl Pool {
             tx,
             pending: InFlight::default(),
             next_id: AtomicU64::new(1),
-            healthy: AtomicBool::new(true),
+            healthy: AtomicBool::new(false),
             generation: self.links_made.fetch_add(1, Ordering::Relaxed),
         });
         slot.set_link(Some(link.clone()));
@@ -619,6 +623,8 @@ impl Pool {
         // and with a failed write.
         let mut cancelled = crate::shutdown::cancelled(&stop);
         let mut answered = false;
+        // Whether a ping of this link has been answered in time (it is usable from then on).
+        let mut pinged_back = false;
         // Whether an answer (a reply, or an error for a request) is one the worker cannot
         // owe: for id 0 or an id not yet given out, or beyond as many answers as ids given
         // out (ids start at 1, and each is answered once; late answers for requests that
@@ -668,9 +674,12 @@ impl Pool {
                             awaiting = None;
                             misses = 0;
                             if !link.healthy.swap(true, Ordering::AcqRel) {
-                                info!(worker = slot.id, "worker answering again");
+                                if pinged_back {
+                                    info!(worker = slot.id, "worker answering again");
+                                }
                                 self.changed.notify_waiters();
                             }
+                            pinged_back = true;
                         } else if let Some(at) = late.iter().position(|n| n[..] == p.nonce[..]) {
                             late.remove(at);
                         } else {
