@@ -355,27 +355,31 @@ async fn a_heartbeats_error_text_reaches_the_watchdog_printable_and_cut() {
     );
 }
 
-/// A link on which the worker has not answered anything yet is not a worker to send
-/// requests to. In TLS 1.3 the dispatcher's side of the handshake ends before the worker has
-/// judged its certificate, so a worker that refuses the dispatcher (another CA, another trust
-/// domain, its connection limit for the dispatcher) looks linked for a moment after each
-/// dial, with no request outstanding: the least loaded of all. Requests sent there in that
-/// moment were lost when the link ended, and a non-idempotent one came back `worker_lost`
-/// ("may or may not have run") although the worker never read it and worker 2 was there all
-/// along. Here worker 1 takes the link and stays silent for a while, then closes it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_link_the_worker_has_not_answered_on_gets_no_requests() {
+/// Worker 1's address held by the test (`.worker_1`, accepting with `.acceptor`), a real
+/// worker 2 in this process, and a dispatcher linked to both (pinging every second) with a
+/// non-idempotent job `once` (`cat`), serving clients; once worker 2 is available.
+struct BesideARealWorker {
+    pki: common::Pki,
+    worker_1: TcpListener,
+    acceptor: Acceptor,
+    client: Client,
+    dispatcher: Arc<Dispatcher>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+async fn beside_a_real_worker() -> BesideARealWorker {
     use securesrv::config::JobConfig;
     use securesrv::worker::{self, Worker, ops::OpRegistry};
     let pki = pki(2);
-    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let worker_1 = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let real = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut cfg = Config {
         certs_dir: pki.dir.clone(),
         ..Config::default()
     };
     cfg.dispatcher.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    for (id, l) in [(1, &silent), (2, &real)] {
+    for (id, l) in [(1, &worker_1), (2, &real)] {
         cfg.worker.push(WorkerEntry {
             id,
             listen: l.local_addr().unwrap(),
@@ -410,17 +414,10 @@ async fn a_link_the_worker_has_not_answered_on_gets_no_requests() {
         stop.clone(),
     ));
     assert!(dispatcher.pool().wait_for_available(1, WAIT).await);
-    // Worker 1 takes the dispatcher's link and reads what comes for 600 ms (the dispatcher
-    // pings every second, so it has not yet missed two pings), answering nothing.
-    let worker_1 = pki
+    let acceptor = pki
         .material("worker-1")
         .acceptor(Role::Worker, WAIT)
         .unwrap();
-    let (tcp, _) = tokio::time::timeout(WAIT, silent.accept())
-        .await
-        .expect("the dispatcher dials worker 1")
-        .unwrap();
-    let mut link = Connection::new(worker_1.accept(tcp).await.unwrap().0, IoLimits::default());
     let client = Client::connect(
         ClientConfig::new(
             &pki.material("client"),
@@ -431,13 +428,59 @@ async fn a_link_the_worker_has_not_answered_on_gets_no_requests() {
     )
     .await
     .unwrap();
+    BesideARealWorker {
+        pki,
+        worker_1,
+        acceptor,
+        client,
+        dispatcher,
+        stop,
+        tracker,
+    }
+}
+
+impl BesideARealWorker {
+    /// The dispatcher's link to worker 1.
+    async fn link(&self) -> Link {
+        let (tcp, _) = tokio::time::timeout(WAIT, self.worker_1.accept())
+            .await
+            .expect("the dispatcher dials worker 1")
+            .unwrap();
+        Connection::new(
+            self.acceptor.accept(tcp).await.unwrap().0,
+            IoLimits::default(),
+        )
+    }
+
+    async fn stop(self) {
+        let _ = &self.pki;
+        self.stop.cancel();
+        self.tracker.close();
+        let _ = tokio::time::timeout(WAIT, self.tracker.wait()).await;
+    }
+}
+
+/// A link on which the worker has not answered anything yet is not a worker to send
+/// requests to. In TLS 1.3 the dispatcher's side of the handshake ends before the worker has
+/// judged its certificate, so a worker that refuses the dispatcher (another CA, another trust
+/// domain, its connection limit for the dispatcher) looks linked for a moment after each
+/// dial, with no request outstanding: the least loaded of all. Requests sent there in that
+/// moment were lost when the link ended, and a non-idempotent one came back `worker_lost`
+/// ("may or may not have run") although the worker never read it and worker 2 was there all
+/// along. Here worker 1 takes the link and stays silent for a while, then closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_the_worker_has_not_answered_on_gets_no_requests() {
+    let s = beside_a_real_worker().await;
+    // Worker 1 takes the dispatcher's link and reads what comes for 600 ms (the dispatcher
+    // pings every second, so it has not yet missed two pings), answering nothing.
+    let mut link = s.link().await;
     let opts = CallOptions {
         idempotent: false,
         timeout: Duration::from_secs(10),
     };
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..4 {
-        let client = client.clone();
+        let client = s.client.clone();
         calls.spawn(async move {
             let p = format!("request {i}");
             (
@@ -469,7 +512,60 @@ async fn a_link_the_worker_has_not_answered_on_gets_no_requests() {
         forwards == 0 && failed.is_empty(),
         "{forwards} requests sent to a worker that had answered nothing; failed: {failed:?}"
     );
-    stop.cancel();
-    tracker.close();
-    let _ = tokio::time::timeout(WAIT, tracker.wait()).await;
+    s.stop().await;
+}
+
+/// A worker that has answered a request `shutting_down` is stopping: it refuses every
+/// request it reads on that link from then on (PROTOCOL.md §5), and closes the link once its
+/// drain is over (4 s by default). Its link stayed available meanwhile, and as it refuses at
+/// once it had the fewest requests outstanding: it was picked first for every new request,
+/// each then costing a round trip and a retry on worker 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_said_it_is_stopping_gets_no_more_requests_on_that_link() {
+    use securesrv::message::{ErrorCode, ErrorReply};
+    let s = beside_a_real_worker().await;
+    let mut link = s.link().await;
+    // Worker 1 answers pings, and every request `shutting_down`, as a stopping worker does.
+    let forwards = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stopping = tokio::spawn({
+        let forwards = forwards.clone();
+        async move {
+            while let Ok(Some(m)) = link.read_message().await {
+                let answer = match m {
+                    Message::Ping(p) => Message::Pong(Pong {
+                        nonce: p.nonce,
+                        in_flight: 1,
+                        workers_available: None,
+                    }),
+                    Message::Forward(f) => {
+                        forwards.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        Message::Error(ErrorReply {
+                            id: f.id,
+                            code: ErrorCode::ShuttingDown,
+                            message: "shutting down; send it elsewhere".into(),
+                        })
+                    }
+                    other => panic!("unexpected {other:?}"),
+                };
+                if link.send(&answer).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    assert!(s.dispatcher.pool().wait_for_available(2, WAIT).await);
+    for i in 0..10 {
+        let p = format!("request {i}");
+        assert_eq!(
+            s.client.call("echo", p.as_bytes()).await.unwrap(),
+            p.as_bytes()
+        );
+    }
+    let sent = forwards.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        sent <= 1,
+        "{sent} of 10 requests sent to a worker that had said it is stopping"
+    );
+    stopping.abort();
+    s.stop().await;
 }

@@ -2,7 +2,8 @@
 //! backoff, probed with pings, and the choice of the least-loaded available worker.
 //!
 //! A link carries many requests at once, matched by id. A worker is *available* when its link
-//! is up, its last ping was answered in time and it has fewer than
+//! is up, its last ping was answered in time, it has not said it is stopping (a request
+//! answered `shutting_down`) and it has fewer than
 //! `dispatcher.max_in_flight_per_worker` requests outstanding. When a link dies, every request
 //! on it learns whether its frame had left the dispatcher ([`ForwardError::Lost`]: it may have
 //! run) or not ([`ForwardError::NotSent`]: safe to send elsewhere) — the difference decides
@@ -138,6 +139,10 @@ pub struct Link {
     /// before the worker has judged our certificate, and a worker refusing it looked linked,
     /// with nothing outstanding, until its refusal came.
     healthy: AtomicBool,
+    /// The worker answered a request on it `shutting_down`: it is stopping, refuses every
+    /// request it reads on this link from now on, and closes it once its drain is over.
+    /// Requests already on it are still answered, and the worker's next link is used again.
+    stopping: AtomicBool,
     /// Which of the pool's links this is: a worker that refused a request on one link (it
     /// was stopping, say) may take it again on the next, once it has restarted.
     generation: u64,
@@ -183,6 +188,12 @@ const CHARGE_FROM: usize = 1024;
 pub type Excluded = (u32, u64);
 
 impl Link {
+    /// Whether requests may be sent on it: the worker answers, and has not said it is
+    /// stopping.
+    fn usable(&self) -> bool {
+        self.healthy.load(Ordering::Acquire) && !self.stopping.load(Ordering::Acquire)
+    }
+
     /// This link, as a request that may not go back to it names it.
     pub fn excluded(&self, slot: &Slot) -> Excluded {
         (slot.id, self.generation)
@@ -265,7 +276,7 @@ impl Pool {
     pub fn linked(&self) -> usize {
         self.slots
             .iter()
-            .filter(|s| s.link().is_some_and(|l| l.healthy.load(Ordering::Acquire)))
+            .filter(|s| s.link().is_some_and(|l| l.usable()))
             .count()
     }
 
@@ -279,8 +290,7 @@ impl Pool {
 
     fn is_available(&self, slot: &Slot) -> Option<Arc<Link>> {
         let link = slot.link()?;
-        (link.healthy.load(Ordering::Acquire) && slot.outstanding() < self.max_in_flight)
-            .then_some(link)
+        (link.usable() && slot.outstanding() < self.max_in_flight).then_some(link)
     }
 
     /// Whether a worker not in `exclude` is available now.
@@ -584,6 +594,7 @@ impl Pool {
             pending: InFlight::default(),
             next_id: AtomicU64::new(1),
             healthy: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             generation: self.links_made.fetch_add(1, Ordering::Relaxed),
         });
         slot.set_link(Some(link.clone()));
@@ -665,6 +676,11 @@ impl Pool {
                         if stray(e.id) {
                             warn!(worker = slot.id, id = e.id, "worker answered a request it does not owe an answer");
                             break PROTOCOL_VIOLATION;
+                        }
+                        if e.code == ErrorCode::ShuttingDown
+                            && !link.stopping.swap(true, Ordering::AcqRel)
+                        {
+                            info!(worker = slot.id, "worker is stopping; no more requests on this link");
                         }
                         answered |= link.pending.complete(e.id, Answer::Error(e.code, e.message));
                     }
