@@ -7,7 +7,8 @@
 //! handshake, from whatever address, gives its slot to the new one; with none in their
 //! handshake the new TCP connection is closed at once, before any TLS work. An address with
 //! `max_handshakes_per_address` connections in their handshake likewise gives its oldest
-//! one's place to its new one (and that frees the slot the new one needs). Over the
+//! one's place to its new one (and that frees the slot the new one needs); while an eighth as
+//! many of its connections are still closing so, its new ones are closed at once. Over the
 //! per-identity limit the peer gets an `overloaded` error frame.
 //! Components supply a [`ConnectionHandler`] that sees a framed connection and an identity,
 //! never a raw socket.
@@ -326,19 +327,41 @@ fn handshake_key(ip: IpAddr) -> IpAddr {
 /// listener's log of refused handshakes.
 #[derive(Default)]
 struct Handshaking {
-    counts: Mutex<HashMap<IpAddr, usize>>,
-    /// Every connection still in its handshake, oldest first (see [`Self::evict_oldest`]).
+    /// Every connection still in its handshake, oldest first (see [`Self::evict_oldest`]),
+    /// and the places each address holds.
     pending: Mutex<Pending>,
     refusals: RefusalLog,
     /// Connections refused for their identity's connection limit.
     over_identity_limit: SharedThrottle,
 }
 
-/// Connections in their handshake by age, each with the token that makes it give up.
+/// Connections in their handshake by age, each with the token that makes it give up, and the
+/// places of each address (one lock for both, so that a place and its eviction are counted
+/// together).
 #[derive(Default)]
 struct Pending {
     next: u64,
     by_age: std::collections::BTreeMap<u64, (IpAddr, CancellationToken)>,
+    per_address: HashMap<IpAddr, Places>,
+}
+
+/// The places an address holds: its connections in their handshake, and those of them told
+/// to give theirs up whose tasks have not run yet, which still hold their sockets and
+/// connection slots.
+#[derive(Default, Debug, PartialEq)]
+struct Places {
+    held: usize,
+    evicted: usize,
+}
+
+/// How many of an address's connections may be closing for its newer ones at once (evicted,
+/// their tasks not yet run), beyond the address's `max` handshakes: an eighth of them, at
+/// least 1. Past it, a new connection from that address is closed at once, before any TLS
+/// work. Without it, a host opening connections faster than the runtime got to the evicted
+/// ones took a new slot for each, and held every slot of the listener from one address
+/// (found by a hostile test: all 4096, other addresses' handshakes closed for its new ones).
+fn eviction_allowance(max: usize) -> usize {
+    (max / 8).max(1)
 }
 
 /// Refused handshakes, logged at `info` at most once a second per listener, with how many
@@ -381,20 +404,20 @@ impl Handshaking {
     /// connections come from that address.
     fn try_take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<(HandshakeSlot, bool)> {
         let ip = handshake_key(ip);
-        let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let full = map.get(&ip).is_some_and(|n| *n >= max);
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let places = pending.per_address.get(&ip);
+        let full = places.is_some_and(|p| p.held >= max);
         if full {
-            drop(map);
-            if !self.evict(Some(ip), None) {
+            // Too many of its connections are closing already (see `eviction_allowance`).
+            if places.is_some_and(|p| p.evicted >= eviction_allowance(max))
+                || !pending.evict(Some(ip), None)
+            {
                 return None;
             }
-            map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         }
         // The evicted one is counted until its task has run and given its place back.
-        *map.entry(ip).or_insert(0) += 1;
-        drop(map);
+        pending.per_address.entry(ip).or_default().held += 1;
         let evicted = CancellationToken::new();
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         let seq = pending.next;
         pending.next += 1;
         pending.by_age.insert(seq, (ip, evicted.clone()));
@@ -427,14 +450,26 @@ impl Handshaking {
     /// Tells the oldest connection in its handshake (from `from`, or from anywhere; never
     /// `keep`) to give its place up. Returns whether there was one.
     fn evict(&self, from: Option<IpAddr>, keep: Option<u64>) -> bool {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let victim = pending
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .evict(from, keep)
+    }
+}
+
+impl Pending {
+    /// [`Handshaking::evict`], under the lock.
+    fn evict(&mut self, from: Option<IpAddr>, keep: Option<u64>) -> bool {
+        let victim = self
             .by_age
             .iter()
             .find(|(seq, (ip, _))| Some(**seq) != keep && from.is_none_or(|f| *ip == f))
             .map(|(seq, _)| *seq);
-        match victim.and_then(|seq| pending.by_age.remove(&seq)) {
-            Some((_, token)) => {
+        match victim.and_then(|seq| self.by_age.remove(&seq)) {
+            Some((ip, token)) => {
+                if let Some(places) = self.per_address.get_mut(&ip) {
+                    places.evicted += 1;
+                }
                 token.cancel();
                 true
             }
@@ -458,21 +493,21 @@ impl HandshakeSlot {
 
 impl Drop for HandshakeSlot {
     fn drop(&mut self) {
-        self.handshaking
+        let mut pending = self
+            .handshaking
             .pending
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .by_age
-            .remove(&self.seq);
-        let mut map = self
-            .handshaking
-            .counts
-            .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.ip);
+        pending.by_age.remove(&self.seq);
+        // Its token is cancelled only by an eviction, under this lock, which counted it.
+        let evicted = self.evicted.is_cancelled();
+        if let Some(places) = pending.per_address.get_mut(&self.ip) {
+            places.held -= 1;
+            if evicted {
+                places.evicted -= 1;
+            }
+            if places.held == 0 {
+                pending.per_address.remove(&self.ip);
             }
         }
     }
@@ -502,6 +537,7 @@ pub async fn serve<H: ConnectionHandler>(
     let handshaking = Arc::new(Handshaking::default());
     let mut over_limit = Throttle::default();
     let mut busy_address = Throttle::default();
+    let mut address_closing = Throttle::default();
     let mut accept_failed = Throttle::default();
     loop {
         let accepted = tokio::select! {
@@ -524,9 +560,19 @@ pub async fn serve<H: ConnectionHandler>(
         let Some((handshake, made_room)) =
             handshaking.try_take(addr.ip(), limits.max_handshakes_per_address)
         else {
-            // Every one of its handshakes is already closing: this one too.
-            debug!(address = %addr.ip(), "too many handshakes from one address, all closing");
+            // Its handshakes are all closing, or enough of them that the rest must wait for
+            // those to go (`eviction_allowance`): this one is closed at once.
             drop(tcp);
+            if let Some(closed) = address_closing.hit() {
+                warn!(
+                    closed,
+                    address = %addr.ip(),
+                    counted_as = %handshake_key(addr.ip()),
+                    limit = limits.max_handshakes_per_address,
+                    "too many handshakes from one address, and its oldest still closing; \
+                     closing its new connections at once"
+                );
+            }
             continue;
         };
         if made_room {
@@ -871,23 +917,67 @@ mod tests {
         assert!(a.evicted.is_cancelled() && !b.evicted.is_cancelled());
         let (_d, made_room) = take("2001:db8:1:3::1");
         assert!(!made_room, "another /64");
-        // While the evicted one has not given its place back, the next takes b's.
-        let (e, _) = take("2001:db8:1:2::4");
-        assert!(b.evicted.is_cancelled() && !c.evicted.is_cancelled());
+        // While the evicted one has not given its place back (its task has not run), the
+        // address may not close another of its handshakes: the new one is refused.
+        let refused = |ip: &str| h.try_take(ip.parse().unwrap(), 2).is_none();
+        assert!(refused("2001:db8:1:2::4"));
+        assert!(!b.evicted.is_cancelled());
+        drop(a);
+        let (e, made_room) = take("2001:db8:1:2::4");
+        assert!(made_room && b.evicted.is_cancelled() && !c.evicted.is_cancelled());
+        drop(b);
         let (_f, _) = take("2001:db8:1:2::5");
         assert!(c.evicted.is_cancelled() && !e.evicted.is_cancelled());
-        drop((a, b, c));
+        drop(c);
         let (g, made_room) = take("2001:db8:1:2::6");
         assert!(made_room && e.evicted.is_cancelled());
         // With every one of the address's places closing already, there is none.
         assert!(h.evict(None, None) && h.evict(None, None) && h.evict(None, None));
         assert!(g.evicted.is_cancelled());
-        assert!(h.try_take("2001:db8:1:2::7".parse().unwrap(), 2).is_none());
+        assert!(refused("2001:db8:1:2::7"));
         // An evicted handshake that finishes anyway is told it was evicted.
         assert!(!g.finish());
         // Every place given back, nothing left counted.
         drop((_d, e, _f, g));
-        assert!(h.counts.lock().unwrap().is_empty());
-        assert!(h.pending.lock().unwrap().by_age.is_empty());
+        let pending = h.pending.lock().unwrap();
+        assert!(pending.by_age.is_empty() && pending.per_address.is_empty());
+    }
+
+    /// A host that opens connections faster than the runtime gets to the ones evicted for
+    /// them (under a flood of handshakes it has many tasks to run) held a new connection
+    /// slot for each: all of a listener's, from one address (found by a hostile test). It
+    /// now holds at most its `max` handshakes and an eighth more that are closing.
+    #[test]
+    fn an_address_whose_evicted_handshakes_linger_holds_a_bounded_number_of_places() {
+        let h = Arc::new(Handshaking::default());
+        let ip: IpAddr = "192.0.2.9".parse().unwrap();
+        let max = 64;
+        let mut held = Vec::new();
+        for _ in 0..10 * max {
+            if let Some((slot, _)) = h.try_take(ip, max) {
+                held.push(slot);
+            }
+        }
+        assert_eq!(held.len(), max + max / 8);
+        let evicted = held.iter().filter(|s| s.evicted.is_cancelled()).count();
+        assert_eq!(evicted, max / 8);
+        assert_eq!(
+            h.pending.lock().unwrap().per_address[&ip],
+            Places {
+                held: max + max / 8,
+                evicted: max / 8
+            }
+        );
+        // Another address is not held back.
+        assert!(h.try_take("192.0.2.10".parse().unwrap(), max).is_some());
+        // Once the evicted ones' tasks have run, the address's new connections get in again,
+        // each closing its oldest.
+        held.retain(|s| !s.evicted.is_cancelled());
+        let (newest, made_room) = h.try_take(ip, max).expect("a place");
+        assert!(made_room);
+        held.push(newest);
+        assert_eq!(held.iter().filter(|s| s.evicted.is_cancelled()).count(), 1);
+        drop(held);
+        assert!(!h.pending.lock().unwrap().per_address.contains_key(&ip));
     }
 }
