@@ -343,15 +343,20 @@ struct Pending {
     next: u64,
     by_age: std::collections::BTreeMap<u64, (IpAddr, CancellationToken)>,
     per_address: HashMap<IpAddr, Places>,
+    /// The connections told to give their place up to a newer one from their own address,
+    /// whose tasks have not run yet.
+    closing: std::collections::HashSet<u64>,
 }
 
-/// The places an address holds: its connections in their handshake, and those of them told
-/// to give theirs up whose tasks have not run yet, which still hold their sockets and
-/// connection slots.
+/// The places an address holds: its connections in their handshake, including those told to
+/// give theirs up whose tasks have not run yet, which still hold their sockets and connection
+/// slots; and how many of those were told so for a newer one from this address (not for
+/// another address's, at the listener's total limit: the accept loop waits for each of those
+/// to go before it closes another).
 #[derive(Default, Debug, PartialEq)]
 struct Places {
     held: usize,
-    evicted: usize,
+    closing: usize,
 }
 
 /// How many of an address's connections may be closing for its newer ones at once (evicted,
@@ -397,11 +402,14 @@ struct HandshakeSlot {
 
 impl Handshaking {
     /// A place among `ip`'s handshakes. With `max` of them already, the oldest gives its place
-    /// up (`made_room`), or if none can (all of them are ending anyway), `None`. A host that
-    /// opens connections and never starts TLS on them, as fast as it likes, then only ever
-    /// closes its own oldest: another peer from the same address (on the same machine, behind
+    /// up (`made_room`), or if none can (all of them are ending anyway), or if
+    /// [`eviction_allowance`] of them are still closing for newer ones, `None`. A host that
+    /// opens connections and never starts TLS on them then only ever closes its own oldest,
+    /// or its own new ones: another peer from the same address (on the same machine, behind
     /// the same NAT) still gets in, as long as its handshake finishes before `max` newer
-    /// connections come from that address.
+    /// connections come from that address, and its connection does not come while the
+    /// process is behind with closing them (then it is closed at once, and a client tries
+    /// again; the worker links and the watchdog's heartbeat redial alike).
     fn try_take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<(HandshakeSlot, bool)> {
         let ip = handshake_key(ip);
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -409,7 +417,7 @@ impl Handshaking {
         let full = places.is_some_and(|p| p.held >= max);
         if full {
             // Too many of its connections are closing already (see `eviction_allowance`).
-            if places.is_some_and(|p| p.evicted >= eviction_allowance(max))
+            if places.is_some_and(|p| p.closing >= eviction_allowance(max))
                 || !pending.evict(Some(ip), None)
             {
                 return None;
@@ -465,10 +473,13 @@ impl Pending {
             .iter()
             .find(|(seq, (ip, _))| Some(**seq) != keep && from.is_none_or(|f| *ip == f))
             .map(|(seq, _)| *seq);
-        match victim.and_then(|seq| self.by_age.remove(&seq)) {
-            Some((ip, token)) => {
-                if let Some(places) = self.per_address.get_mut(&ip) {
-                    places.evicted += 1;
+        match victim.and_then(|seq| self.by_age.remove(&seq).map(|v| (seq, v))) {
+            Some((seq, (ip, token))) => {
+                if from.is_some() {
+                    if let Some(places) = self.per_address.get_mut(&ip) {
+                        places.closing += 1;
+                        self.closing.insert(seq);
+                    }
                 }
                 token.cancel();
                 true
@@ -499,12 +510,11 @@ impl Drop for HandshakeSlot {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         pending.by_age.remove(&self.seq);
-        // Its token is cancelled only by an eviction, under this lock, which counted it.
-        let evicted = self.evicted.is_cancelled();
+        let closing = pending.closing.remove(&self.seq);
         if let Some(places) = pending.per_address.get_mut(&self.ip) {
             places.held -= 1;
-            if evicted {
-                places.evicted -= 1;
+            if closing {
+                places.closing -= 1;
             }
             if places.held == 0 {
                 pending.per_address.remove(&self.ip);
@@ -965,7 +975,7 @@ mod tests {
             h.pending.lock().unwrap().per_address[&ip],
             Places {
                 held: max + max / 8,
-                evicted: max / 8
+                closing: max / 8
             }
         );
         // Another address is not held back.
@@ -979,5 +989,34 @@ mod tests {
         assert_eq!(held.iter().filter(|s| s.evicted.is_cancelled()).count(), 1);
         drop(held);
         assert!(!h.pending.lock().unwrap().per_address.contains_key(&ip));
+    }
+
+    /// An address's handshake closed by `evict_oldest` for another address's new connection
+    /// (every slot taken) does not count against the first address's eviction allowance,
+    /// which is for its connections closing for its own newer ones: with it counted (in a
+    /// first version, found by review), someone else's flood had this address's next
+    /// connection closed at once, although it had closed none of its own.
+    #[test]
+    fn an_eviction_for_another_address_does_not_spend_this_addresss_allowance() {
+        let h = Arc::new(Handshaking::default());
+        let victim: IpAddr = "192.0.2.1".parse().unwrap();
+        let max = 4;
+        let mut held: Vec<_> = (0..max)
+            .map(|_| h.try_take(victim, max).expect("a place").0)
+            .collect();
+        // Every connection slot is taken; a connection from another address closes the
+        // oldest handshake of all: the victim's.
+        let (flood, _) = h.try_take("198.51.100.7".parse().unwrap(), max).unwrap();
+        assert!(h.evict_oldest(flood.seq));
+        assert!(held[0].evicted.is_cancelled());
+        // The victim's next connection: it has closed none of its own for a newer one.
+        let next = h.try_take(victim, max);
+        assert!(
+            next.is_some(),
+            "refused: {:?}",
+            h.pending.lock().unwrap().per_address[&handshake_key(victim)]
+        );
+        held.extend(next.map(|(s, _)| s));
+        drop((held, flood));
     }
 }
