@@ -569,3 +569,59 @@ async fn a_worker_that_said_it_is_stopping_gets_no_more_requests_on_that_link() 
     stopping.abort();
     s.stop().await;
 }
+
+/// Log lines written while the guard lives, by this thread (a current-thread runtime runs
+/// every task of the test on it).
+#[derive(Clone, Default)]
+struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Lines {
+    fn capture(&self) -> tracing::subscriber::DefaultGuard {
+        let lines = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || lines.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// A worker that takes the link and never answers a ping is reported as not answering at
+/// the second unanswered ping, as one that stops answering is. Since a link is used only
+/// once its worker has answered, such a link was never marked as answering, and in a first
+/// version nothing was said until the link was dropped, after five (found by review).
+#[tokio::test(flavor = "current_thread")]
+async fn a_worker_that_never_answers_a_ping_is_reported_at_the_second_miss() {
+    let lines = Lines::default();
+    let _capture = lines.capture();
+    let s = setup().await;
+    let mut link = s.link().await;
+    // Pings every 100 ms: the second miss comes at the third ping, the link's drop at the
+    // sixth. Read them without answering until the line is there.
+    let mut pings = 0;
+    while !lines.text().contains("worker not answering pings") {
+        assert!(
+            next_ping(&mut link, WAIT).await.is_some(),
+            "the link closed after {pings} pings, and nothing said the worker does not answer:\n{}",
+            lines.text()
+        );
+        pings += 1;
+    }
+    assert!(pings <= 4, "said only after {pings} pings");
+    s.stop().await;
+}

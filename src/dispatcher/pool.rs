@@ -272,7 +272,8 @@ impl Pool {
         self.minter.previous_usable(crate::token::now_ms())
     }
 
-    /// Workers whose link is up and answering, with room or not.
+    /// Workers whose link is up and answering, with room or not; a worker that has said it is
+    /// stopping counts as down.
     pub fn linked(&self) -> usize {
         self.slots
             .iter()
@@ -716,7 +717,10 @@ impl Pool {
                 _ = ticker.tick() => {
                     if awaiting.is_some() {
                         misses += 1;
-                        if misses == PING_MISSES_UNAVAILABLE && link.healthy.swap(false, Ordering::AcqRel) {
+                        // A link whose worker has not answered yet was never used: said too.
+                        if misses == PING_MISSES_UNAVAILABLE
+                            && (link.healthy.swap(false, Ordering::AcqRel) || !pinged_back)
+                        {
                             warn!(worker = slot.id, misses, "worker not answering pings; not sending it requests");
                         }
                         if misses >= PING_MISSES_RECONNECT {
