@@ -1465,6 +1465,39 @@ fn a_daemon_a_job_started_does_not_outlive_the_watchdog() {
 }
 
 #[test]
+fn children_the_watchdog_inherited_outlive_its_stop() {
+    // `sleep 300 & exec securesrv watchdog`, or a log reader (`2> >(logger)`): a shell's
+    // children become the watchdog's at `exec`. They were killed at its stop, as if they were
+    // its components' leftovers, and a log reader killed so lost the watchdog's last lines.
+    // Found by a chaos test.
+    let f = Fixture::new();
+    let pidfile = f.pki.tmp.path().join("sidecar.pid");
+    let mut sh = std::process::Command::new("sh");
+    sh.current_dir(f.pki.tmp.path())
+        .env("SECURESRV_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .args([
+            "-c",
+            "sleep 300 & echo $! > sidecar.pid; exec \"$0\" --config securesrv.toml watchdog",
+            common::bin(),
+        ]);
+    let mut w = Proc::spawn_command("watchdog", sh);
+    let sidecar = common::wait_pid_file(&pidfile, WAIT);
+    w.wait_for_n(false, &["securesrv ready"], 1, WAIT);
+    w.signal(Signal::SIGTERM);
+    let status = w.wait_exit(WAIT).expect("watchdog exits after SIGTERM");
+    let survived = alive(sidecar);
+    w.signal_pid(sidecar, Signal::SIGKILL);
+    assert_eq!(status.code(), Some(0), "{}", w.stderr());
+    assert!(
+        survived,
+        "the watchdog killed a process it inherited:\n{}",
+        w.stderr()
+    );
+    assert!(!w.stderr().contains("left behind"), "{}", w.stderr());
+}
+
+#[test]
 fn a_live_workers_job_keeps_the_processes_it_started() {
     let tmp = common::tempdir().unwrap();
     let pidfile = tmp.path().join("child.pid");

@@ -196,6 +196,8 @@ struct Supervisor {
     dead: VecDeque<u32>,
     /// Whether this process adopts its components' orphans and so must kill and reap them.
     subreaper: bool,
+    /// Children it had before it started any component (see [`orphans::sweep_all`]).
+    inherited: HashSet<(u32, u64)>,
     /// Runtime threads per child: the cores shared out among the co-located components, so
     /// that they do not oversubscribe the machine.
     threads: usize,
@@ -305,6 +307,7 @@ pub async fn run(
         stop_tasks: tokio::task::JoinSet::new(),
         dead: VecDeque::new(),
         subreaper: orphans::is_subreaper(),
+        inherited: orphans::children_now(),
         threads,
     };
     info!(components = sup.slots.len(), "watchdog starting components");
@@ -914,7 +917,7 @@ impl Supervisor {
         // worker that had to be SIGKILLed, a daemon a job started in a session of its own).
         // Kill them, and reap them within a short bound.
         for _ in 0..50 {
-            if !self.subreaper || orphans::sweep_all(&HashSet::new()) == 0 {
+            if !self.subreaper || orphans::sweep_all(&HashSet::new(), &self.inherited) == 0 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

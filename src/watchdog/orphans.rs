@@ -13,6 +13,10 @@
 //! - only reaps, when they have exited, the orphans of anything else (a watchdog that is PID 1
 //!   in a container adopts every orphan there).
 //!
+//! At its exit [`sweep_all`] kills every child left but those the watchdog had before it
+//! started any component ([`children_now`]): children of the process that `exec`ed it, such as
+//! a shell's `sleep 300 & exec securesrv watchdog`, or the reader of `2> >(logger)`.
+//!
 //! A child's PID cannot be reused before its parent reaps it, so signalling a child found in
 //! `/proc` (or the group it leads) cannot hit an unrelated process.
 
@@ -44,6 +48,9 @@ pub struct ProcStat {
     pub pgrp: u32,
     /// Session ID.
     pub session: u32,
+    /// When it started, in clock ticks after boot (`None` if the line is cut short): with the
+    /// PID, which process this is, even once the PID has been used again.
+    pub start: Option<u64>,
 }
 
 /// Parses the fields after the command name, which is in parentheses and may itself contain
@@ -55,12 +62,25 @@ pub fn parse_stat(stat: &str) -> Option<ProcStat> {
     let ppid = fields.next()?.parse().ok()?;
     let pgrp = fields.next()?.parse().ok()?;
     let session = fields.next()?.parse().ok()?;
+    // Field 22 of the line; the session was field 6.
+    let start = fields.nth(15).and_then(|f| f.parse().ok());
     Some(ProcStat {
         state,
         ppid,
         pgrp,
         session,
+        start,
     })
+}
+
+/// This process's children now, each by its PID and start time. The watchdog takes them
+/// before it starts any component: they are not its components' leftovers, and
+/// [`sweep_all`] leaves them be.
+pub fn children_now() -> HashSet<(u32, u64)> {
+    children(&HashSet::new())
+        .into_iter()
+        .filter_map(|(pid, stat)| Some((pid, stat.start?)))
+        .collect()
 }
 
 /// Children of this process that are not in `live` (PIDs of live components): from `/proc`.
@@ -84,24 +104,28 @@ fn children(live: &HashSet<u32>) -> Vec<(u32, ProcStat)> {
 /// `dead` those of components that have exited (their sessions' orphans are killed). Returns
 /// how many children it killed or reaped.
 pub fn sweep(live: &HashSet<u32>, dead: &HashSet<u32>) -> usize {
-    sweep_where(live, |stat| dead.contains(&stat.session))
+    sweep_where(live, |_, stat| dead.contains(&stat.session))
 }
 
 /// [`sweep`] for the watchdog's exit, once every component is reaped: every child left is
 /// an orphan of theirs, including one that left its component's session (a job's daemon,
-/// started with `setsid`), which [`sweep`] cannot tell from a live component's. Returns how
-/// many processes it killed or reaped.
-pub fn sweep_all(live: &HashSet<u32>) -> usize {
-    sweep_where(live, |_| true)
+/// started with `setsid`), which [`sweep`] cannot tell from a live component's; all but
+/// `inherited`, the children it had before it started any ([`children_now`]), which are only
+/// reaped once they have exited. Returns how many processes it killed or reaped.
+pub fn sweep_all(live: &HashSet<u32>, inherited: &HashSet<(u32, u64)>) -> usize {
+    sweep_where(live, |pid, stat| {
+        stat.start
+            .is_none_or(|start| !inherited.contains(&(pid, start)))
+    })
 }
 
-fn sweep_where(live: &HashSet<u32>, orphaned: impl Fn(&ProcStat) -> bool) -> usize {
+fn sweep_where(live: &HashSet<u32>, orphaned: impl Fn(u32, &ProcStat) -> bool) -> usize {
     let own_group = nix::unistd::getpgrp().as_raw() as u32;
     let mut acted = 0;
     for (pid, stat) in children(live) {
         let raw = Pid::from_raw(pid as i32);
         let zombie = stat.state == 'Z';
-        if orphaned(&stat) {
+        if orphaned(pid, &stat) {
             if stat.pgrp == pid && stat.pgrp != own_group {
                 // A group leader, as each job is, even as a zombie (it still holds the group):
                 // everything in its group goes with it.
@@ -138,9 +162,14 @@ mod tests {
                 state: 'S',
                 ppid: 17,
                 pgrp: 4242,
-                session: 17
+                session: 17,
+                start: None
             })
         );
+        let line = "30 (sleep) S 1 30 30 0 -1 4194304 97 0 0 0 0 0 0 0 20 0 1 0 51234 2371584";
+        assert_eq!(parse_stat(line).and_then(|s| s.start), Some(51234));
+        let me = std::fs::read_to_string("/proc/self/stat").unwrap();
+        assert!(parse_stat(&me).and_then(|s| s.start).is_some());
         // A command name can hold spaces and parentheses.
         assert_eq!(
             parse_stat("9 (a (b) c) R 1 3 5 0"),
@@ -148,7 +177,8 @@ mod tests {
                 state: 'R',
                 ppid: 1,
                 pgrp: 3,
-                session: 5
+                session: 5,
+                start: None
             })
         );
         assert_eq!(parse_stat("9 (x) R 1 3"), None);
