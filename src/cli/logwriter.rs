@@ -274,11 +274,17 @@ pub fn buffered_stderr(policy: Policy) -> (BufferedStderr, Guard) {
         Ok(fd) => Box::new(std::fs::File::from(fd)),
         Err(_) => Box::new(std::io::stderr()),
     };
-    buffered(target, policy)
+    let piece = out::piece_for(std::io::stderr().as_fd());
+    buffered(target, piece, policy)
 }
 
-/// A buffered writer to `target`.
-fn buffered(target: Box<dyn Write + Send>, policy: Policy) -> (BufferedStderr, Guard) {
+/// A buffered writer to `target`, in writes of at most `piece` bytes where lines allow (see
+/// [`out`]).
+fn buffered(
+    target: Box<dyn Write + Send>,
+    piece: usize,
+    policy: Policy,
+) -> (BufferedStderr, Guard) {
     let mut shared = Shared {
         policy,
         state: Mutex::new(State {
@@ -290,7 +296,7 @@ fn buffered(target: Box<dyn Write + Send>, policy: Policy) -> (BufferedStderr, G
         }),
         work: Condvar::new(),
         taken: Condvar::new(),
-        out: Mutex::new(Out::new(target)),
+        out: Mutex::new(Out::new(target, piece)),
         inline: false,
     };
     let (tx, rx) = std::sync::mpsc::channel::<Arc<Shared>>();

@@ -10,6 +10,10 @@
 //! - Once a write goes through again, a WARN line says how many lines were lost and why,
 //!   where the gap is. A line cut off by a failed write is ended with a line break first, so
 //!   that it does not run into the next.
+//! - To a pipe or a socket, which the watchdog and its components share, a chunk goes out in
+//!   writes of whole lines of at most [`PIPE_BUF`] bytes: only those are written at once, and
+//!   a larger write let another process's lines land inside one of ours (found by a chaos
+//!   test: audit lines cut in two under load). A regular file takes each write whole.
 
 use std::io::{ErrorKind, Write};
 use std::time::{Duration, SystemTime};
@@ -21,9 +25,15 @@ const WOULD_BLOCK_MAX: Duration = Duration::from_millis(20);
 /// The target named by the line that reports lost lines.
 const TARGET: &str = "securesrv::cli::logwriter";
 
+/// The most a write to a pipe takes at once, without another writer's bytes inside (POSIX
+/// allows 512; Linux's is 4096).
+pub(super) const PIPE_BUF: usize = 4096;
+
 /// Where chunks go, and what has not been said yet about lines that did not get there.
 pub(super) struct Out {
     target: Box<dyn Write + Send>,
+    /// The most one write may carry: [`PIPE_BUF`] for a pipe or a socket, else no bound.
+    piece: usize,
     /// Lines dropped by producers that found the buffer full for too long, not reported yet.
     lost_blocked: u64,
     /// Lines of chunks that could not be written, not reported yet.
@@ -35,9 +45,11 @@ pub(super) struct Out {
 }
 
 impl Out {
-    pub(super) fn new(target: Box<dyn Write + Send>) -> Self {
+    /// `piece`: see [`piece_for`].
+    pub(super) fn new(target: Box<dyn Write + Send>, piece: usize) -> Self {
         Out {
             target,
+            piece,
             lost_blocked: 0,
             lost_failed: 0,
             last_error: None,
@@ -69,9 +81,15 @@ impl Out {
                 self.last_error = None;
             }
         }
-        if let Err((e, written)) = self.write_all(chunk) {
-            self.lost_failed += count_lines(&chunk[written..]);
-            self.last_error = Some(e.to_string());
+        let mut at = 0;
+        while at < chunk.len() {
+            let end = piece_end(chunk, at, self.piece);
+            if let Err((e, written)) = self.write_all(&chunk[at..end]) {
+                self.lost_failed += count_lines(&chunk[at + written..]);
+                self.last_error = Some(e.to_string());
+                break;
+            }
+            at = end;
         }
         self.lost_blocked += dropped_after;
     }
@@ -119,6 +137,39 @@ impl Out {
         }
         let _ = self.target.flush();
         Ok(())
+    }
+}
+
+/// How much one write to `fd` may carry so that it is never split: [`PIPE_BUF`] for a pipe
+/// or a socket, no bound for anything else (a regular file, a terminal).
+pub(super) fn piece_for(fd: std::os::fd::BorrowedFd<'_>) -> usize {
+    use nix::sys::stat::{SFlag, fstat};
+    match fstat(fd) {
+        Ok(st) => {
+            let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+            if kind == SFlag::S_IFIFO || kind == SFlag::S_IFSOCK {
+                PIPE_BUF
+            } else {
+                usize::MAX
+            }
+        }
+        Err(_) => PIPE_BUF,
+    }
+}
+
+/// Where the write of `chunk` from `at` ends: after the last whole line within `piece`
+/// bytes, or after the first line if that one alone is longer.
+pub(super) fn piece_end(chunk: &[u8], at: usize, piece: usize) -> usize {
+    let rest = &chunk[at..];
+    if rest.len() <= piece {
+        return chunk.len();
+    }
+    match rest[..piece].iter().rposition(|b| *b == b'\n') {
+        Some(i) => at + i + 1,
+        None => rest
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(chunk.len(), |i| at + i + 1),
     }
 }
 

@@ -192,7 +192,7 @@ fn count_field(line: &str, key: &str) -> u64 {
 #[test]
 fn the_exit_waits_only_briefly_for_a_stderr_that_takes_nothing() {
     let (r, wr, _) = stuck_pipe();
-    let (w, guard) = buffered(Box::new(wr), small(Duration::ZERO));
+    let (w, guard) = buffered(Box::new(wr), usize::MAX, small(Duration::ZERO));
     log_lines(&w, 0..1).recv_timeout(BOUND).unwrap();
     assert!(
         !w.flush_within(Duration::from_millis(100)),
@@ -211,7 +211,7 @@ fn the_exit_waits_only_briefly_for_a_stderr_that_takes_nothing() {
 #[test]
 fn a_full_buffer_is_waited_for_briefly_then_lines_are_dropped_counted_and_reported() {
     let (r, wr, filled) = stuck_pipe();
-    let (w, guard) = buffered(Box::new(wr), small(Duration::from_millis(100)));
+    let (w, guard) = buffered(Box::new(wr), usize::MAX, small(Duration::from_millis(100)));
     let total = 3000;
     log_lines(&w, 0..total)
         .recv_timeout(BOUND)
@@ -282,7 +282,7 @@ fn lines_lost_to_write_errors_are_reported_and_a_cut_line_is_ended() {
             .unwrap(),
         cut: cut.clone(),
     };
-    let (w, guard) = buffered(Box::new(target), small(Duration::ZERO));
+    let (w, guard) = buffered(Box::new(target), usize::MAX, small(Duration::ZERO));
     // Line 0 is cut after 30 bytes; line 1 finds the disk full.
     for i in 0..2 {
         log_lines(&w, i..i + 1).recv_timeout(BOUND).unwrap();
@@ -313,7 +313,7 @@ fn would_block_is_waited_out_and_nothing_is_lost() {
     let (r, wr) = std::io::pipe().unwrap();
     fcntl(&wr, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).unwrap();
     // Producers may wait as long as the test does: every line must get through.
-    let (w, guard) = buffered(Box::new(wr), small(BOUND));
+    let (w, guard) = buffered(Box::new(wr), usize::MAX, small(BOUND));
     let total = 1500;
     let logged = log_lines(&w, 0..total);
     // The flusher meets a full pipe (150 KB of lines, 64 KiB of pipe) before anyone reads.
@@ -332,4 +332,53 @@ fn would_block_is_waited_out_and_nothing_is_lost() {
     for (n, l) in lines.iter().enumerate() {
         assert_eq!(format!("{l}\n"), line(n));
     }
+}
+
+/// Every write a target was given, as it was given.
+#[derive(Clone, Default)]
+struct Writes(Arc<Mutex<Vec<Vec<u8>>>>);
+
+impl Write for Writes {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().push(buf.to_vec());
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// To a pipe (shared by the watchdog and its components) a chunk went out in one write of
+/// hundreds of KB, which the kernel splits: another process's lines landed inside our audit
+/// lines under load (found by a chaos test). Writes are now whole lines of at most PIPE_BUF
+/// bytes; a single longer line goes out alone.
+#[test]
+fn to_a_pipe_lines_go_out_whole_in_writes_a_pipe_takes_at_once() {
+    let (_r, wr) = std::io::pipe().unwrap();
+    assert_eq!(out::piece_for(wr.as_fd()), out::PIPE_BUF);
+    let file = tempfile::tempfile().unwrap();
+    assert_eq!(out::piece_for(file.as_fd()), usize::MAX);
+
+    let writes = Writes::default();
+    let mut chunk = Vec::new();
+    for i in 0..200 {
+        chunk.extend_from_slice(format!("line {i} {}\n", "x".repeat(i % 97)).as_bytes());
+    }
+    let long = format!("{}\n", "y".repeat(3 * out::PIPE_BUF));
+    chunk.extend_from_slice(long.as_bytes());
+    chunk.extend_from_slice(b"last\n");
+    let mut o = out::Out::new(Box::new(writes.clone()), out::PIPE_BUF);
+    o.write_chunk(&chunk, 0);
+    let writes = writes.0.lock().unwrap();
+    assert!(writes.len() > 2, "{} writes", writes.len());
+    assert_eq!(writes.concat(), chunk);
+    for w in writes.iter() {
+        assert!(w.ends_with(b"\n"), "a write ends inside a line");
+        assert!(
+            w.len() <= out::PIPE_BUF || w[..w.len() - 1].iter().all(|b| *b != b'\n'),
+            "a write of {} bytes holds more than one line",
+            w.len()
+        );
+    }
+    assert!(writes.iter().any(|w| w.as_slice() == long.as_bytes()));
 }
