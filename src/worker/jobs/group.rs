@@ -144,6 +144,11 @@ impl JobProcess {
         Ok(())
     }
 
+    /// Whether the leader has exited, now, without waiting or reaping it.
+    pub(super) fn has_exited_now(&self) -> bool {
+        has_exited(self.pgid).unwrap_or(false)
+    }
+
     /// Kills whatever is left of the group, then reaps the leader and returns its status (the
     /// leader's own status if it had exited already, SIGKILL otherwise).
     pub(super) async fn finish(mut self) -> io::Result<ExitStatus> {
