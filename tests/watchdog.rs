@@ -1497,6 +1497,58 @@ fn children_the_watchdog_inherited_outlive_its_stop() {
     assert!(!w.stderr().contains("left behind"), "{}", w.stderr());
 }
 
+/// A process of the shell that `exec`ed the watchdog, but not its direct child then (a
+/// sidecar's own child), becomes the watchdog's child when its parent exits (the watchdog is
+/// a subreaper). It is no component's leftover, but in a first version only the direct
+/// children were noted, and the stop killed it as "a process a dead component left behind"
+/// (found by review).
+#[test]
+fn a_sidecars_child_reparented_to_the_watchdog_outlives_its_stop() {
+    let f = Fixture::new();
+    let pidfile = f.pki.tmp.path().join("grandchild.pid");
+    let mut sh = std::process::Command::new("sh");
+    sh.current_dir(f.pki.tmp.path())
+        .env("SECURESRV_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .args([
+            "-c",
+            "( sleep 300 & echo $! > grandchild.pid; sleep 1 ) & \
+             exec \"$0\" --config securesrv.toml watchdog",
+            common::bin(),
+        ]);
+    let mut w = Proc::spawn_command("watchdog", sh);
+    let grandchild = common::wait_pid_file(&pidfile, WAIT);
+    w.wait_for_n(false, &["securesrv ready"], 1, WAIT);
+    // The sidecar exits; its child, started before the watchdog, is re-parented to it.
+    let ppid = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit(')')
+                    .next()?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse::<u32>()
+                    .ok()
+            })
+    };
+    assert!(
+        common::wait_until(WAIT, || ppid(grandchild) == Some(w.pid)),
+        "not re-parented to the watchdog: {:?}",
+        ppid(grandchild)
+    );
+    w.signal(Signal::SIGTERM);
+    let status = w.wait_exit(WAIT).expect("watchdog exits after SIGTERM");
+    let survived = alive(grandchild);
+    w.signal_pid(grandchild, Signal::SIGKILL);
+    assert_eq!(status.code(), Some(0), "{}", w.stderr());
+    assert!(
+        survived,
+        "the watchdog killed a process older than itself:\n{}",
+        w.stderr()
+    );
+}
+
 #[test]
 fn a_live_workers_job_keeps_the_processes_it_started() {
     let tmp = common::tempdir().unwrap();

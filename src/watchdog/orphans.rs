@@ -109,13 +109,19 @@ pub fn sweep(live: &HashSet<u32>, dead: &HashSet<u32>) -> usize {
 
 /// [`sweep`] for the watchdog's exit, once every component is reaped: every child left is
 /// an orphan of theirs, including one that left its component's session (a job's daemon,
-/// started with `setsid`), which [`sweep`] cannot tell from a live component's; all but
-/// `inherited`, the children it had before it started any ([`children_now`]), which are only
-/// reaped once they have exited. Returns how many processes it killed or reaped.
+/// started with `setsid`), which [`sweep`] cannot tell from a live component's. All but
+/// those that cannot be: `inherited`, the children it had before it started any component
+/// ([`children_now`]), and any in the watchdog's own session, which no component's
+/// descendant can join (each component leads a session of its own): a child of one of those
+/// that the watchdog adopted once its parent exited. Those are only reaped once they have
+/// exited. Returns how many processes it killed or reaped.
 pub fn sweep_all(live: &HashSet<u32>, inherited: &HashSet<(u32, u64)>) -> usize {
+    let own_session = nix::unistd::getsid(None).map_or(0, |s| s.as_raw() as u32);
     sweep_where(live, |pid, stat| {
-        stat.start
-            .is_none_or(|start| !inherited.contains(&(pid, start)))
+        stat.session != own_session
+            && stat
+                .start
+                .is_none_or(|start| !inherited.contains(&(pid, start)))
     })
 }
 
