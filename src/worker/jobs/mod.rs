@@ -624,10 +624,17 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_job_that_exited_while_its_worker_was_held_up_is_not_said_to_be_killed() {
         let tmp = tempfile::tempdir().unwrap();
-        let pidfile = tmp.path().join("pid");
-        let script = format!("echo $$ > '{}'; echo out", pidfile.display());
+        let (pidfile, go) = (tmp.path().join("pid"), tmp.path().join("go"));
+        // The job exits only once told to, so that its task cannot see it exit before this
+        // thread is held up.
+        let script = format!(
+            "while [ ! -e '{}' ]; do sleep 0.01; done; echo $$ > '{}'; echo out",
+            go.display(),
+            pidfile.display()
+        );
         for _ in 0..4 {
             let _ = std::fs::remove_file(&pidfile);
+            let _ = std::fs::remove_file(&go);
             let timeout = Duration::from_millis(50);
             let started = std::time::Instant::now();
             let task = tokio::spawn(run(
@@ -639,6 +646,7 @@ mod tests {
             // one, is held up until the job has exited (a zombie: the worker reaps it only
             // at the end) and its timeout has passed.
             tokio::task::yield_now().await;
+            std::fs::write(&go, b"").unwrap();
             let until = std::time::Instant::now() + WAIT;
             let exited = loop {
                 let pid = std::fs::read_to_string(&pidfile).unwrap_or_default();
