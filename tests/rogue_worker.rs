@@ -593,7 +593,11 @@ impl Lines {
             .with_ansi(false)
             .with_max_level(tracing::Level::INFO)
             .finish();
-        tracing::subscriber::set_default(subscriber)
+        let guard = tracing::subscriber::set_default(subscriber);
+        // Whether a log statement is wanted is decided once for all threads, by the first to
+        // reach it: another test's thread, with no subscriber, would have it never wanted.
+        tracing::callsite::rebuild_interest_cache();
+        guard
     }
 
     fn text(&self) -> String {
@@ -623,5 +627,24 @@ async fn a_worker_that_never_answers_a_ping_is_reported_at_the_second_miss() {
         pings += 1;
     }
     assert!(pings <= 4, "said only after {pings} pings");
+    s.stop().await;
+}
+
+/// A worker that takes every link and never answers is said not to answer on the first
+/// link and then as the redial loop says its own lines (the 2nd, 4th, 8th ... link in a row),
+/// not for every link.
+#[tokio::test(flavor = "current_thread")]
+async fn a_worker_that_never_answers_on_any_link_is_not_reported_for_each() {
+    let lines = Lines::default();
+    let _capture = lines.capture();
+    let s = setup().await;
+    for n in 1..=4 {
+        let mut link = s.link().await;
+        // Unanswered, the dispatcher drops the link after 5 pings.
+        while next_ping(&mut link, WAIT).await.is_some() {}
+        let said = lines.text().matches("worker not answering pings").count();
+        let expected = [1, 2, 2, 3][n - 1];
+        assert_eq!(said, expected, "after {n} links:\n{}", lines.text());
+    }
     s.stop().await;
 }

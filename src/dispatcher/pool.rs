@@ -520,7 +520,7 @@ impl Pool {
                     }
                     let up = tokio::time::Instant::now();
                     let (reason, answered) = self
-                        .run_link(&slot, stream, io, ping_every, &shutdown)
+                        .run_link(&slot, stream, io, ping_every, failures, &shutdown)
                         .await;
                     // A link counts as made once the worker has answered on it. In TLS 1.3
                     // our side of the handshake ends before the worker has judged our
@@ -580,13 +580,15 @@ impl Pool {
     }
 
     /// Serves one link until it fails; returns why it ended, and whether the worker ever
-    /// answered on it.
+    /// answered on it. `failures`: the links and dials that failed in a row before it (for
+    /// how often to say that a worker never answers).
     async fn run_link(
         &self,
         slot: &Slot,
         stream: ClientStream,
         io: IoLimits,
         ping_every: Duration,
+        failures: u64,
         shutdown: &CancellationToken,
     ) -> (&'static str, bool) {
         let (tx, rx) = mpsc::channel(self.max_in_flight + 64);
@@ -717,9 +719,14 @@ impl Pool {
                 _ = ticker.tick() => {
                     if awaiting.is_some() {
                         misses += 1;
-                        // A link whose worker has not answered yet was never used: said too.
+                        // A link whose worker has not answered yet was never used: said too, on
+                        // the first link of a run of failed ones and then as the redial loop
+                        // says its own lines (a worker that takes every link and never answers
+                        // would otherwise have it said for each).
+                        let first_of_few = (failures + 1).is_power_of_two();
                         if misses == PING_MISSES_UNAVAILABLE
-                            && (link.healthy.swap(false, Ordering::AcqRel) || !pinged_back)
+                            && (link.healthy.swap(false, Ordering::AcqRel)
+                                || (!pinged_back && first_of_few))
                         {
                             warn!(worker = slot.id, misses, "worker not answering pings; not sending it requests");
                         }
