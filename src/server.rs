@@ -350,9 +350,10 @@ struct Pending {
 
 /// The places an address holds: its connections in their handshake, including those told to
 /// give theirs up whose tasks have not run yet, which still hold their sockets and connection
-/// slots; and how many of those were told so for a newer one from this address (not for
-/// another address's, at the listener's total limit: the accept loop waits for each of those
-/// to go before it closes another).
+/// slots; and how many of those were told so for a newer one from this address by
+/// [`Handshaking::try_take`] (not those closed at the listener's total limit, for which the
+/// accept loop waits up to `EVICTION_WAIT` each: the bound of `eviction_allowance` holds
+/// without them).
 #[derive(Default, Debug, PartialEq)]
 struct Places {
     held: usize,
