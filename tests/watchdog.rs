@@ -1464,6 +1464,37 @@ fn a_daemon_a_job_started_does_not_outlive_the_watchdog() {
     assert!(gone, "daemon {daemon} outlived the watchdog");
 }
 
+/// A watchdog started by `sh -c "{before} exec securesrv ... watchdog"` in the fixture's
+/// directory, so that the shell's children become the watchdog's.
+fn watchdog_after(f: &Fixture, before: &str) -> Proc {
+    let mut sh = std::process::Command::new("sh");
+    sh.current_dir(f.pki.tmp.path())
+        .env("SECURESRV_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .args([
+            "-c",
+            &format!("{before} exec \"$0\" --config securesrv.toml watchdog"),
+            common::bin(),
+        ]);
+    Proc::spawn_command("watchdog", sh)
+}
+
+/// Stops the watchdog with SIGTERM and checks that `pid`, not its components', outlived it
+/// (then kills it).
+fn stop_and_check_it_outlives(mut w: Proc, pid: u32) {
+    w.signal(Signal::SIGTERM);
+    let status = w.wait_exit(WAIT).expect("watchdog exits after SIGTERM");
+    let survived = alive(pid);
+    w.signal_pid(pid, Signal::SIGKILL);
+    assert_eq!(status.code(), Some(0), "{}", w.stderr());
+    assert!(
+        survived,
+        "the watchdog killed {pid}, which is not its components':\n{}",
+        w.stderr()
+    );
+    assert!(!w.stderr().contains("left behind"), "{}", w.stderr());
+}
+
 #[test]
 fn children_the_watchdog_inherited_outlive_its_stop() {
     // `sleep 300 & exec securesrv watchdog`, or a log reader (`2> >(logger)`): a shell's
@@ -1471,30 +1502,10 @@ fn children_the_watchdog_inherited_outlive_its_stop() {
     // its components' leftovers, and a log reader killed so lost the watchdog's last lines.
     // Found by a chaos test.
     let f = Fixture::new();
-    let pidfile = f.pki.tmp.path().join("sidecar.pid");
-    let mut sh = std::process::Command::new("sh");
-    sh.current_dir(f.pki.tmp.path())
-        .env("SECURESRV_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .args([
-            "-c",
-            "sleep 300 & echo $! > sidecar.pid; exec \"$0\" --config securesrv.toml watchdog",
-            common::bin(),
-        ]);
-    let mut w = Proc::spawn_command("watchdog", sh);
-    let sidecar = common::wait_pid_file(&pidfile, WAIT);
+    let w = watchdog_after(&f, "sleep 300 & echo $! > sidecar.pid;");
+    let sidecar = common::wait_pid_file(&f.pki.tmp.path().join("sidecar.pid"), WAIT);
     w.wait_for_n(false, &["securesrv ready"], 1, WAIT);
-    w.signal(Signal::SIGTERM);
-    let status = w.wait_exit(WAIT).expect("watchdog exits after SIGTERM");
-    let survived = alive(sidecar);
-    w.signal_pid(sidecar, Signal::SIGKILL);
-    assert_eq!(status.code(), Some(0), "{}", w.stderr());
-    assert!(
-        survived,
-        "the watchdog killed a process it inherited:\n{}",
-        w.stderr()
-    );
-    assert!(!w.stderr().contains("left behind"), "{}", w.stderr());
+    stop_and_check_it_outlives(w, sidecar);
 }
 
 /// A process of the shell that `exec`ed the watchdog, but not its direct child then (a
@@ -1505,48 +1516,17 @@ fn children_the_watchdog_inherited_outlive_its_stop() {
 #[test]
 fn a_sidecars_child_reparented_to_the_watchdog_outlives_its_stop() {
     let f = Fixture::new();
-    let pidfile = f.pki.tmp.path().join("grandchild.pid");
-    let mut sh = std::process::Command::new("sh");
-    sh.current_dir(f.pki.tmp.path())
-        .env("SECURESRV_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .args([
-            "-c",
-            "( sleep 300 & echo $! > grandchild.pid; sleep 1 ) & \
-             exec \"$0\" --config securesrv.toml watchdog",
-            common::bin(),
-        ]);
-    let mut w = Proc::spawn_command("watchdog", sh);
-    let grandchild = common::wait_pid_file(&pidfile, WAIT);
+    let w = watchdog_after(&f, "( sleep 300 & echo $! > grandchild.pid; sleep 1 ) &");
+    let grandchild = common::wait_pid_file(&f.pki.tmp.path().join("grandchild.pid"), WAIT);
     w.wait_for_n(false, &["securesrv ready"], 1, WAIT);
     // The sidecar exits; its child, started before the watchdog, is re-parented to it.
-    let ppid = |pid: u32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                s.rsplit(')')
-                    .next()?
-                    .split_whitespace()
-                    .nth(1)?
-                    .parse::<u32>()
-                    .ok()
-            })
-    };
+    let ppid = || stat_of(grandchild).map(|s| s.ppid);
     assert!(
-        common::wait_until(WAIT, || ppid(grandchild) == Some(w.pid)),
+        wait_until(WAIT, || ppid() == Some(w.pid)),
         "not re-parented to the watchdog: {:?}",
-        ppid(grandchild)
+        ppid()
     );
-    w.signal(Signal::SIGTERM);
-    let status = w.wait_exit(WAIT).expect("watchdog exits after SIGTERM");
-    let survived = alive(grandchild);
-    w.signal_pid(grandchild, Signal::SIGKILL);
-    assert_eq!(status.code(), Some(0), "{}", w.stderr());
-    assert!(
-        survived,
-        "the watchdog killed a process older than itself:\n{}",
-        w.stderr()
-    );
+    stop_and_check_it_outlives(w, grandchild);
 }
 
 #[test]
