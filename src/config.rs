@@ -838,9 +838,11 @@ impl Config {
     }
 
     /// The ACL decision: listed ops allow `"*"` or the exact client identity; unlisted
-    /// built-ins are open to every client; unlisted jobs and custom ops are closed.
+    /// built-ins are open to every client; unlisted jobs and custom ops are closed. Only a
+    /// client of this trust domain is a client: the worker asks this of the identity a token
+    /// names, where no handshake has checked the trust domain.
     pub fn acl_allows(&self, client: &SpiffeId, op: &str) -> bool {
-        if client.role() != Role::Client {
+        if client.role() != Role::Client || client.trust_domain() != self.trust_domain {
             return false;
         }
         match self.acl.get(op) {
@@ -1173,6 +1175,10 @@ mod tests {
         let alice: SpiffeId = "spiffe://securesrv/client/alice".parse().unwrap();
         let bob: SpiffeId = "spiffe://securesrv/client/bob".parse().unwrap();
         let watchdog = SpiffeId::watchdog("securesrv").unwrap();
+        // A client of another trust domain is no client of ours, for `*` and the open
+        // built-ins too: the worker re-checks the ACL for the identity a token names, and
+        // let such an identity through where the dispatcher's handshake would not.
+        let outsider: SpiffeId = "spiffe://other/client/bob".parse().unwrap();
         let table = [
             (&alice, "echo", true),
             (&bob, "echo", true),
@@ -1183,6 +1189,8 @@ mod tests {
             (&bob, "sleep", false),
             (&bob, "nosuch", false),
             (&watchdog, "echo", false),
+            (&outsider, "echo", false),
+            (&outsider, "open-job", false),
         ];
         for (who, op, allowed) in table {
             assert_eq!(cfg.acl_allows(who, op), allowed, "{who} {op}");

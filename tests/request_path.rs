@@ -378,6 +378,24 @@ async fn forged_replayed_expired_and_retargeted_tokens_are_refused() {
     assert_eq!(code, ErrorCode::InvalidToken);
     assert!(msg.contains("audience"), "{msg}");
 
+    // Signed with worker 1's key (as only the dispatcher can) but naming a client of another
+    // trust domain, which no handshake at the dispatcher lets in: the worker's own ACL check
+    // refuses it, for a built-in open to every client too (before, it ran the request).
+    let mut outsider = securesrv::token::parse(&mint(&w1, b"pay", now()))
+        .unwrap()
+        .claims;
+    outsider.client = "spiffe://other/client/default".into();
+    outsider.request_id = [8; 16];
+    let mut foreign = Vec::new();
+    outsider.encode(&mut foreign).unwrap();
+    let tag = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, w1_key.expose()),
+        &foreign,
+    );
+    foreign.extend_from_slice(tag.as_ref());
+    let (code, msg) = rogue.forward("echo", b"pay", foreign).await.unwrap_err();
+    assert_eq!(code, ErrorCode::Denied, "{msg}");
+
     // Expired.
     let stale = mint(&w1, b"pay", now() - 60_000);
     let (code, msg) = rogue.forward("echo", b"pay", stale).await.unwrap_err();
