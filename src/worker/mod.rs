@@ -4,7 +4,9 @@
 //! Every forwarded request and every heartbeat goes through the same path: a task started by
 //! the connection's request loop ([`crate::session`]) on the worker's runtime, so a worker whose
 //! accept loop lives but whose request machinery is stuck stops answering heartbeats too.
-//! Each request leaves one audit line (target `securesrv::audit`).
+//! The dispatcher writes the audit line of every request; the worker adds its own (target
+//! `securesrv::audit`) for each one it refuses or that fails (a refused token also gets a WARN
+//! `token refused` line), and for successes only at debug level.
 
 pub mod jobs;
 pub mod ops;
