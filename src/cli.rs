@@ -237,6 +237,8 @@ fn workers_range(min: i64) -> clap::builder::RangedI64ValueParser<u32> {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
+    // Before any thread starts (each takes the mask of the thread that starts it).
+    unblock_signals();
     // Before anything else runs: this may replace the process image (see `memcpy`).
     memcpy::reexec_if_useful();
     let cli = match Cli::try_parse() {
@@ -260,6 +262,19 @@ pub fn main() -> ExitCode {
             errln!("securesrv: no command given; run `securesrv --help`");
             ExitCode::from(2)
         }
+    }
+}
+
+/// Clears the signal mask this process inherited. A parent that takes its own signals through
+/// `signalfd` or `sigwait` blocks them, and its children keep the mask through `exec` unless it
+/// clears it. A component with SIGTERM, SIGINT or SIGHUP blocked would not stop when told to,
+/// and a worker with SIGCHLD blocked would never see a job exit: it checks its jobs on each
+/// SIGCHLD, so every job was answered `timeout` at the end of its timeout. (Ignored signals
+/// are another matter: see `shutdown::watch_with` for SIGHUP under `nohup`.)
+fn unblock_signals() {
+    use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask};
+    if let Err(e) = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None) {
+        errln!("securesrv: cannot clear the inherited signal mask: {e}");
     }
 }
 

@@ -2392,6 +2392,89 @@ fn sighup_stays_ignored_under_nohup() {
     );
 }
 
+/// A component started with signals blocked keeps none of them blocked: a launcher that takes
+/// its own signals through `signalfd` or `sigwait` blocks them, and its children inherit the
+/// mask through `exec` unless it clears it (perl stands for one here). With SIGCHLD blocked, a
+/// worker never saw a job exit: every job was answered `timeout`, "had exited, but was not
+/// seen", after its whole timeout. With SIGTERM blocked, a worker told to stop went on running.
+#[test]
+fn a_worker_started_with_signals_blocked_runs_jobs_and_stops() {
+    let (pki, dir, d_addr, w_addr) = one_worker();
+    let cwd = pki.tmp.path();
+    // The job exits only once told to, after the worker has seen it running.
+    let (started, go) = (cwd.join("started"), cwd.join("go"));
+    let script = format!(
+        "echo $$ > '{}'; while [ ! -e '{}' ]; do sleep 0.01; done; echo hi",
+        started.display(),
+        go.display()
+    );
+    std::fs::write(
+        cwd.join("jobs.toml"),
+        format!(
+            "[[jobs]]\nname = \"hello\"\nprogram = \"/bin/sh\"\nargs = [\"-c\", {script:?}]\n\
+             timeout_ms = 20000\n[acl]\nhello = [\"*\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new("perl");
+    cmd.args([
+        "-MPOSIX",
+        "-e",
+        "sigprocmask(SIG_BLOCK, POSIX::SigSet->new(SIGCHLD, SIGTERM)) or die; exec @ARGV or die",
+        "--",
+        bin(),
+        "--config",
+        "jobs.toml",
+        "worker",
+        "--id",
+        "1",
+        "--listen",
+        &w_addr,
+        "--certs",
+        &dir,
+    ])
+    .current_dir(cwd)
+    .env("SECURESRV_LOG", "info")
+    .stdin(Stdio::null());
+    let mut worker = Proc::spawn_command("worker started with signals blocked", cmd);
+    worker.wait_log(&["worker listening"], WAIT);
+    let dispatcher = Proc::spawn(
+        "dispatcher",
+        &[
+            "--config",
+            "jobs.toml",
+            "dispatcher",
+            "--listen",
+            &d_addr,
+            "--workers",
+            "1",
+            "--certs",
+            &dir,
+        ],
+        cwd,
+    );
+    dispatcher.wait_log(&["worker link up", "worker=1"], WAIT);
+    let client = command(cwd, &["--config", "jobs.toml", "client"])
+        .args(["--cert", &format!("{dir}/client.crt")])
+        .args(["--key", &format!("{dir}/client.key"), "--connect", &d_addr])
+        .args(["--timeout-ms", "30000", "hello"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn client");
+    wait_pid_file(&started, WAIT);
+    std::fs::write(&go, b"").unwrap();
+    let out = wait_within(client, "client hello");
+    assert_eq!(
+        (out.status.code(), text(&out.stdout)),
+        (Some(0), "hi\n".to_string()),
+        "{}",
+        text(&out.stderr)
+    );
+    worker.signal(Signal::SIGTERM);
+    let status = worker.wait_exit(WAIT).expect("the worker stops on SIGTERM");
+    assert!(status.success(), "{}", worker.stderr());
+}
+
 /// A command-line flag is applied before the configuration is checked: it may replace a value
 /// the file has wrong, and a problem of its own value is the one reported. The file used to be
 /// checked alone first.
