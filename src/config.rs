@@ -435,6 +435,16 @@ pub struct OpInfo {
     pub idempotent: bool,
 }
 
+/// Whether listeners on `a` and `b` (not equal) cannot both be bound: the same port, in one
+/// address family, one of them the wildcard address. (An IPv6 wildcard also takes the IPv4
+/// port where `net.ipv6.bindv6only` is 0, Linux's default; that depends on the host and is
+/// left to the component's own `cannot listen` message.)
+fn listeners_clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 impl Config {
     /// Reads `path` (or the defaults for `None`) and validates it.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -715,6 +725,26 @@ impl Config {
                 p.push(format!("worker {} needs a listen port other than 0", w.id));
             } else if !addrs.insert(w.listen) {
                 p.push(format!("address {} is used twice", w.listen));
+            }
+        }
+        // A wildcard address takes its port on every address of its family, so another
+        // component on that port cannot listen: a crash loop at run time, not a message here.
+        let named: Vec<(String, SocketAddr)> =
+            std::iter::once(("the dispatcher".to_string(), self.dispatcher.listen))
+                .chain(
+                    self.worker
+                        .iter()
+                        .map(|w| (format!("worker {}", w.id), w.listen)),
+                )
+                .collect();
+        for (i, (a_name, a)) in named.iter().enumerate() {
+            for (b_name, b) in &named[i + 1..] {
+                if a != b && a.port() != 0 && listeners_clash(*a, *b) {
+                    p.push(format!(
+                        "{a_name} ({a}) and {b_name} ({b}) cannot both listen: a wildcard \
+                         address takes its port on every address of its family"
+                    ));
+                }
             }
         }
     }
@@ -1237,5 +1267,43 @@ mod tests {
             panic!("too many workers must be refused");
         };
         assert_eq!(p, ["257 [[worker]] entries: at most 256"]);
+    }
+
+    #[test]
+    fn addresses_that_cannot_both_be_bound_are_refused() {
+        // A wildcard address takes its port on every address of its family: a component on
+        // 127.0.0.1 of that port cannot listen (EADDRINUSE), and the watchdog ran into a crash
+        // loop, then blamed "another securesrv watchdog, or a process left over" and exited 1.
+        let two = |dispatcher: &str, worker: &str| {
+            Config::parse(&format!(
+                "[dispatcher]\nlisten = \"{dispatcher}\"\n\
+                 [[worker]]\nid = 1\nlisten = \"{worker}\"\n\
+                 [[worker]]\nid = 2\nlisten = \"127.0.0.1:4002\"\n"
+            ))
+            .unwrap()
+            .validate()
+        };
+        for (d, w) in [
+            ("0.0.0.0:4000", "127.0.0.1:4000"),
+            ("127.0.0.1:4000", "0.0.0.0:4000"),
+            ("[::]:4000", "[::1]:4000"),
+            ("0.0.0.0:4002", "10.0.0.1:4000"),
+        ] {
+            let Err(ConfigError::Invalid(p)) = two(d, w) else {
+                panic!("accepted: dispatcher {d}, worker {w}");
+            };
+            assert!(
+                p.iter().any(|m| m.contains("cannot both listen")),
+                "{d} {w}: {p:?}"
+            );
+        }
+        // Other addresses on one port, or another family's, can.
+        for (d, w) in [
+            ("127.0.0.2:4000", "127.0.0.1:4000"),
+            ("0.0.0.0:4000", "[::1]:4000"),
+            ("0.0.0.0:4000", "127.0.0.1:4001"),
+        ] {
+            two(d, w).unwrap_or_else(|e| panic!("refused: dispatcher {d}, worker {w}: {e}"));
+        }
     }
 }
