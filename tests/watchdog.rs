@@ -942,6 +942,35 @@ fn a_component_that_was_up_and_then_refuses_its_key_is_restarted() {
 }
 
 #[test]
+fn a_component_that_never_comes_up_is_restarted_with_the_reason_its_heartbeat_failed() {
+    // The watchdog's own certificate revoked while it runs (a leaked key): a worker started
+    // again reads the revocation list and refuses the watchdog's heartbeat. The watchdog said
+    // only "no heartbeat answered within N ms of start", five times, then marked it FAILED:
+    // the reason, a refused certificate, was at DEBUG alone.
+    let f = Fixture::with("start_timeout_ms = 1500");
+    let w = f.ready();
+    let pid = pid_of(&w, "worker-1", 1);
+    let dir = f.pki.dir.to_str().unwrap();
+    let cert = f.pki.dir.join("watchdog.crt");
+    let out = std::process::Command::new(common::bin())
+        .args(["certs", "revoke", "--dir", dir, cert.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    w.signal_pid(pid, Signal::SIGKILL);
+    let line = w.wait_log(
+        &[
+            "stopping component",
+            "component=worker-1 ",
+            "no heartbeat answered within 1500 ms of start",
+        ],
+        WAIT,
+    );
+    assert!(line.contains("(last: "), "{line}");
+    assert!(line.to_lowercase().contains("revoked"), "{line}");
+}
+
+#[test]
 fn a_failed_worker_is_tried_again_after_its_restart_window() {
     let f = Fixture::new();
     let cfg = format!(

@@ -155,6 +155,9 @@ struct Slot {
     down_since: Option<Instant>,
     /// Why it last went down, once it is marked failed.
     failed_because: String,
+    /// Why the latest heartbeat of this start failed while it was starting: said when it
+    /// never comes up (a refused certificate, say), which "no heartbeat answered" alone hides.
+    start_error: Option<String>,
     /// Whether it has answered a heartbeat since the watchdog started: a component that came
     /// up once and then exits 64 may have met a passing state (a certificate and key pair
     /// replaced one file after the other, a configuration being edited), so it is restarted as
@@ -291,6 +294,7 @@ pub async fn run(
             backoff: Duration::from_millis(cfg.watchdog.restart_backoff_initial_ms),
             down_since: None,
             failed_because: String::new(),
+            start_error: None,
             ever_up: false,
         });
     }
@@ -357,6 +361,7 @@ impl Supervisor {
         slot.generation += 1;
         slot.misses = 0;
         slot.beat_due = false;
+        slot.start_error = None;
         if let Some(p) = slot.prober.as_mut() {
             p.reset();
         }
@@ -438,9 +443,17 @@ impl Supervisor {
                         > Duration::from_millis(self.cfg.watchdog.start_timeout_ms) =>
                 {
                     let ms = self.cfg.watchdog.start_timeout_ms;
+                    let slot = &self.slots[idx];
+                    let why = match &slot.start_error {
+                        Some(e) => format!(" (last: {e})"),
+                        None if !slot.running.as_ref().is_some_and(Running::is_bound) => {
+                            " (it never said it had bound its port)".to_string()
+                        }
+                        None => String::new(),
+                    };
                     self.stop(
                         idx,
-                        format!("no heartbeat answered within {ms} ms of start"),
+                        format!("no heartbeat answered within {ms} ms of start{why}"),
                         HUNG_GRACE,
                     );
                 }
@@ -608,9 +621,11 @@ impl Supervisor {
                     (Err(e), Phase::Starting { .. }) if e.contains("identity refused") => {
                         // Something answers on the component's port with another identity.
                         warn!(component = %slot.comp.name, addr = %slot.comp.addr, reason = e.as_str(), "wrong identity on the component's port");
+                        slot.start_error = Some(e);
                     }
                     (Err(e), Phase::Starting { .. }) => {
                         debug!(component = %slot.comp.name, reason = e.as_str(), "not answering yet");
+                        slot.start_error = Some(e);
                     }
                     _ => {}
                 }
