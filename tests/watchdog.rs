@@ -942,6 +942,37 @@ fn a_component_that_was_up_and_then_refuses_its_key_is_restarted() {
 }
 
 #[test]
+fn listen_addresses_that_cannot_share_this_host_are_a_configuration_error() {
+    // The dispatcher on the wildcard address of a worker's port: the watchdog started them,
+    // crash-looped the one that could not listen, and exited 1 blaming "another securesrv
+    // watchdog, or a process left over". Now: exit 64 and nothing started.
+    let f = Fixture::new();
+    let cfg = format!(
+        "certs_dir = {:?}\n[dispatcher]\nlisten = \"0.0.0.0:{}\"\n\
+         [[worker]]\nid = 1\nlisten = \"127.0.0.1:{}\"\n\
+         [[worker]]\nid = 2\nlisten = \"127.0.0.1:{}\"\n",
+        f.pki.dir,
+        f.base,
+        f.base,
+        f.base + 2
+    );
+    std::fs::write(f.pki.tmp.path().join("clash.toml"), cfg).unwrap();
+    let mut w = Proc::spawn(
+        "watchdog",
+        &["--config", "clash.toml", "watchdog"],
+        f.pki.tmp.path(),
+    );
+    let status = w.wait_exit(WAIT).expect("the watchdog refuses to start");
+    let stderr = w.stderr();
+    assert_eq!(status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("cannot both listen on this host"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("component started"), "{stderr}");
+}
+
+#[test]
 fn a_component_that_never_comes_up_is_restarted_with_the_reason_its_heartbeat_failed() {
     // The watchdog's own certificate revoked while it runs (a leaked key): a worker started
     // again reads the revocation list and refuses the watchdog's heartbeat. The watchdog said

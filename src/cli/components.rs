@@ -183,6 +183,12 @@ pub fn watchdog(cfg: Config, config_file: Option<PathBuf>, log_filter: Option<St
         Ok(p) => p,
         Err(e) => return fail("cannot find own executable", e),
     };
+    // Every component on this host: listen addresses that cannot all be bound here are a
+    // configuration error, said before anything starts.
+    let clashes = cfg.co_located_clashes();
+    if !clashes.is_empty() {
+        return fail_config("watchdog", clashes.join("; "));
+    }
     if cfg.watchdog.stop_grace_ms == 0 {
         tracing::warn!(
             "watchdog.stop_grace_ms is 0: a component told to stop is killed at once, without \
