@@ -989,16 +989,17 @@ fn a_component_that_never_comes_up_is_restarted_with_the_reason_its_heartbeat_fa
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     w.signal_pid(pid, Signal::SIGKILL);
-    let line = w.wait_log(
+    // Any of its starts will do (a refusal may reach the watchdog as a reset connection
+    // instead, now and then).
+    w.wait_log(
         &[
             "stopping component",
             "component=worker-1 ",
-            "no heartbeat answered within 1500 ms of start",
+            "no heartbeat answered within 1500 ms of start (last: ",
+            "Revoked",
         ],
         WAIT,
     );
-    assert!(line.contains("(last: "), "{line}");
-    assert!(line.to_lowercase().contains("revoked"), "{line}");
 }
 
 #[test]
