@@ -1117,6 +1117,42 @@ fn sigusr1_and_sigusr2_are_ignored_by_every_process() {
 /// was logged as recovered in a fraction of its real outage. Nothing showed it. Found by a
 /// chaos review.
 #[test]
+fn a_stall_of_the_watchdog_while_its_components_start_does_not_get_them_restarted() {
+    // The watchdog stopped (a paused VM, SIGSTOP) right after it started its components, for
+    // longer than start_timeout_ms: when it ran again, it stopped all three, never probed,
+    // as "no heartbeat answered within 1000 ms of start", and restarted them as failures.
+    let f = Fixture::with("start_timeout_ms = 1000");
+    // The watchdog must be stopped before any component is up: retried if it was too slow.
+    let w = (0..5)
+        .find_map(|_| {
+            let w = f.watchdog();
+            w.wait_log(&["component started", "component=worker-2 "], WAIT);
+            w.signal(Signal::SIGSTOP);
+            if w.stderr().contains("component up") {
+                w.signal(Signal::SIGKILL);
+                return None;
+            }
+            Some(w)
+        })
+        .expect("the watchdog stopped before a component was up");
+    // Every component bound its port meanwhile, so it would answer a heartbeat.
+    for port in 0..3 {
+        let addr = f.addr(port);
+        assert!(
+            wait_until(WAIT, || std::net::TcpStream::connect(addr).is_ok()),
+            "{addr} never listened"
+        );
+    }
+    // The stall itself, longer than start_timeout_ms and than the 2 s taken for a stall.
+    std::thread::sleep(Duration::from_millis(2_500));
+    w.signal(Signal::SIGCONT);
+    w.wait_log(&["WARN", "the watchdog itself did not run"], WAIT);
+    w.wait_for_n(false, &["securesrv ready"], 1, WAIT);
+    let stderr = w.stderr();
+    assert!(!stderr.contains("restarting component"), "{stderr}");
+}
+
+#[test]
 fn a_watchdog_that_was_stopped_says_so_when_it_runs_again() {
     let f = Fixture::new();
     let w = f.ready();

@@ -340,6 +340,7 @@ pub async fn run(
                          for it): heartbeats and restarts were late by as much, and recovery \
                          times logged next count only from now"
                     );
+                    sup.stalled(gap);
                 }
                 if let Some(err) = sup.poll() {
                     break Err(err);
@@ -356,6 +357,19 @@ pub async fn run(
 }
 
 impl Supervisor {
+    /// The watchdog itself did not run for `gap`: the deadlines it keeps for components
+    /// (a start's first heartbeat, a drain) move on by as much. Otherwise every component
+    /// that was starting, never probed meanwhile, was stopped as "no heartbeat answered"
+    /// as soon as the watchdog ran again, and restarted, counted as a failure.
+    fn stalled(&mut self, gap: Duration) {
+        for slot in &mut self.slots {
+            match &mut slot.phase {
+                Phase::Starting { since } | Phase::Draining { since, .. } => *since += gap,
+                _ => {}
+            }
+        }
+    }
+
     fn start(&mut self, idx: usize) {
         let slot = &mut self.slots[idx];
         slot.generation += 1;
