@@ -1112,10 +1112,6 @@ fn sigusr1_and_sigusr2_are_ignored_by_every_process() {
     still_served_by(&f, &w, &pids);
 }
 
-/// A watchdog that was itself stopped (SIGSTOP, a paused VM) says so once it runs
-/// again: its heartbeats and restarts were late by that long, and a worker that died meanwhile
-/// was logged as recovered in a fraction of its real outage. Nothing showed it. Found by a
-/// chaos review.
 #[test]
 fn a_stall_of_the_watchdog_while_its_components_start_does_not_get_them_restarted() {
     // The watchdog stopped (a paused VM, SIGSTOP) right after it started its components, for
@@ -1130,6 +1126,12 @@ fn a_stall_of_the_watchdog_while_its_components_start_does_not_get_them_restarte
             w.signal(Signal::SIGSTOP);
             if w.stderr().contains("component up") {
                 w.signal(Signal::SIGKILL);
+                // Its components exit with it; the next try needs their ports.
+                assert!(
+                    wait_until(WAIT, || (0..3)
+                        .all(|p| std::net::TcpStream::connect(f.addr(p)).is_err())),
+                    "the killed watchdog's components kept their ports"
+                );
                 return None;
             }
             Some(w)
@@ -1152,6 +1154,10 @@ fn a_stall_of_the_watchdog_while_its_components_start_does_not_get_them_restarte
     assert!(!stderr.contains("restarting component"), "{stderr}");
 }
 
+/// A watchdog that was itself stopped (SIGSTOP, a paused VM) says so once it runs
+/// again: its heartbeats and restarts were late by that long, and a worker that died meanwhile
+/// was logged as recovered in a fraction of its real outage. Nothing showed it. Found by a
+/// chaos review.
 #[test]
 fn a_watchdog_that_was_stopped_says_so_when_it_runs_again() {
     let f = Fixture::new();

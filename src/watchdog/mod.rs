@@ -319,6 +319,9 @@ pub async fn run(
         sup.start(i);
     }
     let mut poll = tokio::time::interval(POLL);
+    // After a stall of its own, one poll, not one for every 50 ms missed (tokio's default
+    // catches up in a burst); the stall is measured from the clock, not from the ticks.
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut beat = tokio::time::interval(Duration::from_millis(cfg.watchdog.heartbeat_interval_ms));
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sweep = tokio::time::interval(SWEEP);
