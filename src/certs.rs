@@ -35,6 +35,9 @@ pub const CA_DAYS: u32 = 3650;
 /// What can go wrong with certificate and key files. Messages name the file and the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
+    /// A signal (Ctrl-C) came before any file of the change was put in place: nothing changed.
+    #[error("interrupted by {0} before any file was put in place: nothing was changed")]
+    Interrupted(&'static str),
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {
@@ -1195,6 +1198,7 @@ fn stage_leaf(
 /// done, the certificate's refused) left a component that refused to start, and the old key
 /// lost; a new CA key beside the old CA certificate signed certificates nothing verified.
 fn commit_staged(staged: Vec<Staged>, force: bool) -> Result<(), CertError> {
+    interrupt::check()?;
     if force {
         token_keys::commit_all(staged)?;
     } else {
@@ -1389,6 +1393,7 @@ pub(crate) fn ca_trust_domain(pem: &str) -> Option<String> {
     })
 }
 
+pub mod interrupt;
 mod revoke;
 pub use revoke::{CA_CRL, Revoked, crl_path_beside, is_listed, load_crls, revoke};
 mod token_keys;

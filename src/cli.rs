@@ -248,6 +248,14 @@ pub fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
+    // Before any thread starts (the log writer's): a `certs` command holds Ctrl-C, SIGTERM and
+    // SIGHUP back, so that one stops it only before it has put a file in place, and never
+    // leaves its staged files (keys among them) behind.
+    if matches!(cli.command, Some(Command::Certs(_))) {
+        if let Err(e) = securesrv::certs::interrupt::hold() {
+            errln!("securesrv: cannot hold signals back while files are written: {e}");
+        }
+    }
     // The watchdog passes the filter on to its children.
     let policy = match cli.command {
         Some(Command::Watchdog(_)) => logwriter::Policy::watchdog(),
@@ -474,10 +482,7 @@ fn certs(cmd: CertsCmd, config: Option<PathBuf>) -> ExitCode {
                     );
                     say_done(&said)
                 }
-                Err(e) => {
-                    errln!("securesrv: {}", shown(&e.to_string()));
-                    ExitCode::FAILURE
-                }
+                Err(e) => certs_failed(&e),
             };
         }
         CertsCmd::Init {
@@ -595,10 +600,17 @@ fn certs(cmd: CertsCmd, config: Option<PathBuf>) -> ExitCode {
                 .collect();
             say_done(&said)
         }
-        Err(e) => {
-            errln!("securesrv: {}", shown(&e.to_string()));
-            ExitCode::FAILURE
-        }
+        Err(e) => certs_failed(&e),
+    }
+}
+
+/// A `certs` command's failure on stderr; exit 1, or 130 if it was interrupted (nothing
+/// written).
+fn certs_failed(e: &securesrv::certs::CertError) -> ExitCode {
+    errln!("securesrv: {}", shown(&e.to_string()));
+    match e {
+        securesrv::certs::CertError::Interrupted(_) => ExitCode::from(130),
+        _ => ExitCode::FAILURE,
     }
 }
 

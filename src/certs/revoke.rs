@@ -290,7 +290,9 @@ fn revoke_files(dir: &Path, certs: &[PathBuf]) -> Result<Revoked, CertError> {
         pem.push_str(other);
         pem.push('\n');
     }
-    Staged::write(&crl_path, pem.as_bytes(), 0o644)?.commit(true)?;
+    let staged = Staged::write(&crl_path, pem.as_bytes(), 0o644)?;
+    super::interrupt::check()?;
+    staged.commit(true)?;
     Ok(Revoked {
         crl: crl_path,
         entries,

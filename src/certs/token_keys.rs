@@ -264,6 +264,7 @@ fn copy_aside(path: &Path) -> std::io::Result<PathBuf> {
 /// contents back and new ones are removed, so that no worker is left on keys the master
 /// does not hold.
 pub(super) fn commit_all(staged: Vec<Staged>) -> Result<Vec<PathBuf>, CertError> {
+    super::interrupt::check()?;
     let paths: Vec<PathBuf> = staged.iter().map(|f| f.path().to_path_buf()).collect();
     let mut saved: Vec<(PathBuf, Option<PathBuf>)> = Vec::new();
     let forget = |saved: &[(PathBuf, Option<PathBuf>)]| {
