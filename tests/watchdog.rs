@@ -1003,6 +1003,34 @@ fn a_component_that_never_comes_up_is_restarted_with_the_reason_its_heartbeat_fa
 }
 
 #[test]
+fn a_component_that_cannot_be_started_again_is_reported_with_the_executable() {
+    // The watchdog's own executable removed while it runs (an upgrade that deletes the old
+    // file): each restart failed with "No such file or directory (os error 2)" and no path,
+    // which does not say which file is missing.
+    let f = Fixture::new();
+    let exe = f.pki.tmp.path().join("securesrv-copy");
+    std::fs::copy(common::bin(), &exe).unwrap();
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.args(["--config", "securesrv.toml", "watchdog"])
+        .current_dir(f.pki.tmp.path())
+        .env("SECURESRV_LOG", "info")
+        .stdin(std::process::Stdio::null());
+    let w = Proc::spawn_command("watchdog", cmd);
+    w.wait_for_n(false, &["securesrv ready"], 1, WAIT);
+    let pid = pid_of(&w, "worker-1", 1);
+    std::fs::remove_file(&exe).unwrap();
+    w.signal_pid(pid, Signal::SIGKILL);
+    w.wait_log(
+        &[
+            "cannot start component",
+            "component=worker-1 ",
+            &format!("exe={}", exe.display()),
+        ],
+        WAIT,
+    );
+}
+
+#[test]
 fn a_failed_worker_is_tried_again_after_its_restart_window() {
     let f = Fixture::new();
     let cfg = format!(

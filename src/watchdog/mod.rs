@@ -391,8 +391,12 @@ impl Supervisor {
                 };
             }
             Err(e) => {
-                error!(component = %slot.comp.name, error = %e, "cannot start component");
-                self.schedule_restart(idx, format!("spawn failed: {e}"));
+                // Said with the path: "No such file or directory" alone does not tell an
+                // operator that the file gone is the watchdog's own executable (removed or
+                // replaced by an upgrade while it runs).
+                let exe = self.exe.display();
+                error!(component = %slot.comp.name, exe = %exe, error = %e, "cannot start component");
+                self.schedule_restart(idx, format!("spawn failed: {exe}: {e}"));
             }
         }
     }
