@@ -463,12 +463,16 @@ impl Client {
             refused: OnceLock::new(),
             draining: std::sync::atomic::AtomicBool::new(false),
         });
+        // A resumed session's refusal comes without an alert (see `run_link`).
+        let resumed = (stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed))
+            .then(|| self.cfg.connector.clone());
         let task = tokio::spawn(run_link(
             link.clone(),
             stream,
             rx,
             self.cfg.io,
             self.cfg.addr,
+            resumed,
         ));
         *link.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         *guard = Some(link.clone());
@@ -506,13 +510,15 @@ enum RequestRef<'a> {
 
 /// Owns the connection: a task of its own writes queued requests in batches (see
 /// [`crate::connection::write_link`] for why apart), this one routes answers to their callers,
-/// and when the connection ends every waiting call learns how.
+/// and when the connection ends every waiting call learns how. `resumed`: the connector, if
+/// the handshake resumed a session.
 async fn run_link(
     link: Arc<Link>,
     stream: ClientStream,
     rx: mpsc::Receiver<Queued>,
     io: IoLimits,
     addr: SocketAddr,
+    resumed: Option<crate::tls::Connector>,
 ) {
     let (read_half, write_half) = tokio::io::split(stream);
     let mut conn = Connection::new(read_half, io);
@@ -528,6 +534,8 @@ async fn run_link(
         stop.clone(),
     ));
     let mut closing_reason: Option<ClientError> = None;
+    // Whether the dispatcher closed (`close_notify`) before sending anything at all.
+    let mut closed_unheard = false;
     // Whether the dispatcher has answered anything yet: until it has, an alert is its verdict
     // on our certificate, sent once it has seen the end of our handshake.
     let mut answered = false;
@@ -566,7 +574,11 @@ async fn run_link(
                     closing_reason = refusal(&e, addr);
                     break;
                 }
-                Ok(Some(_)) | Ok(None) | Err(_) => break,
+                Ok(None) => {
+                    closed_unheard = !answered;
+                    break;
+                }
+                Ok(Some(_)) | Err(_) => break,
             },
         }
     }
@@ -583,6 +595,19 @@ async fn run_link(
     if let Some(e) = &refusal {
         let _ = link.refused.set(e.clone());
     }
+    // A resumed session closed with a bare `close_notify` before any frame: the dispatcher
+    // refused the identity of the ticket after the handshake (its certificate has expired
+    // since, say; PROTOCOL.md §1) and read nothing. Its other tickets would meet the same
+    // refusal, each bringing new ones, so that a call would never learn why and would end,
+    // at its deadline, as one that may have run. The tickets are forgotten and the calls
+    // try again: the full handshake is refused with the alert that says why, or served.
+    let resumption_refused = match &resumed {
+        Some(connector) if closed_unheard => {
+            connector.forget_tickets();
+            true
+        }
+        _ => false,
+    };
     link.pending.close(
         &mut rx,
         held,
@@ -604,6 +629,7 @@ async fn run_link(
                 ..
             }) => Outcome::Lost,
             Some(e) => Outcome::Closed(e.clone()),
+            None if resumption_refused => Outcome::NotSent,
             None => Outcome::Lost,
         },
     );

@@ -694,6 +694,15 @@ impl TlsMaterial {
         &self,
         expected: &SpiffeId,
     ) -> Result<Arc<rustls::ClientConfig>, TlsConfigError> {
+        self.client_config_with_tickets(expected, Arc::new(TicketStore::new()))
+    }
+
+    /// [`TlsMaterial::client_config`], keeping its session tickets in `tickets`.
+    fn client_config_with_tickets(
+        &self,
+        expected: &SpiffeId,
+        tickets: Arc<TicketStore>,
+    ) -> Result<Arc<rustls::ClientConfig>, TlsConfigError> {
         let verifier = Arc::new(IdentityServerVerifier {
             roots: self.roots.clone(),
             policy: PeerPolicy::Exactly(expected.clone()),
@@ -707,7 +716,7 @@ impl TlsMaterial {
             .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(self.certified.clone())));
         cfg.alpn_protocols = vec![ALPN.to_vec()];
         // Room for a ticket per concurrent connection, so reconnects resume (see `tickets`).
-        cfg.resumption = rustls::client::Resumption::store(Arc::new(TicketStore::new()));
+        cfg.resumption = rustls::client::Resumption::store(tickets);
         Ok(Arc::new(cfg))
     }
 
@@ -733,10 +742,14 @@ impl TlsMaterial {
         expected: &SpiffeId,
         handshake_timeout: Duration,
     ) -> Result<Connector, TlsConfigError> {
+        let tickets = Arc::new(TicketStore::new());
         Ok(Connector {
-            tls: tokio_rustls::TlsConnector::from(self.client_config(expected)?),
+            tls: tokio_rustls::TlsConnector::from(
+                self.client_config_with_tickets(expected, tickets.clone())?,
+            ),
             policy: PeerPolicy::Exactly(expected.clone()),
             handshake_timeout,
+            tickets,
         })
     }
 }
@@ -791,9 +804,18 @@ pub struct Connector {
     tls: tokio_rustls::TlsConnector,
     policy: PeerPolicy,
     handshake_timeout: Duration,
+    /// Its session tickets, shared by its clones, to forget after a refused resumption.
+    tickets: Arc<TicketStore>,
 }
 
 impl Connector {
+    /// Forgets the session tickets this connector (and its clones) holds: the next handshake
+    /// is a full one, whose refusal, if any, comes as an alert that says why (see
+    /// [`TicketStore::clear`]).
+    pub fn forget_tickets(&self) {
+        self.tickets.clear();
+    }
+
     /// Connects to `addr` (TCP connect and handshake share the deadline) and checks that the
     /// server is the identity this connector expects.
     pub async fn connect(

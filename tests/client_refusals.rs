@@ -190,3 +190,74 @@ async fn a_revoked_client_is_refused_and_the_others_are_served() {
     assert!(err.to_string().contains("revoked"), "{err}");
     cluster.stop().await;
 }
+
+/// A client whose certificate expires while it holds session tickets: the dispatcher refuses
+/// each resumed handshake with a bare `close_notify` (PROTOCOL.md §1, "Session resumption"),
+/// and sends fresh tickets first, so a client that kept resuming never made the full
+/// handshake that names the cause. The call must end with the dispatcher's
+/// `certificate_expired`, not "may or may not have run" after its whole deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_expires_between_calls_is_reported_as_expired() {
+    use securesrv::certs::{CertAuthority, LeafSpec, write_file};
+    use securesrv::identity::Role;
+    let ours = pki(1);
+    let id = SpiffeId::new("securesrv", Role::Client, "brief").unwrap();
+    let mut spec = LeafSpec::for_identity(&id, 1, &[]).unwrap();
+    let until = time::OffsetDateTime::now_utc() + time::Duration::seconds(3);
+    spec.not_after = until;
+    let leaf = CertAuthority::load(&ours.dir)
+        .unwrap()
+        .issue(&spec)
+        .unwrap();
+    write_file(
+        &ours.dir.join("brief.key"),
+        leaf.key_pem.as_bytes(),
+        0o600,
+        true,
+    )
+    .unwrap();
+    write_file(
+        &ours.dir.join("brief.crt"),
+        leaf.cert_pem.as_bytes(),
+        0o644,
+        true,
+    )
+    .unwrap();
+    let cluster = start_cluster(&ours, 1, |_| {}).await;
+    let (relay, dials) = counting_relay(cluster.addr).await;
+    let mut cfg = ClientConfig::new(
+        &ours.material("brief"),
+        relay,
+        SpiffeId::dispatcher("securesrv").unwrap(),
+    )
+    .expect("client config");
+    cfg.call_timeout = Duration::from_secs(3);
+    let c = Client::new(cfg);
+    // Served while the certificate is valid; the tickets come with the answer.
+    assert_eq!(c.call("echo", b"early").await.unwrap(), b"early");
+    // The next call dials again, offering one of those tickets.
+    c.close().await;
+    // A bounded wait on the clock: the certificate's last second must be over.
+    let deadline = Instant::now() + WAIT;
+    while time::OffsetDateTime::now_utc() <= until + time::Duration::seconds(1) {
+        assert!(Instant::now() < deadline, "hang guard");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = dials.load(Ordering::SeqCst);
+    let e = tokio::time::timeout(WAIT, c.call("echo", b"late"))
+        .await
+        .expect("hang guard")
+        .expect_err("an expired certificate is refused");
+    let n = dials.load(Ordering::SeqCst) - before;
+    match &e {
+        ClientError::RefusedByDispatcher { alert, .. } => {
+            assert_eq!(*alert, AlertDescription::CertificateExpired, "{e}");
+        }
+        other => panic!("expected the dispatcher's refusal, got {other:?} ({n} dials)"),
+    }
+    assert!(!e.to_string().contains("may or may not"), "{e}");
+    // One resumed dial refused, then the full handshake that says why.
+    assert!(n <= 3, "{n} dials");
+    c.close().await;
+    cluster.stop().await;
+}

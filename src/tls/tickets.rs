@@ -78,6 +78,18 @@ impl TicketStore {
         self.with(|i| i.servers.get(name).map_or(0, |s| s.tickets.len()))
     }
 
+    /// Forgets every ticket (the key exchange hints stay): the next handshake is a full one.
+    /// For a client whose resumed session was refused after the handshake (PROTOCOL.md §1:
+    /// a bare `close_notify`, without the alert a full handshake would carry): offering its
+    /// other tickets would be refused the same way, and each such handshake brings new ones.
+    pub fn clear(&self) {
+        self.with(|i| {
+            for server in i.servers.values_mut() {
+                server.tickets.clear();
+            }
+        });
+    }
+
     /// Server names held.
     pub fn servers(&self) -> usize {
         self.with(|i| i.servers.len())
