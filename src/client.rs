@@ -199,8 +199,18 @@ impl Client {
     /// configuration shows at once (no retry). In TLS 1.3 the dispatcher judges our certificate
     /// after our side of the handshake is done: a refusal shows on the first call.
     pub async fn connect(cfg: ClientConfig) -> Result<Client, ClientError> {
+        let within = cfg.call_timeout;
+        Client::connect_within(cfg, within).await
+    }
+
+    /// [`Client::connect`] within `within` rather than the call deadline of `cfg`, which
+    /// stays the deadline of each call: a caller that has been trying to connect for a while
+    /// gives the last try what is left of its own wait, not its calls.
+    pub async fn connect_within(
+        cfg: ClientConfig,
+        within: Duration,
+    ) -> Result<Client, ClientError> {
         let client = Client::new(cfg);
-        let within = client.cfg.call_timeout;
         match tokio::time::timeout(within, client.current_link()).await {
             Ok(link) => link?,
             Err(_) => return Err(client.not_connected(within)),

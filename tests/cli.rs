@@ -3209,3 +3209,48 @@ fn the_menu_says_how_to_reach_the_watchdog_it_starts() {
         "{stdout}"
     );
 }
+
+/// `--timeout-ms` is the deadline of each request of an interactive session, whatever its
+/// start took: a session that waited for a dispatcher still starting gave every one of its
+/// requests only what was left of the first deadline when the connection was made (a
+/// `sleep 3000` within `--timeout-ms 6000` timed out after 2.5 s or less).
+#[test]
+fn an_interactive_sessions_requests_keep_their_whole_deadline_after_a_slow_start() {
+    let (pki, dir, d_addr, w_addr) = one_worker();
+    let cwd = pki.tmp.path();
+    std::fs::write(cwd.join("empty.toml"), "").unwrap();
+    let (cert, key) = (format!("{dir}/client.crt"), format!("{dir}/client.key"));
+    let started = Instant::now();
+    let mut client = Proc::spawn_with(
+        "client",
+        &[
+            "client",
+            "--log",
+            "info",
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--connect",
+            &d_addr,
+            "--timeout-ms",
+            "6000",
+        ],
+        cwd,
+        Stdio::piped(),
+    );
+    client.wait_log(&["trying again for up to"], WAIT);
+    // A bounded wait on the clock: the connection comes more than 3.5 s into the first
+    // deadline, which leaves less than the 3 s the request below takes.
+    while started.elapsed() < Duration::from_millis(3500) {
+        assert!(started.elapsed() < WAIT, "hang guard");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_worker, _dispatcher) =
+        start_worker_and_dispatcher(cwd, &dir, &w_addr, &d_addr, "empty.toml");
+    client.write_stdin(b"sleep 3000\nquit\n");
+    client.close_stdin();
+    let status = client.wait_exit(WAIT).expect("the client exits");
+    assert_eq!(status.code(), Some(0), "{}", client.stderr());
+    assert_eq!(client.stdout(), "slept 3000 ms\n", "{}", client.stderr());
+}

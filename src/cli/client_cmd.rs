@@ -260,9 +260,9 @@ async fn connect_within_deadline(cfg: ClientConfig) -> Result<Client, ClientErro
     let mut said = false;
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let mut attempt = cfg.clone();
-        attempt.call_timeout = left;
-        match Client::connect(attempt).await {
+        // Within what is left of this wait; each request of the session still gets the
+        // whole `--timeout-ms`.
+        match Client::connect_within(cfg.clone(), left).await {
             Ok(c) => return Ok(c),
             Err(e) if e.is_tls_refusal() => return Err(e),
             Err(e) if left <= pause => return Err(e),
