@@ -560,8 +560,11 @@ async fn run_link(
                     // A write failed. The dispatcher may have refused us and closed before
                     // our request arrived; its alert may still be waiting to be read.
                     let read = tokio::time::timeout(ALERT_GRACE, conn.read_message()).await;
-                    if let Ok(Err(e)) = read {
-                        closing_reason = refusal(&e, addr);
+                    match read {
+                        Ok(Err(e)) => closing_reason = refusal(&e, addr),
+                        // Or it closed without a word (a resumed session refused, below).
+                        Ok(Ok(None)) => closed_unheard = true,
+                        _ => {}
                     }
                 }
                 break;
@@ -618,14 +621,19 @@ async fn run_link(
         }
         _ => false,
     };
+    // Closed by `Client::close`: the calls in flight fail, as it says, rather than being
+    // sent again on a connection of their own that nothing would close.
+    let closed_by_us = link.close.is_cancelled();
     link.pending.close(
         &mut rx,
         held,
         || match &refusal {
             Some(e) => Outcome::Closed(e.clone()),
+            None if closed_by_us => Outcome::Closed(ClientError::NotSent),
             None => Outcome::NotSent,
         },
         || match &closing_reason {
+            None if closed_by_us => Outcome::Closed(ClientError::ConnectionLost),
             // The dispatcher stopped and said it answered every request it read: the others
             // were never read and did not run, so they may be sent again, idempotent or not.
             Some(ClientError::Remote {

@@ -261,3 +261,39 @@ async fn a_certificate_that_expires_between_calls_is_reported_as_expired() {
     c.close().await;
     cluster.stop().await;
 }
+
+/// `Client::close` fails the calls still in flight, as it says: an idempotent one is not sent
+/// again on a connection of its own, which nothing would close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_fails_the_calls_in_flight_rather_than_sending_them_again() {
+    let ours = pki(1);
+    let cluster = start_cluster(&ours, 1, |_| {}).await;
+    let c = cluster.client(&ours).await;
+    let call = tokio::spawn({
+        let c = c.clone();
+        async move { c.call("sleep", b"1500").await }
+    });
+    let dispatcher = SpiffeId::dispatcher("securesrv").unwrap();
+    let until = Instant::now() + WAIT;
+    loop {
+        let (_conn, pong) = ours.watchdog_ping(&dispatcher, cluster.addr).await;
+        if pong.in_flight > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the call never reached the dispatcher"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.close().await;
+    let r = tokio::time::timeout(WAIT, call)
+        .await
+        .expect("hang guard")
+        .unwrap();
+    assert!(
+        matches!(r, Err(ClientError::ConnectionLost)),
+        "the call in flight was sent again after close: {r:?}"
+    );
+    cluster.stop().await;
+}
