@@ -563,7 +563,7 @@ async fn run_link(
                     match read {
                         Ok(Err(e)) => closing_reason = refusal(&e, addr),
                         // Or it closed without a word (a resumed session refused, below).
-                        Ok(Ok(None)) => closed_unheard = true,
+                        Ok(Ok(None)) => closed_unheard = !answered,
                         _ => {}
                     }
                 }

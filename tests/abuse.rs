@@ -116,6 +116,8 @@ impl Service {
     /// one a second at most (the first at once), however fast the flood, each counting the
     /// refusals since the last (`refused=`; the last few may wait for a line not yet due).
     fn logged_a_line_a_second(&self, what: &str, flood: usize, took: Duration) {
+        // The first line is written at once, and reaches stderr within the log writer's 50 ms.
+        self.dispatcher.wait_log(&[what], WAIT);
         let lines: Vec<String> = self
             .dispatcher
             .stderr()
