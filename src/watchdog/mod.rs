@@ -315,6 +315,9 @@ pub async fn run(
         threads,
     };
     info!(components = sup.slots.len(), "watchdog starting components");
+    // From before the components start: a stall of the watchdog right after it started them,
+    // before its first poll, is a stall too (their start deadlines run from their spawn).
+    let mut polled = Instant::now();
     for i in 0..sup.slots.len() {
         sup.start(i);
     }
@@ -326,7 +329,6 @@ pub async fn run(
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sweep = tokio::time::interval(SWEEP);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut polled = Instant::now();
     let result = loop {
         tokio::select! {
             biased;
