@@ -89,6 +89,14 @@ impl Setup {
         Connection::new(stream, IoLimits::default())
     }
 
+    /// The dispatcher's next link, as worker 1, and whether its handshake resumed a session.
+    async fn link_resumed(&self) -> (Link, bool) {
+        let link = self.link().await;
+        let resumed =
+            link.get_ref().get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        (link, resumed)
+    }
+
     async fn stop(self) {
         self.stop.cancel();
         self.tracker.close();
@@ -165,6 +173,36 @@ async fn a_worker_that_breaks_the_protocol_on_every_link_is_redialled_with_backo
             "{links} links in 3 s (first ping answered: {answer_first_ping})"
         );
     }
+    s.stop().await;
+}
+
+/// A worker refuses a resumed session whose certificate has expired since the ticket was
+/// issued with a bare close right after the handshake, new tickets sent before it: the
+/// dispatcher resumed again on its next dial, and every one after, and the refusal never
+/// said why. After a resumed link the worker closed unanswered, it now dials a full
+/// handshake, which a refusing worker answers with an alert.
+#[tokio::test]
+async fn a_resumed_link_closed_before_any_answer_is_followed_by_a_full_handshake() {
+    let s = setup().await;
+    // A first link, answered, then closed by the worker: the dispatcher holds its tickets.
+    let (mut link, resumed) = s.link_resumed().await;
+    assert!(!resumed, "the first link resumed a session");
+    let nonce = next_ping(&mut link, WAIT).await.expect("a ping");
+    pong(&mut link, nonce).await;
+    // Its next ping comes after the pong, and the tickets before it, were read.
+    let nonce = next_ping(&mut link, WAIT).await.expect("a second ping");
+    pong(&mut link, nonce).await;
+    drop(link);
+    // The next link resumes; the worker closes it before answering anything.
+    let (link, resumed) = s.link_resumed().await;
+    assert!(resumed, "the second link did not resume a session");
+    drop(link);
+    let (link, resumed) = s.link_resumed().await;
+    assert!(
+        !resumed,
+        "the link after a refused resumption resumed again"
+    );
+    drop(link);
     s.stop().await;
 }
 

@@ -519,9 +519,18 @@ impl Pool {
                         info!(worker = slot.id, addr = %slot.addr, after_failures = failures, "worker link up");
                     }
                     let up = tokio::time::Instant::now();
+                    let resumed =
+                        stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
                     let (reason, answered) = self
                         .run_link(&slot, stream, io, ping_every, failures, &shutdown)
                         .await;
+                    // A worker refuses a resumed session after the handshake (our certificate
+                    // has expired since the ticket was issued, say) with a bare close, and
+                    // sends new tickets first: resuming again would meet the same refusal
+                    // each time, never saying why. A full handshake gets the alert that does.
+                    if resumed && !answered {
+                        connector.forget_tickets();
+                    }
                     // A link counts as made once the worker has answered on it. In TLS 1.3
                     // our side of the handshake ends before the worker has judged our
                     // certificate: a worker refusing it (an expired certificate, another
