@@ -435,14 +435,26 @@ pub struct OpInfo {
     pub idempotent: bool,
 }
 
-/// Whether listeners on `a` and `b` (not equal) cannot both be bound: the same port, in one
-/// address family, one of them the wildcard address. (An IPv6 wildcard also takes the IPv4
-/// port where `net.ipv6.bindv6only` is 0, Linux's default; that depends on the host and is
-/// left to the component's own `cannot listen` message.)
-fn listeners_clash(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port()
-        && a.is_ipv4() == b.is_ipv4()
-        && (a.ip().is_unspecified() || b.ip().is_unspecified())
+/// Whether listeners on `a` and `b` (not equal) cannot both be bound: the same port, and
+/// one of them the wildcard address of the other's family, or both the same address. An
+/// IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]`) is the IPv4 address it maps. Where
+/// `dual_stack` (`net.ipv6.bindv6only` 0, Linux's default) the IPv6 wildcard takes the port
+/// on every IPv4 address too.
+fn listeners_clash(a: SocketAddr, b: SocketAddr, dual_stack: bool) -> bool {
+    let (x, y) = (a.ip().to_canonical(), b.ip().to_canonical());
+    if a.port() != b.port() {
+        return false;
+    }
+    if x.is_ipv4() == y.is_ipv4() {
+        return x == y || x.is_unspecified() || y.is_unspecified();
+    }
+    dual_stack && [x, y].iter().any(|ip| ip.is_ipv6() && ip.is_unspecified())
+}
+
+/// Whether this host's IPv6 wildcard listeners take the IPv4 port too: `net.ipv6.bindv6only`
+/// is 0 (Linux's default, assumed when it cannot be read).
+fn host_is_dual_stack() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").map_or(true, |v| v.trim() == "0")
 }
 
 impl Config {
@@ -731,11 +743,18 @@ impl Config {
 
     /// For the watchdog, which runs every component on this host: the listen addresses that
     /// cannot all be bound here, each pair said once. A wildcard address takes its port on
-    /// every address of its family, so another component on that port cannot listen (a crash
-    /// loop at run time, blamed on "another watchdog"). Not part of [`Config::validate`]:
+    /// every address of its family (an IPv6 one, on a dual-stack host, on IPv4's too), so
+    /// another component on that port cannot listen (a crash loop at run time, blamed on
+    /// "another watchdog"). Not part of [`Config::validate`]:
     /// components supervised one by one may run on different hosts from one file (a
     /// dispatcher on `0.0.0.0:2222`, a worker on `10.0.0.5:2222`).
     pub fn co_located_clashes(&self) -> Vec<String> {
+        self.co_located_clashes_on(host_is_dual_stack())
+    }
+
+    /// [`Config::co_located_clashes`] on a host whose IPv6 wildcard takes the IPv4 port too
+    /// (`dual_stack`) or not.
+    pub fn co_located_clashes_on(&self, dual_stack: bool) -> Vec<String> {
         let named: Vec<(String, SocketAddr)> =
             std::iter::once(("the dispatcher".to_string(), self.dispatcher.listen))
                 .chain(
@@ -747,10 +766,12 @@ impl Config {
         let mut p = Vec::new();
         for (i, (a_name, a)) in named.iter().enumerate() {
             for (b_name, b) in &named[i + 1..] {
-                if a != b && listeners_clash(*a, *b) {
+                if a != b && listeners_clash(*a, *b, dual_stack) {
                     p.push(format!(
                         "{a_name} ({a}) and {b_name} ({b}) cannot both listen on this host: \
-                         a wildcard address takes its port on every address of its family"
+                         a wildcard address takes its port on every address of its family \
+                         (an IPv6 one on IPv4's too, unless net.ipv6.bindv6only is 1), and \
+                         [::ffff:a.b.c.d] is a.b.c.d"
                     ));
                 }
             }
@@ -1315,5 +1336,46 @@ mod tests {
         // Ports derived from the dispatcher's never clash.
         let cfg = Config::parse("workers = 3\n[dispatcher]\nlisten = \"0.0.0.0:4000\"\n").unwrap();
         assert_eq!(cfg.co_located_clashes(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn an_ipv6_wildcard_or_a_v4_mapped_address_clashes_with_ipv4_on_a_dual_stack_host() {
+        // Linux's default (`net.ipv6.bindv6only` 0): `[::]:P` takes P on every IPv4 address
+        // too, and `[::ffff:a.b.c.d]:P` is `a.b.c.d:P`. Either beside an IPv4 listener of its
+        // port made the second fail with EADDRINUSE, a crash loop the check did not foresee.
+        let two = |dispatcher: &str, worker: &str, dual_stack: bool| {
+            let cfg = Config::parse(&format!(
+                "[dispatcher]\nlisten = \"{dispatcher}\"\n\
+                 [[worker]]\nid = 1\nlisten = \"{worker}\"\n"
+            ))
+            .unwrap();
+            cfg.validate().unwrap();
+            cfg.co_located_clashes_on(dual_stack)
+        };
+        for (d, w) in [
+            ("[::]:4000", "127.0.0.1:4000"),
+            ("0.0.0.0:4000", "[::]:4000"),
+            ("0.0.0.0:4000", "[::ffff:127.0.0.1]:4000"),
+            ("127.0.0.1:4000", "[::ffff:127.0.0.1]:4000"),
+        ] {
+            for (a, b) in [(d, w), (w, d)] {
+                let p = two(a, b, true);
+                assert_eq!(p.len(), 1, "{a} {b}: {p:?}");
+                assert!(p[0].contains("cannot both listen"), "{a} {b}: {p:?}");
+            }
+        }
+        // Where an IPv6 wildcard holds IPv6 alone, it leaves IPv4 free.
+        assert_eq!(
+            two("[::]:4000", "127.0.0.1:4000", false),
+            Vec::<String>::new()
+        );
+        // Other addresses, or other ports, still can.
+        for (d, w) in [
+            ("127.0.0.2:4000", "[::ffff:127.0.0.1]:4000"),
+            ("[::1]:4000", "0.0.0.0:4000"),
+            ("[::]:4000", "127.0.0.1:4001"),
+        ] {
+            assert_eq!(two(d, w, true), Vec::<String>::new(), "{d} {w}");
+        }
     }
 }
