@@ -1151,7 +1151,19 @@ fn a_stall_of_the_watchdog_while_its_components_start_does_not_get_them_restarte
     // shows whether one was (then it is tried again: the premise did not hold).
     for _ in 0..5 {
         let w = f.watchdog();
-        let started = wait_until(WAIT, || children(w.pid).len() >= 3);
+        // Looked for without a pause: a component answers its first heartbeat 2-8 ms after it
+        // is spawned, well within `wait_until`'s 20 ms between looks, so that a stop after one
+        // came too late in most tries, and in all five of a run about one time in three.
+        let until = Instant::now() + WAIT;
+        let started = loop {
+            if children(w.pid).len() >= 3 {
+                break true;
+            }
+            if Instant::now() >= until {
+                break false;
+            }
+            std::thread::yield_now();
+        };
         w.signal(Signal::SIGSTOP);
         assert!(started, "the watchdog did not start its components");
         // Each binds its port meanwhile: it would answer a heartbeat.
