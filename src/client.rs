@@ -474,8 +474,7 @@ impl Client {
             draining: std::sync::atomic::AtomicBool::new(false),
         });
         // A resumed session's refusal comes without an alert (see `run_link`).
-        let resumed = (stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed))
-            .then(|| self.cfg.connector.clone());
+        let resumed = crate::tls::is_resumed(&stream).then(|| self.cfg.connector.clone());
         let task = tokio::spawn(run_link(
             link.clone(),
             stream,

@@ -44,6 +44,13 @@ pub type ServerStream = tokio_rustls::server::TlsStream<Transport>;
 /// A TLS stream opened by a dialler.
 pub type ClientStream = tokio_rustls::client::TlsStream<Transport>;
 
+/// Whether `stream`'s handshake resumed a session. A server refuses such a session after the
+/// handshake (its identity's certificate has expired since the ticket was issued) with a bare
+/// `close_notify`, where a full handshake would carry an alert that says why.
+pub fn is_resumed(stream: &ClientStream) -> bool {
+    stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+}
+
 /// Why a handshake did not produce an authorised peer.
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {

@@ -519,8 +519,7 @@ impl Pool {
                         info!(worker = slot.id, addr = %slot.addr, after_failures = failures, "worker link up");
                     }
                     let up = tokio::time::Instant::now();
-                    let resumed =
-                        stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+                    let resumed = crate::tls::is_resumed(&stream);
                     let (reason, answered) = self
                         .run_link(&slot, stream, io, ping_every, failures, &shutdown)
                         .await;
